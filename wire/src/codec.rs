@@ -1,0 +1,532 @@
+//! Framing: a byte stream in, one [`Frame`] per JSON value out.
+//!
+//! QGA puts no delimiter between messages, so the decoder does what QEMU's JSON streamer
+//! does: it lexes just enough (strings, escapes, scalars, brackets) to know where a value
+//! ends, then hands exactly that slice to `serde_json`. Malformed input is reported as a
+//! [`Frame::Invalid`] and the stream goes on, recovering at the same points as QEMU
+//! (after a bad byte it skips to the next bracket or control character). The byte `0xFF`
+//! anywhere resets the parser and is reported as [`Frame::Delimiter`].
+//!
+//! Memory is bounded: a value deeper than [`MAX_DEPTH`] or longer than the configured
+//! maximum message size is reported once and the rest of it is skipped without being
+//! stored, so a peer cannot make the decoder buffer more than the limit.
+//!
+//! Scanning is incremental: bytes already scanned are not looked at again when more
+//! arrive, so a large value split into many reads costs one pass.
+
+use bytes::{Buf, BufMut, BytesMut};
+use serde::Serialize;
+use serde_json::Value;
+use tokio_util::codec::{Decoder, Encoder};
+
+/// The reset/delimiter byte. It never occurs in UTF-8 text.
+pub const DELIMITER: u8 = 0xFF;
+
+/// Maximum nesting of objects and arrays, as in QEMU's JSON parser.
+pub const MAX_DEPTH: usize = 1024;
+
+/// Default maximum size of one message, in bytes. A `guest-get-memory-blocks` reply for
+/// 32,768 blocks is about 1.7 MB; the default leaves ample room above that.
+pub const DEFAULT_MAX_MESSAGE: usize = 16 * 1024 * 1024;
+
+/// One unit of the decoded stream.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Frame {
+    /// A complete, well-formed JSON value (not necessarily an object).
+    Value(Value),
+    /// Malformed or over-limit input; the decoder has recovered and goes on.
+    Invalid(FrameError),
+    /// A `0xFF` byte: the parser was reset, any partial value discarded.
+    Delimiter,
+}
+
+/// Why a stretch of input did not become a value. Each is reported once per bad value.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    /// The bytes form no valid JSON value.
+    #[error("JSON parse error, {0}")]
+    Syntax(String),
+    /// A byte that cannot start any JSON token.
+    #[error("JSON parse error, stray '{}'", printable(*.0))]
+    Stray(u8),
+    /// More than [`MAX_DEPTH`] nested objects/arrays.
+    #[error("JSON nesting depth limit exceeded")]
+    DepthExceeded,
+    /// The value is longer than the decoder's maximum message size.
+    #[error("JSON message size limit exceeded (limit {limit} bytes)")]
+    TooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+fn printable(b: u8) -> char {
+    if b.is_ascii() {
+        char::from(b)
+    } else {
+        char::REPLACEMENT_CHARACTER
+    }
+}
+
+/// Transport or encoding failure; unlike [`FrameError`], the stream cannot go on.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    /// Reading or writing the underlying stream failed.
+    #[error("I/O error: {0}")]
+    Io(#[from] std::io::Error),
+    /// A message to send could not be serialised.
+    #[error("cannot encode message: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// Where the lexer is within the current value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Lex {
+    /// Between tokens.
+    Start,
+    /// Inside a string.
+    Str,
+    /// Right after a backslash inside a string.
+    StrEscape,
+    /// Inside a number or keyword (`true`, `null`, or garbage like `foo`).
+    Scalar,
+    /// After a stray byte: skipping to a bracket or control character, like QEMU.
+    Recovery,
+}
+
+/// The QGA framing codec. See the [module docs](self).
+#[derive(Debug, Clone)]
+pub struct QgaCodec {
+    max_message: usize,
+    lex: Lex,
+    depth: usize,
+    /// Bytes at the front of the buffer already scanned as part of the current value.
+    scanned: usize,
+    /// Skipping the rest of a value already reported as too deep or too large.
+    discarding: bool,
+    /// Host side: drop everything up to the next `0xFF` (see [`Self::skip_to_delimiter`]).
+    seeking_delimiter: bool,
+}
+
+impl Default for QgaCodec {
+    fn default() -> Self {
+        Self::new(DEFAULT_MAX_MESSAGE)
+    }
+}
+
+impl QgaCodec {
+    /// A codec that refuses values longer than `max_message` bytes.
+    pub fn new(max_message: usize) -> Self {
+        Self {
+            max_message: max_message.max(1),
+            lex: Lex::Start,
+            depth: 0,
+            scanned: 0,
+            discarding: false,
+            seeking_delimiter: false,
+        }
+    }
+
+    /// The maximum size of one message, in bytes.
+    pub fn max_message(&self) -> usize {
+        self.max_message
+    }
+
+    /// Forgets any partial value. The caller should clear its read buffer too.
+    pub fn reset(&mut self) {
+        let max = self.max_message;
+        *self = Self::new(max);
+    }
+
+    /// Host side of resynchronisation: discard all input up to and including the next
+    /// `0xFF`, which is then reported as [`Frame::Delimiter`]. Whatever an agent sent
+    /// before the delimiter (stale replies, garbage) is never decoded.
+    pub fn skip_to_delimiter(&mut self) {
+        self.reset();
+        self.seeking_delimiter = true;
+    }
+
+    /// Appends the `0xFF` delimiter byte.
+    pub fn encode_delimiter(dst: &mut BytesMut) {
+        dst.put_u8(DELIMITER);
+    }
+
+    /// Ends the current value at `end` and turns it into a frame; `None` if it was being
+    /// discarded.
+    fn finish(&mut self, buf: &mut BytesMut, end: usize) -> Option<Frame> {
+        let bytes = buf.split_to(end);
+        self.scanned = 0;
+        self.lex = Lex::Start;
+        if std::mem::take(&mut self.discarding) {
+            return None;
+        }
+        Some(parse(&bytes))
+    }
+
+    /// Reports `err`, dropping the `consumed` bytes scanned so far and skipping the rest of
+    /// the current value (tracking its depth) without storing it.
+    fn start_discarding(&mut self, buf: &mut BytesMut, consumed: usize, err: FrameError) -> Frame {
+        buf.advance(consumed);
+        self.scanned = 0;
+        self.discarding = true;
+        Frame::Invalid(err)
+    }
+
+    /// Reports a stray byte at `at`: drops the partial value and enters recovery.
+    fn stray(&mut self, buf: &mut BytesMut, at: usize, byte: u8) -> Frame {
+        buf.advance(at + 1);
+        self.reset();
+        self.lex = Lex::Recovery;
+        Frame::Invalid(FrameError::Stray(byte))
+    }
+}
+
+fn is_scalar_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
+}
+
+fn parse(bytes: &[u8]) -> Frame {
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(v) => Frame::Value(v),
+        Err(e) => {
+            let keyword = bytes.iter().all(u8::is_ascii_alphabetic);
+            let text = if keyword {
+                format!("invalid keyword '{}'", String::from_utf8_lossy(bytes))
+            } else {
+                e.to_string()
+            };
+            Frame::Invalid(FrameError::Syntax(text))
+        }
+    }
+}
+
+impl Decoder for QgaCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        if self.seeking_delimiter {
+            return Ok(match buf.iter().position(|&b| b == DELIMITER) {
+                Some(p) => {
+                    buf.advance(p + 1);
+                    self.seeking_delimiter = false;
+                    Some(Frame::Delimiter)
+                }
+                None => {
+                    buf.clear();
+                    None
+                }
+            });
+        }
+        let mut i = self.scanned;
+        while i < buf.len() {
+            let b = buf[i];
+            if b == DELIMITER {
+                buf.advance(i + 1);
+                self.reset();
+                return Ok(Some(Frame::Delimiter));
+            }
+            match self.lex {
+                Lex::Start => match b {
+                    b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {
+                        // Between values: nothing of a value is pending, drop it.
+                        buf.advance(i + 1);
+                        i = 0;
+                        continue;
+                    }
+                    b' ' | b'\t' | b'\r' | b'\n' => {}
+                    b'{' | b'[' => {
+                        self.depth += 1;
+                        if self.depth > MAX_DEPTH && !self.discarding {
+                            return Ok(Some(self.start_discarding(
+                                buf,
+                                i + 1,
+                                FrameError::DepthExceeded,
+                            )));
+                        }
+                    }
+                    b'}' | b']' if self.depth == 0 => {
+                        buf.advance(i + 1);
+                        let text = format!("unexpected '{}'", char::from(b));
+                        return Ok(Some(Frame::Invalid(FrameError::Syntax(text))));
+                    }
+                    b'}' | b']' => {
+                        self.depth -= 1;
+                        if self.depth == 0 {
+                            match self.finish(buf, i + 1) {
+                                Some(frame) => return Ok(Some(frame)),
+                                None => {
+                                    i = 0;
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    b',' | b':' if self.depth == 0 => {
+                        buf.advance(i + 1);
+                        let text = format!("unexpected '{}', expecting value", char::from(b));
+                        return Ok(Some(Frame::Invalid(FrameError::Syntax(text))));
+                    }
+                    b',' | b':' => {}
+                    b'"' => self.lex = Lex::Str,
+                    b if is_scalar_byte(b) => self.lex = Lex::Scalar,
+                    other => return Ok(Some(self.stray(buf, i, other))),
+                },
+                Lex::Str => match b {
+                    b'\\' => self.lex = Lex::StrEscape,
+                    b'"' => {
+                        self.lex = Lex::Start;
+                        if self.depth == 0 {
+                            match self.finish(buf, i + 1) {
+                                Some(frame) => return Ok(Some(frame)),
+                                None => {
+                                    i = 0;
+                                    continue;
+                                }
+                            }
+                        }
+                    }
+                    _ => {}
+                },
+                Lex::StrEscape => self.lex = Lex::Str,
+                Lex::Scalar => {
+                    if !is_scalar_byte(b) {
+                        self.lex = Lex::Start;
+                        if self.depth == 0 {
+                            match self.finish(buf, i) {
+                                Some(frame) => return Ok(Some(frame)),
+                                None => {
+                                    i = 0;
+                                    continue;
+                                }
+                            }
+                        }
+                        // Re-examine this byte as the start of the next token.
+                        continue;
+                    }
+                }
+                Lex::Recovery => {
+                    if matches!(b, b'{' | b'}' | b'[' | b']' | 0xFE) || (b < 0x20 && b != b'\t') {
+                        self.lex = Lex::Start;
+                        continue;
+                    }
+                    buf.advance(i + 1);
+                    i = 0;
+                    continue;
+                }
+            }
+            i += 1;
+            if self.discarding {
+                // Keep nothing of a value being skipped.
+                buf.advance(i);
+                i = 0;
+            } else if i > self.max_message {
+                let limit = self.max_message;
+                return Ok(Some(self.start_discarding(
+                    buf,
+                    i,
+                    FrameError::TooLarge { limit },
+                )));
+            }
+        }
+        self.scanned = i;
+        Ok(None)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        if let Some(frame) = self.decode(buf)? {
+            return Ok(Some(frame));
+        }
+        // A number or keyword at the very end is complete once the stream ends.
+        let frame = if self.lex == Lex::Scalar && self.depth == 0 && !buf.is_empty() {
+            let len = buf.len();
+            self.finish(buf, len)
+        } else {
+            None
+        };
+        // Anything else left is an unfinished value nobody will complete.
+        buf.clear();
+        self.reset();
+        Ok(frame)
+    }
+}
+
+impl<T: Serialize> Encoder<T> for QgaCodec {
+    type Error = CodecError;
+
+    /// Writes `item` as compact JSON followed by `\n`.
+    fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        serde_json::to_writer(dst.writer(), &item)?;
+        dst.put_u8(b'\n');
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn decode_all(codec: &mut QgaCodec, input: &[u8]) -> Vec<Frame> {
+        let mut buf = BytesMut::from(input);
+        let mut out = Vec::new();
+        while let Some(f) = codec.decode(&mut buf).expect("decode") {
+            out.push(f);
+        }
+        out
+    }
+
+    fn frames(input: &[u8]) -> Vec<Frame> {
+        decode_all(&mut QgaCodec::default(), input)
+    }
+
+    #[test]
+    fn values_need_no_delimiter() {
+        assert_eq!(
+            frames(br#"{"a":1}{"b":[2]}  {"c":"}"}"#),
+            vec![
+                Frame::Value(json!({"a": 1})),
+                Frame::Value(json!({"b": [2]})),
+                Frame::Value(json!({"c": "}"}))
+            ]
+        );
+    }
+
+    #[test]
+    fn braces_inside_strings_and_escapes_do_not_count() {
+        assert_eq!(
+            frames(br#"{"a":"\"{[","b":"\\"}"#),
+            vec![Frame::Value(json!({"a": "\"{[", "b": "\\"}))]
+        );
+    }
+
+    #[test]
+    fn top_level_scalars_and_keywords() {
+        assert_eq!(
+            frames(b"\"hello\" 42 garbage\n"),
+            vec![
+                Frame::Value(json!("hello")),
+                Frame::Value(json!(42)),
+                Frame::Invalid(FrameError::Syntax("invalid keyword 'garbage'".into()))
+            ]
+        );
+        // A trailing number is only complete at end of stream.
+        let mut codec = QgaCodec::default();
+        let mut buf = BytesMut::from(&b"17"[..]);
+        assert_eq!(codec.decode(&mut buf).expect("decode"), None);
+        assert_eq!(
+            codec.decode_eof(&mut buf).expect("eof"),
+            Some(Frame::Value(json!(17)))
+        );
+    }
+
+    #[test]
+    fn delimiter_resets_a_partial_value() {
+        assert_eq!(
+            frames(b"{\"execute\": \"gue\xff{\"x\":1}"),
+            vec![Frame::Delimiter, Frame::Value(json!({"x": 1}))]
+        );
+    }
+
+    #[test]
+    fn stray_byte_recovers_at_next_bracket() {
+        assert_eq!(
+            frames(b"@@@ junk {\"ok\":true}"),
+            vec![
+                Frame::Invalid(FrameError::Stray(b'@')),
+                Frame::Value(json!({"ok": true}))
+            ]
+        );
+        assert_eq!(
+            FrameError::Stray(0xFF).to_string(),
+            "JSON parse error, stray '\u{FFFD}'"
+        );
+    }
+
+    #[test]
+    fn malformed_object_is_one_error_then_recovery() {
+        assert_eq!(
+            frames(b"{\"execute\" \"x\"}{\"y\":2}").len(),
+            2,
+            "one error, then the next value"
+        );
+        assert!(matches!(frames(b"}")[..], [Frame::Invalid(_)]));
+    }
+
+    #[test]
+    fn depth_limit_reports_once_and_skips_the_value() {
+        let mut input = vec![b'['; MAX_DEPTH + 10];
+        input.extend(vec![b']'; MAX_DEPTH + 10]);
+        input.extend(b"{\"next\":1}");
+        assert_eq!(
+            frames(&input),
+            vec![
+                Frame::Invalid(FrameError::DepthExceeded),
+                Frame::Value(json!({"next": 1}))
+            ]
+        );
+        let mut ok = vec![b'['; MAX_DEPTH];
+        ok.extend(vec![b']'; MAX_DEPTH]);
+        // serde_json's own recursion limit (128) is lower; the value is still one frame.
+        assert_eq!(frames(&ok).len(), 1);
+    }
+
+    #[test]
+    fn size_limit_bounds_the_buffer() {
+        let mut codec = QgaCodec::new(64);
+        let mut buf = BytesMut::new();
+        buf.extend_from_slice(b"{\"data\":\"");
+        let mut got = Vec::new();
+        for _ in 0..100 {
+            buf.extend_from_slice(&[b'x'; 50]);
+            while let Some(f) = codec.decode(&mut buf).expect("decode") {
+                got.push(f);
+            }
+            assert!(buf.len() <= 64 + 50, "buffer grew to {}", buf.len());
+        }
+        buf.extend_from_slice(b"\"}{\"next\":1}");
+        while let Some(f) = codec.decode(&mut buf).expect("decode") {
+            got.push(f);
+        }
+        assert_eq!(
+            got,
+            vec![
+                Frame::Invalid(FrameError::TooLarge { limit: 64 }),
+                Frame::Value(json!({"next": 1}))
+            ]
+        );
+    }
+
+    #[test]
+    fn skip_to_delimiter_drops_stale_input() {
+        let mut codec = QgaCodec::default();
+        let mut buf = BytesMut::from(&b"{\"return\": 1}\n{\"ret"[..]);
+        codec.skip_to_delimiter();
+        assert_eq!(codec.decode(&mut buf).expect("decode"), None);
+        buf.extend_from_slice(b"urn\": 2}\xff{\"return\": 3}\n");
+        assert_eq!(
+            decode_all(&mut codec, &[]),
+            Vec::<Frame>::new(),
+            "nothing without input"
+        );
+        let mut got = Vec::new();
+        while let Some(f) = codec.decode(&mut buf).expect("decode") {
+            got.push(f);
+        }
+        assert_eq!(
+            got,
+            vec![Frame::Delimiter, Frame::Value(json!({"return": 3}))]
+        );
+    }
+
+    #[test]
+    fn encoder_writes_compact_json_and_newline() {
+        let mut codec = QgaCodec::default();
+        let mut dst = BytesMut::new();
+        codec
+            .encode(json!({"execute": "guest-ping"}), &mut dst)
+            .expect("encode");
+        QgaCodec::encode_delimiter(&mut dst);
+        assert_eq!(&dst[..], b"{\"execute\":\"guest-ping\"}\n\xff");
+    }
+}

@@ -1,0 +1,20 @@
+//! The QEMU Guest Agent (QGA) wire protocol, shared by the in-guest agent and the host bridge.
+//!
+//! QGA is a stream of JSON objects with no delimiter between them. A host sends
+//! `{"execute": NAME, "arguments": {...}, "id": ANY}`; the agent answers each with
+//! `{"return": VALUE}` or `{"error": {"class": CLASS, "desc": TEXT}}`, echoing `id`.
+//! The byte `0xFF`, which never occurs in UTF-8 JSON, resets the agent's parser and
+//! prefixes the reply to `guest-sync-delimited`, which is how hosts resynchronise.
+//!
+//! - [`codec`]: [`QgaCodec`], a `tokio_util` `Decoder`/`Encoder` that splits a byte stream
+//!   into JSON values, reports `0xFF` and malformed input as frames, and bounds memory.
+//! - [`message`]: requests, replies and error classes, with the reference agent's
+//!   validation rules for requests.
+//! - [`schema`]: the QAPI types of the memory-block commands and of `guest-info`.
+
+pub mod codec;
+pub mod message;
+pub mod schema;
+
+pub use codec::{CodecError, Frame, FrameError, QgaCodec};
+pub use message::{ErrorClass, QgaError, Request, Response};
