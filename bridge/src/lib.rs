@@ -1,0 +1,1 @@
+//! Host-side bridge: gRPC and JSON-RPC in front of per-VM QEMU Guest Agent channels

@@ -1,0 +1,1 @@
+//! In-guest QEMU Guest Agent for memory-block hotplug, a drop-in for qemu-ga's memory-block commands

@@ -1,0 +1,1 @@
+//! End-to-end tests: a real QEMU guest with memory hotplug, driven through the bridge
