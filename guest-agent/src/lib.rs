@@ -1,1 +1,23 @@
-//! In-guest QEMU Guest Agent for memory-block hotplug, a drop-in for qemu-ga's memory-block commands
+//! `qga-agent`: the in-guest half of qga-bridge, a QEMU Guest Agent for memory hotplug.
+//!
+//! It speaks QGA (see `qga-wire`) on the virtio-serial port and implements the
+//! memory-block commands on `/sys/devices/system/memory`, with qemu-ga's flags and
+//! replies, so any QGA host works with it.
+//!
+//! - [`config`]: qemu-ga's command line and config file, plus `--online-type`.
+//! - [`transport`]: virtio-serial (no spinning while no host is connected), isa-serial,
+//!   unix-listen and vsock-listen.
+//! - [`server`]: the request loop, one request at a time, a fresh parser per connection.
+//! - [`commands`]: dispatch and reply encoding; [`args`]: argument validation.
+//! - [`sysfs`]: the memory-block tree: a fast parallel scan and ordered state writes.
+
+pub mod args;
+pub mod commands;
+pub mod config;
+pub mod server;
+pub mod sysfs;
+pub mod transport;
+
+pub use commands::{Agent, CommandFilter};
+pub use config::{Cli, Config};
+pub use sysfs::{MemoryTree, OnlineType, StateWriter};

@@ -1,0 +1,167 @@
+//! Argument validation with the reference agent's rules and messages.
+//!
+//! QEMU's QAPI input visitor reads the declared members in schema order (a missing or
+//! mistyped member is reported first), then rejects any member left over. The texts are
+//! not a contract for hosts, but matching them keeps our agent a true drop-in.
+
+use qga_wire::QgaError;
+use serde_json::{Map, Value};
+
+type Args = Option<Map<String, Value>>;
+
+fn missing(name: &str) -> QgaError {
+    QgaError::generic(format!("Parameter '{name}' is missing"))
+}
+
+fn unexpected(name: &str) -> QgaError {
+    QgaError::generic(format!("Parameter '{name}' is unexpected"))
+}
+
+fn invalid_type(name: &str, expected: &str) -> QgaError {
+    QgaError::generic(format!(
+        "Invalid parameter type for '{name}', expected: {expected}"
+    ))
+}
+
+/// Rejects the first member of `map` not in `known`, naming it with `prefix`.
+fn reject_unknown(map: &Map<String, Value>, known: &[&str], prefix: &str) -> Result<(), QgaError> {
+    match map.keys().find(|k| !known.contains(&k.as_str())) {
+        Some(k) => Err(unexpected(&format!("{prefix}{k}"))),
+        None => Ok(()),
+    }
+}
+
+/// For commands without arguments: any member is unexpected.
+pub fn none(args: &Args) -> Result<(), QgaError> {
+    match args {
+        Some(map) => reject_unknown(map, &[], ""),
+        None => Ok(()),
+    }
+}
+
+/// `guest-sync` / `guest-sync-delimited`: `{"id": int}`.
+pub fn sync_id(args: &Args) -> Result<i64, QgaError> {
+    let map = args.as_ref().ok_or_else(|| missing("id"))?;
+    let id = map.get("id").ok_or_else(|| missing("id"))?;
+    let id = id.as_i64().ok_or_else(|| invalid_type("id", "integer"))?;
+    reject_unknown(map, &["id"], "")?;
+    Ok(id)
+}
+
+/// A QAPI `uint64`: non-negative integers, and negative ones wrapped like the reference.
+fn uint64(v: &Value, name: &str) -> Result<u64, QgaError> {
+    v.as_u64()
+        .or_else(|| v.as_i64().map(|i| i as u64))
+        .ok_or_else(|| QgaError::generic(format!("Parameter '{name}' expects uint64")))
+}
+
+fn boolean(v: &Value, name: &str) -> Result<bool, QgaError> {
+    v.as_bool().ok_or_else(|| invalid_type(name, "boolean"))
+}
+
+/// `guest-set-memory-blocks`: `{"mem-blks": [{"phys-index": u64, "online": bool,
+/// "can-offline"?: bool}, ...]}` as `(phys-index, online)` pairs; `can-offline` is
+/// checked for type and otherwise ignored.
+pub fn mem_blks(args: &Args) -> Result<Vec<(u64, bool)>, QgaError> {
+    const LIST: &str = "mem-blks";
+    let map = args.as_ref().ok_or_else(|| missing(LIST))?;
+    let list = map.get(LIST).ok_or_else(|| missing(LIST))?;
+    let list = list.as_array().ok_or_else(|| invalid_type(LIST, "array"))?;
+    let mut out = Vec::with_capacity(list.len());
+    for (i, entry) in list.iter().enumerate() {
+        let at = format!("{LIST}[{i}]");
+        let obj = entry
+            .as_object()
+            .ok_or_else(|| invalid_type(&at, "object"))?;
+        let field = |name: &str| format!("{at}.{name}");
+        let index = obj
+            .get("phys-index")
+            .ok_or_else(|| missing(&field("phys-index")))?;
+        let index = uint64(index, &field("phys-index"))?;
+        let online = obj.get("online").ok_or_else(|| missing(&field("online")))?;
+        let online = boolean(online, &field("online"))?;
+        if let Some(c) = obj.get("can-offline") {
+            boolean(c, &field("can-offline"))?;
+        }
+        reject_unknown(
+            obj,
+            &["phys-index", "online", "can-offline"],
+            &format!("{at}."),
+        )?;
+        out.push((index, online));
+    }
+    reject_unknown(map, &[LIST], "")?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn args(v: Value) -> Args {
+        match v {
+            Value::Object(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    fn desc(r: Result<impl std::fmt::Debug, QgaError>) -> String {
+        r.expect_err("should fail").desc
+    }
+
+    #[test]
+    fn mem_blks_rules() {
+        assert_eq!(desc(mem_blks(&None)), "Parameter 'mem-blks' is missing");
+        assert_eq!(
+            desc(mem_blks(&args(json!({"mem-blks": 5})))),
+            "Invalid parameter type for 'mem-blks', expected: array"
+        );
+        assert_eq!(
+            desc(mem_blks(&args(json!({"mem-blks": [5]})))),
+            "Invalid parameter type for 'mem-blks[0]', expected: object"
+        );
+        assert_eq!(
+            desc(mem_blks(&args(json!({"mem-blks": [{"online": true}]})))),
+            "Parameter 'mem-blks[0].phys-index' is missing"
+        );
+        assert_eq!(
+            desc(mem_blks(&args(
+                json!({"mem-blks": [{"phys-index": 1.5, "online": true}]})
+            ))),
+            "Parameter 'mem-blks[0].phys-index' expects uint64"
+        );
+        assert_eq!(
+            desc(mem_blks(&args(
+                json!({"mem-blks": [{"phys-index": 1, "online": true, "zzz": 1}]})
+            ))),
+            "Parameter 'mem-blks[0].zzz' is unexpected"
+        );
+        assert_eq!(
+            desc(mem_blks(&args(json!({"mem-blks": [], "x": 1})))),
+            "Parameter 'x' is unexpected"
+        );
+        assert_eq!(
+            mem_blks(&args(
+                json!({"mem-blks": [{"phys-index": -1, "online": false, "can-offline": true}]})
+            ))
+            .ok(),
+            Some(vec![(u64::MAX, false)])
+        );
+    }
+
+    #[test]
+    fn sync_and_none() {
+        assert_eq!(sync_id(&args(json!({"id": -5}))).ok(), Some(-5));
+        assert_eq!(desc(sync_id(&None)), "Parameter 'id' is missing");
+        assert_eq!(
+            desc(sync_id(&args(json!({"id": "x"})))),
+            "Invalid parameter type for 'id', expected: integer"
+        );
+        assert!(none(&args(json!({}))).is_ok());
+        assert_eq!(
+            desc(none(&args(json!({"a": 1})))),
+            "Parameter 'a' is unexpected"
+        );
+    }
+}
