@@ -1,1 +1,15 @@
-//! Test support: fake sysfs memory trees, agent processes (ours and the reference) and a blocking QGA client
+//! Test support shared by the agent, bridge, end-to-end tests and benchmarks.
+//!
+//! - [`FakeSysfs`]: a fake `/sys/devices/system/memory` tree in a temporary directory.
+//! - [`AgentProcess`]: our `qga-agent` or the reference `qemu-ga` serving such a tree on
+//!   a unix socket (the reference through a bind mount in a private mount namespace).
+//! - [`QgaClient`]: a blocking QGA client over a unix socket, using the real codec.
+//! - [`bin_path`]: where a workspace binary is, building it if needed.
+
+mod agent;
+mod client;
+mod sysfs;
+
+pub use agent::{AgentKind, AgentProcess, bin_path};
+pub use client::QgaClient;
+pub use sysfs::FakeSysfs;
