@@ -28,6 +28,7 @@ pub const DEFAULT_CONFIG: &str = "/etc/qemu/qemu-ga.conf";
 #[command(
     name = "qga-agent",
     version,
+    args_override_self = true,
     about = "QEMU Guest Agent for memory-block hotplug (a drop-in for qemu-ga's memory-block commands)"
 )]
 pub struct Cli {

@@ -84,8 +84,15 @@ impl QgaClient {
 
     /// Raw bytes up to and including the next `\n` (to check exact framing, such as the
     /// `0xFF` before a `guest-sync-delimited` reply).
+    /// Whitespace left over from earlier replies is skipped.
     pub fn read_line_raw(&mut self) -> io::Result<Vec<u8>> {
         loop {
+            let blank = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
+            let _ = self.buf.split_to(blank);
             if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
                 return Ok(self.buf.split_to(pos + 1).to_vec());
             }
