@@ -1,0 +1,56 @@
+//! `qga-bench`: runs the benchmarks and writes `docs/BENCHMARKS.md`.
+//!
+//! Benchmarks never fail on a timing; they fail only when something they measure does
+//! not work. Run through `./scripts/bench`, which builds in release mode first.
+
+mod agent;
+mod procfs;
+mod report;
+mod stats;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+
+/// Command line.
+#[derive(Parser)]
+#[command(about = "Benchmarks of qga-agent and qga-bridge; writes a Markdown report")]
+struct Cli {
+    /// Where to write the report.
+    #[arg(long, default_value = "docs/BENCHMARKS.md")]
+    out: PathBuf,
+    /// Fewer runs (a smoke test of the harness, not figures to quote).
+    #[arg(long)]
+    quick: bool,
+    /// Git commit measured (the script passes it).
+    #[arg(long, default_value = "unknown")]
+    commit: String,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let mut report = report::Report::default();
+    agent::run(&mut report, cli.quick)?;
+
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    let header = format!(
+        "# Benchmarks\n\nWritten by `./scripts/bench` (`qga-bench`{}). Machine: {}. Date: {date}. Commit: `{}`.\n\n\
+         Figures from one run on a shared, noisy machine: compare the two sides of a row \
+         (measured side by side, alternating), not rows across runs.\n",
+        if cli.quick { " --quick" } else { "" },
+        procfs::machine(),
+        cli.commit,
+    );
+    if let Some(dir) = cli.out.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    std::fs::write(&cli.out, header + report.text())
+        .with_context(|| format!("writing {}", cli.out.display()))?;
+    eprintln!("bench: wrote {}", cli.out.display());
+    Ok(())
+}
