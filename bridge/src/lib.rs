@@ -1,1 +1,184 @@
-//! Host-side bridge: gRPC and JSON-RPC in front of per-VM QEMU Guest Agent channels
+//! `qga-bridge`: gRPC and JSON-RPC in front of the QEMU Guest Agents of a host's VMs.
+//!
+//! - [`config`]: flags and TOML file.
+//! - [`session`]: one task per VM owning its QGA socket — queueing, resync, deadlines,
+//!   limits, coalescing. The core.
+//! - [`registry`]: VM name to session; discovery by glob.
+//! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping.
+//! - [`metrics`]: Prometheus metrics and their endpoint.
+//!
+//! [`Bridge::start`] runs everything on the current tokio runtime.
+
+pub mod config;
+pub mod error;
+pub mod grpc;
+pub mod jsonrpc;
+pub mod metrics;
+pub mod registry;
+pub mod session;
+
+use std::{net::SocketAddr, sync::Arc};
+
+use jsonrpsee::server::{Server, ServerConfig};
+use qga_proto::v1::{
+    FILE_DESCRIPTOR_SET, guest_agent_server::GuestAgentServer,
+    guest_memory_server::GuestMemoryServer, vms_server::VmsServer,
+};
+use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+
+pub use config::Config;
+pub use error::BridgeError;
+pub use metrics::Metrics;
+pub use registry::Registry;
+
+/// Why the bridge could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A listen address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// gRPC reflection could not be set up.
+    #[error("gRPC reflection: {0}")]
+    Reflection(String),
+}
+
+/// A running bridge. [`Bridge::shutdown`] stops it gracefully.
+pub struct Bridge {
+    /// Bound gRPC address (useful with port 0).
+    pub grpc_addr: SocketAddr,
+    /// Bound JSON-RPC address.
+    pub jsonrpc_addr: SocketAddr,
+    /// Bound metrics address.
+    pub metrics_addr: Option<SocketAddr>,
+    registry: Arc<Registry>,
+    metrics: Arc<Metrics>,
+    shutdown: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+impl Bridge {
+    /// Binds every listener and starts serving.
+    pub async fn start(config: Config) -> Result<Self, StartError> {
+        let config = Arc::new(config);
+        let metrics = Metrics::new();
+        let registry = Registry::new(config.clone(), metrics.clone());
+        let (shutdown, rx) = watch::channel(false);
+        let mut tasks = JoinSet::new();
+
+        // gRPC: our services, health, reflection.
+        let grpc_listener = bind(config.grpc_addr).await?;
+        let grpc_addr = grpc_listener
+            .local_addr()
+            .map_err(|source| StartError::Bind {
+                addr: config.grpc_addr,
+                source,
+            })?;
+        let api = grpc::Api::new(registry.clone());
+        let (health, health_service) = tonic_health::server::health_reporter();
+        health.set_serving::<GuestMemoryServer<grpc::Api>>().await;
+        health.set_serving::<GuestAgentServer<grpc::Api>>().await;
+        health.set_serving::<VmsServer<grpc::Api>>().await;
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let router = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(GuestMemoryServer::new(api.clone()))
+            .add_service(GuestAgentServer::new(api.clone()))
+            .add_service(VmsServer::new(api));
+        let mut grpc_stop = rx.clone();
+        let incoming =
+            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        tasks.spawn(async move {
+            let stop = async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            };
+            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        });
+
+        // JSON-RPC over HTTP and WebSocket.
+        let rpc_config = ServerConfig::builder()
+            .max_request_body_size(config.limits.max_request_bytes)
+            .max_response_body_size(
+                u32::try_from(config.limits.max_reply_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
+            )
+            .build();
+        let server = Server::builder()
+            .set_config(rpc_config)
+            .build(config.jsonrpc_addr)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.jsonrpc_addr,
+                source,
+            })?;
+        let jsonrpc_addr = server.local_addr().map_err(|source| StartError::Bind {
+            addr: config.jsonrpc_addr,
+            source,
+        })?;
+        let handle = server.start(jsonrpc::module(registry.clone()));
+        let mut rpc_stop = rx.clone();
+        tasks.spawn(async move {
+            let _ = rpc_stop.wait_for(|s| *s).await;
+            let _ = handle.stop();
+            handle.stopped().await;
+        });
+
+        // Metrics.
+        let metrics_addr = match config.metrics_addr {
+            Some(addr) => {
+                let listener = bind(addr).await?;
+                let bound = listener
+                    .local_addr()
+                    .map_err(|source| StartError::Bind { addr, source })?;
+                tasks.spawn(metrics::serve(listener, metrics.clone(), rx.clone()));
+                Some(bound)
+            }
+            None => None,
+        };
+
+        tasks.spawn(registry.clone().discover(rx));
+        tracing::info!(%grpc_addr, %jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = registry.len(), "qga-bridge serving");
+        Ok(Self {
+            grpc_addr,
+            jsonrpc_addr,
+            metrics_addr,
+            registry,
+            metrics,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// The VM registry.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Stops accepting calls, lets running ones finish, and returns when all servers stopped.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}

@@ -1,0 +1,387 @@
+//! Configuration: command line over an optional TOML file.
+//!
+//! ```toml
+//! grpc_addr = "127.0.0.1:50051"
+//! jsonrpc_addr = "127.0.0.1:8080"
+//! metrics_addr = "127.0.0.1:9100"      # optional
+//! log_format = "text"                   # or "json"
+//! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
+//! discover_interval_ms = 2000
+//!
+//! [vms]
+//! vm1 = "/run/qemu/vm1/qga.sock"
+//!
+//! [timeouts]                            # milliseconds
+//! default_ms = 10000
+//! connect_ms = 2000
+//! resync_ms = 3000
+//! [timeouts.commands]
+//! guest-set-memory-blocks = 120000
+//!
+//! [limits]
+//! queue_depth = 64                      # calls waiting per VM
+//! max_reply_bytes = 16777216            # largest reply accepted from a guest
+//! ```
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use clap::Parser;
+use serde::Deserialize;
+
+/// `qga-bridge` command line.
+#[derive(Debug, Parser, Default)]
+#[command(
+    name = "qga-bridge",
+    version,
+    about = "gRPC and JSON-RPC front for the QEMU Guest Agents of the VMs on this host"
+)]
+pub struct Cli {
+    /// A VM and its QGA chardev socket, `NAME=SOCKET` (repeatable).
+    #[arg(long = "vm", value_name = "NAME=SOCKET", value_parser = parse_vm)]
+    pub vms: Vec<(String, PathBuf)>,
+    /// TOML config file (see the README); flags override it.
+    #[arg(long, short = 'c')]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address [default: 127.0.0.1:50051].
+    #[arg(long)]
+    pub grpc_addr: Option<SocketAddr>,
+    /// JSON-RPC (HTTP and WebSocket) listen address [default: 127.0.0.1:8080].
+    #[arg(long)]
+    pub jsonrpc_addr: Option<SocketAddr>,
+    /// Prometheus metrics listen address (`/metrics`); off unless given.
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
+    /// Discover VM sockets matching this glob (repeatable); the VM name is the socket's
+    /// directory name, without libvirt's `domain-N-` prefix.
+    #[arg(long)]
+    pub discover: Vec<String>,
+    /// Log format.
+    #[arg(long, value_enum)]
+    pub log_format: Option<LogFormat>,
+}
+
+fn parse_vm(s: &str) -> Result<(String, PathBuf), String> {
+    let (name, socket) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected NAME=SOCKET, got '{s}'"))?;
+    validate_vm_name(name)?;
+    if socket.is_empty() {
+        return Err(format!("VM '{name}' has an empty socket path"));
+    }
+    Ok((name.to_string(), PathBuf::from(socket)))
+}
+
+/// VM names: 1-128 characters of letters, digits, `.`, `_`, `-`, `:`.
+pub fn validate_vm_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!("invalid VM name '{name}'"))
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Deadlines applied to calls that do not bring their own.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Timeouts {
+    /// Default per call, milliseconds.
+    pub default_ms: u64,
+    /// Connecting to a VM socket, milliseconds.
+    pub connect_ms: u64,
+    /// The resync handshake, milliseconds.
+    pub resync_ms: u64,
+    /// Per QGA command, milliseconds.
+    pub commands: BTreeMap<String, u64>,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        let commands = [
+            // Onlining or offlining can make the kernel migrate pages for seconds.
+            ("guest-set-memory-blocks", 120_000),
+            // Tens of thousands of blocks take a while on a slow guest.
+            ("guest-get-memory-blocks", 30_000),
+            ("guest-ping", 5_000),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        Self {
+            default_ms: 10_000,
+            connect_ms: 2_000,
+            resync_ms: 3_000,
+            commands,
+        }
+    }
+}
+
+impl Timeouts {
+    /// The default deadline for `command`.
+    pub fn for_command(&self, command: &str) -> Duration {
+        Duration::from_millis(*self.commands.get(command).unwrap_or(&self.default_ms))
+    }
+}
+
+/// Resource limits.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Limits {
+    /// Calls that may wait per VM; more get RESOURCE_EXHAUSTED.
+    pub queue_depth: usize,
+    /// Largest reply accepted from a guest, bytes.
+    pub max_reply_bytes: usize,
+    /// Largest JSON-RPC request body, bytes.
+    pub max_request_bytes: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue_depth: 64,
+            max_reply_bytes: qga_wire::codec::DEFAULT_MAX_MESSAGE,
+            max_request_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The TOML file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct File {
+    grpc_addr: Option<SocketAddr>,
+    jsonrpc_addr: Option<SocketAddr>,
+    metrics_addr: Option<SocketAddr>,
+    log_format: Option<LogFormat>,
+    discover: Vec<String>,
+    discover_interval_ms: Option<u64>,
+    vms: BTreeMap<String, PathBuf>,
+    timeouts: Timeouts,
+    limits: Limits,
+    coalesce_reads: Option<bool>,
+}
+
+/// Why the configuration is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file cannot be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML for this schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+    /// A value is out of range or inconsistent.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// The effective configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// gRPC listen address.
+    pub grpc_addr: SocketAddr,
+    /// JSON-RPC listen address.
+    pub jsonrpc_addr: SocketAddr,
+    /// Metrics listen address, if any.
+    pub metrics_addr: Option<SocketAddr>,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Statically configured VMs.
+    pub vms: BTreeMap<String, PathBuf>,
+    /// Globs for socket discovery.
+    pub discover: Vec<String>,
+    /// How often discovery rescans.
+    pub discover_interval: Duration,
+    /// Deadlines.
+    pub timeouts: Timeouts,
+    /// Limits.
+    pub limits: Limits,
+    /// Serve concurrent identical reads of one VM with one agent call.
+    pub coalesce_reads: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            jsonrpc_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            metrics_addr: None,
+            log_format: LogFormat::Text,
+            vms: BTreeMap::new(),
+            discover: Vec::new(),
+            discover_interval: Duration::from_secs(2),
+            timeouts: Timeouts::default(),
+            limits: Limits::default(),
+            coalesce_reads: true,
+        }
+    }
+}
+
+impl Config {
+    /// The configuration from the command line over the file it names.
+    pub fn load(cli: &Cli) -> Result<Self, ConfigError> {
+        let mut config = Config::default();
+        if let Some(path) = &cli.config {
+            let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                path: path.clone(),
+                source,
+            })?;
+            config.apply_toml(path, &text)?;
+        }
+        if let Some(a) = cli.grpc_addr {
+            config.grpc_addr = a;
+        }
+        if let Some(a) = cli.jsonrpc_addr {
+            config.jsonrpc_addr = a;
+        }
+        if cli.metrics_addr.is_some() {
+            config.metrics_addr = cli.metrics_addr;
+        }
+        if let Some(f) = cli.log_format {
+            config.log_format = f;
+        }
+        config.discover.extend(cli.discover.iter().cloned());
+        for (name, socket) in &cli.vms {
+            config.vms.insert(name.clone(), socket.clone());
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Applies a TOML document.
+    pub fn apply_toml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message: e.to_string(),
+        })?;
+        if let Some(a) = file.grpc_addr {
+            self.grpc_addr = a;
+        }
+        if let Some(a) = file.jsonrpc_addr {
+            self.jsonrpc_addr = a;
+        }
+        if file.metrics_addr.is_some() {
+            self.metrics_addr = file.metrics_addr;
+        }
+        if let Some(f) = file.log_format {
+            self.log_format = f;
+        }
+        if let Some(ms) = file.discover_interval_ms {
+            self.discover_interval = Duration::from_millis(ms);
+        }
+        if let Some(c) = file.coalesce_reads {
+            self.coalesce_reads = c;
+        }
+        self.discover = file.discover;
+        self.vms = file.vms;
+        // Per-command entries add to the defaults rather than replacing them all.
+        let mut commands = self.timeouts.commands.clone();
+        commands.extend(file.timeouts.commands.clone());
+        self.timeouts = Timeouts {
+            commands,
+            ..file.timeouts
+        };
+        self.limits = file.limits;
+        Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        for name in self.vms.keys() {
+            validate_vm_name(name).map_err(ConfigError::Invalid)?;
+        }
+        if self.limits.queue_depth == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.queue_depth must be at least 1".into(),
+            ));
+        }
+        if self.limits.max_reply_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_reply_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.timeouts.default_ms == 0
+            || self.timeouts.resync_ms == 0
+            || self.timeouts.connect_ms == 0
+        {
+            return Err(ConfigError::Invalid("timeouts must be positive".into()));
+        }
+        for pattern in &self.discover {
+            glob::Pattern::new(pattern)
+                .map_err(|e| ConfigError::Invalid(format!("bad glob '{pattern}': {e}")))?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn toml_and_flags() {
+        let mut c = Config::default();
+        c.apply_toml(
+            Path::new("t.toml"),
+            "grpc_addr = \"127.0.0.1:1\"\n[vms]\nvm1 = \"/a.sock\"\n[timeouts]\ndefault_ms = 50\n[timeouts.commands]\nguest-ping = 7\n[limits]\nqueue_depth = 3\n",
+        )
+        .expect("valid");
+        assert_eq!(c.grpc_addr.port(), 1);
+        assert_eq!(c.vms["vm1"], PathBuf::from("/a.sock"));
+        assert_eq!(
+            c.timeouts.for_command("guest-ping"),
+            Duration::from_millis(7)
+        );
+        assert_eq!(
+            c.timeouts.for_command("guest-info"),
+            Duration::from_millis(50)
+        );
+        assert_eq!(
+            c.timeouts.for_command("guest-set-memory-blocks"),
+            Duration::from_secs(120)
+        );
+        assert_eq!(c.limits.queue_depth, 3);
+        assert!(c.apply_toml(Path::new("t"), "bogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn vm_flags() {
+        assert_eq!(
+            parse_vm("a=/s").ok(),
+            Some(("a".into(), PathBuf::from("/s")))
+        );
+        assert!(parse_vm("a").is_err());
+        assert!(parse_vm("a b=/s").is_err());
+        assert!(parse_vm("a=").is_err());
+    }
+}

@@ -1,0 +1,178 @@
+//! One error type for every call, mapped to a gRPC status and a JSON-RPC error.
+//!
+//! | error | gRPC | JSON-RPC |
+//! |---|---|---|
+//! | bad request (checked before the guest) | INVALID_ARGUMENT | -32602 |
+//! | unknown VM | NOT_FOUND | -32001 |
+//! | agent not connected, socket gone | UNAVAILABLE | -32002 |
+//! | timed out | DEADLINE_EXCEEDED | -32003 |
+//! | too many calls queued for the VM | RESOURCE_EXHAUSTED | -32004 |
+//! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
+//! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
+//! | any other QGA error | FAILED_PRECONDITION | -32007 |
+//! | reply the bridge cannot accept (malformed, too large) | INTERNAL | -32008 |
+//!
+//! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`.
+
+use jsonrpsee::types::ErrorObjectOwned;
+use qga_wire::{ErrorClass, QgaError};
+use serde_json::json;
+use tonic::{Code, Status};
+
+/// JSON-RPC application error codes (see the module table).
+pub mod code {
+    /// Invalid params (JSON-RPC standard).
+    pub const INVALID_PARAMS: i32 = -32602;
+    /// Unknown VM.
+    pub const VM_NOT_FOUND: i32 = -32001;
+    /// Agent not connected.
+    pub const UNAVAILABLE: i32 = -32002;
+    /// Timed out.
+    pub const DEADLINE_EXCEEDED: i32 = -32003;
+    /// Queue full.
+    pub const RESOURCE_EXHAUSTED: i32 = -32004;
+    /// The agent does not offer the command.
+    pub const UNIMPLEMENTED: i32 = -32005;
+    /// The agent rejected the arguments.
+    pub const AGENT_INVALID_ARGUMENT: i32 = -32006;
+    /// The agent failed the command.
+    pub const AGENT_ERROR: i32 = -32007;
+    /// The agent's reply was unusable.
+    pub const BAD_REPLY: i32 = -32008;
+}
+
+/// Why a call failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BridgeError {
+    /// The request is invalid; it never reached the guest.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    /// No VM of that name.
+    #[error("unknown VM '{0}'")]
+    VmNotFound(String),
+    /// The VM's agent cannot be reached now.
+    #[error("agent of VM '{vm}' unavailable: {reason}")]
+    Unavailable {
+        /// The VM.
+        vm: String,
+        /// Why.
+        reason: String,
+    },
+    /// No reply before the deadline; the channel is resynchronised.
+    #[error("agent of VM '{vm}' did not answer {command} in time")]
+    DeadlineExceeded {
+        /// The VM.
+        vm: String,
+        /// The command.
+        command: String,
+    },
+    /// The VM's queue is full.
+    #[error("too many calls queued for VM '{0}'")]
+    QueueFull(String),
+    /// The agent answered with an error.
+    #[error("agent error {}: {}", .0.class.as_str(), .0.desc)]
+    Agent(QgaError),
+    /// The agent's reply could not be accepted.
+    #[error("bad reply from agent of VM '{vm}': {reason}")]
+    BadReply {
+        /// The VM.
+        vm: String,
+        /// What was wrong.
+        reason: String,
+    },
+}
+
+/// Whether a QGA `GenericError` is about the call's arguments (the QAPI visitor's texts).
+fn is_argument_error(e: &QgaError) -> bool {
+    e.class == ErrorClass::GenericError
+        && (e.desc.starts_with("Parameter '") || e.desc.starts_with("Invalid parameter"))
+}
+
+impl BridgeError {
+    /// The gRPC status code.
+    pub fn code(&self) -> Code {
+        match self {
+            Self::InvalidRequest(_) => Code::InvalidArgument,
+            Self::VmNotFound(_) => Code::NotFound,
+            Self::Unavailable { .. } => Code::Unavailable,
+            Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Self::QueueFull(_) => Code::ResourceExhausted,
+            Self::Agent(e) if e.class == ErrorClass::CommandNotFound => Code::Unimplemented,
+            Self::Agent(e) if is_argument_error(e) => Code::InvalidArgument,
+            Self::Agent(_) => Code::FailedPrecondition,
+            Self::BadReply { .. } => Code::Internal,
+        }
+    }
+
+    /// The JSON-RPC error code.
+    pub fn rpc_code(&self) -> i32 {
+        match self {
+            Self::InvalidRequest(_) => code::INVALID_PARAMS,
+            Self::VmNotFound(_) => code::VM_NOT_FOUND,
+            Self::Unavailable { .. } => code::UNAVAILABLE,
+            Self::DeadlineExceeded { .. } => code::DEADLINE_EXCEEDED,
+            Self::QueueFull(_) => code::RESOURCE_EXHAUSTED,
+            Self::Agent(e) if e.class == ErrorClass::CommandNotFound => code::UNIMPLEMENTED,
+            Self::Agent(e) if is_argument_error(e) => code::AGENT_INVALID_ARGUMENT,
+            Self::Agent(_) => code::AGENT_ERROR,
+            Self::BadReply { .. } => code::BAD_REPLY,
+        }
+    }
+
+    /// A short outcome label for metrics.
+    pub fn outcome(&self) -> &'static str {
+        match self {
+            Self::InvalidRequest(_) => "invalid_request",
+            Self::VmNotFound(_) => "vm_not_found",
+            Self::Unavailable { .. } => "unavailable",
+            Self::DeadlineExceeded { .. } => "deadline_exceeded",
+            Self::QueueFull(_) => "queue_full",
+            Self::Agent(_) => "agent_error",
+            Self::BadReply { .. } => "bad_reply",
+        }
+    }
+}
+
+impl From<BridgeError> for Status {
+    fn from(e: BridgeError) -> Self {
+        Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<BridgeError> for ErrorObjectOwned {
+    fn from(e: BridgeError) -> Self {
+        let data = match &e {
+            BridgeError::Agent(q) => Some(json!({"class": q.class.as_str(), "desc": q.desc})),
+            _ => None,
+        };
+        ErrorObjectOwned::owned(e.rpc_code(), e.to_string(), data)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_errors_map_by_class() {
+        let nf = BridgeError::Agent(QgaError::command_not_found(
+            "The command x has not been found",
+        ));
+        assert_eq!(
+            (nf.code(), nf.rpc_code()),
+            (Code::Unimplemented, code::UNIMPLEMENTED)
+        );
+        let arg = BridgeError::Agent(QgaError::generic("Parameter 'mem-blks' is missing"));
+        assert_eq!(arg.code(), Code::InvalidArgument);
+        let other = BridgeError::Agent(QgaError::generic("open(\"/sys/...\"): Permission denied"));
+        assert_eq!(
+            (other.code(), other.rpc_code()),
+            (Code::FailedPrecondition, code::AGENT_ERROR)
+        );
+        let obj = ErrorObjectOwned::from(other);
+        assert_eq!(
+            obj.data().map(|d| d.get()),
+            Some(r#"{"class":"GenericError","desc":"open(\"/sys/...\"): Permission denied"}"#)
+        );
+    }
+}

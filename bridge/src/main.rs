@@ -1,0 +1,34 @@
+//! The `qga-bridge` binary: configuration, logging, then serve until SIGTERM or SIGINT.
+
+use anyhow::Context;
+use clap::Parser;
+use qga_bridge::{
+    Bridge, Config,
+    config::{Cli, LogFormat},
+};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let config = Config::load(&cli)?;
+    let filter =
+        EnvFilter::try_from_env("QGA_BRIDGE_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match config.log_format {
+        LogFormat::Json => logs.json().init(),
+        LogFormat::Text => logs.init(),
+    }
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let bridge = Bridge::start(config).await?;
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    }
+    bridge.shutdown().await;
+    Ok(())
+}

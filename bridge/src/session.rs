@@ -1,0 +1,552 @@
+//! One VM's QGA channel: a task that owns the socket and runs calls one at a time.
+//!
+//! Callers hand a [`Session`] a command; it is queued on a bounded channel (full: an error
+//! at once, never unbounded growth) and executed by the VM's worker task, which
+//!
+//! - connects lazily, backing off after failures;
+//! - resynchronises (`qga-protocol.md` §4: `0xFF`, `guest-sync-delimited` with a fresh
+//!   random id, skip to `0xFF`, discard everything but `{"return": id}`) on every new
+//!   connection and after any timeout or garbled reply;
+//! - tags every command with a fresh `id` and accepts only the reply carrying it, so a late
+//!   reply to an earlier, timed-out call is discarded, never handed to a later caller;
+//! - bounds every read: reply size and nesting by the codec, time by the call's deadline.
+//!
+//! Concurrent identical reads (no arguments: block list, block size, ping) share one
+//! agent call; writes are never merged.
+
+use std::{
+    collections::HashMap,
+    hash::{BuildHasher, RandomState},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use futures::{
+    FutureExt, SinkExt, StreamExt,
+    future::{BoxFuture, Shared},
+};
+use qga_wire::{Frame, FrameError, QgaCodec, Response, message::Outcome, schema::command};
+use serde_json::{Map, Value, json};
+use tokio::{
+    io::AsyncWriteExt,
+    net::UnixStream,
+    sync::{mpsc, oneshot},
+    time::{Instant, timeout_at},
+};
+use tokio_util::codec::Framed;
+
+use crate::{config::Config, error::BridgeError, metrics::Metrics};
+
+/// What a call yields: QGA's `return` value, or why not.
+pub type CallResult = Result<Value, BridgeError>;
+
+const BACKOFF_START: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// The channel's state, as `ListVms` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    /// No connection.
+    Disconnected,
+    /// Connected, not resynchronised yet.
+    Connecting,
+    /// Resynchronised; the last exchange worked.
+    Connected,
+}
+
+/// A VM's status snapshot.
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// VM name.
+    pub name: String,
+    /// QGA socket.
+    pub socket: PathBuf,
+    /// Channel state.
+    pub state: AgentState,
+    /// When the agent last answered.
+    pub last_contact: Option<SystemTime>,
+    /// The last failure.
+    pub last_error: Option<String>,
+}
+
+struct Call {
+    command: &'static str,
+    arguments: Option<Map<String, Value>>,
+    deadline: Instant,
+    reply: oneshot::Sender<CallResult>,
+}
+
+type SharedCall = Shared<BoxFuture<'static, CallResult>>;
+
+/// The handle callers use; cheap to share. Dropping the last handle stops the worker.
+pub struct Session {
+    name: String,
+    socket: PathBuf,
+    tx: mpsc::Sender<Call>,
+    status: Arc<Mutex<VmStatus>>,
+    inflight: Mutex<HashMap<&'static str, SharedCall>>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl Session {
+    /// Creates the session and spawns its worker on the current runtime.
+    pub fn spawn(
+        name: &str,
+        socket: &Path,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(config.limits.queue_depth);
+        let status = Arc::new(Mutex::new(VmStatus {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            state: AgentState::Disconnected,
+            last_contact: None,
+            last_error: None,
+        }));
+        metrics.set_connected(name, false);
+        let worker = Worker {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            rx,
+            conn: None,
+            needs_resync: true,
+            next_attempt: Instant::now(),
+            backoff: BACKOFF_START,
+            status: status.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            ids: RandomState::new(),
+            counter: 0,
+        };
+        tokio::spawn(worker.run());
+        Arc::new(Self {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            tx,
+            status,
+            inflight: Mutex::new(HashMap::new()),
+            config,
+            metrics,
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VM's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A snapshot of the channel's state.
+    pub fn status(&self) -> VmStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Runs `command` with `arguments` on the VM's agent, by `deadline` (default: the
+    /// configured timeout of the command). Reads without arguments are coalesced.
+    pub async fn call(
+        self: &Arc<Self>,
+        command: &'static str,
+        arguments: Option<Map<String, Value>>,
+        deadline: Option<Instant>,
+    ) -> CallResult {
+        let start = Instant::now();
+        let deadline =
+            deadline.unwrap_or_else(|| start + self.config.timeouts.for_command(command));
+        let coalescable = self.config.coalesce_reads
+            && arguments.is_none()
+            && matches!(
+                command,
+                command::GET_MEMORY_BLOCKS | command::GET_MEMORY_BLOCK_INFO | command::PING
+            );
+        let result = if coalescable {
+            let shared = self.shared_call(command, deadline);
+            match timeout_at(deadline, shared).await {
+                Ok(r) => r,
+                Err(_) => Err(self.deadline_error(command)),
+            }
+        } else {
+            self.submit(command, arguments, deadline).await
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .call(&self.name, command, outcome, start.elapsed());
+        result
+    }
+
+    fn deadline_error(&self, command: &str) -> BridgeError {
+        BridgeError::DeadlineExceeded {
+            vm: self.name.clone(),
+            command: command.to_string(),
+        }
+    }
+
+    /// Joins the in-flight call of `command` or starts one.
+    fn shared_call(self: &Arc<Self>, command: &'static str, deadline: Instant) -> SharedCall {
+        let mut inflight = match self.inflight.lock() {
+            Ok(m) => m,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if let Some(existing) = inflight.get(command) {
+            self.metrics.coalesced(&self.name);
+            return existing.clone();
+        }
+        let this = self.clone();
+        let fut = async move {
+            let result = this.submit(command, None, deadline).await;
+            if let Ok(mut m) = this.inflight.lock() {
+                m.remove(command);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        inflight.insert(command, fut.clone());
+        fut
+    }
+
+    async fn submit(
+        &self,
+        command: &'static str,
+        arguments: Option<Map<String, Value>>,
+        deadline: Instant,
+    ) -> CallResult {
+        let (reply, rx) = oneshot::channel();
+        let call = Call {
+            command,
+            arguments,
+            deadline,
+            reply,
+        };
+        self.tx.try_send(call).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => BridgeError::QueueFull(self.name.clone()),
+            mpsc::error::TrySendError::Closed(_) => BridgeError::Unavailable {
+                vm: self.name.clone(),
+                reason: "session stopped".into(),
+            },
+        })?;
+        match timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(BridgeError::Unavailable {
+                vm: self.name.clone(),
+                reason: "session stopped".into(),
+            }),
+            Err(_) => Err(self.deadline_error(command)),
+        }
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.metrics.forget_vm(&self.name);
+    }
+}
+
+/// Why an exchange on an open connection failed.
+enum Failure {
+    /// The connection is gone.
+    Closed(String),
+    /// The agent sent something unacceptable (too large, too deep).
+    Bad(String),
+}
+
+type Conn = Framed<UnixStream, QgaCodec>;
+
+struct Worker {
+    name: String,
+    socket: PathBuf,
+    rx: mpsc::Receiver<Call>,
+    conn: Option<Conn>,
+    needs_resync: bool,
+    next_attempt: Instant,
+    backoff: Duration,
+    status: Arc<Mutex<VmStatus>>,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    ids: RandomState,
+    counter: u64,
+}
+
+impl Worker {
+    async fn run(mut self) {
+        while let Some(call) = self.rx.recv().await {
+            if call.reply.is_closed() {
+                continue; // the caller gave up while queued
+            }
+            let result = if Instant::now() >= call.deadline {
+                Err(BridgeError::DeadlineExceeded {
+                    vm: self.name.clone(),
+                    command: call.command.to_string(),
+                })
+            } else {
+                self.execute(&call).await
+            };
+            let _ = call.reply.send(result);
+        }
+        tracing::debug!(vm = %self.name, "session stopped");
+    }
+
+    /// A fresh positive id: random, so replies to an earlier connection never match.
+    fn fresh_id(&mut self) -> i64 {
+        self.counter = self.counter.wrapping_add(1);
+        (self.ids.hash_one(self.counter) & (i64::MAX as u64)) as i64
+    }
+
+    fn update(&self, f: impl FnOnce(&mut VmStatus)) {
+        if let Ok(mut s) = self.status.lock() {
+            f(&mut s);
+        }
+    }
+
+    fn unavailable(&self, reason: impl Into<String>) -> BridgeError {
+        BridgeError::Unavailable {
+            vm: self.name.clone(),
+            reason: reason.into(),
+        }
+    }
+
+    fn disconnect(&mut self, reason: &str) {
+        tracing::info!(vm = %self.name, reason, "agent channel closed");
+        self.conn = None;
+        self.needs_resync = true;
+        self.metrics.set_connected(&self.name, false);
+        self.update(|s| {
+            s.state = AgentState::Disconnected;
+            s.last_error = Some(reason.to_string());
+        });
+    }
+
+    fn connect_failed(&mut self, reason: String) -> BridgeError {
+        self.disconnect(&reason);
+        self.next_attempt = Instant::now() + self.backoff;
+        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.unavailable(reason)
+    }
+
+    fn contact(&mut self) {
+        self.backoff = BACKOFF_START;
+        self.metrics.set_connected(&self.name, true);
+        self.update(|s| {
+            s.state = AgentState::Connected;
+            s.last_contact = Some(SystemTime::now());
+        });
+    }
+
+    /// Connects and resynchronises as needed.
+    async fn ready(&mut self, deadline: Instant) -> Result<(), BridgeError> {
+        if self.conn.is_none() {
+            let now = Instant::now();
+            if now < self.next_attempt {
+                let last = self.status().last_error.unwrap_or_default();
+                return Err(self.unavailable(format!("{last} (reconnecting)")));
+            }
+            let limit = deadline.min(now + Duration::from_millis(self.config.timeouts.connect_ms));
+            match timeout_at(limit, UnixStream::connect(&self.socket)).await {
+                Ok(Ok(stream)) => {
+                    self.conn = Some(Framed::new(
+                        stream,
+                        QgaCodec::new(self.config.limits.max_reply_bytes),
+                    ));
+                    self.needs_resync = true;
+                    self.update(|s| s.state = AgentState::Connecting);
+                }
+                Ok(Err(e)) => {
+                    return Err(self.connect_failed(format!(
+                        "cannot connect to {}: {e}",
+                        self.socket.display()
+                    )));
+                }
+                Err(_) => return Err(self.connect_failed("connecting timed out".into())),
+            }
+        }
+        if self.needs_resync {
+            let id = self.fresh_id();
+            let limit = deadline
+                .min(Instant::now() + Duration::from_millis(self.config.timeouts.resync_ms));
+            let Some(conn) = self.conn.as_mut() else {
+                return Err(self.unavailable("not connected"));
+            };
+            let (result, stale) = resync(conn, id, limit).await;
+            for _ in 0..stale {
+                self.metrics.stale(&self.name);
+            }
+            match result {
+                Ok(()) => {
+                    self.needs_resync = false;
+                    self.metrics.resync(&self.name);
+                    self.contact();
+                }
+                Err(Failure::Closed(reason) | Failure::Bad(reason)) => {
+                    return Err(self.connect_failed(format!("resync failed: {reason}")));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn status(&self) -> VmStatus {
+        match self.status.lock() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    async fn execute(&mut self, call: &Call) -> CallResult {
+        self.ready(call.deadline).await?;
+        let id = self.fresh_id();
+        let mut request = json!({ "execute": call.command, "id": id });
+        if let Some(args) = &call.arguments {
+            request["arguments"] = Value::Object(args.clone());
+        }
+        let Some(conn) = self.conn.as_mut() else {
+            return Err(self.unavailable("not connected"));
+        };
+        let (result, stale) = exchange(conn, &request, id, call.deadline).await;
+        for _ in 0..stale {
+            self.metrics.stale(&self.name);
+        }
+        if stale > 0 {
+            // Something other than our reply was on the channel: clean it before the next call.
+            self.needs_resync = true;
+        }
+        match result {
+            Exchange::Reply(response) => {
+                self.contact();
+                match response.outcome {
+                    Outcome::Return(v) => Ok(v),
+                    Outcome::Error(e) => Err(BridgeError::Agent(e)),
+                }
+            }
+            Exchange::TimedOut => {
+                self.needs_resync = true;
+                self.update(|s| s.last_error = Some(format!("{} timed out", call.command)));
+                Err(BridgeError::DeadlineExceeded {
+                    vm: self.name.clone(),
+                    command: call.command.to_string(),
+                })
+            }
+            Exchange::Failed(Failure::Closed(reason)) => {
+                self.disconnect(&reason);
+                Err(self.unavailable(reason))
+            }
+            Exchange::Failed(Failure::Bad(reason)) => {
+                self.needs_resync = true;
+                self.update(|s| s.last_error = Some(reason.clone()));
+                Err(BridgeError::BadReply {
+                    vm: self.name.clone(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+enum Exchange {
+    Reply(Response),
+    TimedOut,
+    Failed(Failure),
+}
+
+/// The next frame, or why there is none; `None` when the deadline passed.
+async fn next_frame(conn: &mut Conn, deadline: Instant) -> Option<Result<Frame, Failure>> {
+    match timeout_at(deadline, conn.next()).await {
+        Err(_) => None,
+        Ok(None) => Some(Err(Failure::Closed("agent socket closed".into()))),
+        Ok(Some(Err(e))) => Some(Err(Failure::Closed(e.to_string()))),
+        Ok(Some(Ok(frame))) => Some(Ok(frame)),
+    }
+}
+
+fn over_limit(e: &FrameError) -> bool {
+    matches!(e, FrameError::TooLarge { .. } | FrameError::DepthExceeded)
+}
+
+/// Sends `request` and waits for the reply carrying `id`. Returns the outcome and how
+/// many unrelated frames were discarded.
+async fn exchange(conn: &mut Conn, request: &Value, id: i64, deadline: Instant) -> (Exchange, u32) {
+    let mut stale = 0;
+    match timeout_at(deadline, conn.send(request)).await {
+        Err(_) => return (Exchange::TimedOut, stale),
+        Ok(Err(e)) => return (Exchange::Failed(Failure::Closed(e.to_string())), stale),
+        Ok(Ok(())) => {}
+    }
+    let want = Some(Value::from(id));
+    loop {
+        let frame = match next_frame(conn, deadline).await {
+            None => return (Exchange::TimedOut, stale),
+            Some(Err(f)) => return (Exchange::Failed(f), stale),
+            Some(Ok(frame)) => frame,
+        };
+        match frame {
+            Frame::Delimiter => stale += 1,
+            Frame::Invalid(e) if over_limit(&e) => {
+                return (Exchange::Failed(Failure::Bad(e.to_string())), stale);
+            }
+            Frame::Invalid(_) => stale += 1,
+            Frame::Value(v) => match Response::from_value(v) {
+                Ok(r) if r.id == want => return (Exchange::Reply(r), stale),
+                _ => stale += 1,
+            },
+        }
+    }
+}
+
+/// The handshake of `qga-protocol.md` §4. Returns the outcome and the frames discarded.
+async fn resync(conn: &mut Conn, id: i64, deadline: Instant) -> (Result<(), Failure>, u32) {
+    let mut stale = 0;
+    let sync = json!({ "execute": command::SYNC_DELIMITED, "arguments": { "id": id } });
+    let sent = timeout_at(deadline, async {
+        conn.get_mut()
+            .write_all(&[qga_wire::codec::DELIMITER])
+            .await?;
+        conn.send(&sync).await.map_err(std::io::Error::other)
+    })
+    .await;
+    match sent {
+        Err(_) => {
+            return (
+                Err(Failure::Closed(
+                    "agent did not accept the sync request in time".into(),
+                )),
+                stale,
+            );
+        }
+        Ok(Err(e)) => return (Err(Failure::Closed(e.to_string())), stale),
+        Ok(Ok(())) => {}
+    }
+    conn.codec_mut().skip_to_delimiter();
+    let want = json!({ "return": id });
+    loop {
+        match next_frame(conn, deadline).await {
+            None => {
+                return (
+                    Err(Failure::Closed(
+                        "agent did not answer guest-sync-delimited".into(),
+                    )),
+                    stale,
+                );
+            }
+            Some(Err(f)) => return (Err(f), stale),
+            Some(Ok(Frame::Delimiter)) => {}
+            Some(Ok(Frame::Value(v))) if v == want => return (Ok(()), stale),
+            Some(Ok(Frame::Invalid(e))) if over_limit(&e) => {
+                // Skip the oversize value and keep looking for our delimiter.
+                stale += 1;
+                conn.codec_mut().skip_to_delimiter();
+            }
+            Some(Ok(_)) => stale += 1,
+        }
+    }
+}
