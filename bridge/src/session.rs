@@ -404,14 +404,52 @@ impl Worker {
     }
 
     async fn execute(&mut self, call: &Call) -> CallResult {
-        self.ready(call.deadline).await?;
+        // A connection that died while idle (agent restarted, QEMU restarted) is only
+        // noticed on use. Retry once on a fresh connection when that is safe: the request
+        // was never delivered (the write failed), or it is a read.
+        let read_only = matches!(
+            call.command,
+            command::GET_MEMORY_BLOCKS
+                | command::GET_MEMORY_BLOCK_INFO
+                | command::PING
+                | command::INFO
+        );
+        let reused = self.conn.is_some() && !self.needs_resync;
+        let first = self.attempt(call).await;
+        match first {
+            Err(Retry::Safe(reason)) if reused => {
+                tracing::debug!(vm = %self.name, reason, "connection was dead; retrying on a new one");
+                let second = self.attempt(call).await;
+                self.finish(second)
+            }
+            Err(Retry::IfIdempotent(reason)) if reused && read_only => {
+                tracing::debug!(vm = %self.name, reason, "connection lost; retrying read");
+                let second = self.attempt(call).await;
+                self.finish(second)
+            }
+            other => self.finish(other),
+        }
+    }
+
+    fn finish(&self, r: Result<CallResult, Retry>) -> CallResult {
+        match r {
+            Ok(result) => result,
+            Err(Retry::Safe(reason) | Retry::IfIdempotent(reason)) => Err(self.unavailable(reason)),
+        }
+    }
+
+    /// One try: `Err` when the connection failed in a way that may allow a retry.
+    async fn attempt(&mut self, call: &Call) -> Result<CallResult, Retry> {
+        if let Err(e) = self.ready(call.deadline).await {
+            return Ok(Err(e));
+        }
         let id = self.fresh_id();
         let mut request = json!({ "execute": call.command, "id": id });
         if let Some(args) = &call.arguments {
             request["arguments"] = Value::Object(args.clone());
         }
         let Some(conn) = self.conn.as_mut() else {
-            return Err(self.unavailable("not connected"));
+            return Ok(Err(self.unavailable("not connected")));
         };
         let (result, stale) = exchange(conn, &request, id, call.deadline).await;
         for _ in 0..stale {
@@ -421,7 +459,7 @@ impl Worker {
             // Something other than our reply was on the channel: clean it before the next call.
             self.needs_resync = true;
         }
-        match result {
+        Ok(match result {
             Exchange::Reply(response) => {
                 self.contact();
                 match response.outcome {
@@ -437,9 +475,13 @@ impl Worker {
                     command: call.command.to_string(),
                 })
             }
+            Exchange::NotSent(reason) => {
+                self.disconnect(&reason);
+                return Err(Retry::Safe(reason));
+            }
             Exchange::Failed(Failure::Closed(reason)) => {
                 self.disconnect(&reason);
-                Err(self.unavailable(reason))
+                return Err(Retry::IfIdempotent(reason));
             }
             Exchange::Failed(Failure::Bad(reason)) => {
                 self.needs_resync = true;
@@ -449,13 +491,23 @@ impl Worker {
                     reason,
                 })
             }
-        }
+        })
     }
+}
+
+/// A connection failure, and whether the call may be retried on a new connection.
+enum Retry {
+    /// The request never left: retrying is safe for any command.
+    Safe(String),
+    /// The request may have reached the agent: retry reads only.
+    IfIdempotent(String),
 }
 
 enum Exchange {
     Reply(Response),
     TimedOut,
+    /// Writing the request failed: the agent never saw it.
+    NotSent(String),
     Failed(Failure),
 }
 
@@ -479,7 +531,7 @@ async fn exchange(conn: &mut Conn, request: &Value, id: i64, deadline: Instant) 
     let mut stale = 0;
     match timeout_at(deadline, conn.send(request)).await {
         Err(_) => return (Exchange::TimedOut, stale),
-        Ok(Err(e)) => return (Exchange::Failed(Failure::Closed(e.to_string())), stale),
+        Ok(Err(e)) => return (Exchange::NotSent(e.to_string()), stale),
         Ok(Ok(())) => {}
     }
     let want = Some(Value::from(id));

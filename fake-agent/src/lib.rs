@@ -1,1 +1,325 @@
-//! A scriptable, fault-injecting fake QEMU Guest Agent serving many unix sockets, for bridge tests and load benchmarks.
+//! A fake QEMU Guest Agent that speaks the real protocol (via `qga-wire`) on a unix socket,
+//! with faults a test can script per command: slow replies, no reply, stale replies,
+//! garbage, oversize or over-deep replies, disconnects mid-reply, wrong shapes.
+//!
+//! It keeps an in-memory block table, so the memory-block commands behave like a small
+//! guest. Handshake commands (`guest-sync`, `guest-sync-delimited`) are always answered
+//! unless the script says [`Fault::MuteSync`]. One task per connection; one process can
+//! serve thousands of sockets.
+
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    io,
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use futures::StreamExt;
+use qga_wire::{Frame, QgaCodec, Request, schema::command};
+use serde_json::{Value, json};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{UnixListener, UnixStream},
+    task::JoinHandle,
+};
+use tokio_util::codec::FramedRead;
+
+/// What the fake does with the next command (not handshakes) it receives.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Fault {
+    /// Answer after this long.
+    Delay(Duration),
+    /// Never answer this command.
+    NoReply,
+    /// First send a reply carrying another id (a stale reply), then the right one.
+    StaleFirst,
+    /// First send these bytes, then the right reply.
+    GarbageFirst(Vec<u8>),
+    /// Answer with a `return` string of this many bytes.
+    Oversize(usize),
+    /// Answer with a value nested this deep.
+    TooDeep(usize),
+    /// Send half of the reply, then close the connection.
+    DisconnectMidReply,
+    /// Answer `{"return": "surprise"}` (well-formed, wrong shape).
+    WrongShape,
+    /// Answer with this QGA error (class, desc).
+    Error(String, String),
+    /// Ignore handshakes (`guest-sync-delimited`) until the script moves on: the fault is
+    /// consumed by the next handshake instead of the next command.
+    MuteSync,
+}
+
+#[derive(Default)]
+struct State {
+    script: VecDeque<Fault>,
+    blocks: BTreeMap<u64, bool>,
+    block_size: u64,
+    calls: HashMap<String, u64>,
+}
+
+/// Shared control of a fake agent: its script, block table and call counters.
+#[derive(Clone)]
+pub struct Control {
+    state: Arc<Mutex<State>>,
+}
+
+impl Control {
+    fn with<R>(&self, f: impl FnOnce(&mut State) -> R) -> R {
+        match self.state.lock() {
+            Ok(mut s) => f(&mut s),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// Queues a fault for an upcoming command.
+    pub fn push(&self, fault: Fault) {
+        self.with(|s| s.script.push_back(fault));
+    }
+
+    /// How many times `command` was executed (handshakes included).
+    pub fn calls(&self, command: &str) -> u64 {
+        self.with(|s| s.calls.get(command).copied().unwrap_or(0))
+    }
+
+    /// Whether block `index` is online.
+    pub fn online(&self, index: u64) -> Option<bool> {
+        self.with(|s| s.blocks.get(&index).copied())
+    }
+}
+
+/// A fake agent listening on a unix socket; stops (socket closed, connections dropped)
+/// when dropped.
+pub struct FakeAgent {
+    path: PathBuf,
+    control: Control,
+    task: JoinHandle<()>,
+}
+
+impl FakeAgent {
+    /// Listens on `path` with blocks `0..blocks` (even ones online), 128 MiB each.
+    pub fn start(path: &Path, blocks: u64) -> io::Result<Self> {
+        let state = State {
+            blocks: (0..blocks).map(|i| (i, i % 2 == 0)).collect(),
+            block_size: 128 << 20,
+            ..State::default()
+        };
+        Self::start_with(
+            path,
+            Control {
+                state: Arc::new(Mutex::new(state)),
+            },
+        )
+    }
+
+    /// Listens on `path` sharing `control` (e.g. the same agent after a restart).
+    pub fn start_with(path: &Path, control: Control) -> io::Result<Self> {
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path)?;
+        let c = control.clone();
+        let task = tokio::spawn(async move {
+            let mut conns = tokio::task::JoinSet::new();
+            while let Ok((stream, _)) = listener.accept().await {
+                conns.spawn(serve(stream, c.clone()));
+            }
+        });
+        Ok(Self {
+            path: path.to_path_buf(),
+            control,
+            task,
+        })
+    }
+
+    /// The script and counters.
+    pub fn control(&self) -> &Control {
+        &self.control
+    }
+
+    /// The socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for FakeAgent {
+    fn drop(&mut self) {
+        // Aborting the accept task drops the listener and, with its JoinSet, every
+        // connection task.
+        self.task.abort();
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+fn reply(ret: Value, id: &Option<Value>) -> Vec<u8> {
+    let mut v = json!({ "return": ret });
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    let mut out = v.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+fn error_reply(class: &str, desc: &str, id: &Option<Value>) -> Vec<u8> {
+    let mut v = json!({ "error": { "class": class, "desc": desc } });
+    if let Some(id) = id {
+        v["id"] = id.clone();
+    }
+    let mut out = v.to_string().into_bytes();
+    out.push(b'\n');
+    out
+}
+
+/// Executes `req` against the block table.
+fn execute(state: &mut State, req: &Request) -> Result<Value, (String, String)> {
+    let args = req.arguments.clone().unwrap_or_default();
+    let generic = |d: &str| ("GenericError".to_string(), d.to_string());
+    Ok(match req.execute.as_str() {
+        command::SYNC | command::SYNC_DELIMITED => args
+            .get("id")
+            .cloned()
+            .ok_or_else(|| generic("Parameter 'id' is missing"))?,
+        command::PING => json!({}),
+        command::INFO => json!({"version": "fake-1.0", "supported_commands": [
+            {"name": command::PING, "enabled": true, "success-response": true},
+            {"name": command::GET_MEMORY_BLOCKS, "enabled": true, "success-response": true},
+        ]}),
+        command::GET_MEMORY_BLOCK_INFO => json!({ "size": state.block_size }),
+        command::GET_MEMORY_BLOCKS => Value::Array(
+            state
+                .blocks
+                .iter()
+                .map(|(i, on)| json!({"phys-index": i, "online": on, "can-offline": true}))
+                .collect(),
+        ),
+        command::SET_MEMORY_BLOCKS => {
+            let list = args
+                .get("mem-blks")
+                .and_then(Value::as_array)
+                .ok_or_else(|| generic("Parameter 'mem-blks' is missing"))?;
+            let mut out = Vec::new();
+            for b in list {
+                let (Some(i), Some(on)) = (b["phys-index"].as_u64(), b["online"].as_bool()) else {
+                    return Err(generic("Parameter 'mem-blks[0].phys-index' is missing"));
+                };
+                match state.blocks.get_mut(&i) {
+                    Some(cur) => {
+                        *cur = on;
+                        out.push(json!({"phys-index": i, "response": "success"}));
+                    }
+                    None => {
+                        out.push(json!({"phys-index": i, "response": "not-found", "error-code": 2}))
+                    }
+                }
+            }
+            Value::Array(out)
+        }
+        other => {
+            return Err((
+                "CommandNotFound".into(),
+                format!("The command {other} has not been found"),
+            ));
+        }
+    })
+}
+
+async fn serve(stream: UnixStream, control: Control) {
+    let (r, mut w) = stream.into_split();
+    let mut frames = FramedRead::new(r, QgaCodec::default());
+    while let Some(Ok(frame)) = frames.next().await {
+        let req = match frame {
+            Frame::Delimiter => {
+                let _ = w
+                    .write_all(&error_reply(
+                        "GenericError",
+                        "JSON parse error, stray '\u{FFFD}'",
+                        &None,
+                    ))
+                    .await;
+                continue;
+            }
+            Frame::Invalid(e) => {
+                let _ = w
+                    .write_all(&error_reply("GenericError", &e.to_string(), &None))
+                    .await;
+                continue;
+            }
+            Frame::Value(v) => match Request::from_value(v) {
+                Ok(r) => r,
+                Err(resp) => {
+                    let _ = w
+                        .write_all(&serde_json::to_vec(&*resp).unwrap_or_default())
+                        .await;
+                    continue;
+                }
+            },
+        };
+        let handshake = req.execute == command::SYNC_DELIMITED || req.execute == command::SYNC;
+        let (fault, result) = control.with(|s| {
+            *s.calls.entry(req.execute.clone()).or_default() += 1;
+            let fault = match s.script.front() {
+                Some(Fault::MuteSync) if handshake => s.script.pop_front(),
+                Some(Fault::MuteSync) => None,
+                Some(_) if !handshake => s.script.pop_front(),
+                _ => None,
+            };
+            (fault, execute(s, &req))
+        });
+        if fault == Some(Fault::MuteSync) {
+            continue;
+        }
+        let mut out = Vec::new();
+        if req.execute == command::SYNC_DELIMITED {
+            out.push(0xFF);
+        }
+        match &result {
+            Ok(v) => out.extend(reply(v.clone(), &req.id)),
+            Err((class, desc)) => out.extend(error_reply(class, desc, &req.id)),
+        }
+        let sent = match fault {
+            None => w.write_all(&out).await,
+            Some(Fault::Delay(d)) => {
+                tokio::time::sleep(d).await;
+                w.write_all(&out).await
+            }
+            Some(Fault::NoReply) => Ok(()),
+            Some(Fault::StaleFirst) => {
+                let stale = reply(
+                    json!([{"phys-index": 999_999, "online": true, "can-offline": true}]),
+                    &Some(json!(-1)),
+                );
+                let _ = w.write_all(&stale).await;
+                w.write_all(&out).await
+            }
+            Some(Fault::GarbageFirst(bytes)) => {
+                let _ = w.write_all(&bytes).await;
+                w.write_all(&out).await
+            }
+            Some(Fault::Oversize(n)) => {
+                w.write_all(&reply(Value::String("x".repeat(n)), &req.id))
+                    .await
+            }
+            Some(Fault::TooDeep(depth)) => {
+                let mut body = format!("{{\"return\": {}{}", "[".repeat(depth), "]".repeat(depth));
+                if let Some(id) = &req.id {
+                    body.push_str(&format!(", \"id\": {id}"));
+                }
+                body.push_str("}\n");
+                w.write_all(body.as_bytes()).await
+            }
+            Some(Fault::DisconnectMidReply) => {
+                let _ = w.write_all(&out[..out.len() / 2]).await;
+                return;
+            }
+            Some(Fault::WrongShape) => w.write_all(&reply(json!("surprise"), &req.id)).await,
+            Some(Fault::Error(class, desc)) => {
+                w.write_all(&error_reply(&class, &desc, &req.id)).await
+            }
+            Some(Fault::MuteSync) => Ok(()),
+        };
+        if sent.is_err() {
+            return;
+        }
+    }
+}

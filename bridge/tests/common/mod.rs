@@ -1,0 +1,87 @@
+//! Shared test scaffolding: an in-process bridge on ephemeral ports and its clients.
+
+#![allow(dead_code)]
+
+use std::{net::SocketAddr, path::Path, time::Duration};
+
+use jsonrpsee::{
+    core::{ClientError, client::ClientT, params::ObjectParams},
+    http_client::{HttpClient, HttpClientBuilder},
+};
+use qga_bridge::{Bridge, Config};
+use qga_proto::v1::{
+    guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient,
+    vms_client::VmsClient,
+};
+use serde_json::Value;
+use tonic::transport::Channel;
+
+pub fn config(vms: &[(&str, &Path)]) -> Config {
+    let mut c = Config {
+        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        jsonrpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Config::default()
+    };
+    for (name, path) in vms {
+        c.vms.insert(name.to_string(), path.to_path_buf());
+    }
+    c
+}
+
+pub async fn start(config: Config) -> Bridge {
+    Bridge::start(config).await.expect("bridge starts")
+}
+
+pub struct Clients {
+    pub memory: GuestMemoryClient<Channel>,
+    pub agent: GuestAgentClient<Channel>,
+    pub vms: VmsClient<Channel>,
+    pub http: HttpClient,
+}
+
+pub async fn clients(b: &Bridge) -> Clients {
+    let channel = Channel::from_shared(format!("http://{}", b.grpc_addr))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("grpc connect");
+    Clients {
+        memory: GuestMemoryClient::new(channel.clone()),
+        agent: GuestAgentClient::new(channel.clone()),
+        vms: VmsClient::new(channel),
+        http: HttpClientBuilder::default()
+            .request_timeout(Duration::from_secs(60))
+            .build(format!("http://{}", b.jsonrpc_addr))
+            .expect("http client"),
+    }
+}
+
+/// A gRPC request with a deadline.
+pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+/// A JSON-RPC call with named params; `Err` carries the error code and data.
+pub async fn rpc(
+    http: &HttpClient,
+    method: &str,
+    params: Value,
+) -> Result<Value, (i32, String, Option<Value>)> {
+    let mut p = ObjectParams::new();
+    if let Value::Object(map) = params {
+        for (k, v) in map {
+            p.insert(&k, v).expect("param");
+        }
+    }
+    match http.request::<Value, _>(method, p).await {
+        Ok(v) => Ok(v),
+        Err(ClientError::Call(e)) => Err((
+            e.code(),
+            e.message().to_string(),
+            e.data().and_then(|d| serde_json::from_str(d.get()).ok()),
+        )),
+        Err(other) => panic!("transport error: {other}"),
+    }
+}

@@ -1,0 +1,344 @@
+//! A fault-injecting fake agent behind the bridge: each fault gives the caller the right
+//! error, and the next call gets the right answer.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{clients, config, rpc, start, with_timeout};
+use qga_fake_agent::{FakeAgent, Fault};
+use qga_proto::v1::{GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, PingRequest};
+use serde_json::json;
+use tonic::Code;
+
+fn sock(dir: &tempfile::TempDir, name: &str) -> std::path::PathBuf {
+    dir.path().join(name)
+}
+
+/// The next GetMemoryBlocks must return exactly the fake's 4 blocks.
+async fn next_call_is_right(c: &mut common::Clients) {
+    let blocks = c
+        .memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() })
+        .await
+        .expect("next call succeeds")
+        .into_inner()
+        .blocks;
+    let idx: Vec<u64> = blocks.iter().map(|b| b.phys_index).collect();
+    assert_eq!(idx, [0, 1, 2, 3]);
+}
+
+async fn setup(
+    faults: &[Fault],
+    tweak: impl FnOnce(&mut qga_bridge::Config),
+) -> (
+    tempfile::TempDir,
+    FakeAgent,
+    qga_bridge::Bridge,
+    common::Clients,
+) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = sock(&dir, "vm.sock");
+    let agent = FakeAgent::start(&path, 4).expect("fake agent");
+    for f in faults {
+        agent.control().push(f.clone());
+    }
+    let mut cfg = config(&[("vm", &path)]);
+    tweak(&mut cfg);
+    let bridge = start(cfg).await;
+    let c = clients(&bridge).await;
+    (dir, agent, bridge, c)
+}
+
+#[tokio::test]
+async fn slow_reply_times_out_and_the_late_reply_is_discarded() {
+    let (_d, agent, _b, mut c) = setup(&[Fault::Delay(Duration::from_millis(800))], |_| {}).await;
+    let err = c
+        .memory
+        .get_memory_block_info(with_timeout(
+            GetMemoryBlockInfoRequest { vm: "vm".into() },
+            Duration::from_millis(200),
+        ))
+        .await
+        .expect_err("deadline");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    // Let the late reply arrive on the channel; it must not reach the next caller.
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    next_call_is_right(&mut c).await;
+    assert!(
+        agent.control().calls("guest-sync-delimited") >= 2,
+        "resynced after the timeout"
+    );
+}
+
+#[tokio::test]
+async fn never_replying_times_out_via_jsonrpc_default_deadline() {
+    let (_d, _agent, _b, mut c) = setup(&[Fault::NoReply], |cfg| {
+        cfg.timeouts.commands.insert("guest-ping".into(), 300);
+    })
+    .await;
+    let err = rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
+        .await
+        .expect_err("timeout");
+    assert_eq!(err.0, -32003, "{err:?}");
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn stale_replies_and_garbage_are_discarded() {
+    let (_d, _agent, b, mut c) = setup(
+        &[
+            Fault::StaleFirst,
+            Fault::GarbageFirst(b"}}]]nonsense\x00{\"x\":1}\n".to_vec()),
+        ],
+        |_| {},
+    )
+    .await;
+    next_call_is_right(&mut c).await; // stale reply first, then ours
+    next_call_is_right(&mut c).await; // garbage first, then ours
+    next_call_is_right(&mut c).await;
+    let text = b.metrics().encode();
+    assert!(
+        text.contains("qga_bridge_stale_replies_total{vm=\"vm\"}"),
+        "{text}"
+    );
+}
+
+#[tokio::test]
+async fn oversize_and_too_deep_replies_are_refused() {
+    let (_d, agent, _b, mut c) = setup(&[], |cfg| {
+        cfg.limits.max_reply_bytes = 64 * 1024;
+    })
+    .await;
+    for fault in [Fault::Oversize(200_000), Fault::TooDeep(2000)] {
+        agent.control().push(fault);
+        let err = c
+            .memory
+            .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() })
+            .await
+            .expect_err("refused");
+        assert_eq!(err.code(), Code::Internal, "{err}");
+        next_call_is_right(&mut c).await;
+    }
+}
+
+#[tokio::test]
+async fn wrong_shape_is_internal() {
+    let (_d, _agent, _b, mut c) = setup(&[Fault::WrongShape, Fault::WrongShape], |_| {}).await;
+    let err = c
+        .memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() })
+        .await
+        .expect_err("bad");
+    assert_eq!(err.code(), Code::Internal);
+    let err = rpc(&c.http, "guest-get-memory-blocks", json!({"vm": "vm"}))
+        .await
+        .expect_err("bad");
+    assert_eq!(err.0, -32008);
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn disconnect_mid_reply_then_reconnect() {
+    // A write is not retried when the agent may have seen it.
+    let (_d, agent, _b, mut c) = setup(&[Fault::DisconnectMidReply], |_| {}).await;
+    let err = rpc(
+        &c.http,
+        "guest-set-memory-blocks",
+        json!({"vm": "vm", "mem-blks": [{"phys-index": 1, "online": true}]}),
+    )
+    .await
+    .expect_err("cut off");
+    assert_eq!(err.0, -32002, "{err:?}");
+    next_call_is_right(&mut c).await;
+    // A read cut off mid-reply is retried once on a new connection.
+    agent.control().push(Fault::DisconnectMidReply);
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn agent_restart_is_transparent() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = sock(&dir, "vm.sock");
+    let agent = FakeAgent::start(&path, 4).expect("fake agent");
+    let bridge = start(config(&[("vm", &path)])).await;
+    let mut c = clients(&bridge).await;
+    next_call_is_right(&mut c).await;
+    let control = agent.control().clone();
+    drop(agent);
+    let err = c
+        .agent
+        .ping(PingRequest { vm: "vm".into() })
+        .await
+        .expect_err("agent gone");
+    assert_eq!(err.code(), Code::Unavailable);
+    let _agent = FakeAgent::start_with(&path, control).expect("restart");
+    // Wait out the reconnect backoff, bounded.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match c.agent.ping(PingRequest { vm: "vm".into() }).await {
+            Ok(_) => break,
+            Err(e) if e.code() == Code::Unavailable && std::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(e) => panic!("bridge did not recover: {e}"),
+        }
+    }
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn idle_connection_to_a_restarted_agent_is_replaced_without_an_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = sock(&dir, "vm.sock");
+    let agent = FakeAgent::start(&path, 4).expect("fake agent");
+    let bridge = start(config(&[("vm", &path)])).await;
+    let mut c = clients(&bridge).await;
+    next_call_is_right(&mut c).await;
+    let control = agent.control().clone();
+    drop(agent);
+    let _agent = FakeAgent::start_with(&path, control).expect("restart");
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The bridge still holds the dead connection; a read is retried on a new one.
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn agent_ignoring_the_handshake_is_unavailable() {
+    let (_d, _agent, _b, mut c) =
+        setup(&[Fault::MuteSync], |cfg| cfg.timeouts.resync_ms = 300).await;
+    let err = c
+        .agent
+        .ping(PingRequest { vm: "vm".into() })
+        .await
+        .expect_err("no handshake");
+    assert_eq!(err.code(), Code::Unavailable, "{err}");
+    tokio::time::sleep(Duration::from_millis(250)).await; // reconnect backoff
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn agent_errors_are_mapped() {
+    let (_d, _agent, _b, mut c) = setup(
+        &[
+            Fault::Error(
+                "CommandNotFound".into(),
+                "Command guest-get-memory-blocks has been disabled".into(),
+            ),
+            Fault::Error(
+                "GenericError".into(),
+                "Parameter 'mem-blks' is missing".into(),
+            ),
+            Fault::Error(
+                "GenericError".into(),
+                "open(\"/sys/devices/system/memory\"): Permission denied".into(),
+            ),
+            Fault::Error(
+                "GenericError".into(),
+                "open(\"/sys/devices/system/memory\"): Permission denied".into(),
+            ),
+        ],
+        |_| {},
+    )
+    .await;
+    let codes: Vec<Code> = {
+        let mut v = Vec::new();
+        for _ in 0..3 {
+            v.push(
+                c.memory
+                    .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() })
+                    .await
+                    .expect_err("error")
+                    .code(),
+            );
+        }
+        v
+    };
+    assert_eq!(
+        codes,
+        [
+            Code::Unimplemented,
+            Code::InvalidArgument,
+            Code::FailedPrecondition
+        ]
+    );
+    let err = rpc(&c.http, "guest-get-memory-blocks", json!({"vm": "vm"}))
+        .await
+        .expect_err("error");
+    assert_eq!(err.0, -32007);
+    assert_eq!(
+        err.2,
+        Some(
+            json!({"class": "GenericError", "desc": "open(\"/sys/devices/system/memory\"): Permission denied"})
+        )
+    );
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn bad_requests_never_reach_the_guest() {
+    let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
+    let missing = c
+        .memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: "nope".into() })
+        .await
+        .expect_err("unknown");
+    assert_eq!(missing.code(), Code::NotFound);
+    let empty = c
+        .memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: String::new() })
+        .await
+        .expect_err("empty");
+    assert_eq!(empty.code(), Code::InvalidArgument);
+    for params in [
+        json!({}),
+        json!({"vm": "vm", "extra": 1}),
+        json!({"vm": "vm", "mem-blks": [{"phys-index": -1, "online": true}]}),
+        json!({"vm": "vm", "mem-blks": [{"phys-index": 1}]}),
+        json!({"vm": "vm", "mem-blks": "all"}),
+    ] {
+        let err = rpc(&c.http, "guest-set-memory-blocks", params.clone())
+            .await
+            .expect_err("invalid");
+        assert_eq!(err.0, -32602, "{params}");
+    }
+    assert_eq!(
+        rpc(&c.http, "guest-ping", json!({"vm": "nope"}))
+            .await
+            .expect_err("unknown")
+            .0,
+        -32001
+    );
+    assert_eq!(agent.control().calls("guest-set-memory-blocks"), 0);
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn missing_socket_is_unavailable_and_listed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = sock(&dir, "absent.sock");
+    let bridge = start(config(&[("ghost", &path)])).await;
+    let mut c = clients(&bridge).await;
+    let err = c
+        .agent
+        .ping(PingRequest { vm: "ghost".into() })
+        .await
+        .expect_err("no socket");
+    assert_eq!(err.code(), Code::Unavailable);
+    let vms = c
+        .vms
+        .list_vms(qga_proto::v1::ListVmsRequest {})
+        .await
+        .expect("list")
+        .into_inner()
+        .vms;
+    assert_eq!(vms.len(), 1);
+    assert_eq!(vms[0].name, "ghost");
+    assert_eq!(vms[0].state(), qga_proto::v1::AgentState::Disconnected);
+    assert!(
+        vms[0]
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("absent.sock"))
+    );
+}

@@ -1,0 +1,40 @@
+//! `qga-fake-agent --dir DIR --count N`: N fake agents on `DIR/vm<i>.sock`, for load tests
+//! of the bridge (a thousand VMs on one host without a thousand guests).
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::Parser;
+use qga_fake_agent::FakeAgent;
+
+#[derive(Parser)]
+#[command(about = "Serve N fake QEMU Guest Agents on unix sockets")]
+struct Cli {
+    /// Directory for the sockets `vm0.sock` .. `vm<N-1>.sock`.
+    #[arg(long)]
+    dir: PathBuf,
+    /// Number of agents.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Memory blocks per agent.
+    #[arg(long, default_value_t = 16)]
+    blocks: u64,
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    std::fs::create_dir_all(&cli.dir).with_context(|| format!("creating {}", cli.dir.display()))?;
+    let mut agents = Vec::with_capacity(cli.count);
+    for i in 0..cli.count {
+        let path = cli.dir.join(format!("vm{i}.sock"));
+        agents.push(
+            FakeAgent::start(&path, cli.blocks)
+                .with_context(|| format!("binding {}", path.display()))?,
+        );
+    }
+    println!("ready {}", cli.count);
+    tokio::signal::ctrl_c().await?;
+    drop(agents);
+    Ok(())
+}
