@@ -63,7 +63,7 @@ pub fn with_timeout<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     r
 }
 
-/// A JSON-RPC call with named params; `Err` carries the error code and data.
+/// A JSON-RPC call with named params; `Err` carries the error code (0: transport) and data.
 pub async fn rpc(
     http: &HttpClient,
     method: &str,
@@ -82,6 +82,7 @@ pub async fn rpc(
             e.message().to_string(),
             e.data().and_then(|d| serde_json::from_str(d.get()).ok()),
         )),
-        Err(other) => panic!("transport error: {other}"),
+        // Transport failures (e.g. not listening yet) as code 0.
+        Err(other) => Err((0, other.to_string(), None)),
     }
 }
