@@ -133,7 +133,7 @@ async fn full_queue_is_resource_exhausted() {
     }
     assert!(exhausted > 0, "the bound must reject some calls");
     // At most one call executing plus `queue_depth` waiting were ever accepted.
-    assert!(ok >= 1 && ok <= 3, "accepted {ok}");
+    assert!((1..=3).contains(&ok), "accepted {ok}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
