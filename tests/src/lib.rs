@@ -1,1 +1,15 @@
-//! End-to-end tests: a real QEMU guest with memory hotplug, driven through the bridge
+//! End-to-end harness: a real QEMU guest with memory hotplug, our bridge in front of it,
+//! and the scenario both the tests and the docker compose run drive through the bridge.
+//!
+//! - [`image`]: builds (or reuses) the guest kernel and initramfs.
+//! - [`qmp`]: a small QMP client (hot-add and unplug DIMMs).
+//! - [`guest`]: [`guest::GuestControl`] talks to a running guest's QMP and control
+//!   sockets; [`guest::Guest`] also owns the QEMU process (boot, restart, clean-up).
+//! - [`bridge`]: the `qga-bridge` binary as a process, and clients for both APIs.
+//! - [`scenario`]: the memory hotplug scenario, step by step, with timings.
+
+pub mod bridge;
+pub mod guest;
+pub mod image;
+pub mod qmp;
+pub mod scenario;

@@ -1,0 +1,269 @@
+//! A QEMU guest with memory hotplug: boot it, talk to it, restart it, clean up.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    os::unix::net::UnixStream,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use serde_json::json;
+use tempfile::TempDir;
+
+use crate::{image::GuestImage, qmp::Qmp};
+
+/// How long a TCG boot may take before we give up.
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Which agent the guest runs, and how it onlines memory.
+#[derive(Debug, Clone)]
+pub struct GuestConfig {
+    /// `ours` (qga-agent) or `reference` (qemu-ga).
+    pub agent: &'static str,
+    /// `--online-type` of our agent (ignored by qemu-ga, which always writes `online`).
+    pub online_type: &'static str,
+}
+
+/// The host's handles on a running guest: QMP and the init's control port.
+#[derive(Debug, Clone)]
+pub struct GuestControl {
+    /// QMP socket.
+    pub qmp: PathBuf,
+    /// Control socket (guest ttyS1).
+    pub control: PathBuf,
+}
+
+impl GuestControl {
+    /// Sends a line to the guest's init and returns the answer line starting with `expect`.
+    pub fn control(&self, command: &str, expect: &str) -> anyhow::Result<String> {
+        let mut stream = UnixStream::connect(&self.control)
+            .with_context(|| format!("connecting {}", self.control.display()))?;
+        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
+        writeln!(stream, "{command}")?;
+        let mut reader = BufReader::new(stream);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut line = String::new();
+        while Instant::now() < deadline {
+            line.clear();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("control port closed");
+            }
+            let l = line.trim();
+            if l.starts_with(expect) {
+                return Ok(l.to_string());
+            }
+        }
+        bail!("no '{expect}' answer to '{command}'")
+    }
+
+    /// The guest's `MemTotal`, in KiB.
+    pub fn mem_total_kib(&self) -> anyhow::Result<u64> {
+        let line = self.control("meminfo", "MEMTOTAL ")?;
+        line["MEMTOTAL ".len()..]
+            .trim()
+            .parse()
+            .context("parsing MemTotal")
+    }
+
+    /// Kills the agent inside the guest; the guest's supervisor starts it again.
+    pub fn restart_agent(&self) -> anyhow::Result<()> {
+        self.control("restart-agent", "RESTARTED").map(|_| ())
+    }
+
+    fn qmp(&self) -> anyhow::Result<Qmp> {
+        Qmp::connect(&self.qmp, Duration::from_secs(10))
+    }
+
+    /// Hot-adds a DIMM of `bytes` as `id` (backend `mem-<id>`).
+    pub fn hot_add_dimm(&self, id: &str, bytes: u64) -> anyhow::Result<()> {
+        let mut q = self.qmp()?;
+        let backend = format!("mem-{id}");
+        q.execute(
+            "object-add",
+            Some(json!({"qom-type": "memory-backend-ram", "id": backend, "size": bytes})),
+        )?;
+        q.execute(
+            "device_add",
+            Some(json!({"driver": "pc-dimm", "id": id, "memdev": backend})),
+        )?;
+        Ok(())
+    }
+
+    /// Asks the guest to eject DIMM `id` and waits until QEMU reports it gone; then drops
+    /// its backend. Fails when the guest does not release it within `timeout`.
+    pub fn unplug_dimm(&self, id: &str, timeout: Duration) -> anyhow::Result<()> {
+        let mut q = self.qmp()?;
+        q.execute("device_del", Some(json!({"id": id})))?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let devices = q.execute("query-memory-devices", None)?;
+            let present = devices
+                .as_array()
+                .is_some_and(|d| d.iter().any(|m| m["data"]["id"] == id));
+            if !present {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("DIMM {id} still present after {timeout:?}: the guest did not release it");
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        q.execute("object-del", Some(json!({"id": format!("mem-{id}")})))?;
+        Ok(())
+    }
+}
+
+/// A QEMU process running the test guest. Killed and its files removed on drop.
+pub struct Guest {
+    child: Option<Child>,
+    dir: TempDir,
+    image: GuestImage,
+    config: GuestConfig,
+    /// Time the last boot took until the agent was running.
+    pub boot_time: Duration,
+}
+
+impl Guest {
+    /// Boots a guest and waits until its agent runs.
+    pub fn boot(image: &GuestImage, config: GuestConfig) -> anyhow::Result<Self> {
+        let dir = tempfile::Builder::new().prefix("qga-e2e-").tempdir()?;
+        let mut guest = Self {
+            child: None,
+            dir,
+            image: image.clone(),
+            config,
+            boot_time: Duration::ZERO,
+        };
+        guest.start()?;
+        Ok(guest)
+    }
+
+    /// The QGA chardev socket (what the bridge connects to).
+    pub fn qga_socket(&self) -> PathBuf {
+        self.dir.path().join("qga.sock")
+    }
+
+    /// QMP and control sockets.
+    pub fn control(&self) -> GuestControl {
+        GuestControl {
+            qmp: self.dir.path().join("qmp.sock"),
+            control: self.dir.path().join("control.sock"),
+        }
+    }
+
+    fn console(&self) -> PathBuf {
+        self.dir.path().join("console.log")
+    }
+
+    /// The guest console so far (for failure messages).
+    pub fn console_text(&self) -> String {
+        std::fs::read_to_string(self.console()).unwrap_or_default()
+    }
+
+    fn start(&mut self) -> anyhow::Result<()> {
+        let d = self.dir.path();
+        let _ = std::fs::remove_file(self.console());
+        let append = format!(
+            "console=ttyS0 quiet panic=-1 qga.agent={} qga.online_type={}",
+            self.config.agent, self.config.online_type
+        );
+        let started = Instant::now();
+        let child = Command::new("qemu-system-x86_64")
+            .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+            .args(["-m", "512M,slots=4,maxmem=4G"])
+            .arg("-kernel")
+            .arg(&self.image.kernel)
+            .arg("-initrd")
+            .arg(&self.image.initrd)
+            .args(["-append", &append])
+            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .arg("-serial")
+            .arg(format!("file:{}", d.join("console.log").display()))
+            .arg("-serial")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                d.join("control.sock").display()
+            ))
+            .arg("-chardev")
+            .arg(format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                d.join("qga.sock").display()
+            ))
+            .args([
+                "-device",
+                "virtio-serial",
+                "-device",
+                "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
+            ])
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                d.join("qmp.sock").display()
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qemu-system-x86_64 (run ./scripts/setup)")?;
+        self.child = Some(child);
+        let deadline = started + BOOT_TIMEOUT;
+        loop {
+            if self.console_text().contains("QGA-E2E READY") {
+                break;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                bail!(
+                    "QEMU exited during boot ({status}); console:\n{}",
+                    self.console_text()
+                );
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "guest did not boot within {BOOT_TIMEOUT:?}; console:\n{}",
+                    self.console_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.boot_time = started.elapsed();
+        eprintln!(
+            "e2e: guest booted ({} agent) in {:.1} s",
+            self.config.agent,
+            self.boot_time.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Kills QEMU and boots the same guest again on the same socket paths.
+    pub fn restart_qemu(&mut self) -> anyhow::Result<()> {
+        self.stop();
+        for s in ["qga.sock", "qmp.sock", "control.sock"] {
+            let _ = std::fs::remove_file(self.dir.path().join(s));
+        }
+        self.start()
+    }
+
+    /// The directory holding the sockets.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

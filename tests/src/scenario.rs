@@ -1,0 +1,282 @@
+//! The memory hotplug scenario, driven only through the bridge (gRPC and JSON-RPC), with
+//! QMP for what only the host can do (plugging DIMMs). Shared by the QEMU tests and the
+//! docker compose run.
+
+use std::{
+    collections::BTreeSet,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail, ensure};
+use qga_proto::v1::{
+    GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock, MemoryBlockChange,
+    MemoryBlockResponseType, MemoryBlockResult, PingRequest, SetMemoryBlocksRequest,
+};
+use serde_json::{Value, json};
+
+use crate::{bridge::Clients, guest::GuestControl};
+
+/// The DIMM the scenario plugs: 512 MiB.
+pub const DIMM_BYTES: u64 = 512 << 20;
+
+/// Named phase durations, printed at the end of a run.
+#[derive(Debug, Default)]
+pub struct Timings(pub Vec<(String, Duration)>);
+
+impl Timings {
+    /// Records a phase.
+    pub fn record(&mut self, phase: &str, d: Duration) {
+        eprintln!("e2e: {phase}: {:.2} s", d.as_secs_f64());
+        self.0.push((phase.to_string(), d));
+    }
+}
+
+/// The VM's blocks through gRPC.
+pub async fn blocks(c: &Clients, vm: &str) -> anyhow::Result<Vec<MemoryBlock>> {
+    let mut memory = c.memory.clone();
+    let mut b = memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: vm.into() })
+        .await
+        .context("GetMemoryBlocks")?
+        .into_inner()
+        .blocks;
+    b.sort_by_key(|b| b.phys_index);
+    Ok(b)
+}
+
+/// Sets blocks through gRPC.
+pub async fn set(
+    c: &Clients,
+    vm: &str,
+    indices: &[u64],
+    online: bool,
+) -> anyhow::Result<Vec<MemoryBlockResult>> {
+    let mut memory = c.memory.clone();
+    let blocks = indices
+        .iter()
+        .map(|&phys_index| MemoryBlockChange { phys_index, online })
+        .collect();
+    Ok(memory
+        .set_memory_blocks(SetMemoryBlocksRequest {
+            vm: vm.into(),
+            blocks,
+        })
+        .await
+        .context("SetMemoryBlocks")?
+        .into_inner()
+        .results)
+}
+
+/// Polls `check` on the block list until it holds or `timeout` passes.
+pub async fn wait_blocks(
+    c: &Clients,
+    vm: &str,
+    timeout: Duration,
+    what: &str,
+    check: impl Fn(&[MemoryBlock]) -> bool,
+) -> anyhow::Result<Vec<MemoryBlock>> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let b = blocks(c, vm).await?;
+        if check(&b) {
+            return Ok(b);
+        }
+        if Instant::now() > deadline {
+            bail!("{what}: not within {timeout:?}; blocks now: {b:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Polls the guest's MemTotal until it equals `want` KiB.
+pub async fn wait_mem_total(g: &GuestControl, want: u64, timeout: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let now = g.mem_total_kib()?;
+        if now == want {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("MemTotal is {now} KiB, expected {want} KiB");
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+/// Hot-adds the DIMM, waits for its offline blocks, onlines them through gRPC and checks
+/// MemTotal grew by the DIMM's size. Returns the new blocks and MemTotal before.
+pub async fn hot_add_and_online(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<(Vec<u64>, u64)> {
+    let mut memory = c.memory.clone();
+    let size = memory
+        .get_memory_block_info(GetMemoryBlockInfoRequest { vm: vm.into() })
+        .await
+        .context("GetMemoryBlockInfo")?
+        .into_inner()
+        .size;
+    let rpc_size = c
+        .rpc("guest-get-memory-block-info", json!({"vm": vm}))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    ensure!(
+        rpc_size == json!({"size": size}),
+        "gRPC and JSON-RPC disagree on block size"
+    );
+    let before = blocks(c, vm).await?;
+    ensure!(!before.is_empty(), "no memory blocks listed");
+    let mut rpc_blocks = c
+        .rpc("guest-get-memory-blocks", json!({"vm": vm}))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    if let Some(a) = rpc_blocks.as_array_mut() {
+        a.sort_by_key(|b| b["phys-index"].as_u64());
+    }
+    let grpc_as_json: Vec<Value> = before
+        .iter()
+        .map(|b| json!({"phys-index": b.phys_index, "online": b.online, "can-offline": b.can_offline}))
+        .collect();
+    ensure!(
+        rpc_blocks == Value::Array(grpc_as_json),
+        "gRPC and JSON-RPC disagree on blocks"
+    );
+    let known: BTreeSet<u64> = before.iter().map(|b| b.phys_index).collect();
+    let mem_before = g.mem_total_kib()?;
+    eprintln!(
+        "e2e: {} blocks of {} MiB, MemTotal {mem_before} KiB",
+        before.len(),
+        size >> 20
+    );
+
+    let start = Instant::now();
+    g.hot_add_dimm("dimm1", DIMM_BYTES)?;
+    let expected = usize::try_from(DIMM_BYTES / size)?;
+    let after = wait_blocks(c, vm, Duration::from_secs(60), "new offline blocks", |b| {
+        b.iter()
+            .filter(|x| !known.contains(&x.phys_index) && !x.online)
+            .count()
+            == expected
+    })
+    .await?;
+    let new: Vec<u64> = after
+        .iter()
+        .filter(|b| !known.contains(&b.phys_index))
+        .map(|b| b.phys_index)
+        .collect();
+    eprintln!("e2e: DIMM appeared as offline blocks {new:?}");
+    let results = set(c, vm, &new, true).await?;
+    ensure!(
+        results
+            .iter()
+            .all(|r| r.response() == MemoryBlockResponseType::Success),
+        "onlining failed: {results:?}"
+    );
+    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, Duration::from_secs(30)).await?;
+    t.record("hot-add to online (MemTotal +512 MiB)", start.elapsed());
+    Ok((new, mem_before))
+}
+
+/// The full cycle with an agent onlining as `online_movable`: hot-add, online, offline
+/// (JSON-RPC), unplug, MemTotal back; then the kernel's refusal to offline boot memory.
+pub async fn unplug_cycle(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<()> {
+    let boot: Vec<u64> = blocks(c, vm).await?.iter().map(|b| b.phys_index).collect();
+    let (new, mem_before) = hot_add_and_online(c, vm, g, t).await?;
+
+    let start = Instant::now();
+    let mem_blks: Vec<Value> = new
+        .iter()
+        .map(|i| json!({"phys-index": i, "online": false}))
+        .collect();
+    let off = c
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": mem_blks}),
+        )
+        .await
+        .map_err(|e| anyhow::anyhow!("offline via JSON-RPC: {e:?}"))?;
+    let all_ok = off
+        .as_array()
+        .is_some_and(|r| r.iter().all(|x| x["response"] == "success"));
+    ensure!(all_ok, "offlining the DIMM's blocks failed: {off}");
+    wait_mem_total(g, mem_before, Duration::from_secs(30)).await?;
+    g.unplug_dimm("dimm1", Duration::from_secs(60))?;
+    wait_blocks(c, vm, Duration::from_secs(30), "DIMM blocks gone", |b| {
+        !b.iter().any(|x| new.contains(&x.phys_index))
+    })
+    .await?;
+    wait_mem_total(g, mem_before, Duration::from_secs(10)).await?;
+    t.record("offline to unplugged (MemTotal back)", start.elapsed());
+
+    // Boot memory cannot be given back: the kernel's errno comes back per block.
+    let first = *boot.first().context("no boot block")?;
+    let refused = set(c, vm, &[first], false).await?;
+    let r = refused.first().context("no result")?;
+    eprintln!(
+        "e2e: offlining boot block {first}: {:?} error_code {:?}",
+        r.response(),
+        r.error_code
+    );
+    ensure!(
+        r.response() == MemoryBlockResponseType::OperationFailed
+            && r.error_code.is_some_and(|e| e > 0),
+        "offlining boot memory should fail with the kernel's errno: {r:?}"
+    );
+    ensure!(
+        blocks(c, vm)
+            .await?
+            .iter()
+            .any(|b| b.phys_index == first && b.online),
+        "boot block must stay online"
+    );
+    Ok(())
+}
+
+/// Offlines `blocks` a few times; returns the last results (for kernels that refuse).
+pub async fn try_offline(
+    c: &Clients,
+    vm: &str,
+    indices: &[u64],
+    tries: usize,
+) -> anyhow::Result<Vec<MemoryBlockResult>> {
+    let mut last = Vec::new();
+    for _ in 0..tries {
+        last = set(c, vm, indices, false).await?;
+        if last
+            .iter()
+            .all(|r| r.response() == MemoryBlockResponseType::Success)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    Ok(last)
+}
+
+/// Polls `Ping` until it succeeds; returns how many calls failed first.
+pub async fn ping_until_ok(c: &Clients, vm: &str, timeout: Duration) -> anyhow::Result<usize> {
+    let deadline = Instant::now() + timeout;
+    let mut failed = 0;
+    loop {
+        let mut agent = c.agent.clone();
+        let mut req = tonic::Request::new(PingRequest { vm: vm.into() });
+        req.set_timeout(Duration::from_secs(5));
+        match agent.ping(req).await {
+            Ok(_) => return Ok(failed),
+            Err(e) => {
+                failed += 1;
+                if Instant::now() > deadline {
+                    bail!("bridge did not recover within {timeout:?}: {e}");
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,154 @@
+//! End to end with a real QEMU guest (TCG), driven only through the bridge.
+//!
+//! Needs qemu-system-x86_64, qemu-guest-agent and the guest image (built on demand from
+//! Debian's packages by tests/guest/build-image); fails, never skips, without them.
+//! Run one at a time (see .config/nextest.toml): each boots a guest.
+
+use std::time::{Duration, Instant};
+
+use qga_e2e::{
+    bridge::BridgeProcess,
+    guest::{Guest, GuestConfig},
+    image, scenario,
+};
+use qga_proto::v1::MemoryBlockResponseType;
+
+fn boot(agent: &'static str, online_type: &'static str) -> Guest {
+    let image = image::ensure().expect("guest image (kernel from Debian's packages, static agent)");
+    Guest::boot(&image, GuestConfig { agent, online_type }).expect("guest boots")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_online_movable_full_unplug_cycle() {
+    let guest = boot("ours", "online_movable");
+    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    let mut t = scenario::Timings::default();
+    t.record("boot to running agent", guest.boot_time);
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .expect("agent answers");
+    if let Err(e) = scenario::unplug_cycle(&c, "vm1", &guest.control(), &mut t).await {
+        panic!("{e:#}\nconsole:\n{}", guest.console_text());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_online_memory_cannot_be_given_back() {
+    let guest = boot("ours", "online");
+    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    let mut t = scenario::Timings::default();
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .expect("agent answers");
+    let (new, _) = scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
+        .await
+        .expect("hot-add and online");
+    let results = scenario::try_offline(&c, "vm1", &new, 5)
+        .await
+        .expect("offline attempt");
+    eprintln!("e2e: offlining plain-online blocks: {results:?}");
+    let refused: Vec<_> = results
+        .iter()
+        .filter(|r| r.response() == MemoryBlockResponseType::OperationFailed)
+        .collect();
+    assert!(
+        !refused.is_empty(),
+        "with plain `online` the kernel put the DIMM in ZONE_NORMAL and should refuse to offline some of it: {results:?}"
+    );
+    for r in &refused {
+        assert!(
+            r.error_code.is_some_and(|e| e > 0),
+            "refusal carries the kernel's errno: {r:?}"
+        );
+    }
+    // The guest keeps the memory, so the DIMM cannot be unplugged.
+    let unplug = guest
+        .control()
+        .unplug_dimm("dimm1", Duration::from_secs(10));
+    assert!(
+        unplug.is_err(),
+        "the DIMM must not leave while its memory is in use"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_agent_in_the_guest_works_through_the_bridge() {
+    let guest = boot("reference", "online");
+    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    let mut t = scenario::Timings::default();
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .expect("qemu-ga answers");
+    let mut agent = c.agent.clone();
+    let info = agent
+        .get_info(qga_proto::v1::GetInfoRequest { vm: "vm1".into() })
+        .await
+        .expect("guest-info")
+        .into_inner();
+    assert!(
+        info.version.starts_with('7'),
+        "the reference qemu-ga answers: {}",
+        info.version
+    );
+    scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
+        .await
+        .expect("hot-add and online with qemu-ga");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bridge_recovers_from_agent_and_qemu_restarts() {
+    let mut guest = boot("ours", "online_movable");
+    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    let mut t = scenario::Timings::default();
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .expect("agent answers");
+    scenario::blocks(&c, "vm1").await.expect("blocks");
+
+    let start = Instant::now();
+    guest
+        .control()
+        .restart_agent()
+        .expect("restart agent in the guest");
+    let failed = scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .expect("recovers after agent restart");
+    t.record(
+        &format!("agent restart to next successful call ({failed} failed)"),
+        start.elapsed(),
+    );
+    assert!(
+        !scenario::blocks(&c, "vm1")
+            .await
+            .expect("blocks after agent restart")
+            .is_empty()
+    );
+
+    let start = Instant::now();
+    guest.restart_qemu().expect("QEMU restarts");
+    let failed = scenario::ping_until_ok(&c, "vm1", Duration::from_secs(120))
+        .await
+        .expect("recovers after QEMU restart");
+    t.record(
+        &format!("QEMU restart to next successful call ({failed} failed)"),
+        start.elapsed(),
+    );
+    assert!(
+        !scenario::blocks(&c, "vm1")
+            .await
+            .expect("blocks after QEMU restart")
+            .is_empty()
+    );
+}
