@@ -4,6 +4,8 @@
 //! not work. Run through `./scripts/bench`, which builds in release mode first.
 
 mod agent;
+mod bridge;
+mod load;
 mod procfs;
 mod report;
 mod stats;
@@ -28,10 +30,13 @@ struct Cli {
     commit: String,
 }
 
-fn main() -> anyhow::Result<()> {
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut report = report::Report::default();
     agent::run(&mut report, cli.quick)?;
+    bridge::run(&mut report, cli.quick).await?;
+    load::run(&mut report, cli.quick).await?;
 
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])

@@ -21,6 +21,21 @@ impl Samples {
         self.values.push(d);
     }
 
+    /// Adds every sample of `other`.
+    pub fn extend(&mut self, other: &Samples) {
+        self.values.extend_from_slice(&other.values);
+    }
+
+    /// Number of samples.
+    pub fn len(&self) -> usize {
+        self.values.len()
+    }
+
+    /// True when nothing was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.values.is_empty()
+    }
+
     /// The `q`-quantile (0.0..=1.0) by nearest rank; zero when empty.
     pub fn quantile(&self, q: f64) -> Duration {
         if self.values.is_empty() {

@@ -1,0 +1,191 @@
+//! Bridge overhead: the same agent call through gRPC, through JSON-RPC, and straight to
+//! the agent's socket.
+
+use std::{
+    net::TcpListener,
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use jsonrpsee::{
+    core::{client::ClientT, params::ObjectParams},
+    http_client::{HttpClient, HttpClientBuilder},
+};
+use qga_proto::v1::{
+    GetMemoryBlockInfoRequest, PingRequest, guest_agent_client::GuestAgentClient,
+    guest_memory_client::GuestMemoryClient,
+};
+use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, bin_path};
+use serde_json::{Value, json};
+use tonic::transport::Channel;
+
+use crate::{
+    report::Report,
+    stats::{Samples, fmt_duration, ratio},
+};
+
+/// The release `qga-bridge` binary as a child process.
+pub struct BridgeProcess {
+    child: Child,
+    /// gRPC endpoint.
+    pub grpc: String,
+    /// JSON-RPC endpoint.
+    pub jsonrpc: String,
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+impl BridgeProcess {
+    /// Starts the bridge with a config file body (VMs etc.); ports are added here.
+    pub async fn start(dir: &Path, toml_body: &str) -> anyhow::Result<Self> {
+        let (g, j) = (free_port()?, free_port()?);
+        let conf = dir.join("bridge.toml");
+        std::fs::write(
+            &conf,
+            format!("grpc_addr = \"127.0.0.1:{g}\"\njsonrpc_addr = \"127.0.0.1:{j}\"\n{toml_body}"),
+        )?;
+        let child = Command::new(bin_path("qga-bridge"))
+            .arg("--config")
+            .arg(&conf)
+            .env("QGA_BRIDGE_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .context("starting qga-bridge")?;
+        let b = Self {
+            child,
+            grpc: format!("http://127.0.0.1:{g}"),
+            jsonrpc: format!("http://127.0.0.1:{j}"),
+        };
+        let http = b.http()?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while http
+            .request::<Value, _>("vm-list", ObjectParams::new())
+            .await
+            .is_err()
+        {
+            if Instant::now() > deadline {
+                bail!("bridge did not start");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(b)
+    }
+
+    /// The bridge's pid.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// A JSON-RPC client.
+    pub fn http(&self) -> anyhow::Result<HttpClient> {
+        Ok(HttpClientBuilder::default()
+            .request_timeout(Duration::from_secs(60))
+            .build(&self.jsonrpc)?)
+    }
+
+    /// A gRPC channel (one HTTP/2 connection).
+    pub async fn channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.grpc.clone())?.connect().await?)
+    }
+}
+
+impl Drop for BridgeProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn vm_params(vm: &str) -> ObjectParams {
+    let mut p = ObjectParams::new();
+    let _ = p.insert("vm", vm);
+    p
+}
+
+/// The section.
+pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let runs = if quick { 300 } else { 3000 };
+    report.heading("Bridge overhead");
+    report.para(&format!(
+        "`qga-agent` (release) on a 64-block fake tree behind the release `qga-bridge`. Three clients \
+         in one process take turns, one call each per round, {runs} rounds, sequential (no concurrency, \
+         so no coalescing): a tonic gRPC client, a jsonrpsee HTTP client (keep-alive), and a blocking \
+         client on the agent's own unix socket. Latency is the client's round trip."
+    ));
+    let tree = FakeSysfs::with_blocks(64, "online");
+    let agent = AgentProcess::start(AgentKind::Ours, &tree, &[])?;
+    let dir = tempfile::tempdir()?;
+    let bridge = BridgeProcess::start(
+        dir.path(),
+        &format!("[vms]\nvm = \"{}\"\n", agent.socket().display()),
+    )
+    .await?;
+    let channel = bridge.channel().await?;
+    let mut grpc_agent = GuestAgentClient::new(channel.clone());
+    let mut grpc_memory = GuestMemoryClient::new(channel);
+    let http = bridge.http()?;
+    let mut direct = agent.client()?;
+
+    report.table(&[
+        "call",
+        "direct socket p50 / p99",
+        "gRPC p50 / p99",
+        "JSON-RPC p50 / p99",
+        "gRPC / direct (p50)",
+        "JSON-RPC / direct (p50)",
+    ]);
+    for (name, qga) in [
+        ("Ping / guest-ping", "guest-ping"),
+        (
+            "GetMemoryBlockInfo / guest-get-memory-block-info",
+            "guest-get-memory-block-info",
+        ),
+    ] {
+        let mut s = [
+            Samples::with_capacity(runs),
+            Samples::with_capacity(runs),
+            Samples::with_capacity(runs),
+        ];
+        let req = json!({"execute": qga});
+        for i in 0..runs + 50 {
+            let warm = i < 50;
+            let t = Instant::now();
+            let r = direct.request(&req)?;
+            let d0 = t.elapsed();
+            anyhow::ensure!(r.get("return").is_some(), "direct call failed: {r}");
+            let t = Instant::now();
+            if qga == "guest-ping" {
+                grpc_agent.ping(PingRequest { vm: "vm".into() }).await?;
+            } else {
+                grpc_memory
+                    .get_memory_block_info(GetMemoryBlockInfoRequest { vm: "vm".into() })
+                    .await?;
+            }
+            let d1 = t.elapsed();
+            let t = Instant::now();
+            http.request::<Value, _>(qga, vm_params("vm")).await?;
+            let d2 = t.elapsed();
+            if !warm {
+                s[0].push(d0);
+                s[1].push(d1);
+                s[2].push(d2);
+            }
+        }
+        let f = |x: &Samples| format!("{} / {}", fmt_duration(x.p50()), fmt_duration(x.p99()));
+        report.row(&[
+            name.to_string(),
+            f(&s[0]),
+            f(&s[1]),
+            f(&s[2]),
+            ratio(s[1].p50(), s[0].p50()),
+            ratio(s[2].p50(), s[0].p50()),
+        ]);
+    }
+    report.end_table();
+    Ok(())
+}

@@ -1,0 +1,270 @@
+//! A host with 1,000 VMs: one bridge, 1,000 fake agents, many concurrent clients.
+
+use std::{
+    process::{Command, Stdio},
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, bail};
+use qga_proto::v1::{
+    GetMemoryBlocksRequest, PingRequest, guest_agent_client::GuestAgentClient,
+    guest_memory_client::GuestMemoryClient,
+};
+use qga_testkit::bin_path;
+use tokio::sync::Mutex;
+
+use crate::{
+    bridge::BridgeProcess,
+    procfs,
+    report::Report,
+    stats::{Samples, fmt_duration},
+};
+
+const VMS: usize = 1000;
+
+struct FakeAgents(std::process::Child);
+
+impl Drop for FakeAgents {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_fakes(dir: &std::path::Path) -> anyhow::Result<FakeAgents> {
+    let mut child = Command::new(bin_path("qga-fake-agent"))
+        .arg("--dir")
+        .arg(dir)
+        .args(["--count", &VMS.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .context("starting qga-fake-agent")?;
+    let mut out = child.stdout.take().context("stdout")?;
+    let mut line = [0u8; 16];
+    use std::io::Read;
+    let n = out.read(&mut line)?;
+    if !String::from_utf8_lossy(&line[..n]).starts_with("ready") {
+        bail!("fake agents did not start");
+    }
+    Ok(FakeAgents(child))
+}
+
+/// Runs `calls` from `clients` concurrent tasks for `secs`; returns calls/s and latencies.
+async fn drive<F, Fut>(clients: usize, secs: u64, call: F) -> anyhow::Result<(f64, Samples, u64)>
+where
+    F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = bool> + Send,
+{
+    let call = Arc::new(call);
+    let all = Arc::new(Mutex::new(Samples::default()));
+    let stop = Instant::now() + Duration::from_secs(secs);
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let call = call.clone();
+        let all = all.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut mine = Samples::default();
+            let mut failed = 0u64;
+            let mut i = 0u64;
+            while Instant::now() < stop {
+                let t = Instant::now();
+                if call(c, i).await {
+                    mine.push(t.elapsed());
+                } else {
+                    failed += 1;
+                }
+                i += 1;
+            }
+            all.lock().await.extend(&mine);
+            failed
+        }));
+    }
+    let mut failed = 0;
+    for t in tasks {
+        failed += t.await?;
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let samples = Arc::try_unwrap(all)
+        .map_err(|_| anyhow::anyhow!("samples still shared"))?
+        .into_inner();
+    anyhow::ensure!(!samples.is_empty(), "no call succeeded ({failed} failed)");
+    Ok((samples.len() as f64 / elapsed, samples, failed))
+}
+
+/// The section.
+pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let secs = if quick { 3 } else { 10 };
+    report.heading("One host with 1,000 VMs");
+    let dir = tempfile::tempdir()?;
+    let _fakes = start_fakes(dir.path())?;
+    let vms: String = (0..VMS)
+        .map(|i| format!("vm{i} = \"{}/vm{i}.sock\"\n", dir.path().display()))
+        .collect();
+    let bridge = BridgeProcess::start(
+        dir.path(),
+        &format!("[limits]\nqueue_depth = 256\n[vms]\n{vms}"),
+    )
+    .await?;
+    let channels = {
+        let mut v = Vec::new();
+        for _ in 0..4 {
+            v.push(bridge.channel().await?);
+        }
+        v
+    };
+    // Warm every session (connect + resync) so the figures are steady state.
+    let mut warm = GuestAgentClient::new(channels[0].clone());
+    for i in 0..VMS {
+        warm.ping(PingRequest {
+            vm: format!("vm{i}"),
+        })
+        .await?;
+    }
+    let rss_idle = procfs::memory(bridge.pid())?;
+
+    let clients = 128;
+    let cpu0 = procfs::cpu_time(bridge.pid())?;
+    let t0 = Instant::now();
+    let ch = channels.clone();
+    let (rate, lat, failed) = drive(clients, secs, move |c, i| {
+        let mut client = GuestAgentClient::new(ch[c % ch.len()].clone());
+        let vm = format!("vm{}", (c as u64 * 7919 + i * 31) % VMS as u64);
+        async move { client.ping(PingRequest { vm }).await.is_ok() }
+    })
+    .await?;
+    let cpu = procfs::cpu_time(bridge.pid())?
+        .saturating_sub(cpu0)
+        .as_secs_f64()
+        / t0.elapsed().as_secs_f64();
+    let mem = procfs::memory(bridge.pid())?;
+    report.para(&format!(
+        "1,000 fake agents (`qga-fake-agent`: one process, one tokio task per socket, the real QGA framing \
+         and handshake) behind one release `qga-bridge` configured with 1,000 VMs; every session warmed \
+         first. Load: {clients} concurrent gRPC `Ping` callers (Rust, tonic, 4 HTTP/2 connections), each \
+         cycling over the VMs, for {secs} s. Bridge, fake agents and load generator share this machine's \
+         2 cores, so the bridge gets well under all of it."
+    ));
+    report.table(&[
+        "load",
+        "calls/s",
+        "p50",
+        "p99",
+        "failed",
+        "bridge CPU (cores)",
+        "bridge RSS idle / peak (MiB)",
+    ]);
+    report.row(&[
+        format!("gRPC Ping, {clients} callers over 1,000 VMs"),
+        format!("{rate:.0}"),
+        fmt_duration(lat.p50()),
+        fmt_duration(lat.p99()),
+        failed.to_string(),
+        format!("{cpu:.2}"),
+        format!(
+            "{:.1} / {:.1}",
+            rss_idle.rss_kib as f64 / 1024.0,
+            mem.peak_kib as f64 / 1024.0
+        ),
+    ]);
+    if let Some(row) = wrk_row(&bridge, secs)? {
+        report.row(&row);
+    }
+
+    // Coalescing: every client polls the same VM's block list.
+    for coalesce in [true, false] {
+        let dir2 = tempfile::tempdir()?;
+        let b = BridgeProcess::start(
+            dir2.path(),
+            &format!(
+                "coalesce_reads = {coalesce}\n[limits]\nqueue_depth = 1024\n[vms]\nvm0 = \"{}/vm0.sock\"\n",
+                dir.path().display()
+            ),
+        )
+        .await?;
+        let ch = b.channel().await?;
+        let (rate, lat, failed) = drive(clients, secs.min(5), move |_, _| {
+            let mut client = GuestMemoryClient::new(ch.clone());
+            async move {
+                client
+                    .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm0".into() })
+                    .await
+                    .is_ok()
+            }
+        })
+        .await?;
+        let mem = procfs::memory(b.pid())?;
+        report.row(&[
+            format!(
+                "gRPC GetMemoryBlocks, {clients} callers on one VM, coalescing {}",
+                if coalesce { "on" } else { "off" }
+            ),
+            format!("{rate:.0}"),
+            fmt_duration(lat.p50()),
+            fmt_duration(lat.p99()),
+            failed.to_string(),
+            "-".into(),
+            format!("- / {:.1}", mem.peak_kib as f64 / 1024.0),
+        ]);
+    }
+    report.end_table();
+    Ok(())
+}
+
+/// JSON-RPC `guest-ping` over HTTP with wrk (if installed), random VM per request.
+fn wrk_row(bridge: &BridgeProcess, secs: u64) -> anyhow::Result<Option<Vec<String>>> {
+    if Command::new("wrk").arg("--version").output().is_err() {
+        return Ok(None);
+    }
+    let script = tempfile::NamedTempFile::new()?;
+    std::fs::write(
+        script.path(),
+        format!(
+            "wrk.method = \"POST\"\nwrk.headers[\"Content-Type\"] = \"application/json\"\n\
+             request = function()\n  local vm = \"vm\" .. math.random(0, {})\n  \
+             return wrk.format(nil, \"/\", nil, '{{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"guest-ping\",\"params\":{{\"vm\":\"' .. vm .. '\"}}}}')\nend\n",
+            VMS - 1
+        ),
+    )?;
+    let cpu0 = procfs::cpu_time(bridge.pid())?;
+    let t0 = Instant::now();
+    let out = Command::new("wrk")
+        .args([
+            "-t",
+            "2",
+            "-c",
+            "128",
+            "-d",
+            &format!("{secs}s"),
+            "--latency",
+            "-s",
+        ])
+        .arg(script.path())
+        .arg(&bridge.jsonrpc)
+        .output()?;
+    let cpu = procfs::cpu_time(bridge.pid())?
+        .saturating_sub(cpu0)
+        .as_secs_f64()
+        / t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let find = |prefix: &str| -> String {
+        text.lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|v| v.split_whitespace().next().unwrap_or("").to_string())
+            .unwrap_or_else(|| "?".into())
+    };
+    let non2xx = find("Non-2xx or 3xx responses:");
+    let mem = procfs::memory(bridge.pid())?;
+    Ok(Some(vec![
+        "JSON-RPC guest-ping over HTTP, wrk -t2 -c128, random VM".into(),
+        find("Requests/sec:"),
+        find("50%"),
+        find("99%"),
+        if non2xx == "?" { "0".into() } else { non2xx },
+        format!("{cpu:.2}"),
+        format!("- / {:.1}", mem.peak_kib as f64 / 1024.0),
+    ]))
+}
