@@ -67,6 +67,15 @@ impl GuestControl {
             .context("parsing MemTotal")
     }
 
+    /// CPU time the guest's agent has used, in clock ticks (1/100 s).
+    pub fn agent_cpu_ticks(&self) -> anyhow::Result<u64> {
+        let line = self.control("agent-cpu", "AGENTCPU ")?;
+        line["AGENTCPU ".len()..]
+            .trim()
+            .parse()
+            .context("parsing agent CPU ticks")
+    }
+
     /// Kills the agent inside the guest; the guest's supervisor starts it again.
     pub fn restart_agent(&self) -> anyhow::Result<()> {
         self.control("restart-agent", "RESTARTED").map(|_| ())

@@ -107,6 +107,16 @@ async fn reference_agent_in_the_guest_works_through_the_bridge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bridge_recovers_from_agent_and_qemu_restarts() {
     let mut guest = boot("ours", "online_movable");
+    // No host is connected yet: the virtio port reads EOF, and the agent must sleep, not
+    // spin (a spinning agent would use ~300 ticks in these 3 s).
+    let before = guest.control().agent_cpu_ticks().expect("agent cpu");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let idle = guest.control().agent_cpu_ticks().expect("agent cpu") - before;
+    eprintln!("e2e: agent CPU while no host connected: {idle} ticks in 3 s");
+    assert!(
+        idle < 30,
+        "the agent spins while no host is connected: {idle} ticks in 3 s"
+    );
     let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
         .await
         .expect("bridge");
