@@ -16,6 +16,8 @@ use crate::{
 struct Side {
     latency: Samples,
     memory: Memory,
+    /// Mean user and system CPU time per call.
+    cpu: (Duration, Duration),
 }
 
 /// Time from sending `req` until the last byte of the reply arrived; the reply is parsed
@@ -42,20 +44,28 @@ fn alternate(
         timed(c, &req(0))?;
     }
     let mut lat = [Samples::with_capacity(runs), Samples::with_capacity(runs)];
+    let mut cpu = [(Duration::ZERO, Duration::ZERO); 2];
     for i in 0..runs {
-        for (c, l) in clients.iter_mut().zip(lat.iter_mut()) {
+        for (k, (c, l)) in clients.iter_mut().zip(lat.iter_mut()).enumerate() {
+            let (u0, s0) = procfs::cpu_split(agents[k].pid())?;
             l.push(timed(c, &req(i + 1))?);
+            let (u1, s1) = procfs::cpu_split(agents[k].pid())?;
+            cpu[k].0 += u1.saturating_sub(u0);
+            cpu[k].1 += s1.saturating_sub(s0);
         }
     }
+    let n = u32::try_from(runs.max(1)).unwrap_or(u32::MAX);
     let [l0, l1] = lat;
     Ok([
         Side {
             latency: l0,
             memory: procfs::memory(agents[0].pid())?,
+            cpu: (cpu[0].0 / n, cpu[0].1 / n),
         },
         Side {
             latency: l1,
             memory: procfs::memory(agents[1].pid())?,
+            cpu: (cpu[1].0 / n, cpu[1].1 / n),
         },
     ])
 }
@@ -89,6 +99,16 @@ fn row(report: &mut Report, workload: &str, sides: &[Side; 2]) {
             "{:.1}x",
             reference.memory.peak_kib as f64 / ours.memory.peak_kib.max(1) as f64
         ),
+        format!(
+            "{} / {}",
+            fmt_duration(ours.cpu.0),
+            fmt_duration(ours.cpu.1)
+        ),
+        format!(
+            "{} / {}",
+            fmt_duration(reference.cpu.0),
+            fmt_duration(reference.cpu.1)
+        ),
     ]);
 }
 
@@ -115,7 +135,8 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
          a private mount namespace). One blocking Rust client per agent over its unix socket; runs \
          alternate between the two agents, one warm-up call each first. A fresh pair of agents per \
          workload, so peak RSS (`VmHWM`) belongs to that workload; `RSS after` is `VmRSS` after the \
-         last reply. Latency runs from sending the request to the arrival of the last byte of the reply (the reply is parsed and checked after the clock stops).",
+         last reply. CPU per call is the agent process's user and system time (all threads, 10 ms \
+         clock ticks, averaged over the runs): it shows where the time goes. Latency runs from sending the request to the arrival of the last byte of the reply (the reply is parsed and checked after the clock stops).",
     );
     report.table(&[
         "workload",
@@ -125,6 +146,8 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "qga-agent peak / after (MiB)",
         "qemu-ga peak / after (MiB)",
         "peak RSS ratio",
+        "qga-agent CPU/call user / sys",
+        "qemu-ga CPU/call user / sys",
     ]);
     let get = json!({"execute": "guest-get-memory-blocks"});
     for (blocks, runs) in [(256u64, 200usize), (4096, 50), (32768, 12)] {

@@ -30,6 +30,12 @@ pub fn memory(pid: u32) -> io::Result<Memory> {
 
 /// User plus system CPU time consumed so far by `pid` (all its threads).
 pub fn cpu_time(pid: u32) -> io::Result<Duration> {
+    let (user, sys) = cpu_split(pid)?;
+    Ok(user + sys)
+}
+
+/// User and system CPU time consumed so far by `pid` (all its threads), separately.
+pub fn cpu_split(pid: u32) -> io::Result<(Duration, Duration)> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // The command name may contain spaces; fields after its closing parenthesis are fixed.
     let after = stat
@@ -39,10 +45,8 @@ pub fn cpu_time(pid: u32) -> io::Result<Duration> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     // After ')': state is field 3 overall, so utime (14) and stime (15) are at 11 and 12.
     let ticks = |i: usize| -> u64 { fields.get(i).and_then(|v| v.parse().ok()).unwrap_or(0) };
-    let total = ticks(11) + ticks(12);
-    Ok(Duration::from_secs_f64(
-        total as f64 / clock_ticks_per_second(),
-    ))
+    let secs = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks_per_second());
+    Ok((secs(ticks(11)), secs(ticks(12))))
 }
 
 fn clock_ticks_per_second() -> f64 {
