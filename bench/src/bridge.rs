@@ -1,14 +1,9 @@
 //! Bridge overhead: the same agent call through gRPC, through JSON-RPC, and straight to
 //! the agent's socket.
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use jsonrpsee::{
     core::{client::ClientT, params::ObjectParams},
     http_client::{HttpClient, HttpClientBuilder},
@@ -17,7 +12,7 @@ use qga_proto::v1::{
     GetMemoryBlockInfoRequest, PingRequest, guest_agent_client::GuestAgentClient,
     guest_memory_client::GuestMemoryClient,
 };
-use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, bin_path};
+use qga_testkit::{AgentKind, AgentProcess, BridgeProcess, FakeSysfs};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
@@ -26,78 +21,42 @@ use crate::{
     stats::{Samples, fmt_duration, ratio},
 };
 
-/// The release `qga-bridge` binary as a child process.
-pub struct BridgeProcess {
-    child: Child,
-    /// gRPC endpoint.
-    pub grpc: String,
-    /// JSON-RPC endpoint.
-    pub jsonrpc: String,
+/// The release bridge with clients for both APIs.
+pub struct Bridge {
+    /// The process.
+    pub process: BridgeProcess,
 }
 
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-impl BridgeProcess {
-    /// Starts the bridge with a config file body (VMs etc.); ports are added here.
-    pub async fn start(dir: &Path, toml_body: &str) -> anyhow::Result<Self> {
-        let (g, j) = (free_port()?, free_port()?);
-        let conf = dir.join("bridge.toml");
-        std::fs::write(
-            &conf,
-            format!("grpc_addr = \"127.0.0.1:{g}\"\njsonrpc_addr = \"127.0.0.1:{j}\"\n{toml_body}"),
-        )?;
-        let child = Command::new(bin_path("qga-bridge"))
-            .arg("--config")
-            .arg(&conf)
-            .env("QGA_BRIDGE_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting qga-bridge")?;
-        let b = Self {
-            child,
-            grpc: format!("http://127.0.0.1:{g}"),
-            jsonrpc: format!("http://127.0.0.1:{j}"),
-        };
-        let http = b.http()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while http
-            .request::<Value, _>("vm-list", ObjectParams::new())
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("bridge did not start");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(b)
+impl Bridge {
+    /// Starts the bridge with a config body (VMs, limits); ports are chosen here.
+    pub fn start(config: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            process: BridgeProcess::start(config, &[]).context("starting qga-bridge")?,
+        })
     }
 
     /// The bridge's pid.
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.process.pid()
+    }
+
+    /// The JSON-RPC endpoint.
+    pub fn jsonrpc(&self) -> String {
+        self.process.jsonrpc_url()
     }
 
     /// A JSON-RPC client.
     pub fn http(&self) -> anyhow::Result<HttpClient> {
         Ok(HttpClientBuilder::default()
             .request_timeout(Duration::from_secs(60))
-            .build(&self.jsonrpc)?)
+            .build(self.jsonrpc())?)
     }
 
     /// A gRPC channel (one HTTP/2 connection).
     pub async fn channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.grpc.clone())?.connect().await?)
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Ok(Channel::from_shared(self.process.grpc_url())?
+            .connect()
+            .await?)
     }
 }
 
@@ -119,12 +78,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     ));
     let tree = FakeSysfs::with_blocks(64, "online");
     let agent = AgentProcess::start(AgentKind::Ours, &tree, &[])?;
-    let dir = tempfile::tempdir()?;
-    let bridge = BridgeProcess::start(
-        dir.path(),
-        &format!("[vms]\nvm = \"{}\"\n", agent.socket().display()),
-    )
-    .await?;
+    let bridge = Bridge::start(&BridgeProcess::vms_table([("vm", agent.socket())]))?;
     let channel = bridge.channel().await?;
     let mut grpc_agent = GuestAgentClient::new(channel.clone());
     let mut grpc_memory = GuestMemoryClient::new(channel);

@@ -15,7 +15,7 @@ use qga_testkit::bin_path;
 use tokio::sync::Mutex;
 
 use crate::{
-    bridge::BridgeProcess,
+    bridge::Bridge,
     procfs,
     report::Report,
     stats::{Samples, fmt_duration},
@@ -103,11 +103,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let vms: String = (0..VMS)
         .map(|i| format!("vm{i} = \"{}/vm{i}.sock\"\n", dir.path().display()))
         .collect();
-    let bridge = BridgeProcess::start(
-        dir.path(),
-        &format!("[limits]\nqueue_depth = 256\n[vms]\n{vms}"),
-    )
-    .await?;
+    let bridge = Bridge::start(&format!("[limits]\nqueue_depth = 256\n[vms]\n{vms}"))?;
     let channels = {
         let mut v = Vec::new();
         for _ in 0..4 {
@@ -175,15 +171,10 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
 
     // Coalescing: every client polls the same VM's block list.
     for coalesce in [true, false] {
-        let dir2 = tempfile::tempdir()?;
-        let b = BridgeProcess::start(
-            dir2.path(),
-            &format!(
-                "coalesce_reads = {coalesce}\n[limits]\nqueue_depth = 1024\n[vms]\nvm0 = \"{}/vm0.sock\"\n",
-                dir.path().display()
-            ),
-        )
-        .await?;
+        let b = Bridge::start(&format!(
+            "coalesce_reads = {coalesce}\n[limits]\nqueue_depth = 1024\n[vms]\nvm0 = \"{}/vm0.sock\"\n",
+            dir.path().display()
+        ))?;
         let ch = b.channel().await?;
         let (rate, lat, failed) = drive(clients, secs.min(5), move |_, _| {
             let mut client = GuestMemoryClient::new(ch.clone());
@@ -214,7 +205,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
 }
 
 /// JSON-RPC `guest-ping` over HTTP with wrk (if installed), random VM per request.
-fn wrk_row(bridge: &BridgeProcess, secs: u64) -> anyhow::Result<Option<Vec<String>>> {
+fn wrk_row(bridge: &Bridge, secs: u64) -> anyhow::Result<Option<Vec<String>>> {
     if Command::new("wrk").arg("--version").output().is_err() {
         return Ok(None);
     }
@@ -242,7 +233,7 @@ fn wrk_row(bridge: &BridgeProcess, secs: u64) -> anyhow::Result<Option<Vec<Strin
             "-s",
         ])
         .arg(script.path())
-        .arg(&bridge.jsonrpc)
+        .arg(bridge.jsonrpc())
         .output()?;
     let cpu = procfs::cpu_time(bridge.pid())?
         .saturating_sub(cpu0)

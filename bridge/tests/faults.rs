@@ -156,14 +156,18 @@ async fn disconnect_mid_reply_then_reconnect() {
     next_call_is_right(&mut c).await;
 }
 
+/// Stops the fake agent and starts it again on the same socket with the same state.
+fn restart(agent: FakeAgent) -> FakeAgent {
+    let (path, control) = (agent.path().to_path_buf(), agent.control().clone());
+    drop(agent);
+    FakeAgent::start_with(&path, control).expect("restart")
+}
+
 #[tokio::test]
 async fn agent_restart_is_transparent() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = sock(&dir, "vm.sock");
-    let agent = FakeAgent::start(&path, 4).expect("fake agent");
-    let bridge = start(config(&[("vm", &path)])).await;
-    let mut c = clients(&bridge).await;
+    let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
     next_call_is_right(&mut c).await;
+    let path = agent.path().to_path_buf();
     let control = agent.control().clone();
     drop(agent);
     let err = c
@@ -189,15 +193,9 @@ async fn agent_restart_is_transparent() {
 
 #[tokio::test]
 async fn idle_connection_to_a_restarted_agent_is_replaced_without_an_error() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = sock(&dir, "vm.sock");
-    let agent = FakeAgent::start(&path, 4).expect("fake agent");
-    let bridge = start(config(&[("vm", &path)])).await;
-    let mut c = clients(&bridge).await;
+    let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
     next_call_is_right(&mut c).await;
-    let control = agent.control().clone();
-    drop(agent);
-    let _agent = FakeAgent::start_with(&path, control).expect("restart");
+    let _agent = restart(agent);
     tokio::time::sleep(Duration::from_millis(50)).await;
     // The bridge still holds the dead connection; a read is retried on a new one.
     next_call_is_right(&mut c).await;

@@ -4,12 +4,15 @@
 //! - [`AgentProcess`]: our `qga-agent` or the reference `qemu-ga` serving such a tree on
 //!   a unix socket (the reference through a bind mount in a private mount namespace).
 //! - [`QgaClient`]: a blocking QGA client over a unix socket, using the real codec.
+//! - [`BridgeProcess`]: the `qga-bridge` binary on free loopback ports.
 //! - [`bin_path`]: where a workspace binary is, building it if needed.
 
 mod agent;
+mod bridge;
 mod client;
 mod sysfs;
 
 pub use agent::{AgentKind, AgentProcess, bin_path};
+pub use bridge::BridgeProcess;
 pub use client::QgaClient;
 pub use sysfs::FakeSysfs;

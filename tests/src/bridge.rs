@@ -1,13 +1,8 @@
 //! The `qga-bridge` binary as a test process, and clients for its two APIs.
 
-use std::{
-    net::TcpListener,
-    path::Path,
-    process::{Child, Command, Stdio},
-    time::{Duration, Instant},
-};
+use std::{path::Path, time::Duration};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
     http_client::{HttpClient, HttpClientBuilder},
@@ -16,64 +11,25 @@ use qga_proto::v1::{guest_agent_client::GuestAgentClient, guest_memory_client::G
 use serde_json::Value;
 use tonic::transport::Channel;
 
-/// A running bridge binary; killed on drop.
+/// The bridge binary for a guest's QGA socket(s).
 pub struct BridgeProcess {
-    child: Child,
-    /// `http://127.0.0.1:PORT` of the gRPC server.
-    pub grpc: String,
-    /// `http://127.0.0.1:PORT` of the JSON-RPC server.
-    pub jsonrpc: String,
-}
-
-fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    inner: qga_testkit::BridgeProcess,
 }
 
 impl BridgeProcess {
-    /// Starts `qga-bridge --vm NAME=SOCKET ...` on free ports and waits until it serves.
+    /// Starts `qga-bridge` for `(name, socket)` VMs on free ports; waits until it serves.
     pub async fn start(vms: &[(&str, &Path)]) -> anyhow::Result<Self> {
-        let (g, j) = (free_port()?, free_port()?);
-        let mut cmd = Command::new(qga_testkit::bin_path("qga-bridge"));
-        cmd.arg("--grpc-addr").arg(format!("127.0.0.1:{g}"));
-        cmd.arg("--jsonrpc-addr").arg(format!("127.0.0.1:{j}"));
-        for (name, sock) in vms {
-            cmd.arg("--vm").arg(format!("{name}={}", sock.display()));
-        }
-        let child = cmd
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting qga-bridge")?;
-        let bridge = Self {
-            child,
-            grpc: format!("http://127.0.0.1:{g}"),
-            jsonrpc: format!("http://127.0.0.1:{j}"),
-        };
-        let http = bridge.clients().await?.http;
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while http
-            .request::<Value, _>("vm-list", ObjectParams::new())
-            .await
-            .is_err()
-        {
-            if Instant::now() > deadline {
-                bail!("bridge did not start serving");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        Ok(bridge)
+        let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
+        let inner =
+            tokio::task::spawn_blocking(move || qga_testkit::BridgeProcess::start(&table, &[]))
+                .await?
+                .context("starting qga-bridge")?;
+        Ok(Self { inner })
     }
 
     /// Clients of this bridge.
     pub async fn clients(&self) -> anyhow::Result<Clients> {
-        Clients::connect(&self.grpc, &self.jsonrpc).await
-    }
-}
-
-impl Drop for BridgeProcess {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        Clients::connect(&self.inner.grpc_url(), &self.inner.jsonrpc_url()).await
     }
 }
 

@@ -7,9 +7,10 @@
 use std::time::{Duration, Instant};
 
 use qga_e2e::{
-    bridge::BridgeProcess,
+    bridge::{BridgeProcess, Clients},
     guest::{Guest, GuestConfig},
-    image, scenario,
+    image,
+    scenario::{self, Timings},
 };
 use qga_proto::v1::MemoryBlockResponseType;
 
@@ -18,18 +19,37 @@ fn boot(agent: &'static str, online_type: &'static str) -> Guest {
     Guest::boot(&image, GuestConfig { agent, online_type }).expect("guest boots")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn our_agent_online_movable_full_unplug_cycle() {
-    let guest = boot("ours", "online_movable");
+/// The bridge in front of `guest` as VM `vm1`, once the agent answers through it.
+async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
     let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
         .await
         .expect("bridge");
     let c = bridge.clients().await.expect("clients");
-    let mut t = scenario::Timings::default();
-    t.record("boot to running agent", guest.boot_time);
     scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
         .await
-        .expect("agent answers");
+        .expect("agent answers through the bridge");
+    (bridge, c)
+}
+
+/// After a disruption started at `since`, the bridge answers again by itself.
+async fn recovers(c: &Clients, t: &mut Timings, what: &str, since: Instant, timeout: Duration) {
+    let failed = scenario::ping_until_ok(c, "vm1", timeout)
+        .await
+        .unwrap_or_else(|e| panic!("no recovery after {what}: {e:#}"));
+    t.record(
+        &format!("{what} to next successful call ({failed} failed)"),
+        since.elapsed(),
+    );
+    let blocks = scenario::blocks(c, "vm1").await.expect("blocks");
+    assert!(!blocks.is_empty(), "blocks after {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_agent_online_movable_full_unplug_cycle() {
+    let guest = boot("ours", "online_movable");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let mut t = Timings::default();
+    t.record("boot to running agent", guest.boot_time);
     if let Err(e) = scenario::unplug_cycle(&c, "vm1", &guest.control(), &mut t).await {
         panic!("{e:#}\nconsole:\n{}", guest.console_text());
     }
@@ -38,14 +58,8 @@ async fn our_agent_online_movable_full_unplug_cycle() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_online_memory_cannot_be_given_back() {
     let guest = boot("ours", "online");
-    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
-        .await
-        .expect("bridge");
-    let c = bridge.clients().await.expect("clients");
-    let mut t = scenario::Timings::default();
-    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
-        .await
-        .expect("agent answers");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let mut t = Timings::default();
     let (new, _) = scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
         .await
         .expect("hot-add and online");
@@ -80,14 +94,7 @@ async fn plain_online_memory_cannot_be_given_back() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_agent_in_the_guest_works_through_the_bridge() {
     let guest = boot("reference", "online");
-    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
-        .await
-        .expect("bridge");
-    let c = bridge.clients().await.expect("clients");
-    let mut t = scenario::Timings::default();
-    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
-        .await
-        .expect("qemu-ga answers");
+    let (_bridge, c) = behind_bridge(&guest).await;
     let mut agent = c.agent.clone();
     let info = agent
         .get_info(qga_proto::v1::GetInfoRequest { vm: "vm1".into() })
@@ -99,6 +106,7 @@ async fn reference_agent_in_the_guest_works_through_the_bridge() {
         "the reference qemu-ga answers: {}",
         info.version
     );
+    let mut t = Timings::default();
     scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
         .await
         .expect("hot-add and online with qemu-ga");
@@ -117,48 +125,17 @@ async fn bridge_recovers_from_agent_and_qemu_restarts() {
         idle < 30,
         "the agent spins while no host is connected: {idle} ticks in 3 s"
     );
-    let bridge = BridgeProcess::start(&[("vm1", &guest.qga_socket())])
-        .await
-        .expect("bridge");
-    let c = bridge.clients().await.expect("clients");
-    let mut t = scenario::Timings::default();
-    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
-        .await
-        .expect("agent answers");
-    scenario::blocks(&c, "vm1").await.expect("blocks");
 
-    let start = Instant::now();
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let mut t = Timings::default();
+    let since = Instant::now();
     guest
         .control()
         .restart_agent()
         .expect("restart agent in the guest");
-    let failed = scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
-        .await
-        .expect("recovers after agent restart");
-    t.record(
-        &format!("agent restart to next successful call ({failed} failed)"),
-        start.elapsed(),
-    );
-    assert!(
-        !scenario::blocks(&c, "vm1")
-            .await
-            .expect("blocks after agent restart")
-            .is_empty()
-    );
+    recovers(&c, &mut t, "agent restart", since, Duration::from_secs(30)).await;
 
-    let start = Instant::now();
+    let since = Instant::now();
     guest.restart_qemu().expect("QEMU restarts");
-    let failed = scenario::ping_until_ok(&c, "vm1", Duration::from_secs(120))
-        .await
-        .expect("recovers after QEMU restart");
-    t.record(
-        &format!("QEMU restart to next successful call ({failed} failed)"),
-        start.elapsed(),
-    );
-    assert!(
-        !scenario::blocks(&c, "vm1")
-            .await
-            .expect("blocks after QEMU restart")
-            .is_empty()
-    );
+    recovers(&c, &mut t, "QEMU restart", since, Duration::from_secs(120)).await;
 }
