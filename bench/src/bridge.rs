@@ -9,8 +9,8 @@ use jsonrpsee::{
     http_client::{HttpClient, HttpClientBuilder},
 };
 use qga_proto::v1::{
-    GetMemoryBlockInfoRequest, PingRequest, guest_agent_client::GuestAgentClient,
-    guest_memory_client::GuestMemoryClient,
+    GetMemoryBlockInfoRequest, ListVmsRequest, PingRequest, guest_agent_client::GuestAgentClient,
+    guest_memory_client::GuestMemoryClient, vms_client::VmsClient,
 };
 use qga_testkit::{AgentKind, AgentProcess, BridgeProcess, FakeSysfs};
 use serde_json::{Value, json};
@@ -74,16 +74,20 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "`qga-agent` (release) on a 64-block fake tree behind the release `qga-bridge`. Three clients \
          in one process take turns, one call each per round, {runs} rounds, sequential (no concurrency, \
          so no coalescing): a tonic gRPC client, a jsonrpsee HTTP client (keep-alive), and a blocking \
-         client on the agent's own unix socket. Latency is the client's round trip."
+         client on an agent's own unix socket (a second `qga-agent` on the same tree, since an agent \
+         serves one client at a time). Latency is the client's round trip."
     ));
     let tree = FakeSysfs::with_blocks(64, "online");
+    // An agent serves one client at a time (like qemu-ga), so the direct client gets its own
+    // agent process on the same tree.
     let agent = AgentProcess::start(AgentKind::Ours, &tree, &[])?;
+    let direct_agent = AgentProcess::start(AgentKind::Ours, &tree, &[])?;
     let bridge = Bridge::start(&BridgeProcess::vms_table([("vm", agent.socket())]))?;
     let channel = bridge.channel().await?;
     let mut grpc_agent = GuestAgentClient::new(channel.clone());
     let mut grpc_memory = GuestMemoryClient::new(channel);
     let http = bridge.http()?;
-    let mut direct = agent.client()?;
+    let mut direct = direct_agent.client()?;
 
     report.table(&[
         "call",
@@ -140,6 +144,31 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             ratio(s[2].p50(), s[0].p50()),
         ]);
     }
+    // The floor: a call the bridge answers itself, without the agent.
+    let mut vms = VmsClient::new(bridge.channel().await?);
+    let mut floor = [Samples::with_capacity(runs), Samples::with_capacity(runs)];
+    for i in 0..runs + 50 {
+        let t = Instant::now();
+        vms.list_vms(ListVmsRequest {}).await?;
+        let d1 = t.elapsed();
+        let t = Instant::now();
+        http.request::<Value, _>("vm-list", ObjectParams::new())
+            .await?;
+        let d2 = t.elapsed();
+        if i >= 50 {
+            floor[0].push(d1);
+            floor[1].push(d2);
+        }
+    }
+    let f = |x: &Samples| format!("{} / {}", fmt_duration(x.p50()), fmt_duration(x.p99()));
+    report.row(&[
+        "ListVms / vm-list (answered by the bridge, no agent call)".into(),
+        "-".into(),
+        f(&floor[0]),
+        f(&floor[1]),
+        "-".into(),
+        "-".into(),
+    ]);
     report.end_table();
     Ok(())
 }

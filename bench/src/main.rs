@@ -30,13 +30,21 @@ struct Cli {
     commit: String,
 }
 
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let mut report = report::Report::default();
     agent::run(&mut report, cli.quick)?;
-    bridge::run(&mut report, cli.quick).await?;
-    load::run(&mut report, cli.quick).await?;
+    // Sequential latency: a single-threaded client, no cross-thread wake-ups of its own.
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(bridge::run(&mut report, cli.quick))?;
+    // Load: a client that can use both cores.
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?
+        .block_on(load::run(&mut report, cli.quick))?;
 
     let date = std::process::Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])

@@ -21,6 +21,7 @@
 //! [limits]
 //! queue_depth = 64                      # calls waiting per VM
 //! max_reply_bytes = 16777216            # largest reply accepted from a guest
+//! max_connections = 1024                # concurrent JSON-RPC connections
 //! ```
 
 use std::{
@@ -153,6 +154,8 @@ pub struct Limits {
     pub max_reply_bytes: usize,
     /// Largest JSON-RPC request body, bytes.
     pub max_request_bytes: u32,
+    /// Concurrent JSON-RPC connections (HTTP and WebSocket) accepted.
+    pub max_connections: u32,
 }
 
 impl Default for Limits {
@@ -161,6 +164,7 @@ impl Default for Limits {
             queue_depth: 64,
             max_reply_bytes: qga_wire::codec::DEFAULT_MAX_MESSAGE,
             max_request_bytes: 4 * 1024 * 1024,
+            max_connections: 1024,
         }
     }
 }

@@ -115,6 +115,7 @@ impl Bridge {
 
         // JSON-RPC over HTTP and WebSocket.
         let rpc_config = ServerConfig::builder()
+            .max_connections(config.limits.max_connections)
             .max_request_body_size(config.limits.max_request_bytes)
             .max_response_body_size(
                 u32::try_from(config.limits.max_reply_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
