@@ -288,6 +288,12 @@ fn errors_match() {
         assert!(reply.get("error").is_some(), "{req} should fail");
     }
     same_raw(&mut o, &mut r, b"garbage\n");
+    let dup = same_raw(
+        &mut o,
+        &mut r,
+        br#"{"execute":"guest-ping","execute":"guest-nope"}"#,
+    );
+    assert_eq!(dup["error"]["desc"], "JSON parse error, duplicate key");
     same_raw(&mut o, &mut r, b"\xff");
     // Too deep: the first reply is the same; see `Divergence::DepthErrorOnce`.
     let _ = Divergence::DepthErrorOnce;

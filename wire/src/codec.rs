@@ -186,14 +186,17 @@ fn is_scalar_byte(b: u8) -> bool {
 }
 
 fn parse(bytes: &[u8]) -> Frame {
-    match serde_json::from_slice::<Value>(bytes) {
+    match crate::strict::from_slice(bytes) {
         Ok(v) => Frame::Value(v),
         Err(e) => {
             let keyword = bytes.iter().all(u8::is_ascii_alphabetic);
+            let message = e.to_string();
             let text = if keyword {
                 format!("invalid keyword '{}'", String::from_utf8_lossy(bytes))
+            } else if message.starts_with(crate::strict::DUPLICATE_KEY) {
+                crate::strict::DUPLICATE_KEY.to_string()
             } else {
-                e.to_string()
+                message
             };
             Frame::Invalid(FrameError::Syntax(text))
         }

@@ -11,10 +11,12 @@
 //! - [`message`]: requests, replies and error classes, with the reference agent's
 //!   validation rules for requests.
 //! - [`schema`]: the QAPI types of the memory-block commands and of `guest-info`.
+//! - [`strict`]: JSON parsing that, like QEMU, rejects duplicate object keys.
 
 pub mod codec;
 pub mod message;
 pub mod schema;
+pub mod strict;
 
 pub use codec::{CodecError, Frame, FrameError, QgaCodec};
 pub use message::{ErrorClass, QgaError, Request, Response};
