@@ -37,25 +37,54 @@ pub struct GuestControl {
 
 impl GuestControl {
     /// Sends a line to the guest's init and returns the answer line starting with `expect`.
+    ///
+    /// A serial line has no connection: bytes sent before the guest listens are lost. So
+    /// first `ping` until `PONG` comes back, then send the command.
     pub fn control(&self, command: &str, expect: &str) -> anyhow::Result<String> {
         let mut stream = UnixStream::connect(&self.control)
             .with_context(|| format!("connecting {}", self.control.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(20)))?;
-        writeln!(stream, "{command}")?;
-        let mut reader = BufReader::new(stream);
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut reader = BufReader::new(stream.try_clone()?);
+        let deadline = Instant::now() + Duration::from_secs(30);
         let mut line = String::new();
-        while Instant::now() < deadline {
-            line.clear();
-            if reader.read_line(&mut line)? == 0 {
-                bail!("control port closed");
+        let mut read_until = |reader: &mut BufReader<UnixStream>,
+                              want: &str,
+                              wait: Duration|
+         -> anyhow::Result<Option<String>> {
+            reader.get_ref().set_read_timeout(Some(wait))?;
+            let until = Instant::now() + wait;
+            while Instant::now() < until {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) => bail!("control port closed"),
+                    Ok(_) if line.trim().starts_with(want) => {
+                        return Ok(Some(line.trim().to_string()));
+                    }
+                    Ok(_) => {}
+                    Err(e)
+                        if matches!(
+                            e.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        ) =>
+                    {
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(e.into()),
+                }
             }
-            let l = line.trim();
-            if l.starts_with(expect) {
-                return Ok(l.to_string());
+            Ok(None)
+        };
+        loop {
+            writeln!(stream, "ping")?;
+            if read_until(&mut reader, "PONG", Duration::from_millis(500))?.is_some() {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the guest's control port does not answer");
             }
         }
-        bail!("no '{expect}' answer to '{command}'")
+        writeln!(stream, "{command}")?;
+        read_until(&mut reader, expect, Duration::from_secs(20))?
+            .with_context(|| format!("no '{expect}' answer to '{command}'"))
     }
 
     /// The guest's `MemTotal`, in KiB.
