@@ -47,10 +47,21 @@ impl Api {
 
 /// Parses an agent's `return` value into its schema type; anything else is a bad reply.
 pub fn decode<T: DeserializeOwned>(vm: &str, value: Value) -> Result<T, BridgeError> {
-    serde_json::from_value(value).map_err(|e| BridgeError::BadReply {
+    serde_json::from_value(value).map_err(|e| schema_mismatch(vm, e))
+}
+
+/// Checks that an agent's `return` value parses as its schema type, without consuming it.
+pub fn check<T: DeserializeOwned>(vm: &str, value: &Value) -> Result<(), BridgeError> {
+    T::deserialize(value)
+        .map(drop)
+        .map_err(|e| schema_mismatch(vm, e))
+}
+
+fn schema_mismatch(vm: &str, e: serde_json::Error) -> BridgeError {
+    BridgeError::BadReply {
         vm: vm.to_string(),
         reason: format!("reply does not match the schema: {e}"),
-    })
+    }
 }
 
 /// The caller's deadline from the `grpc-timeout` header, a little early so that our

@@ -15,7 +15,7 @@ use qga_wire::schema::{
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
 use serde_json::{Map, Value, json};
 
-use crate::{error::BridgeError, grpc::decode, registry::Registry, session::AgentState};
+use crate::{error::BridgeError, grpc::check, registry::Registry, session::AgentState};
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -53,8 +53,9 @@ fn parse<T: DeserializeOwned>(params: &Params<'_>) -> Result<T, ErrorObjectOwned
     }
 }
 
-/// Runs `command` and returns its `return` value after checking it parses as `T`.
-async fn forward<T: DeserializeOwned + Serialize>(
+/// Runs `command` and returns its `return` value exactly as the agent sent it, once it has
+/// been checked to match the schema type `T` (a reply that does not is INTERNAL).
+async fn forward<T: DeserializeOwned>(
     registry: &Registry,
     vm: &str,
     command: &'static str,
@@ -62,14 +63,8 @@ async fn forward<T: DeserializeOwned + Serialize>(
 ) -> Result<Value, ErrorObjectOwned> {
     let session = registry.get(vm)?;
     let value = session.call(command, arguments, None).await?;
-    let typed: T = decode(vm, value)?;
-    serde_json::to_value(typed).map_err(|e| {
-        BridgeError::BadReply {
-            vm: vm.to_string(),
-            reason: e.to_string(),
-        }
-        .into()
-    })
+    check::<T>(vm, &value)?;
+    Ok(value)
 }
 
 fn state_name(s: AgentState) -> &'static str {

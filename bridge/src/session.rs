@@ -18,7 +18,10 @@ use std::{
     collections::HashMap,
     hash::{BuildHasher, RandomState},
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, SystemTime},
 };
 
@@ -79,13 +82,23 @@ struct Call {
 
 type SharedCall = Shared<BoxFuture<'static, CallResult>>;
 
+/// An agent call that concurrent identical reads join.
+struct Inflight {
+    /// Tells this entry from a later one for the same command.
+    generation: u64,
+    /// The deadline the call runs under (its starter's).
+    deadline: Instant,
+    result: SharedCall,
+}
+
 /// The handle callers use; cheap to share. Dropping the last handle stops the worker.
 pub struct Session {
     name: String,
     socket: PathBuf,
     tx: mpsc::Sender<Call>,
     status: Arc<Mutex<VmStatus>>,
-    inflight: Mutex<HashMap<&'static str, SharedCall>>,
+    inflight: Mutex<HashMap<&'static str, Inflight>>,
+    generation: AtomicU64,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
 }
@@ -128,6 +141,7 @@ impl Session {
             tx,
             status,
             inflight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
             config,
             metrics,
         })
@@ -169,11 +183,7 @@ impl Session {
                 command::GET_MEMORY_BLOCKS | command::GET_MEMORY_BLOCK_INFO | command::PING
             );
         let result = if coalescable {
-            let shared = self.shared_call(command, deadline);
-            match timeout_at(deadline, shared).await {
-                Ok(r) => r,
-                Err(_) => Err(self.deadline_error(command)),
-            }
+            self.coalesced(command, deadline).await
         } else {
             self.submit(command, arguments, deadline).await
         };
@@ -193,28 +203,73 @@ impl Session {
         }
     }
 
-    /// Joins the in-flight call of `command` or starts one.
-    fn shared_call(self: &Arc<Self>, command: &'static str, deadline: Instant) -> SharedCall {
+    /// Serves a read from an identical in-flight agent call, or starts one that later
+    /// callers join. A joined call runs under its starter's deadline: if that one passes
+    /// first, this caller, whose own deadline has not, tries again instead of failing.
+    async fn coalesced(self: &Arc<Self>, command: &'static str, deadline: Instant) -> CallResult {
+        loop {
+            let (shared, its_deadline) = self.join_or_start(command, deadline);
+            match timeout_at(deadline, shared).await {
+                Err(_) => return Err(self.deadline_error(command)),
+                Ok(Err(BridgeError::DeadlineExceeded { .. }))
+                    if its_deadline < deadline && Instant::now() < deadline => {}
+                Ok(result) => return result,
+            }
+        }
+    }
+
+    /// The in-flight call of `command` and its deadline, or a new one. The call runs in its
+    /// own task, so a caller that goes away does not strand the others, and the entry is
+    /// removed when the call ends whoever is still waiting.
+    fn join_or_start(
+        self: &Arc<Self>,
+        command: &'static str,
+        deadline: Instant,
+    ) -> (SharedCall, Instant) {
         let mut inflight = match self.inflight.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
         if let Some(existing) = inflight.get(command) {
             self.metrics.coalesced(&self.name);
-            return existing.clone();
+            return (existing.result.clone(), existing.deadline);
         }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
-        let fut = async move {
+        let task = tokio::spawn(async move {
             let result = this.submit(command, None, deadline).await;
-            if let Ok(mut m) = this.inflight.lock() {
-                m.remove(command);
+            let mut inflight = match this.inflight.lock() {
+                Ok(m) => m,
+                Err(poisoned) => poisoned.into_inner(),
+            };
+            if inflight
+                .get(command)
+                .is_some_and(|e| e.generation == generation)
+            {
+                inflight.remove(command);
             }
             result
+        });
+        let vm = self.name.clone();
+        let result = async move {
+            task.await.unwrap_or_else(|e| {
+                Err(BridgeError::Unavailable {
+                    vm,
+                    reason: format!("call task ended: {e}"),
+                })
+            })
         }
         .boxed()
         .shared();
-        inflight.insert(command, fut.clone());
-        fut
+        inflight.insert(
+            command,
+            Inflight {
+                generation,
+                deadline,
+                result: result.clone(),
+            },
+        );
+        (result, deadline)
     }
 
     async fn submit(
@@ -281,7 +336,7 @@ struct Worker {
 
 impl Worker {
     async fn run(mut self) {
-        while let Some(call) = self.rx.recv().await {
+        while let Some(mut call) = self.rx.recv().await {
             if call.reply.is_closed() {
                 continue; // the caller gave up while queued
             }
@@ -291,7 +346,7 @@ impl Worker {
                     command: call.command.to_string(),
                 })
             } else {
-                self.execute(&call).await
+                self.execute(&mut call).await
             };
             let _ = call.reply.send(result);
         }
@@ -403,7 +458,7 @@ impl Worker {
         }
     }
 
-    async fn execute(&mut self, call: &Call) -> CallResult {
+    async fn execute(&mut self, call: &mut Call) -> CallResult {
         // A connection that died while idle (agent restarted, QEMU restarted) is only
         // noticed on use. Retry once on a fresh connection when that is safe: the request
         // was never delivered (the write failed), or it is a read.
@@ -439,7 +494,7 @@ impl Worker {
     }
 
     /// One try: `Err` when the connection failed in a way that may allow a retry.
-    async fn attempt(&mut self, call: &Call) -> Result<CallResult, Retry> {
+    async fn attempt(&mut self, call: &mut Call) -> Result<CallResult, Retry> {
         if let Err(e) = self.ready(call.deadline).await {
             return Ok(Err(e));
         }
@@ -451,7 +506,12 @@ impl Worker {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Err(self.unavailable("not connected")));
         };
-        let (result, stale) = exchange(conn, &request, id, call.deadline).await;
+        // A caller that went away (cancelled, disconnected) stops the wait: its reply, if it
+        // comes, is discarded by the resync before the next call.
+        let (result, stale) = tokio::select! {
+            r = exchange(conn, &request, id, call.deadline) => r,
+            () = call.reply.closed() => (Exchange::Abandoned, 0),
+        };
         for _ in 0..stale {
             self.metrics.stale(&self.name);
         }
@@ -466,6 +526,10 @@ impl Worker {
                     Outcome::Return(v) => Ok(v),
                     Outcome::Error(e) => Err(BridgeError::Agent(e)),
                 }
+            }
+            Exchange::Abandoned => {
+                self.needs_resync = true;
+                Err(self.unavailable("the caller went away"))
             }
             Exchange::TimedOut => {
                 self.needs_resync = true;
@@ -506,6 +570,8 @@ enum Retry {
 enum Exchange {
     Reply(Response),
     TimedOut,
+    /// The caller stopped waiting.
+    Abandoned,
     /// Writing the request failed: the agent never saw it.
     NotSent(String),
     Failed(Failure),
