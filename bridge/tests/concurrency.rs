@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{clients, config, start};
+use common::{clients, config, start, with_timeout};
 use qga_fake_agent::{FakeAgent, Fault};
 use qga_proto::v1::{GetMemoryBlocksRequest, MemoryBlockChange, SetMemoryBlocksRequest};
 use tonic::Code;
@@ -168,4 +168,76 @@ async fn identical_reads_are_coalesced() {
         "50 callers took {agent_calls} agent calls"
     );
     assert!(bridge.metrics().coalesced_count("vm") >= 50 - agent_calls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_joined_read_is_not_cut_short_by_the_starters_deadline() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vm.sock");
+    let agent = FakeAgent::start(&path, 8).expect("fake agent");
+    agent
+        .control()
+        .push(Fault::Delay(Duration::from_millis(600)));
+    let bridge = start(config(&[("vm", &path)])).await;
+    let c = clients(&bridge).await;
+    // A short-deadline caller starts the agent call; a patient one joins it.
+    let mut impatient = c.memory.clone();
+    let short = tokio::spawn(async move {
+        impatient
+            .get_memory_blocks(with_timeout(
+                GetMemoryBlocksRequest { vm: "vm".into() },
+                Duration::from_millis(200),
+            ))
+            .await
+            .map(|r| r.into_inner().blocks.len())
+            .map_err(|e| e.code())
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut patient = c.memory.clone();
+    let long = patient
+        .get_memory_blocks(with_timeout(
+            GetMemoryBlocksRequest { vm: "vm".into() },
+            Duration::from_secs(20),
+        ))
+        .await
+        .map(|r| r.into_inner().blocks.len())
+        .map_err(|e| e.code());
+    assert_eq!(short.await.expect("task"), Err(Code::DeadlineExceeded));
+    assert_eq!(long, Ok(8), "the patient caller gets its answer");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_caller_that_goes_away_frees_the_vm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vm.sock");
+    let agent = FakeAgent::start(&path, 8).expect("fake agent");
+    agent.control().push(Fault::NoReply);
+    let bridge = start(config(&[("vm", &path)])).await;
+    let c = clients(&bridge).await;
+    // A write that would wait two minutes for its (never coming) reply; its caller
+    // gives up after a moment, which cancels the gRPC call.
+    let mut memory = c.memory.clone();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(300),
+        memory.set_memory_blocks(SetMemoryBlocksRequest {
+            vm: "vm".into(),
+            blocks: vec![MemoryBlockChange {
+                phys_index: 1,
+                online: true,
+            }],
+        }),
+    )
+    .await;
+    assert!(gave_up.is_err(), "the agent never replies");
+    // The next call is served well before the abandoned call's own deadline.
+    let blocks = memory
+        .get_memory_blocks(with_timeout(
+            GetMemoryBlocksRequest { vm: "vm".into() },
+            Duration::from_secs(20),
+        ))
+        .await
+        .expect("served after the abandoned call")
+        .into_inner()
+        .blocks;
+    assert_eq!(blocks.len(), 8);
 }
