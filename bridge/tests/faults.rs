@@ -90,12 +90,14 @@ async fn stale_replies_and_garbage_are_discarded() {
         &[
             Fault::StaleFirst,
             Fault::GarbageFirst(b"}}]]nonsense\x00{\"x\":1}\n".to_vec()),
+            Fault::StaleFirst,
         ],
         |_| {},
     )
     .await;
-    next_call_is_right(&mut c).await; // stale reply first, then ours
+    next_call_is_right(&mut c).await; // a reply with a foreign id first, then ours
     next_call_is_right(&mut c).await; // garbage first, then ours
+    next_call_is_right(&mut c).await; // the previous call's reply again, then ours
     next_call_is_right(&mut c).await;
     let text = b.metrics().encode();
     assert!(
@@ -156,13 +158,6 @@ async fn disconnect_mid_reply_then_reconnect() {
     next_call_is_right(&mut c).await;
 }
 
-/// Stops the fake agent and starts it again on the same socket with the same state.
-fn restart(agent: FakeAgent) -> FakeAgent {
-    let (path, control) = (agent.path().to_path_buf(), agent.control().clone());
-    drop(agent);
-    FakeAgent::start_with(&path, control).expect("restart")
-}
-
 #[tokio::test]
 async fn agent_restart_is_transparent() {
     let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
@@ -195,7 +190,7 @@ async fn agent_restart_is_transparent() {
 async fn idle_connection_to_a_restarted_agent_is_replaced_without_an_error() {
     let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
     next_call_is_right(&mut c).await;
-    let _agent = restart(agent);
+    let _agent = agent.restart().expect("restart");
     tokio::time::sleep(Duration::from_millis(50)).await;
     // The bridge still holds the dead connection; a read is retried on a new one.
     next_call_is_right(&mut c).await;

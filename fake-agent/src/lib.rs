@@ -32,7 +32,8 @@ pub enum Fault {
     Delay(Duration),
     /// Never answer this command.
     NoReply,
-    /// First send a reply carrying another id (a stale reply), then the right one.
+    /// First send a stale reply (carrying the id of this connection's previous request,
+    /// or `-1` if there was none), then the right one.
     StaleFirst,
     /// First send these bytes, then the right reply.
     GarbageFirst(Vec<u8>),
@@ -120,8 +121,18 @@ impl FakeAgent {
         let c = control.clone();
         let task = tokio::spawn(async move {
             let mut conns = tokio::task::JoinSet::new();
-            while let Ok((stream, _)) = listener.accept().await {
-                conns.spawn(serve(stream, c.clone()));
+            loop {
+                tokio::select! {
+                    accepted = listener.accept() => match accepted {
+                        Ok((stream, _)) => {
+                            conns.spawn(serve(stream, c.clone()));
+                        }
+                        // Out of descriptors, say: keep listening once some are freed.
+                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                    },
+                    // Reap finished connections so a long run does not accumulate them.
+                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                }
             }
         });
         Ok(Self {
@@ -139,6 +150,14 @@ impl FakeAgent {
     /// The socket.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Restarts the agent like a guest restarting `qemu-ga`: closes the listener and every
+    /// connection, then listens again on the same socket with the same script and state.
+    pub fn restart(self) -> io::Result<Self> {
+        let (path, control) = (self.path.clone(), self.control.clone());
+        drop(self);
+        Self::start_with(&path, control)
     }
 }
 
@@ -227,6 +246,7 @@ fn execute(state: &mut State, req: &Request) -> Result<Value, (String, String)> 
 async fn serve(stream: UnixStream, control: Control) {
     let (r, mut w) = stream.into_split();
     let mut frames = FramedRead::new(r, QgaCodec::default());
+    let mut previous_id = None;
     while let Some(Ok(frame)) = frames.next().await {
         let req = match frame {
             Frame::Delimiter => {
@@ -248,9 +268,9 @@ async fn serve(stream: UnixStream, control: Control) {
             Frame::Value(v) => match Request::from_value(v) {
                 Ok(r) => r,
                 Err(resp) => {
-                    let _ = w
-                        .write_all(&serde_json::to_vec(&*resp).unwrap_or_default())
-                        .await;
+                    let mut out = serde_json::to_vec(&*resp).unwrap_or_default();
+                    out.push(b'\n');
+                    let _ = w.write_all(&out).await;
                     continue;
                 }
             },
@@ -287,7 +307,7 @@ async fn serve(stream: UnixStream, control: Control) {
             Some(Fault::StaleFirst) => {
                 let stale = reply(
                     json!([{"phys-index": 999_999, "online": true, "can-offline": true}]),
-                    &Some(json!(-1)),
+                    &Some(previous_id.clone().unwrap_or(json!(-1))),
                 );
                 let _ = w.write_all(&stale).await;
                 w.write_all(&out).await
@@ -320,6 +340,9 @@ async fn serve(stream: UnixStream, control: Control) {
         };
         if sent.is_err() {
             return;
+        }
+        if !handshake && req.id.is_some() {
+            previous_id = req.id;
         }
     }
 }

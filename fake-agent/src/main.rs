@@ -1,5 +1,6 @@
-//! `qga-fake-agent --dir DIR --count N`: N fake agents on `DIR/vm<i>.sock`, for load tests
-//! of the bridge (a thousand VMs on one host without a thousand guests).
+//! `qga-fake-agent --sockets DIR --count N`: N fake agents on `DIR/vm<i>.sock`, for load
+//! tests of the bridge (a thousand VMs on one host without a thousand guests). Prints
+//! `ready N` once every socket listens; stops on SIGINT or SIGTERM.
 
 use std::path::PathBuf;
 
@@ -11,7 +12,7 @@ use qga_fake_agent::FakeAgent;
 #[command(about = "Serve N fake QEMU Guest Agents on unix sockets")]
 struct Cli {
     /// Directory for the sockets `vm0.sock` .. `vm<N-1>.sock`.
-    #[arg(long)]
+    #[arg(long = "sockets", visible_alias = "dir", value_name = "DIR")]
     dir: PathBuf,
     /// Number of agents.
     #[arg(long, default_value_t = 1000)]
@@ -34,7 +35,13 @@ async fn main() -> anyhow::Result<()> {
         );
     }
     println!("ready {}", cli.count);
-    tokio::signal::ctrl_c().await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("SIGTERM handler")?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.context("SIGINT handler")?,
+        _ = term.recv() => {}
+    }
+    // Dropping the agents removes their sockets.
     drop(agents);
     Ok(())
 }
