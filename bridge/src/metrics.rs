@@ -1,6 +1,20 @@
 //! Prometheus metrics, and the small HTTP endpoint that serves them (`GET /metrics`).
+//!
+//! Per-VM series belong to the VM's current session: a session claims its VM's name
+//! ([`Metrics::claim_vm`]) and its worker's updates count only while the claim is the
+//! latest, so when discovery replaces a VM (libvirt gives a restarted domain a new
+//! socket) or drops it, the old worker's last updates cannot revive or overwrite series,
+//! and [`Metrics::release_vm`] removes them for good.
 
-use std::{net::SocketAddr, sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -48,7 +62,29 @@ pub struct Metrics {
     resyncs: Family<VmLabels, Counter>,
     stale: Family<VmLabels, Counter>,
     coalesced: Family<VmLabels, Counter>,
+    /// VM name -> the claim of its current session.
+    owners: Mutex<HashMap<String, u64>>,
+    next_claim: AtomicU64,
 }
+
+/// The QGA commands and outcomes a `calls` series can carry, to drop a VM's series.
+const METHODS: [&str; 5] = [
+    qga_wire::schema::command::GET_MEMORY_BLOCKS,
+    qga_wire::schema::command::SET_MEMORY_BLOCKS,
+    qga_wire::schema::command::GET_MEMORY_BLOCK_INFO,
+    qga_wire::schema::command::PING,
+    qga_wire::schema::command::INFO,
+];
+const OUTCOMES: [&str; 8] = [
+    "ok",
+    "invalid_request",
+    "vm_not_found",
+    "unavailable",
+    "deadline_exceeded",
+    "queue_full",
+    "agent_error",
+    "bad_reply",
+];
 
 impl Metrics {
     /// A fresh registry with every family registered.
@@ -92,7 +128,27 @@ impl Metrics {
             resyncs,
             stale,
             coalesced,
+            owners: Mutex::new(HashMap::new()),
+            next_claim: AtomicU64::new(1),
         })
+    }
+
+    fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
+        match self.owners.lock() {
+            Ok(o) => o,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Makes a new session the owner of `vm`'s series; returns its claim.
+    pub fn claim_vm(&self, vm: &str) -> u64 {
+        let claim = self.next_claim.fetch_add(1, Ordering::Relaxed);
+        self.owners().insert(vm.to_string(), claim);
+        claim
+    }
+
+    fn owns(&self, vm: &str, claim: u64) -> bool {
+        self.owners().get(vm) == Some(&claim)
     }
 
     /// Records a finished call.
@@ -115,21 +171,27 @@ impl Metrics {
         VmLabels { vm: vm.to_string() }
     }
 
-    /// Whether the VM's channel is up.
-    pub fn set_connected(&self, vm: &str, up: bool) {
-        self.connected
-            .get_or_create(&Self::vm(vm))
-            .set(i64::from(up));
+    /// Whether the VM's channel is up (ignored unless `claim` still owns the VM).
+    pub fn set_connected(&self, vm: &str, claim: u64, up: bool) {
+        if self.owns(vm, claim) {
+            self.connected
+                .get_or_create(&Self::vm(vm))
+                .set(i64::from(up));
+        }
     }
 
-    /// A completed resync.
-    pub fn resync(&self, vm: &str) {
-        self.resyncs.get_or_create(&Self::vm(vm)).inc();
+    /// A completed resync (ignored unless `claim` still owns the VM).
+    pub fn resync(&self, vm: &str, claim: u64) {
+        if self.owns(vm, claim) {
+            self.resyncs.get_or_create(&Self::vm(vm)).inc();
+        }
     }
 
-    /// A discarded stale reply or garbage.
-    pub fn stale(&self, vm: &str) {
-        self.stale.get_or_create(&Self::vm(vm)).inc();
+    /// `n` discarded stale replies or garbage (ignored unless `claim` still owns the VM).
+    pub fn stale(&self, vm: &str, claim: u64, n: u32) {
+        if n > 0 && self.owns(vm, claim) {
+            self.stale.get_or_create(&Self::vm(vm)).inc_by(u64::from(n));
+        }
     }
 
     /// A call served by coalescing.
@@ -142,13 +204,28 @@ impl Metrics {
         self.coalesced.get_or_create(&Self::vm(vm)).get()
     }
 
-    /// Drops the per-VM series of a VM that went away.
-    pub fn forget_vm(&self, vm: &str) {
+    /// Drops `vm`'s series when `claim` still owns them (the VM went away rather than
+    /// being replaced by a newer session).
+    pub fn release_vm(&self, vm: &str, claim: u64) {
+        let mut owners = self.owners();
+        if owners.get(vm) != Some(&claim) {
+            return;
+        }
+        owners.remove(vm);
         let l = Self::vm(vm);
         self.connected.remove(&l);
         self.resyncs.remove(&l);
         self.stale.remove(&l);
         self.coalesced.remove(&l);
+        for method in METHODS {
+            for outcome in OUTCOMES {
+                self.calls.remove(&CallLabels {
+                    vm: vm.to_string(),
+                    method: method.to_string(),
+                    outcome: outcome.to_string(),
+                });
+            }
+        }
     }
 
     /// The Prometheus text exposition.
@@ -202,4 +279,32 @@ pub async fn serve(
 /// The address a metrics listener is bound to, for logs.
 pub fn describe(addr: SocketAddr) -> String {
     format!("http://{addr}/metrics")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_replaced_session_cannot_touch_its_successors_series() {
+        let m = Metrics::new();
+        let old = m.claim_vm("web1");
+        m.set_connected("web1", old, true);
+        m.call("web1", "guest-ping", "ok", Duration::from_millis(1));
+        let new = m.claim_vm("web1");
+        m.set_connected("web1", new, true);
+        // The old worker's last updates and its release change nothing.
+        m.set_connected("web1", old, false);
+        m.stale("web1", old, 3);
+        m.release_vm("web1", old);
+        let text = m.encode();
+        assert!(
+            text.contains("qga_bridge_agent_connected{vm=\"web1\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("qga_bridge_stale_replies_total{vm=\"web1\"}"));
+        // The current session's release removes every series of the VM.
+        m.release_vm("web1", new);
+        assert!(!m.encode().contains("web1"), "{}", m.encode());
+    }
 }

@@ -119,8 +119,10 @@ impl Session {
             last_contact: None,
             last_error: None,
         }));
-        metrics.set_connected(name, false);
+        let claim = metrics.claim_vm(name);
+        metrics.set_connected(name, claim, false);
         let worker = Worker {
+            claim,
             name: name.to_string(),
             socket: socket.to_path_buf(),
             rx,
@@ -303,12 +305,6 @@ impl Session {
     }
 }
 
-impl Drop for Session {
-    fn drop(&mut self) {
-        self.metrics.forget_vm(&self.name);
-    }
-}
-
 /// Why an exchange on an open connection failed.
 enum Failure {
     /// The connection is gone.
@@ -321,6 +317,8 @@ type Conn = Framed<UnixStream, QgaCodec>;
 
 struct Worker {
     name: String,
+    /// This session's claim on the VM's metric series.
+    claim: u64,
     socket: PathBuf,
     rx: mpsc::Receiver<Call>,
     conn: Option<Conn>,
@@ -350,6 +348,8 @@ impl Worker {
             };
             let _ = call.reply.send(result);
         }
+        // Every handle is gone: the VM was removed or replaced.
+        self.metrics.release_vm(&self.name, self.claim);
         tracing::debug!(vm = %self.name, "session stopped");
     }
 
@@ -376,7 +376,7 @@ impl Worker {
         tracing::info!(vm = %self.name, reason, "agent channel closed");
         self.conn = None;
         self.needs_resync = true;
-        self.metrics.set_connected(&self.name, false);
+        self.metrics.set_connected(&self.name, self.claim, false);
         self.update(|s| {
             s.state = AgentState::Disconnected;
             s.last_error = Some(reason.to_string());
@@ -392,7 +392,7 @@ impl Worker {
 
     fn contact(&mut self) {
         self.backoff = BACKOFF_START;
-        self.metrics.set_connected(&self.name, true);
+        self.metrics.set_connected(&self.name, self.claim, true);
         self.update(|s| {
             s.state = AgentState::Connected;
             s.last_contact = Some(SystemTime::now());
@@ -434,13 +434,11 @@ impl Worker {
                 return Err(self.unavailable("not connected"));
             };
             let (result, stale) = resync(conn, id, limit).await;
-            for _ in 0..stale {
-                self.metrics.stale(&self.name);
-            }
+            self.metrics.stale(&self.name, self.claim, stale);
             match result {
                 Ok(()) => {
                     self.needs_resync = false;
-                    self.metrics.resync(&self.name);
+                    self.metrics.resync(&self.name, self.claim);
                     self.contact();
                 }
                 Err(Failure::Closed(reason) | Failure::Bad(reason)) => {
@@ -512,9 +510,7 @@ impl Worker {
             r = exchange(conn, &request, id, call.deadline) => r,
             () = call.reply.closed() => (Exchange::Abandoned, 0),
         };
-        for _ in 0..stale {
-            self.metrics.stale(&self.name);
-        }
+        self.metrics.stale(&self.name, self.claim, stale);
         if stale > 0 {
             // Something other than our reply was on the channel: clean it before the next call.
             self.needs_resync = true;

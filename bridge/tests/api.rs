@@ -296,5 +296,12 @@ async fn discovered_vms_appear_and_go() {
         .await
         .expect("beta answers");
     assert_eq!(blocks.as_array().map(Vec::len), Some(3));
+    // The departed VM's metric series go with it (once its session has wound down).
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while bridge.metrics().encode().contains("vm=\"alpha\"") {
+        assert!(Instant::now() < deadline, "{}", bridge.metrics().encode());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(bridge.metrics().encode().contains("vm=\"beta\""));
     bridge.shutdown().await;
 }
