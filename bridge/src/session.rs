@@ -504,12 +504,7 @@ impl Worker {
         let Some(conn) = self.conn.as_mut() else {
             return Ok(Err(self.unavailable("not connected")));
         };
-        // A caller that went away (cancelled, disconnected) stops the wait: its reply, if it
-        // comes, is discarded by the resync before the next call.
-        let (result, stale) = tokio::select! {
-            r = exchange(conn, &request, id, call.deadline) => r,
-            () = call.reply.closed() => (Exchange::Abandoned, 0),
-        };
+        let (result, stale) = exchange(conn, &request, id, call.deadline, &mut call.reply).await;
         self.metrics.stale(&self.name, self.claim, stale);
         if stale > 0 {
             // Something other than our reply was on the channel: clean it before the next call.
@@ -526,6 +521,17 @@ impl Worker {
             Exchange::Abandoned => {
                 self.needs_resync = true;
                 Err(self.unavailable("the caller went away"))
+            }
+            Exchange::SendCut { timed_out } => {
+                self.disconnect(&format!("{} was cut off while being sent", call.command));
+                Err(if timed_out {
+                    BridgeError::DeadlineExceeded {
+                        vm: self.name.clone(),
+                        command: call.command.to_string(),
+                    }
+                } else {
+                    self.unavailable("the caller went away")
+                })
             }
             Exchange::TimedOut => {
                 self.needs_resync = true;
@@ -566,7 +572,14 @@ enum Retry {
 enum Exchange {
     Reply(Response),
     TimedOut,
-    /// The caller stopped waiting.
+    /// Sending stopped half-way (the agent did not take the request in time, or the caller
+    /// went away): part of it may still sit in our write buffer, so the connection cannot
+    /// be reused.
+    SendCut {
+        /// Whether the deadline (rather than the caller leaving) stopped it.
+        timed_out: bool,
+    },
+    /// The caller stopped waiting for the reply; it will be discarded by the next resync.
     Abandoned,
     /// Writing the request failed: the agent never saw it.
     NotSent(String),
@@ -587,18 +600,34 @@ fn over_limit(e: &FrameError) -> bool {
     matches!(e, FrameError::TooLarge { .. } | FrameError::DepthExceeded)
 }
 
-/// Sends `request` and waits for the reply carrying `id`. Returns the outcome and how
+/// Sends `request` and waits for the reply carrying `id`, until `deadline` or until the
+/// caller behind `reply` goes away (cancelled, disconnected). Returns the outcome and how
 /// many unrelated frames were discarded.
-async fn exchange(conn: &mut Conn, request: &Value, id: i64, deadline: Instant) -> (Exchange, u32) {
+async fn exchange(
+    conn: &mut Conn,
+    request: &Value,
+    id: i64,
+    deadline: Instant,
+    reply: &mut oneshot::Sender<CallResult>,
+) -> (Exchange, u32) {
     let mut stale = 0;
-    match timeout_at(deadline, conn.send(request)).await {
-        Err(_) => return (Exchange::TimedOut, stale),
+    let sent = tokio::select! {
+        r = timeout_at(deadline, conn.send(request)) => r,
+        () = reply.closed() => return (Exchange::SendCut { timed_out: false }, stale),
+    };
+    match sent {
+        Err(_) => return (Exchange::SendCut { timed_out: true }, stale),
         Ok(Err(e)) => return (Exchange::NotSent(e.to_string()), stale),
         Ok(Ok(())) => {}
     }
     let want = Some(Value::from(id));
     loop {
-        let frame = match next_frame(conn, deadline).await {
+        // Framed's `next` is cancel-safe: a partly read reply stays buffered.
+        let next = tokio::select! {
+            f = next_frame(conn, deadline) => f,
+            () = reply.closed() => return (Exchange::Abandoned, stale),
+        };
+        let frame = match next {
             None => return (Exchange::TimedOut, stale),
             Some(Err(f)) => return (Exchange::Failed(f), stale),
             Some(Ok(frame)) => frame,

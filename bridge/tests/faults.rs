@@ -335,3 +335,35 @@ async fn missing_socket_is_unavailable_and_listed() {
             .is_some_and(|e| e.contains("absent.sock"))
     );
 }
+
+#[tokio::test]
+async fn a_guest_that_stops_reading_costs_one_call_not_the_channel() {
+    let (_d, agent, _b, mut c) = setup(&[], |cfg| {
+        cfg.timeouts
+            .commands
+            .insert("guest-set-memory-blocks".into(), 500);
+    })
+    .await;
+    // Garbage makes the bridge resync before its next call; at that handshake the agent
+    // answers, then stops draining its socket: a large write (about 2 MB) cannot be sent
+    // before the deadline.
+    agent.control().push(Fault::GarbageFirst(b"!!".to_vec()));
+    next_call_is_right(&mut c).await;
+    agent
+        .control()
+        .push(Fault::StallAfterSync(Duration::from_secs(30)));
+    let blocks: Vec<_> = (0..60_000u64)
+        .map(|i| json!({"phys-index": 1_000_000 + i, "online": true}))
+        .collect();
+    let err = rpc(
+        &c.http,
+        "guest-set-memory-blocks",
+        json!({"vm": "vm", "mem-blks": blocks}),
+    )
+    .await
+    .expect_err("not sent in time");
+    assert_eq!(err.0, -32003, "{err:?}");
+    // Half a request may still sit in the bridge's buffer for that connection: the next
+    // call must not wait behind it but go over a new one.
+    next_call_is_right(&mut c).await;
+}

@@ -50,6 +50,9 @@ pub enum Fault {
     /// Ignore handshakes (`guest-sync-delimited`) until the script moves on: the fault is
     /// consumed by the next handshake instead of the next command.
     MuteSync,
+    /// Answer the next handshake, then stop reading this connection for this long (a guest
+    /// that does not drain its channel), then close it. Consumed by a handshake.
+    StallAfterSync(Duration),
 }
 
 #[derive(Default)]
@@ -279,8 +282,10 @@ async fn serve(stream: UnixStream, control: Control) {
         let (fault, result) = control.with(|s| {
             *s.calls.entry(req.execute.clone()).or_default() += 1;
             let fault = match s.script.front() {
-                Some(Fault::MuteSync) if handshake => s.script.pop_front(),
-                Some(Fault::MuteSync) => None,
+                Some(Fault::MuteSync | Fault::StallAfterSync(_)) if handshake => {
+                    s.script.pop_front()
+                }
+                Some(Fault::MuteSync | Fault::StallAfterSync(_)) => None,
                 Some(_) if !handshake => s.script.pop_front(),
                 _ => None,
             };
@@ -337,6 +342,11 @@ async fn serve(stream: UnixStream, control: Control) {
                 w.write_all(&error_reply(&class, &desc, &req.id)).await
             }
             Some(Fault::MuteSync) => Ok(()),
+            Some(Fault::StallAfterSync(d)) => {
+                let _ = w.write_all(&out).await;
+                tokio::time::sleep(d).await;
+                return;
+            }
         };
         if sent.is_err() {
             return;
