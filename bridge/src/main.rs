@@ -29,6 +29,12 @@ async fn main() -> anyhow::Result<()> {
         _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
         _ = int.recv() => tracing::info!("SIGINT: shutting down"),
     }
-    bridge.shutdown().await;
+    // Calls in flight may finish (each is bounded by its deadline); a second signal
+    // stops at once.
+    tokio::select! {
+        () = bridge.shutdown() => {}
+        _ = term.recv() => tracing::warn!("second SIGTERM: exiting without waiting for calls"),
+        _ = int.recv() => tracing::warn!("second SIGINT: exiting without waiting for calls"),
+    }
     Ok(())
 }

@@ -99,7 +99,11 @@ impl Registry {
         }
         let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
         loop {
-            let now = scan(&self.config.discover);
+            // Globbing reads directories: keep it off the async workers.
+            let patterns = self.config.discover.clone();
+            let now = tokio::task::spawn_blocking(move || scan(&patterns))
+                .await
+                .unwrap_or_else(|_| found.clone());
             for (name, socket) in &now {
                 if self.config.vms.contains_key(name) {
                     continue;
