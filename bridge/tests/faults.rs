@@ -367,3 +367,70 @@ async fn a_guest_that_stops_reading_costs_one_call_not_the_channel() {
     // call must not wait behind it but go over a new one.
     next_call_is_right(&mut c).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hostile_guest_fails_only_its_own_vm() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (bad_path, good_path) = (sock(&dir, "bad.sock"), sock(&dir, "good.sock"));
+    let bad = FakeAgent::start(&bad_path, 4).expect("bad agent");
+    for _ in 0..3 {
+        bad.control().push(Fault::NoReply);
+        bad.control().push(Fault::Oversize(1 << 20));
+    }
+    let _good = FakeAgent::start(&good_path, 4).expect("good agent");
+    let mut cfg = config(&[("bad", &bad_path), ("good", &good_path)]);
+    cfg.limits.queue_depth = 4;
+    cfg.limits.max_reply_bytes = 64 * 1024;
+    cfg.timeouts
+        .commands
+        .insert("guest-set-memory-blocks".into(), 300);
+    let bridge = start(cfg).await;
+    let c = clients(&bridge).await;
+
+    // Flood the bad VM with writes (never merged) it will not answer properly...
+    let mut bad_calls = Vec::new();
+    for i in 0..20u64 {
+        let http = c.http.clone();
+        bad_calls.push(tokio::spawn(async move {
+            rpc(
+                &http,
+                "guest-set-memory-blocks",
+                json!({"vm": "bad", "mem-blks": [{"phys-index": i % 4, "online": true}]}),
+            )
+            .await
+            .map_err(|e| e.0)
+        }));
+    }
+    // ...while the good VM serves every caller, each within its own deadline.
+    let mut good_calls = Vec::new();
+    for _ in 0..50 {
+        let mut memory = c.memory.clone();
+        good_calls.push(tokio::spawn(async move {
+            memory
+                .get_memory_blocks(with_timeout(
+                    GetMemoryBlocksRequest { vm: "good".into() },
+                    Duration::from_secs(5),
+                ))
+                .await
+                .map(|r| r.into_inner().blocks.len())
+                .map_err(|e| e.code())
+        }));
+    }
+    for t in good_calls {
+        assert_eq!(t.await.expect("task"), Ok(4));
+    }
+    let mut codes = Vec::new();
+    for t in bad_calls {
+        if let Err(code) = t.await.expect("task") {
+            codes.push(code);
+        }
+    }
+    assert!(
+        codes.contains(&-32004),
+        "the bad VM's queue filled: {codes:?}"
+    );
+    assert!(
+        codes.iter().all(|c| [-32003, -32004, -32008].contains(c)),
+        "{codes:?}"
+    );
+}
