@@ -27,7 +27,7 @@ use std::{
 
 use futures::{
     FutureExt, SinkExt, StreamExt,
-    future::{BoxFuture, Shared},
+    future::{BoxFuture, Shared, WeakShared},
 };
 use qga_wire::{Frame, FrameError, QgaCodec, Response, message::Outcome, schema::command};
 use serde_json::{Map, Value, json};
@@ -88,7 +88,8 @@ struct Inflight {
     generation: u64,
     /// The deadline the call runs under (its starter's).
     deadline: Instant,
-    result: SharedCall,
+    /// Weak: the callers keep the call alive, not the map.
+    result: WeakShared<BoxFuture<'static, CallResult>>,
 }
 
 /// The handle callers use; cheap to share. Dropping the last handle stops the worker.
@@ -220,9 +221,11 @@ impl Session {
         }
     }
 
-    /// The in-flight call of `command` and its deadline, or a new one. The call runs in its
-    /// own task, so a caller that goes away does not strand the others, and the entry is
-    /// removed when the call ends whoever is still waiting.
+    /// The in-flight call of `command` and its deadline, or a new one. The map holds the
+    /// call weakly: its callers drive it, and when all of them have gone it is dropped (the
+    /// worker then stops waiting) and the next caller starts afresh instead of joining a
+    /// call nobody drives or reading a result that has grown old. A call that completes
+    /// removes its own entry.
     fn join_or_start(
         self: &Arc<Self>,
         command: &'static str,
@@ -232,13 +235,15 @@ impl Session {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        if let Some(existing) = inflight.get(command) {
+        if let Some(existing) = inflight.get(command)
+            && let Some(result) = existing.result.upgrade()
+        {
             self.metrics.coalesced(&self.name);
-            return (existing.result.clone(), existing.deadline);
+            return (result, existing.deadline);
         }
         let generation = self.generation.fetch_add(1, Ordering::Relaxed);
         let this = self.clone();
-        let task = tokio::spawn(async move {
+        let result = async move {
             let result = this.submit(command, None, deadline).await;
             let mut inflight = match this.inflight.lock() {
                 Ok(m) => m,
@@ -251,26 +256,19 @@ impl Session {
                 inflight.remove(command);
             }
             result
-        });
-        let vm = self.name.clone();
-        let result = async move {
-            task.await.unwrap_or_else(|e| {
-                Err(BridgeError::Unavailable {
-                    vm,
-                    reason: format!("call task ended: {e}"),
-                })
-            })
         }
         .boxed()
         .shared();
-        inflight.insert(
-            command,
-            Inflight {
-                generation,
-                deadline,
-                result: result.clone(),
-            },
-        );
+        if let Some(weak) = result.downgrade() {
+            inflight.insert(
+                command,
+                Inflight {
+                    generation,
+                    deadline,
+                    result: weak,
+                },
+            );
+        }
         (result, deadline)
     }
 
@@ -400,7 +398,7 @@ impl Worker {
     }
 
     /// Connects and resynchronises as needed.
-    async fn ready(&mut self, deadline: Instant) -> Result<(), BridgeError> {
+    async fn ready(&mut self, command: &str, deadline: Instant) -> Result<(), BridgeError> {
         if self.conn.is_none() {
             let now = Instant::now();
             if now < self.next_attempt {
@@ -428,8 +426,8 @@ impl Worker {
         }
         if self.needs_resync {
             let id = self.fresh_id();
-            let limit = deadline
-                .min(Instant::now() + Duration::from_millis(self.config.timeouts.resync_ms));
+            let own_limit = Instant::now() + Duration::from_millis(self.config.timeouts.resync_ms);
+            let limit = deadline.min(own_limit);
             let Some(conn) = self.conn.as_mut() else {
                 return Err(self.unavailable("not connected"));
             };
@@ -441,7 +439,24 @@ impl Worker {
                     self.metrics.resync(&self.name, self.claim);
                     self.contact();
                 }
-                Err(Failure::Closed(reason) | Failure::Bad(reason)) => {
+                // The caller's deadline, not the handshake's own limit, ran out: that says
+                // nothing about the agent. Keep the connection (the next handshake starts
+                // over with a new id) and report the caller's timeout.
+                Err(ResyncFailure::Unanswered) if deadline < own_limit => {
+                    self.update(|s| {
+                        s.last_error = Some(format!("{command} timed out during the handshake"))
+                    });
+                    return Err(BridgeError::DeadlineExceeded {
+                        vm: self.name.clone(),
+                        command: command.to_string(),
+                    });
+                }
+                Err(ResyncFailure::Unanswered) => {
+                    return Err(self.connect_failed(
+                        "resync failed: agent did not answer guest-sync-delimited".into(),
+                    ));
+                }
+                Err(ResyncFailure::Broken(reason)) => {
                     return Err(self.connect_failed(format!("resync failed: {reason}")));
                 }
             }
@@ -493,7 +508,7 @@ impl Worker {
 
     /// One try: `Err` when the connection failed in a way that may allow a retry.
     async fn attempt(&mut self, call: &mut Call) -> Result<CallResult, Retry> {
-        if let Err(e) = self.ready(call.deadline).await {
+        if let Err(e) = self.ready(call.command, call.deadline).await {
             return Ok(Err(e));
         }
         let id = self.fresh_id();
@@ -646,8 +661,16 @@ async fn exchange(
     }
 }
 
+/// Why a handshake failed.
+enum ResyncFailure {
+    /// No matching reply before the limit (the request itself went out).
+    Unanswered,
+    /// The connection is unusable.
+    Broken(String),
+}
+
 /// The handshake of `qga-protocol.md` §4. Returns the outcome and the frames discarded.
-async fn resync(conn: &mut Conn, id: i64, deadline: Instant) -> (Result<(), Failure>, u32) {
+async fn resync(conn: &mut Conn, id: i64, deadline: Instant) -> (Result<(), ResyncFailure>, u32) {
     let mut stale = 0;
     let sync = json!({ "execute": command::SYNC_DELIMITED, "arguments": { "id": id } });
     let sent = timeout_at(deadline, async {
@@ -660,28 +683,23 @@ async fn resync(conn: &mut Conn, id: i64, deadline: Instant) -> (Result<(), Fail
     match sent {
         Err(_) => {
             return (
-                Err(Failure::Closed(
+                Err(ResyncFailure::Broken(
                     "agent did not accept the sync request in time".into(),
                 )),
                 stale,
             );
         }
-        Ok(Err(e)) => return (Err(Failure::Closed(e.to_string())), stale),
+        Ok(Err(e)) => return (Err(ResyncFailure::Broken(e.to_string())), stale),
         Ok(Ok(())) => {}
     }
     conn.codec_mut().skip_to_delimiter();
     let want = json!({ "return": id });
     loop {
         match next_frame(conn, deadline).await {
-            None => {
-                return (
-                    Err(Failure::Closed(
-                        "agent did not answer guest-sync-delimited".into(),
-                    )),
-                    stale,
-                );
+            None => return (Err(ResyncFailure::Unanswered), stale),
+            Some(Err(Failure::Closed(r) | Failure::Bad(r))) => {
+                return (Err(ResyncFailure::Broken(r)), stale);
             }
-            Some(Err(f)) => return (Err(f), stale),
             Some(Ok(Frame::Delimiter)) => {}
             Some(Ok(Frame::Value(v))) if v == want => return (Ok(()), stale),
             Some(Ok(Frame::Invalid(e))) if over_limit(&e) => {

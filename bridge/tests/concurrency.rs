@@ -241,3 +241,50 @@ async fn a_caller_that_goes_away_frees_the_vm() {
         .blocks;
     assert_eq!(blocks.len(), 8);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_nobody_waits_for_is_never_served_later() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("vm.sock");
+    let agent = FakeAgent::start(&path, 4).expect("fake agent");
+    agent
+        .control()
+        .push(Fault::Delay(Duration::from_millis(400)));
+    let bridge = start(config(&[("vm", &path)])).await;
+    let c = clients(&bridge).await;
+    // A read whose only caller gives up (the gRPC call is cancelled) before the reply.
+    let mut memory = c.memory.clone();
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(100),
+        memory.get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() }),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    // The table changes...
+    memory
+        .set_memory_blocks(with_timeout(
+            SetMemoryBlocksRequest {
+                vm: "vm".into(),
+                blocks: vec![MemoryBlockChange {
+                    phys_index: 1,
+                    online: true,
+                }],
+            },
+            Duration::from_secs(20),
+        ))
+        .await
+        .expect("set");
+    // ...and the next read sees the change: it is a new agent call, not the abandoned one.
+    let blocks = memory
+        .get_memory_blocks(with_timeout(
+            GetMemoryBlocksRequest { vm: "vm".into() },
+            Duration::from_secs(20),
+        ))
+        .await
+        .expect("get")
+        .into_inner()
+        .blocks;
+    let block1 = blocks.iter().find(|b| b.phys_index == 1).expect("block 1");
+    assert!(block1.online, "the read reflects the write before it");
+    assert_eq!(agent.control().calls("guest-get-memory-blocks"), 2);
+}
