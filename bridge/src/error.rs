@@ -4,8 +4,8 @@
 //! |---|---|---|
 //! | bad request (checked before the guest) | INVALID_ARGUMENT | -32602 |
 //! | unknown VM | NOT_FOUND | -32001 |
-//! | agent not connected, socket gone | UNAVAILABLE | -32002 |
-//! | timed out | DEADLINE_EXCEEDED | -32003 |
+//! | agent not connected, socket gone, handshake unanswered, backoff | UNAVAILABLE | -32002 |
+//! | the caller's deadline passed (reply, handshake or send) | DEADLINE_EXCEEDED | -32003 |
 //! | too many calls queued for the VM | RESOURCE_EXHAUSTED | -32004 |
 //! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
 //! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
