@@ -14,7 +14,7 @@
 //! Scanning is incremental: bytes already scanned are not looked at again when more
 //! arrive, so a large value split into many reads costs one pass.
 
-use bytes::{Buf, BufMut, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use serde::Serialize;
 use serde_json::Value;
 use tokio_util::codec::{Decoder, Encoder};
@@ -151,33 +151,38 @@ impl QgaCodec {
         dst.put_u8(DELIMITER);
     }
 
-    /// Ends the current value at `end` and turns it into a frame; `None` if it was being
+    /// Ends the current value at `end` and takes its bytes; `None` if it was being
     /// discarded.
-    fn finish(&mut self, buf: &mut BytesMut, end: usize) -> Option<Frame> {
+    fn finish(&mut self, buf: &mut BytesMut, end: usize) -> Option<RawFrame> {
         let bytes = buf.split_to(end);
         self.scanned = 0;
         self.lex = Lex::Start;
         if std::mem::take(&mut self.discarding) {
             return None;
         }
-        Some(parse(&bytes))
+        Some(RawFrame::Value(bytes.freeze()))
     }
 
     /// Reports `err`, dropping the `consumed` bytes scanned so far and skipping the rest of
     /// the current value (tracking its depth) without storing it.
-    fn start_discarding(&mut self, buf: &mut BytesMut, consumed: usize, err: FrameError) -> Frame {
+    fn start_discarding(
+        &mut self,
+        buf: &mut BytesMut,
+        consumed: usize,
+        err: FrameError,
+    ) -> RawFrame {
         buf.advance(consumed);
         self.scanned = 0;
         self.discarding = true;
-        Frame::Invalid(err)
+        RawFrame::Invalid(err)
     }
 
     /// Reports a stray byte at `at`: drops the partial value and enters recovery.
-    fn stray(&mut self, buf: &mut BytesMut, at: usize, byte: u8) -> Frame {
+    fn stray(&mut self, buf: &mut BytesMut, at: usize, byte: u8) -> RawFrame {
         buf.advance(at + 1);
         self.reset();
         self.lex = Lex::Recovery;
-        Frame::Invalid(FrameError::Stray(byte))
+        RawFrame::Invalid(FrameError::Stray(byte))
     }
 }
 
@@ -185,7 +190,9 @@ fn is_scalar_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || matches!(b, b'-' | b'+' | b'.')
 }
 
-fn parse(bytes: &[u8]) -> Frame {
+/// Parses one complete value the way QEMU does (duplicate keys refused), with QEMU's
+/// error texts.
+pub fn parse(bytes: &[u8]) -> Frame {
     match crate::strict::from_slice(bytes) {
         Ok(v) => Frame::Value(v),
         Err(e) => {
@@ -203,17 +210,15 @@ fn parse(bytes: &[u8]) -> Frame {
     }
 }
 
-impl Decoder for QgaCodec {
-    type Item = Frame;
-    type Error = CodecError;
-
-    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+impl QgaCodec {
+    /// Like [`Decoder::decode`], but hands over a complete value's bytes unparsed.
+    pub fn decode_raw(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
         if self.seeking_delimiter {
             return Ok(match buf.iter().position(|&b| b == DELIMITER) {
                 Some(p) => {
                     buf.advance(p + 1);
                     self.seeking_delimiter = false;
-                    Some(Frame::Delimiter)
+                    Some(RawFrame::Delimiter)
                 }
                 None => {
                     buf.clear();
@@ -227,7 +232,7 @@ impl Decoder for QgaCodec {
             if b == DELIMITER {
                 buf.advance(i + 1);
                 self.reset();
-                return Ok(Some(Frame::Delimiter));
+                return Ok(Some(RawFrame::Delimiter));
             }
             match self.lex {
                 Lex::Start => match b {
@@ -251,7 +256,7 @@ impl Decoder for QgaCodec {
                     b'}' | b']' if self.depth == 0 => {
                         buf.advance(i + 1);
                         let text = format!("unexpected '{}'", char::from(b));
-                        return Ok(Some(Frame::Invalid(FrameError::Syntax(text))));
+                        return Ok(Some(RawFrame::Invalid(FrameError::Syntax(text))));
                     }
                     b'}' | b']' => {
                         self.depth -= 1;
@@ -268,7 +273,7 @@ impl Decoder for QgaCodec {
                     b',' | b':' if self.depth == 0 => {
                         buf.advance(i + 1);
                         let text = format!("unexpected '{}', expecting value", char::from(b));
-                        return Ok(Some(Frame::Invalid(FrameError::Syntax(text))));
+                        return Ok(Some(RawFrame::Invalid(FrameError::Syntax(text))));
                     }
                     b',' | b':' => {}
                     b'"' => self.lex = Lex::Str,
@@ -336,8 +341,9 @@ impl Decoder for QgaCodec {
         Ok(None)
     }
 
-    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
-        if let Some(frame) = self.decode(buf)? {
+    /// Like [`Decoder::decode_eof`], but hands over a complete value's bytes unparsed.
+    pub fn decode_eof_raw(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
+        if let Some(frame) = self.decode_raw(buf)? {
             return Ok(Some(frame));
         }
         // A number or keyword at the very end is complete once the stream ends.
@@ -351,6 +357,68 @@ impl Decoder for QgaCodec {
         buf.clear();
         self.reset();
         Ok(frame)
+    }
+}
+
+impl Decoder for QgaCodec {
+    type Item = Frame;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        Ok(self.decode_raw(buf)?.map(RawFrame::parse))
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, CodecError> {
+        Ok(self.decode_eof_raw(buf)?.map(RawFrame::parse))
+    }
+}
+
+/// One unit of the decoded stream, a complete value still as text: what a host needs to
+/// look at a reply's `id` before deciding whether to parse the rest (see [`RawCodec`]).
+#[derive(Debug, Clone, PartialEq)]
+pub enum RawFrame {
+    /// The bytes of one complete JSON value, not parsed (so not known to be well-formed).
+    Value(Bytes),
+    /// Malformed or over-limit input; the decoder has recovered and goes on.
+    Invalid(FrameError),
+    /// A `0xFF` byte: the parser was reset, any partial value discarded.
+    Delimiter,
+}
+
+impl RawFrame {
+    /// Parses a value's bytes into a [`Frame`], as [`QgaCodec`] would have.
+    pub fn parse(self) -> Frame {
+        match self {
+            Self::Value(bytes) => parse(&bytes),
+            Self::Invalid(e) => Frame::Invalid(e),
+            Self::Delimiter => Frame::Delimiter,
+        }
+    }
+}
+
+/// [`QgaCodec`] for hosts that look at replies before parsing them: the same framing,
+/// limits and recovery, but values come out as [`RawFrame::Value`] bytes.
+#[derive(Debug, Clone, Default)]
+pub struct RawCodec(pub QgaCodec);
+
+impl Decoder for RawCodec {
+    type Item = RawFrame;
+    type Error = CodecError;
+
+    fn decode(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
+        self.0.decode_raw(buf)
+    }
+
+    fn decode_eof(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
+        self.0.decode_eof_raw(buf)
+    }
+}
+
+impl<T: Serialize> Encoder<T> for RawCodec {
+    type Error = CodecError;
+
+    fn encode(&mut self, item: T, dst: &mut BytesMut) -> Result<(), CodecError> {
+        self.0.encode(item, dst)
     }
 }
 
@@ -381,6 +449,24 @@ mod tests {
 
     fn frames(input: &[u8]) -> Vec<Frame> {
         decode_all(&mut QgaCodec::default(), input)
+    }
+
+    #[test]
+    fn raw_frames_are_the_values_text_and_parse_to_the_same_frames() {
+        let input: &[u8] = b"{\"return\": 1, \"id\": 2}garbage [1,\n2]\xff\"s\" 12 ";
+        let mut raw = RawCodec::default();
+        let mut buf = BytesMut::from(input);
+        let mut got = Vec::new();
+        while let Some(f) = raw.decode(&mut buf).expect("decode") {
+            got.push(f);
+        }
+        assert_eq!(
+            got[0],
+            RawFrame::Value(Bytes::from_static(b"{\"return\": 1, \"id\": 2}"))
+        );
+        assert_eq!(got[2], RawFrame::Value(Bytes::from_static(b"[1,\n2]")));
+        let parsed: Vec<Frame> = got.into_iter().map(RawFrame::parse).collect();
+        assert_eq!(parsed, frames(input));
     }
 
     #[test]

@@ -8,8 +8,8 @@
 //!
 //! - [`codec`]: [`QgaCodec`], a `tokio_util` `Decoder`/`Encoder` that splits a byte stream
 //!   into JSON values, reports `0xFF` and malformed input as frames, and bounds memory.
-//! - [`message`]: requests, replies and error classes, with the reference agent's
-//!   validation rules for requests.
+//! - [`message`]: requests (as hosts send them, and as agents validate them), replies and
+//!   error classes.
 //! - [`schema`]: the QAPI types of the memory-block commands and of `guest-info`.
 //! - [`strict`]: JSON parsing that, like QEMU, rejects duplicate object keys.
 
@@ -18,5 +18,5 @@ pub mod message;
 pub mod schema;
 pub mod strict;
 
-pub use codec::{CodecError, Frame, FrameError, QgaCodec};
-pub use message::{ErrorClass, QgaError, Request, Response};
+pub use codec::{CodecError, Frame, FrameError, QgaCodec, RawCodec, RawFrame};
+pub use message::{Command, ErrorClass, QgaError, Request, Response};

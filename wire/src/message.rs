@@ -121,27 +121,6 @@ pub struct Request {
 }
 
 impl Request {
-    /// A request with no arguments and no id.
-    pub fn new(execute: impl Into<String>) -> Self {
-        Self {
-            execute: execute.into(),
-            arguments: None,
-            id: None,
-        }
-    }
-
-    /// Sets the arguments object.
-    pub fn with_arguments(mut self, arguments: Map<String, Value>) -> Self {
-        self.arguments = Some(arguments);
-        self
-    }
-
-    /// Sets the id to echo.
-    pub fn with_id(mut self, id: Value) -> Self {
-        self.id = Some(id);
-        self
-    }
-
     /// Validates a decoded JSON value as a request, the way the reference agent does.
     ///
     /// On failure, returns the error reply to send, with the request's `id` when the input
@@ -179,6 +158,21 @@ impl Request {
             id,
         })
     }
+}
+
+/// A request as a host sends it: `{"execute": NAME, "arguments": ARGS, "id": ID}`, the
+/// arguments serialised straight from their schema type (no JSON tree is built).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Command<'a, A> {
+    /// The command name, e.g. `guest-set-memory-blocks`.
+    pub execute: &'a str,
+    /// The arguments, if the command takes any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<A>,
+    /// The id the reply must echo; `None` for `guest-sync-delimited`, whose reply is its
+    /// own argument.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<i64>,
 }
 
 /// The outcome carried by a reply.
@@ -333,6 +327,28 @@ mod tests {
             Outcome::Error(QgaError::generic(
                 "QMP input member 'exec-oob' is unexpected"
             ))
+        );
+    }
+
+    #[test]
+    fn host_commands_serialise_without_absent_members() {
+        let sync = Command {
+            execute: "guest-sync-delimited",
+            arguments: Some(crate::schema::GuestSyncArgs { id: 5 }),
+            id: None,
+        };
+        assert_eq!(
+            serde_json::to_string(&sync).expect("serialize"),
+            r#"{"execute":"guest-sync-delimited","arguments":{"id":5}}"#
+        );
+        let ping: Command<'_, ()> = Command {
+            execute: "guest-ping",
+            arguments: None,
+            id: Some(9),
+        };
+        assert_eq!(
+            serde_json::to_string(&ping).expect("serialize"),
+            r#"{"execute":"guest-ping","id":9}"#
         );
     }
 
