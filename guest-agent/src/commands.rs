@@ -18,16 +18,106 @@ use crate::{
     sysfs::{KernelWriter, MemoryTree, OnlineType, StateWriter},
 };
 
-/// Every command this agent implements, in the order `guest-info` lists them.
-pub const COMMANDS: &[&str] = &[
-    command::SYNC_DELIMITED,
-    command::SYNC,
-    command::PING,
-    command::INFO,
-    command::GET_MEMORY_BLOCKS,
-    command::SET_MEMORY_BLOCKS,
-    command::GET_MEMORY_BLOCK_INFO,
-];
+/// The name of a command this agent implements.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CommandName {
+    /// `guest-sync-delimited`.
+    SyncDelimited,
+    /// `guest-sync`.
+    Sync,
+    /// `guest-ping`.
+    Ping,
+    /// `guest-info`.
+    Info,
+    /// `guest-get-memory-blocks`.
+    GetMemoryBlocks,
+    /// `guest-set-memory-blocks`.
+    SetMemoryBlocks,
+    /// `guest-get-memory-block-info`.
+    GetMemoryBlockInfo,
+}
+
+impl CommandName {
+    /// Every command, in the order `guest-info` and `-b help` list them.
+    pub const ALL: [Self; 7] = [
+        Self::SyncDelimited,
+        Self::Sync,
+        Self::Ping,
+        Self::Info,
+        Self::GetMemoryBlocks,
+        Self::SetMemoryBlocks,
+        Self::GetMemoryBlockInfo,
+    ];
+
+    /// The name on the wire.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::SyncDelimited => command::SYNC_DELIMITED,
+            Self::Sync => command::SYNC,
+            Self::Ping => command::PING,
+            Self::Info => command::INFO,
+            Self::GetMemoryBlocks => command::GET_MEMORY_BLOCKS,
+            Self::SetMemoryBlocks => command::SET_MEMORY_BLOCKS,
+            Self::GetMemoryBlockInfo => command::GET_MEMORY_BLOCK_INFO,
+        }
+    }
+
+    /// The command called `name`, if we implement it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|c| c.name() == name)
+    }
+}
+
+/// A request parsed into a command with validated arguments, ready to run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Command {
+    /// `guest-sync` echoing this id.
+    Sync(i64),
+    /// `guest-sync-delimited` echoing this id after a `0xFF` byte.
+    SyncDelimited(i64),
+    /// `guest-ping`.
+    Ping,
+    /// `guest-info`.
+    Info,
+    /// `guest-get-memory-blocks`.
+    GetMemoryBlocks,
+    /// `guest-set-memory-blocks` with its `(phys-index, online)` entries, in order.
+    SetMemoryBlocks(Vec<(u64, bool)>),
+    /// `guest-get-memory-block-info`.
+    GetMemoryBlockInfo,
+}
+
+impl Command {
+    /// Parses command `name` with `args`, checking in the reference's order: known, then
+    /// enabled by `filter`, then the arguments.
+    pub fn parse(
+        name: &str,
+        args: &Option<Map<String, Value>>,
+        filter: &CommandFilter,
+    ) -> Result<Self, QgaError> {
+        let Some(kind) = CommandName::from_name(name) else {
+            return Err(QgaError::command_not_found(format!(
+                "The command {name} has not been found"
+            )));
+        };
+        if !filter.is_enabled(kind) {
+            return Err(QgaError::command_not_found(format!(
+                "Command {name} has been disabled"
+            )));
+        }
+        Ok(match kind {
+            CommandName::Sync => Self::Sync(args::sync_id(args)?),
+            CommandName::SyncDelimited => Self::SyncDelimited(args::sync_id(args)?),
+            CommandName::SetMemoryBlocks => Self::SetMemoryBlocks(args::mem_blks(args)?),
+            CommandName::Ping => args::none(args).map(|()| Self::Ping)?,
+            CommandName::Info => args::none(args).map(|()| Self::Info)?,
+            CommandName::GetMemoryBlocks => args::none(args).map(|()| Self::GetMemoryBlocks)?,
+            CommandName::GetMemoryBlockInfo => {
+                args::none(args).map(|()| Self::GetMemoryBlockInfo)?
+            }
+        })
+    }
+}
 
 /// Which commands are enabled: everything, minus `--block-rpcs`, restricted to
 /// `--allow-rpcs` when given. `guest-sync` and `guest-sync-delimited` stay enabled under
@@ -47,14 +137,16 @@ impl CommandFilter {
         }
     }
 
-    /// Whether `name` may run.
-    pub fn is_enabled(&self, name: &str) -> bool {
+    /// Whether `command` may run.
+    pub fn is_enabled(&self, command: CommandName) -> bool {
+        let name = command.name();
         if self.blocked.contains(name) {
             return false;
         }
         match &self.allowed {
             Some(allowed) => {
-                allowed.contains(name) || name == command::SYNC || name == command::SYNC_DELIMITED
+                allowed.contains(name)
+                    || matches!(command, CommandName::Sync | CommandName::SyncDelimited)
             }
             None => true,
         }
@@ -62,6 +154,7 @@ impl CommandFilter {
 }
 
 /// The agent's state: where the memory tree is, how to online blocks, what is enabled.
+#[derive(Debug)]
 pub struct Agent {
     tree: MemoryTree,
     online_type: OnlineType,
@@ -106,69 +199,34 @@ impl Agent {
     /// Appends the reply to `req` to `out`.
     pub fn handle(&self, req: Request, out: &mut Vec<u8>) {
         let id = req.id.as_ref();
-        let name = req.execute.as_str();
-        if !COMMANDS.contains(&name) {
-            let err = QgaError::command_not_found(format!("The command {name} has not been found"));
-            return encode_error(out, &err, id);
-        }
-        if !self.filter.is_enabled(name) {
-            let err = QgaError::command_not_found(format!("Command {name} has been disabled"));
-            return encode_error(out, &err, id);
-        }
-        if let Err(err) = self.run(name, &req.arguments, id, out) {
+        let result = Command::parse(&req.execute, &req.arguments, &self.filter)
+            .and_then(|cmd| self.run(cmd, id, out));
+        if let Err(err) = result {
             encode_error(out, &err, id);
         }
     }
 
-    fn run(
-        &self,
-        name: &str,
-        args: &Option<Map<String, Value>>,
-        id: Option<&Value>,
-        out: &mut Vec<u8>,
-    ) -> Result<(), QgaError> {
-        match name {
-            command::SYNC => encode_ok(out, &args::sync_id(args)?, id),
-            command::SYNC_DELIMITED => {
-                let sync = args::sync_id(args)?;
+    /// Runs `cmd`, appending its reply to `out` unless it fails.
+    fn run(&self, cmd: Command, id: Option<&Value>, out: &mut Vec<u8>) -> Result<(), QgaError> {
+        let generic = |e: crate::sysfs::SysfsError| QgaError::generic(e.to_string());
+        match cmd {
+            Command::Sync(sync) => encode_ok(out, &sync, id),
+            Command::SyncDelimited(sync) => {
                 out.push(DELIMITER);
                 encode_ok(out, &sync, id);
             }
-            command::PING => {
-                args::none(args)?;
-                encode_ok(out, &Map::new(), id);
-            }
-            command::INFO => {
-                args::none(args)?;
-                encode_ok(out, &self.info(), id);
-            }
-            command::GET_MEMORY_BLOCKS => {
-                args::none(args)?;
-                let blocks = self
-                    .tree
-                    .blocks()
-                    .map_err(|e| QgaError::generic(e.to_string()))?;
-                encode_ok(out, &blocks, id);
-            }
-            command::SET_MEMORY_BLOCKS => {
-                let requests = args::mem_blks(args)?;
+            Command::Ping => encode_ok(out, &Map::new(), id),
+            Command::Info => encode_ok(out, &self.info(), id),
+            Command::GetMemoryBlocks => encode_ok(out, &self.tree.blocks().map_err(generic)?, id),
+            Command::SetMemoryBlocks(requests) => {
                 let results =
                     self.tree
                         .set_blocks(&requests, self.online_type, self.writer.as_ref());
                 encode_ok(out, &results, id);
             }
-            command::GET_MEMORY_BLOCK_INFO => {
-                args::none(args)?;
-                let size = self
-                    .tree
-                    .block_size()
-                    .map_err(|e| QgaError::generic(e.to_string()))?;
+            Command::GetMemoryBlockInfo => {
+                let size = self.tree.block_size().map_err(generic)?;
                 encode_ok(out, &GuestMemoryBlockInfo { size }, id);
-            }
-            _ => {
-                return Err(QgaError::command_not_found(format!(
-                    "The command {name} has not been found"
-                )));
             }
         }
         Ok(())
@@ -178,11 +236,11 @@ impl Agent {
     pub fn info(&self) -> GuestAgentInfo {
         GuestAgentInfo {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            supported_commands: COMMANDS
-                .iter()
-                .map(|&name| GuestAgentCommandInfo {
-                    name: name.to_string(),
-                    enabled: self.filter.is_enabled(name),
+            supported_commands: CommandName::ALL
+                .into_iter()
+                .map(|c| GuestAgentCommandInfo {
+                    name: c.name().to_string(),
+                    enabled: self.filter.is_enabled(c),
                     success_response: true,
                 })
                 .collect(),
@@ -229,4 +287,41 @@ fn encode_ok<T: Serialize>(out: &mut Vec<u8>, ret: &T, id: Option<&Value>) {
 
 fn encode_error(out: &mut Vec<u8>, error: &QgaError, id: Option<&Value>) {
     encode(out, &ErrReply { error, id });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip_in_listing_order() {
+        for c in CommandName::ALL {
+            assert_eq!(CommandName::from_name(c.name()), Some(c));
+        }
+        assert_eq!(CommandName::from_name("guest-nope"), None);
+        assert_eq!(CommandName::ALL[0].name(), command::SYNC_DELIMITED);
+    }
+
+    #[test]
+    fn parse_checks_known_then_enabled_then_arguments() {
+        let filter = CommandFilter::new(&["guest-ping".to_string()], None);
+        let args = serde_json::json!({"a": 1}).as_object().cloned();
+        let desc = |r: Result<Command, QgaError>| r.expect_err("should fail").desc;
+        assert_eq!(
+            desc(Command::parse("guest-nope", &args, &filter)),
+            "The command guest-nope has not been found"
+        );
+        assert_eq!(
+            desc(Command::parse("guest-ping", &args, &filter)),
+            "Command guest-ping has been disabled"
+        );
+        assert_eq!(
+            desc(Command::parse("guest-info", &args, &filter)),
+            "Parameter 'a' is unexpected"
+        );
+        assert_eq!(
+            Command::parse("guest-info", &None, &filter).ok(),
+            Some(Command::Info)
+        );
+    }
 }

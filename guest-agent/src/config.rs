@@ -15,7 +15,7 @@ use clap::Parser;
 use qga_wire::codec::DEFAULT_MAX_MESSAGE;
 
 use crate::{
-    commands::{COMMANDS, CommandFilter},
+    commands::{CommandFilter, CommandName},
     sysfs::OnlineType,
     transport::{Channel, Method},
 };
@@ -311,7 +311,10 @@ impl Config {
 
 /// The text of `-b help`: one RPC per line.
 pub fn rpc_list() -> String {
-    COMMANDS.iter().map(|c| format!("{c}\n")).collect()
+    CommandName::ALL
+        .into_iter()
+        .map(|c| format!("{}\n", c.name()))
+        .collect()
 }
 
 #[cfg(test)]

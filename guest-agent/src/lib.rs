@@ -18,6 +18,6 @@ pub mod server;
 pub mod sysfs;
 pub mod transport;
 
-pub use commands::{Agent, CommandFilter};
+pub use commands::{Agent, Command, CommandFilter, CommandName};
 pub use config::{Cli, Config};
 pub use sysfs::{MemoryTree, OnlineType, StateWriter};

@@ -59,29 +59,97 @@ impl OnlineType {
     }
 }
 
-/// Failure that makes `guest-get-memory-blocks` or `-info` fail as a whole, as in the
-/// reference (per-block failures of `set` are results, not errors).
-#[derive(Debug, thiserror::Error)]
-pub enum SysfsError {
-    /// A file or directory of the tree could not be opened or read.
-    #[error("{op}(\"{path}\"): {source}")]
-    Io {
-        /// The failed operation, as the reference names it.
-        op: &'static str,
-        /// The file it was applied to.
-        path: String,
-        /// The OS error.
-        #[source]
-        source: io::Error,
-    },
-    /// `block_size_bytes` does not hold a hexadecimal number.
-    #[error("cannot parse block size \"{0}\"")]
-    BadBlockSize(String),
+/// The memory directory as the reference names it in messages. Our replies say the same
+/// whatever `--sysfs-root` is, so they compare byte for byte with qemu-ga's.
+pub const MEMORY_DIR: &str = "/sys/devices/system/memory/";
+
+/// The text glibc's `strerror` gives for `errno` (what qemu-ga appends to its messages).
+pub fn strerror(errno: Errno) -> String {
+    let text = io::Error::from(errno).to_string();
+    let suffix = format!(" (os error {})", errno.raw_os_error());
+    match text.strip_suffix(&suffix) {
+        Some(plain) => plain.to_string(),
+        None => text,
+    }
 }
+
+/// How reading a small sysfs attribute failed: an `openat`, a `pread`, or nothing to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadError {
+    /// `openat(O_RDONLY)` failed.
+    Open(Errno),
+    /// `pread` failed.
+    Pread(Errno),
+    /// `pread` returned 0 bytes.
+    Eof,
+}
+
+impl ReadError {
+    /// The errno the reference sees after the failure: 0 after an empty read, because it
+    /// clears errno before opening.
+    pub fn errno(self) -> i32 {
+        match self {
+            Self::Open(e) | Self::Pread(e) => e.raw_os_error(),
+            Self::Eof => 0,
+        }
+    }
+
+    /// The reference treats any failure leaving errno at ENOENT as "no such attribute".
+    fn is_missing(self) -> bool {
+        self.errno() == Errno::NOENT.raw_os_error()
+    }
+}
+
+/// Failure that makes `guest-get-memory-blocks` or `-info` fail as a whole, worded as
+/// qemu-ga 7.2 words it (per-block failures of `set` are results, not errors).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SysfsError {
+    /// Listing: the memory directory exists but cannot be opened.
+    ListDir(Errno),
+    /// `open(O_RDONLY | O_DIRECTORY)` of the memory directory (`name` empty) or of a block
+    /// directory (`name` is `memoryN/`) failed.
+    OpenDir {
+        /// The directory, relative to [`MEMORY_DIR`].
+        name: String,
+        /// Why.
+        errno: Errno,
+    },
+    /// Reading an attribute (`state`, `removable`, `block_size_bytes`) failed.
+    Read {
+        /// The attribute's file name.
+        file: &'static str,
+        /// How.
+        err: ReadError,
+    },
+    /// The memory directory holds no block at all.
+    NoBlocks,
+    /// A scanner thread panicked (a bug, not an OS error).
+    ScanPanicked,
+}
+
+impl std::fmt::Display for SysfsError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::ListDir(e) => write!(f, "Can't open directory\"{MEMORY_DIR}\": {}", strerror(*e)),
+            Self::OpenDir { name, errno } => {
+                write!(f, "open(\"{MEMORY_DIR}{name}\"): {}", strerror(*errno))
+            }
+            Self::Read { file, err } => match err {
+                ReadError::Open(e) => write!(f, "open sysfs file \"{file}\": {}", strerror(*e)),
+                ReadError::Pread(e) => write!(f, "pread sysfs file \"{file}\": {}", strerror(*e)),
+                ReadError::Eof => write!(f, "pread sysfs file \"{file}\": unexpected EOF"),
+            },
+            Self::NoBlocks => f.write_str("guest reported zero memory blocks!"),
+            Self::ScanPanicked => f.write_str("internal error: memory block scan failed"),
+        }
+    }
+}
+
+impl std::error::Error for SysfsError {}
 
 /// Writes a block's `state` file. The real writer is [`KernelWriter`]; tests substitute
 /// one that fails with errnos a plain file tree cannot produce (EBUSY, EINVAL).
-pub trait StateWriter: Send + Sync {
+pub trait StateWriter: Send + Sync + std::fmt::Debug {
     /// Writes `value` to the `state` file of the block whose directory is `block`.
     fn write_state(&self, block: BorrowedFd<'_>, index: u64, value: &str) -> Result<(), Errno>;
 }
@@ -126,48 +194,46 @@ impl MemoryTree {
         &self.dir
     }
 
-    /// Bytes per block, from `block_size_bytes` (hex without `0x`).
+    /// Bytes per block: `block_size_bytes` read as C's `strtol(text, NULL, 16)` would.
     pub fn block_size(&self) -> Result<u64, SysfsError> {
-        let path = self.dir.join("block_size_bytes");
-        let text = std::fs::read_to_string(&path).map_err(|source| SysfsError::Io {
-            op: "open",
-            path: path.display().to_string(),
-            source,
+        let dirfd = self.open_dir().map_err(|errno| SysfsError::OpenDir {
+            name: String::new(),
+            errno,
         })?;
-        let t = text.trim();
-        u64::from_str_radix(t.trim_start_matches("0x"), 16)
-            .map_err(|_| SysfsError::BadBlockSize(t.to_string()))
+        let mut buf = [0u8; 20];
+        let text = read_attr(dirfd.as_fd(), "block_size_bytes", &mut buf).map_err(|err| {
+            SysfsError::Read {
+                file: "block_size_bytes",
+                err,
+            }
+        })?;
+        Ok(strtol_hex(text))
     }
 
-    fn open_dir(&self) -> Result<Option<OwnedFd>, SysfsError> {
-        match rustix::fs::open(
-            &self.dir,
+    /// Opens the memory directory (`O_RDONLY | O_DIRECTORY`, trailing slash, like opendir).
+    fn open_dir(&self) -> Result<OwnedFd, Errno> {
+        rustix::fs::open(
+            self.dir.join(""),
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
-        ) {
-            Ok(fd) => Ok(Some(fd)),
-            Err(Errno::NOENT) => Ok(None),
-            Err(e) => Err(self.io_error("open", &self.dir, e)),
-        }
+        )
     }
 
-    fn io_error(&self, op: &'static str, path: &Path, e: Errno) -> SysfsError {
-        SysfsError::Io {
-            op,
-            path: path.display().to_string(),
-            source: e.into(),
-        }
-    }
-
-    /// Every block, in directory order. A missing tree is an empty list.
+    /// Every block, in directory order. A missing tree is an empty list; a tree without
+    /// blocks is an error.
     ///
     /// Directory names whose suffix is not a decimal number are skipped (the reference
     /// reports them as phys-index 0).
     pub fn blocks(&self) -> Result<Vec<GuestMemoryBlock>, SysfsError> {
-        let Some(dirfd) = self.open_dir()? else {
-            return Ok(Vec::new());
+        let dirfd = match self.open_dir() {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(Vec::new()),
+            Err(e) => return Err(SysfsError::ListDir(e)),
         };
-        let indices = self.block_indices(&dirfd)?;
+        let indices = block_indices(&dirfd)?;
+        if indices.is_empty() {
+            return Err(SysfsError::NoBlocks);
+        }
         let mut out = vec![
             GuestMemoryBlock {
                 phys_index: 0,
@@ -178,7 +244,7 @@ impl MemoryTree {
         ];
         let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
         if indices.len() < PARALLEL_THRESHOLD || threads < 2 {
-            read_blocks(&self.dir, dirfd.as_fd(), &indices, &mut out)?;
+            read_blocks(dirfd.as_fd(), &indices, &mut out)?;
         } else {
             let chunk = indices.len().div_ceil(threads);
             let dirfd = dirfd.as_fd();
@@ -186,46 +252,15 @@ impl MemoryTree {
                 let workers: Vec<_> = indices
                     .chunks(chunk)
                     .zip(out.chunks_mut(chunk))
-                    .map(|(idx, dst)| s.spawn(move || read_blocks(&self.dir, dirfd, idx, dst)))
+                    .map(|(idx, dst)| s.spawn(move || read_blocks(dirfd, idx, dst)))
                     .collect();
-                workers.into_iter().try_for_each(|w| {
-                    w.join().unwrap_or_else(|_| {
-                        Err(SysfsError::Io {
-                            op: "scan",
-                            path: self.dir.display().to_string(),
-                            source: io::Error::other("scanner thread panicked"),
-                        })
-                    })
-                })
+                // In chunk order, so the error reported is the first in directory order.
+                workers
+                    .into_iter()
+                    .try_for_each(|w| w.join().unwrap_or(Err(SysfsError::ScanPanicked)))
             })?;
         }
         Ok(out)
-    }
-
-    /// The N of every `memoryN` directory, in directory order.
-    fn block_indices(&self, dirfd: &OwnedFd) -> Result<Vec<u64>, SysfsError> {
-        let dir = Dir::read_from(dirfd).map_err(|e| self.io_error("opendir", &self.dir, e))?;
-        let mut indices = Vec::new();
-        for entry in dir {
-            let entry = entry.map_err(|e| self.io_error("readdir", &self.dir, e))?;
-            let Some(index) = parse_block_name(entry.file_name().to_bytes()) else {
-                continue;
-            };
-            match entry.file_type() {
-                FileType::Directory => indices.push(index),
-                FileType::Unknown => {
-                    let is_dir =
-                        rustix::fs::statat(dirfd, entry.file_name(), rustix::fs::AtFlags::empty())
-                            .map(|st| FileType::from_raw_mode(st.st_mode) == FileType::Directory)
-                            .unwrap_or(false);
-                    if is_dir {
-                        indices.push(index);
-                    }
-                }
-                _ => {}
-            }
-        }
-        Ok(indices)
     }
 
     /// Brings each requested block online or offline, in order, one result per entry.
@@ -235,19 +270,20 @@ impl MemoryTree {
         online_type: OnlineType,
         writer: &dyn StateWriter,
     ) -> Vec<GuestMemoryBlockResponse> {
+        use GuestMemoryBlockResponseType as R;
         let dirfd = match self.open_dir() {
-            Ok(Some(fd)) => fd,
-            // No tree at all: the kernel cannot hotplug memory.
-            Ok(None) | Err(_) => {
+            Ok(fd) => fd,
+            Err(e) => {
+                // No tree at all: the kernel cannot hotplug memory. Any other failure is a
+                // failure (see `Divergence::UnopenableTreeFails` in the differential test).
+                let kind = if e == Errno::NOENT {
+                    R::OperationNotSupported
+                } else {
+                    R::OperationFailed
+                };
                 return requests
                     .iter()
-                    .map(|&(phys_index, _)| {
-                        response(
-                            phys_index,
-                            GuestMemoryBlockResponseType::OperationNotSupported,
-                            None,
-                        )
-                    })
+                    .map(|&(phys_index, _)| response(phys_index, kind, Some(e.raw_os_error())))
                     .collect();
             }
         };
@@ -258,15 +294,37 @@ impl MemoryTree {
     }
 }
 
+/// The N of every `memoryN` entry the reference takes for a block directory, in directory
+/// order. Like qemu-ga it trusts `d_type & DT_DIR`, which is also set for sockets and
+/// block devices (their open then fails), and skips unknown types; a readdir error ends
+/// the listing as it does there.
+fn block_indices(dirfd: &OwnedFd) -> Result<Vec<u64>, SysfsError> {
+    let dir = Dir::read_from(dirfd).map_err(SysfsError::ListDir)?;
+    let mut indices = Vec::new();
+    for entry in dir {
+        let Ok(entry) = entry else { break };
+        let Some(index) = parse_block_name(entry.file_name().to_bytes()) else {
+            continue;
+        };
+        if matches!(
+            entry.file_type(),
+            FileType::Directory | FileType::Socket | FileType::BlockDevice
+        ) {
+            indices.push(index);
+        }
+    }
+    Ok(indices)
+}
+
 fn response(
     phys_index: u64,
     response: GuestMemoryBlockResponseType,
-    errno: Option<Errno>,
+    errno: Option<i32>,
 ) -> GuestMemoryBlockResponse {
     GuestMemoryBlockResponse {
         phys_index,
         response,
-        error_code: errno.map(|e| i64::from(e.raw_os_error())),
+        error_code: errno.map(i64::from),
     }
 }
 
@@ -280,17 +338,21 @@ fn set_block(
     use GuestMemoryBlockResponseType as R;
     let block = match open_block(dirfd, index) {
         Ok(fd) => fd,
-        Err(Errno::NOENT) => return response(index, R::NotFound, Some(Errno::NOENT)),
-        Err(e) => return response(index, R::OperationFailed, Some(e)),
+        Err(Errno::NOENT) => {
+            return response(index, R::NotFound, Some(Errno::NOENT.raw_os_error()));
+        }
+        Err(e) => return response(index, R::OperationFailed, Some(e.raw_os_error())),
     };
-    let mut buf = [0u8; 32];
-    let current = match read_small(block.as_fd(), "state", &mut buf) {
+    let mut buf = [0u8; 10];
+    let current = match read_attr(block.as_fd(), "state", &mut buf) {
         Ok(state) => state.starts_with(b"online"),
         // Kernels without a `state` file cannot change blocks; onlining an already
         // usable block is a no-op, offlining is impossible.
-        Err(Errno::NOENT) if online => return response(index, R::Success, None),
-        Err(Errno::NOENT) => return response(index, R::OperationNotSupported, Some(Errno::NOENT)),
-        Err(e) => return response(index, R::OperationFailed, Some(e)),
+        Err(e) if e.is_missing() && online => return response(index, R::Success, None),
+        Err(e) if e.is_missing() => {
+            return response(index, R::OperationNotSupported, Some(e.errno()));
+        }
+        Err(e) => return response(index, R::OperationFailed, Some(e.errno())),
     };
     if current == online {
         return response(index, R::Success, None);
@@ -302,90 +364,149 @@ fn set_block(
     };
     match writer.write_state(block.as_fd(), index, word) {
         Ok(()) => response(index, R::Success, None),
-        Err(e) => response(index, R::OperationFailed, Some(e)),
+        Err(e) => response(index, R::OperationFailed, Some(e.raw_os_error())),
     }
 }
 
 /// Reads `state` and `removable` of each block in `indices` into `out` (same length).
 ///
 /// Each file is opened straight from the tree's directory (`memoryN/state`): two opens,
-/// two reads and two closes per block, the fewest syscalls the sysfs ABI allows.
+/// two reads and two closes per block, the fewest syscalls the sysfs ABI allows. Only
+/// when that fails is the block directory opened on its own, because the reference opens
+/// it first and reports its failure instead.
 fn read_blocks(
-    dir: &Path,
     dirfd: BorrowedFd<'_>,
     indices: &[u64],
     out: &mut [GuestMemoryBlock],
 ) -> Result<(), SysfsError> {
-    let mut buf = [0u8; 32];
+    let mut buf = [0u8; 10];
     for (&index, slot) in indices.iter().zip(out.iter_mut()) {
         slot.phys_index = index;
-        let fail = |op, e: Errno, file: &str| SysfsError::Io {
-            op,
-            path: dir
-                .join(format!("memory{index}/{file}"))
-                .display()
-                .to_string(),
-            source: e.into(),
-        };
-        match read_attr(dirfd, index, "state", &mut buf) {
+        let mut name = NameBuf::new();
+        match read_attr(dirfd, name.block(index, "/state"), &mut buf) {
             Ok(state) => slot.online = state.starts_with(b"online"),
-            // Old kernels without `state`: memory is always online and never removable.
-            Err(Errno::NOENT) => {
+            Err(err) => {
+                open_block(dirfd, index).map_err(|errno| SysfsError::OpenDir {
+                    name: format!("memory{}/", index as i64),
+                    errno,
+                })?;
+                if !err.is_missing() {
+                    return Err(SysfsError::Read { file: "state", err });
+                }
+                // Old kernels without `state`: always online and never removable.
                 slot.online = true;
                 slot.can_offline = Some(false);
                 continue;
             }
-            Err(e) => return Err(fail("read", e, "state")),
         }
-        slot.can_offline = match read_attr(dirfd, index, "removable", &mut buf) {
-            Ok(r) => Some(r.first().is_some_and(|&b| b != b'0')),
-            Err(Errno::NOENT) => Some(false),
-            Err(e) => return Err(fail("read", e, "removable")),
+        let mut byte = [0u8; 1];
+        slot.can_offline = match read_attr(dirfd, name.block(index, "/removable"), &mut byte) {
+            Ok(r) => Some(r != b"0"),
+            Err(err) if err.is_missing() => Some(false),
+            Err(err) => {
+                return Err(SysfsError::Read {
+                    file: "removable",
+                    err,
+                });
+            }
         };
     }
     Ok(())
 }
 
-/// Reads `memory<index>/<file>` relative to the tree, the path formatted on the stack.
+/// Reads at most `buf.len()` bytes from the start of `path` (relative to `dirfd`), as
+/// qemu-ga's `ga_read_sysfs_file` does: `openat`, one `pread`, no bytes is an error.
 fn read_attr<'b>(
     dirfd: BorrowedFd<'_>,
-    index: u64,
-    file: &str,
+    path: &str,
     buf: &'b mut [u8],
-) -> Result<&'b [u8], Errno> {
-    use std::io::Write as _;
-    let mut name = [0u8; 48];
-    let mut rest = &mut name[..];
-    write!(rest, "memory{index}/{file}").map_err(|_| Errno::NAMETOOLONG)?;
-    let len = 48 - rest.len();
-    let path = std::str::from_utf8(&name[..len]).map_err(|_| Errno::INVAL)?;
-    let fd = rustix::fs::openat(dirfd, path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let n = rustix::io::read(&fd, &mut *buf)?;
-    Ok(&buf[..n])
+) -> Result<&'b [u8], ReadError> {
+    let fd = rustix::fs::openat(dirfd, path, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(ReadError::Open)?;
+    let n = rustix::io::pread(&fd, &mut *buf, 0).map_err(ReadError::Pread)?;
+    match buf.get(..n) {
+        Some([]) | None => Err(ReadError::Eof),
+        Some(read) => Ok(read),
+    }
 }
 
-/// Opens `memory<index>` relative to the tree, as a directory handle for `*at` calls.
-/// The name is formatted on the stack: no allocation per block.
+/// A block path formatted on the stack: no allocation per block.
+struct NameBuf([u8; 48]);
+
+impl NameBuf {
+    fn new() -> Self {
+        Self([0; 48])
+    }
+
+    /// `memory<index><suffix>`, the index printed signed as the reference's `PRId64`.
+    /// 48 bytes hold the longest index with any suffix used here, and the text is ASCII,
+    /// so neither fallback below is ever taken.
+    fn block(&mut self, index: u64, suffix: &str) -> &str {
+        use std::io::Write as _;
+        let mut rest = &mut self.0[..];
+        let _ = write!(rest, "memory{}{suffix}", index as i64);
+        let len = 48 - rest.len();
+        std::str::from_utf8(&self.0[..len]).unwrap_or_default()
+    }
+}
+
+/// Opens `memory<index>/` relative to the tree (`O_RDONLY | O_DIRECTORY`, as the
+/// reference), as a directory handle for `*at` calls.
 fn open_block(dirfd: BorrowedFd<'_>, index: u64) -> Result<OwnedFd, Errno> {
-    use std::io::Write as _;
-    let mut buf = [0u8; 32];
-    let mut rest = &mut buf[..];
-    write!(rest, "memory{index}").map_err(|_| Errno::NAMETOOLONG)?;
-    let len = 32 - rest.len();
-    let name = std::str::from_utf8(&buf[..len]).map_err(|_| Errno::INVAL)?;
+    let mut name = NameBuf::new();
+    let path = name.block(index, "/");
     rustix::fs::openat(
         dirfd,
-        name,
-        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
         Mode::empty(),
     )
 }
 
-/// Reads at most `buf.len()` bytes of a small sysfs attribute.
-fn read_small<'b>(block: BorrowedFd<'_>, file: &str, buf: &'b mut [u8]) -> Result<&'b [u8], Errno> {
-    let fd = rustix::fs::openat(block, file, OFlags::RDONLY | OFlags::CLOEXEC, Mode::empty())?;
-    let n = rustix::io::read(&fd, &mut *buf)?;
-    Ok(&buf[..n])
+/// C's `strtol(text, NULL, 16)` converted to `uint64_t`, as the reference reads
+/// `block_size_bytes`: leading white space, a sign, an optional `0x`, hex digits up to the
+/// first other byte (or NUL); nothing parsable is 0, overflow saturates at `LONG_MAX` /
+/// `LONG_MIN`, and negative values wrap.
+pub fn strtol_hex(text: &[u8]) -> u64 {
+    let mut rest = text.split(|&b| b == 0).next().unwrap_or_default();
+    while let [b' ' | b'\t' | b'\n' | 0x0b | 0x0c | b'\r', tail @ ..] = rest {
+        rest = tail;
+    }
+    let negative = match rest {
+        [b'-', tail @ ..] => {
+            rest = tail;
+            true
+        }
+        [b'+', tail @ ..] => {
+            rest = tail;
+            false
+        }
+        _ => false,
+    };
+    if let [b'0', b'x' | b'X', tail @ ..] = rest
+        && tail.first().is_some_and(u8::is_ascii_hexdigit)
+    {
+        rest = tail;
+    }
+    let mut magnitude: u64 = 0;
+    for &b in rest {
+        let digit = match b {
+            b'0'..=b'9' => b - b'0',
+            b'a'..=b'f' => b - b'a' + 10,
+            b'A'..=b'F' => b - b'A' + 10,
+            _ => break,
+        };
+        magnitude = magnitude
+            .saturating_mul(16)
+            .saturating_add(u64::from(digit));
+    }
+    let limit = if negative { 1 << 63 } else { i64::MAX as u64 };
+    match (magnitude > limit, negative) {
+        (true, false) => i64::MAX as u64,
+        (true, true) => i64::MIN as u64,
+        (false, false) => magnitude,
+        (false, true) => magnitude.wrapping_neg(),
+    }
 }
 
 /// `memory<N>` with N a decimal number without sign; anything else is not a block.
@@ -411,6 +532,49 @@ mod tests {
         assert_eq!(parse_block_name(b"memory+1"), None);
         assert_eq!(parse_block_name(b"memory99999999999999999999999"), None);
         assert_eq!(parse_block_name(b"block_size_bytes"), None);
+    }
+
+    #[test]
+    fn block_size_parses_like_strtol() {
+        let cases: &[(&str, u64)] = &[
+            ("8000000\n", 0x800_0000),
+            ("  0x10", 16),
+            ("+0X1f", 31),
+            ("-1", u64::MAX),
+            ("-0x8", u64::MAX - 7),
+            ("zz", 0),
+            ("0x", 0),
+            ("0xg", 0),
+            ("12g4", 0x12),
+            ("fffffffffffffffff", i64::MAX as u64),
+            ("-fffffffffffffffff", 1 << 63),
+            ("7fffffffffffffff", i64::MAX as u64),
+            ("8000000000000000", i64::MAX as u64),
+            ("-8000000000000000", 1 << 63),
+            (" \t\n 8", 8),
+            ("1 2", 1),
+            ("1\x002", 1),
+        ];
+        for &(text, size) in cases {
+            assert_eq!(strtol_hex(text.as_bytes()), size, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn messages_read_like_the_reference() {
+        assert_eq!(strerror(Errno::ISDIR), "Is a directory");
+        assert_eq!(
+            SysfsError::ListDir(Errno::NOTDIR).to_string(),
+            "Can't open directory\"/sys/devices/system/memory/\": Not a directory"
+        );
+        assert_eq!(
+            SysfsError::Read {
+                file: "state",
+                err: ReadError::Eof
+            }
+            .to_string(),
+            "pread sysfs file \"state\": unexpected EOF"
+        );
     }
 
     #[test]

@@ -309,6 +309,7 @@ fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 
 /// A non-blocking file descriptor (serial port, vsock connection) as a tokio stream.
 /// Reading and writing go through `&FdStream`, so one value serves both halves.
+#[derive(Debug)]
 pub struct FdStream {
     inner: AsyncFd<OwnedFd>,
 }

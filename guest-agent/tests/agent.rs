@@ -239,15 +239,20 @@ fn missing_memory_tree() {
             &mut c,
             json!([{"phys-index": 0, "online": true}, {"phys-index": 1, "online": false}])
         ),
+        // qemu-ga 7.2 keeps opendir's errno (ENOENT) as the error code.
         json!([
-            {"phys-index": 0, "response": "operation-not-supported"},
-            {"phys-index": 1, "response": "operation-not-supported"},
+            {"phys-index": 0, "response": "operation-not-supported", "error-code": 2},
+            {"phys-index": 1, "response": "operation-not-supported", "error-code": 2},
         ])
     );
     let info = c
         .execute("guest-get-memory-block-info", None)
         .expect("reply");
     assert_eq!(error(&info).0, "GenericError");
+    assert_eq!(
+        error(&info).1,
+        "open(\"/sys/devices/system/memory/\"): No such file or directory"
+    );
 }
 
 #[test]

@@ -9,7 +9,7 @@
 //! protocol leaves open (block order). Deliberate divergences are listed in [`Divergence`]
 //! and applied explicitly where they occur.
 
-use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, QgaClient};
+use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, Node, QgaClient};
 use serde_json::{Value, json};
 
 /// Where our agent deliberately differs from qemu-ga 7.2.
@@ -23,6 +23,12 @@ enum Divergence {
     NoErrorCodeOnSuccess,
     /// `guest-info`: our version, and only the commands we implement.
     InfoListsOurCommands,
+    /// `guest-set-memory-blocks` when the memory directory exists but cannot be opened
+    /// (ENOTDIR, ELOOP, EMFILE...): the reference leaves each result at `success` (with
+    /// `error-code` set to the errno) although it touched no block. A host must not be
+    /// told memory came online when nothing happened, so we answer `operation-failed`
+    /// with the same error code.
+    UnopenableTreeFails,
     /// A value nested deeper than 1024: both answer "JSON nesting depth limit exceeded",
     /// but the reference then reports every leftover closing bracket as its own error
     /// (1,026 more replies for 1,100 levels); we skip the rest of the value silently.
@@ -100,6 +106,16 @@ fn apply(d: Divergence, reference: &mut Value) {
                     seen_zero = true;
                     keep
                 });
+            }
+        }
+        Divergence::UnopenableTreeFails => {
+            // Only that path yields success with an errno other than ENOENT's 2.
+            if let Some(results) = reference.get_mut("return").and_then(Value::as_array_mut) {
+                for r in results.iter_mut().filter(|r| {
+                    r["response"] == "success" && r.get("error-code").is_some_and(|c| c != 2)
+                }) {
+                    r["response"] = json!("operation-failed");
+                }
             }
         }
         Divergence::NoErrorCodeOnSuccess => {
@@ -350,4 +366,197 @@ fn disabled_commands_match() {
         &json!({"execute": "guest-get-memory-block-info"}),
         &[],
     );
+}
+
+/// The base tree of [`sysfs_error_paths_match`]: two good blocks; block 5 is what the cases
+/// break. Rebuilt from scratch, whatever the previous case left.
+fn reset(t: &FakeSysfs) {
+    t.replace("", Node::Dir)
+        .block_size(0x800_0000)
+        .block(0, Some("online"), Some("1"))
+        .block(1, Some("offline"), Some("0"));
+}
+
+/// Every error path of the three memory commands, on trees broken identically for both
+/// agents with things root cannot bypass: each case's replies must be equal.
+#[test]
+fn sysfs_error_paths_match() {
+    type Case = (&'static str, fn(&FakeSysfs));
+    let cases: &[Case] = &[
+        ("good tree", |_| {}),
+        // The memory directory itself.
+        ("memory dir missing (ENOENT)", |t| {
+            t.remove_memory_dir();
+        }),
+        ("memory dir a file (ENOTDIR)", |t| {
+            t.replace("", Node::File("x"));
+        }),
+        ("memory dir a symlink loop (ELOOP)", |t| {
+            t.replace("", Node::Symlink("memory"));
+        }),
+        ("memory dir a dangling symlink (ENOENT)", |t| {
+            t.replace("", Node::Symlink("nowhere"));
+        }),
+        ("memory dir without blocks", |t| {
+            t.replace("", Node::Dir).block_size(0x800_0000);
+        }),
+        ("memory dir empty", |t| {
+            t.replace("", Node::Dir);
+        }),
+        // `memory5` itself.
+        ("memory5 a file", |t| {
+            t.replace("memory5", Node::File("x"));
+        }),
+        ("memory5 a socket (d_type has DT_DIR's bit)", |t| {
+            t.replace("memory5", Node::Socket);
+        }),
+        ("memory5 a fifo", |t| {
+            t.replace("memory5", Node::Fifo);
+        }),
+        ("memory5 a symlink loop", |t| {
+            t.replace("memory5", Node::Symlink("memory5"));
+        }),
+        ("memory5 a dangling symlink", |t| {
+            t.replace("memory5", Node::Symlink("nowhere"));
+        }),
+        ("memory5 a symlink to a block", |t| {
+            t.replace("memory5", Node::Symlink("memory1"));
+        }),
+        // Its `state`.
+        ("state a directory (EISDIR on read)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Dir);
+        }),
+        ("state empty (EOF)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::File(""));
+        }),
+        ("state a symlink loop (ELOOP)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Symlink("state"));
+        }),
+        ("state a dangling symlink (ENOENT)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Symlink("nowhere"));
+        }),
+        ("state missing", |t| {
+            t.block(5, None, Some("1"));
+        }),
+        ("state /dev/full (writes fail with ENOSPC)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Symlink("/dev/full"));
+        }),
+        ("state /dev/null (EOF)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Symlink("/dev/null"));
+        }),
+        ("state a socket (ENXIO)", |t| {
+            t.block(5, None, Some("1"))
+                .replace("memory5/state", Node::Socket);
+        }),
+        // Its `removable`.
+        ("removable a directory", |t| {
+            t.block(5, Some("online"), None)
+                .replace("memory5/removable", Node::Dir);
+        }),
+        ("removable empty", |t| {
+            t.block(5, Some("online"), None)
+                .replace("memory5/removable", Node::File(""));
+        }),
+        ("removable a symlink loop", |t| {
+            t.block(5, Some("online"), None)
+                .replace("memory5/removable", Node::Symlink("removable"));
+        }),
+        ("removable a dangling symlink", |t| {
+            t.block(5, Some("online"), None)
+                .replace("memory5/removable", Node::Symlink("nowhere"));
+        }),
+        ("removable /dev/full (a NUL byte)", |t| {
+            t.block(5, Some("offline"), None)
+                .replace("memory5/removable", Node::Symlink("/dev/full"));
+        }),
+        // `block_size_bytes`.
+        ("block_size_bytes a directory", |t| {
+            t.replace("block_size_bytes", Node::Dir);
+        }),
+        ("block_size_bytes empty", |t| {
+            t.replace("block_size_bytes", Node::File(""));
+        }),
+        ("block_size_bytes a symlink loop", |t| {
+            t.replace("block_size_bytes", Node::Symlink("block_size_bytes"));
+        }),
+        ("block_size_bytes missing", |t| {
+            t.replace("block_size_bytes", Node::Symlink("nowhere"));
+        }),
+        ("block_size_bytes /dev/full", |t| {
+            t.replace("block_size_bytes", Node::Symlink("/dev/full"));
+        }),
+    ];
+    let (t1, t2) = (FakeSysfs::new(), FakeSysfs::new());
+    let pair = Pair::start(&t1, &t2, &[]);
+    let (mut o, mut r) = pair.clients();
+    let set = json!({"execute": "guest-set-memory-blocks", "arguments": {"mem-blks": [
+        {"phys-index": 0, "online": true},
+        {"phys-index": 1, "online": true},
+        {"phys-index": 5, "online": true},
+        {"phys-index": 5, "online": false},
+        {"phys-index": -1, "online": false},
+    ]}});
+    let divergences = [
+        Divergence::UnopenableTreeFails,
+        Divergence::NoErrorCodeOnSuccess,
+    ];
+    for (name, setup) in cases {
+        for t in [&t1, &t2] {
+            reset(t);
+            setup(t);
+        }
+        for request in [
+            json!({"execute": "guest-get-memory-blocks", "id": name}),
+            json!({"execute": "guest-get-memory-block-info", "id": name}),
+            set.clone(),
+        ] {
+            same(&mut o, &mut r, &request, &divergences);
+        }
+    }
+    // `block_size_bytes` as C's strtol(text, NULL, 16) reads it (under 20 bytes: the
+    // reference does not terminate a full 20-byte read).
+    for text in [
+        "8000000\n",
+        "  0x10",
+        "+0X1f",
+        "-1",
+        "-0x8",
+        "zz",
+        "0x",
+        "0xg",
+        "12g4",
+        "fffffffffffffffff",
+        "-fffffffffffffffff",
+        "7fffffffffffffff",
+        "8000000000000000",
+        "-8000000000000000",
+        " \t\n 8",
+        "1 2",
+    ] {
+        for t in [&t1, &t2] {
+            reset(t);
+            t.replace("block_size_bytes", Node::File(text));
+        }
+        same(
+            &mut o,
+            &mut r,
+            &json!({"execute": "guest-get-memory-block-info", "id": text}),
+            &[],
+        );
+    }
+    // phys-index -1 names `memory-1` (the reference prints indices signed).
+    for t in [&t1, &t2] {
+        reset(t);
+        t.odd_dir("memory-1");
+    }
+    let reply = same(&mut o, &mut r, &set, &divergences);
+    assert_eq!(reply["return"][4]["response"], "success");
+    assert_eq!(kernel_word(&t2.state_of("memory-1")), "offline");
+    assert_eq!(t1.state_of("memory-1"), "offline");
 }

@@ -11,6 +11,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Fails writes to chosen blocks with a chosen errno, like the kernel refusing to
 /// offline unmovable pages (EBUSY) or boot memory (EINVAL); records what was attempted.
+#[derive(Debug)]
 struct Refusing {
     refuse: Vec<(u64, Errno)>,
     attempts: std::sync::Mutex<Vec<(u64, String)>>,

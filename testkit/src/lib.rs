@@ -15,4 +15,4 @@ mod sysfs;
 pub use agent::{AgentKind, AgentProcess, bin_path};
 pub use bridge::BridgeProcess;
 pub use client::QgaClient;
-pub use sysfs::FakeSysfs;
+pub use sysfs::{FakeSysfs, Node};

@@ -8,11 +8,40 @@ use std::{
 
 use tempfile::TempDir;
 
+/// What [`FakeSysfs::replace`] puts in place of a file of the tree. Each yields a real
+/// errno (or none) that root cannot bypass, identically in every tree:
+///
+/// | node | open `O_RDONLY` | read | open `O_DIRECTORY` | `d_type` |
+/// |------|-----------------|------|--------------------|----------|
+/// | `Dir` | ok | EISDIR | ok | DT_DIR |
+/// | `File("")` | ok | EOF | ENOTDIR | DT_REG |
+/// | `Symlink(own name)` | ELOOP | | ELOOP | DT_LNK |
+/// | `Symlink("nowhere")` | ENOENT | | ENOENT | DT_LNK |
+/// | `Fifo` | blocks! | | ENOTDIR | DT_FIFO |
+/// | `Socket` | ENXIO | | ENOTDIR | DT_SOCK |
+///
+/// `Symlink("/dev/full")` reads as zero bytes and fails writes with ENOSPC;
+/// `Symlink("/dev/null")` reads as EOF and accepts writes.
+#[derive(Debug, Clone, Copy)]
+pub enum Node<'a> {
+    /// A regular file with these contents, written as is (no newline added).
+    File(&'a str),
+    /// An empty directory.
+    Dir,
+    /// A symbolic link to this target.
+    Symlink(&'a str),
+    /// A named pipe.
+    Fifo,
+    /// A unix socket (bound, then closed: the socket file stays).
+    Socket,
+}
+
 /// A fake sysfs root holding `devices/system/memory` with `block_size_bytes` (128 MiB by
 /// default) and the blocks the test adds. Removed when dropped.
 ///
 /// Files are plain files, so writes by an agent land in them and can be read back with
 /// [`FakeSysfs::state`]. Methods panic on I/O failure: this is test scaffolding.
+#[derive(Debug)]
 pub struct FakeSysfs {
     dir: TempDir,
 }
@@ -53,7 +82,13 @@ impl FakeSysfs {
         self.dir.path()
     }
 
-    /// The `devices/system/memory` directory (what the reference gets bind-mounted).
+    /// The `devices/system` directory (what the reference gets bind-mounted over the real
+    /// `/sys/devices/system`).
+    pub fn system_dir(&self) -> PathBuf {
+        self.dir.path().join("devices/system")
+    }
+
+    /// The `devices/system/memory` directory.
     pub fn memory_dir(&self) -> PathBuf {
         self.dir.path().join("devices/system/memory")
     }
@@ -104,9 +139,46 @@ impl FakeSysfs {
         self
     }
 
+    /// Replaces `path` (relative to the memory directory; `""` is the memory directory
+    /// itself) with `node`, removing whatever was there first.
+    pub fn replace(&self, path: &str, node: Node<'_>) -> &Self {
+        let memory = self.memory_dir();
+        let at = if path.is_empty() {
+            memory
+        } else {
+            memory.join(path)
+        };
+        let at = at.as_path();
+        match fs::symlink_metadata(at) {
+            Ok(m) if m.is_dir() => fs::remove_dir_all(at).expect("remove dir"),
+            Ok(_) => fs::remove_file(at).expect("remove file"),
+            Err(_) => {}
+        }
+        match node {
+            Node::File(text) => fs::write(at, text).expect("write file"),
+            Node::Dir => fs::create_dir(at).expect("create dir"),
+            Node::Symlink(target) => std::os::unix::fs::symlink(target, at).expect("symlink"),
+            Node::Fifo => rustix::fs::mknodat(
+                rustix::fs::CWD,
+                at,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o600),
+                0,
+            )
+            .expect("mkfifo"),
+            Node::Socket => drop(std::os::unix::net::UnixListener::bind(at).expect("bind")),
+        }
+        self
+    }
+
     /// The current content of block `index`'s `state`, trimmed.
     pub fn state(&self, index: u64) -> String {
-        fs::read_to_string(self.memory_dir().join(format!("memory{index}/state")))
+        self.state_of(&format!("memory{index}"))
+    }
+
+    /// The current content of `state` in directory `name` (e.g. `memory-1`), trimmed.
+    pub fn state_of(&self, name: &str) -> String {
+        fs::read_to_string(self.memory_dir().join(name).join("state"))
             .expect("read state")
             .trim()
             .to_string()
