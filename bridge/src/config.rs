@@ -7,6 +7,8 @@
 //! log_format = "text"                   # or "json"
 //! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
 //! discover_interval_ms = 2000
+//! discover_owners = [0, 64055]          # uids a discovered socket may belong to
+//!                                       # (default: root and the bridge's own euid)
 //!
 //! [vms]
 //! vm1 = "/run/qemu/vm1/qga.sock"
@@ -20,8 +22,25 @@
 //!
 //! [limits]
 //! queue_depth = 64                      # calls waiting per VM
-//! max_reply_bytes = 16777216            # largest reply accepted from a guest
+//! max_reply_bytes = 4194304             # largest reply accepted from a guest
 //! max_connections = 1024                # concurrent JSON-RPC connections
+//! max_request_bytes = 4194304           # largest JSON-RPC request body
+//! max_set_entries = 4096                # block changes per guest-set-memory-blocks
+//! max_stale_frames = 64                 # unrelated frames one call may skip
+//! max_stale_bytes = 8388608             # unrelated bytes one call may skip
+//! parse_budget_bytes = 67108864         # large replies parsed at once, bridge-wide
+//! max_vms = 4096                        # VMs in all, configured and discovered
+//! max_in_flight = 4096                  # calls being served at once, bridge-wide
+//! max_connection_calls = 16             # calls in flight on one JSON-RPC connection
+//! max_batch = 32                        # calls in one JSON-RPC batch
+//! body_budget_bytes = 8388608           # large request bodies read at once, bridge-wide
+//! header_read_timeout_ms = 10000        # HTTP/1 request header (JSON-RPC, metrics)
+//! keepalive_interval_ms = 30000         # HTTP/2 and WebSocket pings
+//! keepalive_timeout_ms = 10000          # unanswered ping: connection closed
+//! grpc_max_connections = 1024           # concurrent gRPC connections
+//! grpc_max_streams = 100                # concurrent gRPC calls per connection
+//! grpc_max_pending_resets = 20          # HTTP/2 streams reset before being served
+//! metrics_max_connections = 16          # concurrent metrics scrapes
 //! ```
 
 use std::{
@@ -61,6 +80,10 @@ pub struct Cli {
     /// directory name, without libvirt's `domain-N-` prefix.
     #[arg(long)]
     pub discover: Vec<String>,
+    /// A uid discovered sockets may be owned by (repeatable; replaces the file's
+    /// `discover_owners`) [default: 0 and the bridge's effective uid].
+    #[arg(long = "discover-owner", value_name = "UID")]
+    pub discover_owners: Vec<u32>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -156,15 +179,74 @@ pub struct Limits {
     pub max_request_bytes: u32,
     /// Concurrent JSON-RPC connections (HTTP and WebSocket) accepted.
     pub max_connections: u32,
+    /// Block changes one `guest-set-memory-blocks` call may carry.
+    pub max_set_entries: usize,
+    /// Unrelated frames (stale replies, garbage) one call may skip before the channel
+    /// counts as flooded: it is dropped and backed off.
+    pub max_stale_frames: u32,
+    /// Bytes of unrelated values one call may skip, likewise.
+    pub max_stale_bytes: usize,
+    /// Bytes of large replies being parsed off the async workers at once, bridge-wide.
+    pub parse_budget_bytes: usize,
+    /// VMs served in all, configured and discovered; discovered sockets beyond it are
+    /// not added.
+    pub max_vms: usize,
+    /// Calls being served at once, bridge-wide, both front ends; more get
+    /// RESOURCE_EXHAUSTED at once.
+    pub max_in_flight: usize,
+    /// Calls in flight on one JSON-RPC connection (a WebSocket's pipelined calls, a
+    /// batch's members); more get -32004 at once.
+    pub max_connection_calls: usize,
+    /// Calls in one JSON-RPC batch; a larger batch is refused whole.
+    pub max_batch: u32,
+    /// Bytes of large JSON-RPC request bodies (256 KiB and more) read and handled at
+    /// once, bridge-wide; further large requests wait.
+    pub body_budget_bytes: u32,
+    /// Time an HTTP/1 client has to send a whole request header (JSON-RPC and metrics),
+    /// idle keep-alive time included, milliseconds.
+    pub header_read_timeout_ms: u64,
+    /// Interval of HTTP/2 (gRPC) and WebSocket pings, milliseconds.
+    pub keepalive_interval_ms: u64,
+    /// A ping unanswered this long closes its connection, milliseconds.
+    pub keepalive_timeout_ms: u64,
+    /// Concurrent gRPC connections accepted.
+    pub grpc_max_connections: usize,
+    /// Concurrent gRPC calls (HTTP/2 streams) per connection.
+    pub grpc_max_streams: u32,
+    /// HTTP/2 streams a client may open and reset before they are served; more close
+    /// the connection (the "rapid reset" defence).
+    pub grpc_max_pending_resets: usize,
+    /// Concurrent connections to the metrics endpoint.
+    pub metrics_max_connections: usize,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Self {
             queue_depth: 64,
-            max_reply_bytes: qga_wire::codec::DEFAULT_MAX_MESSAGE,
+            // The largest real reply, guest-get-memory-blocks for 32,768 blocks (4 TiB in
+            // 128 MiB blocks), is about 1.7 MB: more than twice that.
+            max_reply_bytes: 4 * 1024 * 1024,
             max_request_bytes: 4 * 1024 * 1024,
             max_connections: 1024,
+            max_set_entries: 4096,
+            // A timed-out call's late reply and some noise; a guest sending more is
+            // flooding, not answering.
+            max_stale_frames: 64,
+            max_stale_bytes: 8 * 1024 * 1024,
+            parse_budget_bytes: 64 * 1024 * 1024,
+            max_vms: 4096,
+            max_in_flight: 4096,
+            max_connection_calls: 16,
+            max_batch: 32,
+            body_budget_bytes: 8 * 1024 * 1024,
+            header_read_timeout_ms: 10_000,
+            keepalive_interval_ms: 30_000,
+            keepalive_timeout_ms: 10_000,
+            grpc_max_connections: 1024,
+            grpc_max_streams: 100,
+            grpc_max_pending_resets: 20,
+            metrics_max_connections: 16,
         }
     }
 }
@@ -179,6 +261,7 @@ struct File {
     log_format: Option<LogFormat>,
     discover: Vec<String>,
     discover_interval_ms: Option<u64>,
+    discover_owners: Option<Vec<u32>>,
     vms: BTreeMap<String, PathBuf>,
     timeouts: Timeouts,
     limits: Limits,
@@ -227,6 +310,8 @@ pub struct Config {
     pub discover: Vec<String>,
     /// How often discovery rescans.
     pub discover_interval: Duration,
+    /// The uids a discovered socket may be owned by; sockets of anyone else are refused.
+    pub discover_owners: Vec<u32>,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Limits.
@@ -245,11 +330,21 @@ impl Default for Config {
             vms: BTreeMap::new(),
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
+            discover_owners: default_discover_owners(),
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             coalesce_reads: true,
         }
     }
+}
+
+/// Root and the bridge's own effective uid: whoever could have created a socket the
+/// bridge can use anyway. libvirt runs QEMU as its own user (`libvirt-qemu`, `qemu`):
+/// add that uid to `discover_owners`.
+pub fn default_discover_owners() -> Vec<u32> {
+    let mut owners = vec![0, rustix::process::geteuid().as_raw()];
+    owners.dedup();
+    owners
 }
 
 impl Config {
@@ -276,6 +371,9 @@ impl Config {
             config.log_format = f;
         }
         config.discover.extend(cli.discover.iter().cloned());
+        if !cli.discover_owners.is_empty() {
+            config.discover_owners = cli.discover_owners.clone();
+        }
         for (name, socket) in &cli.vms {
             config.vms.insert(name.clone(), socket.clone());
         }
@@ -304,6 +402,9 @@ impl Config {
         if let Some(ms) = file.discover_interval_ms {
             self.discover_interval = Duration::from_millis(ms);
         }
+        if let Some(owners) = file.discover_owners {
+            self.discover_owners = owners;
+        }
         if let Some(c) = file.coalesce_reads {
             self.coalesce_reads = c;
         }
@@ -324,10 +425,59 @@ impl Config {
         for name in self.vms.keys() {
             validate_vm_name(name).map_err(ConfigError::Invalid)?;
         }
+        if self.limits.max_vms == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_vms must be at least 1".into(),
+            ));
+        }
+        if self.vms.len() > self.limits.max_vms {
+            return Err(ConfigError::Invalid(format!(
+                "{} VMs are configured but limits.max_vms is {}",
+                self.vms.len(),
+                self.limits.max_vms
+            )));
+        }
+        if !self.discover.is_empty() && self.discover_owners.is_empty() {
+            return Err(ConfigError::Invalid(
+                "discover_owners is empty: every discovered socket would be refused".into(),
+            ));
+        }
+        if self.limits.max_set_entries == 0 {
+            return Err(ConfigError::Invalid(
+                "limits.max_set_entries must be at least 1".into(),
+            ));
+        }
         if self.limits.queue_depth == 0 {
             return Err(ConfigError::Invalid(
                 "limits.queue_depth must be at least 1".into(),
             ));
+        }
+        let l = &self.limits;
+        for (name, value) in [
+            ("max_in_flight", l.max_in_flight as u64),
+            ("max_connection_calls", l.max_connection_calls as u64),
+            ("max_batch", u64::from(l.max_batch)),
+            ("max_connections", u64::from(l.max_connections)),
+            ("grpc_max_connections", l.grpc_max_connections as u64),
+            ("grpc_max_streams", u64::from(l.grpc_max_streams)),
+            ("grpc_max_pending_resets", l.grpc_max_pending_resets as u64),
+            ("metrics_max_connections", l.metrics_max_connections as u64),
+            ("header_read_timeout_ms", l.header_read_timeout_ms),
+            ("keepalive_interval_ms", l.keepalive_interval_ms),
+            ("keepalive_timeout_ms", l.keepalive_timeout_ms),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "limits.{name} must be at least 1"
+                )));
+            }
+        }
+        if l.body_budget_bytes < l.max_request_bytes {
+            return Err(ConfigError::Invalid(format!(
+                "limits.body_budget_bytes ({}) is smaller than limits.max_request_bytes ({}): \
+                 the largest request could never be read",
+                l.body_budget_bytes, l.max_request_bytes
+            )));
         }
         if self.limits.max_reply_bytes < 1024 {
             return Err(ConfigError::Invalid(
@@ -387,5 +537,45 @@ mod tests {
         assert!(parse_vm("a").is_err());
         assert!(parse_vm("a b=/s").is_err());
         assert!(parse_vm("a=").is_err());
+    }
+
+    #[test]
+    fn discovery_owners_and_max_vms() {
+        let me = rustix::process::geteuid().as_raw();
+        let c = Config::default();
+        assert!(c.discover_owners.contains(&0) && c.discover_owners.contains(&me));
+        assert_eq!(c.limits.max_vms, 4096);
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        let write = |text: &str| std::fs::write(&file, text).expect("write");
+        let cli = Cli {
+            config: Some(file.clone()),
+            ..Cli::default()
+        };
+
+        write("discover = [\"/run/*/q\"]\ndiscover_owners = [64055]\n[limits]\nmax_vms = 2\n");
+        let c = Config::load(&cli).expect("valid");
+        assert_eq!(c.discover_owners, [64055]);
+        assert_eq!(c.limits.max_vms, 2);
+        let flags = Cli {
+            discover_owners: vec![7, 8],
+            ..Cli {
+                config: Some(file.clone()),
+                ..Cli::default()
+            }
+        };
+        assert_eq!(Config::load(&flags).expect("valid").discover_owners, [7, 8]);
+
+        write("[vms]\na = \"/a\"\nb = \"/b\"\nc = \"/c\"\n[limits]\nmax_vms = 2\n");
+        let err = Config::load(&cli).expect_err("over max_vms").to_string();
+        assert!(
+            err.contains("3 VMs are configured but limits.max_vms is 2"),
+            "{err}"
+        );
+
+        write("discover = [\"/run/*/q\"]\ndiscover_owners = []\n");
+        let err = Config::load(&cli).expect_err("no owners").to_string();
+        assert!(err.contains("discover_owners"), "{err}");
     }
 }

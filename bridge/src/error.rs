@@ -6,11 +6,11 @@
 //! | unknown VM | NOT_FOUND | -32001 |
 //! | agent not connected, socket gone, handshake unanswered, backoff | UNAVAILABLE | -32002 |
 //! | the caller's deadline passed (reply, handshake or send) | DEADLINE_EXCEEDED | -32003 |
-//! | too many calls queued for the VM | RESOURCE_EXHAUSTED | -32004 |
+//! | too many calls queued for the VM, the VM busy with a write whose caller left, or a bridge-wide or per-connection in-flight limit hit | RESOURCE_EXHAUSTED | -32004 |
 //! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
 //! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
 //! | any other QGA error | FAILED_PRECONDITION | -32007 |
-//! | reply the bridge cannot accept (malformed, too large) | INTERNAL | -32008 |
+//! | reply the bridge cannot accept (malformed, too large, set results not answering the request) | INTERNAL | -32008 |
 //!
 //! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`.
 
@@ -69,6 +69,19 @@ pub enum BridgeError {
     /// The VM's queue is full.
     #[error("too many calls queued for VM '{0}'")]
     QueueFull(String),
+    /// The VM's channel is held by a state-changing call whose caller stopped waiting:
+    /// the bridge waits for its outcome before it sends anything else.
+    #[error("VM '{vm}' is busy: {reason}")]
+    Busy {
+        /// The VM.
+        vm: String,
+        /// What it is busy with.
+        reason: String,
+    },
+    /// A transport limit (calls in flight bridge-wide or on one connection) was hit;
+    /// the call never reached a VM.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
     /// The agent answered with an error.
     #[error("agent error {}: {}", .0.class.as_str(), .0.desc)]
     Agent(QgaError),
@@ -89,6 +102,14 @@ fn is_argument_error(e: &QgaError) -> bool {
 }
 
 impl BridgeError {
+    /// The caller's deadline passed while `vm` ran `command`.
+    pub fn deadline(vm: &str, command: &str) -> Self {
+        Self::DeadlineExceeded {
+            vm: vm.to_string(),
+            command: command.to_string(),
+        }
+    }
+
     /// The gRPC status code.
     pub fn code(&self) -> Code {
         match self {
@@ -96,7 +117,7 @@ impl BridgeError {
             Self::VmNotFound(_) => Code::NotFound,
             Self::Unavailable { .. } => Code::Unavailable,
             Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
-            Self::QueueFull(_) => Code::ResourceExhausted,
+            Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => Code::ResourceExhausted,
             Self::Agent(e) if e.class == ErrorClass::CommandNotFound => Code::Unimplemented,
             Self::Agent(e) if is_argument_error(e) => Code::InvalidArgument,
             Self::Agent(_) => Code::FailedPrecondition,
@@ -111,7 +132,9 @@ impl BridgeError {
             Self::VmNotFound(_) => code::VM_NOT_FOUND,
             Self::Unavailable { .. } => code::UNAVAILABLE,
             Self::DeadlineExceeded { .. } => code::DEADLINE_EXCEEDED,
-            Self::QueueFull(_) => code::RESOURCE_EXHAUSTED,
+            Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => {
+                code::RESOURCE_EXHAUSTED
+            }
             Self::Agent(e) if e.class == ErrorClass::CommandNotFound => code::UNIMPLEMENTED,
             Self::Agent(e) if is_argument_error(e) => code::AGENT_INVALID_ARGUMENT,
             Self::Agent(_) => code::AGENT_ERROR,
@@ -127,6 +150,8 @@ impl BridgeError {
             Self::Unavailable { .. } => "unavailable",
             Self::DeadlineExceeded { .. } => "deadline_exceeded",
             Self::QueueFull(_) => "queue_full",
+            Self::Busy { .. } => "busy",
+            Self::Overloaded(_) => "overloaded",
             Self::Agent(_) => "agent_error",
             Self::BadReply { .. } => "bad_reply",
         }

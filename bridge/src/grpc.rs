@@ -5,23 +5,18 @@ use std::{sync::Arc, time::Duration};
 use qga_proto::v1::{
     self as pb, guest_agent_server::GuestAgent, guest_memory_server::GuestMemory, vms_server::Vms,
 };
-use qga_wire::schema::{
-    GuestAgentInfo, GuestMemoryBlock, GuestMemoryBlockInfo, GuestMemoryBlockResponse,
-    GuestMemoryBlockResponseType, command,
-};
-use serde::de::DeserializeOwned;
-use serde_json::{Map, Value, json};
+use qga_wire::schema::{GuestMemoryBlockResponse, GuestMemoryBlockResponseType};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::{
-    error::BridgeError,
+    call::{BlockChanges, Call, Reply},
     registry::Registry,
-    session::{AgentState, CallResult},
+    session::AgentState,
 };
 
 /// Implements all three services over one registry.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Api {
     registry: Arc<Registry>,
 }
@@ -32,36 +27,30 @@ impl Api {
         Self { registry }
     }
 
-    async fn call<T: DeserializeOwned>(
+    /// Runs `call` on `vm` under the request's deadline and encodes its reply as `R`.
+    async fn run<T, R: FromReply>(
         &self,
+        req: &Request<T>,
         vm: &str,
-        command: &'static str,
-        arguments: Option<Map<String, Value>>,
-        deadline: Option<Instant>,
-    ) -> Result<T, Status> {
-        let session = self.registry.get(vm)?;
-        let result: CallResult = session.call(command, arguments, deadline).await;
-        Ok(decode(vm, result?)?)
+        call: Call,
+    ) -> Result<Response<R>, Status> {
+        let reply = self.registry.call(vm, call, deadline(req)).await?;
+        R::from_reply(reply)
+            .map(Response::new)
+            .ok_or_else(|| Status::internal("the agent's reply belongs to another call"))
     }
 }
 
-/// Parses an agent's `return` value into its schema type; anything else is a bad reply.
-pub fn decode<T: DeserializeOwned>(vm: &str, value: Value) -> Result<T, BridgeError> {
-    serde_json::from_value(value).map_err(|e| schema_mismatch(vm, e))
+/// The largest request message decoded: a `SetMemoryBlocksRequest` of `max_set_entries`
+/// changes (at most 15 bytes each on the wire) and a VM name, with room to spare. Larger
+/// messages are refused by tonic before they are decoded.
+pub fn max_request_bytes(max_set_entries: usize) -> usize {
+    max_set_entries.saturating_mul(16).saturating_add(4096)
 }
 
-/// Checks that an agent's `return` value parses as its schema type, without consuming it.
-pub fn check<T: DeserializeOwned>(vm: &str, value: &Value) -> Result<(), BridgeError> {
-    T::deserialize(value)
-        .map(drop)
-        .map_err(|e| schema_mismatch(vm, e))
-}
-
-fn schema_mismatch(vm: &str, e: serde_json::Error) -> BridgeError {
-    BridgeError::BadReply {
-        vm: vm.to_string(),
-        reason: format!("reply does not match the schema: {e}"),
-    }
+/// A gRPC response made from the typed reply of its call (`None`: another call's reply).
+trait FromReply: Sized {
+    fn from_reply(reply: Reply) -> Option<Self>;
 }
 
 /// The caller's deadline from the `grpc-timeout` header, a little early so that our
@@ -104,77 +93,103 @@ fn response_type(t: GuestMemoryBlockResponseType) -> pb::MemoryBlockResponseType
     }
 }
 
+fn block_result(r: GuestMemoryBlockResponse) -> pb::MemoryBlockResult {
+    pb::MemoryBlockResult {
+        phys_index: r.phys_index,
+        response: response_type(r.response) as i32,
+        error_code: r.error_code,
+    }
+}
+
+impl FromReply for pb::GetMemoryBlocksResponse {
+    fn from_reply(reply: Reply) -> Option<Self> {
+        let Reply::GetMemoryBlocks(blocks) = reply else {
+            return None;
+        };
+        let blocks = blocks
+            .into_iter()
+            .map(|b| pb::MemoryBlock {
+                phys_index: b.phys_index,
+                online: b.online,
+                can_offline: b.can_offline,
+            })
+            .collect();
+        Some(Self { blocks })
+    }
+}
+
+impl FromReply for pb::SetMemoryBlocksResponse {
+    fn from_reply(reply: Reply) -> Option<Self> {
+        let Reply::SetMemoryBlocks(results) = reply else {
+            return None;
+        };
+        let results = results.into_iter().map(block_result).collect();
+        Some(Self { results })
+    }
+}
+
+impl FromReply for pb::GetMemoryBlockInfoResponse {
+    fn from_reply(reply: Reply) -> Option<Self> {
+        let Reply::GetMemoryBlockInfo(info) = reply else {
+            return None;
+        };
+        Some(Self { size: info.size })
+    }
+}
+
+impl FromReply for pb::PingResponse {
+    fn from_reply(reply: Reply) -> Option<Self> {
+        matches!(reply, Reply::Ping(_)).then_some(Self {})
+    }
+}
+
+impl FromReply for pb::GetInfoResponse {
+    fn from_reply(reply: Reply) -> Option<Self> {
+        let Reply::Info(info) = reply else {
+            return None;
+        };
+        let supported_commands = info
+            .supported_commands
+            .into_iter()
+            .map(|c| pb::AgentCommand {
+                name: c.name,
+                enabled: c.enabled,
+                success_response: c.success_response,
+            })
+            .collect();
+        Some(Self {
+            version: info.version,
+            supported_commands,
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl GuestMemory for Api {
     async fn get_memory_blocks(
         &self,
         req: Request<pb::GetMemoryBlocksRequest>,
     ) -> Result<Response<pb::GetMemoryBlocksResponse>, Status> {
-        let deadline = deadline(&req);
-        let blocks: Vec<GuestMemoryBlock> = self
-            .call(
-                &req.get_ref().vm,
-                command::GET_MEMORY_BLOCKS,
-                None,
-                deadline,
-            )
-            .await?;
-        Ok(Response::new(pb::GetMemoryBlocksResponse {
-            blocks: blocks
-                .into_iter()
-                .map(|b| pb::MemoryBlock {
-                    phys_index: b.phys_index,
-                    online: b.online,
-                    can_offline: b.can_offline,
-                })
-                .collect(),
-        }))
+        self.run(&req, &req.get_ref().vm, Call::GetMemoryBlocks)
+            .await
     }
 
     async fn set_memory_blocks(
         &self,
         req: Request<pb::SetMemoryBlocksRequest>,
     ) -> Result<Response<pb::SetMemoryBlocksResponse>, Status> {
-        let deadline = deadline(&req);
         let r = req.get_ref();
-        let blks: Vec<Value> = r
-            .blocks
-            .iter()
-            .map(|b| json!({"phys-index": b.phys_index, "online": b.online}))
-            .collect();
-        let mut args = Map::new();
-        args.insert("mem-blks".into(), Value::Array(blks));
-        let results: Vec<GuestMemoryBlockResponse> = self
-            .call(&r.vm, command::SET_MEMORY_BLOCKS, Some(args), deadline)
-            .await?;
-        Ok(Response::new(pb::SetMemoryBlocksResponse {
-            results: results
-                .into_iter()
-                .map(|x| pb::MemoryBlockResult {
-                    phys_index: x.phys_index,
-                    response: response_type(x.response) as i32,
-                    error_code: x.error_code,
-                })
-                .collect(),
-        }))
+        let max = self.registry.config().limits.max_set_entries;
+        let changes = BlockChanges::new(r.blocks.iter().map(|b| (b.phys_index, b.online)), max)?;
+        self.run(&req, &r.vm, Call::SetMemoryBlocks(changes)).await
     }
 
     async fn get_memory_block_info(
         &self,
         req: Request<pb::GetMemoryBlockInfoRequest>,
     ) -> Result<Response<pb::GetMemoryBlockInfoResponse>, Status> {
-        let deadline = deadline(&req);
-        let info: GuestMemoryBlockInfo = self
-            .call(
-                &req.get_ref().vm,
-                command::GET_MEMORY_BLOCK_INFO,
-                None,
-                deadline,
-            )
-            .await?;
-        Ok(Response::new(pb::GetMemoryBlockInfoResponse {
-            size: info.size,
-        }))
+        self.run(&req, &req.get_ref().vm, Call::GetMemoryBlockInfo)
+            .await
     }
 }
 
@@ -184,33 +199,14 @@ impl GuestAgent for Api {
         &self,
         req: Request<pb::PingRequest>,
     ) -> Result<Response<pb::PingResponse>, Status> {
-        let deadline = deadline(&req);
-        let _: Map<String, Value> = self
-            .call(&req.get_ref().vm, command::PING, None, deadline)
-            .await?;
-        Ok(Response::new(pb::PingResponse {}))
+        self.run(&req, &req.get_ref().vm, Call::Ping).await
     }
 
     async fn get_info(
         &self,
         req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
-        let deadline = deadline(&req);
-        let info: GuestAgentInfo = self
-            .call(&req.get_ref().vm, command::INFO, None, deadline)
-            .await?;
-        Ok(Response::new(pb::GetInfoResponse {
-            version: info.version,
-            supported_commands: info
-                .supported_commands
-                .into_iter()
-                .map(|c| pb::AgentCommand {
-                    name: c.name,
-                    enabled: c.enabled,
-                    success_response: c.success_response,
-                })
-                .collect(),
-        }))
+        self.run(&req, &req.get_ref().vm, Call::Info).await
     }
 }
 
@@ -220,6 +216,7 @@ pub fn agent_state(s: AgentState) -> pb::AgentState {
         AgentState::Disconnected => pb::AgentState::Disconnected,
         AgentState::Connecting => pb::AgentState::Connecting,
         AgentState::Connected => pb::AgentState::Connected,
+        AgentState::Busy => pb::AgentState::Busy,
     }
 }
 
@@ -239,6 +236,14 @@ impl Vms for Api {
                 state: agent_state(s.state) as i32,
                 last_contact: s.last_contact.map(prost_types::Timestamp::from),
                 last_error: s.last_error,
+                last_write: s.last_write.map(|w| pb::LastWrite {
+                    at: Some(prost_types::Timestamp::from(w.at)),
+                    command: w.command.to_string(),
+                    outcome: w.outcome.to_string(),
+                    detail: w.detail,
+                    results: w.results.into_iter().map(block_result).collect(),
+                    late: w.late,
+                }),
             })
             .collect();
         Ok(Response::new(pb::ListVmsResponse { vms }))

@@ -1,25 +1,31 @@
 //! `qga-bridge`: gRPC and JSON-RPC in front of the QEMU Guest Agents of a host's VMs.
 //!
 //! - [`config`]: flags and TOML file.
+//! - [`call`]: every agent call, typed: name, arguments, reply, read or write.
 //! - [`session`]: one task per VM owning its QGA socket — queueing, resync, deadlines,
 //!   limits, coalescing. The core.
-//! - [`registry`]: VM name to session; discovery by glob.
+//! - [`registry`]: VM name to session; [`discovery`]: VM sockets found by glob, refusing
+//!   what could route a call to the wrong VM.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping.
 //! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`transport`]: connection caps, header-read timeouts and the request body budget
+//!   the three servers share.
 //!
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
+pub mod call;
 pub mod config;
+pub mod discovery;
 pub mod error;
 pub mod grpc;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod registry;
 pub mod session;
+pub mod transport;
 
-use std::{net::SocketAddr, sync::Arc};
+use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use jsonrpsee::server::{Server, ServerConfig};
 use qga_proto::v1::{
     FILE_DESCRIPTOR_SET, guest_agent_server::GuestAgentServer,
     guest_memory_server::GuestMemoryServer, vms_server::VmsServer,
@@ -49,6 +55,7 @@ pub enum StartError {
 }
 
 /// A running bridge. [`Bridge::shutdown`] stops it gracefully.
+#[derive(Debug)]
 pub struct Bridge {
     /// Bound gRPC address (useful with port 0).
     pub grpc_addr: SocketAddr,
@@ -86,6 +93,7 @@ impl Bridge {
                 source,
             })?;
         let api = grpc::Api::new(registry.clone());
+        let max_message = grpc::max_request_bytes(config.limits.max_set_entries);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<GuestMemoryServer<grpc::Api>>().await;
         health.set_serving::<GuestAgentServer<grpc::Api>>().await;
@@ -95,15 +103,26 @@ impl Bridge {
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
             .build_v1()
             .map_err(|e| StartError::Reflection(e.to_string()))?;
+        let limits = &config.limits;
+        let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.grpc_max_streams)
+            .http2_max_pending_accept_reset_streams(Some(limits.grpc_max_pending_resets))
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
             .add_service(health_service)
             .add_service(reflection)
-            .add_service(GuestMemoryServer::new(api.clone()))
-            .add_service(GuestAgentServer::new(api.clone()))
-            .add_service(VmsServer::new(api));
+            .add_service(GuestMemoryServer::new(api.clone()).max_decoding_message_size(max_message))
+            .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max_message))
+            .add_service(VmsServer::new(api).max_decoding_message_size(max_message));
         let mut grpc_stop = rx.clone();
-        let incoming =
-            tonic::transport::server::TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+        let incoming = transport::Gate::new(
+            grpc_listener,
+            limits.grpc_max_connections,
+            "grpc",
+            metrics.clone(),
+        )
+        .into_stream();
         tasks.spawn(async move {
             let stop = async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
@@ -114,32 +133,21 @@ impl Bridge {
         });
 
         // JSON-RPC over HTTP and WebSocket.
-        let rpc_config = ServerConfig::builder()
-            .max_connections(config.limits.max_connections)
-            .max_request_body_size(config.limits.max_request_bytes)
-            .max_response_body_size(
-                u32::try_from(config.limits.max_reply_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
-            )
-            .build();
-        let server = Server::builder()
-            .set_config(rpc_config)
-            .build(config.jsonrpc_addr)
-            .await
+        let rpc_listener = bind(config.jsonrpc_addr).await?;
+        let jsonrpc_addr = rpc_listener
+            .local_addr()
             .map_err(|source| StartError::Bind {
                 addr: config.jsonrpc_addr,
                 source,
             })?;
-        let jsonrpc_addr = server.local_addr().map_err(|source| StartError::Bind {
-            addr: config.jsonrpc_addr,
-            source,
-        })?;
-        let handle = server.start(jsonrpc::module(registry.clone()));
-        let mut rpc_stop = rx.clone();
-        tasks.spawn(async move {
-            let _ = rpc_stop.wait_for(|s| *s).await;
-            let _ = handle.stop();
-            handle.stopped().await;
-        });
+        let gate = transport::Gate::new(
+            rpc_listener,
+            limits.max_connections as usize,
+            "jsonrpc",
+            metrics.clone(),
+        )
+        .http();
+        tasks.spawn(jsonrpc::serve(gate, registry.clone(), rx.clone()));
 
         // Metrics.
         let metrics_addr = match config.metrics_addr {
@@ -148,7 +156,20 @@ impl Bridge {
                 let bound = listener
                     .local_addr()
                     .map_err(|source| StartError::Bind { addr, source })?;
-                tasks.spawn(metrics::serve(listener, metrics.clone(), rx.clone()));
+                let gate = transport::Gate::new(
+                    listener,
+                    limits.metrics_max_connections,
+                    "metrics",
+                    metrics.clone(),
+                )
+                .http();
+                let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+                tasks.spawn(metrics::serve(
+                    gate,
+                    metrics.clone(),
+                    header_timeout,
+                    rx.clone(),
+                ));
                 Some(bound)
             }
             None => None,

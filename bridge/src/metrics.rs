@@ -18,16 +18,16 @@ use std::{
 
 use bytes::Bytes;
 use http_body_util::Full;
-use hyper::{
-    Request, Response, StatusCode, body::Incoming, server::conn::http1, service::service_fn,
-};
+use hyper::{Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
-use tokio::{net::TcpListener, sync::watch};
+use tokio::sync::watch;
+
+use crate::transport::{self, Gate};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -39,6 +39,12 @@ struct CallLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct MethodLabels {
     method: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    server: &'static str,
+    reason: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -54,6 +60,7 @@ fn latency_histogram() -> Histogram {
 }
 
 /// The bridge's metrics. Cheap to update from any task.
+#[derive(Debug)]
 pub struct Metrics {
     registry: Registry,
     calls: Family<CallLabels, Counter>,
@@ -62,26 +69,22 @@ pub struct Metrics {
     resyncs: Family<VmLabels, Counter>,
     stale: Family<VmLabels, Counter>,
     coalesced: Family<VmLabels, Counter>,
+    late: Family<VmLabels, Counter>,
+    refused: Family<RefusedLabels, Counter>,
     /// VM name -> the claim of its current session.
     owners: Mutex<HashMap<String, u64>>,
     next_claim: AtomicU64,
 }
 
-/// The QGA commands and outcomes a `calls` series can carry, to drop a VM's series.
-const METHODS: [&str; 5] = [
-    qga_wire::schema::command::GET_MEMORY_BLOCKS,
-    qga_wire::schema::command::SET_MEMORY_BLOCKS,
-    qga_wire::schema::command::GET_MEMORY_BLOCK_INFO,
-    qga_wire::schema::command::PING,
-    qga_wire::schema::command::INFO,
-];
-const OUTCOMES: [&str; 8] = [
+/// The outcomes a `calls` series can carry, to drop a VM's series.
+const OUTCOMES: [&str; 9] = [
     "ok",
     "invalid_request",
     "vm_not_found",
     "unavailable",
     "deadline_exceeded",
     "queue_full",
+    "busy",
     "agent_error",
     "bad_reply",
 ];
@@ -120,6 +123,18 @@ impl Metrics {
             "Calls served by another caller's identical in-flight read",
             coalesced.clone(),
         );
+        let late = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "late_replies",
+            "Replies to state-changing calls that came after their caller stopped waiting",
+            late.clone(),
+        );
+        let refused = Family::<RefusedLabels, Counter>::default();
+        registry.register(
+            "refused",
+            "Connections and calls refused by a transport limit, by server and limit",
+            refused.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
@@ -128,6 +143,8 @@ impl Metrics {
             resyncs,
             stale,
             coalesced,
+            late,
+            refused,
             owners: Mutex::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
         })
@@ -138,6 +155,13 @@ impl Metrics {
             Ok(o) => o,
             Err(poisoned) => poisoned.into_inner(),
         }
+    }
+
+    /// Counts a connection or call that `server` refused because limit `reason` was hit.
+    pub fn refused(&self, server: &'static str, reason: &'static str) {
+        self.refused
+            .get_or_create(&RefusedLabels { server, reason })
+            .inc();
     }
 
     /// Makes a new session the owner of `vm`'s series; returns its claim.
@@ -194,6 +218,14 @@ impl Metrics {
         }
     }
 
+    /// A reply to a state-changing call whose caller had stopped waiting (ignored unless
+    /// `claim` still owns the VM).
+    pub fn late_reply(&self, vm: &str, claim: u64) {
+        if self.owns(vm, claim) {
+            self.late.get_or_create(&Self::vm(vm)).inc();
+        }
+    }
+
     /// A call served by coalescing.
     pub fn coalesced(&self, vm: &str) {
         self.coalesced.get_or_create(&Self::vm(vm)).inc();
@@ -217,7 +249,8 @@ impl Metrics {
         self.resyncs.remove(&l);
         self.stale.remove(&l);
         self.coalesced.remove(&l);
-        for method in METHODS {
+        self.late.remove(&l);
+        for method in crate::call::NAMES {
             for outcome in OUTCOMES {
                 self.calls.remove(&CallLabels {
                     vm: vm.to_string(),
@@ -238,19 +271,21 @@ impl Metrics {
     }
 }
 
-/// Serves `GET /metrics` on `listener` until `shutdown` turns true.
+/// Serves `/metrics` on the connections `gate` admits until `shutdown` turns true.
+/// Header reads are bounded by `header_read_timeout`.
 pub async fn serve(
-    listener: TcpListener,
+    gate: Gate,
     metrics: Arc<Metrics>,
-    mut shutdown: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+    shutdown: watch::Receiver<bool>,
 ) {
     loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            _ = shutdown.changed() => return,
+        let conn = tokio::select! {
+            c = gate.accept() => c,
+            () = transport::stopped(shutdown.clone()) => return,
         };
-        let Ok((stream, _)) = accepted else { continue };
         let metrics = metrics.clone();
+        let stop = transport::stopped(shutdown.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
@@ -269,9 +304,16 @@ pub async fn serve(
                     }
                 }
             });
-            let _ = http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), svc)
-                .await;
+            let conn =
+                transport::http1(header_read_timeout).serve_connection(TokioIo::new(conn), svc);
+            tokio::pin!(conn, stop);
+            tokio::select! {
+                _ = conn.as_mut() => {}
+                () = &mut stop => {
+                    conn.as_mut().graceful_shutdown();
+                    let _ = conn.await;
+                }
+            }
         });
     }
 }

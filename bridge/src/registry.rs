@@ -2,24 +2,36 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
+    path::Path,
     sync::{Arc, RwLock},
 };
 
-use tokio::sync::watch;
-
-use crate::{
-    config::{Config, validate_vm_name},
-    error::BridgeError,
-    metrics::Metrics,
-    session::{Session, VmStatus},
+use tokio::{
+    sync::{Semaphore, watch},
+    time::Instant,
 };
 
+use crate::{
+    call::{Call, Reply},
+    config::Config,
+    discovery::{Discovery, Scan, scan},
+    error::BridgeError,
+    metrics::Metrics,
+    session::{ParseBudget, Session, VmStatus},
+};
+
+pub use crate::discovery::vm_name_for;
+
 /// Name -> session. Sessions stop when removed and no call holds them.
+#[derive(Debug)]
 pub struct Registry {
     sessions: RwLock<BTreeMap<String, Arc<Session>>>,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
+    /// Shared by every session: bytes of large replies being parsed at once.
+    budget: Arc<ParseBudget>,
+    /// Calls being served, bridge-wide (`limits.max_in_flight`).
+    in_flight: Semaphore,
 }
 
 impl Registry {
@@ -29,11 +41,23 @@ impl Registry {
             sessions: RwLock::new(BTreeMap::new()),
             config: config.clone(),
             metrics,
+            budget: ParseBudget::new(config.limits.parse_budget_bytes),
+            in_flight: Semaphore::new(config.limits.max_in_flight),
         });
         for (name, socket) in &config.vms {
             registry.add(name, socket);
         }
         registry
+    }
+
+    /// The configuration the registry's sessions run with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics the registry's sessions report to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     /// The session of `vm`.
@@ -51,6 +75,25 @@ impl Registry {
             .ok_or_else(|| BridgeError::VmNotFound(vm.to_string()))
     }
 
+    /// Runs `call` on `vm`'s agent by `deadline`, within the bridge-wide in-flight limit:
+    /// over it, the call is refused at once rather than queued.
+    pub async fn call(
+        &self,
+        vm: &str,
+        call: Call,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, BridgeError> {
+        let Ok(_slot) = self.in_flight.try_acquire() else {
+            self.metrics.refused("bridge", "in_flight");
+            return Err(BridgeError::Overloaded(format!(
+                "{} calls in flight bridge-wide (limits.max_in_flight)",
+                self.config.limits.max_in_flight
+            )));
+        };
+        let session = self.get(vm)?;
+        session.call(call, deadline).await
+    }
+
     /// Adds `name` (or moves it to a new socket).
     pub fn add(&self, name: &str, socket: &Path) {
         let Ok(mut sessions) = self.sessions.write() else {
@@ -60,7 +103,13 @@ impl Registry {
             return;
         }
         tracing::info!(vm = name, socket = %socket.display(), "VM added");
-        let session = Session::spawn(name, socket, self.config.clone(), self.metrics.clone());
+        let session = Session::spawn(
+            name,
+            socket,
+            self.config.clone(),
+            self.metrics.clone(),
+            self.budget.clone(),
+        );
         sessions.insert(name.to_string(), session);
     }
 
@@ -91,86 +140,34 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Rescans the discovery globs until `shutdown`: adds new sockets, drops vanished ones
-    /// (configured VMs are never dropped).
+    /// Rescans the discovery globs until `shutdown` and applies each scan (see
+    /// [`crate::discovery`]): adds new sockets, drops vanished ones only after a complete
+    /// scan, withholds ambiguous names; configured VMs are never dropped.
     pub async fn discover(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         if self.config.discover.is_empty() {
             return;
         }
-        let mut found: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let configured = self.config.vms.keys().cloned().collect();
+        let mut discovery = Discovery::new(configured, self.config.limits.max_vms);
         loop {
             // Globbing reads directories: keep it off the async workers.
             let patterns = self.config.discover.clone();
-            let now = tokio::task::spawn_blocking(move || scan(&patterns))
+            let owners = self.config.discover_owners.clone();
+            let known = discovery.taken().clone();
+            let scanned = tokio::task::spawn_blocking(move || scan(&patterns, &owners, &known))
                 .await
-                .unwrap_or_else(|_| found.clone());
-            for (name, socket) in &now {
-                if self.config.vms.contains_key(name) {
-                    continue;
-                }
-                if found.get(name) != Some(socket) {
-                    self.add(name, socket);
-                }
+                .unwrap_or_else(|e| Scan::failed(format!("scan task failed: {e}")));
+            let changes = discovery.apply(scanned);
+            for name in &changes.remove {
+                self.remove(name);
             }
-            for name in found.keys() {
-                if !now.contains_key(name) && !self.config.vms.contains_key(name) {
-                    self.remove(name);
-                }
+            for (name, socket) in &changes.add {
+                self.add(name, socket);
             }
-            found = now;
             tokio::select! {
                 _ = tokio::time::sleep(self.config.discover_interval) => {}
                 _ = shutdown.changed() => return,
             }
         }
-    }
-}
-
-/// The VM name for a discovered socket: its directory's name, without libvirt's
-/// `domain-<id>-` prefix (`.../domain-3-web1/org.qemu.guest_agent.0` -> `web1`).
-pub fn vm_name_for(socket: &Path) -> Option<String> {
-    let dir = socket.parent()?.file_name()?.to_str()?;
-    let name = dir
-        .strip_prefix("domain-")
-        .and_then(|rest| {
-            let (id, name) = rest.split_once('-')?;
-            id.chars().all(|c| c.is_ascii_digit()).then_some(name)
-        })
-        .unwrap_or(dir);
-    validate_vm_name(name).ok().map(|()| name.to_string())
-}
-
-fn scan(patterns: &[String]) -> BTreeMap<String, PathBuf> {
-    let mut out = BTreeMap::new();
-    for pattern in patterns {
-        let Ok(paths) = glob::glob(pattern) else {
-            continue;
-        };
-        for path in paths.flatten() {
-            match vm_name_for(&path) {
-                Some(name) => {
-                    out.insert(name, path);
-                }
-                None => tracing::warn!(path = %path.display(), "cannot name discovered socket"),
-            }
-        }
-    }
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn libvirt_names() {
-        let p =
-            Path::new("/var/lib/libvirt/qemu/channel/target/domain-3-web1/org.qemu.guest_agent.0");
-        assert_eq!(vm_name_for(p).as_deref(), Some("web1"));
-        let p = Path::new("/run/vms/db-2/qga.sock");
-        assert_eq!(vm_name_for(p).as_deref(), Some("db-2"));
-        let p = Path::new("/run/vms/domain-x-y/qga.sock");
-        assert_eq!(vm_name_for(p).as_deref(), Some("domain-x-y"));
-        assert_eq!(vm_name_for(Path::new("/run/vms/bad name/q")), None);
     }
 }

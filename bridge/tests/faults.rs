@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use common::{clients, config, rpc, start, with_timeout};
 use qga_fake_agent::{FakeAgent, Fault};
-use qga_proto::v1::{GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, PingRequest};
+use qga_proto::v1::{
+    GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlockChange, PingRequest,
+    SetMemoryBlocksRequest,
+};
 use serde_json::json;
 use tonic::Code;
 
@@ -342,6 +345,7 @@ async fn a_guest_that_stops_reading_costs_one_call_not_the_channel() {
         cfg.timeouts
             .commands
             .insert("guest-set-memory-blocks".into(), 500);
+        cfg.limits.max_set_entries = 60_000;
     })
     .await;
     // Garbage makes the bridge resync before its next call; at that handshake the agent
@@ -433,4 +437,216 @@ async fn a_hostile_guest_fails_only_its_own_vm() {
         codes.iter().all(|c| [-32003, -32004, -32008].contains(c)),
         "{codes:?}"
     );
+}
+
+#[tokio::test]
+async fn members_no_schema_names_never_reach_callers() {
+    let extra = json!([
+        {"phys-index": 0, "online": true, "can-offline": true, "secret": "guest text"},
+        {"phys-index": 1, "online": false, "can-offline": true, "x": [1, 2]},
+    ]);
+    let (_d, _agent, _b, mut c) = setup(
+        &[
+            Fault::Reply(extra),
+            Fault::Reply(json!({"pong": "with a payload"})),
+        ],
+        |cfg| cfg.coalesce_reads = false,
+    )
+    .await;
+    let blocks = rpc(&c.http, "guest-get-memory-blocks", json!({"vm": "vm"}))
+        .await
+        .expect("served");
+    assert_eq!(
+        blocks,
+        json!([
+            {"phys-index": 0, "online": true, "can-offline": true},
+            {"phys-index": 1, "online": false, "can-offline": true},
+        ])
+    );
+    let pong = rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
+        .await
+        .expect("served");
+    assert_eq!(pong, json!({}));
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn set_results_that_do_not_answer_the_request_are_internal() {
+    let ok = |i: u64| json!({"phys-index": i, "response": "success"});
+    let (_d, _agent, _b, mut c) = setup(
+        &[
+            // Reordered, then naming another block, then one result short.
+            Fault::Reply(json!([ok(2), ok(1)])),
+            Fault::Reply(json!([ok(1), ok(3)])),
+            Fault::Reply(json!([ok(1)])),
+        ],
+        |_| {},
+    )
+    .await;
+    let request = SetMemoryBlocksRequest {
+        vm: "vm".into(),
+        blocks: vec![
+            MemoryBlockChange {
+                phys_index: 1,
+                online: true,
+            },
+            MemoryBlockChange {
+                phys_index: 2,
+                online: true,
+            },
+        ],
+    };
+    let err = c
+        .memory
+        .set_memory_blocks(request.clone())
+        .await
+        .expect_err("reordered results are not believed");
+    assert_eq!(err.code(), Code::Internal, "{err}");
+    let params = json!({"vm": "vm", "mem-blks": [
+        {"phys-index": 1, "online": true}, {"phys-index": 2, "online": true}]});
+    for _ in 0..2 {
+        let err = rpc(&c.http, "guest-set-memory-blocks", params.clone())
+            .await
+            .expect_err("mismatched results are not believed");
+        assert_eq!(err.0, -32008, "{err:?}");
+    }
+    // The channel was resynchronised: the next set gets its own, matching results.
+    let results = c
+        .memory
+        .set_memory_blocks(request)
+        .await
+        .expect("served")
+        .into_inner()
+        .results;
+    let idx: Vec<u64> = results.iter().map(|r| r.phys_index).collect();
+    assert_eq!(idx, [1, 2]);
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn duplicate_blocks_are_refused_before_the_guest_is_asked() {
+    let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
+    let twice = MemoryBlockChange {
+        phys_index: 1,
+        online: true,
+    };
+    let err = c
+        .memory
+        .set_memory_blocks(SetMemoryBlocksRequest {
+            vm: "vm".into(),
+            blocks: vec![
+                twice,
+                MemoryBlockChange {
+                    online: false,
+                    ..twice
+                },
+            ],
+        })
+        .await
+        .expect_err("duplicate");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    let err = rpc(
+        &c.http,
+        "guest-set-memory-blocks",
+        json!({"vm": "vm", "mem-blks": [
+            {"phys-index": 3, "online": true}, {"phys-index": 3, "online": true}]}),
+    )
+    .await
+    .expect_err("duplicate");
+    assert_eq!(err.0, -32602, "{err:?}");
+    assert_eq!(agent.control().calls("guest-set-memory-blocks"), 0);
+    assert_eq!(agent.control().online(1), Some(false));
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn jsonrpc_callers_bound_a_call_with_timeout_ms() {
+    let delay = Duration::from_millis(1500);
+    let (_d, _agent, _b, mut c) = setup(&[Fault::Delay(delay)], |_| {}).await;
+    let t0 = std::time::Instant::now();
+    let err = rpc(
+        &c.http,
+        "guest-get-memory-block-info",
+        json!({"vm": "vm", "timeout-ms": 300}),
+    )
+    .await
+    .expect_err("times out");
+    assert_eq!(err.0, -32003, "{err:?}");
+    assert!(
+        t0.elapsed() < Duration::from_secs(5),
+        "the caller's bound, not the default"
+    );
+    for bad in [
+        json!(0),
+        json!(-1),
+        json!("1000"),
+        json!(1.5),
+        json!(86_400_001),
+    ] {
+        let err = rpc(
+            &c.http,
+            "guest-ping",
+            json!({"vm": "vm", "timeout-ms": bad}),
+        )
+        .await
+        .expect_err("refused");
+        assert_eq!(err.0, -32602, "timeout-ms {bad}: {err:?}");
+    }
+    next_call_is_right(&mut c).await;
+}
+
+#[tokio::test]
+async fn a_set_that_outlives_its_caller_is_recorded_and_applied_once() {
+    let (_d, agent, b, mut c) = setup(&[Fault::Delay(Duration::from_millis(1500))], |_| {}).await;
+    let err = rpc(
+        &c.http,
+        "guest-set-memory-blocks",
+        json!({"vm": "vm", "timeout-ms": 300, "mem-blks": [{"phys-index": 1, "online": true}]}),
+    )
+    .await
+    .expect_err("the caller gives up first");
+    assert_eq!(err.0, -32003, "{err:?}");
+    // While the guest works, the VM is busy, not unavailable.
+    let busy = rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
+        .await
+        .expect_err("busy");
+    assert_eq!(busy.0, -32004, "{busy:?}");
+    let listed = rpc(&c.http, "vm-list", json!({})).await.expect("listed");
+    assert_eq!(listed[0]["state"], "busy");
+    assert_eq!(listed[0]["last-write"]["outcome"], "pending");
+    // Within the command's timeout the late outcome is recorded with its results.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let write = loop {
+        let listed = rpc(&c.http, "vm-list", json!({})).await.expect("listed");
+        if listed[0]["last-write"]["late"] == true {
+            break listed[0]["last-write"].clone();
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no late outcome: {listed}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(write["outcome"], "ok");
+    assert_eq!(
+        write["results"],
+        json!([{"phys-index": 1, "response": "success"}])
+    );
+    assert!(
+        b.metrics()
+            .encode()
+            .contains("qga_bridge_late_replies_total{vm=\"vm\"} 1")
+    );
+    let listed = c
+        .vms
+        .list_vms(qga_proto::v1::ListVmsRequest {})
+        .await
+        .expect("listed")
+        .into_inner();
+    let last = listed.vms[0].last_write.as_ref().expect("last write");
+    assert!(last.late && last.outcome == "ok" && last.results.len() == 1);
+    // Applied exactly once, and the next call goes through.
+    assert_eq!(agent.control().calls("guest-set-memory-blocks"), 1);
+    assert_eq!(agent.control().online(1), Some(true));
+    next_call_is_right(&mut c).await;
 }

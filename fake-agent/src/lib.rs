@@ -45,6 +45,8 @@ pub enum Fault {
     DisconnectMidReply,
     /// Answer `{"return": "surprise"}` (well-formed, wrong shape).
     WrongShape,
+    /// Run the command, then answer with this `return` value instead of the real one.
+    Reply(Value),
     /// Answer with this QGA error (class, desc).
     Error(String, String),
     /// Ignore handshakes (`guest-sync-delimited`) until the script moves on: the fault is
@@ -55,7 +57,7 @@ pub enum Fault {
     StallAfterSync(Duration),
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct State {
     script: VecDeque<Fault>,
     blocks: BTreeMap<u64, bool>,
@@ -64,7 +66,7 @@ struct State {
 }
 
 /// Shared control of a fake agent: its script, block table and call counters.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Control {
     state: Arc<Mutex<State>>,
 }
@@ -95,6 +97,7 @@ impl Control {
 
 /// A fake agent listening on a unix socket; stops (socket closed, connections dropped)
 /// when dropped.
+#[derive(Debug)]
 pub struct FakeAgent {
     path: PathBuf,
     control: Control,
@@ -338,6 +341,7 @@ async fn serve(stream: UnixStream, control: Control) {
                 return;
             }
             Some(Fault::WrongShape) => w.write_all(&reply(json!("surprise"), &req.id)).await,
+            Some(Fault::Reply(v)) => w.write_all(&reply(v, &req.id)).await,
             Some(Fault::Error(class, desc)) => {
                 w.write_all(&error_reply(&class, &desc, &req.id)).await
             }

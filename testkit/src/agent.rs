@@ -68,6 +68,7 @@ pub fn bin_path(name: &str) -> PathBuf {
 }
 
 /// A running agent serving a unix socket. Killed and cleaned up when dropped.
+#[derive(Debug)]
 pub struct AgentProcess {
     child: Child,
     kind: AgentKind,
@@ -103,10 +104,12 @@ impl AgentProcess {
             }
             (AgentKind::Reference, Some(tree)) => {
                 // A private mount namespace: the bind mount is seen by this agent only.
+                // The tree's `devices/system` covers the real one, so the memory directory
+                // itself may be missing, a file or a symlink, as in our agent's view.
                 let mut cmd = Command::new("unshare");
                 cmd.args(["-m", "--propagation", "private", "sh", "-c"]);
-                cmd.arg("mount --bind \"$1\" /sys/devices/system/memory && shift && exec \"$@\"");
-                cmd.arg("sh").arg(tree.memory_dir()).arg(QEMU_GA);
+                cmd.arg("mount --bind \"$1\" /sys/devices/system && shift && exec \"$@\"");
+                cmd.arg("sh").arg(tree.system_dir()).arg(QEMU_GA);
                 cmd.arg("-m").arg("unix-listen").arg("-p").arg(&socket);
                 cmd.arg("-t").arg(dir.path()).arg("-f").arg(&pidfile);
                 cmd

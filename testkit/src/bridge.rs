@@ -13,6 +13,7 @@ use tempfile::TempDir;
 use crate::bin_path;
 
 /// A running `qga-bridge`; killed on drop.
+#[derive(Debug)]
 pub struct BridgeProcess {
     child: Child,
     grpc: SocketAddr,

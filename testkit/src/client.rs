@@ -16,6 +16,7 @@ use tokio_util::codec::Decoder;
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// One connection to an agent socket (ours, the reference, or a QEMU chardev).
+#[derive(Debug)]
 pub struct QgaClient {
     stream: UnixStream,
     codec: QgaCodec,

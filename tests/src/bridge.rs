@@ -12,6 +12,7 @@ use serde_json::Value;
 use tonic::transport::Channel;
 
 /// The bridge binary for a guest's QGA socket(s).
+#[derive(Debug)]
 pub struct BridgeProcess {
     inner: qga_testkit::BridgeProcess,
 }
@@ -34,7 +35,7 @@ impl BridgeProcess {
 }
 
 /// gRPC and JSON-RPC clients of one bridge.
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 pub struct Clients {
     /// GuestMemory service.
     pub memory: GuestMemoryClient<Channel>,

@@ -154,6 +154,7 @@ impl GuestControl {
 }
 
 /// A QEMU process running the test guest. Killed and its files removed on drop.
+#[derive(Debug)]
 pub struct Guest {
     child: Option<Child>,
     dir: TempDir,

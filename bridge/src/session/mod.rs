@@ -1,0 +1,379 @@
+//! One VM's QGA channel: a task that owns the connection and runs calls one at a time.
+//!
+//! Callers hand a [`Session`] a typed [`Call`]; it is queued on a bounded channel (full: an
+//! error at once, never unbounded growth) and executed by the VM's worker task, which
+//!
+//! - connects lazily, backing off after failures;
+//! - resynchronises (`qga-protocol.md` §4: `0xFF`, `guest-sync-delimited` with a fresh
+//!   random id, skip to `0xFF`, discard everything but `{"return": id}`) on every new
+//!   connection and after any timeout, garbled or unusable reply;
+//! - tags every command with a fresh `id` and accepts only the reply carrying it, so a late
+//!   reply to an earlier, timed-out call is discarded, never handed to a later caller;
+//! - bounds every read: reply size and nesting by the codec, time by the call's deadline;
+//! - decodes the reply into the call's typed [`Reply`], checked against the request.
+//!
+//! Concurrent identical reads (no arguments) share one agent call; writes are never merged.
+//! The connection is anything [`Connector`] opens, so the whole protocol is unit-tested
+//! over in-memory pipes (`tests.rs`).
+
+mod exchange;
+mod worker;
+
+pub use exchange::ParseBudget;
+
+#[cfg(test)]
+mod tests;
+
+use std::{
+    collections::HashMap,
+    future::Future,
+    io,
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
+
+use futures::{
+    FutureExt,
+    future::{BoxFuture, Shared, WeakShared},
+};
+use tokio::{
+    io::{AsyncRead, AsyncWrite},
+    net::UnixStream,
+    sync::{mpsc, oneshot},
+    time::{Instant, timeout_at},
+};
+use tracing::Instrument;
+
+use qga_wire::schema::GuestMemoryBlockResponse;
+
+use crate::{
+    call::{Call, Reply},
+    config::Config,
+    error::BridgeError,
+    metrics::Metrics,
+};
+
+/// What a call yields: the typed reply, or why not.
+pub type CallResult = Result<Reply, BridgeError>;
+
+/// Opens connections to a VM's agent: a new byte stream each time.
+pub trait Connector: Send + Sync + 'static {
+    /// The connection.
+    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
+    /// Opens a new connection.
+    fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
+}
+
+/// The agent's virtio-serial chardev, a unix socket QEMU listens on.
+#[derive(Debug, Clone)]
+pub struct UnixConnector(pub PathBuf);
+
+impl Connector for UnixConnector {
+    type Stream = UnixStream;
+
+    async fn connect(&self) -> io::Result<UnixStream> {
+        UnixStream::connect(&self.0)
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0.display())))
+    }
+}
+
+/// The channel's state, as `ListVms` reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentState {
+    /// No connection.
+    Disconnected,
+    /// Connected, not resynchronised yet.
+    Connecting,
+    /// Resynchronised; the last exchange worked.
+    Connected,
+    /// Waiting for the outcome of a state-changing call whose caller stopped waiting;
+    /// other calls are refused as busy until it comes (or the command's timeout passes).
+    Busy,
+}
+
+impl AgentState {
+    /// The state in lower case, as JSON-RPC reports it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Disconnected => "disconnected",
+            Self::Connecting => "connecting",
+            Self::Connected => "connected",
+            Self::Busy => "busy",
+        }
+    }
+}
+
+/// A VM's status snapshot.
+#[derive(Debug, Clone)]
+pub struct VmStatus {
+    /// VM name.
+    pub name: String,
+    /// QGA socket.
+    pub socket: PathBuf,
+    /// Channel state.
+    pub state: AgentState,
+    /// When the agent last answered.
+    pub last_contact: Option<SystemTime>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// The last state-changing call and what came of it.
+    pub last_write: Option<WriteRecord>,
+}
+
+/// A state-changing call and its outcome, as far as the bridge knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteRecord {
+    /// When the call was sent to the agent.
+    pub at: SystemTime,
+    /// The QGA command.
+    pub command: &'static str,
+    /// `ok`, an error label (`agent_error`, `deadline_exceeded`, ...), or `pending` while
+    /// the bridge still waits for a reply its caller stopped waiting for.
+    pub outcome: &'static str,
+    /// What went wrong, if anything.
+    pub detail: Option<String>,
+    /// The agent's per-block results, once it answered.
+    pub results: Vec<GuestMemoryBlockResponse>,
+    /// The reply came after its caller had stopped waiting.
+    pub late: bool,
+}
+
+/// A call on its way to the worker.
+struct Job {
+    call: Call,
+    /// The caller's deadline.
+    deadline: Instant,
+    /// The command's configured timeout: how long the worker waits for the outcome of a
+    /// state-changing call even after its caller stopped waiting.
+    limit: Instant,
+    reply: oneshot::Sender<CallResult>,
+}
+
+type SharedCall = Shared<BoxFuture<'static, CallResult>>;
+
+/// An agent call that concurrent identical reads join.
+struct Inflight {
+    /// Tells this entry from a later one for the same command.
+    generation: u64,
+    /// The deadline the call runs under (its starter's).
+    deadline: Instant,
+    /// Weak: the callers keep the call alive, not the map.
+    result: WeakShared<BoxFuture<'static, CallResult>>,
+}
+
+/// The handle callers use; cheap to share. Dropping the last handle stops the worker.
+pub struct Session {
+    name: String,
+    socket: PathBuf,
+    tx: mpsc::Sender<Job>,
+    status: Arc<Mutex<VmStatus>>,
+    inflight: Mutex<HashMap<&'static str, Inflight>>,
+    generation: AtomicU64,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session")
+            .field("name", &self.name)
+            .field("socket", &self.socket)
+            .finish_non_exhaustive()
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Session {
+    /// Creates the session of the agent on unix socket `socket` and spawns its worker on
+    /// the current runtime. Large replies are parsed within the bridge-wide `budget`.
+    pub fn spawn(
+        name: &str,
+        socket: &Path,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        budget: Arc<ParseBudget>,
+    ) -> Arc<Self> {
+        let connector = UnixConnector(socket.to_path_buf());
+        Self::spawn_with(name, socket, connector, config, metrics, budget)
+    }
+
+    /// Like [`Session::spawn`], reaching the agent through `connector`; `socket` is only
+    /// reported.
+    pub fn spawn_with<C: Connector>(
+        name: &str,
+        socket: &Path,
+        connector: C,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        budget: Arc<ParseBudget>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(config.limits.queue_depth);
+        let status = Arc::new(Mutex::new(VmStatus {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            state: AgentState::Disconnected,
+            last_contact: None,
+            last_error: None,
+            last_write: None,
+        }));
+        let worker = worker::Worker::new(
+            name,
+            connector,
+            rx,
+            status.clone(),
+            config.clone(),
+            metrics.clone(),
+            budget,
+        );
+        // An error-level span is enabled whenever any event is, so every line the worker
+        // logs names its VM, whatever the filter.
+        let span = tracing::error_span!("vm", vm = %name);
+        tokio::spawn(worker.run().instrument(span));
+        Arc::new(Self {
+            name: name.to_string(),
+            socket: socket.to_path_buf(),
+            tx,
+            status,
+            inflight: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            config,
+            metrics,
+        })
+    }
+
+    /// The VM's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The VM's socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// A snapshot of the channel's state.
+    pub fn status(&self) -> VmStatus {
+        lock(&self.status).clone()
+    }
+
+    /// Runs `call` on the VM's agent by the caller's `deadline`, and never later than the
+    /// command's configured timeout: one caller cannot hold a VM's channel longer than
+    /// the operator allows. Reads without arguments are coalesced.
+    pub async fn call(self: &Arc<Self>, call: Call, deadline: Option<Instant>) -> CallResult {
+        let start = Instant::now();
+        let name = call.name();
+        let limit = start + self.config.timeouts.for_command(name);
+        let deadline = deadline.map_or(limit, |d| d.min(limit));
+        let result = if self.config.coalesce_reads && call.coalescable() {
+            self.coalesced(call, deadline).await
+        } else {
+            self.submit(call, deadline, limit).await
+        };
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        self.metrics
+            .call(&self.name, name, outcome, start.elapsed());
+        result
+    }
+
+    /// Serves a read from an identical in-flight agent call, or starts one that later
+    /// callers join. A joined call runs under its starter's deadline: if that one passes
+    /// first, this caller, whose own deadline has not, tries again instead of failing.
+    async fn coalesced(self: &Arc<Self>, call: Call, deadline: Instant) -> CallResult {
+        loop {
+            let (shared, its_deadline) = self.join_or_start(&call, deadline);
+            match timeout_at(deadline, shared).await {
+                Err(_) => return Err(BridgeError::deadline(&self.name, call.name())),
+                Ok(Err(BridgeError::DeadlineExceeded { .. }))
+                    if its_deadline < deadline && Instant::now() < deadline => {}
+                Ok(result) => return result,
+            }
+        }
+    }
+
+    /// The in-flight agent call like `call` and its deadline, or a new one. The map holds
+    /// the call weakly: its callers drive it, and when all of them have gone it is dropped
+    /// (the worker then stops waiting) and the next caller starts afresh instead of joining
+    /// a call nobody drives or reading a result that has grown old. A call that completes
+    /// removes its own entry.
+    fn join_or_start(self: &Arc<Self>, call: &Call, deadline: Instant) -> (SharedCall, Instant) {
+        let key = call.name();
+        let mut inflight = lock(&self.inflight);
+        if let Some(existing) = inflight.get(key)
+            && let Some(result) = existing.result.upgrade()
+        {
+            self.metrics.coalesced(&self.name);
+            return (result, existing.deadline);
+        }
+        let generation = self.generation.fetch_add(1, Ordering::Relaxed);
+        let this = self.clone();
+        let call = call.clone();
+        let result = async move {
+            let result = this.submit(call, deadline, deadline).await;
+            let mut inflight = lock(&this.inflight);
+            if inflight
+                .get(key)
+                .is_some_and(|e| e.generation == generation)
+            {
+                inflight.remove(key);
+            }
+            result
+        }
+        .boxed()
+        .shared();
+        if let Some(weak) = result.downgrade() {
+            inflight.insert(
+                key,
+                Inflight {
+                    generation,
+                    deadline,
+                    result: weak,
+                },
+            );
+        }
+        (result, deadline)
+    }
+
+    /// Queues `call` for the worker and waits for its result until `deadline`; `limit`
+    /// bounds the worker's wait for a state-changing call's outcome.
+    async fn submit(&self, call: Call, deadline: Instant, limit: Instant) -> CallResult {
+        let name = call.name();
+        let stopped = || BridgeError::Unavailable {
+            vm: self.name.clone(),
+            reason: "session stopped".into(),
+        };
+        {
+            let status = lock(&self.status);
+            if status.state == AgentState::Busy {
+                let pending = status.last_write.as_ref().map_or(name, |w| w.command);
+                return Err(worker::busy(&self.name, pending));
+            }
+        }
+        let (reply, rx) = oneshot::channel();
+        let job = Job {
+            call,
+            deadline,
+            limit,
+            reply,
+        };
+        self.tx.try_send(job).map_err(|e| match e {
+            mpsc::error::TrySendError::Full(_) => BridgeError::QueueFull(self.name.clone()),
+            mpsc::error::TrySendError::Closed(_) => stopped(),
+        })?;
+        match timeout_at(deadline, rx).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(stopped()),
+            Err(_) => Err(BridgeError::deadline(&self.name, name)),
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Listening with limits, shared by the three servers.
+//!
+//! - [`Gate`]: accepts TCP connections with at most a configured number open at once.
+//!   Connections over the cap are closed at once (HTTP servers first write a `503`), and
+//!   accept errors such as running out of file descriptors pause accepting instead of
+//!   spinning.
+//! - [`http1`]: an HTTP/1 connection builder with a header-read timeout, so a client that
+//!   opens a socket and sends nothing, or a header a byte at a time, is cut off.
+//! - [`BodyBudget`]: bytes of large request bodies being read at once, bridge-wide, so
+//!   many large requests arriving together cannot multiply the bridge's memory.
+
+use std::{
+    io,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll},
+    time::Duration,
+};
+
+use futures::Stream;
+use hyper_util::rt::TokioTimer;
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    net::{TcpListener, TcpStream},
+    sync::{OwnedSemaphorePermit, Semaphore, watch},
+};
+use tonic::transport::server::{Connected, TcpConnectInfo};
+
+use crate::metrics::Metrics;
+
+/// How long accepting pauses after an accept error (file descriptors exhausted, say).
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// How long a refused HTTP connection is given to read its `503`.
+const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
+
+/// Refused connections answered at once; more are closed without an answer.
+const MAX_REFUSING: usize = 64;
+
+/// A connection admitted under its server's cap; the slot frees when it drops.
+#[derive(Debug)]
+pub struct Admitted {
+    stream: TcpStream,
+    _slot: OwnedSemaphorePermit,
+}
+
+impl AsyncRead for Admitted {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Admitted {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().stream).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
+    }
+}
+
+impl Connected for Admitted {
+    type ConnectInfo = TcpConnectInfo;
+
+    fn connect_info(&self) -> TcpConnectInfo {
+        self.stream.connect_info()
+    }
+}
+
+/// A listener that keeps at most `cap` of its connections open.
+#[derive(Debug)]
+pub struct Gate {
+    listener: TcpListener,
+    slots: Arc<Semaphore>,
+    cap: usize,
+    server: &'static str,
+    /// Written (best effort) to a refused connection before it is closed.
+    refusal: Option<Vec<u8>>,
+    /// Whether the last connection was refused; refusals are logged once per episode.
+    full: AtomicBool,
+    /// Refused connections being answered at once.
+    refusing: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
+}
+
+impl Gate {
+    /// Serves `listener` for `server` (a metrics label) with at most `cap` connections.
+    pub fn new(
+        listener: TcpListener,
+        cap: usize,
+        server: &'static str,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            listener,
+            slots: Arc::new(Semaphore::new(cap)),
+            cap,
+            server,
+            refusal: None,
+            full: AtomicBool::new(false),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            metrics,
+        }
+    }
+
+    /// Refused HTTP connections get `503 Service Unavailable` saying why.
+    pub fn http(mut self) -> Self {
+        let body = format!(
+            "too many connections to the bridge's {} server (limit {})\n",
+            self.server, self.cap
+        );
+        self.refusal = Some(
+            format!(
+                "HTTP/1.1 503 Service Unavailable\r\ncontent-type: text/plain\r\n\
+                 content-length: {}\r\nconnection: close\r\nretry-after: 1\r\n\r\n{body}",
+                body.len()
+            )
+            .into_bytes(),
+        );
+        self
+    }
+
+    /// The next connection admitted under the cap.
+    pub async fn accept(&self) -> Admitted {
+        loop {
+            let stream = match self.listener.accept().await {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    tracing::warn!(server = self.server, error = %e, "accept failed; pausing");
+                    tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
+                    continue;
+                }
+            };
+            // Best effort: a socket that refuses NODELAY still works.
+            let _ = stream.set_nodelay(true);
+            match self.slots.clone().try_acquire_owned() {
+                Ok(slot) => {
+                    self.full.store(false, Ordering::Relaxed);
+                    return Admitted {
+                        stream,
+                        _slot: slot,
+                    };
+                }
+                Err(_) => self.refuse(stream),
+            }
+        }
+    }
+
+    fn refuse(&self, stream: TcpStream) {
+        self.metrics.refused(self.server, "connections");
+        if !self.full.swap(true, Ordering::Relaxed) {
+            tracing::warn!(
+                server = self.server,
+                limit = self.cap,
+                "connection limit reached; refusing new connections"
+            );
+        }
+        let Some(refusal) = self.refusal.clone() else {
+            return;
+        };
+        // Closing a socket with unread input resets it, and a reset can destroy the
+        // answer before the client reads it: answer, then drain briefly before closing.
+        // A bounded number of refusals at once; beyond that, the socket is just closed.
+        let Ok(slot) = self.refusing.clone().try_acquire_owned() else {
+            return;
+        };
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut stream = stream;
+            let answer = async {
+                stream.write_all(&refusal).await?;
+                stream.shutdown().await?;
+                let mut sink = [0u8; 4096];
+                while stream.read(&mut sink).await? > 0 {}
+                io::Result::Ok(())
+            };
+            let _ = tokio::time::timeout(REFUSAL_DRAIN, answer).await;
+        });
+    }
+
+    /// The admitted connections as a stream (for tonic). It never ends and never fails.
+    pub fn into_stream(self) -> impl Stream<Item = io::Result<Admitted>> + Send + 'static {
+        futures::stream::unfold(self, |gate| async move {
+            let conn = gate.accept().await;
+            Some((Ok(conn), gate))
+        })
+    }
+}
+
+/// Returns when `shutdown` turns true (or its sender is gone).
+pub async fn stopped(mut shutdown: watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await;
+}
+
+/// An HTTP/1 server connection builder that closes connections whose request header does
+/// not arrive whole within `header_read_timeout` (idle keep-alive connections included).
+pub fn http1(header_read_timeout: Duration) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_read_timeout);
+    builder
+}
+
+/// Bodies at least this large draw on the [`BodyBudget`]; smaller ones (every ordinary
+/// call, a full 4096-entry set included) never wait for it.
+pub const LARGE_BODY_BYTES: u64 = 256 * 1024;
+
+/// Bytes of large request bodies being read and handled at once, bridge-wide.
+#[derive(Debug)]
+pub struct BodyBudget {
+    bytes: Arc<Semaphore>,
+    total: u32,
+    max_body: u32,
+}
+
+impl BodyBudget {
+    /// A budget of `total` bytes for bodies of at most `max_body` bytes each.
+    pub fn new(total: u32, max_body: u32) -> Arc<Self> {
+        // A budget smaller than one body would block that body for ever.
+        let total = total.max(max_body);
+        Arc::new(Self {
+            bytes: Arc::new(Semaphore::new(total as usize)),
+            total,
+            max_body,
+        })
+    }
+
+    /// Waits until a body declaring `content_length` bytes (`None`: chunked, so the
+    /// largest allowed) may be read. Small bodies pass at once.
+    pub async fn admit(&self, content_length: Option<u64>) -> Option<OwnedSemaphorePermit> {
+        let declared = content_length.unwrap_or(u64::from(self.max_body));
+        if declared < LARGE_BODY_BYTES {
+            return None;
+        }
+        // Bodies over the limit are refused by the server without being read; they cost
+        // what the server reads of them at most.
+        let cost = u32::try_from(declared)
+            .unwrap_or(u32::MAX)
+            .min(self.max_body)
+            .min(self.total);
+        // The semaphore is never closed.
+        self.bytes.clone().acquire_many_owned(cost).await.ok()
+    }
+}
