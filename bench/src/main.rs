@@ -8,6 +8,7 @@ mod bridge;
 mod load;
 mod procfs;
 mod report;
+mod soak;
 mod stats;
 
 use std::path::PathBuf;
@@ -25,6 +26,9 @@ struct Cli {
     /// Fewer runs (a smoke test of the harness, not figures to quote).
     #[arg(long)]
     quick: bool,
+    /// Run only these sections (repeatable): agent, bridge, load, hostile.
+    #[arg(long, value_name = "SECTION")]
+    only: Vec<String>,
     /// Git commit measured (the script passes it).
     #[arg(long, default_value = "unknown")]
     commit: String,
@@ -32,19 +36,29 @@ struct Cli {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let wanted = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
     let mut report = report::Report::default();
-    agent::run(&mut report, cli.quick)?;
-    // Sequential latency: a single-threaded client, no cross-thread wake-ups of its own.
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?
-        .block_on(bridge::run(&mut report, cli.quick))?;
+    if wanted("agent") {
+        agent::run(&mut report, cli.quick)?;
+    }
+    if wanted("bridge") {
+        // Sequential latency: a single-threaded client, no cross-thread wake-ups of its own.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(bridge::run(&mut report, cli.quick))?;
+    }
     // Load: a client that can use both cores.
-    tokio::runtime::Builder::new_multi_thread()
+    let load = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
-        .build()?
-        .block_on(load::run(&mut report, cli.quick))?;
+        .build()?;
+    if wanted("load") {
+        load.block_on(load::run(&mut report, cli.quick))?;
+    }
+    if wanted("hostile") {
+        load.block_on(soak::run(&mut report, cli.quick))?;
+    }
 
     report.heading("Reading the figures");
     report.para(

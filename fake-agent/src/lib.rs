@@ -25,6 +25,10 @@ use tokio::{
 };
 use tokio_util::codec::FramedRead;
 
+mod hostile;
+
+pub use hostile::{Hostile, HostileAgent};
+
 /// What the fake does with the next command (not handshakes) it receives.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Fault {
@@ -107,8 +111,14 @@ pub struct FakeAgent {
 impl FakeAgent {
     /// Listens on `path` with blocks `0..blocks` (even ones online), 128 MiB each.
     pub fn start(path: &Path, blocks: u64) -> io::Result<Self> {
+        Self::start_blocks(path, 0..blocks)
+    }
+
+    /// Listens on `path` with the blocks `indexes` (even ones online), 128 MiB each: a
+    /// range of its own tells one agent's answers from another's.
+    pub fn start_blocks(path: &Path, indexes: impl IntoIterator<Item = u64>) -> io::Result<Self> {
         let state = State {
-            blocks: (0..blocks).map(|i| (i, i % 2 == 0)).collect(),
+            blocks: indexes.into_iter().map(|i| (i, i % 2 == 0)).collect(),
             block_size: 128 << 20,
             ..State::default()
         };
