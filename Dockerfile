@@ -42,7 +42,9 @@ FROM debian:bookworm-slim AS bridge
 COPY --from=build /out/qga-bridge /usr/local/bin/qga-bridge
 EXPOSE 50051 8080 9100
 ENTRYPOINT ["qga-bridge"]
-CMD ["--vm", "guest=/run/guest/qga.sock", "--grpc-addr", "0.0.0.0:50051", "--jsonrpc-addr", "0.0.0.0:8080", "--metrics-addr", "0.0.0.0:9100"]
+# 0.0.0.0 inside the container's private network, published on the host's loopback only
+# (docker-compose.yml); the e2e container reaches it as "bridge".
+CMD ["--vm", "guest=/run/guest/qga.sock", "--grpc-addr", "0.0.0.0:50051", "--jsonrpc-addr", "0.0.0.0:8080", "--metrics-addr", "0.0.0.0:9100", "--allow-insecure-tcp", "--allowed-host", "bridge"]
 
 FROM debian:bookworm-slim AS e2e
 COPY --from=build /out/qga-e2e-scenario /usr/local/bin/qga-e2e-scenario

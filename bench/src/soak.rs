@@ -187,7 +187,7 @@ fn scrape(addr: SocketAddr) -> anyhow::Result<String> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     write!(
         s,
-        "GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n"
+        "GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )?;
     let mut out = String::new();
     s.read_to_string(&mut out)?;

@@ -87,6 +87,20 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve on non-loopback TCP addresses without TLS. Anyone who can reach such an
+    /// address can change guests' memory: only for a network you trust entirely.
+    #[arg(long)]
+    pub allow_insecure_tcp: bool,
+    /// A name HTTP clients may use in `Host` (repeatable; adds to the file's
+    /// `[http] allowed_hosts`) [always allowed: localhost, 127.0.0.1, [::1] and the
+    /// listen address].
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
+    /// An `Origin` whose browser pages may call the JSON-RPC API (repeatable; adds to
+    /// `[http] allowed_origins`) [default: none; requests carrying any other Origin are
+    /// refused].
+    #[arg(long = "allowed-origin", value_name = "ORIGIN")]
+    pub allowed_origins: Vec<String>,
 }
 
 fn parse_vm(s: &str) -> Result<(String, PathBuf), String> {
@@ -251,6 +265,18 @@ impl Default for Limits {
     }
 }
 
+/// Which `Host` and `Origin` headers the HTTP servers accept (DNS rebinding and
+/// cross-site defences).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Http {
+    /// Extra names allowed in `Host`, besides the loopback names and the listen address.
+    pub allowed_hosts: Vec<String>,
+    /// Origins (`scheme://host[:port]`) allowed to call; requests with any other `Origin`
+    /// header are refused.
+    pub allowed_origins: Vec<String>,
+}
+
 /// The TOML file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -265,7 +291,9 @@ struct File {
     vms: BTreeMap<String, PathBuf>,
     timeouts: Timeouts,
     limits: Limits,
+    http: Http,
     coalesce_reads: Option<bool>,
+    allow_insecure_tcp: Option<bool>,
 }
 
 /// Why the configuration is unusable.
@@ -318,6 +346,10 @@ pub struct Config {
     pub limits: Limits,
     /// Serve concurrent identical reads of one VM with one agent call.
     pub coalesce_reads: bool,
+    /// `Host` and `Origin` checks.
+    pub http: Http,
+    /// Listening on non-loopback TCP without TLS was asked for explicitly.
+    pub allow_insecure_tcp: bool,
 }
 
 impl Default for Config {
@@ -334,6 +366,8 @@ impl Default for Config {
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             coalesce_reads: true,
+            http: Http::default(),
+            allow_insecure_tcp: false,
         }
     }
 }
@@ -377,6 +411,15 @@ impl Config {
         for (name, socket) in &cli.vms {
             config.vms.insert(name.clone(), socket.clone());
         }
+        config.allow_insecure_tcp |= cli.allow_insecure_tcp;
+        config
+            .http
+            .allowed_hosts
+            .extend(cli.allowed_hosts.iter().cloned());
+        config
+            .http
+            .allowed_origins
+            .extend(cli.allowed_origins.iter().cloned());
         config.validate()?;
         Ok(config)
     }
@@ -408,6 +451,10 @@ impl Config {
         if let Some(c) = file.coalesce_reads {
             self.coalesce_reads = c;
         }
+        if let Some(a) = file.allow_insecure_tcp {
+            self.allow_insecure_tcp = a;
+        }
+        self.http = file.http;
         self.discover = file.discover;
         self.vms = file.vms;
         // Per-command entries add to the defaults rather than replacing them all.
@@ -422,6 +469,30 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let listeners = [
+            ("gRPC", Some(self.grpc_addr)),
+            ("JSON-RPC", Some(self.jsonrpc_addr)),
+            ("metrics", self.metrics_addr),
+        ];
+        for (server, addr) in listeners {
+            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback() && !self.allow_insecure_tcp) {
+                return Err(ConfigError::Invalid(format!(
+                    "the {server} address {addr} is not loopback and the bridge serves it \
+                     without TLS or authentication: anyone who can reach it could change \
+                     guests' memory. Listen on a loopback address, or pass \
+                     --allow-insecure-tcp (allow_insecure_tcp = true) on a network you trust"
+                )));
+            }
+        }
+        for origin in &self.http.allowed_origins {
+            if !(origin.starts_with("http://") || origin.starts_with("https://"))
+                || origin.trim_end_matches('/') != origin
+            {
+                return Err(ConfigError::Invalid(format!(
+                    "allowed origin '{origin}' must be scheme://host[:port], without a path"
+                )));
+            }
+        }
         for name in self.vms.keys() {
             validate_vm_name(name).map_err(ConfigError::Invalid)?;
         }
@@ -526,6 +597,23 @@ mod tests {
         );
         assert_eq!(c.limits.queue_depth, 3);
         assert!(c.apply_toml(Path::new("t"), "bogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn non_loopback_tcp_needs_the_explicit_flag() {
+        let open = |allow: bool| Cli {
+            jsonrpc_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            allow_insecure_tcp: allow,
+            ..Cli::default()
+        };
+        let err = Config::load(&open(false)).expect_err("refused").to_string();
+        assert!(err.contains("0.0.0.0:8080 is not loopback"), "{err}");
+        assert!(Config::load(&open(true)).is_ok());
+        let ipv6 = Cli {
+            grpc_addr: Some("[::1]:50051".parse().expect("addr")),
+            ..Cli::default()
+        };
+        assert!(Config::load(&ipv6).is_ok(), "IPv6 loopback is loopback");
     }
 
     #[test]

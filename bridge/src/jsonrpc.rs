@@ -12,7 +12,9 @@ use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use jsonrpsee::{
     Extensions, Methods, RpcModule,
-    server::{BatchRequestConfig, PingConfig, Server, ServerConfig, stop_channel},
+    server::{
+        BatchRequestConfig, HttpBody, HttpResponse, PingConfig, Server, ServerConfig, stop_channel,
+    },
     types::{ErrorObjectOwned, Params},
 };
 use serde::Deserialize;
@@ -26,6 +28,7 @@ use tower::Service;
 use crate::{
     call::{self, Call, ObjectOnly, Reply},
     error::BridgeError,
+    http_policy::HttpPolicy,
     registry::Registry,
     transport::{self, BodyBudget, Gate},
 };
@@ -150,6 +153,13 @@ pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receive
     let methods: Methods = module(registry.clone()).into();
     let budget = BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes);
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+    let policy = match gate.local_addr() {
+        Ok(addr) => Arc::new(HttpPolicy::new(&registry.config().http, addr)),
+        Err(e) => {
+            tracing::error!(error = %e, "JSON-RPC listener has no address; not serving");
+            return;
+        }
+    };
     let (stop_handle, server_handle) = stop_channel();
     loop {
         let conn = tokio::select! {
@@ -159,11 +169,20 @@ pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receive
         let svc = builder.clone().build(methods.clone(), stop_handle.clone());
         let calls = ConnectionCalls(Arc::new(Semaphore::new(limits.max_connection_calls)));
         let budget = budget.clone();
+        let policy = policy.clone();
+        let metrics = registry.metrics().clone();
         let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(calls.clone());
             let mut svc = svc.clone();
             let budget = budget.clone();
+            let verdict = policy.check(req.headers());
+            let metrics = metrics.clone();
             async move {
+                if let Err(why) = verdict {
+                    metrics.refused("jsonrpc", "host_or_origin");
+                    tracing::debug!(why, "HTTP request refused");
+                    return Ok(forbidden(why));
+                }
                 let declared = req
                     .headers()
                     .get(hyper::header::CONTENT_LENGTH)
@@ -192,6 +211,17 @@ pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receive
     drop(stop_handle);
     let _ = server_handle.stop();
     server_handle.stopped().await;
+}
+
+/// `403 Forbidden` saying `why`.
+fn forbidden(why: &'static str) -> HttpResponse {
+    let mut response = HttpResponse::new(HttpBody::from(why.to_string()));
+    *response.status_mut() = hyper::StatusCode::FORBIDDEN;
+    response.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    response
 }
 
 /// `t` in Unix seconds, as `vm-list` reports times.

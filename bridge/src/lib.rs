@@ -6,7 +6,8 @@
 //!   limits, coalescing. The core.
 //! - [`registry`]: VM name to session; [`discovery`]: VM sockets found by glob, refusing
 //!   what could route a call to the wrong VM.
-//! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping.
+//! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
+//!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint.
 //! - [`transport`]: connection caps, header-read timeouts and the request body budget
 //!   the three servers share.
@@ -18,6 +19,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod grpc;
+pub mod http_policy;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod registry;
@@ -164,10 +166,12 @@ impl Bridge {
                 )
                 .http();
                 let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
+                let policy = http_policy::HttpPolicy::new(&config.http, bound);
                 tasks.spawn(metrics::serve(
                     gate,
                     metrics.clone(),
                     header_timeout,
+                    policy,
                     rx.clone(),
                 ));
                 Some(bound)

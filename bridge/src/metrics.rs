@@ -27,7 +27,10 @@ use prometheus_client::{
 };
 use tokio::sync::watch;
 
-use crate::transport::{self, Gate};
+use crate::{
+    http_policy::HttpPolicy,
+    transport::{self, Gate},
+};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct CallLabels {
@@ -277,20 +280,30 @@ pub async fn serve(
     gate: Gate,
     metrics: Arc<Metrics>,
     header_read_timeout: Duration,
+    policy: HttpPolicy,
     shutdown: watch::Receiver<bool>,
 ) {
+    let policy = Arc::new(policy);
     loop {
         let conn = tokio::select! {
             c = gate.accept() => c,
             () = transport::stopped(shutdown.clone()) => return,
         };
         let metrics = metrics.clone();
+        let policy = policy.clone();
         let stop = transport::stopped(shutdown.clone());
         tokio::spawn(async move {
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
+                let verdict = policy.check(req.headers());
                 async move {
-                    if req.uri().path() == "/metrics" {
+                    if let Err(why) = verdict {
+                        metrics.refused("metrics", "host_or_origin");
+                        Response::builder()
+                            .status(StatusCode::FORBIDDEN)
+                            .header("content-type", "text/plain")
+                            .body(Full::new(Bytes::from_static(why.as_bytes())))
+                    } else if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header(
                                 "content-type",

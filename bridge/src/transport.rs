@@ -131,6 +131,11 @@ impl Gate {
         }
     }
 
+    /// The address listened on.
+    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
+        self.listener.local_addr()
+    }
+
     /// Refused HTTP connections get `503 Service Unavailable` saying why.
     pub fn http(mut self) -> Self {
         let body = format!(

@@ -39,7 +39,7 @@ async fn setup(
 async fn post(addr: std::net::SocketAddr, body: &str) -> (String, String) {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let head = format!(
-        "POST / HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n\
+        "POST / HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
