@@ -271,6 +271,14 @@ impl Call {
         }
     }
 
+    /// The call's arguments as JSON (QGA's own shape), for the audit trail.
+    pub fn arguments(&self) -> Option<serde_json::Value> {
+        match self {
+            Self::SetMemoryBlocks(changes) => serde_json::to_value(&changes.0).ok(),
+            _ => None,
+        }
+    }
+
     /// The request to send, tagged with `id`.
     pub fn request(&self, id: i64) -> Request<'_> {
         let arguments = match self {

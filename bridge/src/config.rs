@@ -5,6 +5,7 @@
 //! jsonrpc_addr = "127.0.0.1:8080"
 //! metrics_addr = "127.0.0.1:9100"      # optional
 //! log_format = "text"                   # or "json"
+//! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: the log stream
 //! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
 //! discover_interval_ms = 2000
 //! discover_owners = [0, 64055]          # uids a discovered socket may belong to
@@ -87,6 +88,10 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Append the audit trail (one JSON line per state-changing call and per refused
+    /// request) to this file [default: the log stream, target `qga_bridge::audit`].
+    #[arg(long, value_name = "PATH")]
+    pub audit_log: Option<PathBuf>,
     /// Serve on non-loopback TCP addresses without TLS. Anyone who can reach such an
     /// address can change guests' memory: only for a network you trust entirely.
     #[arg(long)]
@@ -294,6 +299,7 @@ struct File {
     http: Http,
     coalesce_reads: Option<bool>,
     allow_insecure_tcp: Option<bool>,
+    audit_log: Option<PathBuf>,
 }
 
 /// Why the configuration is unusable.
@@ -350,6 +356,8 @@ pub struct Config {
     pub http: Http,
     /// Listening on non-loopback TCP without TLS was asked for explicitly.
     pub allow_insecure_tcp: bool,
+    /// The audit trail's file; `None`: the log stream.
+    pub audit_log: Option<PathBuf>,
 }
 
 impl Default for Config {
@@ -368,6 +376,7 @@ impl Default for Config {
             coalesce_reads: true,
             http: Http::default(),
             allow_insecure_tcp: false,
+            audit_log: None,
         }
     }
 }
@@ -412,6 +421,9 @@ impl Config {
             config.vms.insert(name.clone(), socket.clone());
         }
         config.allow_insecure_tcp |= cli.allow_insecure_tcp;
+        if cli.audit_log.is_some() {
+            config.audit_log = cli.audit_log.clone();
+        }
         config
             .http
             .allowed_hosts
@@ -455,6 +467,9 @@ impl Config {
             self.allow_insecure_tcp = a;
         }
         self.http = file.http;
+        if file.audit_log.is_some() {
+            self.audit_log = file.audit_log;
+        }
         self.discover = file.discover;
         self.vms = file.vms;
         // Per-command entries add to the defaults rather than replacing them all.

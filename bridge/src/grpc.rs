@@ -10,6 +10,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::{
+    audit::Caller,
     call::{BlockChanges, Call, Reply},
     registry::Registry,
     session::AgentState,
@@ -34,7 +35,11 @@ impl Api {
         vm: &str,
         call: Call,
     ) -> Result<Response<R>, Status> {
-        let reply = self.registry.call(vm, call, deadline(req)).await?;
+        let caller = Caller {
+            transport: "grpc",
+            peer: req.remote_addr(),
+        };
+        let reply = self.registry.call(caller, vm, call, deadline(req)).await?;
         R::from_reply(reply)
             .map(Response::new)
             .ok_or_else(|| Status::internal("the agent's reply belongs to another call"))

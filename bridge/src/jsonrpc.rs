@@ -26,6 +26,7 @@ use tokio::{
 use tower::Service;
 
 use crate::{
+    audit::Caller,
     call::{self, Call, ObjectOnly, Reply},
     error::BridgeError,
     http_policy::HttpPolicy,
@@ -123,7 +124,13 @@ async fn run(
     };
     let decoded = decode(name, raw, registry.config().limits.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
-    Ok(registry.call(&decoded.vm, decoded.call, deadline).await?)
+    let caller = extensions.get::<Caller>().copied().unwrap_or(Caller {
+        transport: "jsonrpc",
+        peer: None,
+    });
+    Ok(registry
+        .call(caller, &decoded.vm, decoded.call, deadline)
+        .await?)
 }
 
 /// Serves JSON-RPC over HTTP/1 and WebSocket on the connections `gate` admits until
@@ -168,18 +175,26 @@ pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receive
         };
         let svc = builder.clone().build(methods.clone(), stop_handle.clone());
         let calls = ConnectionCalls(Arc::new(Semaphore::new(limits.max_connection_calls)));
+        let caller = Caller {
+            transport: "jsonrpc",
+            peer: conn.peer_addr(),
+        };
         let budget = budget.clone();
         let policy = policy.clone();
         let metrics = registry.metrics().clone();
+        let audit = registry.audit().clone();
         let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
             req.extensions_mut().insert(calls.clone());
+            req.extensions_mut().insert(caller);
             let mut svc = svc.clone();
             let budget = budget.clone();
             let verdict = policy.check(req.headers());
             let metrics = metrics.clone();
+            let audit = audit.clone();
             async move {
                 if let Err(why) = verdict {
                     metrics.refused("jsonrpc", "host_or_origin");
+                    audit.denied(caller, why);
                     tracing::debug!(why, "HTTP request refused");
                     return Ok(forbidden(why));
                 }

@@ -8,12 +8,14 @@
 //!   what could route a call to the wrong VM.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
-//! - [`metrics`]: Prometheus metrics and their endpoint.
+//! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
+//!   state-changing calls and refused requests.
 //! - [`transport`]: connection caps, header-read timeouts and the request body budget
 //!   the three servers share.
 //!
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
+pub mod audit;
 pub mod call;
 pub mod config;
 pub mod discovery;
@@ -51,6 +53,9 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
+    /// The audit log could not be opened.
+    #[error("cannot open the audit log: {0}")]
+    Audit(#[source] std::io::Error),
     /// gRPC reflection could not be set up.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -82,7 +87,12 @@ impl Bridge {
     pub async fn start(config: Config) -> Result<Self, StartError> {
         let config = Arc::new(config);
         let metrics = Metrics::new();
-        let registry = Registry::new(config.clone(), metrics.clone());
+        let sink = config
+            .audit_log
+            .clone()
+            .map_or(audit::Sink::Log, audit::Sink::File);
+        let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
+        let registry = Registry::new(config.clone(), metrics.clone(), audit);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 

@@ -74,6 +74,7 @@ pub struct Metrics {
     coalesced: Family<VmLabels, Counter>,
     late: Family<VmLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
+    audit_dropped: Counter,
     /// VM name -> the claim of its current session.
     owners: Mutex<HashMap<String, u64>>,
     next_claim: AtomicU64,
@@ -138,6 +139,12 @@ impl Metrics {
             "Connections and calls refused by a transport limit, by server and limit",
             refused.clone(),
         );
+        let audit_dropped = Counter::default();
+        registry.register(
+            "audit_dropped",
+            "Audit records dropped: the writer was behind or the file could not be written",
+            audit_dropped.clone(),
+        );
         Arc::new(Self {
             registry,
             calls,
@@ -148,6 +155,7 @@ impl Metrics {
             coalesced,
             late,
             refused,
+            audit_dropped,
             owners: Mutex::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
         })
@@ -165,6 +173,11 @@ impl Metrics {
         self.refused
             .get_or_create(&RefusedLabels { server, reason })
             .inc();
+    }
+
+    /// Counts an audit record that could not be written.
+    pub fn audit_dropped(&self) {
+        self.audit_dropped.inc();
     }
 
     /// Makes a new session the owner of `vm`'s series; returns its claim.

@@ -12,6 +12,7 @@ use tokio::{
 };
 
 use crate::{
+    audit::{Audit, Caller},
     call::{Call, Reply},
     config::Config,
     discovery::{Discovery, Scan, scan},
@@ -21,6 +22,68 @@ use crate::{
 };
 
 pub use crate::discovery::vm_name_for;
+
+/// Audits a state-changing call: with its outcome when it finishes, or as `caller_left`
+/// when its caller goes away first (the session then records the late outcome in the
+/// VM's `last_write`).
+struct AuditOnDrop<'a> {
+    audit: &'a Audit,
+    caller: Caller,
+    vm: &'a str,
+    method: &'static str,
+    arguments: Option<serde_json::Value>,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl<'a> AuditOnDrop<'a> {
+    fn new(audit: &'a Audit, caller: Caller, vm: &'a str, call: &Call) -> Self {
+        Self {
+            audit,
+            caller,
+            vm,
+            method: call.name(),
+            arguments: call.arguments(),
+            start: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
+        self.done = true;
+        let (label, error, results) = match outcome {
+            Ok(reply) => ("ok", None, serde_json::to_value(reply).ok()),
+            Err(e) => (e.outcome(), Some(e.to_string()), None),
+        };
+        self.audit.call(
+            self.caller,
+            self.vm,
+            self.method,
+            self.arguments.take(),
+            label,
+            error,
+            results,
+            self.start.elapsed(),
+        );
+    }
+}
+
+impl Drop for AuditOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.audit.call(
+                self.caller,
+                self.vm,
+                self.method,
+                self.arguments.take(),
+                "caller_left",
+                Some("the caller stopped waiting; the outcome goes to the VM's last_write".into()),
+                None,
+                self.start.elapsed(),
+            );
+        }
+    }
+}
 
 /// Name -> session. Sessions stop when removed and no call holds them.
 #[derive(Debug)]
@@ -32,17 +95,19 @@ pub struct Registry {
     budget: Arc<ParseBudget>,
     /// Calls being served, bridge-wide (`limits.max_in_flight`).
     in_flight: Semaphore,
+    audit: Arc<Audit>,
 }
 
 impl Registry {
     /// A registry with the configured VMs (their sessions start on the current runtime).
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
+    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, audit: Arc<Audit>) -> Arc<Self> {
         let registry = Arc::new(Self {
             sessions: RwLock::new(BTreeMap::new()),
             config: config.clone(),
             metrics,
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
             in_flight: Semaphore::new(config.limits.max_in_flight),
+            audit,
         });
         for (name, socket) in &config.vms {
             registry.add(name, socket);
@@ -75,9 +140,31 @@ impl Registry {
             .ok_or_else(|| BridgeError::VmNotFound(vm.to_string()))
     }
 
-    /// Runs `call` on `vm`'s agent by `deadline`, within the bridge-wide in-flight limit:
-    /// over it, the call is refused at once rather than queued.
+    /// The audit trail.
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.audit
+    }
+
+    /// Runs `call` from `caller` on `vm`'s agent by `deadline`, within the bridge-wide
+    /// in-flight limit: over it, the call is refused at once rather than queued. A
+    /// state-changing call is audited with its outcome, also when its caller leaves.
     pub async fn call(
+        &self,
+        caller: Caller,
+        vm: &str,
+        call: Call,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, BridgeError> {
+        let mut audited =
+            (!call.is_read()).then(|| AuditOnDrop::new(&self.audit, caller, vm, &call));
+        let outcome = self.call_inner(vm, call, deadline).await;
+        if let Some(a) = audited.as_mut() {
+            a.finish(&outcome);
+        }
+        outcome
+    }
+
+    async fn call_inner(
         &self,
         vm: &str,
         call: Call,

@@ -47,6 +47,13 @@ pub struct Admitted {
     _slot: OwnedSemaphorePermit,
 }
 
+impl Admitted {
+    /// The peer's address, if the socket still knows it.
+    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
+        self.stream.peer_addr().ok()
+    }
+}
+
 impl AsyncRead for Admitted {
     fn poll_read(
         self: Pin<&mut Self>,

@@ -1,0 +1,212 @@
+//! The audit trail: one JSON line per state-changing call and per refused HTTP request —
+//! when, who (transport and peer), what (VM, method, arguments), the outcome with the
+//! per-block results, and how long it took.
+//!
+//! Writing never blocks a call: records go through a bounded queue to a writer thread.
+//! When the queue is full or the file cannot be written (a full disk, say), records are
+//! dropped, counted in `qga_bridge_audit_dropped_total`, and the trouble is logged once
+//! per episode; the bridge keeps serving.
+
+use std::{
+    fs::{File, OpenOptions},
+    io::{self, Write},
+    net::SocketAddr,
+    os::unix::fs::OpenOptionsExt,
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        mpsc::{self, Receiver, SyncSender, TrySendError},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use serde::Serialize;
+use serde_json::Value;
+
+use crate::metrics::Metrics;
+
+/// Records waiting for the writer.
+const QUEUE: usize = 4096;
+
+/// Where the audit trail goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Sink {
+    /// The log stream, at INFO with target `qga_bridge::audit`.
+    Log,
+    /// A file, appended to (created with mode 0600).
+    File(PathBuf),
+}
+
+/// Who made a call: the front end and the peer's address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Caller {
+    /// `grpc` or `jsonrpc`.
+    pub transport: &'static str,
+    /// The peer's address, when the transport has one.
+    pub peer: Option<SocketAddr>,
+}
+
+/// One audit line.
+#[derive(Debug, Serialize)]
+pub struct Record<'a> {
+    /// Unix time in seconds (fractional).
+    pub time: f64,
+    /// `call` (a state-changing call) or `denied` (a request refused before any call).
+    pub kind: &'static str,
+    /// Who.
+    #[serde(flatten)]
+    pub caller: Caller,
+    /// The VM.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub vm: Option<&'a str>,
+    /// The QGA command.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub method: Option<&'a str>,
+    /// Its arguments.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub arguments: Option<Value>,
+    /// `ok`, an error outcome (`deadline_exceeded`, ...), `caller_left`, or why a request
+    /// was denied.
+    pub outcome: &'a str,
+    /// The error's text.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// Per-block results of a set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub results: Option<Value>,
+    /// Milliseconds from the call's start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duration_ms: Option<f64>,
+}
+
+/// Seconds since the epoch, now.
+pub fn now() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
+}
+
+/// The audit trail's writer handle. Cheap to share.
+#[derive(Debug)]
+pub struct Audit {
+    tx: SyncSender<String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Audit {
+    /// Starts the writer for `sink`. A file that cannot be opened is an error: an audit
+    /// trail asked for must exist from the start.
+    pub fn start(sink: Sink, metrics: Arc<Metrics>) -> io::Result<Arc<Self>> {
+        let file = match &sink {
+            Sink::Log => None,
+            Sink::File(path) => Some(open(path)?),
+        };
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let writer_metrics = metrics.clone();
+        std::thread::Builder::new()
+            .name("qga-bridge-audit".into())
+            .spawn(move || write_all(rx, file, &writer_metrics))?;
+        Ok(Arc::new(Self { tx, metrics }))
+    }
+
+    /// Queues `record`; drops it (counted) if the writer is behind.
+    pub fn record(&self, record: &Record<'_>) {
+        let Ok(line) = serde_json::to_string(record) else {
+            self.metrics.audit_dropped();
+            return;
+        };
+        match self.tx.try_send(line) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
+                self.metrics.audit_dropped();
+            }
+        }
+    }
+
+    /// Records a state-changing call's outcome.
+    #[allow(clippy::too_many_arguments)]
+    pub fn call(
+        &self,
+        caller: Caller,
+        vm: &str,
+        method: &str,
+        arguments: Option<Value>,
+        outcome: &str,
+        error: Option<String>,
+        results: Option<Value>,
+        elapsed: Duration,
+    ) {
+        self.record(&Record {
+            time: now(),
+            kind: "call",
+            caller,
+            vm: Some(vm),
+            method: Some(method),
+            arguments,
+            outcome,
+            error,
+            results,
+            duration_ms: Some(elapsed.as_secs_f64() * 1000.0),
+        });
+    }
+
+    /// Records an HTTP request refused before it became a call.
+    pub fn denied(&self, caller: Caller, why: &str) {
+        self.record(&Record {
+            time: now(),
+            kind: "denied",
+            caller,
+            vm: None,
+            method: None,
+            arguments: None,
+            outcome: why.trim_end(),
+            error: None,
+            results: None,
+            duration_ms: None,
+        });
+    }
+}
+
+fn open(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The writer thread: appends lines until every sender is gone.
+fn write_all(rx: Receiver<String>, mut file: Option<File>, metrics: &Metrics) {
+    let mut failing = false;
+    while let Ok(line) = rx.recv() {
+        let Some(f) = file.as_mut() else {
+            tracing::info!(target: "qga_bridge::audit", "{line}");
+            continue;
+        };
+        let mut buf = line.into_bytes();
+        buf.push(b'\n');
+        // Whatever else is queued goes out in the same write.
+        while let Ok(more) = rx.try_recv() {
+            buf.extend_from_slice(more.as_bytes());
+            buf.push(b'\n');
+        }
+        match f.write_all(&buf).and_then(|()| f.flush()) {
+            Ok(()) => {
+                if failing {
+                    tracing::warn!("audit log writable again");
+                }
+                failing = false;
+            }
+            Err(e) => {
+                let lost = buf.iter().filter(|&&b| b == b'\n').count();
+                for _ in 0..lost {
+                    metrics.audit_dropped();
+                }
+                if !failing {
+                    tracing::error!(error = %e, "cannot write the audit log; records are being dropped");
+                }
+                failing = true;
+            }
+        }
+    }
+}
