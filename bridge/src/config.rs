@@ -6,6 +6,11 @@
 //! metrics_addr = "127.0.0.1:9100"      # optional
 //! log_format = "text"                   # or "json"
 //! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: the log stream
+//!
+//! [tls]                                 # every listener over TLS 1.2/1.3; reloaded on SIGHUP
+//! cert = "/etc/qga-bridge/server.pem"
+//! key = "/etc/qga-bridge/server.key"
+//! client_ca = "/etc/qga-bridge/clients-ca.pem"  # optional: require client certificates
 //! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
 //! discover_interval_ms = 2000
 //! discover_owners = [0, 64055]          # uids a discovered socket may belong to
@@ -54,6 +59,8 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
+pub use crate::tls::TlsFiles;
+
 /// `qga-bridge` command line.
 #[derive(Debug, Parser, Default)]
 #[command(
@@ -88,6 +95,16 @@ pub struct Cli {
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
+    /// Serve every listener over TLS with this certificate chain (PEM); needs
+    /// `--tls-key`.
+    #[arg(long, value_name = "PEM", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// The TLS certificate's private key (PEM).
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+    /// Require client certificates issued by these CAs (PEM) on every listener.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub client_ca: Option<PathBuf>,
     /// Append the audit trail (one JSON line per state-changing call and per refused
     /// request) to this file [default: the log stream, target `qga_bridge::audit`].
     #[arg(long, value_name = "PATH")]
@@ -300,6 +317,7 @@ struct File {
     coalesce_reads: Option<bool>,
     allow_insecure_tcp: Option<bool>,
     audit_log: Option<PathBuf>,
+    tls: Option<TlsFiles>,
 }
 
 /// Why the configuration is unusable.
@@ -358,6 +376,8 @@ pub struct Config {
     pub allow_insecure_tcp: bool,
     /// The audit trail's file; `None`: the log stream.
     pub audit_log: Option<PathBuf>,
+    /// TLS for every listener; `None`: plaintext.
+    pub tls: Option<TlsFiles>,
 }
 
 impl Default for Config {
@@ -377,6 +397,7 @@ impl Default for Config {
             http: Http::default(),
             allow_insecure_tcp: false,
             audit_log: None,
+            tls: None,
         }
     }
 }
@@ -424,6 +445,13 @@ impl Config {
         if cli.audit_log.is_some() {
             config.audit_log = cli.audit_log.clone();
         }
+        if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
+            config.tls = Some(TlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: cli.client_ca.clone(),
+            });
+        }
         config
             .http
             .allowed_hosts
@@ -470,6 +498,9 @@ impl Config {
         if file.audit_log.is_some() {
             self.audit_log = file.audit_log;
         }
+        if file.tls.is_some() {
+            self.tls = file.tls;
+        }
         self.discover = file.discover;
         self.vms = file.vms;
         // Per-command entries add to the defaults rather than replacing them all.
@@ -490,12 +521,16 @@ impl Config {
             ("metrics", self.metrics_addr),
         ];
         for (server, addr) in listeners {
-            if let Some(addr) = addr.filter(|a| !a.ip().is_loopback() && !self.allow_insecure_tcp) {
+            let exposed = |a: &SocketAddr| !a.ip().is_loopback();
+            if let Some(addr) =
+                addr.filter(|a| exposed(a) && self.tls.is_none() && !self.allow_insecure_tcp)
+            {
                 return Err(ConfigError::Invalid(format!(
-                    "the {server} address {addr} is not loopback and the bridge serves it \
-                     without TLS or authentication: anyone who can reach it could change \
-                     guests' memory. Listen on a loopback address, or pass \
-                     --allow-insecure-tcp (allow_insecure_tcp = true) on a network you trust"
+                    "the {server} address {addr} is not loopback and the bridge would serve it \
+                     without TLS: anyone who can reach it could change guests' memory. Listen \
+                     on a loopback address, configure TLS (--tls-cert, --tls-key, and \
+                     --client-ca for client certificates), or pass --allow-insecure-tcp \
+                     (allow_insecure_tcp = true) on a network you trust"
                 )));
             }
         }

@@ -37,7 +37,10 @@ impl Api {
     ) -> Result<Response<R>, Status> {
         let caller = Caller {
             transport: "grpc",
-            peer: req.remote_addr(),
+            peer: req
+                .extensions()
+                .get::<crate::transport::Peer>()
+                .and_then(|p| p.addr),
         };
         let reply = self.registry.call(caller, vm, call, deadline(req)).await?;
         R::from_reply(reply)

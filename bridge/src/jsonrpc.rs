@@ -31,6 +31,7 @@ use crate::{
     error::BridgeError,
     http_policy::HttpPolicy,
     registry::Registry,
+    tls::{Alpn, Tls},
     transport::{self, BodyBudget, Gate},
 };
 
@@ -138,7 +139,12 @@ async fn run(
 ///
 /// Each connection gets its own in-flight limit, a header-read timeout, and WebSocket
 /// pings; large request bodies wait for the bridge-wide body budget before they are read.
-pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receiver<bool>) {
+pub async fn serve(
+    gate: Gate,
+    registry: Arc<Registry>,
+    tls: Option<Arc<Tls>>,
+    shutdown: watch::Receiver<bool>,
+) {
     let limits = registry.config().limits.clone();
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
@@ -174,40 +180,48 @@ pub async fn serve(gate: Gate, registry: Arc<Registry>, shutdown: watch::Receive
             () = transport::stopped(shutdown.clone()) => break,
         };
         let svc = builder.clone().build(methods.clone(), stop_handle.clone());
-        let calls = ConnectionCalls(Arc::new(Semaphore::new(limits.max_connection_calls)));
-        let caller = Caller {
-            transport: "jsonrpc",
-            peer: conn.peer_addr(),
-        };
-        let budget = budget.clone();
-        let policy = policy.clone();
-        let metrics = registry.metrics().clone();
-        let audit = registry.audit().clone();
-        let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(calls.clone());
-            req.extensions_mut().insert(caller);
-            let mut svc = svc.clone();
-            let budget = budget.clone();
-            let verdict = policy.check(req.headers());
-            let metrics = metrics.clone();
-            let audit = audit.clone();
-            async move {
-                if let Err(why) = verdict {
-                    metrics.refused("jsonrpc", "host_or_origin");
-                    audit.denied(caller, why);
-                    tracing::debug!(why, "HTTP request refused");
-                    return Ok(forbidden(why));
-                }
-                let declared = req
-                    .headers()
-                    .get(hyper::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                let _bytes = budget.admit(declared).await;
-                svc.call(req).await.map_err(std::io::Error::other)
-            }
-        });
+        let (budget, policy, tls) = (budget.clone(), policy.clone(), tls.clone());
+        let max_calls = limits.max_connection_calls;
+        let (metrics, audit) = (registry.metrics().clone(), registry.audit().clone());
         let stopped = stop_handle.clone().shutdown();
         tokio::spawn(async move {
+            let conn =
+                match transport::secure(conn, tls.as_deref(), Alpn::Http1, header_timeout).await {
+                    Ok(conn) => conn,
+                    Err(e) => {
+                        metrics.refused("jsonrpc", "tls_handshake");
+                        tracing::debug!(error = %e, "TLS handshake failed");
+                        return;
+                    }
+                };
+            let calls = ConnectionCalls(Arc::new(Semaphore::new(max_calls)));
+            let caller = Caller {
+                transport: "jsonrpc",
+                peer: conn.peer().addr,
+            };
+            let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
+                req.extensions_mut().insert(calls.clone());
+                req.extensions_mut().insert(caller);
+                let mut svc = svc.clone();
+                let budget = budget.clone();
+                let verdict = policy.check(req.headers());
+                let metrics = metrics.clone();
+                let audit = audit.clone();
+                async move {
+                    if let Err(why) = verdict {
+                        metrics.refused("jsonrpc", "host_or_origin");
+                        audit.denied(caller, why);
+                        tracing::debug!(why, "HTTP request refused");
+                        return Ok(forbidden(why));
+                    }
+                    let declared = req
+                        .headers()
+                        .get(hyper::header::CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                    let _bytes = budget.admit(declared).await;
+                    svc.call(req).await.map_err(std::io::Error::other)
+                }
+            });
             let conn = transport::http1(header_timeout)
                 .serve_connection(TokioIo::new(conn), hyper_svc)
                 .with_upgrades();

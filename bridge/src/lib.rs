@@ -10,8 +10,8 @@
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
 //!   state-changing calls and refused requests.
-//! - [`transport`]: connection caps, header-read timeouts and the request body budget
-//!   the three servers share.
+//! - [`transport`]: connection caps, TLS handshakes, header-read timeouts and the request
+//!   body budget the three servers share; [`tls`]: certificates, reloaded on SIGHUP.
 //!
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
@@ -26,6 +26,7 @@ pub mod jsonrpc;
 pub mod metrics;
 pub mod registry;
 pub mod session;
+pub mod tls;
 pub mod transport;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -56,6 +57,9 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(#[source] std::io::Error),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
     /// gRPC reflection could not be set up.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -72,6 +76,7 @@ pub struct Bridge {
     pub metrics_addr: Option<SocketAddr>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
+    tls: Option<Arc<tls::Tls>>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -93,6 +98,8 @@ impl Bridge {
             .map_or(audit::Sink::Log, audit::Sink::File);
         let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
         let registry = Registry::new(config.clone(), metrics.clone(), audit);
+        let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
+        let handshake_timeout = Duration::from_millis(config.limits.header_read_timeout_ms);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
 
@@ -128,13 +135,16 @@ impl Bridge {
             .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max_message))
             .add_service(VmsServer::new(api).max_decoding_message_size(max_message));
         let mut grpc_stop = rx.clone();
-        let incoming = transport::Gate::new(
-            grpc_listener,
-            limits.grpc_max_connections,
-            "grpc",
-            metrics.clone(),
-        )
-        .into_stream();
+        let incoming = transport::incoming(
+            transport::Gate::new(
+                grpc_listener,
+                limits.grpc_max_connections,
+                "grpc",
+                metrics.clone(),
+            ),
+            tls.clone(),
+            handshake_timeout,
+        );
         tasks.spawn(async move {
             let stop = async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
@@ -159,7 +169,12 @@ impl Bridge {
             metrics.clone(),
         )
         .http();
-        tasks.spawn(jsonrpc::serve(gate, registry.clone(), rx.clone()));
+        tasks.spawn(jsonrpc::serve(
+            gate,
+            registry.clone(),
+            tls.clone(),
+            rx.clone(),
+        ));
 
         // Metrics.
         let metrics_addr = match config.metrics_addr {
@@ -182,6 +197,7 @@ impl Bridge {
                     metrics.clone(),
                     header_timeout,
                     policy,
+                    tls.clone(),
                     rx.clone(),
                 ));
                 Some(bound)
@@ -197,6 +213,7 @@ impl Bridge {
             metrics_addr,
             registry,
             metrics,
+            tls,
             shutdown,
             tasks,
         })
@@ -210,6 +227,12 @@ impl Bridge {
     /// The metrics.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// Reads the TLS files again (SIGHUP): new connections get the new certificates,
+    /// established ones are untouched; on error the old ones stay. `Ok` without TLS.
+    pub fn reload_tls(&self) -> Result<(), tls::TlsError> {
+        self.tls.as_ref().map_or(Ok(()), |t| t.reload())
     }
 
     /// Stops accepting calls, lets running ones finish, and returns when all servers stopped.

@@ -24,10 +24,23 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     let bridge = Bridge::start(config).await?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    loop {
+        tokio::select! {
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: shutting down");
+                break;
+            }
+            _ = int.recv() => {
+                tracing::info!("SIGINT: shutting down");
+                break;
+            }
+            _ = hup.recv() => match bridge.reload_tls() {
+                Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificates"),
+            },
+        }
     }
     // Calls in flight may finish (each is bounded by its deadline); a second signal
     // stops at once.

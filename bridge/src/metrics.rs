@@ -29,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::{
     http_policy::HttpPolicy,
+    tls::{Alpn, Tls},
     transport::{self, Gate},
 };
 
@@ -294,6 +295,7 @@ pub async fn serve(
     metrics: Arc<Metrics>,
     header_read_timeout: Duration,
     policy: HttpPolicy,
+    tls: Option<Arc<Tls>>,
     shutdown: watch::Receiver<bool>,
 ) {
     let policy = Arc::new(policy);
@@ -304,8 +306,19 @@ pub async fn serve(
         };
         let metrics = metrics.clone();
         let policy = policy.clone();
+        let tls = tls.clone();
         let stop = transport::stopped(shutdown.clone());
         tokio::spawn(async move {
+            let conn =
+                match transport::secure(conn, tls.as_deref(), Alpn::Http1, header_read_timeout)
+                    .await
+                {
+                    Ok(conn) => conn,
+                    Err(_) => {
+                        metrics.refused("metrics", "tls_handshake");
+                        return;
+                    }
+                };
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 let verdict = policy.check(req.headers());

@@ -6,6 +6,8 @@
 //!   spinning.
 //! - [`http1`]: an HTTP/1 connection builder with a header-read timeout, so a client that
 //!   opens a socket and sends nothing, or a header a byte at a time, is cut off.
+//! - [`secure`] and [`incoming`]: a TLS handshake, when TLS is configured, bounded in
+//!   time and off the accept loop; [`Conn`] is what the servers then speak HTTP on.
 //! - [`BodyBudget`]: bytes of large request bodies being read at once, bridge-wide, so
 //!   many large requests arriving together cannot multiply the bridge's memory.
 
@@ -27,9 +29,13 @@ use tokio::{
     net::{TcpListener, TcpStream},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tokio_rustls::{rustls::pki_types::CertificateDer, server::TlsStream};
+use tonic::transport::server::Connected;
 
-use crate::metrics::Metrics;
+use crate::{
+    metrics::Metrics,
+    tls::{Alpn, Tls},
+};
 
 /// How long accepting pauses after an accept error (file descriptors exhausted, say).
 const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
@@ -91,14 +97,6 @@ impl AsyncWrite for Admitted {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
-    }
-}
-
-impl Connected for Admitted {
-    type ConnectInfo = TcpConnectInfo;
-
-    fn connect_info(&self) -> TcpConnectInfo {
-        self.stream.connect_info()
     }
 }
 
@@ -217,14 +215,168 @@ impl Gate {
             let _ = tokio::time::timeout(REFUSAL_DRAIN, answer).await;
         });
     }
+}
 
-    /// The admitted connections as a stream (for tonic). It never ends and never fails.
-    pub fn into_stream(self) -> impl Stream<Item = io::Result<Admitted>> + Send + 'static {
-        futures::stream::unfold(self, |gate| async move {
-            let conn = gate.accept().await;
-            Some((Ok(conn), gate))
-        })
+/// What the servers know of a connection's peer; gRPC requests carry it in their
+/// extensions.
+#[derive(Debug, Clone, Default)]
+pub struct Peer {
+    /// The peer's address.
+    pub addr: Option<std::net::SocketAddr>,
+    /// The client certificate it presented (mutual TLS).
+    pub certificate: Option<CertificateDer<'static>>,
+}
+
+/// An admitted connection, in TLS when TLS is configured.
+#[derive(Debug)]
+pub enum Conn {
+    /// Plain TCP.
+    Plain(Admitted),
+    /// TLS over TCP.
+    Tls(Box<TlsStream<Admitted>>),
+}
+
+impl Conn {
+    /// Its peer.
+    pub fn peer(&self) -> Peer {
+        match self {
+            Self::Plain(a) => Peer {
+                addr: a.peer_addr(),
+                certificate: None,
+            },
+            Self::Tls(t) => {
+                let (tcp, session) = t.get_ref();
+                Peer {
+                    addr: tcp.peer_addr(),
+                    certificate: session
+                        .peer_certificates()
+                        .and_then(|c| c.first())
+                        .map(|c| c.clone().into_owned()),
+                }
+            }
+        }
     }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(a) => Pin::new(a).poll_read(cx, buf),
+            Self::Tls(t) => Pin::new(&mut **t).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(a) => Pin::new(a).poll_write(cx, buf),
+            Self::Tls(t) => Pin::new(&mut **t).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            Self::Plain(a) => Pin::new(a).poll_write_vectored(cx, bufs),
+            Self::Tls(t) => Pin::new(&mut **t).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Plain(a) => a.is_write_vectored(),
+            Self::Tls(t) => t.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(a) => Pin::new(a).poll_flush(cx),
+            Self::Tls(t) => Pin::new(&mut **t).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            Self::Plain(a) => Pin::new(a).poll_shutdown(cx),
+            Self::Tls(t) => Pin::new(&mut **t).poll_shutdown(cx),
+        }
+    }
+}
+
+impl Connected for Conn {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        self.peer()
+    }
+}
+
+/// Completes `conn`'s TLS handshake within `timeout` when `tls` is set.
+pub async fn secure(
+    conn: Admitted,
+    tls: Option<&Tls>,
+    alpn: Alpn,
+    timeout: Duration,
+) -> io::Result<Conn> {
+    let Some(tls) = tls else {
+        return Ok(Conn::Plain(conn));
+    };
+    match tokio::time::timeout(timeout, tls.acceptor(alpn).accept(conn)).await {
+        Ok(Ok(stream)) => Ok(Conn::Tls(Box::new(stream))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
+    }
+}
+
+/// The connections `gate` admits, through their TLS handshakes (each in its own task,
+/// within `timeout`), as a stream for tonic. Failed handshakes are counted and dropped.
+pub fn incoming(
+    gate: Gate,
+    tls: Option<Arc<Tls>>,
+    timeout: Duration,
+) -> impl Stream<Item = io::Result<Conn>> + Send + 'static {
+    let (tx, rx) = tokio::sync::mpsc::channel::<Conn>(64);
+    tokio::spawn(async move {
+        loop {
+            let admitted = tokio::select! {
+                a = gate.accept() => a,
+                () = tx.closed() => return,
+            };
+            let (tx, tls, metrics) = (tx.clone(), tls.clone(), gate.metrics.clone());
+            let server = gate.server;
+            tokio::spawn(async move {
+                match secure(admitted, tls.as_deref(), Alpn::H2, timeout).await {
+                    Ok(conn) => {
+                        let _ = tx.send(conn).await;
+                    }
+                    Err(e) => {
+                        metrics.refused(server, "tls_handshake");
+                        tracing::debug!(server, error = %e, "TLS handshake failed");
+                    }
+                }
+            });
+        }
+    });
+    futures::stream::unfold(rx, |mut rx| async move {
+        let conn = rx.recv().await?;
+        Some((Ok(conn), rx))
+    })
 }
 
 /// Returns when `shutdown` turns true (or its sender is gone).

@@ -9,10 +9,12 @@
 
 mod agent;
 mod bridge;
+mod certs;
 mod client;
 mod sysfs;
 
 pub use agent::{AgentKind, AgentProcess, bin_path};
 pub use bridge::BridgeProcess;
+pub use certs::Certs;
 pub use client::QgaClient;
 pub use sysfs::{FakeSysfs, Node};
