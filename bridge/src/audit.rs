@@ -17,13 +17,13 @@ use std::{
         Arc,
         mpsc::{self, Receiver, SyncSender, TrySendError},
     },
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::metrics::Metrics;
+use crate::{auth::Identity, metrics::Metrics};
 
 /// Records waiting for the writer.
 const QUEUE: usize = 4096;
@@ -37,13 +37,16 @@ pub enum Sink {
     File(PathBuf),
 }
 
-/// Who made a call: the front end and the peer's address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Who made a call: the front end, the peer's address and, once authenticated, the
+/// identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     /// `grpc` or `jsonrpc`.
     pub transport: &'static str,
     /// The peer's address, when the transport has one.
     pub peer: Option<SocketAddr>,
+    /// Who it proved to be; `None` before (or without) authentication.
+    pub identity: Option<Identity>,
 }
 
 /// One audit line.
@@ -51,11 +54,15 @@ pub struct Caller {
 pub struct Record<'a> {
     /// Unix time in seconds (fractional).
     pub time: f64,
-    /// `call` (a state-changing call) or `denied` (a request refused before any call).
+    /// `call` (a state-changing call) or `denied` (a request or call refused).
     pub kind: &'static str,
-    /// Who.
-    #[serde(flatten)]
-    pub caller: Caller,
+    /// `grpc` or `jsonrpc`.
+    pub transport: &'static str,
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// The caller's identity, if it proved one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub identity: Option<&'a str>,
     /// The VM.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub vm: Option<&'a str>,
@@ -123,47 +130,27 @@ impl Audit {
         }
     }
 
-    /// Records a state-changing call's outcome.
-    #[allow(clippy::too_many_arguments)]
-    pub fn call(
-        &self,
-        caller: Caller,
-        vm: &str,
-        method: &str,
-        arguments: Option<Value>,
-        outcome: &str,
-        error: Option<String>,
-        results: Option<Value>,
-        elapsed: Duration,
-    ) {
-        self.record(&Record {
+    /// A record of `kind` from `caller` with everything else empty.
+    pub fn base<'a>(kind: &'static str, caller: &'a Caller, outcome: &'a str) -> Record<'a> {
+        Record {
             time: now(),
-            kind: "call",
-            caller,
-            vm: Some(vm),
-            method: Some(method),
-            arguments,
-            outcome,
-            error,
-            results,
-            duration_ms: Some(elapsed.as_secs_f64() * 1000.0),
-        });
-    }
-
-    /// Records an HTTP request refused before it became a call.
-    pub fn denied(&self, caller: Caller, why: &str) {
-        self.record(&Record {
-            time: now(),
-            kind: "denied",
-            caller,
+            kind,
+            transport: caller.transport,
+            peer: caller.peer,
+            identity: caller.identity.as_ref().map(Identity::name),
             vm: None,
             method: None,
             arguments: None,
-            outcome: why.trim_end(),
+            outcome,
             error: None,
             results: None,
             duration_ms: None,
-        });
+        }
+    }
+
+    /// Records a request refused before it became a call (`why` says by what).
+    pub fn denied(&self, caller: &Caller, why: &str) {
+        self.record(&Self::base("denied", caller, why.trim_end()));
     }
 }
 

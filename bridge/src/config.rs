@@ -11,6 +11,14 @@
 //! cert = "/etc/qga-bridge/server.pem"
 //! key = "/etc/qga-bridge/server.key"
 //! client_ca = "/etc/qga-bridge/clients-ca.pem"  # optional: require client certificates
+//!
+//! [[auth.tokens]]                       # bearer tokens, as SHA-256 hex of the token
+//! identity = "autoscaler"
+//! sha256 = "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+//! [[auth.grants]]                       # identities: token identities or certificate DNS names
+//! identity = "autoscaler"
+//! role = "write"                        # or "read"
+//! vms = ["web-*"]
 //! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
 //! discover_interval_ms = 2000
 //! discover_owners = [0, 64055]          # uids a discovered socket may belong to
@@ -59,7 +67,11 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
-pub use crate::tls::TlsFiles;
+use crate::auth::Auth;
+pub use crate::{
+    auth::{AuthConfig, GrantConfig, Role, TokenConfig},
+    tls::TlsFiles,
+};
 
 /// `qga-bridge` command line.
 #[derive(Debug, Parser, Default)]
@@ -318,6 +330,7 @@ struct File {
     allow_insecure_tcp: Option<bool>,
     audit_log: Option<PathBuf>,
     tls: Option<TlsFiles>,
+    auth: AuthConfig,
 }
 
 /// Why the configuration is unusable.
@@ -378,6 +391,9 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// TLS for every listener; `None`: plaintext.
     pub tls: Option<TlsFiles>,
+    /// Tokens and grants; empty: only local (or, with `allow_insecure_tcp`, all) callers,
+    /// each allowed everything.
+    pub auth: AuthConfig,
 }
 
 impl Default for Config {
@@ -398,6 +414,7 @@ impl Default for Config {
             allow_insecure_tcp: false,
             audit_log: None,
             tls: None,
+            auth: AuthConfig::default(),
         }
     }
 }
@@ -501,6 +518,7 @@ impl Config {
         if file.tls.is_some() {
             self.tls = file.tls;
         }
+        self.auth = file.auth;
         self.discover = file.discover;
         self.vms = file.vms;
         // Per-command entries add to the defaults rather than replacing them all.
@@ -534,6 +552,8 @@ impl Config {
                 )));
             }
         }
+        Auth::new(&self.auth, self.allow_insecure_tcp)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for origin in &self.http.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.trim_end_matches('/') != origin

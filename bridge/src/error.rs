@@ -10,6 +10,8 @@
 //! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
 //! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
 //! | any other QGA error | FAILED_PRECONDITION | -32007 |
+//! | no or bad credentials while `[auth]` is configured, or a remote caller without it | UNAUTHENTICATED | HTTP 401 |
+//! | the caller's grants do not allow the call on that VM | PERMISSION_DENIED | -32010 |
 //! | reply the bridge cannot accept (malformed, too large, set results not answering the request) | INTERNAL | -32008 |
 //!
 //! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`.
@@ -39,6 +41,10 @@ pub mod code {
     pub const AGENT_ERROR: i32 = -32007;
     /// The agent's reply was unusable.
     pub const BAD_REPLY: i32 = -32008;
+    /// No identity (HTTP answers 401 before JSON-RPC; kept for completeness).
+    pub const UNAUTHENTICATED: i32 = -32009;
+    /// The caller's grants do not allow the call.
+    pub const PERMISSION_DENIED: i32 = -32010;
 }
 
 /// Why a call failed.
@@ -82,6 +88,12 @@ pub enum BridgeError {
     /// the call never reached a VM.
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// The caller proved no identity.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// The caller's grants do not allow the call; the guest was not asked.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
     /// The agent answered with an error.
     #[error("agent error {}: {}", .0.class.as_str(), .0.desc)]
     Agent(QgaError),
@@ -122,6 +134,8 @@ impl BridgeError {
             Self::Agent(e) if is_argument_error(e) => Code::InvalidArgument,
             Self::Agent(_) => Code::FailedPrecondition,
             Self::BadReply { .. } => Code::Internal,
+            Self::Unauthenticated(_) => Code::Unauthenticated,
+            Self::PermissionDenied(_) => Code::PermissionDenied,
         }
     }
 
@@ -139,6 +153,8 @@ impl BridgeError {
             Self::Agent(e) if is_argument_error(e) => code::AGENT_INVALID_ARGUMENT,
             Self::Agent(_) => code::AGENT_ERROR,
             Self::BadReply { .. } => code::BAD_REPLY,
+            Self::Unauthenticated(_) => code::UNAUTHENTICATED,
+            Self::PermissionDenied(_) => code::PERMISSION_DENIED,
         }
     }
 
@@ -154,6 +170,8 @@ impl BridgeError {
             Self::Overloaded(_) => "overloaded",
             Self::Agent(_) => "agent_error",
             Self::BadReply { .. } => "bad_reply",
+            Self::Unauthenticated(_) => "unauthenticated",
+            Self::PermissionDenied(_) => "permission_denied",
         }
     }
 }

@@ -14,6 +14,7 @@ use crate::{
     call::{BlockChanges, Call, Reply},
     registry::Registry,
     session::AgentState,
+    transport::Peer,
 };
 
 /// Implements all three services over one registry.
@@ -28,6 +29,33 @@ impl Api {
         Self { registry }
     }
 
+    /// Who sent `req`: its connection's peer and the identity its credentials (bearer
+    /// token in `authorization`, or client certificate) prove. No identity where one is
+    /// needed is UNAUTHENTICATED, and audited.
+    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+        let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
+        let mut caller = Caller {
+            transport: "grpc",
+            peer: peer.addr,
+            identity: None,
+        };
+        let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
+        match self
+            .registry
+            .auth()
+            .authenticate(peer.addr, authorization, peer.certificate.as_ref())
+        {
+            Ok(identity) => {
+                caller.identity = Some(identity);
+                Ok(caller)
+            }
+            Err(e) => {
+                self.registry.audit().denied(&caller, &e.to_string());
+                Err(Status::unauthenticated(e.to_string()))
+            }
+        }
+    }
+
     /// Runs `call` on `vm` under the request's deadline and encodes its reply as `R`.
     async fn run<T, R: FromReply>(
         &self,
@@ -35,14 +63,8 @@ impl Api {
         vm: &str,
         call: Call,
     ) -> Result<Response<R>, Status> {
-        let caller = Caller {
-            transport: "grpc",
-            peer: req
-                .extensions()
-                .get::<crate::transport::Peer>()
-                .and_then(|p| p.addr),
-        };
-        let reply = self.registry.call(caller, vm, call, deadline(req)).await?;
+        let caller = self.caller(req)?;
+        let reply = self.registry.call(&caller, vm, call, deadline(req)).await?;
         R::from_reply(reply)
             .map(Response::new)
             .ok_or_else(|| Status::internal("the agent's reply belongs to another call"))
@@ -186,6 +208,8 @@ impl GuestMemory for Api {
         &self,
         req: Request<pb::SetMemoryBlocksRequest>,
     ) -> Result<Response<pb::SetMemoryBlocksResponse>, Status> {
+        // Who asks comes before what is asked: an unauthenticated caller learns nothing.
+        self.caller(&req)?;
         let r = req.get_ref();
         let max = self.registry.config().limits.max_set_entries;
         let changes = BlockChanges::new(r.blocks.iter().map(|b| (b.phys_index, b.online)), max)?;
@@ -232,11 +256,12 @@ pub fn agent_state(s: AgentState) -> pb::AgentState {
 impl Vms for Api {
     async fn list_vms(
         &self,
-        _req: Request<pb::ListVmsRequest>,
+        req: Request<pb::ListVmsRequest>,
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
+        let caller = self.caller(&req)?;
         let vms = self
             .registry
-            .list()
+            .visible(&caller)
             .into_iter()
             .map(|s| pb::Vm {
                 name: s.name,

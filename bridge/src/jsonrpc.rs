@@ -125,12 +125,13 @@ async fn run(
     };
     let decoded = decode(name, raw, registry.config().limits.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
-    let caller = extensions.get::<Caller>().copied().unwrap_or(Caller {
+    let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
         transport: "jsonrpc",
         peer: None,
+        identity: None,
     });
     Ok(registry
-        .call(caller, &decoded.vm, decoded.call, deadline)
+        .call(&caller, &decoded.vm, decoded.call, deadline)
         .await?)
 }
 
@@ -183,6 +184,7 @@ pub async fn serve(
         let (budget, policy, tls) = (budget.clone(), policy.clone(), tls.clone());
         let max_calls = limits.max_connection_calls;
         let (metrics, audit) = (registry.metrics().clone(), registry.audit().clone());
+        let registry_auth = registry.auth().clone();
         let stopped = stop_handle.clone().shutdown();
         tokio::spawn(async move {
             let conn =
@@ -195,24 +197,48 @@ pub async fn serve(
                     }
                 };
             let calls = ConnectionCalls(Arc::new(Semaphore::new(max_calls)));
-            let caller = Caller {
-                transport: "jsonrpc",
-                peer: conn.peer().addr,
-            };
+            let peer = conn.peer();
+            let auth = registry_auth.clone();
             let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
+                let mut caller = Caller {
+                    transport: "jsonrpc",
+                    peer: peer.addr,
+                    identity: None,
+                };
+                let verdict = policy
+                    .check(req.headers())
+                    .map_err(|why| (why, false))
+                    .and_then(|()| {
+                        let authorization = req
+                            .headers()
+                            .get(hyper::header::AUTHORIZATION)
+                            .map(|v| v.as_bytes());
+                        auth.authenticate(peer.addr, authorization, peer.certificate.as_ref())
+                            .map_err(|e| (e.0, true))
+                    });
+                if let Ok(identity) = &verdict {
+                    caller.identity = Some(identity.clone());
+                }
                 req.extensions_mut().insert(calls.clone());
-                req.extensions_mut().insert(caller);
+                req.extensions_mut().insert(caller.clone());
                 let mut svc = svc.clone();
                 let budget = budget.clone();
-                let verdict = policy.check(req.headers());
                 let metrics = metrics.clone();
                 let audit = audit.clone();
                 async move {
-                    if let Err(why) = verdict {
-                        metrics.refused("jsonrpc", "host_or_origin");
-                        audit.denied(caller, why);
-                        tracing::debug!(why, "HTTP request refused");
-                        return Ok(forbidden(why));
+                    match verdict {
+                        Ok(_) => {}
+                        Err((why, false)) => {
+                            metrics.refused("jsonrpc", "host_or_origin");
+                            audit.denied(&caller, why);
+                            tracing::debug!(why, "HTTP request refused");
+                            return Ok(forbidden(why));
+                        }
+                        Err((why, true)) => {
+                            metrics.refused("jsonrpc", "unauthenticated");
+                            audit.denied(&caller, &format!("unauthenticated: {why}"));
+                            return Ok(unauthorized());
+                        }
                     }
                     let declared = req
                         .headers()
@@ -242,6 +268,22 @@ pub async fn serve(
     server_handle.stopped().await;
 }
 
+/// `401 Unauthorized`, saying no more.
+fn unauthorized() -> HttpResponse {
+    let mut response = HttpResponse::new(HttpBody::from("unauthenticated\n".to_string()));
+    *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+    let headers = response.headers_mut();
+    headers.insert(
+        hyper::header::WWW_AUTHENTICATE,
+        hyper::header::HeaderValue::from_static("Bearer"),
+    );
+    headers.insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static("text/plain"),
+    );
+    response
+}
+
 /// `403 Forbidden` saying `why`.
 fn forbidden(why: &'static str) -> HttpResponse {
     let mut response = HttpResponse::new(HttpBody::from(why.to_string()));
@@ -269,15 +311,18 @@ pub fn module(registry: Arc<Registry>) -> RpcModule<Arc<Registry>> {
         })
         .expect("method names are unique");
     }
-    m.register_method("vm-list", |params, reg, _| {
+    m.register_method("vm-list", |params, reg, extensions| {
         let empty = params.as_str().is_none_or(|raw| {
             serde_json::from_str::<Value>(raw).is_ok_and(|v| v == json!({}) || v == json!([]))
         });
         if !empty {
             return Err(invalid("vm-list takes no params"));
         }
+        let Some(caller) = extensions.get::<Caller>() else {
+            return Ok(Value::Array(Vec::new()));
+        };
         let vms: Vec<Value> = reg
-            .list()
+            .visible(caller)
             .into_iter()
             .map(|s| {
                 json!({

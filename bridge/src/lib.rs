@@ -9,13 +9,14 @@
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
-//!   state-changing calls and refused requests.
+//!   state-changing calls and refused requests; [`auth`]: identities and grants.
 //! - [`transport`]: connection caps, TLS handshakes, header-read timeouts and the request
 //!   body budget the three servers share; [`tls`]: certificates, reloaded on SIGHUP.
 //!
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
 pub mod audit;
+pub mod auth;
 pub mod call;
 pub mod config;
 pub mod discovery;
@@ -57,6 +58,9 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(#[source] std::io::Error),
+    /// The `[auth]` section is unusable.
+    #[error(transparent)]
+    Auth(auth::AuthConfigError),
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
@@ -97,7 +101,10 @@ impl Bridge {
             .clone()
             .map_or(audit::Sink::Log, audit::Sink::File);
         let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
-        let registry = Registry::new(config.clone(), metrics.clone(), audit);
+        let auth = Arc::new(
+            auth::Auth::new(&config.auth, config.allow_insecure_tcp).map_err(StartError::Auth)?,
+        );
+        let registry = Registry::new(config.clone(), metrics.clone(), audit, auth);
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
         let handshake_timeout = Duration::from_millis(config.limits.header_read_timeout_ms);
         let (shutdown, rx) = watch::channel(false);
@@ -198,6 +205,7 @@ impl Bridge {
                     header_timeout,
                     policy,
                     tls.clone(),
+                    registry.auth().clone(),
                     rx.clone(),
                 ));
                 Some(bound)

@@ -28,6 +28,7 @@ use prometheus_client::{
 use tokio::sync::watch;
 
 use crate::{
+    auth::Auth,
     http_policy::HttpPolicy,
     tls::{Alpn, Tls},
     transport::{self, Gate},
@@ -296,6 +297,7 @@ pub async fn serve(
     header_read_timeout: Duration,
     policy: HttpPolicy,
     tls: Option<Arc<Tls>>,
+    auth: Arc<Auth>,
     shutdown: watch::Receiver<bool>,
 ) {
     let policy = Arc::new(policy);
@@ -307,6 +309,7 @@ pub async fn serve(
         let metrics = metrics.clone();
         let policy = policy.clone();
         let tls = tls.clone();
+        let auth = auth.clone();
         let stop = transport::stopped(shutdown.clone());
         tokio::spawn(async move {
             let conn =
@@ -319,9 +322,20 @@ pub async fn serve(
                         return;
                     }
                 };
+            let peer = conn.peer();
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 let verdict = policy.check(req.headers());
+                // With [auth], scrapers prove an identity like any caller (no grant needed).
+                let authorization = req.headers().get(hyper::header::AUTHORIZATION);
+                let known = !auth.enabled()
+                    || auth
+                        .authenticate(
+                            peer.addr,
+                            authorization.map(|v| v.as_bytes()),
+                            peer.certificate.as_ref(),
+                        )
+                        .is_ok();
                 async move {
                     if let Err(why) = verdict {
                         metrics.refused("metrics", "host_or_origin");
@@ -329,6 +343,12 @@ pub async fn serve(
                             .status(StatusCode::FORBIDDEN)
                             .header("content-type", "text/plain")
                             .body(Full::new(Bytes::from_static(why.as_bytes())))
+                    } else if !known {
+                        metrics.refused("metrics", "unauthenticated");
+                        Response::builder()
+                            .status(StatusCode::UNAUTHORIZED)
+                            .header("www-authenticate", "Bearer")
+                            .body(Full::new(Bytes::from_static(b"unauthenticated\n")))
                     } else if req.uri().path() == "/metrics" {
                         Response::builder()
                             .header(

@@ -12,7 +12,8 @@ use tokio::{
 };
 
 use crate::{
-    audit::{Audit, Caller},
+    audit::{Audit, Caller, Record},
+    auth::Auth,
     call::{Call, Reply},
     config::Config,
     discovery::{Discovery, Scan, scan},
@@ -28,7 +29,7 @@ pub use crate::discovery::vm_name_for;
 /// VM's `last_write`).
 struct AuditOnDrop<'a> {
     audit: &'a Audit,
-    caller: Caller,
+    caller: &'a Caller,
     vm: &'a str,
     method: &'static str,
     arguments: Option<serde_json::Value>,
@@ -37,7 +38,7 @@ struct AuditOnDrop<'a> {
 }
 
 impl<'a> AuditOnDrop<'a> {
-    fn new(audit: &'a Audit, caller: Caller, vm: &'a str, call: &Call) -> Self {
+    fn new(audit: &'a Audit, caller: &'a Caller, vm: &'a str, call: &Call) -> Self {
         Self {
             audit,
             caller,
@@ -49,37 +50,34 @@ impl<'a> AuditOnDrop<'a> {
         }
     }
 
-    fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
+    fn write(&mut self, outcome: &str, error: Option<String>, results: Option<serde_json::Value>) {
         self.done = true;
-        let (label, error, results) = match outcome {
-            Ok(reply) => ("ok", None, serde_json::to_value(reply).ok()),
-            Err(e) => (e.outcome(), Some(e.to_string()), None),
-        };
-        self.audit.call(
-            self.caller,
-            self.vm,
-            self.method,
-            self.arguments.take(),
-            label,
+        self.audit.record(&Record {
+            vm: Some(self.vm),
+            method: Some(self.method),
+            arguments: self.arguments.take(),
             error,
             results,
-            self.start.elapsed(),
-        );
+            duration_ms: Some(self.start.elapsed().as_secs_f64() * 1000.0),
+            ..Audit::base("call", self.caller, outcome)
+        });
+    }
+
+    fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
+        match outcome {
+            Ok(reply) => self.write("ok", None, serde_json::to_value(reply).ok()),
+            Err(e) => self.write(e.outcome(), Some(e.to_string()), None),
+        }
     }
 }
 
 impl Drop for AuditOnDrop<'_> {
     fn drop(&mut self) {
         if !self.done {
-            self.audit.call(
-                self.caller,
-                self.vm,
-                self.method,
-                self.arguments.take(),
+            self.write(
                 "caller_left",
                 Some("the caller stopped waiting; the outcome goes to the VM's last_write".into()),
                 None,
-                self.start.elapsed(),
             );
         }
     }
@@ -96,11 +94,17 @@ pub struct Registry {
     /// Calls being served, bridge-wide (`limits.max_in_flight`).
     in_flight: Semaphore,
     audit: Arc<Audit>,
+    auth: Arc<Auth>,
 }
 
 impl Registry {
     /// A registry with the configured VMs (their sessions start on the current runtime).
-    pub fn new(config: Arc<Config>, metrics: Arc<Metrics>, audit: Arc<Audit>) -> Arc<Self> {
+    pub fn new(
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        audit: Arc<Audit>,
+        auth: Arc<Auth>,
+    ) -> Arc<Self> {
         let registry = Arc::new(Self {
             sessions: RwLock::new(BTreeMap::new()),
             config: config.clone(),
@@ -108,6 +112,7 @@ impl Registry {
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             audit,
+            auth,
         });
         for (name, socket) in &config.vms {
             registry.add(name, socket);
@@ -145,16 +150,49 @@ impl Registry {
         &self.audit
     }
 
-    /// Runs `call` from `caller` on `vm`'s agent by `deadline`, within the bridge-wide
-    /// in-flight limit: over it, the call is refused at once rather than queued. A
-    /// state-changing call is audited with its outcome, also when its caller leaves.
+    /// The VMs `caller` has a role on, with their state.
+    pub fn visible(&self, caller: &Caller) -> Vec<VmStatus> {
+        let Some(identity) = &caller.identity else {
+            return Vec::new();
+        };
+        self.list()
+            .into_iter()
+            .filter(|vm| self.auth.role(identity, &vm.name).is_some())
+            .collect()
+    }
+
+    /// Authentication and grants.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// Runs `call` from `caller` on `vm`'s agent by `deadline`, if the caller's grants
+    /// allow it, within the bridge-wide in-flight limit: over it, the call is refused at
+    /// once rather than queued. A state-changing call is audited with its outcome, also
+    /// when its caller leaves; a denied call is audited as a denial.
     pub async fn call(
         &self,
-        caller: Caller,
+        caller: &Caller,
         vm: &str,
         call: Call,
         deadline: Option<Instant>,
     ) -> Result<Reply, BridgeError> {
+        let authorized = match &caller.identity {
+            Some(identity) => self.auth.authorize(identity, vm, !call.is_read()),
+            // Front ends always authenticate first; a caller without an identity is a bug
+            // and gets nothing.
+            None => Err(BridgeError::Unauthenticated("no identity".into())),
+        };
+        if let Err(e) = authorized {
+            self.audit.record(&Record {
+                vm: Some(vm),
+                method: Some(call.name()),
+                arguments: call.arguments(),
+                error: Some(e.to_string()),
+                ..Audit::base("denied", caller, e.outcome())
+            });
+            return Err(e);
+        }
         let mut audited =
             (!call.is_read()).then(|| AuditOnDrop::new(&self.audit, caller, vm, &call));
         let outcome = self.call_inner(vm, call, deadline).await;

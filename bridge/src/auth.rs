@@ -1,0 +1,315 @@
+//! Who a caller is, and what it may do.
+//!
+//! Identities come from a client certificate (a DNS subjectAltName of the verified
+//! certificate naming a configured identity), a bearer token (configured only as its
+//! SHA-256, compared in constant time), or, without an `[auth]` section, the fact that
+//! the caller is local (loopback) or the network was declared trusted
+//! (`--allow-insecure-tcp`). Grants give an identity a role on VMs matching globs:
+//! `read` (lists, info, ping, block lists and sizes) or `write` (read and every
+//! state-changing call).
+
+use std::{net::SocketAddr, sync::Arc};
+
+use glob::Pattern;
+use ring::digest::{SHA256, digest};
+use rustls::pki_types::{CertificateDer, ServerName};
+use serde::Deserialize;
+use subtle::ConstantTimeEq;
+
+use crate::error::BridgeError;
+
+/// A bearer token, by the SHA-256 of its text (hex).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The identity the token proves.
+    pub identity: String,
+    /// Lower-case hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+/// What a role allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads only.
+    Read,
+    /// Reads and state-changing calls.
+    Write,
+}
+
+/// A role on some VMs for an identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// The identity.
+    pub identity: String,
+    /// The role.
+    pub role: Role,
+    /// Globs of VM names.
+    pub vms: Vec<String>,
+}
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+    /// Grants.
+    pub grants: Vec<GrantConfig>,
+}
+
+#[derive(Debug)]
+struct Grant {
+    identity: String,
+    role: Role,
+    vms: Vec<Pattern>,
+}
+
+/// A caller's proven identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Identity {
+    /// Named by a certificate or a token.
+    Named(Arc<str>),
+    /// No `[auth]` is configured and the caller is local or on a trusted network: it may
+    /// do everything, as before authentication existed.
+    Trusted,
+}
+
+impl Identity {
+    /// How the audit trail names it.
+    pub fn name(&self) -> &str {
+        match self {
+            Self::Named(n) => n,
+            Self::Trusted => "trusted",
+        }
+    }
+}
+
+/// Why a caller was not authenticated. The caller is told no more than that.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unauthenticated: {0}")]
+pub struct Unauthenticated(pub &'static str);
+
+/// The checks, built from the configuration once.
+#[derive(Debug)]
+pub struct Auth {
+    /// `[auth]` given: every caller must prove an identity.
+    enabled: bool,
+    /// Without `[auth]`, remote callers are served too (`--allow-insecure-tcp`).
+    trust_network: bool,
+    tokens: Vec<([u8; 32], Arc<str>)>,
+    grants: Vec<Grant>,
+}
+
+/// Why the `[auth]` section is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("[auth]: {0}")]
+pub struct AuthConfigError(String);
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl Auth {
+    /// The checks for `config`; `trust_network` is `--allow-insecure-tcp`.
+    pub fn new(config: &AuthConfig, trust_network: bool) -> Result<Self, AuthConfigError> {
+        let mut tokens = Vec::new();
+        for t in &config.tokens {
+            let hash = parse_hex32(&t.sha256).ok_or_else(|| {
+                AuthConfigError(format!(
+                    "token of '{}': sha256 must be 64 hex digits (e.g. `printf %s TOKEN | sha256sum`)",
+                    t.identity
+                ))
+            })?;
+            tokens.push((hash, Arc::from(t.identity.as_str())));
+        }
+        let mut grants = Vec::new();
+        for g in &config.grants {
+            let vms = g
+                .vms
+                .iter()
+                .map(|p| Pattern::new(p))
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|e| AuthConfigError(format!("grant of '{}': {e}", g.identity)))?;
+            grants.push(Grant {
+                identity: g.identity.clone(),
+                role: g.role,
+                vms,
+            });
+        }
+        Ok(Self {
+            enabled: !config.tokens.is_empty() || !config.grants.is_empty(),
+            trust_network,
+            tokens,
+            grants,
+        })
+    }
+
+    /// Whether `[auth]` is in force.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// The identity of a caller from `peer` that sent `authorization` (the header's
+    /// value) over a connection with client `certificate`.
+    pub fn authenticate(
+        &self,
+        peer: Option<SocketAddr>,
+        authorization: Option<&[u8]>,
+        certificate: Option<&CertificateDer<'_>>,
+    ) -> Result<Identity, Unauthenticated> {
+        if !self.enabled {
+            let local = peer.is_some_and(|p| p.ip().is_loopback());
+            return if local || self.trust_network {
+                Ok(Identity::Trusted)
+            } else {
+                Err(Unauthenticated(
+                    "only local callers are served without [auth]",
+                ))
+            };
+        }
+        if let Some(header) = authorization {
+            let token = header
+                .strip_prefix(b"Bearer ")
+                .ok_or(Unauthenticated("bad credentials"))?;
+            let hash = digest(&SHA256, token);
+            // Every configured hash is compared, so timing does not tell which matched.
+            let mut found = None;
+            for (want, identity) in &self.tokens {
+                if bool::from(want.ct_eq(hash.as_ref())) {
+                    found = Some(identity.clone());
+                }
+            }
+            return found
+                .map(Identity::Named)
+                .ok_or(Unauthenticated("bad credentials"));
+        }
+        if let Some(cert) = certificate {
+            return self
+                .certificate_identity(cert)
+                .map(Identity::Named)
+                .ok_or(Unauthenticated("the certificate names no identity"));
+        }
+        Err(Unauthenticated("credentials required"))
+    }
+
+    /// The first granted identity the (already verified) certificate is valid for, as a
+    /// DNS name in its subjectAltNames.
+    fn certificate_identity(&self, cert: &CertificateDer<'_>) -> Option<Arc<str>> {
+        let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+        self.grants.iter().find_map(|g| {
+            let name = ServerName::try_from(g.identity.as_str()).ok()?;
+            cert.verify_is_valid_for_subject_name(&name)
+                .ok()
+                .map(|()| Arc::from(g.identity.as_str()))
+        })
+    }
+
+    /// The role `identity` has on `vm`, if any.
+    pub fn role(&self, identity: &Identity, vm: &str) -> Option<Role> {
+        match identity {
+            Identity::Trusted => Some(Role::Write),
+            Identity::Named(name) => self
+                .grants
+                .iter()
+                .filter(|g| *g.identity == **name && g.vms.iter().any(|p| p.matches(vm)))
+                .map(|g| g.role)
+                .max(),
+        }
+    }
+
+    /// `Ok` if `identity` may make a call on `vm` that is a read (`write` false) or
+    /// changes the guest; else PERMISSION_DENIED. Unknown VMs are denied alike, so a
+    /// caller cannot probe which VMs exist beyond its grants.
+    pub fn authorize(&self, identity: &Identity, vm: &str, write: bool) -> Result<(), BridgeError> {
+        let needed = if write { Role::Write } else { Role::Read };
+        match self.role(identity, vm) {
+            Some(role) if role >= needed => Ok(()),
+            _ => Err(BridgeError::PermissionDenied(format!(
+                "'{}' may not {} VM '{vm}'",
+                identity.name(),
+                if write { "change" } else { "read" }
+            ))),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hex(bytes: &[u8]) -> String {
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    #[test]
+    fn tokens_grants_and_the_no_auth_default() {
+        let config = AuthConfig {
+            tokens: vec![TokenConfig {
+                identity: "ops".into(),
+                sha256: hex(digest(&SHA256, b"s3cret").as_ref()),
+            }],
+            grants: vec![
+                GrantConfig {
+                    identity: "ops".into(),
+                    role: Role::Read,
+                    vms: vec!["*".into()],
+                },
+                GrantConfig {
+                    identity: "ops".into(),
+                    role: Role::Write,
+                    vms: vec!["web-*".into()],
+                },
+            ],
+        };
+        let auth = Auth::new(&config, false).expect("valid");
+        let remote: Option<SocketAddr> = Some("10.0.0.9:4000".parse().expect("addr"));
+        let ops = auth
+            .authenticate(remote, Some(b"Bearer s3cret"), None)
+            .expect("token");
+        assert_eq!(ops, Identity::Named("ops".into()));
+        for bad in [&b"Bearer wrong"[..], b"Basic s3cret", b"Bearer "] {
+            assert!(auth.authenticate(remote, Some(bad), None).is_err());
+        }
+        assert!(
+            auth.authenticate(Some("127.0.0.1:1".parse().expect("a")), None, None)
+                .is_err()
+        );
+        assert!(auth.authorize(&ops, "web-1", true).is_ok());
+        assert!(auth.authorize(&ops, "db-1", false).is_ok());
+        assert!(matches!(
+            auth.authorize(&ops, "db-1", true),
+            Err(BridgeError::PermissionDenied(_))
+        ));
+
+        let open = Auth::new(&AuthConfig::default(), false).expect("valid");
+        let local = Some("127.0.0.1:5".parse().expect("addr"));
+        assert_eq!(open.authenticate(local, None, None), Ok(Identity::Trusted));
+        assert!(open.authenticate(remote, None, None).is_err());
+        let trusting = Auth::new(&AuthConfig::default(), true).expect("valid");
+        assert_eq!(
+            trusting.authenticate(remote, None, None),
+            Ok(Identity::Trusted)
+        );
+
+        let bad = AuthConfig {
+            tokens: vec![TokenConfig {
+                identity: "x".into(),
+                sha256: "abc".into(),
+            }],
+            grants: vec![],
+        };
+        assert!(Auth::new(&bad, false).is_err());
+    }
+}
