@@ -40,11 +40,14 @@ CMD ["run-qemu"]
 
 FROM debian:bookworm-slim AS bridge
 COPY --from=build /out/qga-bridge /usr/local/bin/qga-bridge
+# Not root: a member of the group (10001) the guest's sockets and the TLS key belong to.
+RUN groupadd --system --gid 10001 qga \
+ && useradd --system --uid 10001 --gid qga --no-create-home --shell /usr/sbin/nologin qga-bridge
+USER qga-bridge:qga
 EXPOSE 50051 8080 9100
 ENTRYPOINT ["qga-bridge"]
-# 0.0.0.0 inside the container's private network, published on the host's loopback only
-# (docker-compose.yml); the e2e container reaches it as "bridge".
-CMD ["--vm", "guest=/run/guest/qga.sock", "--grpc-addr", "0.0.0.0:50051", "--jsonrpc-addr", "0.0.0.0:8080", "--metrics-addr", "0.0.0.0:9100", "--allow-insecure-tcp", "--allowed-host", "bridge"]
+# compose/bridge.toml: mutual TLS, grants; certificates from ./scripts/dev-certs.
+CMD ["--config", "/etc/qga-bridge/bridge.toml"]
 
 FROM debian:bookworm-slim AS e2e
 COPY --from=build /out/qga-e2e-scenario /usr/local/bin/qga-e2e-scenario

@@ -52,7 +52,11 @@ fn start_fakes(dir: &std::path::Path) -> anyhow::Result<FakeAgents> {
 }
 
 /// Runs `calls` from `clients` concurrent tasks for `secs`; returns calls/s and latencies.
-async fn drive<F, Fut>(clients: usize, secs: u64, call: F) -> anyhow::Result<(f64, Samples, u64)>
+pub async fn drive<F, Fut>(
+    clients: usize,
+    secs: u64,
+    call: F,
+) -> anyhow::Result<(f64, Samples, u64)>
 where
     F: Fn(usize, u64) -> Fut + Send + Sync + 'static,
     Fut: std::future::Future<Output = bool> + Send,

@@ -10,6 +10,7 @@ mod procfs;
 mod report;
 mod soak;
 mod stats;
+mod tls;
 
 use std::path::PathBuf;
 
@@ -26,7 +27,7 @@ struct Cli {
     /// Fewer runs (a smoke test of the harness, not figures to quote).
     #[arg(long)]
     quick: bool,
-    /// Run only these sections (repeatable): agent, bridge, load, hostile.
+    /// Run only these sections (repeatable): agent, bridge, load, hostile, tls.
     #[arg(long, value_name = "SECTION")]
     only: Vec<String>,
     /// Git commit measured (the script passes it).
@@ -58,6 +59,9 @@ fn main() -> anyhow::Result<()> {
     }
     if wanted("hostile") {
         load.block_on(soak::run(&mut report, cli.quick))?;
+    }
+    if wanted("tls") {
+        load.block_on(tls::run(&mut report, cli.quick))?;
     }
 
     report.heading("Reading the figures");

@@ -39,7 +39,7 @@ const BLOCKS: u64 = 8;
 /// What VM `i` is in the soak: every tenth is hostile, the hostile ones cycle through
 /// the four hostile modes and an agent that restarts every second.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
+pub enum Role {
     Healthy,
     Hostile(Hostile),
     Restarting,
@@ -208,14 +208,14 @@ fn late_replies(metrics: &str, keep: impl Fn(usize) -> bool) -> u64 {
 }
 
 /// Agents on a runtime of their own; dropped with it.
-struct Agents {
+pub struct Agents {
     runtime: Option<tokio::runtime::Runtime>,
     healthy: Vec<(usize, FakeAgent)>,
     _hostile: Vec<HostileAgent>,
 }
 
 impl Agents {
-    fn start(dir: &Path, count: usize, role: impl Fn(usize) -> Role) -> anyhow::Result<Self> {
+    pub fn start(dir: &Path, count: usize, role: impl Fn(usize) -> Role) -> anyhow::Result<Self> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -279,7 +279,7 @@ impl Drop for Agents {
     }
 }
 
-fn vm_table(dir: &Path, count: usize) -> String {
+pub fn vm_table(dir: &Path, count: usize) -> String {
     (0..count)
         .map(|i| format!("vm{i} = \"{}/vm{i}.sock\"\n", dir.display()))
         .collect()

@@ -9,7 +9,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{clients, config, rpc, start};
+use common::{clients, config, rpc, start, until_listed};
 use jsonrpsee::{
     core::{
         client::ClientT,
@@ -231,31 +231,6 @@ async fn vm_state_and_metrics_follow_the_calls() {
         assert!(text.contains(want), "missing {want} in\n{text}");
     }
     bridge.shutdown().await;
-}
-
-/// Polls `vm-list` until `pred` holds for the names, bounded by a deadline.
-async fn until_listed(http: &jsonrpsee::http_client::HttpClient, pred: impl Fn(&[String]) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let names: Vec<String> = rpc(http, "vm-list", json!({}))
-            .await
-            .expect("vm-list")
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v["name"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if pred(&names) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "discovery never got there: {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn domain(root: &Path, dir: &str) -> std::path::PathBuf {

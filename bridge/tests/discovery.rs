@@ -10,38 +10,13 @@ mod common;
 use std::{
     os::unix::net::UnixListener,
     path::{Path, PathBuf},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use common::{clients, config, rpc, start};
+use common::{clients, config, rpc, start, until_listed};
 use jsonrpsee::http_client::HttpClient;
 use qga_fake_agent::FakeAgent;
 use serde_json::json;
-
-/// Polls `vm-list` until `pred` holds for the names, bounded by a deadline.
-async fn until_listed(http: &HttpClient, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let names: Vec<String> = rpc(http, "vm-list", json!({}))
-            .await
-            .expect("vm-list")
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|v| v["name"].as_str().map(String::from))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if pred(&names) {
-            return names;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "discovery never got there: {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
 
 fn domain(root: &Path, dir: &str) -> PathBuf {
     let d = root.join(dir);

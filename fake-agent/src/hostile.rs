@@ -1,7 +1,7 @@
 //! Guests that never behave, for soak and flood benchmarks: each mode holds for the
 //! agent's whole life, unlike a [`crate::Fault`], which hits one command.
 
-use std::{io, path::Path, path::PathBuf, time::Duration};
+use std::{io, path::Path, path::PathBuf};
 
 use futures::StreamExt;
 use qga_wire::{Frame, QgaCodec, Request, schema::command};
@@ -59,20 +59,7 @@ impl HostileAgent {
     pub fn start(path: &Path, mode: Hostile) -> io::Result<Self> {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            conns.spawn(serve(stream, mode));
-                        }
-                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let task = crate::listen(listener, move |stream| serve(stream, mode));
         Ok(Self {
             path: path.to_path_buf(),
             task,

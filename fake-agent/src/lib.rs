@@ -135,22 +135,7 @@ impl FakeAgent {
         let _ = std::fs::remove_file(path);
         let listener = UnixListener::bind(path)?;
         let c = control.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                tokio::select! {
-                    accepted = listener.accept() => match accepted {
-                        Ok((stream, _)) => {
-                            conns.spawn(serve(stream, c.clone()));
-                        }
-                        // Out of descriptors, say: keep listening once some are freed.
-                        Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-                    },
-                    // Reap finished connections so a long run does not accumulate them.
-                    Some(_) = conns.join_next(), if !conns.is_empty() => {}
-                }
-            }
-        });
+        let task = listen(listener, move |stream| serve(stream, c.clone()));
         Ok(Self {
             path: path.to_path_buf(),
             control,
@@ -184,6 +169,31 @@ impl Drop for FakeAgent {
         self.task.abort();
         let _ = std::fs::remove_file(&self.path);
     }
+}
+
+/// Accepts connections on `listener`, each served by its own `serve(stream)` task, until
+/// the returned task is aborted (which drops the listener and every connection).
+fn listen<F, Fut>(listener: UnixListener, serve: F) -> JoinHandle<()>
+where
+    F: Fn(UnixStream) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => match accepted {
+                    Ok((stream, _)) => {
+                        conns.spawn(serve(stream));
+                    }
+                    // Out of descriptors, say: keep listening once some are freed.
+                    Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+                },
+                // Reap finished connections so a long run does not accumulate them.
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+    })
 }
 
 fn reply(ret: Value, id: &Option<Value>) -> Vec<u8> {

@@ -46,6 +46,16 @@ impl BridgeProcess {
     /// Starts the bridge with `config` (TOML without listen addresses, e.g. `[vms]` and
     /// limits) and extra flags, then waits until its JSON-RPC port answers.
     pub fn start(config: &str, args: &[&str]) -> io::Result<Self> {
+        Self::spawn(config, args, answers)
+    }
+
+    /// Like [`BridgeProcess::start`], for a bridge serving TLS: waits only until its
+    /// JSON-RPC port accepts connections.
+    pub fn start_tls(config: &str, args: &[&str]) -> io::Result<Self> {
+        Self::spawn(config, args, |addr| TcpStream::connect(addr).is_ok())
+    }
+
+    fn spawn(config: &str, args: &[&str], ready: fn(SocketAddr) -> bool) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("qga-bridge-").tempdir()?;
         let (grpc, jsonrpc) = (free_addr()?, free_addr()?);
         let path = dir.path().join("bridge.toml");
@@ -71,7 +81,7 @@ impl BridgeProcess {
             _dir: dir,
         };
         let deadline = Instant::now() + Duration::from_secs(30);
-        while !answers(jsonrpc) {
+        while !ready(jsonrpc) {
             if let Some(status) = bridge.child.try_wait()? {
                 return Err(io::Error::other(format!("qga-bridge exited: {status}")));
             }
@@ -98,6 +108,11 @@ impl BridgeProcess {
     /// `http://ADDR` of the gRPC server.
     pub fn grpc_url(&self) -> String {
         format!("http://{}", self.grpc)
+    }
+
+    /// The gRPC address.
+    pub fn grpc_addr(&self) -> SocketAddr {
+        self.grpc
     }
 
     /// `http://ADDR` of the JSON-RPC server.

@@ -1,15 +1,19 @@
 //! The `qga-bridge` binary as a test process, and clients for its two APIs.
 
-use std::{path::Path, time::Duration};
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use anyhow::Context;
 use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
-    http_client::{HttpClient, HttpClientBuilder},
+    http_client::{HeaderMap, HttpClient, HttpClientBuilder},
 };
 use qga_proto::v1::{guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient};
 use serde_json::Value;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 /// The bridge binary for a guest's QGA socket(s).
 #[derive(Debug)]
@@ -45,7 +49,75 @@ pub struct Clients {
     pub http: HttpClient,
 }
 
+/// A client's TLS material: the CA that issued the bridge's certificate and, for mutual
+/// TLS, the client's certificate and key (PEM files).
+#[derive(Debug, Clone)]
+pub struct TlsClient {
+    /// CA certificate.
+    pub ca: PathBuf,
+    /// Client certificate and key, if the client presents one.
+    pub identity: Option<(PathBuf, PathBuf)>,
+}
+
+impl TlsClient {
+    fn read(path: &Path) -> anyhow::Result<Vec<u8>> {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// tonic's TLS settings.
+    fn tonic(&self) -> anyhow::Result<ClientTlsConfig> {
+        let mut tls =
+            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(Self::read(&self.ca)?));
+        if let Some((cert, key)) = &self.identity {
+            tls = tls.identity(Identity::from_pem(Self::read(cert)?, Self::read(key)?));
+        }
+        Ok(tls)
+    }
+
+    /// rustls settings for the JSON-RPC client.
+    fn rustls(&self) -> anyhow::Result<rustls::ClientConfig> {
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&self.ca)? {
+            roots.add(cert?)?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+        Ok(match &self.identity {
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)?.collect::<Result<Vec<_>, _>>()?;
+                builder.with_client_auth_cert(chain, PrivateKeyDer::from_pem_file(key)?)?
+            }
+            None => builder.with_no_client_auth(),
+        })
+    }
+}
+
 impl Clients {
+    /// Connects over TLS with `tls`; `headers` go with every JSON-RPC request.
+    pub async fn connect_tls(
+        grpc: &str,
+        jsonrpc: &str,
+        tls: &TlsClient,
+        headers: HeaderMap,
+    ) -> anyhow::Result<Self> {
+        let channel = Channel::from_shared(grpc.to_string())?
+            .tls_config(tls.tonic()?)?
+            .connect_lazy();
+        Ok(Self {
+            memory: GuestMemoryClient::new(channel.clone()),
+            agent: GuestAgentClient::new(channel),
+            http: HttpClientBuilder::default()
+                .request_timeout(Duration::from_secs(180))
+                .with_custom_cert_store(tls.rustls()?)
+                .set_headers(headers)
+                .build(jsonrpc)?,
+        })
+    }
+
     /// Connects to a bridge (gRPC lazily, so a bridge still starting is fine).
     pub async fn connect(grpc: &str, jsonrpc: &str) -> anyhow::Result<Self> {
         let channel = Channel::from_shared(grpc.to_string())?.connect_lazy();

@@ -280,3 +280,67 @@ pub async fn ping_until_ok(c: &Clients, vm: &str, timeout: Duration) -> anyhow::
         }
     }
 }
+
+/// What a secured bridge refuses, each checked on both front ends where it applies: a
+/// client without a certificate (`no_cert`), a read-only identity changing memory
+/// (`reader`), and a browser-like request with a foreign `Origin` (`foreign_origin`, a
+/// writer's certificate but an `Origin` header the bridge does not allow).
+pub async fn security_checks(
+    vm: &str,
+    no_cert: &Clients,
+    reader: &Clients,
+    foreign_origin: &Clients,
+) -> anyhow::Result<()> {
+    let set = || SetMemoryBlocksRequest {
+        vm: vm.into(),
+        blocks: vec![MemoryBlockChange {
+            phys_index: 0,
+            online: true,
+        }],
+    };
+    let refused = no_cert
+        .agent
+        .clone()
+        .ping(PingRequest { vm: vm.into() })
+        .await;
+    ensure!(
+        refused.is_err(),
+        "gRPC without a client certificate was served"
+    );
+    let refused = no_cert.rpc("guest-ping", json!({"vm": vm})).await;
+    ensure!(
+        refused.is_err(),
+        "JSON-RPC without a client certificate was served: {refused:?}"
+    );
+
+    reader
+        .memory
+        .clone()
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: vm.into() })
+        .await
+        .context("the read-only identity reads")?;
+    let denied = reader.memory.clone().set_memory_blocks(set()).await;
+    ensure!(
+        denied
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+        "a read-only identity's set was not PERMISSION_DENIED: {denied:?}"
+    );
+    let denied = reader
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": [{"phys-index": 0, "online": true}]}),
+        )
+        .await;
+    ensure!(
+        matches!(denied, Err((-32010, _))),
+        "a read-only identity's JSON-RPC set was not -32010: {denied:?}"
+    );
+
+    let refused = foreign_origin.rpc("guest-ping", json!({"vm": vm})).await;
+    ensure!(
+        matches!(&refused, Err((0, why)) if why.contains("403")),
+        "a foreign Origin was served: {refused:?}"
+    );
+    Ok(())
+}

@@ -2,7 +2,11 @@
 
 #![allow(dead_code)]
 
-use std::{net::SocketAddr, path::Path, time::Duration};
+use std::{
+    net::SocketAddr,
+    path::Path,
+    time::{Duration, Instant},
+};
 
 use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
@@ -13,7 +17,7 @@ use qga_proto::v1::{
     guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient,
     vms_client::VmsClient,
 };
-use serde_json::Value;
+use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 pub fn config(vms: &[(&str, &Path)]) -> Config {
@@ -84,5 +88,30 @@ pub async fn rpc(
         )),
         // Transport failures (e.g. not listening yet) as code 0.
         Err(other) => Err((0, other.to_string(), None)),
+    }
+}
+
+/// Polls `vm-list` until `pred` holds for the names, bounded by a deadline.
+pub async fn until_listed(http: &HttpClient, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let names: Vec<String> = rpc(http, "vm-list", json!({}))
+            .await
+            .expect("vm-list")
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|v| v["name"].as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if pred(&names) {
+            return names;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "discovery never got there: {names:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

@@ -4,7 +4,12 @@
 use std::{path::PathBuf, time::Duration};
 
 use clap::Parser;
-use qga_e2e::{bridge::Clients, guest::GuestControl, scenario};
+use jsonrpsee::http_client::{HeaderMap, HeaderValue};
+use qga_e2e::{
+    bridge::{Clients, TlsClient},
+    guest::GuestControl,
+    scenario,
+};
 
 #[derive(Parser)]
 #[command(
@@ -12,11 +17,15 @@ use qga_e2e::{bridge::Clients, guest::GuestControl, scenario};
 )]
 struct Cli {
     /// gRPC endpoint of the bridge.
-    #[arg(long, default_value = "http://bridge:50051")]
+    #[arg(long, default_value = "https://bridge:50051")]
     grpc: String,
     /// JSON-RPC endpoint of the bridge.
-    #[arg(long, default_value = "http://bridge:8080")]
+    #[arg(long, default_value = "https://bridge:8080")]
     jsonrpc: String,
+    /// Directory of ./scripts/dev-certs output: `ca.pem`, and the `write` and `read`
+    /// identities' certificates and keys.
+    #[arg(long, default_value = "/certs")]
+    certs: PathBuf,
     /// VM name at the bridge.
     #[arg(long, default_value = "guest")]
     vm: String,
@@ -31,7 +40,20 @@ struct Cli {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let c = Clients::connect(&cli.grpc, &cli.jsonrpc).await?;
+    let tls = |name: Option<&str>| TlsClient {
+        ca: cli.certs.join("ca.pem"),
+        identity: name.map(|n| {
+            (
+                cli.certs.join(format!("{n}.pem")),
+                cli.certs.join(format!("{n}.key")),
+            )
+        }),
+    };
+    let connect = |who: Option<&'static str>, headers: HeaderMap| {
+        let (grpc, jsonrpc, tls) = (cli.grpc.clone(), cli.jsonrpc.clone(), tls(who));
+        async move { Clients::connect_tls(&grpc, &jsonrpc, &tls, headers).await }
+    };
+    let c = connect(Some("write"), HeaderMap::new()).await?;
     let g = GuestControl {
         qmp: cli.qmp,
         control: cli.control,
@@ -39,6 +61,16 @@ async fn main() -> anyhow::Result<()> {
     let mut t = scenario::Timings::default();
     let failed = scenario::ping_until_ok(&c, &cli.vm, Duration::from_secs(180)).await?;
     eprintln!("e2e: bridge and agent answer ({failed} calls failed while the guest booted)");
+    let mut origin = HeaderMap::new();
+    origin.insert("origin", HeaderValue::from_static("https://evil.example"));
+    scenario::security_checks(
+        &cli.vm,
+        &connect(None, HeaderMap::new()).await?,
+        &connect(Some("read"), HeaderMap::new()).await?,
+        &connect(Some("write"), origin).await?,
+    )
+    .await?;
+    eprintln!("e2e: no certificate, a read-only identity's set and a foreign Origin are refused");
     scenario::unplug_cycle(&c, &cli.vm, &g, &mut t).await?;
     let start = std::time::Instant::now();
     g.restart_agent()?;
