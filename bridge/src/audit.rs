@@ -10,7 +10,6 @@
 use std::{
     fs::{File, OpenOptions},
     io::{self, Write},
-    net::SocketAddr,
     os::unix::fs::OpenOptionsExt,
     path::{Path, PathBuf},
     sync::{
@@ -43,8 +42,8 @@ pub enum Sink {
 pub struct Caller {
     /// `grpc` or `jsonrpc`.
     pub transport: &'static str,
-    /// The peer's address, when the transport has one.
-    pub peer: Option<SocketAddr>,
+    /// The peer: `IP:PORT`, or `uid=U,gid=G,pid=P` on a unix socket.
+    pub peer: Option<String>,
     /// Who it proved to be; `None` before (or without) authentication.
     pub identity: Option<Identity>,
 }
@@ -58,8 +57,8 @@ pub struct Record<'a> {
     pub kind: &'static str,
     /// `grpc` or `jsonrpc`.
     pub transport: &'static str,
-    /// The peer's address.
-    pub peer: Option<SocketAddr>,
+    /// The peer.
+    pub peer: Option<&'a str>,
     /// The caller's identity, if it proved one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub identity: Option<&'a str>,
@@ -136,7 +135,7 @@ impl Audit {
             time: now(),
             kind,
             transport: caller.transport,
-            peer: caller.peer,
+            peer: caller.peer.as_deref(),
             identity: caller.identity.as_ref().map(Identity::name),
             vm: None,
             method: None,

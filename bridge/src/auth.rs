@@ -8,7 +8,7 @@
 //! `read` (lists, info, ping, block lists and sizes) or `write` (read and every
 //! state-changing call).
 
-use std::{net::SocketAddr, sync::Arc};
+use std::sync::Arc;
 
 use glob::Pattern;
 use ring::digest::{SHA256, digest};
@@ -16,7 +16,7 @@ use rustls::pki_types::{CertificateDer, ServerName};
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
 
-use crate::error::BridgeError;
+use crate::{error::BridgeError, transport::Peer};
 
 /// A bearer token, by the SHA-256 of its text (hex).
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
@@ -161,16 +161,16 @@ impl Auth {
         self.enabled
     }
 
-    /// The identity of a caller from `peer` that sent `authorization` (the header's
-    /// value) over a connection with client `certificate`.
+    /// The identity of a caller at `peer` that sent `authorization` (the header's value).
+    /// A unix-socket peer without a token is `uid:UID`; a TLS peer without one is its
+    /// certificate's granted name.
     pub fn authenticate(
         &self,
-        peer: Option<SocketAddr>,
+        peer: &Peer,
         authorization: Option<&[u8]>,
-        certificate: Option<&CertificateDer<'_>>,
     ) -> Result<Identity, Unauthenticated> {
         if !self.enabled {
-            let local = peer.is_some_and(|p| p.ip().is_loopback());
+            let local = peer.unix.is_some() || peer.addr.is_some_and(|p| p.ip().is_loopback());
             return if local || self.trust_network {
                 Ok(Identity::Trusted)
             } else {
@@ -195,7 +195,12 @@ impl Auth {
                 .map(Identity::Named)
                 .ok_or(Unauthenticated("bad credentials"));
         }
-        if let Some(cert) = certificate {
+        if let Some(unix) = peer.unix {
+            return Ok(Identity::Named(Arc::from(
+                format!("uid:{}", unix.uid).as_str(),
+            )));
+        }
+        if let Some(cert) = &peer.certificate {
             return self
                 .certificate_identity(cert)
                 .map(Identity::Named)
@@ -274,17 +279,30 @@ mod tests {
             ],
         };
         let auth = Auth::new(&config, false).expect("valid");
-        let remote: Option<SocketAddr> = Some("10.0.0.9:4000".parse().expect("addr"));
+        let at = |addr: &str| Peer {
+            addr: Some(addr.parse().expect("addr")),
+            ..Peer::default()
+        };
+        let remote = at("10.0.0.9:4000");
         let ops = auth
-            .authenticate(remote, Some(b"Bearer s3cret"), None)
+            .authenticate(&remote, Some(b"Bearer s3cret"))
             .expect("token");
         assert_eq!(ops, Identity::Named("ops".into()));
         for bad in [&b"Bearer wrong"[..], b"Basic s3cret", b"Bearer "] {
-            assert!(auth.authenticate(remote, Some(bad), None).is_err());
+            assert!(auth.authenticate(&remote, Some(bad)).is_err());
         }
-        assert!(
-            auth.authenticate(Some("127.0.0.1:1".parse().expect("a")), None, None)
-                .is_err()
+        assert!(auth.authenticate(&at("127.0.0.1:1"), None).is_err());
+        let unix = Peer {
+            unix: Some(crate::transport::UnixPeer {
+                uid: 1000,
+                gid: 1000,
+                pid: None,
+            }),
+            ..Peer::default()
+        };
+        assert_eq!(
+            auth.authenticate(&unix, None),
+            Ok(Identity::Named("uid:1000".into()))
         );
         assert!(auth.authorize(&ops, "web-1", true).is_ok());
         assert!(auth.authorize(&ops, "db-1", false).is_ok());
@@ -294,14 +312,14 @@ mod tests {
         ));
 
         let open = Auth::new(&AuthConfig::default(), false).expect("valid");
-        let local = Some("127.0.0.1:5".parse().expect("addr"));
-        assert_eq!(open.authenticate(local, None, None), Ok(Identity::Trusted));
-        assert!(open.authenticate(remote, None, None).is_err());
-        let trusting = Auth::new(&AuthConfig::default(), true).expect("valid");
         assert_eq!(
-            trusting.authenticate(remote, None, None),
+            open.authenticate(&at("127.0.0.1:5"), None),
             Ok(Identity::Trusted)
         );
+        assert_eq!(open.authenticate(&unix, None), Ok(Identity::Trusted));
+        assert!(open.authenticate(&remote, None).is_err());
+        let trusting = Auth::new(&AuthConfig::default(), true).expect("valid");
+        assert_eq!(trusting.authenticate(&remote, None), Ok(Identity::Trusted));
 
         let bad = AuthConfig {
             tokens: vec![TokenConfig {

@@ -1,11 +1,15 @@
 //! Configuration: command line over an optional TOML file.
 //!
 //! ```toml
-//! grpc_addr = "127.0.0.1:50051"
+//! grpc_addr = "127.0.0.1:50051"          # or "unix:/run/qga-bridge/grpc.sock"
 //! jsonrpc_addr = "127.0.0.1:8080"
 //! metrics_addr = "127.0.0.1:9100"      # optional
 //! log_format = "text"                   # or "json"
 //! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: the log stream
+//!
+//! [unix_sockets]                        # unix:PATH listeners
+//! mode = 0o660                          # who may connect
+//! group = 64055                         # gid of the socket (default: the bridge's)
 //!
 //! [tls]                                 # every listener over TLS 1.2/1.3; reloaded on SIGHUP
 //! cert = "/etc/qga-bridge/server.pem"
@@ -87,12 +91,13 @@ pub struct Cli {
     /// TOML config file (see the README); flags override it.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
-    /// gRPC listen address [default: 127.0.0.1:50051].
+    /// gRPC listen address, `IP:PORT` or `unix:PATH` [default: 127.0.0.1:50051].
     #[arg(long)]
-    pub grpc_addr: Option<SocketAddr>,
-    /// JSON-RPC (HTTP and WebSocket) listen address [default: 127.0.0.1:8080].
+    pub grpc_addr: Option<Listen>,
+    /// JSON-RPC (HTTP and WebSocket) listen address, `IP:PORT` or `unix:PATH`
+    /// [default: 127.0.0.1:8080].
     #[arg(long)]
-    pub jsonrpc_addr: Option<SocketAddr>,
+    pub jsonrpc_addr: Option<Listen>,
     /// Prometheus metrics listen address (`/metrics`); off unless given.
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
@@ -299,6 +304,68 @@ impl Default for Limits {
     }
 }
 
+/// Where a front end listens: a TCP address, or a unix socket (`unix:PATH`), where the
+/// socket file's mode and group decide who may connect and the peer's uid is known.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "String")]
+pub enum Listen {
+    /// `IP:PORT`.
+    Tcp(SocketAddr),
+    /// `unix:PATH` (absolute).
+    Unix(PathBuf),
+}
+
+impl std::str::FromStr for Listen {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.strip_prefix("unix:") {
+            Some(path) if Path::new(path).is_absolute() => Ok(Self::Unix(PathBuf::from(path))),
+            Some(_) => Err(format!("'{s}': a unix socket path must be absolute")),
+            None => s
+                .parse()
+                .map(Self::Tcp)
+                .map_err(|e| format!("'{s}': expected IP:PORT or unix:PATH ({e})")),
+        }
+    }
+}
+
+impl TryFrom<String> for Listen {
+    type Error = String;
+
+    fn try_from(s: String) -> Result<Self, String> {
+        s.parse()
+    }
+}
+
+impl std::fmt::Display for Listen {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Tcp(a) => write!(f, "{a}"),
+            Self::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
+}
+
+/// Unix-socket listeners' permissions.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct UnixSockets {
+    /// File mode of the socket (who may connect), e.g. `0o660`.
+    pub mode: u32,
+    /// Group (gid) of the socket; default: the bridge's own.
+    pub group: Option<u32>,
+}
+
+impl Default for UnixSockets {
+    fn default() -> Self {
+        Self {
+            mode: 0o660,
+            group: None,
+        }
+    }
+}
+
 /// Which `Host` and `Origin` headers the HTTP servers accept (DNS rebinding and
 /// cross-site defences).
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -315,8 +382,9 @@ pub struct Http {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 struct File {
-    grpc_addr: Option<SocketAddr>,
-    jsonrpc_addr: Option<SocketAddr>,
+    grpc_addr: Option<Listen>,
+    jsonrpc_addr: Option<Listen>,
+    unix_sockets: Option<UnixSockets>,
     metrics_addr: Option<SocketAddr>,
     log_format: Option<LogFormat>,
     discover: Vec<String>,
@@ -362,9 +430,11 @@ pub enum ConfigError {
 #[derive(Debug, Clone)]
 pub struct Config {
     /// gRPC listen address.
-    pub grpc_addr: SocketAddr,
+    pub grpc_addr: Listen,
     /// JSON-RPC listen address.
-    pub jsonrpc_addr: SocketAddr,
+    pub jsonrpc_addr: Listen,
+    /// Mode and group of unix-socket listeners.
+    pub unix_sockets: UnixSockets,
     /// Metrics listen address, if any.
     pub metrics_addr: Option<SocketAddr>,
     /// Log format.
@@ -399,8 +469,9 @@ pub struct Config {
 impl Default for Config {
     fn default() -> Self {
         Self {
-            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
-            jsonrpc_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 50051))),
+            jsonrpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 8080))),
+            unix_sockets: UnixSockets::default(),
             metrics_addr: None,
             log_format: LogFormat::Text,
             vms: BTreeMap::new(),
@@ -439,11 +510,11 @@ impl Config {
             })?;
             config.apply_toml(path, &text)?;
         }
-        if let Some(a) = cli.grpc_addr {
-            config.grpc_addr = a;
+        if let Some(a) = &cli.grpc_addr {
+            config.grpc_addr = a.clone();
         }
-        if let Some(a) = cli.jsonrpc_addr {
-            config.jsonrpc_addr = a;
+        if let Some(a) = &cli.jsonrpc_addr {
+            config.jsonrpc_addr = a.clone();
         }
         if cli.metrics_addr.is_some() {
             config.metrics_addr = cli.metrics_addr;
@@ -493,6 +564,9 @@ impl Config {
         if let Some(a) = file.jsonrpc_addr {
             self.jsonrpc_addr = a;
         }
+        if let Some(u) = file.unix_sockets {
+            self.unix_sockets = u;
+        }
         if file.metrics_addr.is_some() {
             self.metrics_addr = file.metrics_addr;
         }
@@ -533,11 +607,21 @@ impl Config {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let tcp = |l: &Listen| match l {
+            Listen::Tcp(a) => Some(*a),
+            Listen::Unix(_) => None,
+        };
         let listeners = [
-            ("gRPC", Some(self.grpc_addr)),
-            ("JSON-RPC", Some(self.jsonrpc_addr)),
+            ("gRPC", tcp(&self.grpc_addr)),
+            ("JSON-RPC", tcp(&self.jsonrpc_addr)),
             ("metrics", self.metrics_addr),
         ];
+        if self.unix_sockets.mode > 0o777 {
+            return Err(ConfigError::Invalid(format!(
+                "unix_sockets.mode {:o} is not a file mode",
+                self.unix_sockets.mode
+            )));
+        }
         for (server, addr) in listeners {
             let exposed = |a: &SocketAddr| !a.ip().is_loopback();
             if let Some(addr) =
@@ -651,7 +735,10 @@ mod tests {
             "grpc_addr = \"127.0.0.1:1\"\n[vms]\nvm1 = \"/a.sock\"\n[timeouts]\ndefault_ms = 50\n[timeouts.commands]\nguest-ping = 7\n[limits]\nqueue_depth = 3\n",
         )
         .expect("valid");
-        assert_eq!(c.grpc_addr.port(), 1);
+        assert_eq!(
+            c.grpc_addr,
+            Listen::Tcp("127.0.0.1:1".parse().expect("addr"))
+        );
         assert_eq!(c.vms["vm1"], PathBuf::from("/a.sock"));
         assert_eq!(
             c.timeouts.for_command("guest-ping"),
@@ -672,7 +759,7 @@ mod tests {
     #[test]
     fn non_loopback_tcp_needs_the_explicit_flag() {
         let open = |allow: bool| Cli {
-            jsonrpc_addr: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            jsonrpc_addr: Some(Listen::Tcp(SocketAddr::from(([0, 0, 0, 0], 8080)))),
             allow_insecure_tcp: allow,
             ..Cli::default()
         };
@@ -681,9 +768,14 @@ mod tests {
         assert!(Config::load(&open(true)).is_ok());
         let ipv6 = Cli {
             grpc_addr: Some("[::1]:50051".parse().expect("addr")),
+            jsonrpc_addr: Some("unix:/run/qga-bridge/jsonrpc.sock".parse().expect("unix")),
             ..Cli::default()
         };
-        assert!(Config::load(&ipv6).is_ok(), "IPv6 loopback is loopback");
+        assert!(
+            Config::load(&ipv6).is_ok(),
+            "IPv6 loopback and unix sockets are local"
+        );
+        assert!("unix:relative.sock".parse::<Listen>().is_err());
     }
 
     #[test]

@@ -36,15 +36,11 @@ impl Api {
         let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
         let mut caller = Caller {
             transport: "grpc",
-            peer: peer.addr,
+            peer: peer.describe(),
             identity: None,
         };
         let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
-        match self
-            .registry
-            .auth()
-            .authenticate(peer.addr, authorization, peer.certificate.as_ref())
-        {
+        match self.registry.auth().authenticate(&peer, authorization) {
             Ok(identity) => {
                 caller.identity = Some(identity);
                 Ok(caller)

@@ -22,13 +22,13 @@ pub struct HttpPolicy {
 }
 
 impl HttpPolicy {
-    /// The policy for a server listening on `listen`.
-    pub fn new(http: &Http, listen: SocketAddr) -> Self {
+    /// The policy for a server listening on TCP address `listen` (`None`: a unix socket).
+    pub fn new(http: &Http, listen: Option<SocketAddr>) -> Self {
         let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
             .into_iter()
             .map(String::from)
             .collect();
-        if !listen.ip().is_unspecified() {
+        if let Some(listen) = listen.filter(|l| !l.ip().is_unspecified()) {
             hosts.push(match listen {
                 SocketAddr::V4(a) => a.ip().to_string(),
                 SocketAddr::V6(a) => format!("[{}]", a.ip()),
@@ -99,7 +99,7 @@ mod tests {
             allowed_hosts: vec!["Bridge".into()],
             allowed_origins: vec!["https://console.example".into()],
         };
-        let p = HttpPolicy::new(&http, "10.0.0.5:8080".parse().expect("addr"));
+        let p = HttpPolicy::new(&http, Some("10.0.0.5:8080".parse().expect("addr")));
         for ok in [
             "localhost:8080",
             "127.0.0.1",
@@ -125,7 +125,10 @@ mod tests {
         assert!(p.check(&with_origin("https://evil.example")).is_err());
         assert!(p.check(&with_origin("null")).is_err());
         // An unspecified listen address is not a name anyone may use.
-        let any = HttpPolicy::new(&Http::default(), "0.0.0.0:8080".parse().expect("addr"));
+        let any = HttpPolicy::new(
+            &Http::default(),
+            Some("0.0.0.0:8080".parse().expect("addr")),
+        );
         assert!(
             any.check(&headers(&[(header::HOST, "0.0.0.0:8080")]))
                 .is_err()

@@ -167,13 +167,7 @@ pub async fn serve(
     let methods: Methods = module(registry.clone()).into();
     let budget = BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes);
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-    let policy = match gate.local_addr() {
-        Ok(addr) => Arc::new(HttpPolicy::new(&registry.config().http, addr)),
-        Err(e) => {
-            tracing::error!(error = %e, "JSON-RPC listener has no address; not serving");
-            return;
-        }
-    };
+    let policy = Arc::new(HttpPolicy::new(&registry.config().http, gate.local_addr()));
     let (stop_handle, server_handle) = stop_channel();
     loop {
         let conn = tokio::select! {
@@ -202,7 +196,7 @@ pub async fn serve(
             let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
                 let mut caller = Caller {
                     transport: "jsonrpc",
-                    peer: peer.addr,
+                    peer: peer.describe(),
                     identity: None,
                 };
                 let verdict = policy
@@ -213,7 +207,7 @@ pub async fn serve(
                             .headers()
                             .get(hyper::header::AUTHORIZATION)
                             .map(|v| v.as_bytes());
-                        auth.authenticate(peer.addr, authorization, peer.certificate.as_ref())
+                        auth.authenticate(&peer, authorization)
                             .map_err(|e| (e.0, true))
                     });
                 if let Ok(identity) = &verdict {

@@ -50,7 +50,7 @@ pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Bind {
         /// The address.
-        addr: SocketAddr,
+        addr: String,
         /// Why.
         #[source]
         source: std::io::Error,
@@ -72,15 +72,17 @@ pub enum StartError {
 /// A running bridge. [`Bridge::shutdown`] stops it gracefully.
 #[derive(Debug)]
 pub struct Bridge {
-    /// Bound gRPC address (useful with port 0).
-    pub grpc_addr: SocketAddr,
-    /// Bound JSON-RPC address.
-    pub jsonrpc_addr: SocketAddr,
+    /// Bound gRPC TCP address (useful with port 0); `None` on a unix socket.
+    pub grpc_addr: Option<SocketAddr>,
+    /// Bound JSON-RPC TCP address; `None` on a unix socket.
+    pub jsonrpc_addr: Option<SocketAddr>,
     /// Bound metrics address.
     pub metrics_addr: Option<SocketAddr>,
     registry: Arc<Registry>,
     metrics: Arc<Metrics>,
     tls: Option<Arc<tls::Tls>>,
+    /// Unix sockets listened on, removed at shutdown.
+    sockets: Vec<std::path::PathBuf>,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -88,7 +90,32 @@ pub struct Bridge {
 async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
     TcpListener::bind(addr)
         .await
-        .map_err(|source| StartError::Bind { addr, source })
+        .map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })
+}
+
+/// Binds `at`; returns the listener and, for TCP, the bound address.
+async fn listen(
+    at: &config::Listen,
+    unix: &config::UnixSockets,
+) -> Result<(transport::Listener, Option<SocketAddr>), StartError> {
+    let failed = |source| StartError::Bind {
+        addr: at.to_string(),
+        source,
+    };
+    match at {
+        config::Listen::Tcp(addr) => {
+            let l = bind(*addr).await?;
+            let bound = l.local_addr().map_err(failed)?;
+            Ok((transport::Listener::Tcp(l), Some(bound)))
+        }
+        config::Listen::Unix(path) => {
+            let l = transport::bind_unix(path, unix.mode, unix.group).map_err(failed)?;
+            Ok((transport::Listener::Unix(l), None))
+        }
+    }
 }
 
 impl Bridge {
@@ -111,13 +138,7 @@ impl Bridge {
         let mut tasks = JoinSet::new();
 
         // gRPC: our services, health, reflection.
-        let grpc_listener = bind(config.grpc_addr).await?;
-        let grpc_addr = grpc_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.grpc_addr,
-                source,
-            })?;
+        let (grpc_listener, grpc_addr) = listen(&config.grpc_addr, &config.unix_sockets).await?;
         let api = grpc::Api::new(registry.clone());
         let max_message = grpc::max_request_bytes(config.limits.max_set_entries);
         let (health, health_service) = tonic_health::server::health_reporter();
@@ -162,13 +183,8 @@ impl Bridge {
         });
 
         // JSON-RPC over HTTP and WebSocket.
-        let rpc_listener = bind(config.jsonrpc_addr).await?;
-        let jsonrpc_addr = rpc_listener
-            .local_addr()
-            .map_err(|source| StartError::Bind {
-                addr: config.jsonrpc_addr,
-                source,
-            })?;
+        let (rpc_listener, jsonrpc_addr) =
+            listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
         let gate = transport::Gate::new(
             rpc_listener,
             limits.max_connections as usize,
@@ -187,9 +203,10 @@ impl Bridge {
         let metrics_addr = match config.metrics_addr {
             Some(addr) => {
                 let listener = bind(addr).await?;
-                let bound = listener
-                    .local_addr()
-                    .map_err(|source| StartError::Bind { addr, source })?;
+                let bound = listener.local_addr().map_err(|source| StartError::Bind {
+                    addr: addr.to_string(),
+                    source,
+                })?;
                 let gate = transport::Gate::new(
                     listener,
                     limits.metrics_max_connections,
@@ -198,7 +215,7 @@ impl Bridge {
                 )
                 .http();
                 let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-                let policy = http_policy::HttpPolicy::new(&config.http, bound);
+                let policy = http_policy::HttpPolicy::new(&config.http, Some(bound));
                 tasks.spawn(metrics::serve(
                     gate,
                     metrics.clone(),
@@ -214,7 +231,7 @@ impl Bridge {
         };
 
         tasks.spawn(registry.clone().discover(rx));
-        tracing::info!(%grpc_addr, %jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = registry.len(), "qga-bridge serving");
+        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = registry.len(), "qga-bridge serving");
         Ok(Self {
             grpc_addr,
             jsonrpc_addr,
@@ -222,6 +239,13 @@ impl Bridge {
             registry,
             metrics,
             tls,
+            sockets: [&config.grpc_addr, &config.jsonrpc_addr]
+                .into_iter()
+                .filter_map(|l| match l {
+                    config::Listen::Unix(p) => Some(p.clone()),
+                    config::Listen::Tcp(_) => None,
+                })
+                .collect(),
             shutdown,
             tasks,
         })
@@ -247,5 +271,8 @@ impl Bridge {
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
         while self.tasks.join_next().await.is_some() {}
+        for socket in &self.sockets {
+            let _ = std::fs::remove_file(socket);
+        }
     }
 }

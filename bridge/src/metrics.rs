@@ -330,11 +330,7 @@ pub async fn serve(
                 let authorization = req.headers().get(hyper::header::AUTHORIZATION);
                 let known = !auth.enabled()
                     || auth
-                        .authenticate(
-                            peer.addr,
-                            authorization.map(|v| v.as_bytes()),
-                            peer.certificate.as_ref(),
-                        )
+                        .authenticate(&peer, authorization.map(|v| v.as_bytes()))
                         .is_ok();
                 async move {
                     if let Err(why) = verdict {

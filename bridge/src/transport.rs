@@ -13,6 +13,7 @@
 
 use std::{
     io,
+    path::Path,
     pin::Pin,
     sync::{
         Arc,
@@ -26,7 +27,7 @@ use futures::Stream;
 use hyper_util::rt::TokioTimer;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
-    net::{TcpListener, TcpStream},
+    net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
 use tokio_rustls::{rustls::pki_types::CertificateDer, server::TlsStream};
@@ -46,17 +47,92 @@ const REFUSAL_DRAIN: Duration = Duration::from_secs(1);
 /// Refused connections answered at once; more are closed without an answer.
 const MAX_REFUSING: usize = 64;
 
+/// An accepted socket, TCP or unix.
+#[derive(Debug)]
+pub enum Socket {
+    /// TCP.
+    Tcp(TcpStream),
+    /// A unix socket.
+    Unix(UnixStream),
+}
+
+/// Calls the poll method on whichever socket it is.
+macro_rules! delegate {
+    ($self:ident, $method:ident($($arg:expr),*)) => {
+        match $self.get_mut() {
+            Socket::Tcp(s) => Pin::new(s).$method($($arg),*),
+            Socket::Unix(s) => Pin::new(s).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for Socket {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        delegate!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Socket {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, poll_write(cx, buf))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        delegate!(self, poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            Self::Tcp(s) => s.is_write_vectored(),
+            Self::Unix(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        delegate!(self, poll_shutdown(cx))
+    }
+}
+
 /// A connection admitted under its server's cap; the slot frees when it drops.
 #[derive(Debug)]
 pub struct Admitted {
-    stream: TcpStream,
+    stream: Socket,
     _slot: OwnedSemaphorePermit,
 }
 
 impl Admitted {
-    /// The peer's address, if the socket still knows it.
-    pub fn peer_addr(&self) -> Option<std::net::SocketAddr> {
-        self.stream.peer_addr().ok()
+    /// Who is at the other end, as far as the socket knows.
+    pub fn peer(&self) -> Peer {
+        match &self.stream {
+            Socket::Tcp(s) => Peer {
+                addr: s.peer_addr().ok(),
+                ..Peer::default()
+            },
+            Socket::Unix(s) => Peer {
+                unix: s.peer_cred().ok().map(|c| UnixPeer {
+                    uid: c.uid(),
+                    gid: c.gid(),
+                    pid: c.pid(),
+                }),
+                ..Peer::default()
+            },
+        }
     }
 }
 
@@ -100,10 +176,85 @@ impl AsyncWrite for Admitted {
     }
 }
 
+/// A listening socket, TCP or unix.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// A unix socket.
+    Unix(UnixListener),
+}
+
+impl From<TcpListener> for Listener {
+    fn from(l: TcpListener) -> Self {
+        Self::Tcp(l)
+    }
+}
+
+impl Listener {
+    async fn accept(&self) -> io::Result<Socket> {
+        match self {
+            Self::Tcp(l) => {
+                let (s, _) = l.accept().await?;
+                // Best effort: a socket that refuses NODELAY still works.
+                let _ = s.set_nodelay(true);
+                Ok(Socket::Tcp(s))
+            }
+            Self::Unix(l) => Ok(Socket::Unix(l.accept().await?.0)),
+        }
+    }
+}
+
+/// Listens on the unix socket `path` with file mode `mode` and group `group`. A stale
+/// socket left by a previous run is replaced; a live one (another process answers) or a
+/// file that is not a socket is refused, saying so. The socket never exists with looser
+/// permissions than asked for.
+pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixListener> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if meta.file_type().is_socket() => {
+            match std::os::unix::net::UnixStream::connect(path) {
+                Ok(_) => {
+                    return Err(io::Error::new(
+                        io::ErrorKind::AddrInUse,
+                        format!("another process is listening on {}", path.display()),
+                    ));
+                }
+                Err(e) if e.kind() == io::ErrorKind::ConnectionRefused => {
+                    std::fs::remove_file(path)?
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(_) => {
+            return Err(io::Error::new(
+                io::ErrorKind::AlreadyExists,
+                format!(
+                    "{} exists and is not a socket; refusing to replace it",
+                    path.display()
+                ),
+            ));
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    // Bound with no access for anyone, then opened up to `mode` once its group is right.
+    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o777));
+    let bound = std::os::unix::net::UnixListener::bind(path);
+    rustix::process::umask(old);
+    let listener = bound?;
+    if let Some(gid) = group {
+        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
+    listener.set_nonblocking(true)?;
+    UnixListener::from_std(listener)
+}
+
 /// A listener that keeps at most `cap` of its connections open.
 #[derive(Debug)]
 pub struct Gate {
-    listener: TcpListener,
+    listener: Listener,
     slots: Arc<Semaphore>,
     cap: usize,
     server: &'static str,
@@ -119,13 +270,13 @@ pub struct Gate {
 impl Gate {
     /// Serves `listener` for `server` (a metrics label) with at most `cap` connections.
     pub fn new(
-        listener: TcpListener,
+        listener: impl Into<Listener>,
         cap: usize,
         server: &'static str,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
-            listener,
+            listener: listener.into(),
             slots: Arc::new(Semaphore::new(cap)),
             cap,
             server,
@@ -136,9 +287,12 @@ impl Gate {
         }
     }
 
-    /// The address listened on.
-    pub fn local_addr(&self) -> io::Result<std::net::SocketAddr> {
-        self.listener.local_addr()
+    /// The TCP address listened on (`None` for a unix socket).
+    pub fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match &self.listener {
+            Listener::Tcp(l) => l.local_addr().ok(),
+            Listener::Unix(_) => None,
+        }
     }
 
     /// Refused HTTP connections get `503 Service Unavailable` saying why.
@@ -162,15 +316,13 @@ impl Gate {
     pub async fn accept(&self) -> Admitted {
         loop {
             let stream = match self.listener.accept().await {
-                Ok((stream, _)) => stream,
+                Ok(stream) => stream,
                 Err(e) => {
                     tracing::warn!(server = self.server, error = %e, "accept failed; pausing");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
             };
-            // Best effort: a socket that refuses NODELAY still works.
-            let _ = stream.set_nodelay(true);
             match self.slots.clone().try_acquire_owned() {
                 Ok(slot) => {
                     self.full.store(false, Ordering::Relaxed);
@@ -184,7 +336,7 @@ impl Gate {
         }
     }
 
-    fn refuse(&self, stream: TcpStream) {
+    fn refuse(&self, stream: Socket) {
         self.metrics.refused(self.server, "connections");
         if !self.full.swap(true, Ordering::Relaxed) {
             tracing::warn!(
@@ -221,10 +373,37 @@ impl Gate {
 /// extensions.
 #[derive(Debug, Clone, Default)]
 pub struct Peer {
-    /// The peer's address.
+    /// The peer's address (TCP).
     pub addr: Option<std::net::SocketAddr>,
+    /// The peer's credentials (unix socket).
+    pub unix: Option<UnixPeer>,
     /// The client certificate it presented (mutual TLS).
     pub certificate: Option<CertificateDer<'static>>,
+}
+
+/// A unix-socket peer's credentials (`SO_PEERCRED`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct UnixPeer {
+    /// User id.
+    pub uid: u32,
+    /// Group id.
+    pub gid: u32,
+    /// Process id, if known.
+    pub pid: Option<i32>,
+}
+
+impl Peer {
+    /// How logs and the audit trail name the peer: `IP:PORT` or `uid=U,gid=G,pid=P`.
+    pub fn describe(&self) -> Option<String> {
+        match (self.addr, self.unix) {
+            (Some(addr), _) => Some(addr.to_string()),
+            (None, Some(u)) => Some(match u.pid {
+                Some(pid) => format!("uid={},gid={},pid={pid}", u.uid, u.gid),
+                None => format!("uid={},gid={}", u.uid, u.gid),
+            }),
+            (None, None) => None,
+        }
+    }
 }
 
 /// An admitted connection, in TLS when TLS is configured.
@@ -240,18 +419,15 @@ impl Conn {
     /// Its peer.
     pub fn peer(&self) -> Peer {
         match self {
-            Self::Plain(a) => Peer {
-                addr: a.peer_addr(),
-                certificate: None,
-            },
+            Self::Plain(a) => a.peer(),
             Self::Tls(t) => {
                 let (tcp, session) = t.get_ref();
                 Peer {
-                    addr: tcp.peer_addr(),
                     certificate: session
                         .peer_certificates()
                         .and_then(|c| c.first())
                         .map(|c| c.clone().into_owned()),
+                    ..tcp.peer()
                 }
             }
         }

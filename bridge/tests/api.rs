@@ -41,7 +41,7 @@ async fn channel(addr: SocketAddr) -> Channel {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let bridge = start(config(&[])).await;
-    let ch = channel(bridge.grpc_addr).await;
+    let ch = channel(bridge.grpc_addr.expect("TCP listener")).await;
     let mut health = HealthClient::new(ch.clone());
     for service in [
         "qga.bridge.v1.GuestMemory",
@@ -148,7 +148,10 @@ async fn jsonrpc_batches_and_websocket() {
 
     // WebSocket on the same port.
     let ws = WsClientBuilder::default()
-        .build(format!("ws://{}", bridge.jsonrpc_addr))
+        .build(format!(
+            "ws://{}",
+            bridge.jsonrpc_addr.expect("TCP listener")
+        ))
         .await
         .expect("ws connect");
     let mut p = ObjectParams::new();

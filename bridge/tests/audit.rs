@@ -85,7 +85,7 @@ async fn every_write_and_denial_is_one_line_and_reads_are_not_audited() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     gone.abort();
     // A forged Host.
-    let mut s = TcpStream::connect(bridge.jsonrpc_addr)
+    let mut s = TcpStream::connect(bridge.jsonrpc_addr.expect("TCP listener"))
         .await
         .expect("connect");
     s.write_all(b"POST / HTTP/1.1\r\nHost: evil.example\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")

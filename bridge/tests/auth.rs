@@ -132,11 +132,14 @@ async fn tokens_prove_identities_and_grants_limit_them() {
         grant("viewer", Role::Read, &["*"]),
     ];
     let bridge = start(cfg).await;
-    let channel = Channel::from_shared(format!("http://{}", bridge.grpc_addr))
-        .expect("uri")
-        .connect()
-        .await
-        .expect("connect");
+    let channel = Channel::from_shared(format!(
+        "http://{}",
+        bridge.grpc_addr.expect("TCP listener")
+    ))
+    .expect("uri")
+    .connect()
+    .await
+    .expect("connect");
     let mut memory = GuestMemoryClient::new(channel.clone());
     let mut vms = VmsClient::new(channel);
 
@@ -152,12 +155,17 @@ async fn tokens_prove_identities_and_grants_limit_them() {
             .await
             .expect_err("refused");
         assert_eq!(err.code(), Code::Unauthenticated, "{err}");
-        let (status, body) = post(bridge.jsonrpc_addr, token, &rpc_set("web-1")).await;
+        let (status, body) = post(
+            bridge.jsonrpc_addr.expect("TCP listener"),
+            token,
+            &rpc_set("web-1"),
+        )
+        .await;
         assert!(status.contains("401"), "{status}");
         assert_eq!(body, "unauthenticated\n");
     }
     // A WebSocket upgrade without a token is not upgraded.
-    let mut s = TcpStream::connect(bridge.jsonrpc_addr)
+    let mut s = TcpStream::connect(bridge.jsonrpc_addr.expect("TCP listener"))
         .await
         .expect("connect");
     s.write_all(
@@ -190,7 +198,12 @@ async fn tokens_prove_identities_and_grants_limit_them() {
         .map(|v| v.name)
         .collect();
     assert_eq!(listed, ["web-1"]);
-    let (status, body) = post(bridge.jsonrpc_addr, Some("robot-token"), &rpc_set("db-1")).await;
+    let (status, body) = post(
+        bridge.jsonrpc_addr.expect("TCP listener"),
+        Some("robot-token"),
+        &rpc_set("db-1"),
+    )
+    .await;
     assert!(status.contains("200"), "{status}");
     let reply: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(reply["error"]["code"], -32010, "{reply}");
@@ -208,13 +221,18 @@ async fn tokens_prove_identities_and_grants_limit_them() {
         .await
         .expect_err("read only");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let (_, body) = post(bridge.jsonrpc_addr, Some("viewer-token"), &rpc_set("web-1")).await;
+    let (_, body) = post(
+        bridge.jsonrpc_addr.expect("TCP listener"),
+        Some("viewer-token"),
+        &rpc_set("web-1"),
+    )
+    .await;
     assert_eq!(
         serde_json::from_str::<Value>(&body).expect("json")["error"]["code"],
         -32010
     );
     let (_, body) = post(
-        bridge.jsonrpc_addr,
+        bridge.jsonrpc_addr.expect("TCP listener"),
         Some("viewer-token"),
         &json!({"jsonrpc": "2.0", "id": 1, "method": "vm-list"}),
     )
@@ -277,11 +295,14 @@ async fn client_certificates_prove_identities() {
                 read(format!("{name}.key")),
             ))
             .domain_name("localhost");
-        Channel::from_shared(format!("https://{}", bridge.grpc_addr))
-            .expect("uri")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_lazy()
+        Channel::from_shared(format!(
+            "https://{}",
+            bridge.grpc_addr.expect("TCP listener")
+        ))
+        .expect("uri")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_lazy()
     };
     GuestMemoryClient::new(channel("write.example"))
         .set_memory_blocks(set("web-1"))
@@ -299,7 +320,7 @@ async fn client_certificates_prove_identities() {
     assert_eq!(err.code(), Code::Unauthenticated, "{err}");
 
     // curl with the reader's certificate gets -32010 for a set.
-    let rpc = bridge.jsonrpc_addr;
+    let rpc = bridge.jsonrpc_addr.expect("TCP listener");
     let out = tokio::task::spawn_blocking(move || {
         Command::new("curl")
             .args([

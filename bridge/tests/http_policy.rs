@@ -73,7 +73,7 @@ async fn foreign_hosts_and_origins_are_refused_before_any_call() {
     cfg.http.allowed_hosts = vec!["bridge.internal".into()];
     cfg.http.allowed_origins = vec!["https://console.example".into()];
     let bridge = start(cfg).await;
-    let rpc = bridge.jsonrpc_addr;
+    let rpc = bridge.jsonrpc_addr.expect("TCP listener");
 
     // DNS rebinding: a page on evil.example re-pointed at 127.0.0.1.
     let (status, body) = exchange(rpc, &post("evil.example:8080", None, SET), SET).await;

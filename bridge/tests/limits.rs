@@ -80,7 +80,7 @@ async fn a_batch_over_the_limit_is_refused_whole_and_the_guest_is_never_asked() 
         Value::Array(calls).to_string()
     };
 
-    let (status, body) = post(bridge.jsonrpc_addr, &batch(1000)).await;
+    let (status, body) = post(bridge.jsonrpc_addr.expect("TCP listener"), &batch(1000)).await;
     assert!(status.contains("200"), "{status}");
     let reply: Value = serde_json::from_str(&body).expect("json");
     assert_eq!(reply["error"]["code"], -32010, "{reply}");
@@ -91,7 +91,7 @@ async fn a_batch_over_the_limit_is_refused_whole_and_the_guest_is_never_asked() 
     assert_eq!(agent.control().calls("guest-get-memory-blocks"), 0);
 
     // At the limit, every member is answered.
-    let (_, body) = post(bridge.jsonrpc_addr, &batch(32)).await;
+    let (_, body) = post(bridge.jsonrpc_addr.expect("TCP listener"), &batch(32)).await;
     let replies: Vec<Value> = serde_json::from_str(&body).expect("json array");
     assert_eq!(replies.len(), 32);
     assert!(replies.iter().all(|r| r["result"].is_array()), "{body}");
@@ -104,7 +104,7 @@ async fn jsonrpc_sockets_over_the_cap_get_503_until_one_closes() {
     let mut held = Vec::new();
     for _ in 0..2 {
         held.push(
-            TcpStream::connect(bridge.jsonrpc_addr)
+            TcpStream::connect(bridge.jsonrpc_addr.expect("TCP listener"))
                 .await
                 .expect("connect"),
         );
@@ -112,7 +112,11 @@ async fn jsonrpc_sockets_over_the_cap_get_503_until_one_closes() {
     // Let the bridge accept both before the third arrives.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "guest-ping", "params": {"vm": "vm"}});
-    let (status, body) = post(bridge.jsonrpc_addr, &ping.to_string()).await;
+    let (status, body) = post(
+        bridge.jsonrpc_addr.expect("TCP listener"),
+        &ping.to_string(),
+    )
+    .await;
     assert!(status.contains("503"), "{status}");
     assert!(
         body.contains("too many connections") && body.contains("limit 2"),
@@ -127,7 +131,11 @@ async fn jsonrpc_sockets_over_the_cap_get_503_until_one_closes() {
     drop(held.pop());
     let answered = async {
         loop {
-            let (status, body) = post(bridge.jsonrpc_addr, &ping.to_string()).await;
+            let (status, body) = post(
+                bridge.jsonrpc_addr.expect("TCP listener"),
+                &ping.to_string(),
+            )
+            .await;
             if status.contains("200") {
                 return body;
             }
@@ -151,7 +159,7 @@ async fn a_client_that_never_finishes_its_header_is_cut_off_on_every_http_server
     })
     .await;
     let metrics_addr = bridge.metrics_addr.expect("metrics listening");
-    for addr in [bridge.jsonrpc_addr, metrics_addr] {
+    for addr in [bridge.jsonrpc_addr.expect("TCP listener"), metrics_addr] {
         // Silent from the start.
         let mut silent = TcpStream::connect(addr).await.expect("connect");
         // A header begun and never finished (slowloris).
@@ -170,7 +178,11 @@ async fn a_client_that_never_finishes_its_header_is_cut_off_on_every_http_server
     }
     // Whole requests are served as before.
     let ping = json!({"jsonrpc": "2.0", "id": 1, "method": "guest-ping", "params": {"vm": "vm"}});
-    let (status, _) = post(bridge.jsonrpc_addr, &ping.to_string()).await;
+    let (status, _) = post(
+        bridge.jsonrpc_addr.expect("TCP listener"),
+        &ping.to_string(),
+    )
+    .await;
     assert!(status.contains("200"), "{status}");
 }
 
@@ -183,7 +195,10 @@ async fn a_websocket_gets_only_its_share_of_calls_in_flight() {
         .push(Fault::Delay(Duration::from_millis(1500)));
     let ws = WsClientBuilder::default()
         .request_timeout(SOON)
-        .build(format!("ws://{}", bridge.jsonrpc_addr))
+        .build(format!(
+            "ws://{}",
+            bridge.jsonrpc_addr.expect("TCP listener")
+        ))
         .await
         .expect("ws connect");
     let set = |i: u64| {
@@ -265,7 +280,7 @@ async fn calls_over_the_bridge_wide_limit_are_refused_at_once() {
 #[tokio::test]
 async fn grpc_connections_over_the_cap_are_closed_and_the_first_keeps_working() {
     let (_d, _agent, bridge) = setup(|c| c.limits.grpc_max_connections = 1).await;
-    let url = format!("http://{}", bridge.grpc_addr);
+    let url = format!("http://{}", bridge.grpc_addr.expect("TCP listener"));
     let first = Channel::from_shared(url.clone())
         .expect("uri")
         .connect()

@@ -98,11 +98,14 @@ async fn tls_serves_only_tls_clients_on_both_front_ends() {
     cfg.tls = Some(tls_files(&certs, false));
     let bridge = start(cfg).await;
 
-    let channel = tls_channel(bridge.grpc_addr, &certs, "ca", None)
+    let channel = tls_channel(bridge.grpc_addr.expect("TCP listener"), &certs, "ca", None)
         .await
         .expect("TLS connect");
     grpc_ping(channel).await.expect("served over TLS");
-    let (rpc, addr) = (bridge.jsonrpc_addr, bridge.jsonrpc_addr);
+    let (rpc, addr) = (
+        bridge.jsonrpc_addr.expect("TCP listener"),
+        bridge.jsonrpc_addr.expect("TCP listener"),
+    );
     let body = tokio::task::spawn_blocking(move || curl(rpc, &certs, "ca", None))
         .await
         .expect("joins");
@@ -112,7 +115,11 @@ async fn tls_serves_only_tls_clients_on_both_front_ends() {
     );
 
     // Plaintext on a TLS port gets nothing.
-    let plain = Channel::from_shared(format!("http://{}", bridge.grpc_addr)).expect("uri");
+    let plain = Channel::from_shared(format!(
+        "http://{}",
+        bridge.grpc_addr.expect("TCP listener")
+    ))
+    .expect("uri");
     let refused = match plain.connect().await {
         Err(_) => true,
         Ok(ch) => grpc_ping(ch).await.is_err(),
@@ -138,7 +145,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_the_ca() {
     let mut cfg = config(&[("vm", &socket)]);
     cfg.tls = Some(tls_files(&certs, true));
     let bridge = start(cfg).await;
-    let grpc = bridge.grpc_addr;
+    let grpc = bridge.grpc_addr.expect("TCP listener");
 
     let good = tls_channel(grpc, &certs, "ca", Some("write.example"))
         .await
@@ -151,7 +158,7 @@ async fn mutual_tls_refuses_clients_without_a_certificate_of_the_ca() {
         };
         assert!(!served, "gRPC client {client:?} was served");
     }
-    let rpc = bridge.jsonrpc_addr;
+    let rpc = bridge.jsonrpc_addr.expect("TCP listener");
     let pings_before = agent.control().calls("guest-ping");
     let outcomes = tokio::task::spawn_blocking(move || {
         let good = curl(rpc, &certs, "ca", Some("write.example"));

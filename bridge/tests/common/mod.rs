@@ -12,7 +12,7 @@ use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
     http_client::{HttpClient, HttpClientBuilder},
 };
-use qga_bridge::{Bridge, Config};
+use qga_bridge::{Bridge, Config, config::Listen};
 use qga_proto::v1::{
     guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient,
     vms_client::VmsClient,
@@ -22,8 +22,8 @@ use tonic::transport::Channel;
 
 pub fn config(vms: &[(&str, &Path)]) -> Config {
     let mut c = Config {
-        grpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
-        jsonrpc_addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+        grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+        jsonrpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
         ..Config::default()
     };
     for (name, path) in vms {
@@ -44,7 +44,7 @@ pub struct Clients {
 }
 
 pub async fn clients(b: &Bridge) -> Clients {
-    let channel = Channel::from_shared(format!("http://{}", b.grpc_addr))
+    let channel = Channel::from_shared(format!("http://{}", b.grpc_addr.expect("TCP listener")))
         .expect("uri")
         .connect()
         .await
@@ -55,7 +55,7 @@ pub async fn clients(b: &Bridge) -> Clients {
         vms: VmsClient::new(channel),
         http: HttpClientBuilder::default()
             .request_timeout(Duration::from_secs(60))
-            .build(format!("http://{}", b.jsonrpc_addr))
+            .build(format!("http://{}", b.jsonrpc_addr.expect("TCP listener")))
             .expect("http client"),
     }
 }
