@@ -46,8 +46,9 @@ impl Api {
                 Ok(caller)
             }
             Err(e) => {
+                // The reason goes to the audit trail; the caller learns nothing more.
                 self.registry.audit().denied(&caller, &e.to_string());
-                Err(Status::unauthenticated(e.to_string()))
+                Err(Status::unauthenticated("unauthenticated"))
             }
         }
     }
