@@ -5,7 +5,8 @@
 //! Writing never blocks a call: records go through a bounded queue to a writer thread.
 //! When the queue is full or the file cannot be written (a full disk, say), records are
 //! dropped, counted in `qga_bridge_audit_dropped_total`, and the trouble is logged once
-//! per episode; the bridge keeps serving.
+//! per episode; the bridge keeps serving. Denials are capped per second, so a flood of
+//! refused requests cannot crowd out the records of calls that changed a guest.
 
 use std::{
     fs::{File, OpenOptions},
@@ -27,10 +28,14 @@ use crate::{auth::Identity, metrics::Metrics};
 /// Records waiting for the writer.
 const QUEUE: usize = 4096;
 
+/// Denial records written per second at most: a flood of refused requests must not crowd
+/// the records of calls that changed guests out of the queue.
+const MAX_DENIALS_PER_SECOND: u32 = 100;
+
 /// Where the audit trail goes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Sink {
-    /// The log stream, at INFO with target `qga_bridge::audit`.
+    /// Standard error, one JSON line each, whatever the log filter.
     Log,
     /// A file, appended to (created with mode 0600).
     File(PathBuf),
@@ -97,6 +102,8 @@ pub fn now() -> f64 {
 pub struct Audit {
     tx: SyncSender<String>,
     metrics: Arc<Metrics>,
+    /// (second, denials recorded in it).
+    denials: std::sync::Mutex<(u64, u32)>,
 }
 
 impl Audit {
@@ -112,11 +119,34 @@ impl Audit {
         std::thread::Builder::new()
             .name("qga-bridge-audit".into())
             .spawn(move || write_all(rx, file, &writer_metrics))?;
-        Ok(Arc::new(Self { tx, metrics }))
+        Ok(Arc::new(Self {
+            tx,
+            metrics,
+            denials: std::sync::Mutex::new((0, 0)),
+        }))
     }
 
-    /// Queues `record`; drops it (counted) if the writer is behind.
+    /// Whether one more denial may be recorded this second.
+    fn denial_allowed(&self) -> bool {
+        let second = now() as u64;
+        let mut window = match self.denials.lock() {
+            Ok(w) => w,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        if window.0 != second {
+            *window = (second, 0);
+        }
+        window.1 += 1;
+        window.1 <= MAX_DENIALS_PER_SECOND
+    }
+
+    /// Queues `record`; drops it (counted) if the writer is behind, or if it is one denial
+    /// too many this second.
     pub fn record(&self, record: &Record<'_>) {
+        if record.kind == "denied" && !self.denial_allowed() {
+            self.metrics.audit_dropped();
+            return;
+        }
         let Ok(line) = serde_json::to_string(record) else {
             self.metrics.audit_dropped();
             return;
@@ -165,9 +195,10 @@ fn open(path: &Path) -> io::Result<File> {
 fn write_all(rx: Receiver<String>, mut file: Option<File>, metrics: &Metrics) {
     let mut failing = false;
     while let Ok(line) = rx.recv() {
-        let Some(f) = file.as_mut() else {
-            tracing::info!(target: "qga_bridge::audit", "{line}");
-            continue;
+        let mut stderr = io::stderr();
+        let f: &mut dyn Write = match file.as_mut() {
+            Some(f) => f,
+            None => &mut stderr,
         };
         let mut buf = line.into_bytes();
         buf.push(b'\n');

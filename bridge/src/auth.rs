@@ -12,9 +12,10 @@ use std::sync::Arc;
 
 use glob::Pattern;
 use ring::digest::{SHA256, digest};
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::CertificateDer;
 use serde::Deserialize;
 use subtle::ConstantTimeEq;
+use x509_parser::extensions::GeneralName;
 
 use crate::{error::BridgeError, transport::Peer};
 
@@ -122,8 +123,12 @@ fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
 }
 
 impl Auth {
-    /// The checks for `config`; `trust_network` is `--allow-insecure-tcp`.
-    pub fn new(config: &AuthConfig, trust_network: bool) -> Result<Self, AuthConfigError> {
+    /// The checks for the `[auth]` section `config` (`None`: no section; `Some`, even
+    /// empty: authentication required); `trust_network` is `--allow-insecure-tcp`.
+    pub fn new(config: Option<&AuthConfig>, trust_network: bool) -> Result<Self, AuthConfigError> {
+        let enabled = config.is_some();
+        let empty = AuthConfig::default();
+        let config = config.unwrap_or(&empty);
         let mut tokens = Vec::new();
         for t in &config.tokens {
             let hash = parse_hex32(&t.sha256).ok_or_else(|| {
@@ -149,7 +154,7 @@ impl Auth {
             });
         }
         Ok(Self {
-            enabled: !config.tokens.is_empty() || !config.grants.is_empty(),
+            enabled,
             trust_network,
             tokens,
             grants,
@@ -180,9 +185,11 @@ impl Auth {
             };
         }
         if let Some(header) = authorization {
-            let token = header
-                .strip_prefix(b"Bearer ")
-                .ok_or(Unauthenticated("bad credentials"))?;
+            // The scheme is case-insensitive (RFC 7235).
+            let token = match header.split_at_checked(7) {
+                Some((scheme, token)) if scheme.eq_ignore_ascii_case(b"bearer ") => token,
+                _ => return Err(Unauthenticated("bad credentials")),
+            };
             let hash = digest(&SHA256, token);
             // Every configured hash is compared, so timing does not tell which matched.
             let mut found = None;
@@ -209,15 +216,25 @@ impl Auth {
         Err(Unauthenticated("credentials required"))
     }
 
-    /// The first granted identity the (already verified) certificate is valid for, as a
-    /// DNS name in its subjectAltNames.
+    /// The first granted identity that is exactly one of the (already verified)
+    /// certificate's DNS subjectAltNames. Wildcard names grant nothing, and names that
+    /// belong to tokens cannot be taken by a certificate.
     fn certificate_identity(&self, cert: &CertificateDer<'_>) -> Option<Arc<str>> {
-        let cert = webpki::EndEntityCert::try_from(cert).ok()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+        let sans = cert.subject_alternative_name().ok()??;
+        let names: Vec<&str> = sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(name) if !name.contains('*') => Some(*name),
+                _ => None,
+            })
+            .collect();
         self.grants.iter().find_map(|g| {
-            let name = ServerName::try_from(g.identity.as_str()).ok()?;
-            cert.verify_is_valid_for_subject_name(&name)
-                .ok()
-                .map(|()| Arc::from(g.identity.as_str()))
+            let is_token = self.tokens.iter().any(|(_, t)| **t == *g.identity);
+            let named = names.iter().any(|n| n.eq_ignore_ascii_case(&g.identity));
+            (named && !is_token).then(|| Arc::from(g.identity.as_str()))
         })
     }
 
@@ -278,7 +295,7 @@ mod tests {
                 },
             ],
         };
-        let auth = Auth::new(&config, false).expect("valid");
+        let auth = Auth::new(Some(&config), false).expect("valid");
         let at = |addr: &str| Peer {
             addr: Some(addr.parse().expect("addr")),
             ..Peer::default()
@@ -311,14 +328,14 @@ mod tests {
             Err(BridgeError::PermissionDenied(_))
         ));
 
-        let open = Auth::new(&AuthConfig::default(), false).expect("valid");
+        let open = Auth::new(None, false).expect("valid");
         assert_eq!(
             open.authenticate(&at("127.0.0.1:5"), None),
             Ok(Identity::Trusted)
         );
         assert_eq!(open.authenticate(&unix, None), Ok(Identity::Trusted));
         assert!(open.authenticate(&remote, None).is_err());
-        let trusting = Auth::new(&AuthConfig::default(), true).expect("valid");
+        let trusting = Auth::new(None, true).expect("valid");
         assert_eq!(trusting.authenticate(&remote, None), Ok(Identity::Trusted));
 
         let bad = AuthConfig {
@@ -328,6 +345,10 @@ mod tests {
             }],
             grants: vec![],
         };
-        assert!(Auth::new(&bad, false).is_err());
+        assert!(Auth::new(Some(&bad), false).is_err());
+        // A section with nothing in it grants nothing: it does not fall back to trust.
+        let locked = Auth::new(Some(&AuthConfig::default()), true).expect("valid");
+        assert!(locked.authenticate(&at("127.0.0.1:5"), None).is_err());
+        assert!(auth.authenticate(&remote, Some(b"bEaReR s3cret")).is_ok());
     }
 }

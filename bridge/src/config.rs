@@ -5,7 +5,7 @@
 //! jsonrpc_addr = "127.0.0.1:8080"
 //! metrics_addr = "127.0.0.1:9100"      # optional
 //! log_format = "text"                   # or "json"
-//! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: the log stream
+//! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: standard error
 //!
 //! [unix_sockets]                        # unix:PATH listeners
 //! mode = 0o660                          # who may connect
@@ -123,7 +123,7 @@ pub struct Cli {
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub client_ca: Option<PathBuf>,
     /// Append the audit trail (one JSON line per state-changing call and per refused
-    /// request) to this file [default: the log stream, target `qga_bridge::audit`].
+    /// request) to this file [default: standard error].
     #[arg(long, value_name = "PATH")]
     pub audit_log: Option<PathBuf>,
     /// Serve on non-loopback TCP addresses without TLS. Anyone who can reach such an
@@ -398,7 +398,7 @@ struct File {
     allow_insecure_tcp: Option<bool>,
     audit_log: Option<PathBuf>,
     tls: Option<TlsFiles>,
-    auth: AuthConfig,
+    auth: Option<AuthConfig>,
 }
 
 /// Why the configuration is unusable.
@@ -461,9 +461,10 @@ pub struct Config {
     pub audit_log: Option<PathBuf>,
     /// TLS for every listener; `None`: plaintext.
     pub tls: Option<TlsFiles>,
-    /// Tokens and grants; empty: only local (or, with `allow_insecure_tcp`, all) callers,
-    /// each allowed everything.
-    pub auth: AuthConfig,
+    /// Tokens and grants. `None` (no `[auth]` section): only local (or, with
+    /// `allow_insecure_tcp`, all) callers, each allowed everything. `Some`, even empty:
+    /// every caller must prove an identity and is allowed only what it is granted.
+    pub auth: Option<AuthConfig>,
 }
 
 impl Default for Config {
@@ -485,7 +486,7 @@ impl Default for Config {
             allow_insecure_tcp: false,
             audit_log: None,
             tls: None,
-            auth: AuthConfig::default(),
+            auth: None,
         }
     }
 }
@@ -592,7 +593,9 @@ impl Config {
         if file.tls.is_some() {
             self.tls = file.tls;
         }
-        self.auth = file.auth;
+        if file.auth.is_some() {
+            self.auth = file.auth;
+        }
         self.discover = file.discover;
         self.vms = file.vms;
         // Per-command entries add to the defaults rather than replacing them all.
@@ -636,7 +639,7 @@ impl Config {
                 )));
             }
         }
-        Auth::new(&self.auth, self.allow_insecure_tcp)
+        Auth::new(self.auth.as_ref(), self.allow_insecure_tcp)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         for origin in &self.http.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))

@@ -83,6 +83,9 @@ pub struct Bridge {
     tls: Option<Arc<tls::Tls>>,
     /// Unix sockets listened on, removed at shutdown.
     sockets: Vec<std::path::PathBuf>,
+    /// How long shutdown waits for calls and streams: the longest command timeout, and a
+    /// little more.
+    grace: Duration,
     shutdown: watch::Sender<bool>,
     tasks: JoinSet<()>,
 }
@@ -129,7 +132,8 @@ impl Bridge {
             .map_or(audit::Sink::Log, audit::Sink::File);
         let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
         let auth = Arc::new(
-            auth::Auth::new(&config.auth, config.allow_insecure_tcp).map_err(StartError::Auth)?,
+            auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
+                .map_err(StartError::Auth)?,
         );
         let registry = Registry::new(config.clone(), metrics.clone(), audit, auth);
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
@@ -246,6 +250,16 @@ impl Bridge {
                     config::Listen::Tcp(_) => None,
                 })
                 .collect(),
+            grace: Duration::from_millis(
+                config
+                    .timeouts
+                    .commands
+                    .values()
+                    .copied()
+                    .chain([config.timeouts.default_ms])
+                    .max()
+                    .unwrap_or(0),
+            ) + Duration::from_secs(5),
             shutdown,
             tasks,
         })
@@ -267,10 +281,17 @@ impl Bridge {
         self.tls.as_ref().map_or(Ok(()), |t| t.reload())
     }
 
-    /// Stops accepting calls, lets running ones finish, and returns when all servers stopped.
+    /// Stops accepting calls, lets running ones finish (for at most the longest command
+    /// timeout and a little more), and returns when all servers stopped.
     pub async fn shutdown(mut self) {
         let _ = self.shutdown.send(true);
-        while self.tasks.join_next().await.is_some() {}
+        let drained = async { while self.tasks.join_next().await.is_some() {} };
+        if tokio::time::timeout(self.grace, drained).await.is_err() {
+            // A stream that never ends (a health watch, say) must not hold the bridge.
+            tracing::warn!(grace = ?self.grace, "connections still open at shutdown; closing them");
+            self.tasks.abort_all();
+            while self.tasks.join_next().await.is_some() {}
+        }
         for socket in &self.sockets {
             let _ = std::fs::remove_file(socket);
         }

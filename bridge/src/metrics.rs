@@ -326,12 +326,12 @@ pub async fn serve(
             let svc = service_fn(move |req: Request<Incoming>| {
                 let metrics = metrics.clone();
                 let verdict = policy.check(req.headers());
-                // With [auth], scrapers prove an identity like any caller (no grant needed).
+                // Scrapers are callers like any other: local ones without [auth], an
+                // identity (no grant needed) with it.
                 let authorization = req.headers().get(hyper::header::AUTHORIZATION);
-                let known = !auth.enabled()
-                    || auth
-                        .authenticate(&peer, authorization.map(|v| v.as_bytes()))
-                        .is_ok();
+                let known = auth
+                    .authenticate(&peer, authorization.map(|v| v.as_bytes()))
+                    .is_ok();
                 async move {
                     if let Err(why) = verdict {
                         metrics.refused("metrics", "host_or_origin");

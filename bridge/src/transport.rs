@@ -210,7 +210,7 @@ impl Listener {
 /// file that is not a socket is refused, saying so. The socket never exists with looser
 /// permissions than asked for.
 pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixListener> {
-    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::os::unix::fs::{DirBuilderExt, FileTypeExt, PermissionsExt};
     match std::fs::symlink_metadata(path) {
         Ok(meta) if meta.file_type().is_socket() => {
             match std::os::unix::net::UnixStream::connect(path) {
@@ -238,15 +238,31 @@ pub fn bind_unix(path: &Path, mode: u32, group: Option<u32>) -> io::Result<UnixL
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    // Bound with no access for anyone, then opened up to `mode` once its group is right.
-    let old = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o777));
-    let bound = std::os::unix::net::UnixListener::bind(path);
-    rustix::process::umask(old);
+    // Bound, given its group and mode inside a private directory next to `path` (where
+    // nobody else can swap it for a symlink), then renamed into place: the socket is
+    // never reachable with other permissions than asked for.
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let private = parent.join(format!(".qga-bridge-{}-{nonce}", std::process::id()));
+    std::fs::DirBuilder::new().mode(0o700).create(&private)?;
+    let staged = private.join("socket");
+    let bound = (|| {
+        let listener = std::os::unix::net::UnixListener::bind(&staged)?;
+        if let Some(gid) = group {
+            rustix::fs::chown(&staged, None, Some(rustix::fs::Gid::from_raw(gid)))?;
+        }
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(mode))?;
+        std::fs::rename(&staged, path)?;
+        Ok::<_, io::Error>(listener)
+    })();
+    let _ = std::fs::remove_file(&staged);
+    let _ = std::fs::remove_dir(&private);
     let listener = bound?;
-    if let Some(gid) = group {
-        rustix::fs::chown(path, None, Some(rustix::fs::Gid::from_raw(gid)))?;
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?;
     listener.set_nonblocking(true)?;
     UnixListener::from_std(listener)
 }

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
 use common::{config, start};
 use qga_bridge::{
     Config,
-    config::{GrantConfig, Role, TlsFiles, TokenConfig},
+    config::{AuthConfig, GrantConfig, Role, TlsFiles, TokenConfig},
 };
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::{
@@ -117,20 +117,22 @@ async fn tokens_prove_identities_and_grants_limit_them() {
     let (web, db, mut cfg) = two_vms(dir.path());
     let log = dir.path().join("audit.jsonl");
     cfg.audit_log = Some(log.clone());
-    cfg.auth.tokens = vec![
-        TokenConfig {
-            identity: "robot".into(),
-            sha256: sha256_hex("robot-token"),
-        },
-        TokenConfig {
-            identity: "viewer".into(),
-            sha256: sha256_hex("viewer-token"),
-        },
-    ];
-    cfg.auth.grants = vec![
-        grant("robot", Role::Write, &["web-*"]),
-        grant("viewer", Role::Read, &["*"]),
-    ];
+    cfg.auth = Some(AuthConfig {
+        tokens: vec![
+            TokenConfig {
+                identity: "robot".into(),
+                sha256: sha256_hex("robot-token"),
+            },
+            TokenConfig {
+                identity: "viewer".into(),
+                sha256: sha256_hex("viewer-token"),
+            },
+        ],
+        grants: vec![
+            grant("robot", Role::Write, &["web-*"]),
+            grant("viewer", Role::Read, &["*"]),
+        ],
+    });
     let bridge = start(cfg).await;
     let channel = Channel::from_shared(format!(
         "http://{}",
@@ -272,8 +274,13 @@ async fn tokens_prove_identities_and_grants_limit_them() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_certificates_prove_identities() {
-    let certs =
-        Certs::generate(&["write.example", "read.example", "nobody.example"]).expect("certs");
+    let certs = Certs::generate(&[
+        "write.example",
+        "read.example",
+        "nobody.example",
+        "*.example",
+    ])
+    .expect("certs");
     let dir = tempfile::tempdir().expect("tempdir");
     let (web, _db, mut cfg) = two_vms(dir.path());
     cfg.tls = Some(TlsFiles {
@@ -281,7 +288,8 @@ async fn client_certificates_prove_identities() {
         key: certs.path("server.key"),
         client_ca: Some(certs.path("ca.pem")),
     });
-    cfg.auth.grants = vec![
+    cfg.auth = Some(AuthConfig::default());
+    cfg.auth.as_mut().expect("set").grants = vec![
         grant("write.example", Role::Write, &["*"]),
         grant("read.example", Role::Read, &["*"]),
     ];
@@ -313,11 +321,14 @@ async fn client_certificates_prove_identities() {
         .await
         .expect_err("reader may not write");
     assert_eq!(err.code(), Code::PermissionDenied, "{err}");
-    let err = GuestMemoryClient::new(channel("nobody.example"))
-        .get_memory_blocks(GetMemoryBlocksRequest { vm: "web-1".into() })
-        .await
-        .expect_err("no identity");
-    assert_eq!(err.code(), Code::Unauthenticated, "{err}");
+    // A certificate naming no granted identity, or only a wildcard, proves none.
+    for name in ["nobody.example", "*.example"] {
+        let err = GuestMemoryClient::new(channel(name))
+            .get_memory_blocks(GetMemoryBlocksRequest { vm: "web-1".into() })
+            .await
+            .expect_err("no identity");
+        assert_eq!(err.code(), Code::Unauthenticated, "{name}: {err}");
+    }
 
     // curl with the reader's certificate gets -32010 for a set.
     let rpc = bridge.jsonrpc_addr.expect("TCP listener");

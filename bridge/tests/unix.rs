@@ -15,7 +15,7 @@ use common::config;
 use hyper_util::rt::TokioIo;
 use qga_bridge::{
     Bridge, Config,
-    config::{GrantConfig, Listen, Role},
+    config::{AuthConfig, GrantConfig, Listen, Role},
 };
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::{
@@ -173,7 +173,8 @@ async fn a_unix_peer_is_its_uid_under_auth() {
     let dir = tempfile::tempdir().expect("tempdir");
     let (agent, mut cfg, grpc, _rpc) = unix_config(dir.path());
     let me = rustix::process::geteuid().as_raw();
-    cfg.auth.grants = vec![GrantConfig {
+    cfg.auth = Some(AuthConfig::default());
+    cfg.auth.as_mut().expect("set").grants = vec![GrantConfig {
         identity: format!("uid:{me}"),
         role: Role::Read,
         vms: vec!["*".into()],
