@@ -81,7 +81,7 @@ fn expected(frame: &Frame) -> (bool, Option<Outcome>, Option<Value>, Option<Comm
     let outcome = match &cmd {
         Command::Sync(n) | Command::SyncDelimited(n) => Some(Outcome::Return(json!(n))),
         Command::Ping => Some(Outcome::Return(json!({}))),
-        Command::SetMemoryBlocks(blocks) => Some(Outcome::Return(Value::Array(
+        Command::SetMemoryBlocks(blocks) | Command::SetMemoryBlocksOnlineType { blocks, .. } => Some(Outcome::Return(Value::Array(
             blocks
                 .iter()
                 .map(|&(index, _)| {
@@ -92,6 +92,7 @@ fn expected(frame: &Frame) -> (bool, Option<Outcome>, Option<Value>, Option<Comm
         ))),
         // Like qemu-ga: no memory directory at all lists no blocks.
         Command::GetMemoryBlocks => Some(Outcome::Return(json!([]))),
+        Command::GetMemoryZones => Some(Outcome::Return(json!({"blocks": []}))),
         Command::Info | Command::GetMemoryBlockInfo => None,
     };
     let delimited = matches!(cmd, Command::SyncDelimited(_));

@@ -4,8 +4,10 @@
 //! mistyped member is reported first), then rejects any member left over. The texts are
 //! not a contract for hosts, but matching them keeps our agent a true drop-in.
 
-use qga_wire::QgaError;
+use qga_wire::{QgaError, schema::GuestMemoryOnlineType};
 use serde_json::{Map, Value};
+
+use crate::sysfs::OnlineType;
 
 type Args = Option<Map<String, Value>>;
 
@@ -59,17 +61,51 @@ fn boolean(v: &Value, name: &str) -> Result<bool, QgaError> {
     v.as_bool().ok_or_else(|| invalid_type(name, "boolean"))
 }
 
+/// The `mem-blks` member, shared by both set commands.
+const MEM_BLKS: &str = "mem-blks";
+
+/// The `online-type` member of `__org.qga-bridge_set-memory-blocks`.
+const ONLINE_TYPE: &str = "online-type";
+
 /// `guest-set-memory-blocks`: `{"mem-blks": [{"phys-index": u64, "online": bool,
 /// "can-offline"?: bool}, ...]}` as `(phys-index, online)` pairs; `can-offline` is
 /// checked for type and otherwise ignored.
 pub fn mem_blks(args: &Args) -> Result<Vec<(u64, bool)>, QgaError> {
-    const LIST: &str = "mem-blks";
-    let map = args.as_ref().ok_or_else(|| missing(LIST))?;
-    let list = map.get(LIST).ok_or_else(|| missing(LIST))?;
-    let list = list.as_array().ok_or_else(|| invalid_type(LIST, "array"))?;
+    let map = args.as_ref().ok_or_else(|| missing(MEM_BLKS))?;
+    let blocks = mem_blks_member(map)?;
+    reject_unknown(map, &[MEM_BLKS], "")?;
+    Ok(blocks)
+}
+
+/// `__org.qga-bridge_set-memory-blocks`: `{"mem-blks": [...], "online-type": "online" |
+/// "online_movable" | "online_kernel"}`, both required, checked in that (schema) order and
+/// worded as QAPI's input visitor words a bad enum value.
+pub fn mem_blks_online_type(args: &Args) -> Result<(Vec<(u64, bool)>, OnlineType), QgaError> {
+    let map = args.as_ref().ok_or_else(|| missing(MEM_BLKS))?;
+    let blocks = mem_blks_member(map)?;
+    let word = map.get(ONLINE_TYPE).ok_or_else(|| missing(ONLINE_TYPE))?;
+    let word = word
+        .as_str()
+        .ok_or_else(|| invalid_type(ONLINE_TYPE, "string"))?;
+    let online_type = GuestMemoryOnlineType::parse(word).ok_or_else(|| {
+        QgaError::generic(format!(
+            "Parameter '{ONLINE_TYPE}' does not accept value '{word}'"
+        ))
+    })?;
+    reject_unknown(map, &[MEM_BLKS, ONLINE_TYPE], "")?;
+    Ok((blocks, online_type.into()))
+}
+
+/// The `mem-blks` list of `map` as `(phys-index, online)` pairs; the caller rejects
+/// members it does not know.
+fn mem_blks_member(map: &Map<String, Value>) -> Result<Vec<(u64, bool)>, QgaError> {
+    let list = map.get(MEM_BLKS).ok_or_else(|| missing(MEM_BLKS))?;
+    let list = list
+        .as_array()
+        .ok_or_else(|| invalid_type(MEM_BLKS, "array"))?;
     let mut out = Vec::with_capacity(list.len());
     for (i, entry) in list.iter().enumerate() {
-        let at = format!("{LIST}[{i}]");
+        let at = format!("{MEM_BLKS}[{i}]");
         let obj = entry
             .as_object()
             .ok_or_else(|| invalid_type(&at, "object"))?;
@@ -90,7 +126,6 @@ pub fn mem_blks(args: &Args) -> Result<Vec<(u64, bool)>, QgaError> {
         )?;
         out.push((index, online));
     }
-    reject_unknown(map, &[LIST], "")?;
     Ok(out)
 }
 
@@ -147,6 +182,59 @@ mod tests {
             ))
             .ok(),
             Some(vec![(u64::MAX, false)])
+        );
+    }
+
+    #[test]
+    fn mem_blks_online_type_rules() {
+        let parse = |v: Value| mem_blks_online_type(&args(v));
+        assert_eq!(
+            desc(mem_blks_online_type(&None)),
+            "Parameter 'mem-blks' is missing"
+        );
+        assert_eq!(
+            desc(parse(json!({"mem-blks": []}))),
+            "Parameter 'online-type' is missing"
+        );
+        // Schema order: `mem-blks` is checked before `online-type`.
+        assert_eq!(
+            desc(parse(
+                json!({"mem-blks": [{"phys-index": 1}], "online-type": "bogus"})
+            )),
+            "Parameter 'mem-blks[0].online' is missing"
+        );
+        assert_eq!(
+            desc(parse(json!({"mem-blks": [], "online-type": "movable"}))),
+            "Parameter 'online-type' does not accept value 'movable'"
+        );
+        assert_eq!(
+            desc(parse(json!({"mem-blks": [], "online-type": 1}))),
+            "Invalid parameter type for 'online-type', expected: string"
+        );
+        assert_eq!(
+            desc(parse(
+                json!({"mem-blks": [], "online-type": "online", "zzz": 1})
+            )),
+            "Parameter 'zzz' is unexpected"
+        );
+        for (word, t) in [
+            ("online", OnlineType::Online),
+            ("online_movable", OnlineType::OnlineMovable),
+            ("online_kernel", OnlineType::OnlineKernel),
+        ] {
+            assert_eq!(
+                parse(json!({"mem-blks": [{"phys-index": 7, "online": true}],
+                             "online-type": word}))
+                .ok(),
+                Some((vec![(7, true)], t))
+            );
+        }
+        // The standard command knows no `online-type`.
+        assert_eq!(
+            desc(mem_blks(&args(
+                json!({"mem-blks": [], "online-type": "online"})
+            ))),
+            "Parameter 'online-type' is unexpected"
         );
     }
 

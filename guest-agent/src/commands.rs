@@ -1,5 +1,10 @@
 //! Command dispatch: one request in, its encoded reply out.
 //!
+//! Besides QGA's commands the agent implements two QAPI downstream extensions (see
+//! `qga_wire::schema`): `__org.qga-bridge_get-memory-zones` and
+//! `__org.qga-bridge_set-memory-blocks`. They are listed after the standard commands in
+//! `guest-info` and `-b help`, and `--block-rpcs`/`--allow-rpcs` apply to them by name.
+//!
 //! Replies are serialised straight from the schema types into the output buffer, so a
 //! reply for tens of thousands of blocks never exists as a `serde_json::Value` tree.
 
@@ -35,11 +40,16 @@ pub enum CommandName {
     SetMemoryBlocks,
     /// `guest-get-memory-block-info`.
     GetMemoryBlockInfo,
+    /// `__org.qga-bridge_get-memory-zones` (extension).
+    GetMemoryZones,
+    /// `__org.qga-bridge_set-memory-blocks` (extension).
+    SetMemoryBlocksOnlineType,
 }
 
 impl CommandName {
-    /// Every command, in the order `guest-info` and `-b help` list them.
-    pub const ALL: [Self; 7] = [
+    /// Every command, in the order `guest-info` and `-b help` list them: QGA's own first,
+    /// then the downstream extensions.
+    pub const ALL: [Self; 9] = [
         Self::SyncDelimited,
         Self::Sync,
         Self::Ping,
@@ -47,6 +57,8 @@ impl CommandName {
         Self::GetMemoryBlocks,
         Self::SetMemoryBlocks,
         Self::GetMemoryBlockInfo,
+        Self::GetMemoryZones,
+        Self::SetMemoryBlocksOnlineType,
     ];
 
     /// The name on the wire.
@@ -59,7 +71,15 @@ impl CommandName {
             Self::GetMemoryBlocks => command::GET_MEMORY_BLOCKS,
             Self::SetMemoryBlocks => command::SET_MEMORY_BLOCKS,
             Self::GetMemoryBlockInfo => command::GET_MEMORY_BLOCK_INFO,
+            Self::GetMemoryZones => command::GET_MEMORY_ZONES,
+            Self::SetMemoryBlocksOnlineType => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
         }
+    }
+
+    /// Whether this is one of our QAPI downstream extensions (`__org.qga-bridge_*`), which
+    /// the reference agent does not have.
+    pub fn is_extension(self) -> bool {
+        matches!(self, Self::GetMemoryZones | Self::SetMemoryBlocksOnlineType)
     }
 
     /// The command called `name`, if we implement it.
@@ -85,6 +105,16 @@ pub enum Command {
     SetMemoryBlocks(Vec<(u64, bool)>),
     /// `guest-get-memory-block-info`.
     GetMemoryBlockInfo,
+    /// `__org.qga-bridge_get-memory-zones`.
+    GetMemoryZones,
+    /// `__org.qga-bridge_set-memory-blocks`: `guest-set-memory-blocks` writing
+    /// `online_type` instead of the configured `--online-type`.
+    SetMemoryBlocksOnlineType {
+        /// The `(phys-index, online)` entries, in order.
+        blocks: Vec<(u64, bool)>,
+        /// What to write to bring a block online.
+        online_type: OnlineType,
+    },
 }
 
 impl Command {
@@ -114,6 +144,14 @@ impl Command {
             CommandName::GetMemoryBlocks => args::none(args).map(|()| Self::GetMemoryBlocks)?,
             CommandName::GetMemoryBlockInfo => {
                 args::none(args).map(|()| Self::GetMemoryBlockInfo)?
+            }
+            CommandName::GetMemoryZones => args::none(args).map(|()| Self::GetMemoryZones)?,
+            CommandName::SetMemoryBlocksOnlineType => {
+                let (blocks, online_type) = args::mem_blks_online_type(args)?;
+                Self::SetMemoryBlocksOnlineType {
+                    blocks,
+                    online_type,
+                }
             }
         })
     }
@@ -228,6 +266,16 @@ impl Agent {
                 let size = self.tree.block_size().map_err(generic)?;
                 encode_ok(out, &GuestMemoryBlockInfo { size }, id);
             }
+            Command::GetMemoryZones => encode_ok(out, &self.tree.zones().map_err(generic)?, id),
+            Command::SetMemoryBlocksOnlineType {
+                blocks,
+                online_type,
+            } => {
+                let results = self
+                    .tree
+                    .set_blocks(&blocks, online_type, self.writer.as_ref());
+                encode_ok(out, &results, id);
+            }
         }
         Ok(())
     }
@@ -323,5 +371,280 @@ mod tests {
             Command::parse("guest-info", &None, &filter).ok(),
             Some(Command::Info)
         );
+    }
+
+    /// The extensions on a fake sysfs tree, through [`Agent::handle`].
+    mod extensions {
+        use std::fs;
+
+        use qga_testkit::FakeSysfs;
+        use serde_json::json;
+
+        use super::*;
+
+        const ZONES: &str = command::GET_MEMORY_ZONES;
+        const SET: &str = command::SET_MEMORY_BLOCKS_ONLINE_TYPE;
+
+        fn agent(tree: &FakeSysfs, filter: CommandFilter) -> Agent {
+            Agent::new(MemoryTree::new(tree.root()), OnlineType::Online, filter)
+        }
+
+        /// Sends `{"execute": name, "arguments": args}` and returns the one reply.
+        fn call(agent: &Agent, name: &str, args: Option<Value>) -> Value {
+            let mut req = json!({ "execute": name });
+            if let Some(args) = args {
+                req["arguments"] = args;
+            }
+            let req = Request::from_value(req).expect("valid request");
+            let mut out = Vec::new();
+            agent.handle(req, &mut out);
+            assert_eq!(out.last(), Some(&b'\n'), "one reply line");
+            serde_json::from_slice(&out).expect("one JSON reply")
+        }
+
+        fn write(tree: &FakeSysfs, path: &str, text: &str) {
+            let path = tree.root().join(path);
+            if let Some(dir) = path.parent() {
+                fs::create_dir_all(dir).expect("mkdir");
+            }
+            fs::write(path, text).expect("write");
+        }
+
+        fn by_index(reply: &Value) -> Vec<Value> {
+            let mut blocks = reply["return"]["blocks"]
+                .as_array()
+                .expect("blocks")
+                .clone();
+            blocks.sort_by_key(|b| b["phys-index"].as_u64());
+            blocks
+        }
+
+        #[test]
+        fn zones_of_online_and_offline_blocks() {
+            let tree = FakeSysfs::new();
+            tree.block(0, Some("online"), Some("1"))
+                .block(1, Some("online"), Some("1"))
+                .block(32, Some("offline"), Some("1"))
+                .block(33, Some("going-offline"), Some("0"));
+            let mem = "devices/system/memory";
+            write(&tree, &format!("{mem}/memory0/valid_zones"), "DMA\n");
+            write(&tree, &format!("{mem}/memory1/valid_zones"), "none\n");
+            write(
+                &tree,
+                &format!("{mem}/memory32/valid_zones"),
+                "Normal Movable\n",
+            );
+            write(&tree, &format!("{mem}/memory33/valid_zones"), "Movable\n");
+            write(&tree, &format!("{mem}/auto_online_blocks"), "offline\n");
+            let params = "module/memory_hotplug/parameters";
+            write(&tree, &format!("{params}/online_policy"), "auto-movable\n");
+            write(&tree, &format!("{params}/auto_movable_ratio"), "301\n");
+            let reply = call(&agent(&tree, CommandFilter::default()), ZONES, None);
+            assert_eq!(reply["return"]["auto-online-blocks"], "offline");
+            assert_eq!(reply["return"]["online-policy"], "auto-movable");
+            assert_eq!(reply["return"]["auto-movable-ratio"], 301);
+            assert_eq!(
+                by_index(&reply),
+                vec![
+                    json!({"phys-index": 0, "online": true, "valid-zones": ["DMA"],
+                           "removable": true}),
+                    json!({"phys-index": 1, "online": true, "valid-zones": ["none"],
+                           "removable": true}),
+                    json!({"phys-index": 32, "online": false,
+                           "valid-zones": ["Normal", "Movable"], "removable": true}),
+                    json!({"phys-index": 33, "online": false, "valid-zones": ["Movable"],
+                           "removable": false}),
+                ]
+            );
+            // The reply decodes as the schema type the bridge uses.
+            let typed: qga_wire::schema::GuestMemoryZones =
+                serde_json::from_value(reply["return"].clone()).expect("schema type");
+            assert_eq!(typed.blocks.len(), 4);
+        }
+
+        #[test]
+        fn zones_leave_unreadable_members_absent() {
+            let tree = FakeSysfs::new();
+            tree.block(0, Some("online"), None) // no removable, no valid_zones
+                .block(5, None, Some("1")); // no state: online
+            let mem = "devices/system/memory";
+            // Unreadable (a directory), empty, or not a number: absent, not an error.
+            fs::create_dir(tree.memory_dir().join("memory5/valid_zones")).expect("mkdir");
+            write(&tree, &format!("{mem}/auto_online_blocks"), "");
+            let params = "module/memory_hotplug/parameters";
+            write(&tree, &format!("{params}/auto_movable_ratio"), "lots\n");
+            let reply = call(&agent(&tree, CommandFilter::default()), ZONES, None);
+            let members: Vec<&String> = reply["return"]
+                .as_object()
+                .expect("object")
+                .keys()
+                .collect();
+            assert_eq!(members, ["blocks"], "no policy member");
+            assert_eq!(
+                by_index(&reply),
+                vec![
+                    json!({"phys-index": 0, "online": true}),
+                    json!({"phys-index": 5, "online": true, "removable": true}),
+                ]
+            );
+        }
+
+        #[test]
+        fn zones_without_a_memory_tree_or_with_arguments() {
+            let tree = FakeSysfs::new();
+            tree.remove_memory_dir();
+            let params = "module/memory_hotplug/parameters";
+            write(&tree, &format!("{params}/online_policy"), "contig-zones\n");
+            let agent = agent(&tree, CommandFilter::default());
+            assert_eq!(
+                call(&agent, ZONES, None),
+                json!({"return": {"online-policy": "contig-zones", "blocks": []}})
+            );
+            assert_eq!(
+                call(&agent, ZONES, Some(json!({"x": 1}))),
+                json!({"error": {"class": "GenericError",
+                                 "desc": "Parameter 'x' is unexpected"}})
+            );
+            // Like guest-get-memory-blocks: a tree without blocks is an error.
+            fs::create_dir_all(tree.memory_dir()).expect("mkdir");
+            assert_eq!(
+                call(&agent, ZONES, None),
+                call(&agent, command::GET_MEMORY_BLOCKS, None)
+            );
+        }
+
+        #[test]
+        fn set_writes_the_requested_online_type() {
+            for word in ["online", "online_movable", "online_kernel"] {
+                let tree = FakeSysfs::with_blocks(3, "offline");
+                tree.set_state(2, "online");
+                // The configured --online-type (online) does not apply.
+                let agent = agent(&tree, CommandFilter::default());
+                let reply = call(
+                    &agent,
+                    SET,
+                    Some(json!({"mem-blks": [
+                        {"phys-index": 0, "online": true},
+                        {"phys-index": 2, "online": false},
+                        {"phys-index": 9, "online": true},
+                    ], "online-type": word})),
+                );
+                assert_eq!(
+                    reply,
+                    json!({"return": [
+                        {"phys-index": 0, "response": "success"},
+                        {"phys-index": 2, "response": "success"},
+                        {"phys-index": 9, "response": "not-found", "error-code": 2},
+                    ]})
+                );
+                assert_eq!(tree.state(0), word);
+                assert_eq!(tree.state(1), "offline");
+                assert_eq!(tree.state(2), "offline");
+            }
+        }
+
+        #[test]
+        fn set_matches_the_standard_command() {
+            let requests = json!([
+                {"phys-index": 1, "online": true},
+                {"phys-index": 0, "online": false, "can-offline": true},
+                {"phys-index": 5, "online": false},
+                {"phys-index": -1, "online": true},
+            ]);
+            let run = |name: &str, args: Value| {
+                let tree = FakeSysfs::with_blocks(2, "offline");
+                tree.set_state(0, "online").block(5, None, Some("1"));
+                let reply = call(&agent(&tree, CommandFilter::default()), name, Some(args));
+                (reply, tree.state(0), tree.state(1))
+            };
+            assert_eq!(
+                run(SET, json!({"mem-blks": requests, "online-type": "online"})),
+                run(command::SET_MEMORY_BLOCKS, json!({"mem-blks": requests}))
+            );
+        }
+
+        #[test]
+        fn bad_online_type_is_rejected_and_nothing_written() {
+            let tree = FakeSysfs::with_blocks(1, "offline");
+            let agent = agent(&tree, CommandFilter::default());
+            for (online_type, desc) in [
+                (
+                    Some(json!("movable")),
+                    "Parameter 'online-type' does not accept value 'movable'",
+                ),
+                (
+                    Some(json!(true)),
+                    "Invalid parameter type for 'online-type', expected: string",
+                ),
+                (None, "Parameter 'online-type' is missing"),
+            ] {
+                let mut args = json!({"mem-blks": [{"phys-index": 0, "online": true}]});
+                if let Some(t) = online_type {
+                    args["online-type"] = t;
+                }
+                assert_eq!(
+                    call(&agent, SET, Some(args)),
+                    json!({"error": {"class": "GenericError", "desc": desc}})
+                );
+                assert_eq!(tree.state(0), "offline");
+            }
+        }
+
+        #[test]
+        fn listed_in_guest_info_after_the_standard_commands() {
+            let tree = FakeSysfs::with_blocks(1, "online");
+            let reply = call(&agent(&tree, CommandFilter::default()), "guest-info", None);
+            let names: Vec<&str> = reply["return"]["supported_commands"]
+                .as_array()
+                .expect("list")
+                .iter()
+                .filter_map(|c| c["name"].as_str())
+                .collect();
+            assert_eq!(names.len(), CommandName::ALL.len());
+            assert_eq!(&names[names.len() - 2..], [ZONES, SET]);
+            for c in CommandName::ALL {
+                assert_eq!(c.is_extension(), c.name().starts_with("__org.qga-bridge_"));
+            }
+            assert!(
+                CommandName::ALL
+                    .windows(2)
+                    .all(|w| !w[0].is_extension() || w[1].is_extension()),
+                "extensions come last"
+            );
+        }
+
+        #[test]
+        fn blocked_and_allowed_by_name() {
+            let tree = FakeSysfs::with_blocks(1, "offline");
+            let set_args = json!({"mem-blks": [{"phys-index": 0, "online": true}],
+                                  "online-type": "online_movable"});
+            let blocked = agent(
+                &tree,
+                CommandFilter::new(&[ZONES.to_string(), SET.to_string()], None),
+            );
+            for (name, args) in [(ZONES, None), (SET, Some(set_args.clone()))] {
+                assert_eq!(
+                    call(&blocked, name, args),
+                    json!({"error": {"class": "CommandNotFound",
+                                     "desc": format!("Command {name} has been disabled")}})
+                );
+            }
+            assert_eq!(tree.state(0), "offline");
+            let info = blocked.info();
+            for c in &info.supported_commands {
+                assert_eq!(c.enabled, c.name != ZONES && c.name != SET, "{}", c.name);
+            }
+            // An allow list naming one extension enables just that one (and the syncs).
+            let allowed = agent(&tree, CommandFilter::new(&[], Some(&[SET.to_string()])));
+            assert_eq!(
+                call(&allowed, ZONES, None)["error"]["class"],
+                "CommandNotFound"
+            );
+            assert_eq!(
+                call(&allowed, SET, Some(set_args))["return"][0]["response"],
+                "success"
+            );
+            assert_eq!(tree.state(0), "online_movable");
+        }
     }
 }

@@ -8,7 +8,10 @@
 //! - [`transport`]: virtio-serial (no spinning while no host is connected), isa-serial,
 //!   unix-listen and vsock-listen.
 //! - [`server`]: the request loop, one request at a time, a fresh parser per connection.
-//! - [`commands`]: dispatch and reply encoding; [`args`]: argument validation.
+//! - [`commands`]: dispatch and reply encoding; [`args`]: argument validation. Besides
+//!   QGA's commands, two downstream extensions: `__org.qga-bridge_get-memory-zones` (each
+//!   block's zones and the kernel's auto-online policy) and `__org.qga-bridge_set-memory-blocks`
+//!   (onlining with a per-call `online-type`).
 //! - [`sysfs`]: the memory-block tree: a fast parallel scan and ordered state writes.
 
 pub mod args;

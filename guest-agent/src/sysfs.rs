@@ -5,6 +5,12 @@
 //! block, no heap allocation per block. Large trees are scanned on every core: sysfs
 //! reads are kernel work that parallelises well. Writes open the block directory once
 //! and work relative to it.
+//!
+//! [`MemoryTree::zones`] serves the `__org.qga-bridge_get-memory-zones` extension: the same
+//! block scan, plus each block's `valid_zones` and the kernel's auto-online policy
+//! (`auto_online_blocks` in the tree, `online_policy` and `auto_movable_ratio` under
+//! `module/memory_hotplug/parameters` of the same sysfs root). Zones are what tell a host
+//! whether a block can ever be offlined: `removable` reads 1 for every block since Linux 5.7.
 
 use std::{
     io,
@@ -12,7 +18,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use qga_wire::schema::{GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType};
+use qga_wire::schema::{
+    GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType,
+    GuestMemoryBlockZones, GuestMemoryOnlineType, GuestMemoryZones,
+};
 use rustix::{
     fs::{Dir, FileType, Mode, OFlags},
     io::Errno,
@@ -20,6 +29,18 @@ use rustix::{
 
 /// Trees with fewer blocks than this are scanned on the calling thread.
 const PARALLEL_THRESHOLD: usize = 1024;
+
+/// The memory-hotplug module's parameters (`online_policy`, `auto_movable_ratio`),
+/// relative to the sysfs root.
+const PARAMS_DIR: &str = "module/memory_hotplug/parameters";
+
+/// Bytes read of `valid_zones`. The kernel prints at most a few zone names
+/// (`DMA32 Normal Movable`); a file filling the buffer is taken as unreadable rather than
+/// reported cut short.
+const ZONES_BUF: usize = 128;
+
+/// Bytes read of the one-word policy attributes (`online_movable`, `auto-movable`, `301`).
+const WORD_BUF: usize = 32;
 
 /// What is written to a block's `state` file to bring it online: the kernel's own words.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -55,6 +76,16 @@ impl OnlineType {
             "online_movable" => Some(Self::OnlineMovable),
             "online_kernel" => Some(Self::OnlineKernel),
             _ => None,
+        }
+    }
+}
+
+impl From<GuestMemoryOnlineType> for OnlineType {
+    fn from(t: GuestMemoryOnlineType) -> Self {
+        match t {
+            GuestMemoryOnlineType::Online => Self::Online,
+            GuestMemoryOnlineType::OnlineMovable => Self::OnlineMovable,
+            GuestMemoryOnlineType::OnlineKernel => Self::OnlineKernel,
         }
     }
 }
@@ -175,10 +206,12 @@ impl StateWriter for KernelWriter {
     }
 }
 
-/// The memory-block directory under a sysfs root.
+/// The memory-block directory under a sysfs root, and the memory-hotplug module's
+/// parameters under the same root.
 #[derive(Debug, Clone)]
 pub struct MemoryTree {
     dir: PathBuf,
+    params: PathBuf,
 }
 
 impl MemoryTree {
@@ -186,12 +219,19 @@ impl MemoryTree {
     pub fn new(sysfs_root: &Path) -> Self {
         Self {
             dir: sysfs_root.join("devices/system/memory"),
+            params: sysfs_root.join(PARAMS_DIR),
         }
     }
 
     /// `/…/devices/system/memory`.
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// `/…/module/memory_hotplug/parameters`, where `online_policy` and
+    /// `auto_movable_ratio` live.
+    pub fn params_dir(&self) -> &Path {
+        &self.params
     }
 
     /// Bytes per block: `block_size_bytes` read as C's `strtol(text, NULL, 16)` would.
@@ -212,11 +252,22 @@ impl MemoryTree {
 
     /// Opens the memory directory (`O_RDONLY | O_DIRECTORY`, trailing slash, like opendir).
     fn open_dir(&self) -> Result<OwnedFd, Errno> {
-        rustix::fs::open(
-            self.dir.join(""),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
+        open_directory(&self.dir)
+    }
+
+    /// Opens the memory directory and lists its blocks, in directory order: `None` when
+    /// there is no tree at all, an error when it cannot be listed or holds no block.
+    fn list(&self) -> Result<Option<(OwnedFd, Vec<u64>)>, SysfsError> {
+        let dirfd = match self.open_dir() {
+            Ok(fd) => fd,
+            Err(Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(SysfsError::ListDir(e)),
+        };
+        let indices = block_indices(&dirfd)?;
+        if indices.is_empty() {
+            return Err(SysfsError::NoBlocks);
+        }
+        Ok(Some((dirfd, indices)))
     }
 
     /// Every block, in directory order. A missing tree is an empty list; a tree without
@@ -225,15 +276,9 @@ impl MemoryTree {
     /// Directory names whose suffix is not a decimal number are skipped (the reference
     /// reports them as phys-index 0).
     pub fn blocks(&self) -> Result<Vec<GuestMemoryBlock>, SysfsError> {
-        let dirfd = match self.open_dir() {
-            Ok(fd) => fd,
-            Err(Errno::NOENT) => return Ok(Vec::new()),
-            Err(e) => return Err(SysfsError::ListDir(e)),
+        let Some((dirfd, indices)) = self.list()? else {
+            return Ok(Vec::new());
         };
-        let indices = block_indices(&dirfd)?;
-        if indices.is_empty() {
-            return Err(SysfsError::NoBlocks);
-        }
         let mut out = vec![
             GuestMemoryBlock {
                 phys_index: 0,
@@ -242,25 +287,46 @@ impl MemoryTree {
             };
             indices.len()
         ];
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        if indices.len() < PARALLEL_THRESHOLD || threads < 2 {
-            read_blocks(dirfd.as_fd(), &indices, &mut out)?;
-        } else {
-            let chunk = indices.len().div_ceil(threads);
-            let dirfd = dirfd.as_fd();
-            std::thread::scope(|s| {
-                let workers: Vec<_> = indices
-                    .chunks(chunk)
-                    .zip(out.chunks_mut(chunk))
-                    .map(|(idx, dst)| s.spawn(move || read_blocks(dirfd, idx, dst)))
-                    .collect();
-                // In chunk order, so the error reported is the first in directory order.
-                workers
-                    .into_iter()
-                    .try_for_each(|w| w.join().unwrap_or(Err(SysfsError::ScanPanicked)))
-            })?;
-        }
+        scan(dirfd.as_fd(), &indices, &mut out, read_block)?;
         Ok(out)
+    }
+
+    /// The `__org.qga-bridge_get-memory-zones` reply: every block of [`Self::blocks`]
+    /// (same set, same order, same errors when a block's `state` cannot be read) with its
+    /// `valid_zones` and `removable`, plus the kernel's auto-online policy.
+    ///
+    /// Everything beyond `state` is informational: a missing or unreadable attribute
+    /// leaves its member absent instead of failing the command.
+    pub fn zones(&self) -> Result<GuestMemoryZones, SysfsError> {
+        let mut zones = GuestMemoryZones {
+            auto_online_blocks: None,
+            online_policy: None,
+            auto_movable_ratio: None,
+            blocks: Vec::new(),
+        };
+        if let Some((dirfd, indices)) = self.list()? {
+            zones.blocks = vec![
+                GuestMemoryBlockZones {
+                    phys_index: 0,
+                    online: false,
+                    valid_zones: None,
+                    removable: None,
+                };
+                indices.len()
+            ];
+            scan(dirfd.as_fd(), &indices, &mut zones.blocks, read_block_zones)?;
+            let mut buf = [0u8; WORD_BUF];
+            zones.auto_online_blocks = read_text(dirfd.as_fd(), "auto_online_blocks", &mut buf)
+                .map(|t| t.trim().to_string());
+        }
+        if let Ok(params) = open_directory(&self.params) {
+            let mut buf = [0u8; WORD_BUF];
+            zones.online_policy =
+                read_text(params.as_fd(), "online_policy", &mut buf).map(|t| t.trim().to_string());
+            zones.auto_movable_ratio = read_text(params.as_fd(), "auto_movable_ratio", &mut buf)
+                .and_then(|t| t.trim().parse().ok());
+        }
+        Ok(zones)
     }
 
     /// Brings each requested block online or offline, in order, one result per entry.
@@ -292,6 +358,52 @@ impl MemoryTree {
             .map(|&(index, online)| set_block(dirfd.as_fd(), index, online, online_type, writer))
             .collect()
     }
+}
+
+/// Opens directory `path` (`O_RDONLY | O_DIRECTORY`, trailing slash, like opendir).
+fn open_directory(path: &Path) -> Result<OwnedFd, Errno> {
+    rustix::fs::open(
+        path.join(""),
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )
+}
+
+/// Runs `read` for each block of `indices` into the matching slot of `out` (same length),
+/// on the calling thread for small trees and on every core for large ones. The error
+/// returned is the first in directory order.
+fn scan<T, F>(
+    dirfd: BorrowedFd<'_>,
+    indices: &[u64],
+    out: &mut [T],
+    read: F,
+) -> Result<(), SysfsError>
+where
+    T: Send,
+    F: Fn(BorrowedFd<'_>, u64, &mut T) -> Result<(), SysfsError> + Sync,
+{
+    let run = |idx: &[u64], dst: &mut [T]| {
+        idx.iter()
+            .zip(dst.iter_mut())
+            .try_for_each(|(&index, slot)| read(dirfd, index, slot))
+    };
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if indices.len() < PARALLEL_THRESHOLD || threads < 2 {
+        return run(indices, out);
+    }
+    let chunk = indices.len().div_ceil(threads);
+    let run = &run;
+    std::thread::scope(|s| {
+        let workers: Vec<_> = indices
+            .chunks(chunk)
+            .zip(out.chunks_mut(chunk))
+            .map(|(idx, dst)| s.spawn(move || run(idx, dst)))
+            .collect();
+        // In chunk order, so the error reported is the first in directory order.
+        workers
+            .into_iter()
+            .try_for_each(|w| w.join().unwrap_or(Err(SysfsError::ScanPanicked)))
+    })
 }
 
 /// The N of every `memoryN` entry the reference takes for a block directory, in directory
@@ -368,50 +480,97 @@ fn set_block(
     }
 }
 
-/// Reads `state` and `removable` of each block in `indices` into `out` (same length).
+/// Reads block `index`'s `state` and `removable` into `slot`, as `guest-get-memory-blocks`
+/// reports them.
 ///
 /// Each file is opened straight from the tree's directory (`memoryN/state`): two opens,
-/// two reads and two closes per block, the fewest syscalls the sysfs ABI allows. Only
-/// when that fails is the block directory opened on its own, because the reference opens
-/// it first and reports its failure instead.
-fn read_blocks(
+/// two reads and two closes per block, the fewest syscalls the sysfs ABI allows.
+fn read_block(
     dirfd: BorrowedFd<'_>,
-    indices: &[u64],
-    out: &mut [GuestMemoryBlock],
+    index: u64,
+    slot: &mut GuestMemoryBlock,
 ) -> Result<(), SysfsError> {
+    slot.phys_index = index;
+    let mut name = NameBuf::new();
+    let Some(online) = read_online(dirfd, index, &mut name)? else {
+        // Old kernels without `state`: always online and never removable.
+        slot.online = true;
+        slot.can_offline = Some(false);
+        return Ok(());
+    };
+    slot.online = online;
+    let mut byte = [0u8; 1];
+    slot.can_offline = match read_attr(dirfd, name.block(index, "/removable"), &mut byte) {
+        Ok(r) => Some(r != b"0"),
+        Err(err) if err.is_missing() => Some(false),
+        Err(err) => {
+            return Err(SysfsError::Read {
+                file: "removable",
+                err,
+            });
+        }
+    };
+    Ok(())
+}
+
+/// Reads block `index`'s `state`, `removable` and `valid_zones` into `slot`. `state` is
+/// read (and fails) exactly as for `guest-get-memory-blocks`; the other two are absent
+/// when they cannot be read.
+fn read_block_zones(
+    dirfd: BorrowedFd<'_>,
+    index: u64,
+    slot: &mut GuestMemoryBlockZones,
+) -> Result<(), SysfsError> {
+    slot.phys_index = index;
+    let mut name = NameBuf::new();
+    // Old kernels without `state`: always online.
+    slot.online = read_online(dirfd, index, &mut name)?.unwrap_or(true);
+    let mut byte = [0u8; 1];
+    slot.removable = read_attr(dirfd, name.block(index, "/removable"), &mut byte)
+        .ok()
+        .map(|r| r != b"0");
+    let mut buf = [0u8; ZONES_BUF];
+    slot.valid_zones = read_text(dirfd, name.block(index, "/valid_zones"), &mut buf)
+        .map(|text| text.split_ascii_whitespace().map(String::from).collect());
+    Ok(())
+}
+
+/// Whether block `index` is online, from its `state`; `None` when the kernel has no
+/// `state` file (then the block is always online and cannot be changed).
+///
+/// Only when reading `state` fails is the block directory opened on its own, because the
+/// reference opens it first and reports its failure instead.
+fn read_online(
+    dirfd: BorrowedFd<'_>,
+    index: u64,
+    name: &mut NameBuf,
+) -> Result<Option<bool>, SysfsError> {
     let mut buf = [0u8; 10];
-    for (&index, slot) in indices.iter().zip(out.iter_mut()) {
-        slot.phys_index = index;
-        let mut name = NameBuf::new();
-        match read_attr(dirfd, name.block(index, "/state"), &mut buf) {
-            Ok(state) => slot.online = state.starts_with(b"online"),
-            Err(err) => {
-                open_block(dirfd, index).map_err(|errno| SysfsError::OpenDir {
-                    name: format!("memory{}/", index as i64),
-                    errno,
-                })?;
-                if !err.is_missing() {
-                    return Err(SysfsError::Read { file: "state", err });
-                }
-                // Old kernels without `state`: always online and never removable.
-                slot.online = true;
-                slot.can_offline = Some(false);
-                continue;
+    match read_attr(dirfd, name.block(index, "/state"), &mut buf) {
+        Ok(state) => Ok(Some(state.starts_with(b"online"))),
+        Err(err) => {
+            open_block(dirfd, index).map_err(|errno| SysfsError::OpenDir {
+                name: format!("memory{}/", index as i64),
+                errno,
+            })?;
+            if err.is_missing() {
+                Ok(None)
+            } else {
+                Err(SysfsError::Read { file: "state", err })
             }
         }
-        let mut byte = [0u8; 1];
-        slot.can_offline = match read_attr(dirfd, name.block(index, "/removable"), &mut byte) {
-            Ok(r) => Some(r != b"0"),
-            Err(err) if err.is_missing() => Some(false),
-            Err(err) => {
-                return Err(SysfsError::Read {
-                    file: "removable",
-                    err,
-                });
-            }
-        };
     }
-    Ok(())
+}
+
+/// The text of a small informational attribute, or `None` when it cannot be read, is
+/// empty, is not UTF-8, or fills `buf` (then it may have been cut short).
+fn read_text<'b>(dirfd: BorrowedFd<'_>, path: &str, buf: &'b mut [u8]) -> Option<&'b str> {
+    let len = buf.len();
+    let text = read_attr(dirfd, path, buf).ok()?;
+    if text.len() >= len {
+        return None;
+    }
+    std::str::from_utf8(text).ok()
 }
 
 /// Reads at most `buf.len()` bytes from the start of `path` (relative to `dirfd`), as
@@ -587,5 +746,22 @@ mod tests {
             assert_eq!(OnlineType::parse(t.as_str()), Some(t));
         }
         assert_eq!(OnlineType::parse("movable"), None);
+    }
+
+    #[test]
+    fn wire_online_types_write_the_same_words() {
+        for t in GuestMemoryOnlineType::ALL {
+            assert_eq!(OnlineType::from(t).as_str(), t.as_str());
+        }
+    }
+
+    #[test]
+    fn params_live_under_the_same_root() {
+        let tree = MemoryTree::new(Path::new("/x"));
+        assert_eq!(tree.dir(), Path::new("/x/devices/system/memory"));
+        assert_eq!(
+            tree.params_dir(),
+            Path::new("/x/module/memory_hotplug/parameters")
+        );
     }
 }

@@ -482,6 +482,108 @@ fn framing_delimiters_and_recovery() {
     );
 }
 
+/// The `__org.qga-bridge_*` extensions over the real socket: zones of a tree large enough
+/// to be scanned in parallel, a set with a per-call online type, filtering and listing.
+#[test]
+fn zone_extensions() {
+    const ZONES: &str = "__org.qga-bridge_get-memory-zones";
+    const SET: &str = "__org.qga-bridge_set-memory-blocks";
+    let tree = FakeSysfs::with_blocks(1500, "online");
+    tree.set_state(1200, "offline").set_state(1201, "offline");
+    for i in 0..1500 {
+        let zones = if i < 1200 {
+            "Normal\n"
+        } else {
+            "Normal Movable\n"
+        };
+        fs::write(
+            tree.memory_dir().join(format!("memory{i}/valid_zones")),
+            zones,
+        )
+        .expect("write zones");
+    }
+    fs::write(tree.memory_dir().join("auto_online_blocks"), "offline\n").expect("write");
+    let (_agent, mut c) = start(&tree, &["--online-type", "online_kernel"]);
+    let zones = ret(c.execute(ZONES, None).expect("reply"));
+    assert_eq!(zones["auto-online-blocks"], "offline");
+    assert!(zones.get("online-policy").is_none() && zones.get("auto-movable-ratio").is_none());
+    let blocks = sorted_blocks(zones["blocks"].clone());
+    assert_eq!(blocks.len(), 1500);
+    assert_eq!(
+        blocks[7],
+        json!({"phys-index": 7, "online": true, "valid-zones": ["Normal"], "removable": true})
+    );
+    assert_eq!(
+        blocks[1201],
+        json!({"phys-index": 1201, "online": false, "valid-zones": ["Normal", "Movable"],
+               "removable": true})
+    );
+    // Same set as guest-get-memory-blocks.
+    let listed = sorted_blocks(ret(c
+        .execute("guest-get-memory-blocks", None)
+        .expect("reply")));
+    assert!(
+        listed
+            .iter()
+            .zip(&blocks)
+            .all(|(l, z)| l["phys-index"] == z["phys-index"] && l["online"] == z["online"])
+    );
+
+    // The per-call online type wins over --online-type; the standard command keeps it.
+    let r = ret(c
+        .execute(
+            SET,
+            Some(json!({"mem-blks": [{"phys-index": 1200, "online": true}],
+                        "online-type": "online_movable"})),
+        )
+        .expect("reply"));
+    assert_eq!(r, json!([{"phys-index": 1200, "response": "success"}]));
+    assert_eq!(tree.state(1200), "online_movable");
+    set(&mut c, json!([{"phys-index": 1201, "online": true}]));
+    assert_eq!(tree.state(1201), "online_kernel");
+    let bad = c
+        .execute(
+            SET,
+            Some(json!({"mem-blks": [{"phys-index": 5, "online": false}],
+                        "online-type": "movable"})),
+        )
+        .expect("reply");
+    assert_eq!(
+        error(&bad),
+        (
+            "GenericError",
+            "Parameter 'online-type' does not accept value 'movable'"
+        )
+    );
+    assert_eq!(tree.state(5), "online");
+
+    // Listed after the standard commands; blocked by name like them.
+    let info = ret(c.execute("guest-info", None).expect("reply"));
+    let names: Vec<&str> = info["supported_commands"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter_map(|c| c["name"].as_str())
+        .collect();
+    assert_eq!(&names[names.len() - 2..], [ZONES, SET]);
+    let (_agent2, mut c2) = start(&tree, &["-b", &format!("{ZONES},{SET}")]);
+    for name in [ZONES, SET] {
+        assert_eq!(
+            error(&c2.execute(name, None).expect("reply")),
+            (
+                "CommandNotFound",
+                format!("Command {name} has been disabled").as_str()
+            )
+        );
+    }
+    let out = std::process::Command::new(qga_testkit::bin_path("qga-agent"))
+        .args(["-b", "help"])
+        .output()
+        .expect("run");
+    let list = String::from_utf8_lossy(&out.stdout);
+    assert!(list.lines().rev().take(2).eq([SET, ZONES]), "{list}");
+}
+
 #[test]
 fn flags_of_qemu_ga_are_accepted() {
     let bin = qga_testkit::bin_path("qga-agent");

@@ -21,7 +21,8 @@ enum Divergence {
     /// With `state` missing and `online: true`, the reference answers `success` plus a
     /// stale `error-code: 2`; the schema says error-code is omitted on success.
     NoErrorCodeOnSuccess,
-    /// `guest-info`: our version, and only the commands we implement.
+    /// `guest-info`: our version, and only the commands we implement, plus our QAPI
+    /// downstream extensions (`__org.qga-bridge_*`, listed last), which the reference lacks.
     InfoListsOurCommands,
     /// `guest-set-memory-blocks` when the memory directory exists but cannot be opened
     /// (ENOTDIR, ELOOP, EMFILE...): the reference leaves each result at `success` (with
@@ -197,11 +198,24 @@ fn queries_and_housekeeping_match() {
     assert_eq!((lo[0], lr[0]), (0xFF, 0xFF));
     let parse = |l: &[u8]| serde_json::from_slice::<Value>(&l[1..]).expect("json after 0xFF");
     assert_eq!(parse(&lo), parse(&lr));
-    // guest-info: every command we implement is listed the same way by the reference.
+    // guest-info: every standard command we implement is listed the same way by the
+    // reference; our extensions only by us.
     let _ = Divergence::InfoListsOurCommands;
     let oi = o.execute("guest-info", None).expect("reply");
     let ri = r.execute("guest-info", None).expect("reply");
-    for cmd in oi["return"]["supported_commands"].as_array().expect("list") {
+    let ours = oi["return"]["supported_commands"].as_array().expect("list");
+    let (extensions, standard): (Vec<&Value>, Vec<&Value>) = ours.iter().partition(|c| {
+        c["name"]
+            .as_str()
+            .is_some_and(|n| n.starts_with("__org.qga-bridge_"))
+    });
+    assert_eq!(extensions.len(), 2, "{oi}");
+    for cmd in extensions {
+        let name = cmd["name"].as_str().unwrap_or_default();
+        let reply = r.execute(name, None).expect("reply");
+        assert_eq!(reply["error"]["class"], "CommandNotFound", "{reply}");
+    }
+    for cmd in standard {
         let theirs = ri["return"]["supported_commands"]
             .as_array()
             .and_then(|l| l.iter().find(|c| c["name"] == cmd["name"]))

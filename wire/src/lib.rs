@@ -10,7 +10,8 @@
 //!   into JSON values, reports `0xFF` and malformed input as frames, and bounds memory.
 //! - [`message`]: requests (as hosts send them, and as agents validate them), replies and
 //!   error classes.
-//! - [`schema`]: the QAPI types of the memory-block commands and of `guest-info`.
+//! - [`schema`]: the QAPI types of the memory-block commands, of `guest-info` and of
+//!   `qga-agent`'s zone extensions (`__org.qga-bridge_*`).
 //! - [`strict`]: JSON parsing that, like QEMU, rejects duplicate object keys.
 
 pub mod codec;

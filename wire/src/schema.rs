@@ -3,6 +3,15 @@
 //! The memory-block types come from QEMU's `qga/qapi-schema.json` (QEMU 2.3+). Note the
 //! mixed spelling of `guest-info`: `supported_commands` has an underscore while
 //! `success-response` has a hyphen; both are what the reference agent sends.
+//!
+//! Besides QGA's own commands, `qga-agent` implements two QAPI downstream extensions,
+//! named by QAPI's convention `__RFQDN_name` with the reverse domain `org.qga-bridge`:
+//! [`command::GET_MEMORY_ZONES`] and [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`]. They exist
+//! because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
+//! block since Linux 5.7: only a block's zone tells whether it can ever be offlined and its
+//! DIMM unplugged, and only the word written to `state` decides that zone. The standard
+//! commands are unchanged, so a host that knows nothing of the extensions sees a plain QGA
+//! agent.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +31,15 @@ pub mod command {
     pub const SET_MEMORY_BLOCKS: &str = "guest-set-memory-blocks";
     /// `guest-get-memory-block-info` -> [`GuestMemoryBlockInfo`](super::GuestMemoryBlockInfo).
     pub const GET_MEMORY_BLOCK_INFO: &str = "guest-get-memory-block-info";
+    /// Downstream extension: `__org.qga-bridge_get-memory-zones` (no arguments) ->
+    /// [`GuestMemoryZones`](super::GuestMemoryZones): the kernel's auto-online settings and
+    /// each block's zones.
+    pub const GET_MEMORY_ZONES: &str = "__org.qga-bridge_get-memory-zones";
+    /// Downstream extension: `__org.qga-bridge_set-memory-blocks`
+    /// [`{"mem-blks": [...], "online-type": ...}`](super::GuestSetMemoryBlocksOnlineTypeArgs)
+    /// -> `[GuestMemoryBlockResponse]`: `guest-set-memory-blocks` with the zone chosen per
+    /// call instead of by the agent's configuration.
+    pub const SET_MEMORY_BLOCKS_ONLINE_TYPE: &str = "__org.qga-bridge_set-memory-blocks";
 }
 
 /// One memory block: `{"phys-index": N, "online": BOOL, "can-offline": BOOL}`.
@@ -80,6 +98,95 @@ pub struct GuestMemoryBlockInfo {
 pub struct GuestSetMemoryBlocksArgs {
     /// The blocks to change, processed in order.
     pub mem_blks: Vec<GuestMemoryBlock>,
+}
+
+/// How to bring a block online: the word written to its `state` file, which decides the
+/// zone it joins (the kernel's own spelling, with underscores).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GuestMemoryOnlineType {
+    /// `online`: the kernel picks the zone; hot-added memory usually lands in ZONE_NORMAL,
+    /// where unmovable kernel pages soon stop it from being offlined again.
+    Online,
+    /// `online_movable`: ZONE_MOVABLE, so the block can later be offlined and its DIMM
+    /// unplugged; the kernel cannot use it for its own (unmovable) allocations.
+    OnlineMovable,
+    /// `online_kernel`: ZONE_NORMAL explicitly: usable for everything, rarely removable.
+    OnlineKernel,
+}
+
+impl GuestMemoryOnlineType {
+    /// Every value, in schema order.
+    pub const ALL: [Self; 3] = [Self::Online, Self::OnlineMovable, Self::OnlineKernel];
+
+    /// The word on the wire, which is also the word written to `state`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Online => "online",
+            Self::OnlineMovable => "online_movable",
+            Self::OnlineKernel => "online_kernel",
+        }
+    }
+
+    /// The value spelled `word`, if any.
+    pub fn parse(word: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|t| t.as_str() == word)
+    }
+}
+
+/// Arguments of `__org.qga-bridge_set-memory-blocks`: those of `guest-set-memory-blocks`
+/// plus the word to write when onlining.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestSetMemoryBlocksOnlineTypeArgs {
+    /// The blocks to change, processed in order, exactly as for `guest-set-memory-blocks`.
+    pub mem_blks: Vec<GuestMemoryBlock>,
+    /// Written to `state` for entries with `online: true` (required; the agent's
+    /// `--online-type` does not apply to this command).
+    pub online_type: GuestMemoryOnlineType,
+}
+
+/// One block in the `__org.qga-bridge_get-memory-zones` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestMemoryBlockZones {
+    /// The block number: the `N` of `/sys/devices/system/memory/memoryN`.
+    pub phys_index: u64,
+    /// Whether the block is online, read as for `guest-get-memory-blocks`.
+    pub online: bool,
+    /// The words of `memoryN/valid_zones`, e.g. `["Movable"]`. For an online block: the
+    /// zone it is in, or `["none"]` if it spans zones (such a block can never be offlined).
+    /// For an offline block: the zones onlining could put it in, the kernel's default
+    /// (what plain `online` picks) first. Absent when the file is missing or unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub valid_zones: Option<Vec<String>>,
+    /// `memoryN/removable` as read, for completeness: since Linux 5.7 it is true for every
+    /// block on kernels that can offline memory, so it says nothing about this block.
+    /// Absent when the file is missing or unreadable.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub removable: Option<bool>,
+}
+
+/// `__org.qga-bridge_get-memory-zones` reply: the kernel's policy for new blocks, and each
+/// block's zones. Each policy member is absent when its file is missing (older kernels, no
+/// memory hotplug) or unreadable.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestMemoryZones {
+    /// `/sys/devices/system/memory/auto_online_blocks`, trimmed: what the kernel does with a
+    /// hot-added block by itself (`offline`, `online`, `online_kernel`, `online_movable`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_online_blocks: Option<String>,
+    /// `/sys/module/memory_hotplug/parameters/online_policy`, trimmed (`contig-zones` or
+    /// `auto-movable`; Linux 5.15+): how plain `online` picks a zone.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_policy: Option<String>,
+    /// `/sys/module/memory_hotplug/parameters/auto_movable_ratio`: the largest
+    /// MOVABLE:KERNEL ratio, in percent, the `auto-movable` policy keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_movable_ratio: Option<u64>,
+    /// Every block, in the same set and order as `guest-get-memory-blocks` lists them.
+    pub blocks: Vec<GuestMemoryBlockZones>,
 }
 
 /// Arguments of `guest-sync` and `guest-sync-delimited`.
@@ -168,5 +275,78 @@ mod tests {
         .expect("parse");
         assert_eq!(args.mem_blks.len(), 2);
         assert_eq!(args.mem_blks[0].can_offline, None);
+    }
+
+    #[test]
+    fn extension_names_follow_qapi_downstream_convention() {
+        for name in [
+            command::GET_MEMORY_ZONES,
+            command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+        ] {
+            assert!(name.starts_with("__org.qga-bridge_"), "{name}");
+        }
+    }
+
+    #[test]
+    fn zones_members_are_kebab_case_and_absent_when_unknown() {
+        let zones = GuestMemoryZones {
+            auto_online_blocks: Some("offline".into()),
+            online_policy: None,
+            auto_movable_ratio: Some(301),
+            blocks: vec![
+                GuestMemoryBlockZones {
+                    phys_index: 32,
+                    online: false,
+                    valid_zones: Some(vec!["Normal".into(), "Movable".into()]),
+                    removable: Some(true),
+                },
+                GuestMemoryBlockZones {
+                    phys_index: 0,
+                    online: true,
+                    valid_zones: None,
+                    removable: None,
+                },
+            ],
+        };
+        let v = serde_json::to_value(&zones).expect("serialize");
+        assert_eq!(
+            v,
+            json!({"auto-online-blocks": "offline", "auto-movable-ratio": 301, "blocks": [
+                {"phys-index": 32, "online": false, "valid-zones": ["Normal", "Movable"],
+                 "removable": true},
+                {"phys-index": 0, "online": true}
+            ]})
+        );
+        assert_eq!(
+            serde_json::from_value::<GuestMemoryZones>(v).expect("parse"),
+            zones
+        );
+    }
+
+    #[test]
+    fn online_type_args_use_the_kernel_words() {
+        for t in GuestMemoryOnlineType::ALL {
+            assert_eq!(
+                serde_json::to_value(t).expect("serialize"),
+                json!(t.as_str())
+            );
+            assert_eq!(GuestMemoryOnlineType::parse(t.as_str()), Some(t));
+        }
+        let args: GuestSetMemoryBlocksOnlineTypeArgs = serde_json::from_value(json!({
+            "mem-blks": [{"phys-index": 1, "online": true}],
+            "online-type": "online_movable"
+        }))
+        .expect("parse");
+        assert_eq!(args.online_type, GuestMemoryOnlineType::OnlineMovable);
+        assert!(
+            serde_json::from_value::<GuestSetMemoryBlocksOnlineTypeArgs>(
+                json!({"mem-blks": [], "online-type": "movable"})
+            )
+            .is_err()
+        );
+        assert!(
+            serde_json::from_value::<GuestSetMemoryBlocksOnlineTypeArgs>(json!({"mem-blks": []}))
+                .is_err()
+        );
     }
 }
