@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashSet};
 
 use qga_wire::schema::{
     GuestAgentInfo, GuestMemoryBlock, GuestMemoryBlockInfo, GuestMemoryBlockResponse,
-    GuestSetMemoryBlocksArgs, command,
+    GuestMemoryOnlineType, GuestMemoryZones, GuestSetMemoryBlocksArgs, command,
 };
 use serde::{
     Deserialize, Serialize,
@@ -38,9 +38,16 @@ pub enum Call {
     GetMemoryBlockInfo,
     /// `guest-set-memory-blocks`: online or offline blocks.
     SetMemoryBlocks(BlockChanges),
+    /// `__org.qga-bridge_get-memory-zones` (our agent's extension): each block's zones and
+    /// the kernel's onlining policy. Only sent to agents that list it in `guest-info`.
+    GetMemoryZones,
+    /// `__org.qga-bridge_set-memory-blocks` (our agent's extension): like
+    /// [`Call::SetMemoryBlocks`], onlining with the given type rather than the agent's.
+    SetMemoryBlocksOnlineType(BlockChanges, GuestMemoryOnlineType),
 }
 
-/// The QGA names of every [`Call`], as JSON-RPC methods.
+/// The QGA names of the standard calls, which are also JSON-RPC methods. The extensions
+/// are used by memory hotplug only.
 pub const NAMES: [&str; 5] = [
     command::PING,
     command::INFO,
@@ -163,8 +170,11 @@ pub enum Reply {
     GetMemoryBlocks(Vec<GuestMemoryBlock>),
     /// [`Call::GetMemoryBlockInfo`]
     GetMemoryBlockInfo(GuestMemoryBlockInfo),
-    /// [`Call::SetMemoryBlocks`]: one result per requested change, in request order.
+    /// [`Call::SetMemoryBlocks`] and [`Call::SetMemoryBlocksOnlineType`]: one result per
+    /// requested change, in request order.
     SetMemoryBlocks(Vec<GuestMemoryBlockResponse>),
+    /// [`Call::GetMemoryZones`]
+    MemoryZones(GuestMemoryZones),
 }
 
 /// A struct decoded from a JSON object only. Derived `Deserialize` impls also take a JSON
@@ -204,8 +214,25 @@ struct ChangeArgument {
     _can_offline: Option<bool>,
 }
 
+/// A call's arguments on the wire.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+pub enum Arguments<'a> {
+    /// `{"mem-blks": [...]}`.
+    Set(&'a GuestSetMemoryBlocksArgs),
+    /// `{"mem-blks": [...], "online-type": ...}`.
+    SetOnlineType {
+        /// The changes.
+        #[serde(rename = "mem-blks")]
+        mem_blks: &'a [GuestMemoryBlock],
+        /// How to online.
+        #[serde(rename = "online-type")]
+        online_type: GuestMemoryOnlineType,
+    },
+}
+
 /// A call's request on the wire.
-pub type Request<'a> = qga_wire::Command<'a, &'a GuestSetMemoryBlocksArgs>;
+pub type Request<'a> = qga_wire::Command<'a, Arguments<'a>>;
 
 impl Call {
     /// Builds a call from a QGA command name and the JSON text of its `mem-blks`
@@ -253,12 +280,17 @@ impl Call {
             Self::GetMemoryBlocks => command::GET_MEMORY_BLOCKS,
             Self::GetMemoryBlockInfo => command::GET_MEMORY_BLOCK_INFO,
             Self::SetMemoryBlocks(_) => command::SET_MEMORY_BLOCKS,
+            Self::GetMemoryZones => command::GET_MEMORY_ZONES,
+            Self::SetMemoryBlocksOnlineType(..) => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
         }
     }
 
     /// Whether the call leaves the guest as it was, so sending it twice is harmless.
     pub fn is_read(&self) -> bool {
-        !matches!(self, Self::SetMemoryBlocks(_))
+        !matches!(
+            self,
+            Self::SetMemoryBlocks(_) | Self::SetMemoryBlocksOnlineType(..)
+        )
     }
 
     /// Whether concurrent identical calls may share one agent call: reads without
@@ -266,28 +298,39 @@ impl Call {
     /// [`Call::name`], so a call with arguments must never be listed here.
     pub fn coalescable(&self) -> bool {
         match self {
-            Self::Ping | Self::Info | Self::GetMemoryBlocks | Self::GetMemoryBlockInfo => true,
-            Self::SetMemoryBlocks(_) => false,
+            Self::Ping
+            | Self::Info
+            | Self::GetMemoryBlocks
+            | Self::GetMemoryBlockInfo
+            | Self::GetMemoryZones => true,
+            Self::SetMemoryBlocks(_) | Self::SetMemoryBlocksOnlineType(..) => false,
         }
     }
 
     /// The call's arguments as JSON (QGA's own shape), for the audit trail.
     pub fn arguments(&self) -> Option<serde_json::Value> {
+        self.wire_arguments()
+            .and_then(|a| serde_json::to_value(a).ok())
+    }
+
+    fn wire_arguments(&self) -> Option<Arguments<'_>> {
         match self {
-            Self::SetMemoryBlocks(changes) => serde_json::to_value(&changes.0).ok(),
+            Self::SetMemoryBlocks(changes) => Some(Arguments::Set(&changes.0)),
+            Self::SetMemoryBlocksOnlineType(changes, online_type) => {
+                Some(Arguments::SetOnlineType {
+                    mem_blks: changes.blocks(),
+                    online_type: *online_type,
+                })
+            }
             _ => None,
         }
     }
 
     /// The request to send, tagged with `id`.
     pub fn request(&self, id: i64) -> Request<'_> {
-        let arguments = match self {
-            Self::SetMemoryBlocks(changes) => Some(&changes.0),
-            _ => None,
-        };
         Request {
             execute: self.name(),
-            arguments,
+            arguments: self.wire_arguments(),
             id: Some(id),
         }
     }
@@ -300,11 +343,12 @@ impl Call {
             Self::Info => Reply::Info(parse(value)?),
             Self::GetMemoryBlocks => Reply::GetMemoryBlocks(parse(value)?),
             Self::GetMemoryBlockInfo => Reply::GetMemoryBlockInfo(parse(value)?),
-            Self::SetMemoryBlocks(changes) => {
+            Self::SetMemoryBlocks(changes) | Self::SetMemoryBlocksOnlineType(changes, _) => {
                 let results: Vec<GuestMemoryBlockResponse> = parse(value)?;
                 check_results(changes.blocks(), &results)?;
                 Reply::SetMemoryBlocks(results)
             }
+            Self::GetMemoryZones => Reply::MemoryZones(parse(value)?),
         })
     }
 }
@@ -470,6 +514,31 @@ mod tests {
             "long"
         );
         assert!(call.decode(json!([ok(32), ok(34)])).is_err(), "other block");
+    }
+
+    #[test]
+    fn the_zone_extension_is_a_typed_call_too() {
+        let changes = BlockChanges::new([(32, true)], 16).expect("valid");
+        let call = Call::SetMemoryBlocksOnlineType(changes, GuestMemoryOnlineType::OnlineMovable);
+        assert!(!call.is_read() && !call.coalescable());
+        assert_eq!(
+            serde_json::to_value(call.request(3)).expect("serialise"),
+            json!({"execute": "__org.qga-bridge_set-memory-blocks", "id": 3, "arguments": {
+                "mem-blks": [{"phys-index": 32, "online": true}],
+                "online-type": "online_movable"}})
+        );
+        assert!(
+            call.decode(json!([{"phys-index": 33, "response": "success"}]))
+                .is_err()
+        );
+        let zones = Call::GetMemoryZones
+            .decode(json!({"blocks": [{"phys-index": 1, "online": true,
+                "valid-zones": ["Movable"], "extra": 1}]}))
+            .expect("decodes");
+        assert_eq!(
+            serde_json::to_value(zones).expect("serialise"),
+            json!({"blocks": [{"phys-index": 1, "online": true, "valid-zones": ["Movable"]}]})
+        );
     }
 
     #[test]

@@ -29,7 +29,15 @@
 //!                                       # (default: root and the bridge's own euid)
 //!
 //! [vms]
-//! vm1 = "/run/qemu/vm1/qga.sock"
+//! vm1 = "/run/qemu/vm1/qga.sock"         # the agent only
+//! vm2 = { qga = "/run/qemu/vm2/qga.sock", qmp = "/run/qemu/vm2/qmp-bridge.sock" }
+//!
+//! [hotplug]                             # DIMMs over QMP (VMs with a qmp socket)
+//! dimm_size = 536870912                 # bytes per DIMM that memory-resize plugs
+//! timeout_ms = 120000                   # a whole plug, unplug or resize
+//! appear_timeout_ms = 10000             # a new DIMM's blocks show up in the guest
+//! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
+//! max_request_ids = 256                 # remembered request-ids per VM
 //!
 //! [timeouts]                            # milliseconds
 //! default_ms = 10000
@@ -88,6 +96,11 @@ pub struct Cli {
     /// A VM and its QGA chardev socket, `NAME=SOCKET` (repeatable).
     #[arg(long = "vm", value_name = "NAME=SOCKET", value_parser = parse_vm)]
     pub vms: Vec<(String, PathBuf)>,
+    /// A VM's QMP socket, `NAME=SOCKET` (repeatable; the VM must be given with `--vm` or
+    /// in the file): enables memory hotplug for it. QEMU serves one client per QMP
+    /// socket, so give the bridge a `-qmp` socket of its own.
+    #[arg(long = "qmp", value_name = "NAME=SOCKET", value_parser = parse_vm)]
+    pub qmp: Vec<(String, PathBuf)>,
     /// TOML config file (see the README); flags override it.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
@@ -347,6 +360,79 @@ impl std::fmt::Display for Listen {
     }
 }
 
+/// One `[vms]` entry: the agent's socket, or a table with the agent's and QMP's.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum VmEntry {
+    /// `NAME = "/path/qga.sock"`.
+    Qga(PathBuf),
+    /// `NAME = { qga = "...", qmp = "..." }`.
+    Full {
+        qga: PathBuf,
+        #[serde(default)]
+        qmp: Option<PathBuf>,
+    },
+}
+
+/// Memory hotplug: how DIMMs are sized and how long each phase may take.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Hotplug {
+    /// Bytes per DIMM that a resize plugs (the last one may be smaller), a multiple of
+    /// the guest's block size.
+    pub dimm_size: u64,
+    /// A whole plug, unplug or resize, unless the caller's deadline is sooner,
+    /// milliseconds.
+    pub timeout_ms: u64,
+    /// How long a new DIMM's blocks may take to appear in the guest, milliseconds.
+    pub appear_timeout_ms: u64,
+    /// How long the guest may take to eject an unplugged DIMM (`DEVICE_DELETED`),
+    /// milliseconds.
+    pub eject_timeout_ms: u64,
+    /// QMP commands, milliseconds.
+    pub qmp_timeout_ms: u64,
+    /// Largest QMP message accepted, bytes.
+    pub max_qmp_bytes: usize,
+    /// Request ids remembered per VM for idempotent retries (oldest forgotten first).
+    pub max_request_ids: usize,
+}
+
+impl Default for Hotplug {
+    fn default() -> Self {
+        Self {
+            dimm_size: 512 << 20,
+            // Offlining migrates pages and may need many tries on a busy guest.
+            timeout_ms: 120_000,
+            appear_timeout_ms: 10_000,
+            eject_timeout_ms: 10_000,
+            qmp_timeout_ms: 5_000,
+            max_qmp_bytes: 1 << 20,
+            max_request_ids: 256,
+        }
+    }
+}
+
+impl Hotplug {
+    fn validate(&self) -> Result<(), ConfigError> {
+        for (name, value) in [
+            ("dimm_size", self.dimm_size),
+            ("timeout_ms", self.timeout_ms),
+            ("appear_timeout_ms", self.appear_timeout_ms),
+            ("eject_timeout_ms", self.eject_timeout_ms),
+            ("qmp_timeout_ms", self.qmp_timeout_ms),
+            ("max_qmp_bytes", self.max_qmp_bytes as u64),
+            ("max_request_ids", self.max_request_ids as u64),
+        ] {
+            if value == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "hotplug.{name} must be at least 1"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Unix-socket listeners' permissions.
 #[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
@@ -390,9 +476,10 @@ struct File {
     discover: Vec<String>,
     discover_interval_ms: Option<u64>,
     discover_owners: Option<Vec<u32>>,
-    vms: BTreeMap<String, PathBuf>,
+    vms: BTreeMap<String, VmEntry>,
     timeouts: Timeouts,
     limits: Limits,
+    hotplug: Hotplug,
     http: Http,
     coalesce_reads: Option<bool>,
     allow_insecure_tcp: Option<bool>,
@@ -439,8 +526,12 @@ pub struct Config {
     pub metrics_addr: Option<SocketAddr>,
     /// Log format.
     pub log_format: LogFormat,
-    /// Statically configured VMs.
+    /// Statically configured VMs: name and QGA socket.
     pub vms: BTreeMap<String, PathBuf>,
+    /// QMP sockets of configured VMs, for memory hotplug.
+    pub qmp: BTreeMap<String, PathBuf>,
+    /// Memory hotplug.
+    pub hotplug: Hotplug,
     /// Globs for socket discovery.
     pub discover: Vec<String>,
     /// How often discovery rescans.
@@ -476,6 +567,8 @@ impl Default for Config {
             metrics_addr: None,
             log_format: LogFormat::Text,
             vms: BTreeMap::new(),
+            qmp: BTreeMap::new(),
+            hotplug: Hotplug::default(),
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
             discover_owners: default_discover_owners(),
@@ -529,6 +622,9 @@ impl Config {
         }
         for (name, socket) in &cli.vms {
             config.vms.insert(name.clone(), socket.clone());
+        }
+        for (name, socket) in &cli.qmp {
+            config.qmp.insert(name.clone(), socket.clone());
         }
         config.allow_insecure_tcp |= cli.allow_insecure_tcp;
         if cli.audit_log.is_some() {
@@ -597,7 +693,19 @@ impl Config {
             self.auth = file.auth;
         }
         self.discover = file.discover;
-        self.vms = file.vms;
+        self.vms.clear();
+        self.qmp.clear();
+        for (name, entry) in file.vms {
+            let (qga, qmp) = match entry {
+                VmEntry::Qga(qga) => (qga, None),
+                VmEntry::Full { qga, qmp } => (qga, qmp),
+            };
+            self.vms.insert(name.clone(), qga);
+            if let Some(qmp) = qmp {
+                self.qmp.insert(name, qmp);
+            }
+        }
+        self.hotplug = file.hotplug;
         // Per-command entries add to the defaults rather than replacing them all.
         let mut commands = self.timeouts.commands.clone();
         commands.extend(file.timeouts.commands.clone());
@@ -653,6 +761,12 @@ impl Config {
         for name in self.vms.keys() {
             validate_vm_name(name).map_err(ConfigError::Invalid)?;
         }
+        if let Some(name) = self.qmp.keys().find(|n| !self.vms.contains_key(*n)) {
+            return Err(ConfigError::Invalid(format!(
+                "VM '{name}' has a QMP socket but no agent socket: give it with --vm or [vms]"
+            )));
+        }
+        self.hotplug.validate()?;
         if self.limits.max_vms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_vms must be at least 1".into(),
@@ -757,6 +871,35 @@ mod tests {
         );
         assert_eq!(c.limits.queue_depth, 3);
         assert!(c.apply_toml(Path::new("t"), "bogus = 1\n").is_err());
+    }
+
+    #[test]
+    fn vms_with_qmp_sockets() {
+        let mut c = Config::default();
+        c.apply_toml(
+            Path::new("t.toml"),
+            "[vms]\na = \"/a.sock\"\nb = { qga = \"/b.sock\", qmp = \"/b.qmp\" }\nc = { qga = \"/c.sock\" }\n[hotplug]\ndimm_size = 1073741824\n",
+        )
+        .expect("valid");
+        assert_eq!(c.vms.len(), 3);
+        assert_eq!(c.vms["b"], PathBuf::from("/b.sock"));
+        assert_eq!(c.qmp.len(), 1);
+        assert_eq!(c.qmp["b"], PathBuf::from("/b.qmp"));
+        assert_eq!(c.hotplug.dimm_size, 1 << 30);
+        assert!(
+            c.apply_toml(Path::new("t"), "[vms]\nb = { qmp = \"/b.qmp\" }\n")
+                .is_err(),
+            "no agent socket"
+        );
+        let cli = Cli {
+            vms: vec![("a".into(), "/a".into())],
+            qmp: vec![("z".into(), "/z".into())],
+            ..Cli::default()
+        };
+        let err = Config::load(&cli)
+            .expect_err("qmp of unknown VM")
+            .to_string();
+        assert!(err.contains("no agent socket"), "{err}");
     }
 
     #[test]

@@ -13,8 +13,12 @@
 //! | no or bad credentials while `[auth]` is configured, or a remote caller without it | UNAUTHENTICATED | HTTP 401 |
 //! | the caller's grants do not allow the call on that VM | PERMISSION_DENIED | -32010 |
 //! | reply the bridge cannot accept (malformed, too large, set results not answering the request) | INTERNAL | -32008 |
+//! | memory hotplug: a step QEMU or the guest refused, the guest could not give memory back, no QMP socket, no slot left | FAILED_PRECONDITION | -32007 |
+//! | memory hotplug: no DIMM of that id | NOT_FOUND | -32012 |
+//! | memory hotplug: another operation runs on the VM | ABORTED | -32011 |
 //!
-//! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`.
+//! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`; hotplug
+//! failures carry `data: {"step": ..., "blocks": [per-block results]}`.
 
 use jsonrpsee::types::ErrorObjectOwned;
 use qga_wire::{ErrorClass, QgaError};
@@ -45,6 +49,10 @@ pub mod code {
     pub const UNAUTHENTICATED: i32 = -32009;
     /// The caller's grants do not allow the call.
     pub const PERMISSION_DENIED: i32 = -32010;
+    /// Another hotplug operation runs on the VM.
+    pub const ABORTED: i32 = -32011;
+    /// No DIMM of that id.
+    pub const DIMM_NOT_FOUND: i32 = -32012;
 }
 
 /// Why a call failed.
@@ -105,6 +113,30 @@ pub enum BridgeError {
         /// What was wrong.
         reason: String,
     },
+    /// A hotplug step failed; what the operation had done was undone unless `reason`
+    /// says otherwise.
+    #[error("memory hotplug on VM '{vm}' failed at {step}: {reason}")]
+    Hotplug {
+        /// The VM.
+        vm: String,
+        /// The step (`device_add`, `offline`, ...).
+        step: String,
+        /// Why, and what was left.
+        reason: String,
+        /// Per-block results of the step, where it was an agent call.
+        blocks: Vec<qga_wire::schema::GuestMemoryBlockResponse>,
+    },
+    /// No DIMM of that id in the VM.
+    #[error("VM '{vm}' has no DIMM '{dimm}'")]
+    DimmNotFound {
+        /// The VM.
+        vm: String,
+        /// The DIMM id asked for.
+        dimm: String,
+    },
+    /// Another hotplug operation runs on the VM; nothing was done.
+    #[error("{0}")]
+    Aborted(String),
 }
 
 /// Whether a QGA `GenericError` is about the call's arguments (the QAPI visitor's texts).
@@ -136,6 +168,9 @@ impl BridgeError {
             Self::BadReply { .. } => Code::Internal,
             Self::Unauthenticated(_) => Code::Unauthenticated,
             Self::PermissionDenied(_) => Code::PermissionDenied,
+            Self::Hotplug { .. } => Code::FailedPrecondition,
+            Self::DimmNotFound { .. } => Code::NotFound,
+            Self::Aborted(_) => Code::Aborted,
         }
     }
 
@@ -155,6 +190,9 @@ impl BridgeError {
             Self::BadReply { .. } => code::BAD_REPLY,
             Self::Unauthenticated(_) => code::UNAUTHENTICATED,
             Self::PermissionDenied(_) => code::PERMISSION_DENIED,
+            Self::Hotplug { .. } => code::AGENT_ERROR,
+            Self::DimmNotFound { .. } => code::DIMM_NOT_FOUND,
+            Self::Aborted(_) => code::ABORTED,
         }
     }
 
@@ -172,6 +210,9 @@ impl BridgeError {
             Self::BadReply { .. } => "bad_reply",
             Self::Unauthenticated(_) => "unauthenticated",
             Self::PermissionDenied(_) => "permission_denied",
+            Self::Hotplug { .. } => "hotplug_failed",
+            Self::DimmNotFound { .. } => "dimm_not_found",
+            Self::Aborted(_) => "aborted",
         }
     }
 }
@@ -186,6 +227,9 @@ impl From<BridgeError> for ErrorObjectOwned {
     fn from(e: BridgeError) -> Self {
         let data = match &e {
             BridgeError::Agent(q) => Some(json!({"class": q.class.as_str(), "desc": q.desc})),
+            BridgeError::Hotplug { step, blocks, .. } => {
+                Some(json!({"step": step, "blocks": blocks}))
+            }
             _ => None,
         };
         ErrorObjectOwned::owned(e.rpc_code(), e.to_string(), data)

@@ -3,15 +3,23 @@
 use std::{sync::Arc, time::Duration};
 
 use qga_proto::v1::{
-    self as pb, guest_agent_server::GuestAgent, guest_memory_server::GuestMemory, vms_server::Vms,
+    self as pb, guest_agent_server::GuestAgent, guest_memory_server::GuestMemory,
+    memory_hotplug_server::MemoryHotplug, vms_server::Vms,
 };
-use qga_wire::schema::{GuestMemoryBlockResponse, GuestMemoryBlockResponseType};
+use qga_wire::schema::{
+    GuestMemoryBlockResponse, GuestMemoryBlockResponseType, GuestMemoryOnlineType,
+};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::{
     audit::Caller,
     call::{BlockChanges, Call, Reply},
+    hotplug::{
+        Done, Operation, Outcome,
+        layout::{self, BlockState, Layout},
+        ops::{PlugArgs, Step},
+    },
     registry::Registry,
     session::AgentState,
     transport::Peer,
@@ -236,6 +244,173 @@ impl GuestAgent for Api {
         req: Request<pb::GetInfoRequest>,
     ) -> Result<Response<pb::GetInfoResponse>, Status> {
         self.run(&req, &req.get_ref().vm, Call::Info).await
+    }
+}
+
+fn layout_block(b: layout::LayoutBlock) -> pb::LayoutBlock {
+    let state = match b.state {
+        BlockState::Online => pb::BlockState::Online,
+        BlockState::Offline => pb::BlockState::Offline,
+        BlockState::Absent => pb::BlockState::Absent,
+    };
+    pb::LayoutBlock {
+        phys_index: b.phys_index,
+        state: state as i32,
+        valid_zones: b.valid_zones,
+    }
+}
+
+fn dimm(d: layout::Dimm) -> pb::Dimm {
+    pb::Dimm {
+        id: d.id,
+        addr: d.addr,
+        size: d.size,
+        node: d.node,
+        slot: d.slot,
+        memdev: d.memdev,
+        hotplugged: d.hotplugged,
+        blocks: d.blocks.into_iter().map(layout_block).collect(),
+        removable: d.removable,
+    }
+}
+
+fn memory_layout(l: Layout) -> pb::MemoryLayout {
+    pb::MemoryLayout {
+        block_size: l.block_size,
+        boot_bytes: l.boot_bytes,
+        plugged_bytes: l.plugged_bytes,
+        online_bytes: l.online_bytes,
+        movable_bytes: l.movable_bytes,
+        dimms: l.dimms.into_iter().map(dimm).collect(),
+        other_blocks: l.other_blocks.into_iter().map(layout_block).collect(),
+        auto_online_blocks: l.auto_online_blocks,
+        zones_known: l.zones_known,
+    }
+}
+
+fn steps(steps: Vec<Step>) -> Vec<pb::Step> {
+    steps
+        .into_iter()
+        .map(|s| pb::Step {
+            name: s.name.to_string(),
+            duration_ms: s.duration_ms,
+            detail: s.detail,
+        })
+        .collect()
+}
+
+/// An optional `request_id`: absent or empty is none; otherwise 1-128 printable characters.
+fn request_id(id: &Option<String>) -> Result<Option<String>, Status> {
+    match id.as_deref() {
+        None | Some("") => Ok(None),
+        Some(id) => crate::hotplug::check_request_id(id)
+            .map(|()| Some(id.to_string()))
+            .map_err(Status::from),
+    }
+}
+
+impl Api {
+    async fn hotplug(
+        &self,
+        req: &Request<impl Send>,
+        vm: &str,
+        op: Operation,
+        id: &Option<String>,
+    ) -> Result<Done, Status> {
+        let caller = self.caller(req)?;
+        let id = request_id(id)?;
+        Ok(self
+            .registry
+            .memory_hotplug(&caller, vm, op, id, deadline(req))
+            .await?)
+    }
+}
+
+/// The DIMM of a plug or unplug.
+fn the_dimm(done: Done) -> Result<(pb::Dimm, Vec<pb::Step>, Vec<String>), Status> {
+    match done.what {
+        Outcome::Dimm { dimm: d } => Ok((dimm(d), steps(done.steps), done.warnings)),
+        Outcome::Resized(_) => Err(Status::internal("a resize answered a plug or unplug")),
+    }
+}
+
+#[tonic::async_trait]
+impl MemoryHotplug for Api {
+    async fn get_layout(
+        &self,
+        req: Request<pb::GetLayoutRequest>,
+    ) -> Result<Response<pb::MemoryLayout>, Status> {
+        let caller = self.caller(&req)?;
+        let layout = self
+            .registry
+            .memory_layout(&caller, &req.get_ref().vm, deadline(&req))
+            .await?;
+        Ok(Response::new(memory_layout(layout)))
+    }
+
+    async fn plug(
+        &self,
+        req: Request<pb::PlugRequest>,
+    ) -> Result<Response<pb::PlugResponse>, Status> {
+        let r = req.get_ref();
+        let online_type = match pb::OnlineType::try_from(r.online_type) {
+            Ok(pb::OnlineType::Unspecified) => None,
+            Ok(pb::OnlineType::Online) => Some(GuestMemoryOnlineType::Online),
+            Ok(pb::OnlineType::OnlineMovable) => Some(GuestMemoryOnlineType::OnlineMovable),
+            Ok(pb::OnlineType::OnlineKernel) => Some(GuestMemoryOnlineType::OnlineKernel),
+            Err(_) => return Err(Status::invalid_argument("unknown online_type")),
+        };
+        let op = Operation::Plug(PlugArgs {
+            size: r.size,
+            node: r.node,
+            online_type,
+        });
+        let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
+        let (dimm, steps, warnings) = the_dimm(done)?;
+        Ok(Response::new(pb::PlugResponse {
+            dimm: Some(dimm),
+            steps,
+            warnings,
+        }))
+    }
+
+    async fn unplug(
+        &self,
+        req: Request<pb::UnplugRequest>,
+    ) -> Result<Response<pb::UnplugResponse>, Status> {
+        let r = req.get_ref();
+        if r.dimm.is_empty() {
+            return Err(Status::invalid_argument("'dimm' is required"));
+        }
+        let op = Operation::Unplug {
+            dimm: r.dimm.clone(),
+        };
+        let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
+        let (dimm, steps, _) = the_dimm(done)?;
+        Ok(Response::new(pb::UnplugResponse {
+            dimm: Some(dimm),
+            steps,
+        }))
+    }
+
+    async fn resize(
+        &self,
+        req: Request<pb::ResizeRequest>,
+    ) -> Result<Response<pb::ResizeResponse>, Status> {
+        let r = req.get_ref();
+        let op = Operation::Resize { size: r.size };
+        let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
+        let Outcome::Resized(resized) = done.what else {
+            return Err(Status::internal("a plug or unplug answered a resize"));
+        };
+        Ok(Response::new(pb::ResizeResponse {
+            from_bytes: resized.from_bytes,
+            to_bytes: resized.to_bytes,
+            plugged: resized.plugged.into_iter().map(dimm).collect(),
+            unplugged: resized.unplugged.into_iter().map(dimm).collect(),
+            steps: steps(done.steps),
+            warnings: done.warnings,
+        }))
     }
 }
 

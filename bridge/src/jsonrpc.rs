@@ -4,7 +4,8 @@
 //! result is the agent's `return` value decoded into its schema type (members the schema
 //! does not name are dropped). `timeout-ms` bounds the call like gRPC's `grpc-timeout`;
 //! the command's configured timeout is the default and the upper bound. `vm-list` lists
-//! the VMs.
+//! the VMs. `memory-layout`, `memory-plug`, `memory-unplug` and `memory-resize` are the
+//! memory hotplug service (see [`crate::hotplug`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -17,6 +18,7 @@ use jsonrpsee::{
     },
     types::{ErrorObjectOwned, Params},
 };
+use qga_wire::schema::GuestMemoryOnlineType;
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
 use tokio::{
@@ -28,7 +30,8 @@ use tower::Service;
 use crate::{
     audit::Caller,
     call::{self, Call, ObjectOnly, Reply},
-    error::BridgeError,
+    error::{BridgeError, code},
+    hotplug::{Operation, ops::PlugArgs},
     http_policy::HttpPolicy,
     registry::Registry,
     tls::{Alpn, Tls},
@@ -66,21 +69,162 @@ pub struct Decoded {
     pub call: Call,
 }
 
+/// Params of the hotplug methods: every member any of them takes; each method checks
+/// that it got what it needs and nothing it does not.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct HotplugParams {
+    vm: String,
+    #[serde(default)]
+    timeout_ms: Option<u64>,
+    #[serde(default)]
+    size: Option<u64>,
+    #[serde(default)]
+    node: Option<u32>,
+    #[serde(default)]
+    online_type: Option<GuestMemoryOnlineType>,
+    #[serde(default)]
+    dimm: Option<String>,
+    #[serde(default)]
+    request_id: Option<String>,
+}
+
+/// The hotplug method names.
+pub const HOTPLUG_METHODS: [&str; 4] = [
+    "memory-layout",
+    "memory-plug",
+    "memory-unplug",
+    "memory-resize",
+];
+
+/// A decoded hotplug call: `None` as the operation is `memory-layout`.
+#[derive(Debug)]
+pub struct HotplugCall {
+    /// The VM.
+    pub vm: String,
+    /// The caller's `timeout-ms`.
+    pub timeout: Option<Duration>,
+    /// The operation; `None` for `memory-layout`.
+    pub op: Option<Operation>,
+    /// The caller's `request-id`.
+    pub request_id: Option<String>,
+}
+
+fn timeout(ms: Option<u64>) -> Result<Option<Duration>, BridgeError> {
+    match ms {
+        None => Ok(None),
+        Some(ms @ 1..=MAX_TIMEOUT_MS) => Ok(Some(Duration::from_millis(ms))),
+        Some(_) => Err(BridgeError::InvalidRequest(format!(
+            "'timeout-ms' must be from 1 to {MAX_TIMEOUT_MS}"
+        ))),
+    }
+}
+
+/// Decodes the params of hotplug method `method`.
+pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeError> {
+    let ObjectOnly(p) = serde_json::from_str::<ObjectOnly<HotplugParams>>(params)
+        .map_err(|e| BridgeError::InvalidRequest(format!("params: {e}")))?;
+    let unexpected = |present: bool, name: &str| {
+        if present {
+            Err(BridgeError::InvalidRequest(format!(
+                "{method} takes no '{name}'"
+            )))
+        } else {
+            Ok(())
+        }
+    };
+    let needed = |name: &str| BridgeError::InvalidRequest(format!("{method} needs '{name}'"));
+    let op = match method {
+        "memory-layout" => {
+            unexpected(p.size.is_some(), "size")?;
+            unexpected(p.dimm.is_some(), "dimm")?;
+            unexpected(p.request_id.is_some(), "request-id")?;
+            None
+        }
+        "memory-plug" => {
+            unexpected(p.dimm.is_some(), "dimm")?;
+            Some(Operation::Plug(PlugArgs {
+                size: p.size.ok_or_else(|| needed("size"))?,
+                node: p.node,
+                online_type: p.online_type,
+            }))
+        }
+        "memory-unplug" => {
+            unexpected(p.size.is_some(), "size")?;
+            Some(Operation::Unplug {
+                dimm: p
+                    .dimm
+                    .filter(|d| !d.is_empty())
+                    .ok_or_else(|| needed("dimm"))?,
+            })
+        }
+        "memory-resize" => {
+            unexpected(p.dimm.is_some(), "dimm")?;
+            Some(Operation::Resize {
+                size: p.size.ok_or_else(|| needed("size"))?,
+            })
+        }
+        other => {
+            return Err(BridgeError::InvalidRequest(format!(
+                "unknown method '{other}'"
+            )));
+        }
+    };
+    if !matches!(op, Some(Operation::Plug(_))) {
+        unexpected(p.node.is_some(), "node")?;
+        unexpected(p.online_type.is_some(), "online-type")?;
+    }
+    if let Some(id) = &p.request_id {
+        crate::hotplug::check_request_id(id)?;
+    }
+    Ok(HotplugCall {
+        vm: p.vm,
+        timeout: timeout(p.timeout_ms)?,
+        op,
+        request_id: p.request_id,
+    })
+}
+
+/// Runs hotplug method `name`.
+async fn run_hotplug(
+    registry: &Registry,
+    name: &str,
+    params: &Params<'_>,
+    extensions: &Extensions,
+) -> Result<Value, ErrorObjectOwned> {
+    let raw = match params.as_str() {
+        Some(raw) if params.is_object() => raw,
+        _ => return Err(invalid("params must be an object with at least \"vm\"")),
+    };
+    let decoded = decode_hotplug(name, raw)?;
+    let deadline = decoded.timeout.map(|t| Instant::now() + t);
+    let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
+        transport: "jsonrpc",
+        peer: None,
+        identity: None,
+    });
+    let value = match decoded.op {
+        None => serde_json::to_value(
+            registry
+                .memory_layout(&caller, &decoded.vm, deadline)
+                .await?,
+        ),
+        Some(op) => serde_json::to_value(
+            registry
+                .memory_hotplug(&caller, &decoded.vm, op, decoded.request_id, deadline)
+                .await?,
+        ),
+    };
+    value.map_err(|e| ErrorObjectOwned::owned(code::BAD_REPLY, e.to_string(), None::<()>))
+}
+
 /// Decodes QGA command `method`'s params (the JSON text of an object) with at most
 /// `max_set_entries` block changes. Everything a caller can get wrong is an
 /// `InvalidRequest`.
 pub fn decode(method: &str, params: &str, max_set_entries: usize) -> Result<Decoded, BridgeError> {
     let ObjectOnly(envelope) = serde_json::from_str::<ObjectOnly<Envelope<'_>>>(params)
         .map_err(|e| BridgeError::InvalidRequest(format!("params: {e}")))?;
-    let timeout = match envelope.timeout_ms {
-        None => None,
-        Some(ms @ 1..=MAX_TIMEOUT_MS) => Some(Duration::from_millis(ms)),
-        Some(_) => {
-            return Err(BridgeError::InvalidRequest(format!(
-                "'timeout-ms' must be from 1 to {MAX_TIMEOUT_MS}"
-            )));
-        }
-    };
+    let timeout = timeout(envelope.timeout_ms)?;
     let call = Call::from_qga(
         method,
         envelope.mem_blks.map(RawValue::get),
@@ -305,6 +449,12 @@ pub fn module(registry: Arc<Registry>) -> RpcModule<Arc<Registry>> {
         })
         .expect("method names are unique");
     }
+    for name in HOTPLUG_METHODS {
+        m.register_async_method(name, move |params, reg, extensions| async move {
+            run_hotplug(&reg, name, &params, &extensions).await
+        })
+        .expect("method names are unique");
+    }
     m.register_method("vm-list", |params, reg, extensions| {
         let empty = params.as_str().is_none_or(|raw| {
             serde_json::from_str::<Value>(raw).is_ok_and(|v| v == json!({}) || v == json!([]))
@@ -358,6 +508,57 @@ mod tests {
     /// Found by the `jsonrpc_params` fuzz target: derived decoding took a JSON array as
     /// the fields in order, so `["vm1"]` was a valid envelope and `[5, true]` a valid
     /// block change.
+    #[test]
+    fn hotplug_params_are_checked_per_method() {
+        let ok = decode_hotplug(
+            "memory-plug",
+            r#"{"vm": "v", "size": 536870912, "online-type": "online_movable", "request-id": "r1"}"#,
+        )
+        .expect("valid plug");
+        assert_eq!(
+            ok.op,
+            Some(Operation::Plug(PlugArgs {
+                size: 512 << 20,
+                node: None,
+                online_type: Some(GuestMemoryOnlineType::OnlineMovable)
+            }))
+        );
+        assert_eq!(ok.request_id.as_deref(), Some("r1"));
+        let refused = |method: &str, params: &str| match decode_hotplug(method, params) {
+            Err(BridgeError::InvalidRequest(why)) => why,
+            other => panic!("{method} {params} should be refused, got {other:?}"),
+        };
+        assert!(refused("memory-plug", r#"{"vm": "v"}"#).contains("needs 'size'"));
+        assert!(
+            refused(
+                "memory-plug",
+                r#"{"vm": "v", "size": 1, "online-type": "movable"}"#
+            )
+            .contains("params")
+        );
+        assert!(
+            refused("memory-unplug", r#"{"vm": "v", "dimm": "d", "size": 1}"#)
+                .contains("no 'size'")
+        );
+        assert!(refused("memory-unplug", r#"{"vm": "v", "dimm": ""}"#).contains("needs 'dimm'"));
+        assert!(
+            refused("memory-resize", r#"{"vm": "v", "size": 1, "node": 0}"#).contains("no 'node'")
+        );
+        assert!(
+            refused("memory-layout", r#"{"vm": "v", "request-id": "x"}"#)
+                .contains("no 'request-id'")
+        );
+        assert!(
+            refused(
+                "memory-resize",
+                r#"{"vm": "v", "size": 1, "request-id": "a b"}"#
+            )
+            .contains("request-id")
+        );
+        assert!(refused("memory-layout", r#"["v"]"#).contains("expected an object"));
+        assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
+    }
+
     #[test]
     fn params_and_block_changes_are_objects_not_positional_lists() {
         let ping = command::PING;

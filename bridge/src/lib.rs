@@ -22,6 +22,7 @@ pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod grpc;
+pub mod hotplug;
 pub mod http_policy;
 pub mod jsonrpc;
 pub mod metrics;
@@ -34,7 +35,8 @@ use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use qga_proto::v1::{
     FILE_DESCRIPTOR_SET, guest_agent_server::GuestAgentServer,
-    guest_memory_server::GuestMemoryServer, vms_server::VmsServer,
+    guest_memory_server::GuestMemoryServer, memory_hotplug_server::MemoryHotplugServer,
+    vms_server::VmsServer,
 };
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
@@ -149,6 +151,7 @@ impl Bridge {
         health.set_serving::<GuestMemoryServer<grpc::Api>>().await;
         health.set_serving::<GuestAgentServer<grpc::Api>>().await;
         health.set_serving::<VmsServer<grpc::Api>>().await;
+        health.set_serving::<MemoryHotplugServer<grpc::Api>>().await;
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -165,6 +168,9 @@ impl Bridge {
             .add_service(reflection)
             .add_service(GuestMemoryServer::new(api.clone()).max_decoding_message_size(max_message))
             .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max_message))
+            .add_service(
+                MemoryHotplugServer::new(api.clone()).max_decoding_message_size(max_message),
+            )
             .add_service(VmsServer::new(api).max_decoding_message_size(max_message));
         let mut grpc_stop = rx.clone();
         let incoming = transport::incoming(

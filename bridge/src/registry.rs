@@ -18,6 +18,7 @@ use crate::{
     config::Config,
     discovery::{Discovery, Scan, scan},
     error::BridgeError,
+    hotplug::{Done, Hotplug, Operation, layout::Layout},
     metrics::Metrics,
     session::{ParseBudget, Session, VmStatus},
 };
@@ -95,6 +96,7 @@ pub struct Registry {
     in_flight: Semaphore,
     audit: Arc<Audit>,
     auth: Arc<Auth>,
+    hotplug: Hotplug,
 }
 
 impl Registry {
@@ -108,6 +110,7 @@ impl Registry {
         let registry = Arc::new(Self {
             sessions: RwLock::new(BTreeMap::new()),
             config: config.clone(),
+            hotplug: Hotplug::new(config.clone(), audit.clone(), metrics.clone()),
             metrics,
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
             in_flight: Semaphore::new(config.limits.max_in_flight),
@@ -177,22 +180,9 @@ impl Registry {
         call: Call,
         deadline: Option<Instant>,
     ) -> Result<Reply, BridgeError> {
-        let authorized = match &caller.identity {
-            Some(identity) => self.auth.authorize(identity, vm, !call.is_read()),
-            // Front ends always authenticate first; a caller without an identity is a bug
-            // and gets nothing.
-            None => Err(BridgeError::Unauthenticated("no identity".into())),
-        };
-        if let Err(e) = authorized {
-            self.audit.record(&Record {
-                vm: Some(vm),
-                method: Some(call.name()),
-                arguments: call.arguments(),
-                error: Some(e.to_string()),
-                ..Audit::base("denied", caller, e.outcome())
-            });
-            return Err(e);
-        }
+        self.authorize(caller, vm, call.name(), !call.is_read(), || {
+            call.arguments()
+        })?;
         let mut audited =
             (!call.is_read()).then(|| AuditOnDrop::new(&self.audit, caller, vm, &call));
         let outcome = self.call_inner(vm, call, deadline).await;
@@ -200,6 +190,64 @@ impl Registry {
             a.finish(&outcome);
         }
         outcome
+    }
+
+    /// Checks `caller`'s grants for `method` on `vm` (`write`: it changes the guest);
+    /// a refusal is audited with the call's `arguments`.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        method: &str,
+        write: bool,
+        arguments: impl FnOnce() -> Option<serde_json::Value>,
+    ) -> Result<(), BridgeError> {
+        let authorized = match &caller.identity {
+            Some(identity) => self.auth.authorize(identity, vm, write),
+            // Front ends always authenticate first; a caller without an identity is a bug
+            // and gets nothing.
+            None => Err(BridgeError::Unauthenticated("no identity".into())),
+        };
+        if let Err(e) = &authorized {
+            self.audit.record(&Record {
+                vm: Some(vm),
+                method: Some(method),
+                arguments: arguments(),
+                error: Some(e.to_string()),
+                ..Audit::base("denied", caller, e.outcome())
+            });
+        }
+        authorized
+    }
+
+    /// `vm`'s memory layout, for a caller with a read grant.
+    pub async fn memory_layout(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Layout, BridgeError> {
+        self.authorize(caller, vm, "memory-layout", false, || None)?;
+        let session = self.get(vm)?;
+        self.hotplug.layout(vm, session, deadline).await
+    }
+
+    /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.
+    pub async fn memory_hotplug(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        op: Operation,
+        request_id: Option<String>,
+        deadline: Option<Instant>,
+    ) -> Result<Done, BridgeError> {
+        self.authorize(caller, vm, op.method(), true, || {
+            serde_json::to_value(&op).ok()
+        })?;
+        let session = self.get(vm)?;
+        self.hotplug
+            .run(caller, vm, session, op, request_id, deadline)
+            .await
     }
 
     async fn call_inner(

@@ -1,0 +1,367 @@
+//! A VM's memory as the host and the guest see it together: QEMU's DIMMs mapped onto the
+//! guest's memory blocks (block = address / block size), with each block's state and,
+//! where the agent reports them, its zones.
+
+use std::collections::BTreeMap;
+
+use qga_wire::schema::{GuestMemoryBlock, GuestMemoryZones};
+use serde::Serialize;
+
+/// What the guest does with one memory block.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BlockState {
+    /// Online: the guest uses it.
+    Online,
+    /// Offline: present, unused.
+    Offline,
+    /// QEMU has the memory but the guest does not list the block (not yet, or never).
+    Absent,
+}
+
+/// One block in a layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct LayoutBlock {
+    /// The block's number.
+    pub phys_index: u64,
+    /// Online, offline or absent.
+    pub state: BlockState,
+    /// The kernel's `valid_zones` words, when the agent reports zones.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub valid_zones: Vec<String>,
+}
+
+impl LayoutBlock {
+    /// Whether the block is online in ZONE_MOVABLE (`None`: zones unknown).
+    pub fn movable(&self) -> Option<bool> {
+        (!self.valid_zones.is_empty()).then(|| self.valid_zones == ["Movable"])
+    }
+}
+
+/// One DIMM and its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Dimm {
+    /// QEMU's device id.
+    pub id: String,
+    /// Guest physical address.
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// NUMA node.
+    pub node: u32,
+    /// Slot.
+    pub slot: u32,
+    /// The memory backend object's id.
+    pub memdev: String,
+    /// Plugged at run time (not given on QEMU's command line).
+    pub hotplugged: bool,
+    /// Its blocks, lowest first.
+    pub blocks: Vec<LayoutBlock>,
+    /// Every online block is in ZONE_MOVABLE, so the DIMM can come out (`None`: zones
+    /// unknown).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub removable: Option<bool>,
+}
+
+/// A DIMM as QEMU reports it, before the guest's view is added.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DimmDevice {
+    /// QEMU's device id (empty when QEMU has none).
+    pub id: String,
+    /// Guest physical address.
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// NUMA node.
+    pub node: u32,
+    /// Slot.
+    pub slot: u32,
+    /// Backend id.
+    pub memdev: String,
+    /// Plugged at run time.
+    pub hotplugged: bool,
+}
+
+impl DimmDevice {
+    /// The block numbers the DIMM spans for `block_size`.
+    pub fn block_range(&self, block_size: u64) -> std::ops::Range<u64> {
+        let first = self.addr / block_size;
+        first..first + self.size / block_size
+    }
+}
+
+/// The whole picture.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Layout {
+    /// Bytes per block.
+    pub block_size: u64,
+    /// Memory the VM booted with.
+    pub boot_bytes: u64,
+    /// Memory in DIMMs.
+    pub plugged_bytes: u64,
+    /// Bytes in online blocks.
+    pub online_bytes: u64,
+    /// Bytes of online blocks in ZONE_MOVABLE (zones known only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub movable_bytes: Option<u64>,
+    /// The DIMMs, by address.
+    pub dimms: Vec<Dimm>,
+    /// Blocks of no DIMM.
+    pub other_blocks: Vec<LayoutBlock>,
+    /// The kernel's `auto_online_blocks`, when reported.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub auto_online_blocks: Option<String>,
+    /// Whether the agent reports zones.
+    pub zones_known: bool,
+}
+
+/// The guest's view: its blocks and, if the agent offers them, their zones.
+#[derive(Debug, Clone, Default)]
+pub struct GuestView {
+    /// `guest-get-memory-blocks`.
+    pub blocks: Vec<GuestMemoryBlock>,
+    /// The zone extension's reply.
+    pub zones: Option<GuestMemoryZones>,
+}
+
+impl GuestView {
+    /// Block number -> (online, valid zones).
+    fn index(&self) -> BTreeMap<u64, (bool, Vec<String>)> {
+        let mut map: BTreeMap<u64, (bool, Vec<String>)> = self
+            .blocks
+            .iter()
+            .map(|b| (b.phys_index, (b.online, Vec::new())))
+            .collect();
+        if let Some(zones) = &self.zones {
+            for z in &zones.blocks {
+                if let (Some(entry), Some(valid)) = (map.get_mut(&z.phys_index), &z.valid_zones) {
+                    entry.1.clone_from(valid);
+                }
+            }
+        }
+        map
+    }
+
+    /// The guest's state of `block`.
+    pub fn block(&self, phys_index: u64) -> LayoutBlock {
+        block_of(&self.index(), phys_index)
+    }
+}
+
+fn block_of(index: &BTreeMap<u64, (bool, Vec<String>)>, phys_index: u64) -> LayoutBlock {
+    match index.get(&phys_index) {
+        Some((online, zones)) => LayoutBlock {
+            phys_index,
+            state: if *online {
+                BlockState::Online
+            } else {
+                BlockState::Offline
+            },
+            valid_zones: zones.clone(),
+        },
+        None => LayoutBlock {
+            phys_index,
+            state: BlockState::Absent,
+            valid_zones: Vec::new(),
+        },
+    }
+}
+
+/// `device` with the guest's view of its blocks.
+pub fn dimm(device: &DimmDevice, block_size: u64, guest: &GuestView) -> Dimm {
+    let index = guest.index();
+    dimm_with(device, block_size, &index)
+}
+
+fn dimm_with(
+    device: &DimmDevice,
+    block_size: u64,
+    index: &BTreeMap<u64, (bool, Vec<String>)>,
+) -> Dimm {
+    let blocks: Vec<LayoutBlock> = device
+        .block_range(block_size)
+        .map(|i| block_of(index, i))
+        .collect();
+    let online: Vec<&LayoutBlock> = blocks
+        .iter()
+        .filter(|b| b.state == BlockState::Online)
+        .collect();
+    let removable = online
+        .iter()
+        .map(|b| b.movable())
+        .try_fold(true, |all, m| m.map(|m| all && m));
+    Dimm {
+        id: device.id.clone(),
+        addr: device.addr,
+        size: device.size,
+        node: device.node,
+        slot: device.slot,
+        memdev: device.memdev.clone(),
+        hotplugged: device.hotplugged,
+        blocks,
+        removable,
+    }
+}
+
+/// Joins QEMU's DIMMs and boot memory size with the guest's blocks.
+pub fn build(
+    block_size: u64,
+    boot_bytes: u64,
+    devices: &[DimmDevice],
+    guest: &GuestView,
+) -> Layout {
+    let index = guest.index();
+    let mut devices = devices.to_vec();
+    devices.sort_by_key(|d| d.addr);
+    let dimms: Vec<Dimm> = devices
+        .iter()
+        .map(|d| dimm_with(d, block_size, &index))
+        .collect();
+    let in_dimms: std::collections::BTreeSet<u64> = dimms
+        .iter()
+        .flat_map(|d| d.blocks.iter().map(|b| b.phys_index))
+        .collect();
+    let other_blocks: Vec<LayoutBlock> = index
+        .keys()
+        .filter(|i| !in_dimms.contains(i))
+        .map(|&i| block_of(&index, i))
+        .collect();
+    let online_blocks = index.values().filter(|(online, _)| *online).count() as u64;
+    let zones_known = guest.zones.is_some();
+    let movable_blocks = index
+        .values()
+        .filter(|(online, zones)| *online && zones == &["Movable"])
+        .count() as u64;
+    Layout {
+        block_size,
+        boot_bytes,
+        plugged_bytes: devices.iter().map(|d| d.size).sum(),
+        online_bytes: online_blocks * block_size,
+        movable_bytes: zones_known.then_some(movable_blocks * block_size),
+        dimms,
+        other_blocks,
+        auto_online_blocks: guest
+            .zones
+            .as_ref()
+            .and_then(|z| z.auto_online_blocks.clone()),
+        zones_known,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use qga_wire::schema::GuestMemoryBlockZones;
+
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    fn block(phys_index: u64, online: bool) -> GuestMemoryBlock {
+        GuestMemoryBlock {
+            phys_index,
+            online,
+            can_offline: Some(true),
+        }
+    }
+
+    fn device(id: &str, addr: u64, size: u64) -> DimmDevice {
+        DimmDevice {
+            id: id.into(),
+            addr,
+            size,
+            node: 0,
+            slot: 0,
+            memdev: format!("mem-{id}"),
+            hotplugged: true,
+        }
+    }
+
+    #[test]
+    fn dimms_own_the_blocks_of_their_address_range() {
+        // 512 MiB boot (blocks 0-3), a 512 MiB DIMM at 4 GiB (blocks 32-35), of which the
+        // guest has seen three.
+        let guest = GuestView {
+            blocks: (0..4)
+                .map(|i| block(i, true))
+                .chain([block(32, true), block(33, false), block(34, true)])
+                .collect(),
+            zones: None,
+        };
+        let layout = build(
+            128 * MIB,
+            512 * MIB,
+            &[device("d1", 4096 * MIB, 512 * MIB)],
+            &guest,
+        );
+        assert_eq!(layout.plugged_bytes, 512 * MIB);
+        assert_eq!(layout.online_bytes, 6 * 128 * MIB);
+        assert_eq!(layout.movable_bytes, None);
+        assert_eq!(layout.other_blocks.len(), 4);
+        let d = &layout.dimms[0];
+        let states: Vec<(u64, BlockState)> =
+            d.blocks.iter().map(|b| (b.phys_index, b.state)).collect();
+        assert_eq!(
+            states,
+            [
+                (32, BlockState::Online),
+                (33, BlockState::Offline),
+                (34, BlockState::Online),
+                (35, BlockState::Absent)
+            ]
+        );
+        assert_eq!(d.removable, None, "zones unknown");
+    }
+
+    #[test]
+    fn zones_say_whether_a_dimm_can_come_out() {
+        let zone = |i: u64, z: &str| GuestMemoryBlockZones {
+            phys_index: i,
+            online: true,
+            valid_zones: Some(vec![z.to_string()]),
+            removable: Some(true),
+        };
+        let guest = GuestView {
+            blocks: vec![
+                block(0, true),
+                block(8, true),
+                block(9, true),
+                block(10, true),
+                block(11, true),
+            ],
+            zones: Some(GuestMemoryZones {
+                auto_online_blocks: Some("offline".into()),
+                online_policy: None,
+                auto_movable_ratio: None,
+                blocks: vec![
+                    zone(0, "Normal"),
+                    zone(8, "Movable"),
+                    zone(9, "Movable"),
+                    zone(10, "Normal"),
+                    zone(11, "Movable"),
+                ],
+            }),
+        };
+        let layout = build(
+            128 * MIB,
+            128 * MIB,
+            &[
+                device("b", 1280 * MIB, 256 * MIB),
+                device("a", 1024 * MIB, 256 * MIB),
+            ],
+            &guest,
+        );
+        assert_eq!(layout.dimms[0].id, "a", "sorted by address");
+        assert_eq!(layout.dimms[0].removable, Some(true));
+        assert_eq!(
+            layout.dimms[1].removable,
+            Some(false),
+            "block 10 is in Normal"
+        );
+        assert_eq!(layout.movable_bytes, Some(3 * 128 * MIB));
+        assert_eq!(layout.auto_online_blocks.as_deref(), Some("offline"));
+        assert!(layout.zones_known);
+    }
+}

@@ -1,0 +1,777 @@
+//! The hotplug operations, step by step: each either completes or undoes what it did.
+//!
+//! Plug: `object-add`, `device_add`, wait for the DIMM's blocks, online them, verify.
+//! Unplug: offline the DIMM's blocks (retrying EBUSY), `device_del`, wait for
+//! `DEVICE_DELETED`, `object-del`. Resize: unplugs newest DIMMs first, then plugs, until
+//! the VM's memory equals the target.
+
+use std::{sync::Arc, time::Duration};
+
+use qga_qmp::Qmp;
+use qga_wire::schema::{
+    GuestMemoryBlockResponse, GuestMemoryBlockResponseType, GuestMemoryOnlineType, command,
+};
+use serde::Serialize;
+use tokio::time::Instant;
+
+use super::{
+    layout::{self, BlockState, Dimm, DimmDevice, GuestView},
+    qemu,
+};
+use crate::{
+    call::{BlockChanges, Call, Reply},
+    config,
+    error::BridgeError,
+    session::Session,
+};
+
+/// One step an operation took.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Step {
+    /// What it was (`object-add`, `device_add`, `wait-blocks`, `online`, ...).
+    pub name: &'static str,
+    /// How long it took.
+    pub duration_ms: f64,
+    /// What it did.
+    pub detail: String,
+}
+
+/// What the agent offers beyond QGA.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Capabilities {
+    /// `__org.qga-bridge_get-memory-zones`.
+    pub zones: bool,
+    /// `__org.qga-bridge_set-memory-blocks`.
+    pub online_type: bool,
+}
+
+/// Everything an operation works with, and what it has done so far.
+#[derive(Debug)]
+pub struct Ctx {
+    /// The VM.
+    pub vm: String,
+    /// Its agent.
+    pub session: Arc<Session>,
+    /// Its QEMU.
+    pub qmp: Qmp,
+    /// Timeouts and sizes.
+    pub settings: config::Hotplug,
+    /// Largest set the bridge sends.
+    pub max_set_entries: usize,
+    /// The whole operation's deadline.
+    pub deadline: Instant,
+    /// Steps taken.
+    pub steps: Vec<Step>,
+    /// Things worth knowing that did not stop the operation.
+    pub warnings: Vec<String>,
+}
+
+/// Linux errno names for the codes offlining reports.
+fn errno(code: i64) -> String {
+    let name = match code {
+        1 => "EPERM",
+        11 => "EAGAIN",
+        13 => "EACCES",
+        16 => "EBUSY",
+        22 => "EINVAL",
+        _ => return format!("errno {code}"),
+    };
+    format!("{name} (errno {code})")
+}
+
+fn describe(r: &GuestMemoryBlockResponse) -> String {
+    let what = match r.response {
+        GuestMemoryBlockResponseType::Success => "success",
+        GuestMemoryBlockResponseType::NotFound => "not found",
+        GuestMemoryBlockResponseType::OperationNotSupported => "operation not supported",
+        GuestMemoryBlockResponseType::OperationFailed => "operation failed",
+    };
+    match r.error_code {
+        Some(code) => format!("block {}: {what}, {}", r.phys_index, errno(code)),
+        None => format!("block {}: {what}", r.phys_index),
+    }
+}
+
+/// Whether a failed offlining is worth another try: page migration can need several.
+fn transient(r: &GuestMemoryBlockResponse) -> bool {
+    r.response == GuestMemoryBlockResponseType::OperationFailed
+        && matches!(r.error_code, Some(16 | 11))
+}
+
+impl Ctx {
+    fn hotplug_error(&self, step: &str, reason: String) -> BridgeError {
+        BridgeError::Hotplug {
+            vm: self.vm.clone(),
+            step: step.to_string(),
+            reason,
+            blocks: Vec::new(),
+        }
+    }
+
+    /// Records a step that started at `start`.
+    pub fn step(&mut self, name: &'static str, start: Instant, detail: String) {
+        self.steps.push(Step {
+            name,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            detail,
+        });
+    }
+
+    async fn agent(&self, call: Call) -> Result<Reply, BridgeError> {
+        self.session.call(call, Some(self.deadline)).await
+    }
+
+    /// The guest's block size.
+    pub async fn block_size(&self) -> Result<u64, BridgeError> {
+        match self.agent(Call::GetMemoryBlockInfo).await? {
+            Reply::GetMemoryBlockInfo(info) if info.size > 0 => Ok(info.size),
+            _ => Err(BridgeError::BadReply {
+                vm: self.vm.clone(),
+                reason: "no usable block size".into(),
+            }),
+        }
+    }
+
+    /// Which extensions the agent lists (and has enabled) in `guest-info`.
+    pub async fn capabilities(&self) -> Result<Capabilities, BridgeError> {
+        let Reply::Info(info) = self.agent(Call::Info).await? else {
+            return Ok(Capabilities::default());
+        };
+        let has = |name: &str| {
+            info.supported_commands
+                .iter()
+                .any(|c| c.name == name && c.enabled)
+        };
+        Ok(Capabilities {
+            zones: has(command::GET_MEMORY_ZONES),
+            online_type: has(command::SET_MEMORY_BLOCKS_ONLINE_TYPE),
+        })
+    }
+
+    /// The guest's blocks, with zones when the agent reports them.
+    pub async fn guest(&self, caps: Capabilities) -> Result<GuestView, BridgeError> {
+        let Reply::GetMemoryBlocks(blocks) = self.agent(Call::GetMemoryBlocks).await? else {
+            return Ok(GuestView::default());
+        };
+        let zones = if caps.zones {
+            match self.agent(Call::GetMemoryZones).await? {
+                Reply::MemoryZones(z) => Some(z),
+                _ => None,
+            }
+        } else {
+            None
+        };
+        Ok(GuestView { blocks, zones })
+    }
+
+    /// Onlines or offlines `indices` (onlining as `online_type`, or as the agent is
+    /// configured when `None`); the failures.
+    async fn set(
+        &self,
+        indices: &[u64],
+        online: bool,
+        online_type: Option<GuestMemoryOnlineType>,
+    ) -> Result<Vec<GuestMemoryBlockResponse>, BridgeError> {
+        let mut failures = Vec::new();
+        for chunk in indices.chunks(self.max_set_entries.max(1)) {
+            let changes = BlockChanges::new(chunk.iter().map(|&i| (i, online)), chunk.len())?;
+            let call = match online_type {
+                Some(t) if online => Call::SetMemoryBlocksOnlineType(changes, t),
+                _ => Call::SetMemoryBlocks(changes),
+            };
+            if let Reply::SetMemoryBlocks(results) = self.agent(call).await? {
+                failures.extend(
+                    results
+                        .into_iter()
+                        .filter(|r| r.response != GuestMemoryBlockResponseType::Success),
+                );
+            }
+        }
+        Ok(failures)
+    }
+
+    /// The deadline of one phase: `limit` from now, never past the operation's.
+    fn phase(&self, limit_ms: u64) -> Instant {
+        (Instant::now() + Duration::from_millis(limit_ms)).min(self.deadline)
+    }
+}
+
+/// The first `qga-dimmN` / `qga-memN` pair of ids that neither QEMU object uses.
+fn free_ids(devices: &[DimmDevice], memdevs: &[String]) -> (String, String) {
+    (0..)
+        .map(|n| (format!("qga-dimm{n}"), format!("qga-mem{n}")))
+        .find(|(d, m)| {
+            !devices.iter().any(|x| &x.id == d || &x.memdev == m) && !memdevs.contains(m)
+        })
+        .unwrap_or_default()
+}
+
+/// What `plug` was asked.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct PlugArgs {
+    /// Bytes.
+    pub size: u64,
+    /// NUMA node.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub node: Option<u32>,
+    /// How to online (`None`: `online_movable`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub online_type: Option<GuestMemoryOnlineType>,
+}
+
+/// Plugs a DIMM of `args.size` and onlines its blocks; undoes everything on failure.
+pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
+    let block_size = ctx.block_size().await?;
+    if args.size == 0 || !args.size.is_multiple_of(block_size) {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {} is not a positive multiple of the guest's block size ({block_size} bytes)",
+            args.size
+        )));
+    }
+    let caps = ctx.capabilities().await?;
+    let online_type = match (args.online_type, caps.online_type) {
+        (t, true) => Some(t.unwrap_or(GuestMemoryOnlineType::OnlineMovable)),
+        (None, false) => {
+            ctx.warnings.push(
+                "the agent cannot choose the zone (it does not offer \
+                 __org.qga-bridge_set-memory-blocks): it onlines the DIMM as it is configured \
+                 to; qemu-ga writes plain 'online', which usually leaves the DIMM impossible \
+                 to unplug"
+                    .into(),
+            );
+            None
+        }
+        (Some(t), false) => {
+            return Err(ctx.hotplug_error(
+                "check",
+                format!(
+                    "online type '{}' was asked for, but the agent cannot choose the zone \
+                     (it does not offer __org.qga-bridge_set-memory-blocks); nothing was done",
+                    t.as_str()
+                ),
+            ));
+        }
+    };
+    let devices = qemu::dimms(ctx).await?;
+    qemu::check_room(ctx, &devices, args.size).await?;
+    let memdevs = qemu::memdev_ids(ctx).await?;
+    let (dimm_id, mem_id) = free_ids(&devices, &memdevs);
+    qemu::object_add(ctx, &mem_id, args.size).await?;
+    if let Err(e) = qemu::device_add(ctx, &dimm_id, &mem_id, args.node).await {
+        let undo = qemu::object_del(ctx, &mem_id).await;
+        return Err(with_undo(e, undo.map_err(|e| e.to_string())));
+    }
+    match online_new(ctx, &dimm_id, block_size, online_type, caps).await {
+        Ok(dimm) => Ok(dimm),
+        Err(e) => {
+            let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
+            Err(with_undo(e, undo))
+        }
+    }
+}
+
+/// Adds what undoing did (or failed to do) to a hotplug error.
+fn with_undo(e: BridgeError, undo: Result<(), String>) -> BridgeError {
+    let note = match &undo {
+        Ok(()) => "; undone: the VM is as it was".to_string(),
+        Err(why) => format!("; undoing failed too, the VM may keep part of it: {why}"),
+    };
+    match e {
+        BridgeError::Hotplug {
+            vm,
+            step,
+            reason,
+            blocks,
+        } => BridgeError::Hotplug {
+            vm,
+            step,
+            reason: reason + &note,
+            blocks,
+        },
+        BridgeError::DeadlineExceeded { vm, command } if undo.is_err() => BridgeError::Hotplug {
+            vm,
+            step: command,
+            reason: format!("the deadline passed{note}"),
+            blocks: Vec::new(),
+        },
+        other => other,
+    }
+}
+
+/// Waits for the new DIMM's blocks and onlines them.
+async fn online_new(
+    ctx: &mut Ctx,
+    dimm_id: &str,
+    block_size: u64,
+    online_type: Option<GuestMemoryOnlineType>,
+    caps: Capabilities,
+) -> Result<Dimm, BridgeError> {
+    let device = qemu::dimms(ctx)
+        .await?
+        .into_iter()
+        .find(|d| d.id == dimm_id)
+        .ok_or_else(|| ctx.hotplug_error("device_add", "QEMU does not list the new DIMM".into()))?;
+    let range = device.block_range(block_size);
+    let start = Instant::now();
+    let until = ctx.phase(ctx.settings.appear_timeout_ms);
+    let mut pause = Duration::from_millis(20);
+    let view = loop {
+        let view = ctx.guest(caps).await?;
+        let seen = range
+            .clone()
+            .filter(|&i| view.block(i).state != BlockState::Absent)
+            .count();
+        if seen == range.clone().count() {
+            break view;
+        }
+        if Instant::now() + pause > until {
+            return Err(ctx.hotplug_error(
+                "wait-blocks",
+                format!(
+                    "{seen} of the DIMM's {} blocks ({}-{}) appeared in the guest within {} ms",
+                    range.clone().count(),
+                    range.start,
+                    range.end.saturating_sub(1),
+                    start.elapsed().as_millis()
+                ),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(250));
+    };
+    ctx.step(
+        "wait-blocks",
+        start,
+        format!("blocks {}-{}", range.start, range.end.saturating_sub(1)),
+    );
+    let mut offline = Vec::new();
+    for i in range.clone() {
+        let b = view.block(i);
+        if b.state == BlockState::Offline {
+            offline.push(i);
+        } else if b.movable() == Some(false)
+            && online_type == Some(GuestMemoryOnlineType::OnlineMovable)
+        {
+            ctx.warnings.push(format!(
+                "block {i} was onlined by the guest kernel itself into zone {} \
+                 (auto_online_blocks): this DIMM will not come out",
+                b.valid_zones.join(" ")
+            ));
+        }
+    }
+    let start = Instant::now();
+    let failures = ctx.set(&offline, true, online_type).await?;
+    if !failures.is_empty() {
+        let reason = failures.iter().map(describe).collect::<Vec<_>>().join("; ");
+        return Err(BridgeError::Hotplug {
+            vm: ctx.vm.clone(),
+            step: "online".into(),
+            reason: format!("the guest could not online the DIMM: {reason}"),
+            blocks: failures,
+        });
+    }
+    let how = online_type.map_or("as the agent is configured", |t| t.as_str());
+    ctx.step("online", start, format!("{} blocks, {how}", offline.len()));
+    let view = ctx.guest(caps).await?;
+    let dimm = layout::dimm(&device, block_size, &view);
+    if let Some(b) = dimm.blocks.iter().find(|b| b.state != BlockState::Online) {
+        return Err(ctx.hotplug_error(
+            "verify",
+            format!("block {} is {:?} after onlining", b.phys_index, b.state),
+        ));
+    }
+    Ok(dimm)
+}
+
+/// Takes a half-plugged DIMM out again, on a budget of its own: the operation's deadline
+/// may be what failed it.
+async fn undo_plug(
+    ctx: &mut Ctx,
+    dimm_id: &str,
+    mem_id: &str,
+    block_size: u64,
+) -> Result<(), String> {
+    let s = &ctx.settings;
+    let budget = s.eject_timeout_ms + 3 * s.qmp_timeout_ms + 30_000;
+    ctx.deadline = Instant::now() + Duration::from_millis(budget);
+    let device = qemu::dimms(ctx)
+        .await
+        .map_err(|e| e.to_string())?
+        .into_iter()
+        .find(|d| d.id == dimm_id);
+    if let Some(device) = device {
+        let caps = ctx.capabilities().await.unwrap_or_default();
+        let view = ctx.guest(caps).await.map_err(|e| e.to_string())?;
+        let online: Vec<u64> = device
+            .block_range(block_size)
+            .filter(|&i| view.block(i).state == BlockState::Online)
+            .collect();
+        if let Err((_, failures)) = offline_all(ctx, &online).await {
+            let why = failures.iter().map(describe).collect::<Vec<_>>().join("; ");
+            return Err(format!(
+                "cannot offline the new blocks ({why}); the DIMM stays"
+            ));
+        }
+        eject(ctx, dimm_id).await.map_err(|e| e.to_string())?;
+    }
+    qemu::object_del(ctx, mem_id)
+        .await
+        .map_err(|e| e.to_string())
+}
+
+/// Offlines `indices`, trying again after EBUSY/EAGAIN with backoff while time is left
+/// (keeping enough to eject the DIMM or give the blocks back). On failure: the blocks it
+/// did offline and the failures that stopped it.
+async fn offline_all(
+    ctx: &mut Ctx,
+    indices: &[u64],
+) -> Result<(), (Vec<u64>, Vec<GuestMemoryBlockResponse>)> {
+    let start = Instant::now();
+    let reserve =
+        Duration::from_millis(ctx.settings.eject_timeout_ms + 2 * ctx.settings.qmp_timeout_ms);
+    let until = ctx
+        .deadline
+        .checked_sub(reserve)
+        .unwrap_or(start)
+        .max(start + Duration::from_secs(1));
+    let mut pending = indices.to_vec();
+    let mut done = Vec::new();
+    let mut pause = Duration::from_millis(100);
+    let mut tries = 0u32;
+    loop {
+        tries += 1;
+        let failures = match ctx.set(&pending, false, None).await {
+            Ok(f) => f,
+            Err(e) => {
+                let fail = GuestMemoryBlockResponse {
+                    phys_index: pending.first().copied().unwrap_or_default(),
+                    response: GuestMemoryBlockResponseType::OperationFailed,
+                    error_code: None,
+                };
+                tracing::warn!(vm = %ctx.vm, error = %e, "offlining failed");
+                return Err((done, vec![fail]));
+            }
+        };
+        done.extend(
+            pending
+                .iter()
+                .filter(|i| !failures.iter().any(|f| f.phys_index == **i)),
+        );
+        if failures.is_empty() {
+            ctx.step(
+                "offline",
+                start,
+                format!("{} blocks in {tries} tries", indices.len()),
+            );
+            return Ok(());
+        }
+        if !failures.iter().all(transient) || Instant::now() + pause > until {
+            return Err((done, failures));
+        }
+        pending = failures.iter().map(|f| f.phys_index).collect();
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// Gives blocks back to the guest after a failed removal, into the zone they were in.
+async fn reonline(
+    ctx: &mut Ctx,
+    view: &GuestView,
+    indices: &[u64],
+    caps: Capabilities,
+) -> Result<(), String> {
+    if indices.is_empty() {
+        return Ok(());
+    }
+    ctx.deadline = ctx
+        .deadline
+        .max(Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms * 2));
+    let start = Instant::now();
+    let movable: Vec<u64> = indices
+        .iter()
+        .copied()
+        .filter(|&i| view.block(i).movable() != Some(false))
+        .collect();
+    let kernel: Vec<u64> = indices
+        .iter()
+        .copied()
+        .filter(|i| !movable.contains(i))
+        .collect();
+    let mut failures = Vec::new();
+    for (set, t) in [
+        (movable, GuestMemoryOnlineType::OnlineMovable),
+        (kernel, GuestMemoryOnlineType::OnlineKernel),
+    ] {
+        if set.is_empty() {
+            continue;
+        }
+        let t = caps.online_type.then_some(t);
+        failures.extend(ctx.set(&set, true, t).await.map_err(|e| e.to_string())?);
+    }
+    ctx.step(
+        "re-online",
+        start,
+        format!("{} blocks given back", indices.len()),
+    );
+    if failures.is_empty() {
+        Ok(())
+    } else {
+        Err(failures.iter().map(describe).collect::<Vec<_>>().join("; "))
+    }
+}
+
+/// `device_del`, then waits for the guest to eject the DIMM: `DEVICE_DELETED`, or its
+/// absence from `query-memory-devices` (events can be missed over a reconnect).
+async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
+    let mut events = ctx.qmp.events();
+    let start = Instant::now();
+    qemu::device_del(ctx, dimm_id).await?;
+    let until = ctx.phase(ctx.settings.eject_timeout_ms);
+    let mut listening = true;
+    loop {
+        let poll = tokio::time::sleep(Duration::from_millis(250));
+        tokio::select! {
+            event = events.recv(), if listening => match event {
+                Ok(e) => {
+                    if e.device_deleted().is_some_and(|d| d.device.as_deref() == Some(dimm_id)) {
+                        break;
+                    }
+                    if let Some(ost) = e
+                        .acpi_device_ost()
+                        .filter(|o| o.device.as_deref() == Some(dimm_id) && o.status != 0)
+                    {
+                        return Err(ctx.hotplug_error(
+                            "wait-deleted",
+                            format!(
+                                "the guest refused to eject the DIMM (ACPI _OST source {:#x}, \
+                                 status {:#x})",
+                                ost.source, ost.status
+                            ),
+                        ));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => listening = false,
+            },
+            () = poll => {
+                if !qemu::dimms(ctx).await?.iter().any(|d| d.id == dimm_id) {
+                    break;
+                }
+            }
+            () = tokio::time::sleep_until(until) => {
+                return Err(ctx.hotplug_error(
+                    "wait-deleted",
+                    format!(
+                        "the guest did not eject the DIMM within {} ms",
+                        start.elapsed().as_millis()
+                    ),
+                ));
+            }
+        }
+    }
+    ctx.step("device_del", start, format!("{dimm_id} ejected"));
+    Ok(())
+}
+
+/// Offlines DIMM `dimm_id`'s blocks, unplugs it and deletes its backend. If the guest
+/// cannot give the memory back, the blocks it did offline are onlined again and the DIMM
+/// stays.
+pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
+    let device = qemu::dimms(ctx)
+        .await?
+        .into_iter()
+        .find(|d| d.id == dimm_id)
+        .ok_or_else(|| BridgeError::DimmNotFound {
+            vm: ctx.vm.clone(),
+            dimm: dimm_id.to_string(),
+        })?;
+    let block_size = ctx.block_size().await?;
+    let caps = ctx.capabilities().await?;
+    let view = ctx.guest(caps).await?;
+    let before = layout::dimm(&device, block_size, &view);
+    let online: Vec<u64> = device
+        .block_range(block_size)
+        .rev()
+        .filter(|&i| view.block(i).state == BlockState::Online)
+        .collect();
+    if let Err((done, failures)) = offline_all(ctx, &online).await {
+        let reason = failures.iter().map(describe).collect::<Vec<_>>().join("; ");
+        let given_back = reonline(ctx, &view, &done, caps).await;
+        let note = match given_back {
+            Ok(()) => "the DIMM stays and every block is online again".to_string(),
+            Err(why) => format!("the DIMM stays; giving blocks back failed: {why}"),
+        };
+        return Err(BridgeError::Hotplug {
+            vm: ctx.vm.clone(),
+            step: "offline".into(),
+            reason: format!("the guest could not give the memory back: {reason}; {note}"),
+            blocks: failures,
+        });
+    }
+    if let Err(e) = eject(ctx, dimm_id).await {
+        let given_back = reonline(ctx, &view, &online, caps).await;
+        let note = match given_back {
+            Ok(()) => "; the DIMM stays and its blocks are online again".to_string(),
+            Err(why) => format!("; the DIMM stays, giving blocks back failed: {why}"),
+        };
+        return Err(with_note(e, &note));
+    }
+    let start = Instant::now();
+    qemu::object_del(ctx, &device.memdev).await.map_err(|e| {
+        with_note(
+            e,
+            "; the DIMM is gone but its memory backend remains (retry object-del)",
+        )
+    })?;
+    ctx.step("object-del", start, device.memdev.clone());
+    Ok(before)
+}
+
+fn with_note(e: BridgeError, note: &str) -> BridgeError {
+    match e {
+        BridgeError::Hotplug {
+            vm,
+            step,
+            reason,
+            blocks,
+        } => BridgeError::Hotplug {
+            vm,
+            step,
+            reason: reason + note,
+            blocks,
+        },
+        other => other,
+    }
+}
+
+/// What `resize` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Resized {
+    /// Memory before, bytes.
+    pub from_bytes: u64,
+    /// Memory after, bytes.
+    pub to_bytes: u64,
+    /// DIMMs plugged, in order.
+    pub plugged: Vec<Dimm>,
+    /// DIMMs unplugged, in order.
+    pub unplugged: Vec<Dimm>,
+}
+
+/// Unplugs DIMMs newest (highest address) first while the VM has more than `target`
+/// bytes, then plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until it has
+/// `target`.
+pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> {
+    let block_size = ctx.block_size().await?;
+    let (boot, plugged) = qemu::memory_summary(ctx).await?;
+    let from = boot + plugged;
+    if target < boot {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} is below the boot memory ({boot} bytes), which cannot be unplugged"
+        )));
+    }
+    if !(target - boot).is_multiple_of(block_size) {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} minus the boot memory ({boot} bytes) is not a multiple of the \
+             guest's block size ({block_size} bytes)"
+        )));
+    }
+    let dimm_size = ctx.settings.dimm_size;
+    if !dimm_size.is_multiple_of(block_size) {
+        return Err(ctx.hotplug_error(
+            "check",
+            format!(
+                "hotplug.dimm_size ({dimm_size}) is not a multiple of the guest's block size \
+                 ({block_size})"
+            ),
+        ));
+    }
+    let mut done = Resized {
+        from_bytes: from,
+        to_bytes: from,
+        plugged: Vec::new(),
+        unplugged: Vec::new(),
+    };
+    let progress = |done: &Resized| {
+        format!(
+            "; the VM has {} bytes now ({} DIMMs plugged, {} unplugged by this resize)",
+            done.to_bytes,
+            done.plugged.len(),
+            done.unplugged.len()
+        )
+    };
+    let mut devices = qemu::dimms(ctx).await?;
+    devices.retain(|d| !d.id.is_empty());
+    devices.sort_by_key(|d| std::cmp::Reverse(d.addr));
+    for device in devices {
+        if done.to_bytes <= target {
+            break;
+        }
+        match unplug(ctx, &device.id).await {
+            Ok(dimm) => {
+                done.to_bytes -= dimm.size;
+                done.unplugged.push(dimm);
+            }
+            Err(e) => return Err(with_note(e, &progress(&done))),
+        }
+    }
+    while done.to_bytes < target {
+        let size = dimm_size.min(target - done.to_bytes);
+        let args = PlugArgs {
+            size,
+            node: None,
+            online_type: None,
+        };
+        match plug(ctx, &args).await {
+            Ok(dimm) => {
+                done.to_bytes += dimm.size;
+                done.plugged.push(dimm);
+            }
+            Err(e) => return Err(with_note(e, &progress(&done))),
+        }
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_skip_what_qemu_already_has() {
+        let d = |id: &str, memdev: &str| DimmDevice {
+            id: id.into(),
+            addr: 0,
+            size: 0,
+            node: 0,
+            slot: 0,
+            memdev: memdev.into(),
+            hotplugged: true,
+        };
+        assert_eq!(
+            free_ids(&[], &[]),
+            ("qga-dimm0".to_string(), "qga-mem0".to_string())
+        );
+        let (dimm, mem) = free_ids(&[d("qga-dimm0", "x")], &["qga-mem1".to_string()]);
+        assert_eq!((dimm.as_str(), mem.as_str()), ("qga-dimm2", "qga-mem2"));
+    }
+
+    #[test]
+    fn errnos_are_named() {
+        let r = GuestMemoryBlockResponse {
+            phys_index: 34,
+            response: GuestMemoryBlockResponseType::OperationFailed,
+            error_code: Some(16),
+        };
+        assert_eq!(describe(&r), "block 34: operation failed, EBUSY (errno 16)");
+        assert!(transient(&r));
+        let einval = GuestMemoryBlockResponse {
+            error_code: Some(22),
+            ..r
+        };
+        assert!(!transient(&einval));
+    }
+}
