@@ -1,0 +1,226 @@
+//! Memory hotplug's checks and rules, against a fake agent and a scripted QEMU monitor: what
+//! is refused before QEMU is asked, one operation per VM, request-ids, and errors that name
+//! their step. The real plug and unplug cycle runs on a real guest (tests/tests/hotplug.rs).
+
+mod common;
+
+use std::{
+    path::Path,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use common::{clients, config, rpc, start};
+use futures::{SinkExt, StreamExt};
+use qga_fake_agent::FakeAgent;
+use qga_wire::codec::{Frame, QgaCodec};
+use serde_json::{Value, json};
+use tokio::net::UnixListener;
+use tokio_util::codec::Framed;
+
+/// A QEMU monitor that answers what the bridge asks from a script: it refuses `object-add`
+/// (so no operation gets past it), answers `query-memory-devices` after `slow`, and
+/// records every command.
+struct FakeQmp {
+    commands: Arc<Mutex<Vec<String>>>,
+    _task: tokio::task::JoinHandle<()>,
+}
+
+impl FakeQmp {
+    fn start(path: &Path, slow: Duration) -> Self {
+        let listener = UnixListener::bind(path).expect("bind QMP socket");
+        let commands = Arc::new(Mutex::new(Vec::new()));
+        let seen = commands.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let mut framed = Framed::new(stream, QgaCodec::default());
+                let greeting = json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2,
+                    "micro": 0}, "package": ""}, "capabilities": []}});
+                if framed.send(&greeting).await.is_err() {
+                    continue;
+                }
+                while let Some(Ok(Frame::Value(request))) = framed.next().await {
+                    let command = request["execute"].as_str().unwrap_or_default().to_string();
+                    seen.lock().expect("lock").push(command.clone());
+                    let result = match command.as_str() {
+                        "qmp_capabilities" | "query-memdev" => json!({"return": {}}),
+                        "query-memory-devices" => {
+                            tokio::time::sleep(slow).await;
+                            json!({"return": []})
+                        }
+                        "query-memory-size-summary" => {
+                            json!({"return": {"base-memory": 536_870_912u64}})
+                        }
+                        "object-add" => json!({"error": {"class": "GenericError",
+                            "desc": "this QEMU refuses object-add"}}),
+                        _ => json!({"error": {"class": "CommandNotFound",
+                            "desc": format!("The command {command} has not been found")}}),
+                    };
+                    let mut reply = result;
+                    reply["id"] = request["id"].clone();
+                    if command == "query-memdev" {
+                        reply["return"] = json!([]);
+                    }
+                    if framed.send(&reply).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        Self {
+            commands,
+            _task: task,
+        }
+    }
+
+    fn count(&self, command: &str) -> usize {
+        self.commands
+            .lock()
+            .expect("lock")
+            .iter()
+            .filter(|c| *c == command)
+            .count()
+    }
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _agents: Vec<FakeAgent>,
+    qmp: FakeQmp,
+    bridge: qga_bridge::Bridge,
+}
+
+/// VM `plain` has no QMP socket; VM `vm` has the scripted one.
+async fn setup(slow: Duration) -> Setup {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
+    let agents = vec![
+        FakeAgent::start(&a, 8).expect("agent"),
+        FakeAgent::start(&b, 8).expect("agent"),
+    ];
+    let qmp_path = dir.path().join("qmp.sock");
+    let qmp = FakeQmp::start(&qmp_path, slow);
+    let mut c = config(&[("plain", &a), ("vm", &b)]);
+    c.qmp.insert("vm".into(), qmp_path);
+    let bridge = start(c).await;
+    Setup {
+        _dir: dir,
+        _agents: agents,
+        qmp,
+        bridge,
+    }
+}
+
+fn code(r: &Result<Value, (i32, String, Option<Value>)>) -> i32 {
+    r.as_ref().map_or_else(|e| e.0, |_| 0)
+}
+
+#[tokio::test]
+async fn checks_come_before_qemu_and_failures_name_their_step() {
+    let s = setup(Duration::ZERO).await;
+    let c = clients(&s.bridge).await;
+
+    let no_qmp = rpc(&c.http, "memory-layout", json!({"vm": "plain"})).await;
+    assert_eq!(code(&no_qmp), -32007, "{no_qmp:?}");
+    assert!(
+        format!("{no_qmp:?}").contains("no QMP socket"),
+        "{no_qmp:?}"
+    );
+
+    let odd = rpc(&c.http, "memory-plug", json!({"vm": "vm", "size": 1000})).await;
+    assert_eq!(
+        code(&odd),
+        -32602,
+        "not a multiple of the block size: {odd:?}"
+    );
+    assert_eq!(s.qmp.count("object-add"), 0, "QEMU was not asked");
+
+    let missing = rpc(
+        &c.http,
+        "memory-unplug",
+        json!({"vm": "vm", "dimm": "dimm9"}),
+    )
+    .await;
+    assert_eq!(code(&missing), -32012, "{missing:?}");
+
+    // QEMU refuses: the error names the step and QEMU's reason, and nothing else was tried.
+    let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r1"});
+    let first = rpc(&c.http, "memory-plug", plug.clone()).await;
+    let Err((-32007, message, Some(data))) = &first else {
+        panic!("QEMU's refusal: {first:?}");
+    };
+    assert_eq!(data["step"], "object-add", "{data}");
+    assert!(
+        message.contains("this QEMU refuses object-add"),
+        "{message}"
+    );
+    assert_eq!(s.qmp.count("device_add"), 0);
+
+    // The same request-id: the first outcome again, without asking QEMU again.
+    let retry = rpc(&c.http, "memory-plug", plug).await;
+    assert_eq!(retry, first);
+    assert_eq!(s.qmp.count("object-add"), 1, "acted once");
+    let other = rpc(
+        &c.http,
+        "memory-plug",
+        json!({"vm": "vm", "size": 268_435_456u64, "request-id": "r1"}),
+    )
+    .await;
+    assert_eq!(
+        code(&other),
+        -32602,
+        "request-id reused for another plug: {other:?}"
+    );
+
+    let below = rpc(
+        &c.http,
+        "memory-resize",
+        json!({"vm": "vm", "size": 1u64 << 20}),
+    )
+    .await;
+    assert_eq!(code(&below), -32602, "below the boot memory: {below:?}");
+}
+
+#[tokio::test]
+async fn one_operation_per_vm_the_second_is_aborted() {
+    let s = setup(Duration::from_millis(1500)).await;
+    let c = clients(&s.bridge).await;
+    let http = c.http.clone();
+    let first = tokio::spawn(async move {
+        rpc(
+            &http,
+            "memory-plug",
+            json!({"vm": "vm", "size": 536_870_912u64}),
+        )
+        .await
+    });
+    // The first is now waiting on QEMU's slow query-memory-devices.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let second = rpc(
+        &c.http,
+        "memory-resize",
+        json!({"vm": "vm", "size": 1u64 << 30}),
+    )
+    .await;
+    assert_eq!(code(&second), -32011, "{second:?}");
+    // The QGA methods are not held up meanwhile.
+    assert!(
+        rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
+            .await
+            .is_ok()
+    );
+    let first = first.await.expect("first call");
+    assert_eq!(
+        code(&first),
+        -32007,
+        "the first runs to its own end: {first:?}"
+    );
+    // Once it is done, the VM takes the next operation.
+    let third = rpc(
+        &c.http,
+        "memory-plug",
+        json!({"vm": "vm", "size": 536_870_912u64}),
+    )
+    .await;
+    assert_eq!(code(&third), -32007, "{third:?}");
+}
