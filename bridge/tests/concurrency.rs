@@ -204,7 +204,13 @@ async fn a_joined_read_is_not_cut_short_by_the_starters_deadline() {
         .await
         .map(|r| r.into_inner().blocks.len())
         .map_err(|e| e.code());
-    assert_eq!(short.await.expect("task"), Err(Code::DeadlineExceeded));
+    // The bridge answers DEADLINE_EXCEEDED 10 ms before the caller's own timer; on a loaded
+    // machine the client's timer (CANCELLED) can still win that race.
+    let short = short.await.expect("task");
+    assert!(
+        matches!(short, Err(Code::DeadlineExceeded | Code::Cancelled)),
+        "the impatient caller times out: {short:?}"
+    );
     assert_eq!(long, Ok(8), "the patient caller gets its answer");
 }
 
