@@ -523,6 +523,14 @@ async fn reonline(
     }
 }
 
+/// Whether an ACPI `_OST` status on an eject request is the guest's refusal: 1 (failure),
+/// 2 (unrecognised) and 0x80-0x83 (ejection not supported, device in use, busy,
+/// dependency busy). 0 is success and 0x84 "ejection in progress", which Linux reports
+/// before every eject.
+fn refused(status: i64) -> bool {
+    matches!(status, 1 | 2 | 0x80..=0x83)
+}
+
 /// `device_del`, then waits for the guest to eject the DIMM: `DEVICE_DELETED`, or its
 /// absence from `query-memory-devices` (events can be missed over a reconnect).
 async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
@@ -541,7 +549,7 @@ async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
                     }
                     if let Some(ost) = e
                         .acpi_device_ost()
-                        .filter(|o| o.device.as_deref() == Some(dimm_id) && o.status != 0)
+                        .filter(|o| o.device.as_deref() == Some(dimm_id) && refused(o.status))
                     {
                         return Err(ctx.hotplug_error(
                             "wait-deleted",
@@ -612,6 +620,14 @@ pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
         });
     }
     if let Err(e) = eject(ctx, dimm_id).await {
+        // A refusal or a timeout may race with the eject itself: what QEMU lists decides.
+        let gone = qemu::dimms(ctx)
+            .await
+            .is_ok_and(|d| !d.iter().any(|d| d.id == dimm_id));
+        if gone {
+            tracing::warn!(vm = %ctx.vm, dimm = dimm_id, error = %e, "the DIMM was ejected after all");
+            return finish_unplug(ctx, &device, before).await;
+        }
         let given_back = reonline(ctx, &view, &online, caps).await;
         let note = match given_back {
             Ok(()) => "; the DIMM stays and its blocks are online again".to_string(),
@@ -619,6 +635,15 @@ pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
         };
         return Err(with_note(e, &note));
     }
+    finish_unplug(ctx, &device, before).await
+}
+
+/// Deletes an ejected DIMM's backend.
+async fn finish_unplug(
+    ctx: &mut Ctx,
+    device: &DimmDevice,
+    before: Dimm,
+) -> Result<Dimm, BridgeError> {
     let start = Instant::now();
     qemu::object_del(ctx, &device.memdev).await.map_err(|e| {
         with_note(
@@ -757,6 +782,12 @@ mod tests {
         );
         let (dimm, mem) = free_ids(&[d("qga-dimm0", "x")], &["qga-mem1".to_string()]);
         assert_eq!((dimm.as_str(), mem.as_str()), ("qga-dimm2", "qga-mem2"));
+    }
+
+    #[test]
+    fn eject_in_progress_is_not_a_refusal() {
+        assert!(!refused(0) && !refused(0x84), "success, in progress");
+        assert!(refused(1) && refused(0x81) && refused(0x83));
     }
 
     #[test]
