@@ -11,7 +11,10 @@ use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
     http_client::{HeaderMap, HttpClient, HttpClientBuilder},
 };
-use qga_proto::v1::{guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient};
+use qga_proto::v1::{
+    guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient,
+    memory_hotplug_client::MemoryHotplugClient,
+};
 use serde_json::Value;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
@@ -24,11 +27,28 @@ pub struct BridgeProcess {
 impl BridgeProcess {
     /// Starts `qga-bridge` for `(name, socket)` VMs on free ports; waits until it serves.
     pub async fn start(vms: &[(&str, &Path)]) -> anyhow::Result<Self> {
+        Self::start_with_qmp(vms, &[]).await
+    }
+
+    /// Like [`BridgeProcess::start`], and gives VMs their QMP sockets (`--qmp NAME=PATH`
+    /// for each `(name, socket)` of `qmp`), for memory hotplug.
+    pub async fn start_with_qmp(
+        vms: &[(&str, &Path)],
+        qmp: &[(&str, &Path)],
+    ) -> anyhow::Result<Self> {
         let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
-        let inner =
-            tokio::task::spawn_blocking(move || qga_testkit::BridgeProcess::start(&table, &[]))
-                .await?
-                .context("starting qga-bridge")?;
+        let args: Vec<String> = qmp
+            .iter()
+            .flat_map(|(name, socket)| {
+                ["--qmp".to_string(), format!("{name}={}", socket.display())]
+            })
+            .collect();
+        let inner = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            qga_testkit::BridgeProcess::start(&table, &args)
+        })
+        .await?
+        .context("starting qga-bridge")?;
         Ok(Self { inner })
     }
 
@@ -45,6 +65,8 @@ pub struct Clients {
     pub memory: GuestMemoryClient<Channel>,
     /// GuestAgent service.
     pub agent: GuestAgentClient<Channel>,
+    /// MemoryHotplug service.
+    pub hotplug: MemoryHotplugClient<Channel>,
     /// JSON-RPC over HTTP.
     pub http: HttpClient,
 }
@@ -109,7 +131,8 @@ impl Clients {
             .connect_lazy();
         Ok(Self {
             memory: GuestMemoryClient::new(channel.clone()),
-            agent: GuestAgentClient::new(channel),
+            agent: GuestAgentClient::new(channel.clone()),
+            hotplug: MemoryHotplugClient::new(channel),
             http: HttpClientBuilder::default()
                 .request_timeout(Duration::from_secs(180))
                 .with_custom_cert_store(tls.rustls()?)
@@ -123,7 +146,8 @@ impl Clients {
         let channel = Channel::from_shared(grpc.to_string())?.connect_lazy();
         Ok(Self {
             memory: GuestMemoryClient::new(channel.clone()),
-            agent: GuestAgentClient::new(channel),
+            agent: GuestAgentClient::new(channel.clone()),
+            hotplug: MemoryHotplugClient::new(channel),
             http: HttpClientBuilder::default()
                 .request_timeout(Duration::from_secs(180))
                 .build(jsonrpc)?,
@@ -132,16 +156,53 @@ impl Clients {
 
     /// A JSON-RPC call with named params; errors carry the JSON-RPC code.
     pub async fn rpc(&self, method: &str, params: Value) -> Result<Value, (i32, String)> {
+        self.rpc_full(method, params)
+            .await
+            .map_err(|e| (e.code, e.message))
+    }
+
+    /// Like [`Clients::rpc`], with the error's `data` too.
+    pub async fn rpc_full(&self, method: &str, params: Value) -> Result<Value, RpcError> {
+        let transport = |e: String| RpcError {
+            code: 0,
+            message: e,
+            data: None,
+        };
         let mut p = ObjectParams::new();
         if let Value::Object(map) = params {
             for (k, v) in map {
-                p.insert(&k, v).map_err(|e| (0, e.to_string()))?;
+                p.insert(&k, v).map_err(|e| transport(e.to_string()))?;
             }
         }
         match self.http.request::<Value, _>(method, p).await {
             Ok(v) => Ok(v),
-            Err(ClientError::Call(e)) => Err((e.code(), e.message().to_string())),
-            Err(e) => Err((0, e.to_string())),
+            Err(ClientError::Call(e)) => Err(RpcError {
+                code: e.code(),
+                message: e.message().to_string(),
+                data: e.data().and_then(|d| serde_json::from_str(d.get()).ok()),
+            }),
+            Err(e) => Err(transport(e.to_string())),
         }
+    }
+}
+
+/// A JSON-RPC error answer (code 0: the call did not get an answer).
+#[derive(Debug, Clone)]
+pub struct RpcError {
+    /// The JSON-RPC error code.
+    pub code: i32,
+    /// Its message.
+    pub message: String,
+    /// Its `data`, if any.
+    pub data: Option<Value>,
+}
+
+impl std::fmt::Display for RpcError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JSON-RPC error {}: {}", self.code, self.message)?;
+        if let Some(d) = &self.data {
+            write!(f, " (data {d})")?;
+        }
+        Ok(())
     }
 }

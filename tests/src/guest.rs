@@ -24,6 +24,33 @@ pub struct GuestConfig {
     pub agent: &'static str,
     /// `--online-type` of our agent (ignored by qemu-ga, which always writes `online`).
     pub online_type: &'static str,
+    /// More kernel command line, appended as is (e.g. `memhp_default_state=online_movable`
+    /// for a guest whose kernel onlines new memory itself); usually empty.
+    pub extra_append: &'static str,
+}
+
+impl GuestConfig {
+    /// `agent` onlining as `online_type`, with the usual kernel command line.
+    pub fn new(agent: &'static str, online_type: &'static str) -> Self {
+        Self {
+            agent,
+            online_type,
+            extra_append: "",
+        }
+    }
+}
+
+/// A DIMM as QEMU lists it (`query-memory-devices`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryDevice {
+    /// Device id (empty when QEMU has none).
+    pub id: String,
+    /// The backend's id (QEMU reports its QOM path, `/objects/ID`; this is `ID`).
+    pub memdev: String,
+    /// Guest physical address.
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
 }
 
 /// The host's handles on a running guest: QMP and the init's control port.
@@ -114,6 +141,39 @@ impl GuestControl {
         Qmp::connect(&self.qmp, Duration::from_secs(10))
     }
 
+    /// The ids of QEMU's memory backends (`query-memdev`), through the test's own QMP
+    /// socket.
+    pub fn memdev_ids(&self) -> anyhow::Result<Vec<String>> {
+        let memdevs = self.qmp()?.execute("query-memdev", None)?;
+        Ok(memdevs
+            .as_array()
+            .context("query-memdev returned no list")?
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect())
+    }
+
+    /// QEMU's DIMMs (`query-memory-devices`), through the test's own QMP socket.
+    pub fn memory_devices(&self) -> anyhow::Result<Vec<MemoryDevice>> {
+        let devices = self.qmp()?.execute("query-memory-devices", None)?;
+        Ok(devices
+            .as_array()
+            .context("query-memory-devices returned no list")?
+            .iter()
+            .filter(|d| d["type"] == "dimm")
+            .map(|d| {
+                let data = &d["data"];
+                let memdev = data["memdev"].as_str().unwrap_or_default();
+                MemoryDevice {
+                    id: data["id"].as_str().unwrap_or_default().to_string(),
+                    memdev: memdev.rsplit('/').next().unwrap_or(memdev).to_string(),
+                    addr: data["addr"].as_u64().unwrap_or_default(),
+                    size: data["size"].as_u64().unwrap_or_default(),
+                }
+            })
+            .collect())
+    }
+
     /// Hot-adds a DIMM of `bytes` as `id` (backend `mem-<id>`).
     pub fn hot_add_dimm(&self, id: &str, bytes: u64) -> anyhow::Result<()> {
         let mut q = self.qmp()?;
@@ -184,6 +244,12 @@ impl Guest {
         self.dir.path().join("qga.sock")
     }
 
+    /// The second QMP socket, the bridge's (QEMU serves one client per QMP socket; the
+    /// test's own client keeps `qmp.sock`).
+    pub fn qmp_bridge_socket(&self) -> PathBuf {
+        self.dir.path().join("qmp-bridge.sock")
+    }
+
     /// QMP and control sockets.
     pub fn control(&self) -> GuestControl {
         GuestControl {
@@ -204,10 +270,14 @@ impl Guest {
     fn start(&mut self) -> anyhow::Result<()> {
         let d = self.dir.path();
         let _ = std::fs::remove_file(self.console());
-        let append = format!(
+        let mut append = format!(
             "console=ttyS0 quiet panic=-1 qga.agent={} qga.online_type={}",
             self.config.agent, self.config.online_type
         );
+        if !self.config.extra_append.is_empty() {
+            append.push(' ');
+            append.push_str(self.config.extra_append);
+        }
         let started = Instant::now();
         let child = Command::new("qemu-system-x86_64")
             .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
@@ -240,6 +310,12 @@ impl Guest {
             .arg(format!(
                 "unix:{},server=on,wait=off",
                 d.join("qmp.sock").display()
+            ))
+            // The bridge's own QMP socket: QEMU serves one client per socket.
+            .arg("-qmp")
+            .arg(format!(
+                "unix:{},server=on,wait=off",
+                d.join("qmp-bridge.sock").display()
             ))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -289,7 +365,7 @@ impl Guest {
     /// Kills QEMU and boots the same guest again on the same socket paths.
     pub fn restart_qemu(&mut self) -> anyhow::Result<()> {
         self.stop();
-        for s in ["qga.sock", "qmp.sock", "control.sock"] {
+        for s in ["qga.sock", "qmp.sock", "qmp-bridge.sock", "control.sock"] {
             let _ = std::fs::remove_file(self.dir.path().join(s));
         }
         self.start()

@@ -1,16 +1,18 @@
 //! The memory hotplug scenario, driven only through the bridge (gRPC and JSON-RPC), with
-//! QMP for what only the host can do (plugging DIMMs). Shared by the QEMU tests and the
-//! docker compose run.
+//! QMP for what only the host can do (plugging DIMMs) — and the bridge's own memory
+//! hotplug (`memory-plug` / `MemoryHotplug`), which does the QMP part itself over the VM's
+//! second QMP socket. Shared by the QEMU tests and the docker compose run.
 
 use std::{
     collections::BTreeSet,
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, anyhow, bail, ensure};
 use qga_proto::v1::{
-    GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock, MemoryBlockChange,
-    MemoryBlockResponseType, MemoryBlockResult, PingRequest, SetMemoryBlocksRequest,
+    BlockState, GetLayoutRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock,
+    MemoryBlockChange, MemoryBlockResponseType, MemoryBlockResult, OnlineType, PingRequest,
+    PlugRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
 };
 use serde_json::{Value, json};
 
@@ -18,6 +20,9 @@ use crate::{bridge::Clients, guest::GuestControl};
 
 /// The DIMM the scenario plugs: 512 MiB.
 pub const DIMM_BYTES: u64 = 512 << 20;
+
+/// 1 GiB.
+pub const GIB: u64 = 1 << 30;
 
 /// Named phase durations, printed at the end of a run.
 #[derive(Debug, Default)]
@@ -341,6 +346,187 @@ pub async fn security_checks(
     ensure!(
         matches!(&refused, Err((0, why)) if why.contains("403")),
         "a foreign Origin was served: {refused:?}"
+    );
+    Ok(())
+}
+
+/// A JSON-RPC call that must succeed.
+pub async fn call(c: &Clients, method: &str, params: Value) -> anyhow::Result<Value> {
+    c.rpc_full(method, params)
+        .await
+        .map_err(|e| anyhow!("{method}: {e}"))
+}
+
+/// The VM's memory layout through JSON-RPC (`memory-layout`).
+pub async fn memory_layout(c: &Clients, vm: &str) -> anyhow::Result<Value> {
+    call(c, "memory-layout", json!({ "vm": vm })).await
+}
+
+/// The DIMMs of a `memory-layout` answer.
+pub fn layout_dimms(layout: &Value) -> &[Value] {
+    layout["dimms"].as_array().map_or(&[], Vec::as_slice)
+}
+
+/// The states of a (JSON) DIMM's blocks, lowest block first.
+pub fn block_states(dimm: &Value) -> Vec<&str> {
+    dimm["blocks"]
+        .as_array()
+        .map(|b| {
+            b.iter()
+                .map(|b| b["state"].as_str().unwrap_or("?"))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Prints the steps and warnings of a JSON-RPC hotplug answer.
+pub fn print_steps(what: &str, reply: &Value) {
+    for s in reply["steps"].as_array().into_iter().flatten() {
+        eprintln!(
+            "e2e: {what}: step {} {:.1} ms: {}",
+            s["name"].as_str().unwrap_or("?"),
+            s["duration-ms"].as_f64().unwrap_or_default(),
+            s["detail"].as_str().unwrap_or_default()
+        );
+    }
+    for w in reply["warnings"].as_array().into_iter().flatten() {
+        eprintln!("e2e: {what}: warning: {w}");
+    }
+}
+
+/// Prints the steps and warnings of a gRPC hotplug answer.
+pub fn print_grpc_steps(what: &str, steps: &[Step], warnings: &[String]) {
+    for s in steps {
+        eprintln!(
+            "e2e: {what}: step {} {:.1} ms: {}",
+            s.name, s.duration_ms, s.detail
+        );
+    }
+    for w in warnings {
+        eprintln!("e2e: {what}: warning: {w}");
+    }
+}
+
+/// The hotplug phase of the compose run, all through the bridge: `memory-plug` 512 MiB
+/// (JSON-RPC), MemTotal +512 MiB, the layout shows the DIMM's blocks online (in
+/// ZONE_MOVABLE when the agent reports zones), `Unplug` (gRPC), MemTotal back, the DIMM
+/// and its memory backend gone. QMP (`g`) only to check QEMU's side.
+pub async fn bridge_hotplug_cycle(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<()> {
+    let mem_before = g.mem_total_kib()?;
+    let before = memory_layout(c, vm).await?;
+    let dimms_before = layout_dimms(&before).len();
+
+    let start = Instant::now();
+    let plugged = call(c, "memory-plug", json!({"vm": vm, "size": DIMM_BYTES})).await?;
+    print_steps("memory-plug", &plugged);
+    let id = plugged["dimm"]["id"]
+        .as_str()
+        .with_context(|| format!("memory-plug answered no DIMM id: {plugged}"))?
+        .to_string();
+    let memdev = plugged["dimm"]["memdev"]
+        .as_str()
+        .with_context(|| format!("memory-plug answered no memdev: {plugged}"))?
+        .to_string();
+    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, Duration::from_secs(30)).await?;
+    t.record("memory-plug to usable (MemTotal +512 MiB)", start.elapsed());
+
+    let layout = c
+        .hotplug
+        .clone()
+        .get_layout(GetLayoutRequest { vm: vm.into() })
+        .await
+        .context("GetLayout")?
+        .into_inner();
+    let dimm = layout
+        .dimms
+        .iter()
+        .find(|d| d.id == id)
+        .with_context(|| format!("the layout lacks the plugged DIMM {id}: {layout:?}"))?;
+    ensure!(
+        dimm.blocks.len() as u64 == DIMM_BYTES / layout.block_size.max(1)
+            && dimm.blocks.iter().all(|b| b.state() == BlockState::Online),
+        "the DIMM's blocks are not all online: {dimm:?}"
+    );
+    if layout.zones_known {
+        ensure!(
+            dimm.blocks.iter().all(|b| b.valid_zones == ["Movable"])
+                && dimm.removable == Some(true),
+            "the DIMM is not all in ZONE_MOVABLE: {dimm:?}"
+        );
+    }
+    ensure!(
+        g.memdev_ids()?.contains(&memdev),
+        "QEMU does not list the DIMM's backend {memdev}"
+    );
+
+    let start = Instant::now();
+    let unplugged = c
+        .hotplug
+        .clone()
+        .unplug(UnplugRequest {
+            vm: vm.into(),
+            dimm: id.clone(),
+            request_id: None,
+        })
+        .await
+        .context("Unplug")?
+        .into_inner();
+    print_grpc_steps("Unplug", &unplugged.steps, &[]);
+    wait_mem_total(g, mem_before, Duration::from_secs(30)).await?;
+    t.record("Unplug to MemTotal back", start.elapsed());
+    let after = memory_layout(c, vm).await?;
+    ensure!(
+        layout_dimms(&after).len() == dimms_before
+            && !layout_dimms(&after).iter().any(|d| d["id"] == id.as_str()),
+        "the DIMM {id} is still in the layout: {after}"
+    );
+    ensure!(
+        !g.memdev_ids()?.contains(&memdev),
+        "QEMU still has the DIMM's backend {memdev} (object-del not done)"
+    );
+    Ok(())
+}
+
+/// A read-only identity may read the layout but not plug: PERMISSION_DENIED on gRPC,
+/// -32010 on JSON-RPC, and nothing plugged.
+pub async fn hotplug_denied(reader: &Clients, vm: &str) -> anyhow::Result<()> {
+    let before = memory_layout(reader, vm)
+        .await
+        .context("the read-only identity reads the layout")?;
+    let denied = reader
+        .rpc("memory-plug", json!({"vm": vm, "size": DIMM_BYTES}))
+        .await;
+    ensure!(
+        matches!(denied, Err((-32010, _))),
+        "a read-only identity's memory-plug was not -32010: {denied:?}"
+    );
+    let denied = reader
+        .hotplug
+        .clone()
+        .plug(PlugRequest {
+            vm: vm.into(),
+            size: DIMM_BYTES,
+            node: None,
+            online_type: OnlineType::Unspecified as i32,
+            request_id: None,
+        })
+        .await;
+    ensure!(
+        denied
+            .as_ref()
+            .is_err_and(|s| s.code() == tonic::Code::PermissionDenied),
+        "a read-only identity's Plug was not PERMISSION_DENIED: {denied:?}"
+    );
+    let after = memory_layout(reader, vm).await?;
+    ensure!(
+        layout_dimms(&after).len() == layout_dimms(&before).len()
+            && after["plugged-bytes"] == before["plugged-bytes"],
+        "a refused plug changed the layout: before {before}, after {after}"
     );
     Ok(())
 }

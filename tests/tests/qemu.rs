@@ -16,7 +16,12 @@ use qga_proto::v1::MemoryBlockResponseType;
 
 fn boot(agent: &'static str, online_type: &'static str) -> Guest {
     let image = image::ensure().expect("guest image (kernel from Debian's packages, static agent)");
-    Guest::boot(&image, GuestConfig { agent, online_type }).expect("guest boots")
+    let config = GuestConfig {
+        agent,
+        online_type,
+        extra_append: "",
+    };
+    Guest::boot(&image, config).expect("guest boots")
 }
 
 /// The bridge in front of `guest` as VM `vm1`, once the agent answers through it.

@@ -1,5 +1,8 @@
 //! `qga-e2e-scenario`: the end-to-end scenario against an already running bridge and
-//! guest (the docker compose `e2e` service). Exits non-zero on the first failure.
+//! guest (the docker compose `e2e` service): refusals, the hot-add/online/offline/unplug
+//! cycle (QMP by the scenario, blocks through the bridge), the bridge's own memory hotplug
+//! (memory-plug, Unplug over the guest's qmp-bridge.sock), an agent restart. Exits
+//! non-zero on the first failure.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -13,7 +16,8 @@ use qga_e2e::{
 
 #[derive(Parser)]
 #[command(
-    about = "Hot-add, online, offline and unplug memory of a running guest through qga-bridge"
+    about = "Hot-add, online, offline and unplug memory of a running guest through qga-bridge, \
+             then plug and unplug a DIMM with the bridge's own memory hotplug"
 )]
 struct Cli {
     /// gRPC endpoint of the bridge.
@@ -29,7 +33,7 @@ struct Cli {
     /// VM name at the bridge.
     #[arg(long, default_value = "guest")]
     vm: String,
-    /// The guest's QMP socket.
+    /// The guest's QMP socket (the scenario's own; the bridge has qmp-bridge.sock).
     #[arg(long, default_value = "/run/guest/qmp.sock")]
     qmp: PathBuf,
     /// The guest's control socket.
@@ -63,15 +67,22 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("e2e: bridge and agent answer ({failed} calls failed while the guest booted)");
     let mut origin = HeaderMap::new();
     origin.insert("origin", HeaderValue::from_static("https://evil.example"));
+    let reader = connect(Some("read"), HeaderMap::new()).await?;
     scenario::security_checks(
         &cli.vm,
         &connect(None, HeaderMap::new()).await?,
-        &connect(Some("read"), HeaderMap::new()).await?,
+        &reader,
         &connect(Some("write"), origin).await?,
     )
     .await?;
-    eprintln!("e2e: no certificate, a read-only identity's set and a foreign Origin are refused");
+    scenario::hotplug_denied(&reader, &cli.vm).await?;
+    eprintln!(
+        "e2e: no certificate, a read-only identity's set and memory-plug and a foreign Origin \
+         are refused"
+    );
     scenario::unplug_cycle(&c, &cli.vm, &g, &mut t).await?;
+    scenario::bridge_hotplug_cycle(&c, &cli.vm, &g, &mut t).await?;
+    eprintln!("e2e: memory-plug and Unplug of a 512 MiB DIMM through the bridge");
     let start = std::time::Instant::now();
     g.restart_agent()?;
     let failed = scenario::ping_until_ok(&c, &cli.vm, Duration::from_secs(60)).await?;

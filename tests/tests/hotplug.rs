@@ -1,0 +1,544 @@
+//! The bridge's memory hotplug end to end with a real QEMU guest (TCG): the bridge plugs
+//! and unplugs DIMMs over the guest's second QMP socket (`qmp-bridge.sock`) and onlines
+//! and offlines their blocks through the agent; the test checks the guest (MemTotal, over
+//! its control port) and QEMU (over its own `qmp.sock`).
+//!
+//! Needs qemu-system-x86_64, qemu-guest-agent and the guest image (built on demand from
+//! Debian's packages by tests/guest/build-image); fails, never skips, without them.
+//! Run one at a time (see .config/nextest.toml): each boots a guest.
+
+use std::{fmt::Display, time::Duration, time::Instant};
+
+use qga_e2e::{
+    bridge::{BridgeProcess, Clients},
+    guest::{Guest, GuestConfig},
+    image,
+    scenario::{self, DIMM_BYTES, GIB, Timings},
+};
+use qga_proto::v1::{BlockState, GetLayoutRequest, MemoryLayout, ResizeRequest, UnplugRequest};
+use serde_json::{Value, json};
+
+/// MemTotal of a DIMM, in KiB.
+const DIMM_KIB: u64 = DIMM_BYTES / 1024;
+
+fn boot(agent: &'static str, online_type: &'static str) -> Guest {
+    let image = image::ensure().expect("guest image (kernel from Debian's packages, static agent)");
+    Guest::boot(&image, GuestConfig::new(agent, online_type)).expect("guest boots")
+}
+
+/// Fails the test with `what`, the error and the guest's console.
+fn fail(guest: &Guest, what: &str, e: impl Display) -> ! {
+    panic!("{what}: {e}\nconsole:\n{}", guest.console_text())
+}
+
+/// The `Ok` value, or the test fails with the guest's console.
+fn ok<T, E: Display>(guest: &Guest, what: &str, r: Result<T, E>) -> T {
+    r.unwrap_or_else(|e| fail(guest, what, e))
+}
+
+/// Asserts `cond`, or fails with the guest's console.
+fn check(guest: &Guest, cond: bool, what: impl FnOnce() -> String) {
+    if !cond {
+        panic!("{}\nconsole:\n{}", what(), guest.console_text());
+    }
+}
+
+/// The bridge in front of `guest` as VM `vm1`, with the guest's bridge QMP socket, once
+/// the agent answers through it.
+async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
+    let bridge = BridgeProcess::start_with_qmp(
+        &[("vm1", &guest.qga_socket())],
+        &[("vm1", &guest.qmp_bridge_socket())],
+    )
+    .await
+    .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| fail(guest, "agent answers through the bridge", format!("{e:#}")));
+    (bridge, c)
+}
+
+async fn layout(guest: &Guest, c: &Clients) -> Value {
+    ok(
+        guest,
+        "memory-layout",
+        scenario::memory_layout(c, "vm1").await,
+    )
+}
+
+async fn grpc_layout(guest: &Guest, c: &Clients) -> MemoryLayout {
+    ok(
+        guest,
+        "GetLayout",
+        c.hotplug
+            .clone()
+            .get_layout(GetLayoutRequest { vm: "vm1".into() })
+            .await,
+    )
+    .into_inner()
+}
+
+async fn mem_total_becomes(guest: &Guest, want_kib: u64, what: &str) {
+    let r = scenario::wait_mem_total(&guest.control(), want_kib, Duration::from_secs(30)).await;
+    ok(guest, what, r.map_err(|e| format!("{e:#}")));
+}
+
+fn mem_total(guest: &Guest) -> u64 {
+    ok(guest, "MemTotal", guest.control().mem_total_kib())
+}
+
+/// A plugged DIMM as the JSON-RPC layout must show it with our agent onlining it
+/// movable: every block online, in ZONE_MOVABLE, removable.
+fn check_movable_dimm(guest: &Guest, dimm: &Value, block_size: u64) {
+    let states = scenario::block_states(dimm);
+    check(
+        guest,
+        states.len() as u64 == DIMM_BYTES / block_size,
+        || {
+            format!(
+                "a 512 MiB DIMM spans {} blocks: {dimm}",
+                DIMM_BYTES / block_size
+            )
+        },
+    );
+    check(guest, states.iter().all(|s| *s == "online"), || {
+        format!("every block of the DIMM is online: {dimm}")
+    });
+    let zones: Vec<&Value> = dimm["blocks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|b| &b["valid-zones"])
+        .collect();
+    check(
+        guest,
+        zones.iter().all(|z| **z == json!(["Movable"])),
+        || format!("our agent reports zones, and every block is in Movable: {dimm}"),
+    );
+    check(guest, dimm["removable"] == true, || {
+        format!("a DIMM all in ZONE_MOVABLE is removable: {dimm}")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plug_unplug_and_resize_through_the_bridge() {
+    let guest = boot("ours", "online_movable");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let g = guest.control();
+    let mut t = Timings::default();
+    t.record("boot to running agent", guest.boot_time);
+    let start_kib = mem_total(&guest);
+
+    let before = layout(&guest, &c).await;
+    eprintln!("e2e: layout before: {before}");
+    check(&guest, scenario::layout_dimms(&before).is_empty(), || {
+        format!("no DIMM at boot: {before}")
+    });
+    check(&guest, before["zones-known"] == true, || {
+        format!("our agent reports zones: {before}")
+    });
+    let block_size = before["block-size"].as_u64().unwrap_or_default();
+    let boot_bytes = before["boot-bytes"].as_u64().unwrap_or_default();
+    check(&guest, block_size > 0 && boot_bytes == 512 << 20, || {
+        format!("block size and 512 MiB boot memory in the layout: {before}")
+    });
+
+    // Plug 512 MiB over JSON-RPC, with a request-id.
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": "e2e-plug-1"});
+    let since = Instant::now();
+    let plugged = ok(
+        &guest,
+        "memory-plug",
+        scenario::call(&c, "memory-plug", plug.clone()).await,
+    );
+    t.record("memory-plug call (JSON-RPC)", since.elapsed());
+    scenario::print_steps("memory-plug", &plugged);
+    mem_total_becomes(
+        &guest,
+        start_kib + DIMM_KIB,
+        "MemTotal +512 MiB after memory-plug",
+    )
+    .await;
+    t.record("memory-plug to usable (MemTotal +512 MiB)", since.elapsed());
+    let dimm_id = plugged["dimm"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let memdev = plugged["dimm"]["memdev"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    check(
+        &guest,
+        dimm_id.starts_with("qga-dimm") && memdev.starts_with("qga-mem"),
+        || format!("the bridge names its DIMMs qga-dimmN on qga-memN: {plugged}"),
+    );
+    check(
+        &guest,
+        plugged["warnings"].as_array().is_some_and(Vec::is_empty),
+        || format!("no warnings when our agent onlines movable: {plugged}"),
+    );
+    check_movable_dimm(&guest, &plugged["dimm"], block_size);
+
+    let after = layout(&guest, &c).await;
+    eprintln!("e2e: layout after plug: {after}");
+    let dimms = scenario::layout_dimms(&after);
+    check(
+        &guest,
+        dimms.len() == 1 && dimms[0]["id"] == dimm_id.as_str(),
+        || format!("one DIMM, {dimm_id}, in the layout: {after}"),
+    );
+    check_movable_dimm(&guest, &dimms[0], block_size);
+    check(
+        &guest,
+        after["plugged-bytes"] == DIMM_BYTES && after["movable-bytes"] == DIMM_BYTES,
+        || format!("512 MiB plugged, all of it movable: {after}"),
+    );
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(
+        &guest,
+        devices.len() == 1 && devices[0].id == dimm_id && devices[0].memdev == memdev,
+        || format!("QEMU lists the DIMM {dimm_id} on {memdev}: {devices:?}"),
+    );
+    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
+    check(&guest, memdevs.contains(&memdev), || {
+        format!("QEMU lists the backend {memdev}: {memdevs:?}")
+    });
+
+    // The same plug again, same request-id: the first result, nothing plugged again.
+    let since = Instant::now();
+    let again = ok(
+        &guest,
+        "memory-plug retried",
+        scenario::call(&c, "memory-plug", plug).await,
+    );
+    t.record(
+        "memory-plug retry with the same request-id",
+        since.elapsed(),
+    );
+    check(&guest, again["dimm"]["id"] == dimm_id.as_str(), || {
+        format!("the retry answers the first plug's DIMM {dimm_id}: {again}")
+    });
+    let retried = layout(&guest, &c).await;
+    check(&guest, scenario::layout_dimms(&retried).len() == 1, || {
+        format!("a retried plug plugs once: {retried}")
+    });
+    let now = mem_total(&guest);
+    check(&guest, now == start_kib + DIMM_KIB, || {
+        format!(
+            "MemTotal after the retry is {now} KiB, expected {} KiB",
+            start_kib + DIMM_KIB
+        )
+    });
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(&guest, devices.len() == 1, || {
+        format!("QEMU has one DIMM after the retry: {devices:?}")
+    });
+
+    // Unplug over gRPC.
+    let since = Instant::now();
+    let unplugged = ok(
+        &guest,
+        "Unplug",
+        c.hotplug
+            .clone()
+            .unplug(UnplugRequest {
+                vm: "vm1".into(),
+                dimm: dimm_id.clone(),
+                request_id: None,
+            })
+            .await,
+    )
+    .into_inner();
+    t.record("Unplug call (gRPC)", since.elapsed());
+    scenario::print_grpc_steps("Unplug", &unplugged.steps, &[]);
+    check(
+        &guest,
+        unplugged.dimm.as_ref().is_some_and(|d| d.id == dimm_id),
+        || format!("Unplug answers the DIMM: {unplugged:?}"),
+    );
+    mem_total_becomes(&guest, start_kib, "MemTotal back after Unplug").await;
+    t.record("Unplug to MemTotal back", since.elapsed());
+    let l = grpc_layout(&guest, &c).await;
+    check(&guest, l.dimms.is_empty() && l.plugged_bytes == 0, || {
+        format!("no DIMM in the layout after Unplug: {l:?}")
+    });
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(&guest, devices.is_empty(), || {
+        format!("QEMU has no DIMM after Unplug: {devices:?}")
+    });
+    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
+    check(&guest, !memdevs.contains(&memdev), || {
+        format!("the backend {memdev} is gone (object-del): {memdevs:?}")
+    });
+
+    // Resize up by 1 GiB over gRPC: two DIMMs of 512 MiB (hotplug.dimm_size).
+    let since = Instant::now();
+    let up = ok(
+        &guest,
+        "Resize up",
+        c.hotplug
+            .clone()
+            .resize(ResizeRequest {
+                vm: "vm1".into(),
+                size: boot_bytes + GIB,
+                request_id: Some("e2e-resize-up".into()),
+            })
+            .await,
+    )
+    .into_inner();
+    t.record("Resize +1 GiB call (gRPC)", since.elapsed());
+    scenario::print_grpc_steps("Resize up", &up.steps, &up.warnings);
+    check(
+        &guest,
+        up.from_bytes == boot_bytes
+            && up.to_bytes == boot_bytes + GIB
+            && up.plugged.len() == 2
+            && up.unplugged.is_empty(),
+        || format!("Resize up plugs two 512 MiB DIMMs: {up:?}"),
+    );
+    mem_total_becomes(
+        &guest,
+        start_kib + GIB / 1024,
+        "MemTotal +1 GiB after Resize",
+    )
+    .await;
+    t.record("Resize +1 GiB to usable", since.elapsed());
+    let l = grpc_layout(&guest, &c).await;
+    check(
+        &guest,
+        l.dimms.len() == 2
+            && l.plugged_bytes == GIB
+            && l.dimms.iter().all(|d| {
+                d.removable == Some(true)
+                    && d.blocks
+                        .iter()
+                        .all(|b| b.state() == BlockState::Online && b.valid_zones == ["Movable"])
+            }),
+        || format!("two DIMMs, every block online in Movable: {l:?}"),
+    );
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(&guest, devices.len() == 2, || {
+        format!("QEMU has two DIMMs after Resize up: {devices:?}")
+    });
+
+    // And back to the boot size.
+    let since = Instant::now();
+    let down = ok(
+        &guest,
+        "Resize down",
+        c.hotplug
+            .clone()
+            .resize(ResizeRequest {
+                vm: "vm1".into(),
+                size: boot_bytes,
+                request_id: None,
+            })
+            .await,
+    )
+    .into_inner();
+    t.record("Resize back to boot size call (gRPC)", since.elapsed());
+    scenario::print_grpc_steps("Resize down", &down.steps, &down.warnings);
+    check(
+        &guest,
+        down.from_bytes == boot_bytes + GIB
+            && down.to_bytes == boot_bytes
+            && down.unplugged.len() == 2
+            && down.plugged.is_empty(),
+        || format!("Resize down unplugs both DIMMs: {down:?}"),
+    );
+    mem_total_becomes(&guest, start_kib, "MemTotal back after Resize down").await;
+    t.record("Resize back to MemTotal back", since.elapsed());
+    let l = layout(&guest, &c).await;
+    check(&guest, scenario::layout_dimms(&l).is_empty(), || {
+        format!("no DIMM after Resize down: {l}")
+    });
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
+    check(
+        &guest,
+        devices.is_empty() && !memdevs.iter().any(|m| m.starts_with("qga-mem")),
+        || format!("QEMU has no DIMM and no qga-mem backend: {devices:?} {memdevs:?}"),
+    );
+
+    // The compose run's hotplug phase, on this guest too.
+    let r = scenario::bridge_hotplug_cycle(&c, "vm1", &g, &mut t).await;
+    ok(
+        &guest,
+        "the compose hotplug phase",
+        r.map_err(|e| format!("{e:#}")),
+    );
+
+    eprintln!("e2e: timings (printed, not asserted):");
+    for (phase, d) in &t.0 {
+        eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
+    let guest = boot("ours", "online");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let g = guest.control();
+    let mut t = Timings::default();
+    let start_kib = mem_total(&guest);
+
+    let since = Instant::now();
+    let plugged = ok(
+        &guest,
+        "memory-plug online",
+        scenario::call(
+            &c,
+            "memory-plug",
+            json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online"}),
+        )
+        .await,
+    );
+    scenario::print_steps("memory-plug online", &plugged);
+    mem_total_becomes(
+        &guest,
+        start_kib + DIMM_KIB,
+        "MemTotal +512 MiB after memory-plug",
+    )
+    .await;
+    t.record("memory-plug (online) to usable", since.elapsed());
+    let dimm_id = plugged["dimm"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    eprintln!("e2e: plain-online DIMM: {}", plugged["dimm"]);
+    // With zones known, `removable` says whether every block is in Movable.
+    let dimm = &plugged["dimm"];
+    let all_movable = dimm["blocks"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .all(|b| b["valid-zones"] == json!(["Movable"]));
+    check(&guest, dimm["removable"] == all_movable, || {
+        format!("removable agrees with the blocks' zones: {dimm}")
+    });
+
+    let since = Instant::now();
+    let refused = c
+        .rpc_full(
+            "memory-unplug",
+            json!({"vm": "vm1", "dimm": dimm_id, "timeout-ms": 30000}),
+        )
+        .await;
+    t.record("memory-unplug refused", since.elapsed());
+    eprintln!("e2e: memory-unplug of a plain-online DIMM: {refused:?}");
+    let e = match refused {
+        Err(e) => e,
+        Ok(v) => fail(
+            &guest,
+            "memory-unplug of a plain-online DIMM",
+            format!("it came out, the kernel let ZONE_NORMAL memory go: {v}"),
+        ),
+    };
+    check(&guest, e.code == -32007, || {
+        format!("the refusal is FAILED_PRECONDITION (-32007): {e}")
+    });
+    check(&guest, e.message.contains("block "), || {
+        format!("the refusal names the blocks: {e}")
+    });
+    check(
+        &guest,
+        e.data.as_ref().is_some_and(|d| {
+            d["step"] == "offline" && d["blocks"].as_array().is_some_and(|b| !b.is_empty())
+        }),
+        || format!("the refusal's data has the step and the blocks: {e}"),
+    );
+
+    // Nothing changed: the memory, the DIMM and its blocks are all still there.
+    let now = mem_total(&guest);
+    check(&guest, now == start_kib + DIMM_KIB, || {
+        format!(
+            "MemTotal after the refused unplug is {now} KiB, expected {} KiB",
+            start_kib + DIMM_KIB
+        )
+    });
+    let l = layout(&guest, &c).await;
+    let dimms = scenario::layout_dimms(&l);
+    check(
+        &guest,
+        dimms.len() == 1
+            && dimms[0]["id"] == dimm_id.as_str()
+            && scenario::block_states(&dimms[0]) == ["online"; 4],
+        || format!("the DIMM stays with its 4 blocks online: {l}"),
+    );
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(&guest, devices.iter().any(|d| d.id == dimm_id), || {
+        format!("QEMU still has the DIMM {dimm_id}: {devices:?}")
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_agent_plug_works_with_a_warning() {
+    let guest = boot("reference", "online");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let g = guest.control();
+    let mut t = Timings::default();
+    let start_kib = mem_total(&guest);
+
+    let since = Instant::now();
+    let plugged = ok(
+        &guest,
+        "memory-plug with qemu-ga",
+        scenario::call(&c, "memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES})).await,
+    );
+    scenario::print_steps("memory-plug (qemu-ga)", &plugged);
+    mem_total_becomes(
+        &guest,
+        start_kib + DIMM_KIB,
+        "MemTotal +512 MiB after memory-plug",
+    )
+    .await;
+    t.record("memory-plug (qemu-ga) to usable", since.elapsed());
+    check(
+        &guest,
+        plugged["warnings"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty()),
+        || format!("qemu-ga cannot choose the zone: the plug warns: {plugged}"),
+    );
+    let l = layout(&guest, &c).await;
+    eprintln!("e2e: layout with qemu-ga: {l}");
+    let dimms = scenario::layout_dimms(&l);
+    check(
+        &guest,
+        dimms.len() == 1 && scenario::block_states(&dimms[0]) == ["online"; 4],
+        || format!("one DIMM with 4 online blocks: {l}"),
+    );
+    check(&guest, l["zones-known"] == false, || {
+        format!("qemu-ga reports no zones: {l}")
+    });
+
+    let refused = c
+        .rpc_full(
+            "memory-plug",
+            json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online_movable"}),
+        )
+        .await;
+    eprintln!("e2e: memory-plug online_movable with qemu-ga: {refused:?}");
+    check(
+        &guest,
+        matches!(&refused, Err(e) if e.code == -32007),
+        || format!("online_movable asked of qemu-ga is FAILED_PRECONDITION (-32007): {refused:?}"),
+    );
+    let after = layout(&guest, &c).await;
+    check(&guest, scenario::layout_dimms(&after).len() == 1, || {
+        format!("the refused plug plugged nothing: {after}")
+    });
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(&guest, devices.len() == 1, || {
+        format!("QEMU has only the first DIMM: {devices:?}")
+    });
+    let now = mem_total(&guest);
+    check(&guest, now == start_kib + DIMM_KIB, || {
+        format!(
+            "MemTotal after the refused plug is {now} KiB, expected {} KiB",
+            start_kib + DIMM_KIB
+        )
+    });
+}
