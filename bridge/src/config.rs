@@ -210,8 +210,10 @@ impl Default for Timeouts {
         let commands = [
             // Onlining or offlining can make the kernel migrate pages for seconds.
             ("guest-set-memory-blocks", 120_000),
+            ("__org.qga-bridge_set-memory-blocks", 120_000),
             // Tens of thousands of blocks take a while on a slow guest.
             ("guest-get-memory-blocks", 30_000),
+            ("__org.qga-bridge_get-memory-zones", 30_000),
             ("guest-ping", 5_000),
         ]
         .into_iter()
@@ -367,11 +369,16 @@ enum VmEntry {
     /// `NAME = "/path/qga.sock"`.
     Qga(PathBuf),
     /// `NAME = { qga = "...", qmp = "..." }`.
-    Full {
-        qga: PathBuf,
-        #[serde(default)]
-        qmp: Option<PathBuf>,
-    },
+    Full(VmSockets),
+}
+
+/// `{ qga = "...", qmp = "..." }`; a misspelt key is an error, not a VM without hotplug.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct VmSockets {
+    qga: PathBuf,
+    #[serde(default)]
+    qmp: Option<PathBuf>,
 }
 
 /// Memory hotplug: how DIMMs are sized and how long each phase may take.
@@ -412,6 +419,9 @@ impl Default for Hotplug {
     }
 }
 
+/// The longest hotplug timeout: one day.
+const MAX_HOTPLUG_MS: u64 = 86_400_000;
+
 impl Hotplug {
     fn validate(&self) -> Result<(), ConfigError> {
         for (name, value) in [
@@ -426,6 +436,18 @@ impl Hotplug {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!(
                     "hotplug.{name} must be at least 1"
+                )));
+            }
+        }
+        for (name, ms) in [
+            ("timeout_ms", self.timeout_ms),
+            ("appear_timeout_ms", self.appear_timeout_ms),
+            ("eject_timeout_ms", self.eject_timeout_ms),
+            ("qmp_timeout_ms", self.qmp_timeout_ms),
+        ] {
+            if ms > MAX_HOTPLUG_MS {
+                return Err(ConfigError::Invalid(format!(
+                    "hotplug.{name} must be at most {MAX_HOTPLUG_MS} (one day)"
                 )));
             }
         }
@@ -698,7 +720,7 @@ impl Config {
         for (name, entry) in file.vms {
             let (qga, qmp) = match entry {
                 VmEntry::Qga(qga) => (qga, None),
-                VmEntry::Full { qga, qmp } => (qga, qmp),
+                VmEntry::Full(VmSockets { qga, qmp }) => (qga, qmp),
             };
             self.vms.insert(name.clone(), qga);
             if let Some(qmp) = qmp {
@@ -767,6 +789,15 @@ impl Config {
             )));
         }
         self.hotplug.validate()?;
+        let mut qmp_sockets: BTreeMap<&Path, &str> = BTreeMap::new();
+        for (name, socket) in &self.qmp {
+            if let Some(other) = qmp_sockets.insert(socket, name) {
+                return Err(ConfigError::Invalid(format!(
+                    "VMs '{other}' and '{name}' have the same QMP socket {}",
+                    socket.display()
+                )));
+            }
+        }
         if self.limits.max_vms == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_vms must be at least 1".into(),
@@ -890,6 +921,14 @@ mod tests {
             c.apply_toml(Path::new("t"), "[vms]\nb = { qmp = \"/b.qmp\" }\n")
                 .is_err(),
             "no agent socket"
+        );
+        assert!(
+            c.apply_toml(
+                Path::new("t"),
+                "[vms]\nb = { qga = \"/b.sock\", qpm = \"/b.qmp\" }\n"
+            )
+            .is_err(),
+            "a misspelt key"
         );
         let cli = Cli {
             vms: vec![("a".into(), "/a".into())],

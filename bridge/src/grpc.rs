@@ -386,10 +386,11 @@ impl MemoryHotplug for Api {
             dimm: r.dimm.clone(),
         };
         let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
-        let (dimm, steps, _) = the_dimm(done)?;
+        let (dimm, steps, warnings) = the_dimm(done)?;
         Ok(Response::new(pb::UnplugResponse {
             dimm: Some(dimm),
             steps,
+            warnings,
         }))
     }
 

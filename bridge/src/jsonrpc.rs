@@ -505,9 +505,6 @@ mod tests {
         }
     }
 
-    /// Found by the `jsonrpc_params` fuzz target: derived decoding took a JSON array as
-    /// the fields in order, so `["vm1"]` was a valid envelope and `[5, true]` a valid
-    /// block change.
     #[test]
     fn hotplug_params_are_checked_per_method() {
         let ok = decode_hotplug(
@@ -559,6 +556,9 @@ mod tests {
         assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
     }
 
+    /// Found by the `jsonrpc_params` fuzz target: derived decoding took a JSON array as
+    /// the fields in order, so `["vm1"]` was a valid envelope and `[5, true]` a valid
+    /// block change.
     #[test]
     fn params_and_block_changes_are_objects_not_positional_lists() {
         let ping = command::PING;

@@ -82,6 +82,8 @@ pub struct DimmDevice {
     pub memdev: String,
     /// Plugged at run time.
     pub hotplugged: bool,
+    /// Can be unplugged (QEMU's `hotpluggable`).
+    pub hotpluggable: bool,
 }
 
 impl DimmDevice {
@@ -118,40 +120,41 @@ pub struct Layout {
     pub zones_known: bool,
 }
 
+/// Block number -> (online, valid zones).
+type BlockIndex = BTreeMap<u64, (bool, Vec<String>)>;
+
 /// The guest's view: its blocks and, if the agent offers them, their zones.
 #[derive(Debug, Clone, Default)]
 pub struct GuestView {
-    /// `guest-get-memory-blocks`.
-    pub blocks: Vec<GuestMemoryBlock>,
-    /// The zone extension's reply.
-    pub zones: Option<GuestMemoryZones>,
+    /// The zone extension's reply, if the agent offers it.
+    zones: Option<GuestMemoryZones>,
+    index: BlockIndex,
 }
 
 impl GuestView {
-    /// Block number -> (online, valid zones).
-    fn index(&self) -> BTreeMap<u64, (bool, Vec<String>)> {
-        let mut map: BTreeMap<u64, (bool, Vec<String>)> = self
-            .blocks
+    /// The view from `guest-get-memory-blocks` and, where offered, the zone extension.
+    pub fn new(blocks: &[GuestMemoryBlock], zones: Option<GuestMemoryZones>) -> Self {
+        let mut index: BlockIndex = blocks
             .iter()
             .map(|b| (b.phys_index, (b.online, Vec::new())))
             .collect();
-        if let Some(zones) = &self.zones {
+        if let Some(zones) = &zones {
             for z in &zones.blocks {
-                if let (Some(entry), Some(valid)) = (map.get_mut(&z.phys_index), &z.valid_zones) {
+                if let (Some(entry), Some(valid)) = (index.get_mut(&z.phys_index), &z.valid_zones) {
                     entry.1.clone_from(valid);
                 }
             }
         }
-        map
+        Self { zones, index }
     }
 
     /// The guest's state of `block`.
     pub fn block(&self, phys_index: u64) -> LayoutBlock {
-        block_of(&self.index(), phys_index)
+        block_of(&self.index, phys_index)
     }
 }
 
-fn block_of(index: &BTreeMap<u64, (bool, Vec<String>)>, phys_index: u64) -> LayoutBlock {
+fn block_of(index: &BlockIndex, phys_index: u64) -> LayoutBlock {
     match index.get(&phys_index) {
         Some((online, zones)) => LayoutBlock {
             phys_index,
@@ -172,15 +175,10 @@ fn block_of(index: &BTreeMap<u64, (bool, Vec<String>)>, phys_index: u64) -> Layo
 
 /// `device` with the guest's view of its blocks.
 pub fn dimm(device: &DimmDevice, block_size: u64, guest: &GuestView) -> Dimm {
-    let index = guest.index();
-    dimm_with(device, block_size, &index)
+    dimm_with(device, block_size, &guest.index)
 }
 
-fn dimm_with(
-    device: &DimmDevice,
-    block_size: u64,
-    index: &BTreeMap<u64, (bool, Vec<String>)>,
-) -> Dimm {
+fn dimm_with(device: &DimmDevice, block_size: u64, index: &BlockIndex) -> Dimm {
     let blocks: Vec<LayoutBlock> = device
         .block_range(block_size)
         .map(|i| block_of(index, i))
@@ -213,12 +211,12 @@ pub fn build(
     devices: &[DimmDevice],
     guest: &GuestView,
 ) -> Layout {
-    let index = guest.index();
+    let index = &guest.index;
     let mut devices = devices.to_vec();
     devices.sort_by_key(|d| d.addr);
     let dimms: Vec<Dimm> = devices
         .iter()
-        .map(|d| dimm_with(d, block_size, &index))
+        .map(|d| dimm_with(d, block_size, index))
         .collect();
     let in_dimms: std::collections::BTreeSet<u64> = dimms
         .iter()
@@ -227,7 +225,7 @@ pub fn build(
     let other_blocks: Vec<LayoutBlock> = index
         .keys()
         .filter(|i| !in_dimms.contains(i))
-        .map(|&i| block_of(&index, i))
+        .map(|&i| block_of(index, i))
         .collect();
     let online_blocks = index.values().filter(|(online, _)| *online).count() as u64;
     let zones_known = guest.zones.is_some();
@@ -276,6 +274,7 @@ mod tests {
             slot: 0,
             memdev: format!("mem-{id}"),
             hotplugged: true,
+            hotpluggable: true,
         }
     }
 
@@ -283,13 +282,11 @@ mod tests {
     fn dimms_own_the_blocks_of_their_address_range() {
         // 512 MiB boot (blocks 0-3), a 512 MiB DIMM at 4 GiB (blocks 32-35), of which the
         // guest has seen three.
-        let guest = GuestView {
-            blocks: (0..4)
-                .map(|i| block(i, true))
-                .chain([block(32, true), block(33, false), block(34, true)])
-                .collect(),
-            zones: None,
-        };
+        let blocks: Vec<GuestMemoryBlock> = (0..4)
+            .map(|i| block(i, true))
+            .chain([block(32, true), block(33, false), block(34, true)])
+            .collect();
+        let guest = GuestView::new(&blocks, None);
         let layout = build(
             128 * MIB,
             512 * MIB,
@@ -323,15 +320,16 @@ mod tests {
             valid_zones: Some(vec![z.to_string()]),
             removable: Some(true),
         };
-        let guest = GuestView {
-            blocks: vec![
-                block(0, true),
-                block(8, true),
-                block(9, true),
-                block(10, true),
-                block(11, true),
-            ],
-            zones: Some(GuestMemoryZones {
+        let blocks = [
+            block(0, true),
+            block(8, true),
+            block(9, true),
+            block(10, true),
+            block(11, true),
+        ];
+        let guest = GuestView::new(
+            &blocks,
+            Some(GuestMemoryZones {
                 auto_online_blocks: Some("offline".into()),
                 online_policy: None,
                 auto_movable_ratio: None,
@@ -343,7 +341,7 @@ mod tests {
                     zone(11, "Movable"),
                 ],
             }),
-        };
+        );
         let layout = build(
             128 * MIB,
             128 * MIB,

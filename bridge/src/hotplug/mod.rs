@@ -103,8 +103,25 @@ pub fn check_request_id(id: &str) -> Result<(), BridgeError> {
     }
 }
 
-/// A request id, the operation it named, and what came of it.
-type Remembered = (String, Operation, Result<Done, BridgeError>);
+/// A request-id, scoped to the identity that sent it: one caller cannot replay
+/// another's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Key {
+    identity: Option<String>,
+    id: String,
+}
+
+/// A request-id, the operation it named, and what came of it.
+type Remembered = (Key, Operation, Result<Done, BridgeError>);
+
+/// What a VM's operations leave behind.
+#[derive(Debug, Default)]
+struct State {
+    /// The running operation's request-id, if it has one.
+    running: Option<Key>,
+    /// Request-ids and what came of them, oldest first.
+    done: VecDeque<Remembered>,
+}
 
 /// One VM's hotplug state.
 #[derive(Debug)]
@@ -112,8 +129,7 @@ struct Vm {
     qmp: Qmp,
     /// Held by the running operation.
     busy: Arc<tokio::sync::Mutex<()>>,
-    /// Request ids and what came of them, oldest first.
-    done: Mutex<VecDeque<Remembered>>,
+    state: Mutex<State>,
 }
 
 /// Memory hotplug for every VM with a QMP socket.
@@ -154,7 +170,7 @@ impl Hotplug {
                 let vm = Vm {
                     qmp: Qmp::new(socket.clone(), limits.clone()),
                     busy: Arc::new(tokio::sync::Mutex::new(())),
-                    done: Mutex::new(VecDeque::new()),
+                    state: Mutex::new(State::default()),
                 };
                 (name.clone(), Arc::new(vm))
             })
@@ -215,7 +231,8 @@ impl Hotplug {
     }
 
     /// Runs `op` on `vm` for `caller` (already authorized). With `request_id`, a retry
-    /// returns the first call's remembered outcome.
+    /// by the same identity returns the first call's remembered outcome. Every outcome,
+    /// refusals included, is audited.
     pub async fn run(
         &self,
         caller: &Caller,
@@ -225,24 +242,41 @@ impl Hotplug {
         request_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<Done, BridgeError> {
-        let v = self.vm(vm)?.clone();
-        if let Some(id) = &request_id {
-            let done = lock(&v.done);
-            if let Some((_, first, result)) = done.iter().find(|(i, ..)| i == id) {
-                if *first != op {
-                    return Err(BridgeError::InvalidRequest(format!(
-                        "request-id '{id}' was used for another operation ({} {})",
-                        first.method(),
-                        serde_json::to_string(first).unwrap_or_default()
-                    )));
-                }
-                return result.clone();
+        let start = std::time::Instant::now();
+        let key = request_id.map(|id| Key {
+            identity: caller.identity.as_ref().map(|i| i.name().to_string()),
+            id,
+        });
+        let admitted = self.admit(vm, &op, key.as_ref());
+        let (v, guard) = match admitted {
+            Ok(Admitted::Run(v, guard)) => (v, guard),
+            Ok(Admitted::Replay(result)) => {
+                record(
+                    &self.audit,
+                    caller,
+                    vm,
+                    &op,
+                    key.as_ref(),
+                    &result,
+                    start,
+                    true,
+                );
+                return result;
             }
-        }
-        let Ok(guard) = v.busy.clone().try_lock_owned() else {
-            return Err(BridgeError::Aborted(format!(
-                "another memory hotplug operation runs on VM '{vm}'; nothing was done"
-            )));
+            Err(e) => {
+                let result = Err(e);
+                record(
+                    &self.audit,
+                    caller,
+                    vm,
+                    &op,
+                    key.as_ref(),
+                    &result,
+                    start,
+                    false,
+                );
+                return result;
+            }
         };
         let mut ctx = self.ctx(vm, v.qmp.clone(), session, deadline);
         let audit = self.audit.clone();
@@ -254,7 +288,6 @@ impl Hotplug {
         // The operation runs to its end even if the caller leaves: stopping half-way would
         // leave a DIMM half plugged.
         let task = tokio::spawn(async move {
-            let start = std::time::Instant::now();
             let what = match &op {
                 Operation::Plug(args) => ops::plug(&mut ctx, args)
                     .await
@@ -271,41 +304,35 @@ impl Hotplug {
                 steps: std::mem::take(&mut ctx.steps),
                 warnings: std::mem::take(&mut ctx.warnings),
             });
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(e) => e.outcome(),
-            };
+            let outcome = result.as_ref().map_or_else(BridgeError::outcome, |_| "ok");
             metrics.call(&vm, op.method(), outcome, start.elapsed());
-            let mut arguments = serde_json::to_value(&op).ok();
-            if let (Some(serde_json::Value::Object(a)), Some(id)) = (&mut arguments, &request_id) {
-                a.insert("request-id".into(), id.clone().into());
-            }
-            audit.record(&Record {
-                vm: Some(&vm),
-                method: Some(op.method()),
-                arguments,
-                error: result.as_ref().err().map(ToString::to_string),
-                results: result
-                    .as_ref()
-                    .ok()
-                    .and_then(|d| serde_json::to_value(d).ok()),
-                duration_ms: Some(start.elapsed().as_secs_f64() * 1000.0),
-                ..Audit::base("call", &caller, outcome)
-            });
+            record(
+                &audit,
+                &caller,
+                &vm,
+                &op,
+                key.as_ref(),
+                &result,
+                start,
+                false,
+            );
             match &result {
                 Ok(_) => tracing::info!(vm, method = op.method(), "memory hotplug done"),
                 Err(e) => {
                     tracing::warn!(vm, method = op.method(), error = %e, "memory hotplug failed")
                 }
             }
-            if let Some(id) = request_id
-                && remembered(&result)
             {
-                let mut done = lock(&v.done);
-                if done.len() >= max_ids {
-                    done.pop_front();
+                let mut state = lock(&v.state);
+                state.running = None;
+                if let Some(key) = key
+                    && remembered(&result)
+                {
+                    if state.done.len() >= max_ids {
+                        state.done.pop_front();
+                    }
+                    state.done.push_back((key, op, result.clone()));
                 }
-                done.push_back((id, op, result.clone()));
             }
             drop(guard);
             result
@@ -319,4 +346,82 @@ impl Hotplug {
             })
         })
     }
+
+    /// Decides whether `op` runs now: the VM's lock is taken first and the remembered
+    /// request-ids looked at under it, so a retry racing with the end of its first call
+    /// gets the first call's outcome, never a second run.
+    fn admit(&self, vm: &str, op: &Operation, key: Option<&Key>) -> Result<Admitted, BridgeError> {
+        let v = self.vm(vm)?.clone();
+        let guard = v.busy.clone().try_lock_owned();
+        let mut state = lock(&v.state);
+        if let Some(key) = key
+            && let Some((_, first, result)) = state.done.iter().find(|(k, ..)| k == key)
+        {
+            if first != op {
+                return Err(BridgeError::InvalidRequest(format!(
+                    "request-id '{}' was used for another operation ({} {})",
+                    key.id,
+                    first.method(),
+                    serde_json::to_string(first).unwrap_or_default()
+                )));
+            }
+            return Ok(Admitted::Replay(result.clone()));
+        }
+        let Ok(guard) = guard else {
+            let same = key.is_some() && state.running.as_ref() == key;
+            return Err(BridgeError::Aborted(if same {
+                format!(
+                    "the operation with this request-id still runs on VM '{vm}'; \
+                     retry with the same request-id for its outcome"
+                )
+            } else {
+                format!("another memory hotplug operation runs on VM '{vm}'; nothing was done")
+            }));
+        };
+        state.running = key.cloned();
+        drop(state);
+        Ok(Admitted::Run(v, guard))
+    }
+}
+
+/// Whether an operation runs, or what to answer instead.
+enum Admitted {
+    /// It runs, holding the VM's lock.
+    Run(Arc<Vm>, tokio::sync::OwnedMutexGuard<()>),
+    /// The remembered outcome of the same request-id.
+    Replay(Result<Done, BridgeError>),
+}
+
+/// One audit line for a hotplug operation (`replay`: a request-id's remembered outcome).
+#[allow(clippy::too_many_arguments)]
+fn record(
+    audit: &Audit,
+    caller: &Caller,
+    vm: &str,
+    op: &Operation,
+    key: Option<&Key>,
+    result: &Result<Done, BridgeError>,
+    start: std::time::Instant,
+    replay: bool,
+) {
+    let mut arguments = serde_json::to_value(op).ok();
+    if let (Some(serde_json::Value::Object(a)), Some(key)) = (&mut arguments, key) {
+        a.insert("request-id".into(), key.id.clone().into());
+        if replay {
+            a.insert("replayed".into(), true.into());
+        }
+    }
+    let outcome = result.as_ref().map_or_else(BridgeError::outcome, |_| "ok");
+    audit.record(&Record {
+        vm: Some(vm),
+        method: Some(op.method()),
+        arguments,
+        error: result.as_ref().err().map(ToString::to_string),
+        results: result
+            .as_ref()
+            .ok()
+            .and_then(|d| serde_json::to_value(d).ok()),
+        duration_ms: Some(start.elapsed().as_secs_f64() * 1000.0),
+        ..Audit::base("call", caller, outcome)
+    });
 }

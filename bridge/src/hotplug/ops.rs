@@ -9,7 +9,8 @@ use std::{sync::Arc, time::Duration};
 
 use qga_qmp::Qmp;
 use qga_wire::schema::{
-    GuestMemoryBlockResponse, GuestMemoryBlockResponseType, GuestMemoryOnlineType, command,
+    GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType,
+    GuestMemoryOnlineType, command,
 };
 use serde::Serialize;
 use tokio::time::Instant;
@@ -67,6 +68,13 @@ pub struct Ctx {
     pub warnings: Vec<String>,
 }
 
+/// How often a busy channel is tried again.
+const BUSY_PAUSE: Duration = Duration::from_millis(200);
+
+/// Time given to undoing a failed operation, beyond the eject and QMP timeouts: the
+/// operation's own deadline may be what failed it.
+const UNDO_EXTRA: Duration = Duration::from_secs(30);
+
 /// Linux errno names for the codes offlining reports.
 fn errno(code: i64) -> String {
     let name = match code {
@@ -118,8 +126,20 @@ impl Ctx {
         });
     }
 
+    /// Calls the agent. A read is bounded by the operation's deadline; a write, once
+    /// sent, gets the command's whole configured time, since cutting it short would leave
+    /// the guest changing while the bridge believes the step failed. A channel busy with an
+    /// earlier write's late outcome is waited for, within the deadline.
     async fn agent(&self, call: Call) -> Result<Reply, BridgeError> {
-        self.session.call(call, Some(self.deadline)).await
+        let deadline = call.is_read().then_some(self.deadline);
+        loop {
+            match self.session.call(call.clone(), deadline).await {
+                Err(BridgeError::Busy { .. }) if Instant::now() + BUSY_PAUSE < self.deadline => {
+                    tokio::time::sleep(BUSY_PAUSE).await;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// The guest's block size.
@@ -149,20 +169,36 @@ impl Ctx {
         })
     }
 
+    /// The guest's blocks, without zones.
+    async fn blocks(&self) -> Result<GuestView, BridgeError> {
+        match self.agent(Call::GetMemoryBlocks).await? {
+            Reply::GetMemoryBlocks(blocks) => Ok(GuestView::new(&blocks, None)),
+            _ => Ok(GuestView::default()),
+        }
+    }
+
     /// The guest's blocks, with zones when the agent reports them.
     pub async fn guest(&self, caps: Capabilities) -> Result<GuestView, BridgeError> {
-        let Reply::GetMemoryBlocks(blocks) = self.agent(Call::GetMemoryBlocks).await? else {
-            return Ok(GuestView::default());
-        };
-        let zones = if caps.zones {
-            match self.agent(Call::GetMemoryZones).await? {
-                Reply::MemoryZones(z) => Some(z),
-                _ => None,
+        if !caps.zones {
+            return self.blocks().await;
+        }
+        // The zones reply lists every block with its state, as guest-get-memory-blocks
+        // does: one agent call gives both.
+        match self.agent(Call::GetMemoryZones).await? {
+            Reply::MemoryZones(zones) => {
+                let blocks: Vec<GuestMemoryBlock> = zones
+                    .blocks
+                    .iter()
+                    .map(|b| GuestMemoryBlock {
+                        phys_index: b.phys_index,
+                        online: b.online,
+                        can_offline: None,
+                    })
+                    .collect();
+                Ok(GuestView::new(&blocks, Some(zones)))
             }
-        } else {
-            None
-        };
-        Ok(GuestView { blocks, zones })
+            _ => Ok(GuestView::default()),
+        }
     }
 
     /// Onlines or offlines `indices` (onlining as `online_type`, or as the agent is
@@ -256,12 +292,19 @@ pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
     };
     let devices = qemu::dimms(ctx).await?;
     qemu::check_room(ctx, &devices, args.size).await?;
-    let memdevs = qemu::memdev_ids(ctx).await?;
+    let memdevs = remove_orphans(ctx, &devices).await?;
     let (dimm_id, mem_id) = free_ids(&devices, &memdevs);
-    qemu::object_add(ctx, &mem_id, args.size).await?;
+    if let Err(e) = qemu::object_add(ctx, &mem_id, args.size).await {
+        // QEMU refused: nothing was made. Lost or late: it may have been.
+        if matches!(e, BridgeError::Hotplug { .. }) {
+            return Err(e);
+        }
+        let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
+        return Err(with_undo(e, undo));
+    }
     if let Err(e) = qemu::device_add(ctx, &dimm_id, &mem_id, args.node).await {
-        let undo = qemu::object_del(ctx, &mem_id).await;
-        return Err(with_undo(e, undo.map_err(|e| e.to_string())));
+        let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
+        return Err(with_undo(e, undo));
     }
     match online_new(ctx, &dimm_id, block_size, online_type, caps).await {
         Ok(dimm) => Ok(dimm),
@@ -272,31 +315,73 @@ pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
     }
 }
 
-/// Adds what undoing did (or failed to do) to a hotplug error.
+/// Backends this bridge made (`qga-memN`) that no DIMM uses: left by a DIMM the guest
+/// ejected after its unplug had given up. Deleted (best effort); the remaining backend ids
+/// are returned.
+async fn remove_orphans(ctx: &mut Ctx, devices: &[DimmDevice]) -> Result<Vec<String>, BridgeError> {
+    let mut memdevs = qemu::memdev_ids(ctx).await?;
+    let orphans: Vec<String> = memdevs
+        .iter()
+        .filter(|m| m.starts_with("qga-mem") && !devices.iter().any(|d| &d.memdev == *m))
+        .cloned()
+        .collect();
+    for orphan in orphans {
+        let start = Instant::now();
+        match qemu::object_del(ctx, &orphan).await {
+            Ok(()) => {
+                memdevs.retain(|m| *m != orphan);
+                ctx.step(
+                    "object-del",
+                    start,
+                    format!("{orphan}, left by an earlier unplug"),
+                );
+            }
+            Err(e) => {
+                tracing::warn!(vm = %ctx.vm, backend = %orphan, error = %e, "cannot delete an unused backend");
+            }
+        }
+    }
+    Ok(memdevs)
+}
+
+/// Adds what undoing did (or failed to do) to an operation's error. When undoing failed,
+/// the VM is not as it was, so the error becomes a final hotplug failure (remembered for
+/// the request-id) whatever it was, and says what may be left.
 fn with_undo(e: BridgeError, undo: Result<(), String>) -> BridgeError {
-    let note = match &undo {
-        Ok(()) => "; undone: the VM is as it was".to_string(),
-        Err(why) => format!("; undoing failed too, the VM may keep part of it: {why}"),
-    };
-    match e {
-        BridgeError::Hotplug {
-            vm,
-            step,
-            reason,
-            blocks,
-        } => BridgeError::Hotplug {
-            vm,
-            step,
-            reason: reason + &note,
-            blocks,
-        },
-        BridgeError::DeadlineExceeded { vm, command } if undo.is_err() => BridgeError::Hotplug {
-            vm,
-            step: command,
-            reason: format!("the deadline passed{note}"),
+    match (e, undo) {
+        (
+            BridgeError::Hotplug {
+                vm,
+                step,
+                reason,
+                blocks,
+            },
+            undo,
+        ) => {
+            let note = match undo {
+                Ok(()) => "; undone: the VM is as it was".to_string(),
+                Err(why) => format!("; undoing failed too, the VM may keep part of it: {why}"),
+            };
+            BridgeError::Hotplug {
+                vm,
+                step,
+                reason: reason + &note,
+                blocks,
+            }
+        }
+        (other, Ok(())) => other,
+        (other, Err(why)) => BridgeError::Hotplug {
+            vm: match &other {
+                BridgeError::Unavailable { vm, .. }
+                | BridgeError::DeadlineExceeded { vm, .. }
+                | BridgeError::BadReply { vm, .. }
+                | BridgeError::Busy { vm, .. } => vm.clone(),
+                _ => String::new(),
+            },
+            step: "undo".into(),
+            reason: format!("{other}; undoing failed too, the VM may keep part of it: {why}"),
             blocks: Vec::new(),
         },
-        other => other,
     }
 }
 
@@ -316,15 +401,17 @@ async fn online_new(
     let range = device.block_range(block_size);
     let start = Instant::now();
     let until = ctx.phase(ctx.settings.appear_timeout_ms);
-    let mut pause = Duration::from_millis(20);
-    let view = loop {
-        let view = ctx.guest(caps).await?;
+    // The guest sees a DIMM a few hundred milliseconds after device_add: poll the block
+    // list (one cheap agent call) often, and read zones once all blocks are there.
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let view = ctx.blocks().await?;
         let seen = range
             .clone()
             .filter(|&i| view.block(i).state != BlockState::Absent)
             .count();
         if seen == range.clone().count() {
-            break view;
+            break;
         }
         if Instant::now() + pause > until {
             return Err(ctx.hotplug_error(
@@ -339,8 +426,9 @@ async fn online_new(
             ));
         }
         tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(250));
-    };
+        pause = (pause * 2).min(Duration::from_millis(40));
+    }
+    let view = ctx.guest(caps).await?;
     ctx.step(
         "wait-blocks",
         start,
@@ -393,9 +481,7 @@ async fn undo_plug(
     mem_id: &str,
     block_size: u64,
 ) -> Result<(), String> {
-    let s = &ctx.settings;
-    let budget = s.eject_timeout_ms + 3 * s.qmp_timeout_ms + 30_000;
-    ctx.deadline = Instant::now() + Duration::from_millis(budget);
+    ctx.deadline = Instant::now() + undo_budget(&ctx.settings);
     let device = qemu::dimms(ctx)
         .await
         .map_err(|e| e.to_string())?
@@ -408,26 +494,68 @@ async fn undo_plug(
             .block_range(block_size)
             .filter(|&i| view.block(i).state == BlockState::Online)
             .collect();
-        if let Err((_, failures)) = offline_all(ctx, &online).await {
-            let why = failures.iter().map(describe).collect::<Vec<_>>().join("; ");
+        if let Err(failed) = offline_all(ctx, &online).await {
             return Err(format!(
-                "cannot offline the new blocks ({why}); the DIMM stays"
+                "cannot offline the new blocks ({}); the DIMM stays",
+                failed.describe()
             ));
         }
-        eject(ctx, dimm_id).await.map_err(|e| e.to_string())?;
+        if let Err(e) = eject(ctx, dimm_id).await
+            && still_plugged(ctx, dimm_id).await
+        {
+            return Err(e.to_string());
+        }
     }
-    qemu::object_del(ctx, mem_id)
+    let memdevs = qemu::memdev_ids(ctx).await.map_err(|e| e.to_string())?;
+    if memdevs.iter().any(|m| m == mem_id) {
+        qemu::object_del(ctx, mem_id)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(())
+}
+
+/// Time for undoing: ejecting, some QMP commands, and the agent calls around them.
+fn undo_budget(s: &config::Hotplug) -> Duration {
+    Duration::from_millis(
+        s.eject_timeout_ms
+            .saturating_add(s.qmp_timeout_ms.saturating_mul(3)),
+    ) + UNDO_EXTRA
+}
+
+/// Whether QEMU still lists DIMM `dimm_id`, asked on a budget of its own (the
+/// operation's deadline may have passed). If QEMU cannot be asked, it counts as plugged.
+async fn still_plugged(ctx: &mut Ctx, dimm_id: &str) -> bool {
+    ctx.deadline = ctx
+        .deadline
+        .max(Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms));
+    qemu::dimms(ctx)
         .await
-        .map_err(|e| e.to_string())
+        .map_or(true, |d| d.iter().any(|d| d.id == dimm_id))
+}
+
+/// Why offlining stopped.
+#[derive(Debug)]
+struct OfflineFailed {
+    /// The blocks the guest refused, with its errno.
+    refused: Vec<GuestMemoryBlockResponse>,
+    /// The agent could not be asked or did not answer.
+    error: Option<BridgeError>,
+}
+
+impl OfflineFailed {
+    fn describe(&self) -> String {
+        let mut parts: Vec<String> = self.refused.iter().map(describe).collect();
+        if let Some(e) = &self.error {
+            parts.push(e.to_string());
+        }
+        parts.join("; ")
+    }
 }
 
 /// Offlines `indices`, trying again after EBUSY/EAGAIN with backoff while time is left
-/// (keeping enough to eject the DIMM or give the blocks back). On failure: the blocks it
-/// did offline and the failures that stopped it.
-async fn offline_all(
-    ctx: &mut Ctx,
-    indices: &[u64],
-) -> Result<(), (Vec<u64>, Vec<GuestMemoryBlockResponse>)> {
+/// (keeping enough to eject the DIMM or give the blocks back).
+async fn offline_all(ctx: &mut Ctx, indices: &[u64]) -> Result<(), OfflineFailed> {
     let start = Instant::now();
     let reserve =
         Duration::from_millis(ctx.settings.eject_timeout_ms + 2 * ctx.settings.qmp_timeout_ms);
@@ -437,29 +565,18 @@ async fn offline_all(
         .unwrap_or(start)
         .max(start + Duration::from_secs(1));
     let mut pending = indices.to_vec();
-    let mut done = Vec::new();
     let mut pause = Duration::from_millis(100);
     let mut tries = 0u32;
     loop {
         tries += 1;
-        let failures = match ctx.set(&pending, false, None).await {
-            Ok(f) => f,
-            Err(e) => {
-                let fail = GuestMemoryBlockResponse {
-                    phys_index: pending.first().copied().unwrap_or_default(),
-                    response: GuestMemoryBlockResponseType::OperationFailed,
-                    error_code: None,
-                };
-                tracing::warn!(vm = %ctx.vm, error = %e, "offlining failed");
-                return Err((done, vec![fail]));
-            }
-        };
-        done.extend(
-            pending
-                .iter()
-                .filter(|i| !failures.iter().any(|f| f.phys_index == **i)),
-        );
-        if failures.is_empty() {
+        let refused = ctx
+            .set(&pending, false, None)
+            .await
+            .map_err(|e| OfflineFailed {
+                refused: Vec::new(),
+                error: Some(e),
+            })?;
+        if refused.is_empty() {
             ctx.step(
                 "offline",
                 start,
@@ -467,39 +584,46 @@ async fn offline_all(
             );
             return Ok(());
         }
-        if !failures.iter().all(transient) || Instant::now() + pause > until {
-            return Err((done, failures));
+        if !refused.iter().all(transient) || Instant::now() + pause > until {
+            return Err(OfflineFailed {
+                refused,
+                error: None,
+            });
         }
-        pending = failures.iter().map(|f| f.phys_index).collect();
+        pending = refused.iter().map(|f| f.phys_index).collect();
         tokio::time::sleep(pause).await;
         pause = (pause * 2).min(Duration::from_secs(2));
     }
 }
 
-/// Gives blocks back to the guest after a failed removal, into the zone they were in.
+/// Gives back, after a failed removal, those of `candidates` (blocks online in `before`)
+/// that are offline now — a write that timed out may still have offlined some — into the
+/// zone each was in, on a budget of its own.
 async fn reonline(
     ctx: &mut Ctx,
-    view: &GuestView,
-    indices: &[u64],
+    before: &GuestView,
+    candidates: &[u64],
     caps: Capabilities,
 ) -> Result<(), String> {
-    if indices.is_empty() {
+    if candidates.is_empty() {
         return Ok(());
     }
     ctx.deadline = ctx
         .deadline
-        .max(Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms * 2));
+        .max(Instant::now() + undo_budget(&ctx.settings));
     let start = Instant::now();
-    let movable: Vec<u64> = indices
-        .iter()
-        .copied()
-        .filter(|&i| view.block(i).movable() != Some(false))
-        .collect();
-    let kernel: Vec<u64> = indices
-        .iter()
-        .copied()
-        .filter(|i| !movable.contains(i))
-        .collect();
+    let now = ctx.guest(caps).await.map_err(|e| e.to_string())?;
+    let (mut movable, mut kernel) = (Vec::new(), Vec::new());
+    for &i in candidates {
+        if now.block(i).state != BlockState::Offline {
+            continue;
+        }
+        match before.block(i).movable() {
+            Some(false) => kernel.push(i),
+            _ => movable.push(i),
+        }
+    }
+    let given = movable.len() + kernel.len();
     let mut failures = Vec::new();
     for (set, t) in [
         (movable, GuestMemoryOnlineType::OnlineMovable),
@@ -511,11 +635,7 @@ async fn reonline(
         let t = caps.online_type.then_some(t);
         failures.extend(ctx.set(&set, true, t).await.map_err(|e| e.to_string())?);
     }
-    ctx.step(
-        "re-online",
-        start,
-        format!("{} blocks given back", indices.len()),
-    );
+    ctx.step("re-online", start, format!("{given} blocks given back"));
     if failures.is_empty() {
         Ok(())
     } else {
@@ -565,7 +685,8 @@ async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
                 Err(tokio::sync::broadcast::error::RecvError::Closed) => listening = false,
             },
             () = poll => {
-                if !qemu::dimms(ctx).await?.iter().any(|d| d.id == dimm_id) {
+                // A failed query (QMP reconnecting) is tried again at the next poll.
+                if qemu::dimms(ctx).await.is_ok_and(|d| !d.iter().any(|d| d.id == dimm_id)) {
                     break;
                 }
             }
@@ -605,9 +726,9 @@ pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
         .rev()
         .filter(|&i| view.block(i).state == BlockState::Online)
         .collect();
-    if let Err((done, failures)) = offline_all(ctx, &online).await {
-        let reason = failures.iter().map(describe).collect::<Vec<_>>().join("; ");
-        let given_back = reonline(ctx, &view, &done, caps).await;
+    if let Err(failed) = offline_all(ctx, &online).await {
+        let reason = failed.describe();
+        let given_back = reonline(ctx, &view, &online, caps).await;
         let note = match given_back {
             Ok(()) => "the DIMM stays and every block is online again".to_string(),
             Err(why) => format!("the DIMM stays; giving blocks back failed: {why}"),
@@ -616,15 +737,12 @@ pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
             vm: ctx.vm.clone(),
             step: "offline".into(),
             reason: format!("the guest could not give the memory back: {reason}; {note}"),
-            blocks: failures,
+            blocks: failed.refused,
         });
     }
     if let Err(e) = eject(ctx, dimm_id).await {
         // A refusal or a timeout may race with the eject itself: what QEMU lists decides.
-        let gone = qemu::dimms(ctx)
-            .await
-            .is_ok_and(|d| !d.iter().any(|d| d.id == dimm_id));
-        if gone {
+        if !still_plugged(ctx, dimm_id).await {
             tracing::warn!(vm = %ctx.vm, dimm = dimm_id, error = %e, "the DIMM was ejected after all");
             return finish_unplug(ctx, &device, before).await;
         }
@@ -729,8 +847,16 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
         )
     };
     let mut devices = qemu::dimms(ctx).await?;
-    devices.retain(|d| !d.id.is_empty());
+    devices.retain(|d| !d.id.is_empty() && d.hotpluggable);
     devices.sort_by_key(|d| std::cmp::Reverse(d.addr));
+    let removable: u64 = devices.iter().map(|d| d.size).sum();
+    if from.saturating_sub(removable) > target {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} is below what the VM keeps without its hot-unpluggable DIMMs \
+             ({} bytes: boot memory and memory devices the bridge cannot unplug)",
+            from.saturating_sub(removable)
+        )));
+    }
     for device in devices {
         if done.to_bytes <= target {
             break;
@@ -758,6 +884,16 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
             Err(e) => return Err(with_note(e, &progress(&done))),
         }
     }
+    if done.to_bytes != target {
+        return Err(ctx.hotplug_error(
+            "resize",
+            format!(
+                "the VM has {} bytes, not {target}{}",
+                done.to_bytes,
+                progress(&done)
+            ),
+        ));
+    }
     Ok(done)
 }
 
@@ -775,6 +911,7 @@ mod tests {
             slot: 0,
             memdev: memdev.into(),
             hotplugged: true,
+            hotpluggable: true,
         };
         assert_eq!(
             free_ids(&[], &[]),

@@ -57,6 +57,7 @@ pub async fn dimms(ctx: &Ctx) -> Result<Vec<DimmDevice>, BridgeError> {
             slot: u32::try_from(d.slot).unwrap_or_default(),
             memdev: d.memdev_id().to_string(),
             hotplugged: d.hotplugged,
+            hotpluggable: d.hotpluggable,
         })
         .collect())
 }
