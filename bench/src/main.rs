@@ -5,6 +5,7 @@
 
 mod agent;
 mod bridge;
+mod hotplug;
 mod load;
 mod procfs;
 mod report;
@@ -27,7 +28,8 @@ struct Cli {
     /// Fewer runs (a smoke test of the harness, not figures to quote).
     #[arg(long)]
     quick: bool,
-    /// Run only these sections (repeatable): agent, bridge, load, hostile, tls.
+    /// Run only these sections (repeatable): agent, bridge, load, hostile, tls, hotplug.
+    /// The other sections of an existing report are kept.
     #[arg(long, value_name = "SECTION")]
     only: Vec<String>,
     /// Git commit measured (the script passes it).
@@ -35,8 +37,14 @@ struct Cli {
     commit: String,
 }
 
+/// The sections `--only` can name, in report order.
+const SECTIONS: [&str; 6] = ["agent", "bridge", "load", "hostile", "tls", "hotplug"];
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(bad) = cli.only.iter().find(|o| !SECTIONS.contains(&o.as_str())) {
+        anyhow::bail!("unknown section '{bad}' (known: {})", SECTIONS.join(", "));
+    }
     let wanted = |s: &str| cli.only.is_empty() || cli.only.iter().any(|o| o == s);
     let mut report = report::Report::default();
     if wanted("agent") {
@@ -63,8 +71,14 @@ fn main() -> anyhow::Result<()> {
     if wanted("tls") {
         load.block_on(tls::run(&mut report, cli.quick))?;
     }
+    // Operations that did not work but are in the report: the run fails after writing it.
+    let mut failed = Vec::new();
+    if wanted("hotplug") {
+        // A real QEMU guest: boots and hotplug operations, timed on the wall clock.
+        failed.extend(load.block_on(hotplug::run(&mut report, cli.quick))?);
+    }
 
-    report.heading("Reading the figures");
+    report.heading(report::LAST_SECTION);
     report.para(
         "Agent scans: the CPU columns split each agent's time into user and system; on tmpfs and \
          sysfs most of it is the kernel's per-file open/read/close, which our agent minimises \
@@ -80,19 +94,41 @@ fn main() -> anyhow::Result<()> {
         .output()
         .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
         .unwrap_or_default();
+    let quick = if cli.quick { " --quick" } else { "" };
     let header = format!(
-        "# Benchmarks\n\nWritten by `./scripts/bench` (`qga-bench`{}). Machine: {}. Date: {date}. Commit: `{}`.\n\n\
+        "# Benchmarks\n\nWritten by `./scripts/bench` (`qga-bench`{quick}). Machine: {}. Date: {date}. Commit: `{}`.\n\n\
          Figures from one run on a shared, noisy machine: compare the two sides of a row \
          (measured side by side, alternating), not rows across runs.\n",
-        if cli.quick { " --quick" } else { "" },
         procfs::machine(),
         cli.commit,
     );
+    let mut text = header + report.text();
+    // `--only`: replace just the sections run, keep the rest of an existing report.
+    if !cli.only.is_empty()
+        && let Ok(old) = std::fs::read_to_string(&cli.out)
+    {
+        let mut merged = report::Sections::parse(&old);
+        let mut titles = merged.replace(&report::Sections::parse(report.text()));
+        titles.retain(|t| t != report::LAST_SECTION);
+        let only = cli.only.join(" --only ");
+        merged.note_rerun(&titles, &|_| {
+            format!(
+                "re-run alone (`qga-bench --only {only}{quick}`): Date: {date}. Commit: `{}`.",
+                cli.commit
+            )
+        });
+        text = merged.text();
+    }
     if let Some(dir) = cli.out.parent() {
         std::fs::create_dir_all(dir)?;
     }
-    std::fs::write(&cli.out, header + report.text())
-        .with_context(|| format!("writing {}", cli.out.display()))?;
+    std::fs::write(&cli.out, text).with_context(|| format!("writing {}", cli.out.display()))?;
     eprintln!("bench: wrote {}", cli.out.display());
+    if !failed.is_empty() {
+        anyhow::bail!(
+            "the report is written, but these did not work:\n{}",
+            failed.join("\n")
+        );
+    }
     Ok(())
 }
