@@ -31,6 +31,7 @@
 //! [vms]
 //! vm1 = "/run/qemu/vm1/qga.sock"         # the agent only
 //! vm2 = { qga = "/run/qemu/vm2/qga.sock", qmp = "/run/qemu/vm2/qmp-bridge.sock" }
+//! vm3 = { qga = "/var/run/qemu-server/103.qga", mode = "shared" }  # released when idle
 //!
 //! [hotplug]                             # DIMMs over QMP (VMs with a qmp socket)
 //! dimm_size = 536870912                 # bytes per DIMM that memory-resize plugs
@@ -43,6 +44,7 @@
 //! default_ms = 10000
 //! connect_ms = 2000
 //! resync_ms = 3000
+//! shared_idle_ms = 1000                 # a shared VM's socket is released this long after a call
 //! [timeouts.commands]
 //! guest-set-memory-blocks = 120000
 //!
@@ -201,6 +203,8 @@ pub struct Timeouts {
     pub connect_ms: u64,
     /// The resync handshake, milliseconds.
     pub resync_ms: u64,
+    /// A shared VM's socket is released this long after its last call, milliseconds.
+    pub shared_idle_ms: u64,
     /// Per QGA command, milliseconds.
     pub commands: BTreeMap<String, u64>,
 }
@@ -223,6 +227,7 @@ impl Default for Timeouts {
             default_ms: 10_000,
             connect_ms: 2_000,
             resync_ms: 3_000,
+            shared_idle_ms: 1_000,
             commands,
         }
     }
@@ -372,13 +377,30 @@ enum VmEntry {
     Full(VmSockets),
 }
 
-/// `{ qga = "...", qmp = "..." }`; a misspelt key is an error, not a VM without hotplug.
+/// `{ qga = "...", qmp = "...", mode = "..." }`; a misspelt key is an error, not a VM
+/// without hotplug.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct VmSockets {
     qga: PathBuf,
     #[serde(default)]
     qmp: Option<PathBuf>,
+    #[serde(default)]
+    mode: SocketMode,
+}
+
+/// How the bridge holds a VM's agent socket.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SocketMode {
+    /// Connected for as long as the bridge runs: the fastest calls, and the only client
+    /// (QEMU's socket chardev serves one at a time). For sockets given to the bridge alone.
+    #[default]
+    Exclusive,
+    /// Released `timeouts.shared_idle_ms` after the last call, so other tools (Proxmox's
+    /// `qm guest cmd`, `socat`) get the socket between the bridge's calls; each burst of
+    /// calls pays a connect and a resync.
+    Shared,
 }
 
 /// Memory hotplug: how DIMMs are sized and how long each phase may take.
@@ -552,6 +574,8 @@ pub struct Config {
     pub vms: BTreeMap<String, PathBuf>,
     /// QMP sockets of configured VMs, for memory hotplug.
     pub qmp: BTreeMap<String, PathBuf>,
+    /// Configured VMs whose agent socket is shared with other tools: released when idle.
+    pub shared: std::collections::BTreeSet<String>,
     /// Memory hotplug.
     pub hotplug: Hotplug,
     /// Globs for socket discovery.
@@ -590,6 +614,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             vms: BTreeMap::new(),
             qmp: BTreeMap::new(),
+            shared: std::collections::BTreeSet::new(),
             hotplug: Hotplug::default(),
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
@@ -717,10 +742,16 @@ impl Config {
         self.discover = file.discover;
         self.vms.clear();
         self.qmp.clear();
+        self.shared.clear();
         for (name, entry) in file.vms {
             let (qga, qmp) = match entry {
                 VmEntry::Qga(qga) => (qga, None),
-                VmEntry::Full(VmSockets { qga, qmp }) => (qga, qmp),
+                VmEntry::Full(VmSockets { qga, qmp, mode }) => {
+                    if mode == SocketMode::Shared {
+                        self.shared.insert(name.clone());
+                    }
+                    (qga, qmp)
+                }
             };
             self.vms.insert(name.clone(), qga);
             if let Some(qmp) = qmp {
@@ -860,6 +891,7 @@ impl Config {
         if self.timeouts.default_ms == 0
             || self.timeouts.resync_ms == 0
             || self.timeouts.connect_ms == 0
+            || self.timeouts.shared_idle_ms == 0
         {
             return Err(ConfigError::Invalid("timeouts must be positive".into()));
         }
@@ -917,6 +949,13 @@ mod tests {
         assert_eq!(c.qmp.len(), 1);
         assert_eq!(c.qmp["b"], PathBuf::from("/b.qmp"));
         assert_eq!(c.hotplug.dimm_size, 1 << 30);
+        assert!(c.shared.is_empty());
+        c.apply_toml(
+            Path::new("t.toml"),
+            "[vms]\np = { qga = \"/p.qga\", mode = \"shared\" }\n",
+        )
+        .expect("valid");
+        assert!(c.shared.contains("p"));
         assert!(
             c.apply_toml(Path::new("t"), "[vms]\nb = { qmp = \"/b.qmp\" }\n")
                 .is_err(),

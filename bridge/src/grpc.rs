@@ -257,6 +257,7 @@ fn layout_block(b: layout::LayoutBlock) -> pb::LayoutBlock {
         phys_index: b.phys_index,
         state: state as i32,
         valid_zones: b.valid_zones,
+        can_offline: b.can_offline,
     }
 }
 
@@ -422,6 +423,7 @@ pub fn agent_state(s: AgentState) -> pb::AgentState {
         AgentState::Connecting => pb::AgentState::Connecting,
         AgentState::Connected => pb::AgentState::Connected,
         AgentState::Busy => pb::AgentState::Busy,
+        AgentState::Idle => pb::AgentState::Idle,
     }
 }
 

@@ -30,6 +30,11 @@ pub struct LayoutBlock {
     /// The kernel's `valid_zones` words, when the agent reports zones.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub valid_zones: Vec<String>,
+    /// Whether the block can be offlined, from its zone rather than the kernel's
+    /// `removable` (which reads 1 for every block since Linux 5.7): an online block only
+    /// in ZONE_MOVABLE. `None` when zones are unknown or the block is absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub can_offline: Option<bool>,
 }
 
 impl LayoutBlock {
@@ -164,11 +169,13 @@ fn block_of(index: &BlockIndex, phys_index: u64) -> LayoutBlock {
                 BlockState::Offline
             },
             valid_zones: zones.clone(),
+            can_offline: (!zones.is_empty()).then(|| !*online || zones == &["Movable"]),
         },
         None => LayoutBlock {
             phys_index,
             state: BlockState::Absent,
             valid_zones: Vec::new(),
+            can_offline: None,
         },
     }
 }
@@ -353,6 +360,12 @@ mod tests {
         );
         assert_eq!(layout.dimms[0].id, "a", "sorted by address");
         assert_eq!(layout.dimms[0].removable, Some(true));
+        assert_eq!(layout.dimms[0].blocks[0].can_offline, Some(true));
+        assert_eq!(
+            layout.other_blocks[0].can_offline,
+            Some(false),
+            "block 0 is Normal"
+        );
         assert_eq!(
             layout.dimms[1].removable,
             Some(false),

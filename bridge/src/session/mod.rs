@@ -94,6 +94,8 @@ pub enum AgentState {
     /// Waiting for the outcome of a state-changing call whose caller stopped waiting;
     /// other calls are refused as busy until it comes (or the command's timeout passes).
     Busy,
+    /// Shared mode: the socket was released for other clients; the next call reconnects.
+    Idle,
 }
 
 impl AgentState {
@@ -104,6 +106,7 @@ impl AgentState {
             Self::Connecting => "connecting",
             Self::Connected => "connected",
             Self::Busy => "busy",
+            Self::Idle => "idle",
         }
     }
 }

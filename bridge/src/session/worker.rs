@@ -93,6 +93,8 @@ pub(super) struct Worker<C: Connector> {
     budget: Arc<ParseBudget>,
     ids: RandomState,
     counter: u64,
+    /// Shared mode: release the socket this long after the last call.
+    idle: Option<Duration>,
 }
 
 impl<C: Connector> Worker<C> {
@@ -107,6 +109,10 @@ impl<C: Connector> Worker<C> {
     ) -> Self {
         let claim = metrics.claim_vm(name);
         metrics.set_connected(name, claim, false);
+        let idle = config
+            .shared
+            .contains(name)
+            .then(|| Duration::from_millis(config.timeouts.shared_idle_ms));
         Self {
             name: name.to_string(),
             claim,
@@ -122,13 +128,27 @@ impl<C: Connector> Worker<C> {
             budget,
             ids: RandomState::new(),
             counter: 0,
+            idle,
         }
     }
 
     /// Runs queued calls until every [`Session`](super::Session) handle is gone.
     pub(super) async fn run(mut self) {
         let mut open = true;
-        while open && let Some(mut job) = self.rx.recv().await {
+        while open {
+            let job = match self.idle {
+                Some(idle) if self.conn.is_some() => tokio::select! {
+                    job = self.rx.recv() => job,
+                    () = tokio::time::sleep(idle) => {
+                        self.release();
+                        continue;
+                    }
+                },
+                _ => self.rx.recv().await,
+            };
+            let Some(mut job) = job else {
+                break;
+            };
             if job.reply.is_closed() {
                 continue; // the caller gave up while queued
             }
@@ -178,6 +198,17 @@ impl<C: Connector> Worker<C> {
             s.state = AgentState::Disconnected;
             s.last_error = Some(reason.to_string());
         });
+    }
+
+    /// Shared mode: closes the idle connection so other clients get the socket. Not a
+    /// failure: no backoff, and the next call connects and resynchronises.
+    fn release(&mut self) {
+        tracing::debug!("shared socket released while idle");
+        // The state first: once the socket closes, another client may be served at once.
+        self.update(|s| s.state = AgentState::Idle);
+        self.metrics.set_connected(&self.name, self.claim, false);
+        self.needs_resync = true;
+        self.conn = None;
     }
 
     /// Drops the connection and backs off before the next one.
