@@ -143,20 +143,6 @@ fn with_console(guest: &Guest, e: anyhow::Error) -> anyhow::Error {
     anyhow!("{e:#}\nguest console (last lines):\n{tail}")
 }
 
-/// `object-add` + `device_add` of one 512 MiB DIMM `id` on backend `mem-<id>`.
-fn qmp_plug(q: &mut Qmp, id: &str) -> anyhow::Result<()> {
-    let backend = format!("mem-{id}");
-    q.execute(
-        "object-add",
-        Some(json!({"qom-type": "memory-backend-ram", "id": backend, "size": DIMM})),
-    )?;
-    q.execute(
-        "device_add",
-        Some(json!({"driver": "pc-dimm", "id": id, "memdev": backend})),
-    )?;
-    Ok(())
-}
-
 /// `device_del` of every DIMM in `ids`, then waits for each one's `DEVICE_DELETED` (the
 /// guest ejected it) and deletes the backends.
 fn qmp_unplug(q: &mut Qmp, ids: &[String]) -> anyhow::Result<()> {
@@ -214,7 +200,7 @@ fn baseline_ops(guest: &Guest, round: usize, f: &mut Figures) -> anyhow::Result<
     // Plug 512 MiB, then unplug it.
     let id = "bench-dimm0".to_string();
     let since = Instant::now();
-    qmp_plug(&mut q, &id)?;
+    q.plug_dimm(&id, DIMM)?;
     let usable = mem_total_reaches(&g, boot_kib + DIMM / 1024, since)
         .context("baseline: MemTotal +512 MiB after device_add")?;
     f.base_plug.push(usable);
@@ -241,7 +227,7 @@ fn baseline_ops(guest: &Guest, round: usize, f: &mut Figures) -> anyhow::Result<
         .collect();
     let since = Instant::now();
     for id in &ids {
-        qmp_plug(&mut q, id)?;
+        q.plug_dimm(id, DIMM)?;
     }
     let usable = mem_total_reaches(&g, boot_kib + GROW / 1024, since)
         .context("baseline: MemTotal +2 GiB after four device_add")?;

@@ -176,17 +176,7 @@ impl GuestControl {
 
     /// Hot-adds a DIMM of `bytes` as `id` (backend `mem-<id>`).
     pub fn hot_add_dimm(&self, id: &str, bytes: u64) -> anyhow::Result<()> {
-        let mut q = self.qmp()?;
-        let backend = format!("mem-{id}");
-        q.execute(
-            "object-add",
-            Some(json!({"qom-type": "memory-backend-ram", "id": backend, "size": bytes})),
-        )?;
-        q.execute(
-            "device_add",
-            Some(json!({"driver": "pc-dimm", "id": id, "memdev": backend})),
-        )?;
-        Ok(())
+        self.qmp()?.plug_dimm(id, bytes)
     }
 
     /// Asks the guest to eject DIMM `id` and waits until QEMU reports it gone; then drops

@@ -77,6 +77,21 @@ impl Qmp {
         }
     }
 
+    /// `object-add` of a RAM backend `mem-<id>` of `bytes`, then `device_add` of pc-dimm
+    /// `id` on it.
+    pub fn plug_dimm(&mut self, id: &str, bytes: u64) -> anyhow::Result<()> {
+        let backend = format!("mem-{id}");
+        self.execute(
+            "object-add",
+            Some(json!({"qom-type": "memory-backend-ram", "id": backend, "size": bytes})),
+        )?;
+        self.execute(
+            "device_add",
+            Some(json!({"driver": "pc-dimm", "id": id, "memdev": backend})),
+        )?;
+        Ok(())
+    }
+
     /// Waits for event `name` (already received ones count), up to `timeout`.
     pub fn wait_event(&mut self, name: &str, timeout: Duration) -> anyhow::Result<Value> {
         let deadline = Instant::now() + timeout;
