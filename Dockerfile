@@ -7,7 +7,7 @@
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libvirt-dev \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
@@ -39,6 +39,10 @@ VOLUME /run/guest
 CMD ["run-qemu"]
 
 FROM debian:bookworm-slim AS bridge
+# libvirt's client library: the bridge links it for its libvirt backend (--libvirt).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends libvirt0 \
+ && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 COPY --from=build /out/qga-bridge /usr/local/bin/qga-bridge
 # Not root: a member of the group (10001) the guest's sockets and the TLS key belong to.
 RUN groupadd --system --gid 10001 qga \
