@@ -23,10 +23,12 @@
 //! identity = "autoscaler"
 //! role = "write"                        # or "read"
 //! vms = ["web-*"]
-//! discover = ["/var/lib/libvirt/qemu/channel/target/domain-*/org.qemu.guest_agent.0"]
+//! libvirt = "qemu:///system"            # serve libvirt's running domains (see the README)
+//! discover = ["/run/qemu/*/qga.sock"]    # agent sockets nobody else holds
 //! discover_interval_ms = 2000
 //! discover_owners = [0, 64055]          # uids a discovered socket may belong to
 //!                                       # (default: root and the bridge's own euid)
+//! discover_proxmox = "/var/run/qemu-server"  # Proxmox VE: <vmid>.qga and <vmid>.qmp, shared
 //!
 //! [vms]
 //! vm1 = "/run/qemu/vm1/qga.sock"         # the agent only
@@ -120,10 +122,25 @@ pub struct Cli {
     /// directory name, without libvirt's `domain-N-` prefix.
     #[arg(long)]
     pub discover: Vec<String>,
+    /// Serve the running domains of this libvirt connection (e.g. `qemu:///system`):
+    /// their agents through libvirt, which holds their sockets, and memory hotplug
+    /// through libvirt's device API. Domains come and go with libvirt's events.
+    #[arg(long, value_name = "URI")]
+    pub libvirt: Option<String>,
     /// A uid discovered sockets may be owned by (repeatable; replaces the file's
     /// `discover_owners`) [default: 0 and the bridge's effective uid].
     #[arg(long = "discover-owner", value_name = "UID")]
     pub discover_owners: Vec<u32>,
+    /// Discover Proxmox VE's VMs in DIR: `<vmid>.qga` (and `<vmid>.qmp` for memory
+    /// hotplug), VM name the vmid, both sockets shared with Proxmox's tools
+    /// [default DIR: /var/run/qemu-server].
+    #[arg(
+        long,
+        value_name = "DIR",
+        num_args = 0..=1,
+        default_missing_value = DEFAULT_PROXMOX_DIR
+    )]
+    pub discover_proxmox: Option<PathBuf>,
     /// Log format.
     #[arg(long, value_enum)]
     pub log_format: Option<LogFormat>,
@@ -156,6 +173,9 @@ pub struct Cli {
     #[arg(long = "allowed-origin", value_name = "ORIGIN")]
     pub allowed_origins: Vec<String>,
 }
+
+/// Where Proxmox VE's QEMU sockets are: `--discover-proxmox` without a value.
+pub const DEFAULT_PROXMOX_DIR: &str = "/var/run/qemu-server";
 
 fn parse_vm(s: &str) -> Result<(String, PathBuf), String> {
     let (name, socket) = s
@@ -520,6 +540,8 @@ struct File {
     discover: Vec<String>,
     discover_interval_ms: Option<u64>,
     discover_owners: Option<Vec<u32>>,
+    discover_proxmox: Option<PathBuf>,
+    libvirt: Option<String>,
     vms: BTreeMap<String, VmEntry>,
     timeouts: Timeouts,
     limits: Limits,
@@ -584,6 +606,11 @@ pub struct Config {
     pub discover_interval: Duration,
     /// The uids a discovered socket may be owned by; sockets of anyone else are refused.
     pub discover_owners: Vec<u32>,
+    /// Proxmox VE's run directory, whose `<vmid>.qga` and `<vmid>.qmp` sockets are
+    /// discovered as shared VMs named by their vmid.
+    pub discover_proxmox: Option<PathBuf>,
+    /// libvirt connection URI whose running domains are served.
+    pub libvirt: Option<String>,
     /// Deadlines.
     pub timeouts: Timeouts,
     /// Limits.
@@ -619,6 +646,8 @@ impl Default for Config {
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
             discover_owners: default_discover_owners(),
+            discover_proxmox: None,
+            libvirt: None,
             timeouts: Timeouts::default(),
             limits: Limits::default(),
             coalesce_reads: true,
@@ -664,8 +693,14 @@ impl Config {
             config.log_format = f;
         }
         config.discover.extend(cli.discover.iter().cloned());
+        if cli.libvirt.is_some() {
+            config.libvirt = cli.libvirt.clone();
+        }
         if !cli.discover_owners.is_empty() {
             config.discover_owners = cli.discover_owners.clone();
+        }
+        if cli.discover_proxmox.is_some() {
+            config.discover_proxmox = cli.discover_proxmox.clone();
         }
         for (name, socket) in &cli.vms {
             config.vms.insert(name.clone(), socket.clone());
@@ -720,8 +755,14 @@ impl Config {
         if let Some(ms) = file.discover_interval_ms {
             self.discover_interval = Duration::from_millis(ms);
         }
+        if file.libvirt.is_some() {
+            self.libvirt = file.libvirt;
+        }
         if let Some(owners) = file.discover_owners {
             self.discover_owners = owners;
+        }
+        if file.discover_proxmox.is_some() {
+            self.discover_proxmox = file.discover_proxmox;
         }
         if let Some(c) = file.coalesce_reads {
             self.coalesce_reads = c;
@@ -841,7 +882,17 @@ impl Config {
                 self.limits.max_vms
             )));
         }
-        if !self.discover.is_empty() && self.discover_owners.is_empty() {
+        if let Some(dir) = &self.discover_proxmox
+            && crate::discovery::proxmox_patterns(dir).is_none()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "discover_proxmox {} is not UTF-8",
+                dir.display()
+            )));
+        }
+        if (!self.discover.is_empty() || self.discover_proxmox.is_some())
+            && self.discover_owners.is_empty()
+        {
             return Err(ConfigError::Invalid(
                 "discover_owners is empty: every discovered socket would be refused".into(),
             ));
@@ -1011,6 +1062,66 @@ mod tests {
         assert!(parse_vm("a").is_err());
         assert!(parse_vm("a b=/s").is_err());
         assert!(parse_vm("a=").is_err());
+    }
+
+    #[test]
+    fn discover_proxmox_flag_and_key() {
+        let parse = |args: &[&str]| {
+            let cli =
+                Cli::try_parse_from(std::iter::once("qga-bridge").chain(args.iter().copied()))
+                    .expect("parses");
+            Config::load(&cli).expect("valid").discover_proxmox
+        };
+        assert_eq!(parse(&[]), None);
+        assert_eq!(
+            parse(&["--discover-proxmox"]),
+            Some(PathBuf::from("/var/run/qemu-server")),
+            "the default directory"
+        );
+        assert_eq!(
+            parse(&["--discover-proxmox", "--vm", "a=/a"]),
+            Some(PathBuf::from(DEFAULT_PROXMOX_DIR)),
+            "a flag after it is not its value"
+        );
+        assert_eq!(
+            parse(&["--discover-proxmox", "/srv/pve"]),
+            Some(PathBuf::from("/srv/pve"))
+        );
+        assert_eq!(
+            parse(&["--discover-proxmox=/srv/pve"]),
+            Some(PathBuf::from("/srv/pve"))
+        );
+
+        let mut c = Config::default();
+        c.apply_toml(
+            Path::new("t.toml"),
+            "discover_proxmox = \"/var/run/qemu-server\"\n",
+        )
+        .expect("valid");
+        assert_eq!(
+            c.discover_proxmox,
+            Some(PathBuf::from("/var/run/qemu-server"))
+        );
+        assert!(c.discover.is_empty(), "no glob needed");
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "discover_proxmox = \"/pve\"\ndiscover_owners = []\n")
+            .expect("write");
+        let cli = Cli {
+            config: Some(file),
+            ..Cli::default()
+        };
+        let err = Config::load(&cli).expect_err("no owners").to_string();
+        assert!(err.contains("discover_owners"), "{err}");
+        let flag = Cli {
+            discover_proxmox: Some("/other".into()),
+            ..cli
+        };
+        let err = Config::load(&flag)
+            .expect_err("still no owners")
+            .to_string();
+        assert!(err.contains("discover_owners"), "{err}");
     }
 
     #[test]

@@ -1,5 +1,9 @@
 //! Discovery of VM sockets by glob, made hard to fool.
 //!
+//! Two sources feed it: the `discover` globs (VM name: the socket's directory) and, with
+//! `discover_proxmox`, Proxmox VE's run directory ([`proxmox_patterns`]: `<vmid>.qga` and
+//! `<vmid>.qmp`, VM name: the vmid, shared with Proxmox's own tools).
+//!
 //! [`scan`] walks the globs (blocking: run it off the async workers) and sorts what they
 //! match into sockets it takes, matches it refuses (symlinks, regular files, sockets owned
 //! by a user not in `discover_owners`) and errors that kept it from seeing everything.
@@ -36,6 +40,51 @@ pub fn vm_name_for(socket: &Path) -> Option<String> {
         })
         .unwrap_or(dir);
     validate_vm_name(name).ok().map(|()| name.to_string())
+}
+
+/// The globs that find Proxmox VE's sockets in `dir` (`/var/run/qemu-server`): every
+/// `*.qga` and `*.qmp` in it, of which [`proxmox_vm`] takes `<vmid>.qga` and
+/// `<vmid>.qmp`; `None` when `dir` is not UTF-8.
+pub fn proxmox_patterns(dir: &Path) -> Option<Vec<String>> {
+    let dir = glob::Pattern::escape(dir.to_str()?);
+    let dir = dir.trim_end_matches('/');
+    Some(vec![format!("{dir}/*.qga"), format!("{dir}/*.qmp")])
+}
+
+/// A Proxmox socket's VM: `101.qga` -> (`101`, false), `101.qmp` -> (`101`, true); `None`
+/// for anything else (the vmid is decimal digits only).
+pub fn proxmox_vm(socket: &Path) -> Option<(String, bool)> {
+    let file = socket.file_name()?.to_str()?;
+    let (vmid, ext) = file.rsplit_once('.')?;
+    let qmp = match ext {
+        "qga" => false,
+        "qmp" => true,
+        _ => return None,
+    };
+    let digits = !vmid.is_empty() && vmid.bytes().all(|b| b.is_ascii_digit());
+    (digits && validate_vm_name(vmid).is_ok()).then(|| (vmid.to_string(), qmp))
+}
+
+/// A discovered VM: its agent socket and, for a Proxmox VM, its QMP socket and shared mode.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiscoveredVm {
+    /// The agent's socket.
+    pub qga: PathBuf,
+    /// The QMP socket, when one was found beside it (Proxmox's `<vmid>.qmp`).
+    pub qmp: Option<PathBuf>,
+    /// Shared with other tools: released when idle (Proxmox's VMs).
+    pub shared: bool,
+}
+
+impl DiscoveredVm {
+    /// A VM found by a `discover` glob: its agent socket only, held exclusively.
+    pub fn agent(qga: PathBuf) -> Self {
+        Self {
+            qga,
+            qmp: None,
+            shared: false,
+        }
+    }
 }
 
 /// One pass over the discovery globs.
@@ -167,8 +216,8 @@ fn kind_name(kind: FileType) -> &'static str {
 pub struct Changes {
     /// Names to withdraw, first.
     pub remove: Vec<String>,
-    /// Names to expose, or to move to a new socket.
-    pub add: Vec<(String, PathBuf)>,
+    /// Names to expose, or to move to new sockets (or a QMP socket came or went).
+    pub add: Vec<(String, DiscoveredVm)>,
 }
 
 /// Discovery's state between scans: what it exposes and what it has already logged.
@@ -177,7 +226,9 @@ pub struct Discovery {
     configured: BTreeSet<String>,
     /// Discovered VMs may fill this many names (`max_vms` less the configured ones).
     capacity: usize,
-    exposed: BTreeMap<String, PathBuf>,
+    /// Proxmox VE's run directory, if its sockets are discovered.
+    proxmox: Option<PathBuf>,
+    exposed: BTreeMap<String, DiscoveredVm>,
     /// Sockets taken by the last scan (an incomplete scan keeps the earlier ones).
     taken: BTreeSet<PathBuf>,
     // Logged already, so logged once.
@@ -197,9 +248,23 @@ impl Discovery {
         }
     }
 
-    /// The discovered VMs exposed: name -> socket.
-    pub fn exposed(&self) -> &BTreeMap<String, PathBuf> {
+    /// Discovers Proxmox VE's sockets in `dir` too (scan [`proxmox_patterns`] as well):
+    /// what is in it is named by [`proxmox_vm`], and its VMs are shared.
+    pub fn with_proxmox(mut self, dir: Option<PathBuf>) -> Self {
+        self.proxmox = dir;
+        self
+    }
+
+    /// The discovered VMs exposed, by name.
+    pub fn exposed(&self) -> &BTreeMap<String, DiscoveredVm> {
         &self.exposed
+    }
+
+    /// True when `path` is in the Proxmox directory.
+    fn in_proxmox(&self, path: &Path) -> bool {
+        self.proxmox
+            .as_deref()
+            .is_some_and(|dir| path.parent() == Some(dir))
     }
 
     /// The sockets taken so far (pass them to the next [`scan`]).
@@ -227,7 +292,25 @@ impl Discovery {
 
         let mut refused = scan.refused;
         let mut by_name: BTreeMap<String, BTreeSet<PathBuf>> = BTreeMap::new();
+        let mut qmps: BTreeMap<String, PathBuf> = BTreeMap::new();
         for path in &taken {
+            if self.in_proxmox(path) {
+                match proxmox_vm(path) {
+                    Some((name, false)) => {
+                        by_name.entry(name).or_default().insert(path.clone());
+                    }
+                    Some((name, true)) => {
+                        qmps.insert(name, path.clone());
+                    }
+                    None => {
+                        refused.insert(
+                            path.clone(),
+                            "not a Proxmox <vmid>.qga or <vmid>.qmp (vmid: decimal digits)".into(),
+                        );
+                    }
+                }
+                continue;
+            }
             match vm_name_for(path) {
                 Some(name) => {
                     by_name.entry(name).or_default().insert(path.clone());
@@ -251,7 +334,7 @@ impl Discovery {
             self.refused.extend(refused);
         }
 
-        let mut wanted: BTreeMap<String, PathBuf> = BTreeMap::new();
+        let mut wanted: BTreeMap<String, DiscoveredVm> = BTreeMap::new();
         let mut collisions = BTreeMap::new();
         let mut shadowed = BTreeMap::new();
         for (name, paths) in by_name {
@@ -274,7 +357,16 @@ impl Discovery {
                 }
                 collisions.insert(name, paths);
             } else if let Some(path) = paths.into_iter().next() {
-                wanted.insert(name, path);
+                let vm = if self.in_proxmox(&path) {
+                    DiscoveredVm {
+                        qmp: qmps.get(&name).cloned(),
+                        shared: true,
+                        qga: path,
+                    }
+                } else {
+                    DiscoveredVm::agent(path)
+                };
+                wanted.insert(name, vm);
             }
         }
         for name in self.collisions.keys() {
@@ -296,27 +388,28 @@ impl Discovery {
             keep
         });
         let mut over_limit = BTreeSet::new();
-        for (name, path) in wanted {
+        for (name, vm) in wanted {
             match self.exposed.get(&name) {
-                Some(old) if *old == path => {}
-                // Same name, new socket (libvirt restarted the domain): no new slot.
+                Some(old) if *old == vm => {}
+                // Same name, new socket (libvirt restarted the domain), or its QMP socket
+                // came or went: no new slot.
                 Some(_) => {
-                    self.exposed.insert(name.clone(), path.clone());
-                    changes.add.push((name, path));
+                    self.exposed.insert(name.clone(), vm.clone());
+                    changes.add.push((name, vm));
                 }
                 None if self.exposed.len() < self.capacity => {
-                    self.exposed.insert(name.clone(), path.clone());
-                    changes.add.push((name, path));
+                    self.exposed.insert(name.clone(), vm.clone());
+                    changes.add.push((name, vm));
                 }
                 None => {
-                    if !self.over_limit.contains(&path) {
+                    if !self.over_limit.contains(&vm.qga) {
                         tracing::warn!(
                             vm = %name,
-                            path = %path.display(),
+                            path = %vm.qga.display(),
                             "discovered socket not added: limits.max_vms reached"
                         );
                     }
-                    over_limit.insert(path);
+                    over_limit.insert(vm.qga);
                 }
             }
         }
@@ -389,6 +482,10 @@ mod tests {
         }
     }
 
+    fn agent(path: PathBuf) -> DiscoveredVm {
+        DiscoveredVm::agent(path)
+    }
+
     fn names(d: &Discovery) -> Vec<&str> {
         d.exposed().keys().map(String::as_str).collect()
     }
@@ -417,7 +514,7 @@ mod tests {
         // The scan ran out of descriptors and saw only `a`, plus a new `c`.
         let (c, log) = logged(|| d.apply(incomplete(&["a", "c"])));
         assert_eq!(c.remove, Vec::<String>::new());
-        assert_eq!(c.add, vec![("c".to_string(), sock("c"))]);
+        assert_eq!(c.add, vec![("c".to_string(), agent(sock("c")))]);
         assert_eq!(names(&d), ["a", "b", "c"]);
         assert!(log.contains("WARN"), "{log}");
         assert!(log.contains("Too many open files"), "{log}");
@@ -455,7 +552,10 @@ mod tests {
         assert_eq!(c, Changes::default());
         // One goes: the name comes back, on the socket that is left.
         let c = d.apply(found(&["domain-2-web", "domain-3-db"]));
-        assert_eq!(c.add, vec![("web".to_string(), sock("domain-2-web"))]);
+        assert_eq!(
+            c.add,
+            vec![("web".to_string(), agent(sock("domain-2-web")))]
+        );
         assert!(d.collisions().is_empty());
     }
 
@@ -475,14 +575,17 @@ mod tests {
         d.apply(found(&["domain-1-web"]));
         let c = d.apply(found(&["domain-2-web"]));
         assert!(c.remove.is_empty());
-        assert_eq!(c.add, vec![("web".to_string(), sock("domain-2-web"))]);
+        assert_eq!(
+            c.add,
+            vec![("web".to_string(), agent(sock("domain-2-web")))]
+        );
     }
 
     #[test]
     fn configured_names_win_and_are_logged_once() {
         let mut d = Discovery::new(["web".to_string()].into(), 4096);
         let (c, log) = logged(|| d.apply(found(&["domain-1-web", "x"])));
-        assert_eq!(c.add, vec![("x".to_string(), sock("x"))]);
+        assert_eq!(c.add, vec![("x".to_string(), agent(sock("x")))]);
         assert!(log.contains("configured VM"), "{log}");
         let (_, log) = logged(|| d.apply(found(&["domain-1-web", "x"])));
         assert!(!log.contains("configured VM"), "{log}");
@@ -580,6 +683,134 @@ mod tests {
         let s = scan(&pattern, &[me], &[there.clone(), vanished].into());
         assert!(s.is_complete(), "{:?}", s.errors);
         assert_eq!(s.found, [there].into());
+    }
+
+    fn pve(file: &str) -> PathBuf {
+        PathBuf::from(format!("/var/run/qemu-server/{file}"))
+    }
+
+    fn pve_found(files: &[&str]) -> Scan {
+        Scan {
+            found: files.iter().map(|f| pve(f)).collect(),
+            ..Scan::default()
+        }
+    }
+
+    fn proxmox() -> Discovery {
+        Discovery::new(["103".to_string()].into(), 4096)
+            .with_proxmox(Some("/var/run/qemu-server".into()))
+    }
+
+    #[test]
+    fn proxmox_names() {
+        assert_eq!(proxmox_vm(&pve("101.qga")), Some(("101".into(), false)));
+        assert_eq!(proxmox_vm(&pve("101.qmp")), Some(("101".into(), true)));
+        for junk in [
+            "abc.qga",
+            "101.conf",
+            "1a.qga",
+            ".qga",
+            "101.qga.bak",
+            "-1.qmp",
+        ] {
+            assert_eq!(proxmox_vm(&pve(junk)), None, "{junk}");
+        }
+        assert_eq!(
+            proxmox_patterns(Path::new("/var/run/qemu-server/")),
+            Some(vec![
+                "/var/run/qemu-server/*.qga".to_string(),
+                "/var/run/qemu-server/*.qmp".to_string()
+            ])
+        );
+        assert_eq!(
+            proxmox_patterns(Path::new("/run/[x]")),
+            Some(vec![
+                "/run/[[]x[]]/*.qga".to_string(),
+                "/run/[[]x[]]/*.qmp".to_string()
+            ])
+        );
+    }
+
+    #[test]
+    fn proxmox_vms_are_shared_and_carry_their_qmp_socket() {
+        let mut d = proxmox();
+        let (c, log) = logged(|| {
+            d.apply(pve_found(&[
+                "101.qga", "101.qmp", "102.qga", "abc.qga", "104.qmp", "103.qga",
+            ]))
+        });
+        assert!(c.remove.is_empty());
+        let shared = |qga: &str, qmp: Option<&str>| DiscoveredVm {
+            qga: pve(qga),
+            qmp: qmp.map(pve),
+            shared: true,
+        };
+        assert_eq!(
+            c.add,
+            vec![
+                ("101".to_string(), shared("101.qga", Some("101.qmp"))),
+                ("102".to_string(), shared("102.qga", None)),
+            ],
+            "a .qmp alone is no VM; a configured name wins"
+        );
+        assert!(log.contains("abc.qga"), "{log}");
+        assert!(log.contains("configured VM"), "{log}");
+        // 102's QMP socket shows up later: the VM is updated, not duplicated.
+        let c = d.apply(pve_found(&["101.qga", "101.qmp", "102.qga", "102.qmp"]));
+        assert_eq!(
+            c.add,
+            vec![("102".to_string(), shared("102.qga", Some("102.qmp")))]
+        );
+        assert!(c.remove.is_empty());
+        // An incomplete scan that missed 101.qmp keeps it.
+        let c = d.apply(Scan {
+            errors: vec!["EMFILE".into()],
+            ..pve_found(&["101.qga", "102.qga", "102.qmp"])
+        });
+        assert_eq!(c, Changes::default());
+        // The VM stops: both files go, and so does the VM.
+        let c = d.apply(pve_found(&["102.qga", "102.qmp"]));
+        assert_eq!(c.remove, ["101"]);
+        assert_eq!(names(&d), ["102"]);
+    }
+
+    #[test]
+    fn a_proxmox_vmid_and_a_globbed_directory_of_that_name_collide() {
+        let mut d = proxmox();
+        let mut scan = pve_found(&["101.qga"]);
+        scan.found.insert(sock("101"));
+        let (c, log) = logged(|| d.apply(scan));
+        assert_eq!(c, Changes::default());
+        assert!(log.contains("ERROR"), "{log}");
+    }
+
+    #[test]
+    fn scan_of_a_proxmox_directory_takes_only_sockets() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let dir = root.path().to_path_buf();
+        let _qga = UnixListener::bind(dir.join("101.qga")).expect("bind");
+        let _qmp = UnixListener::bind(dir.join("101.qmp")).expect("bind");
+        let _abc = UnixListener::bind(dir.join("abc.qga")).expect("bind");
+        std::fs::write(dir.join("102.qga"), b"").expect("file");
+        std::fs::write(dir.join("101.conf"), b"").expect("file");
+        let me = rustix::process::geteuid().as_raw();
+        let patterns = proxmox_patterns(&dir).expect("utf-8");
+        let s = scan(&patterns, &[me], &BTreeSet::new());
+        assert!(s.is_complete(), "{:?}", s.errors);
+        assert!(s.refused[&dir.join("102.qga")].contains("regular file"));
+        let mut d = Discovery::new(BTreeSet::new(), 4096).with_proxmox(Some(dir.clone()));
+        let c = d.apply(s);
+        assert_eq!(
+            c.add,
+            vec![(
+                "101".to_string(),
+                DiscoveredVm {
+                    qga: dir.join("101.qga"),
+                    qmp: Some(dir.join("101.qmp")),
+                    shared: true
+                }
+            )]
+        );
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! - [`session`]: one task per VM owning its QGA socket — queueing, resync, deadlines,
 //!   limits, coalescing. The core.
 //! - [`registry`]: VM name to session; [`discovery`]: VM sockets found by glob, refusing
-//!   what could route a call to the wrong VM.
+//!   what could route a call to the wrong VM; [`domains`]: libvirt's running domains.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
@@ -20,6 +20,7 @@ pub mod auth;
 pub mod call;
 pub mod config;
 pub mod discovery;
+pub mod domains;
 pub mod error;
 pub mod grpc;
 pub mod hotplug;
@@ -66,6 +67,9 @@ pub enum StartError {
     /// The TLS files are unusable.
     #[error(transparent)]
     Tls(#[from] tls::TlsError),
+    /// libvirt's event loop could not be set up.
+    #[error(transparent)]
+    Libvirt(qga_libvirt::LibvirtError),
     /// gRPC reflection could not be set up.
     #[error("gRPC reflection: {0}")]
     Reflection(String),
@@ -240,6 +244,11 @@ impl Bridge {
             None => None,
         };
 
+        if let Some(uri) = &config.libvirt {
+            let libvirt =
+                qga_libvirt::Libvirt::start(uri, rx.clone()).map_err(StartError::Libvirt)?;
+            tasks.spawn(domains::follow(registry.clone(), libvirt, rx.clone()));
+        }
         tasks.spawn(registry.clone().discover(rx));
         tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = registry.len(), "qga-bridge serving");
         Ok(Self {

@@ -16,7 +16,7 @@ use crate::{
     auth::Auth,
     call::{Call, Reply},
     config::Config,
-    discovery::{Discovery, Scan, scan},
+    discovery::{DiscoveredVm, Discovery, Scan, proxmox_patterns, scan},
     error::BridgeError,
     hotplug::{Done, Hotplug, Operation, layout::Layout},
     metrics::Metrics,
@@ -269,16 +269,28 @@ impl Registry {
 
     /// Adds `name` (or moves it to a new socket).
     pub fn add(&self, name: &str, socket: &Path) {
+        self.add_mode(name, socket, false);
+    }
+
+    /// Adds discovered VM `name` (or moves it to new sockets), with its QMP socket and
+    /// mode.
+    pub fn add_discovered(&self, name: &str, vm: &DiscoveredVm) {
+        self.add_mode(name, &vm.qga, vm.shared);
+        self.hotplug.set_qmp(name, vm.qmp.as_deref(), vm.shared);
+    }
+
+    fn add_mode(&self, name: &str, socket: &Path, shared: bool) {
         let Ok(mut sessions) = self.sessions.write() else {
             return;
         };
         if sessions.get(name).is_some_and(|s| s.socket() == socket) {
             return;
         }
-        tracing::info!(vm = name, socket = %socket.display(), "VM added");
+        tracing::info!(vm = name, socket = %socket.display(), shared, "VM added");
         let session = Session::spawn(
             name,
             socket,
+            shared,
             self.config.clone(),
             self.metrics.clone(),
             self.budget.clone(),
@@ -293,6 +305,73 @@ impl Registry {
         {
             tracing::info!(vm = name, "VM removed");
         }
+    }
+
+    /// Removes discovered VM `name`, with its QMP socket.
+    fn remove_discovered(&self, name: &str) {
+        self.remove(name);
+        self.hotplug.set_qmp(name, None, false);
+    }
+
+    /// Adds libvirt domain `name`, served through `libvirt`, unless the name is taken by a
+    /// VM from elsewhere or the bridge serves `limits.max_vms` already. Returns whether the
+    /// domain is served.
+    pub fn add_libvirt(&self, name: &str, libvirt: &Arc<qga_libvirt::Libvirt>) -> bool {
+        let Ok(mut sessions) = self.sessions.write() else {
+            return false;
+        };
+        let socket = crate::session::libvirt_socket(libvirt, name);
+        if let Some(existing) = sessions.get(name) {
+            if existing.socket() != socket {
+                tracing::warn!(vm = name, taken_by = %existing.socket().display(), "libvirt domain not served: its name is taken");
+                return false;
+            }
+            return true;
+        }
+        if sessions.len() >= self.config.limits.max_vms {
+            tracing::warn!(
+                vm = name,
+                max_vms = self.config.limits.max_vms,
+                "libvirt domain not served: limits.max_vms reached"
+            );
+            return false;
+        }
+        tracing::info!(vm = name, uri = libvirt.uri(), "libvirt domain added");
+        let session = Session::spawn_libvirt(
+            name,
+            libvirt.clone(),
+            self.config.clone(),
+            self.metrics.clone(),
+            self.budget.clone(),
+        );
+        sessions.insert(name.to_string(), session);
+        self.hotplug.set_libvirt(name, Some(libvirt.clone()));
+        true
+    }
+
+    /// Removes libvirt domain `name` (it stopped), if this bridge serves it through libvirt.
+    pub fn remove_libvirt(&self, name: &str, libvirt: &qga_libvirt::Libvirt) {
+        let socket = crate::session::libvirt_socket(libvirt, name);
+        let Ok(mut sessions) = self.sessions.write() else {
+            return;
+        };
+        if sessions.get(name).is_some_and(|s| s.socket() == socket) {
+            sessions.remove(name);
+            self.hotplug.set_libvirt(name, None);
+            tracing::info!(vm = name, "libvirt domain removed");
+        }
+    }
+
+    /// The names of the VMs served through `libvirt`.
+    pub fn libvirt_domains(&self, libvirt: &qga_libvirt::Libvirt) -> Vec<String> {
+        let Ok(sessions) = self.sessions.read() else {
+            return Vec::new();
+        };
+        sessions
+            .iter()
+            .filter(|(name, s)| s.socket() == crate::session::libvirt_socket(libvirt, name))
+            .map(|(name, _)| name.clone())
+            .collect()
     }
 
     /// Every VM's status, by name.
@@ -313,18 +392,28 @@ impl Registry {
         self.len() == 0
     }
 
-    /// Rescans the discovery globs until `shutdown` and applies each scan (see
-    /// [`crate::discovery`]): adds new sockets, drops vanished ones only after a complete
-    /// scan, withholds ambiguous names; configured VMs are never dropped.
+    /// Rescans the discovery globs (and Proxmox's directory) until `shutdown` and applies
+    /// each scan (see [`crate::discovery`]): adds new sockets, drops vanished ones only
+    /// after a complete scan, withholds ambiguous names; configured VMs are never dropped.
     pub async fn discover(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        if self.config.discover.is_empty() {
+        let proxmox = self.config.discover_proxmox.clone();
+        let mut patterns = self.config.discover.clone();
+        // Config validation refuses a directory that is not UTF-8.
+        patterns.extend(
+            proxmox
+                .as_deref()
+                .and_then(proxmox_patterns)
+                .unwrap_or_default(),
+        );
+        if patterns.is_empty() {
             return;
         }
         let configured = self.config.vms.keys().cloned().collect();
-        let mut discovery = Discovery::new(configured, self.config.limits.max_vms);
+        let mut discovery =
+            Discovery::new(configured, self.config.limits.max_vms).with_proxmox(proxmox);
         loop {
             // Globbing reads directories: keep it off the async workers.
-            let patterns = self.config.discover.clone();
+            let patterns = patterns.clone();
             let owners = self.config.discover_owners.clone();
             let known = discovery.taken().clone();
             let scanned = tokio::task::spawn_blocking(move || scan(&patterns, &owners, &known))
@@ -332,10 +421,10 @@ impl Registry {
                 .unwrap_or_else(|e| Scan::failed(format!("scan task failed: {e}")));
             let changes = discovery.apply(scanned);
             for name in &changes.remove {
-                self.remove(name);
+                self.remove_discovered(name);
             }
-            for (name, socket) in &changes.add {
-                self.add(name, socket);
+            for (name, vm) in &changes.add {
+                self.add_discovered(name, vm);
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.discover_interval) => {}

@@ -50,6 +50,13 @@ pub struct QmpLimits {
     /// Frames in a row that are no reply to a waiting caller (malformed, not objects, ids
     /// nobody waits for) after which the connection is dropped. Default 64.
     pub max_stale_frames: u32,
+    /// Close the connection after this long without a command in flight, and connect
+    /// again (greeting, `qmp_capabilities`) on the next command: for a QMP socket shared
+    /// with other tools, which QEMU serves one client at a time. The connection is held
+    /// while a command is in flight and while anyone holds a receiver from
+    /// [`Qmp::events`]; events QEMU emits while it is released are never seen. Default
+    /// `None`: the connection is held until lost or every handle is dropped.
+    pub idle_close: Option<Duration>,
 }
 
 impl Default for QmpLimits {
@@ -60,6 +67,7 @@ impl Default for QmpLimits {
             max_backoff: Duration::from_secs(10),
             event_capacity: 256,
             max_stale_frames: 64,
+            idle_close: None,
         }
     }
 }
@@ -67,7 +75,8 @@ impl Default for QmpLimits {
 /// The connection's state, for status reporting.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QmpState {
-    /// No connection attempt yet: the first command connects.
+    /// Not connected, and nothing failed: no command yet, or the connection was released
+    /// after [`QmpLimits::idle_close`]. The next command connects.
     Idle,
     /// A command is connecting (greeting, `qmp_capabilities`).
     Connecting,
@@ -162,7 +171,9 @@ impl<C: Connector> DynConnector for C {
 /// connect succeeds but gets no greeting (it fails after
 /// [`QmpLimits::connect_timeout`]), and the attached one locks everyone else out (libvirt,
 /// Proxmox's tools, an operator's `socat`). Give the bridge a `-qmp` socket of its own
-/// (QEMU accepts several `-qmp` options).
+/// (QEMU accepts several `-qmp` options), or set [`QmpLimits::idle_close`] so the
+/// connection is released between commands (each burst of commands then pays a connect
+/// and the `qmp_capabilities` negotiation, and events are seen only while connected).
 #[derive(Clone)]
 pub struct Qmp {
     inner: Arc<Inner>,
@@ -262,6 +273,11 @@ impl Qmp {
 
     /// A receiver of every event QEMU sends from now on. Subscribe *before* sending the
     /// command whose event you wait for (see [`wait_for_event`](crate::wait_for_event)).
+    ///
+    /// Events arrive only while connected: subscribing does not connect (a command
+    /// does), and events QEMU emits while no connection is up are lost. With
+    /// [`QmpLimits::idle_close`], an open connection is not released while any receiver
+    /// exists: drop it when done waiting.
     pub fn events(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
     }
@@ -415,16 +431,23 @@ impl Qmp {
         let status = inner.status.clone();
         // Connection attempts are serialised by the link lock: this is the next number.
         let generation = lock(&status).connections + 1;
-        let on_end = Box::new(move |reason: String| {
+        let on_end = Box::new(move |reason: Option<String>| {
             let mut st = lock(&status);
             if st.connections == generation && st.phase == Phase::Connected {
-                st.phase = Phase::Disconnected;
-                st.last_error = Some(reason);
+                match reason {
+                    Some(reason) => {
+                        st.phase = Phase::Disconnected;
+                        st.last_error = Some(reason);
+                    }
+                    // Released while idle: nothing failed.
+                    None => st.phase = Phase::Idle,
+                }
             }
         });
         let ctx = TaskContext {
             events: inner.events.clone(),
             max_stale_frames,
+            idle_close: inner.limits.idle_close,
             on_end,
         };
         Ok((conn::spawn(frames, sink, ctx), version))

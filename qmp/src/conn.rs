@@ -3,7 +3,10 @@
 //!
 //! The task runs a reader and a writer side by side (so a reply is never stuck behind a
 //! write) and ends at the first of: the connection failing, QEMU flooding it with frames
-//! that are no reply, or the [`Conn`] being dropped (every [`Qmp`](crate::Qmp) handle gone).
+//! that are no reply, the [`Conn`] being dropped (every [`Qmp`](crate::Qmp) handle gone),
+//! or, with [`QmpLimits::idle_close`](crate::QmpLimits::idle_close), the connection
+//! standing idle that long: no caller waiting for a reply, nobody holding an events
+//! receiver.
 //! When it ends, every caller still waiting is told [`QmpError::Unavailable`].
 
 use std::{
@@ -12,6 +15,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
+    time::Duration,
 };
 
 use futures::{SinkExt, StreamExt};
@@ -67,6 +71,17 @@ struct Table {
     /// Why the connection ended; no caller can be added then.
     closed: Option<String>,
     waiting: HashMap<u64, Waiter>,
+    /// Since when no caller has been waiting (`None`: since the connection opened).
+    idle_since: Option<Instant>,
+}
+
+/// What [`Book::close_if_idle`] decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Idle {
+    /// The connection is closed: idle long enough, or ended otherwise.
+    Closed,
+    /// In use, or not idle long enough yet: look again then.
+    CheckAt(Instant),
 }
 
 /// Shared between the callers and the connection's task.
@@ -88,7 +103,11 @@ pub(crate) struct Ticket {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
-        lock(&self.book.table).waiting.remove(&self.id);
+        let mut table = lock(&self.book.table);
+        table.waiting.remove(&self.id);
+        if table.waiting.is_empty() {
+            table.idle_since = Some(Instant::now());
+        }
     }
 }
 
@@ -141,6 +160,37 @@ impl Book {
 
     fn is_closed(&self) -> bool {
         lock(&self.table).closed.is_some()
+    }
+
+    /// Closes the connection if it has been idle for `idle`: no caller waiting, none for
+    /// that long, and not `held` (someone holds an events receiver). Decided under the
+    /// table's lock, so a caller registering at the same time either keeps it open or
+    /// finds it closed before its request is queued (and is sent on a new connection).
+    fn close_if_idle(&self, idle: Duration, held: bool) -> Idle {
+        let now = Instant::now();
+        let mut table = lock(&self.table);
+        if table.closed.is_some() {
+            return Idle::Closed;
+        }
+        if !table.waiting.is_empty() {
+            // The last ticket to leave restarts the idle time.
+            return Idle::CheckAt(now + idle);
+        }
+        if held {
+            // A receiver's end is not announced: look again soon, counting idle time
+            // from the last time it was seen.
+            table.idle_since = Some(now);
+            return Idle::CheckAt(now + (idle / 4).max(Duration::from_millis(1)));
+        }
+        let since = *table.idle_since.get_or_insert(now);
+        if now < since + idle {
+            return Idle::CheckAt(since + idle);
+        }
+        table.closed = Some(format!(
+            "released after {} ms without commands (idle_close)",
+            idle.as_millis()
+        ));
+        Idle::Closed
     }
 }
 
@@ -289,8 +339,11 @@ pub(crate) struct TaskContext {
     pub events: broadcast::Sender<Event>,
     /// Stale frames in a row after which the connection is dropped.
     pub max_stale_frames: u32,
-    /// Called with the reason when the connection ends (not when it was dropped).
-    pub on_end: Box<dyn FnOnce(String) + Send>,
+    /// Close the connection after this long idle ([`QmpLimits::idle_close`](crate::QmpLimits::idle_close)).
+    pub idle_close: Option<Duration>,
+    /// Called when the connection ends by itself: with the reason when it was lost,
+    /// `None` when it was released while idle (not when it was dropped).
+    pub on_end: Box<dyn FnOnce(Option<String>) + Send>,
 }
 
 /// The greeting `{"QMP": {"version": ..., "capabilities": [...]}}`, then
@@ -381,22 +434,50 @@ async fn run<S: AsyncRead + AsyncWrite + Send>(
     let TaskContext {
         events,
         max_stale_frames,
+        idle_close,
         on_end,
     } = ctx;
-    let reason = tokio::select! {
-        reason = read(frames, &book, &events, max_stale_frames) => Some(reason),
-        reason = write(sink, rx, &book) => reason,
-        _ = stop => None,
+    /// Why the task ends.
+    enum End {
+        Lost(String),
+        Dropped,
+        Idle,
+    }
+    let end = tokio::select! {
+        reason = read(frames, &book, &events, max_stale_frames) => End::Lost(reason),
+        reason = write(sink, rx, &book) => reason.map_or(End::Dropped, End::Lost),
+        () = watch_idle(&book, &events, idle_close) => End::Idle,
+        _ = stop => End::Dropped,
     };
-    match reason {
-        Some(reason) => {
+    match end {
+        End::Lost(reason) => {
             tracing::warn!(%reason, "QMP connection lost");
             book.close(&reason);
-            on_end(reason);
+            on_end(Some(reason));
         }
-        None => {
+        End::Idle => {
+            tracing::debug!("QMP connection released while idle");
+            on_end(None);
+        }
+        End::Dropped => {
             tracing::debug!("QMP client dropped; closing the connection");
             book.close("the QMP client was dropped");
+        }
+    }
+}
+
+/// Returns once the connection has been idle for `idle` and is closed (see
+/// [`Book::close_if_idle`]); never without `idle`.
+async fn watch_idle(book: &Book, events: &broadcast::Sender<Event>, idle: Option<Duration>) {
+    let Some(idle) = idle else {
+        return std::future::pending().await;
+    };
+    let mut at = Instant::now() + idle;
+    loop {
+        tokio::time::sleep_until(at).await;
+        match book.close_if_idle(idle, events.receiver_count() > 0) {
+            Idle::Closed => return,
+            Idle::CheckAt(next) => at = next,
         }
     }
 }

@@ -20,7 +20,9 @@
 //!
 //! QEMU serves one client per QMP socket: the bridge needs a `-qmp` socket of its own
 //! (QEMU takes several, e.g. `-qmp unix:/run/qga-bridge/VM.qmp,server=on,wait=off` besides
-//! libvirt's or Proxmox's monitor), or it locks the other client out and is locked out by it.
+//! libvirt's or Proxmox's monitor), or it locks the other client out and is locked out by it
+//! — unless it lets go between commands ([`QmpLimits::idle_close`]; events are then seen only
+//! while a command runs or someone holds a receiver from [`Qmp::events`]).
 //! The connection is anything a [`Connector`] opens, so the protocol is unit-tested over
 //! in-memory pipes against a scripted QEMU (`tests.rs`), and against a real QEMU in
 //! `tests/real_qemu.rs`.

@@ -800,6 +800,167 @@ async fn a_receiver_that_falls_behind_is_told() {
     );
 }
 
+fn idle_after(ms: u64) -> QmpLimits {
+    QmpLimits {
+        idle_close: Some(Duration::from_millis(ms)),
+        ..QmpLimits::default()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_close_releases_the_connection_and_the_next_command_reconnects() {
+    let mut rig = Rig::with(idle_after(1000));
+    let call = rig.spawn("query-status", Value::Null, 5);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-status").await;
+    qemu.reply(&id, json!(1)).await;
+    assert_eq!(join(call).await, Ok(json!(1)));
+    let idle_from = Instant::now();
+    qemu.closed().await;
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000) && waited < Duration::from_millis(1100),
+        "released after the idle time: {waited:?}"
+    );
+    assert_eq!(rig.qmp.state(), QmpState::Idle, "released, not failed");
+    // The next command connects and negotiates again.
+    let call = rig.spawn("query-status", Value::Null, 5);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-status").await;
+    qemu.reply(&id, json!(2)).await;
+    assert_eq!(join(call).await, Ok(json!(2)));
+    assert_eq!(rig.connects(), 2);
+    assert_eq!(rig.qmp.connections(), 2);
+    assert_eq!(rig.qmp.state(), QmpState::Connected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_close_waits_for_a_command_in_flight() {
+    let mut rig = Rig::with(idle_after(1000));
+    let call = rig.spawn("query-status", Value::Null, 10);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-status").await;
+    // QEMU takes three idle times to answer: the connection stays.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    qemu.reply(&id, json!("late")).await;
+    assert_eq!(join(call).await, Ok(json!("late")));
+    // Commands in a row keep it too.
+    for n in 0..3 {
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        round_trip(&rig, &mut qemu, json!(n)).await;
+    }
+    assert_eq!(rig.connects(), 1);
+    // Idle time counts from the end of the last command.
+    let idle_from = Instant::now();
+    qemu.closed().await;
+    assert!(idle_from.elapsed() >= Duration::from_millis(1000));
+}
+
+#[tokio::test(start_paused = true)]
+async fn idle_close_waits_while_an_events_receiver_exists() {
+    let mut rig = Rig::with(idle_after(1000));
+    // Subscribe, then the command whose event is awaited (as hotplug's device_del).
+    let mut events = rig.qmp.events();
+    let call = rig.spawn("device_del", json!({"id": "dimm1"}), 5);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("device_del").await;
+    qemu.reply(&id, json!({})).await;
+    assert!(join(call).await.is_ok());
+    // The guest takes its time to eject: the connection is held meanwhile.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(rig.qmp.state(), QmpState::Connected);
+    qemu.send(json!({"event": "DEVICE_DELETED", "data": {"device": "dimm1", "path": "/q"}}))
+        .await;
+    let deleted = wait_for_event(&mut events, "DEVICE_DELETED", deadline(1), |e| {
+        e.device_deleted().is_some()
+    })
+    .await
+    .expect("the event arrives on the held connection");
+    assert_eq!(deleted.name, "DEVICE_DELETED");
+    assert_eq!(rig.connects(), 1);
+    // Done waiting: released within about the idle time.
+    drop(events);
+    let idle_from = Instant::now();
+    qemu.closed().await;
+    let waited = idle_from.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1000) && waited <= Duration::from_millis(1300),
+        "{waited:?}"
+    );
+    assert_eq!(rig.qmp.state(), QmpState::Idle);
+}
+
+#[tokio::test(start_paused = true)]
+async fn without_idle_close_the_connection_is_held() {
+    let mut rig = Rig::new();
+    let call = rig.spawn("query-status", Value::Null, 5);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-status").await;
+    qemu.reply(&id, json!(1)).await;
+    assert_eq!(join(call).await, Ok(json!(1)));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    round_trip(&rig, &mut qemu, json!(2)).await;
+    assert_eq!(rig.connects(), 1);
+}
+
+/// A QEMU monitor on a unix socket that, like QEMU, serves one client at a time: the next
+/// one is accepted only once the current one closed. Answers every command with `{}`.
+fn one_client_monitor(path: &std::path::Path) -> (JoinHandle<()>, Arc<AtomicUsize>) {
+    let listener = tokio::net::UnixListener::bind(path).expect("bind");
+    let served = Arc::new(AtomicUsize::new(0));
+    let count = served.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            let (read, mut write) = tokio::io::split(stream);
+            let mut frames = FramedRead::new(read, QgaCodec::default());
+            let greeting = format!("{GREETING}\r\n");
+            if write.write_all(greeting.as_bytes()).await.is_err() {
+                continue;
+            }
+            while let Some(Ok(Frame::Value(request))) = frames.next().await {
+                let reply = json!({"return": {}, "id": request["id"]});
+                let line = format!("{reply}\r\n");
+                if write.write_all(line.as_bytes()).await.is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    (task, served)
+}
+
+#[tokio::test]
+async fn idle_close_lets_another_client_use_a_one_client_socket() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("qmp.sock");
+    let (server, served) = one_client_monitor(&path);
+    let qmp = Qmp::new(path.clone(), idle_after(200));
+    let soon = || Instant::now() + Duration::from_secs(5);
+    qmp.execute("query-status", None, soon())
+        .await
+        .expect("first command");
+    // Another client (Proxmox's qm, socat) gets QEMU's greeting once the bridge let go.
+    let mut other = tokio::net::UnixStream::connect(&path)
+        .await
+        .expect("connect");
+    let mut greeting = FramedRead::new(&mut other, QgaCodec::default());
+    let first = tokio::time::timeout(Duration::from_secs(5), greeting.next())
+        .await
+        .expect("greeted once the client released the socket");
+    assert!(matches!(first, Some(Ok(Frame::Value(v))) if v.get("QMP").is_some()));
+    assert_eq!(qmp.state(), QmpState::Idle);
+    drop(greeting);
+    drop(other);
+    // The next command connects again, and is served.
+    qmp.execute("query-status", None, soon())
+        .await
+        .expect("reconnected");
+    assert_eq!(qmp.connections(), 2);
+    assert_eq!(served.load(Ordering::SeqCst), 3);
+    server.abort();
+}
+
 #[test]
 fn frames_are_sorted_into_replies_events_and_stale() {
     let value = |v: Value| classify(Frame::Value(v));

@@ -1,5 +1,5 @@
-//! Memory hotplug: DIMMs plugged and unplugged over a VM's QMP socket, their blocks
-//! onlined and offlined through its agent, as one operation that completes or leaves the
+//! Memory hotplug: DIMMs plugged and unplugged over a VM's QMP socket or, for a libvirt
+//! domain, through libvirt, their blocks onlined and offlined through its agent, as one operation that completes or leaves the
 //! VM as it was.
 //!
 //! - [`layout`]: QEMU's DIMMs joined with the guest's blocks and zones.
@@ -12,6 +12,7 @@
 //! audited and, with a `request-id`, remembered for the caller's retry.
 
 pub mod layout;
+pub mod libvirt;
 pub mod ops;
 pub mod qemu;
 
@@ -123,10 +124,19 @@ struct State {
     done: VecDeque<Remembered>,
 }
 
+/// How hotplug reaches a VM's hypervisor.
+#[derive(Debug, Clone)]
+pub enum Vmm {
+    /// QEMU's QMP socket.
+    Qmp(Qmp),
+    /// libvirt, which runs the domain and holds its QMP socket.
+    Libvirt(Arc<qga_libvirt::Libvirt>),
+}
+
 /// One VM's hotplug state.
 #[derive(Debug)]
 struct Vm {
-    qmp: Qmp,
+    vmm: Vmm,
     /// Held by the running operation.
     busy: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
@@ -135,7 +145,8 @@ struct Vm {
 /// Memory hotplug for every VM with a QMP socket.
 #[derive(Debug)]
 pub struct Hotplug {
-    vms: BTreeMap<String, Arc<Vm>>,
+    /// Configured VMs', and discovered ones' as discovery finds them.
+    vms: std::sync::RwLock<BTreeMap<String, Arc<Vm>>>,
     config: Arc<Config>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
@@ -143,6 +154,27 @@ pub struct Hotplug {
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// A VM's hotplug state with a QMP client of `socket` (connected on first use); a shared
+/// socket is released `timeouts.shared_idle_ms` after the last command, and held while
+/// an operation waits for an event.
+fn new_vm(config: &Config, socket: &std::path::Path, shared: bool) -> Vm {
+    let limits = QmpLimits {
+        max_message: config.hotplug.max_qmp_bytes,
+        connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
+        idle_close: shared.then(|| Duration::from_millis(config.timeouts.shared_idle_ms)),
+        ..QmpLimits::default()
+    };
+    Vm {
+        vmm: Vmm::Qmp(Qmp::new(socket.to_path_buf(), limits)),
+        busy: Arc::new(tokio::sync::Mutex::new(())),
+        state: Mutex::new(State::default()),
+    }
 }
 
 /// Whether a failed operation's outcome is final, so that a retry with its request id
@@ -158,25 +190,16 @@ fn remembered(result: &Result<Done, BridgeError>) -> bool {
 impl Hotplug {
     /// QMP clients for the configured VMs' QMP sockets (connected on first use).
     pub fn new(config: Arc<Config>, audit: Arc<Audit>, metrics: Arc<Metrics>) -> Self {
-        let limits = QmpLimits {
-            max_message: config.hotplug.max_qmp_bytes,
-            connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
-            ..QmpLimits::default()
-        };
         let vms = config
             .qmp
             .iter()
             .map(|(name, socket)| {
-                let vm = Vm {
-                    qmp: Qmp::new(socket.clone(), limits.clone()),
-                    busy: Arc::new(tokio::sync::Mutex::new(())),
-                    state: Mutex::new(State::default()),
-                };
-                (name.clone(), Arc::new(vm))
+                let shared = config.shared.contains(name);
+                (name.clone(), Arc::new(new_vm(&config, socket, shared)))
             })
             .collect();
         Self {
-            vms,
+            vms: std::sync::RwLock::new(vms),
             config,
             audit,
             metrics,
@@ -184,27 +207,86 @@ impl Hotplug {
     }
 
     /// The QMP socket of `vm`, if it has one.
-    pub fn socket(&self, vm: &str) -> Option<&std::path::Path> {
-        self.vms.get(vm).map(|v| v.qmp.socket())
-    }
-
-    fn vm(&self, name: &str) -> Result<&Arc<Vm>, BridgeError> {
-        self.vms.get(name).ok_or_else(|| BridgeError::Hotplug {
-            vm: name.to_string(),
-            step: "check".into(),
-            reason: "the VM has no QMP socket configured (--qmp NAME=SOCKET or \
-                     [vms.NAME] qmp = ...), so the bridge cannot plug DIMMs into it"
-                .into(),
-            blocks: Vec::new(),
+    pub fn socket(&self, vm: &str) -> Option<std::path::PathBuf> {
+        read(&self.vms).get(vm).and_then(|v| match &v.vmm {
+            Vmm::Qmp(q) => Some(q.socket().to_path_buf()),
+            Vmm::Libvirt(_) => None,
         })
     }
 
-    fn ctx(&self, vm: &str, qmp: Qmp, session: Arc<Session>, deadline: Option<Instant>) -> Ctx {
+    /// Gives discovered VM `vm` QMP socket `socket` (`shared`: released when idle), or
+    /// takes its QMP socket away (`None`). An operation running on it finishes on the
+    /// old client; the same socket again keeps the client and its request-ids.
+    pub fn set_qmp(&self, vm: &str, socket: Option<&std::path::Path>, shared: bool) {
+        let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
+        match socket {
+            Some(socket) => {
+                let same = vms.get(vm).is_some_and(|v| {
+                    matches!(&v.vmm, Vmm::Qmp(q)
+                        if q.socket() == socket && q.limits().idle_close.is_some() == shared)
+                });
+                if !same {
+                    tracing::info!(vm, qmp = %socket.display(), "QMP socket added");
+                    vms.insert(
+                        vm.to_string(),
+                        Arc::new(new_vm(&self.config, socket, shared)),
+                    );
+                }
+            }
+            None => {
+                if vms.remove(vm).is_some() {
+                    tracing::info!(vm, "QMP socket removed");
+                }
+            }
+        }
+    }
+
+    /// Makes libvirt domain `vm` pluggable through `libvirt`, or forgets it (`None`: the
+    /// domain stopped). An operation running on it finishes.
+    pub fn set_libvirt(&self, vm: &str, libvirt: Option<Arc<qga_libvirt::Libvirt>>) {
+        let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
+        match libvirt {
+            Some(l) => {
+                if !vms
+                    .get(vm)
+                    .is_some_and(|v| matches!(v.vmm, Vmm::Libvirt(_)))
+                {
+                    vms.insert(
+                        vm.to_string(),
+                        Arc::new(Vm {
+                            vmm: Vmm::Libvirt(l),
+                            busy: Arc::new(tokio::sync::Mutex::new(())),
+                            state: Mutex::new(State::default()),
+                        }),
+                    );
+                }
+            }
+            None => {
+                vms.remove(vm);
+            }
+        }
+    }
+
+    fn vm(&self, name: &str) -> Result<Arc<Vm>, BridgeError> {
+        read(&self.vms)
+            .get(name)
+            .cloned()
+            .ok_or_else(|| BridgeError::Hotplug {
+                vm: name.to_string(),
+                step: "check".into(),
+                reason: "the VM has no QMP socket configured (--qmp NAME=SOCKET or \
+                     [vms.NAME] qmp = ...), so the bridge cannot plug DIMMs into it"
+                    .into(),
+                blocks: Vec::new(),
+            })
+    }
+
+    fn ctx(&self, vm: &str, vmm: Vmm, session: Arc<Session>, deadline: Option<Instant>) -> Ctx {
         let own = Instant::now() + Duration::from_millis(self.config.hotplug.timeout_ms);
         Ctx {
             vm: vm.to_string(),
             session,
-            qmp,
+            vmm,
             settings: self.config.hotplug.clone(),
             max_set_entries: self.config.limits.max_set_entries,
             deadline: deadline.map_or(own, |d| d.min(own)),
@@ -221,7 +303,7 @@ impl Hotplug {
         deadline: Option<Instant>,
     ) -> Result<Layout, BridgeError> {
         let v = self.vm(vm)?;
-        let ctx = self.ctx(vm, v.qmp.clone(), session, deadline);
+        let ctx = self.ctx(vm, v.vmm.clone(), session, deadline);
         let block_size = ctx.block_size().await?;
         let caps = ctx.capabilities().await?;
         let (boot, _) = qemu::memory_summary(&ctx).await?;
@@ -278,7 +360,7 @@ impl Hotplug {
                 return result;
             }
         };
-        let mut ctx = self.ctx(vm, v.qmp.clone(), session, deadline);
+        let mut ctx = self.ctx(vm, v.vmm.clone(), session, deadline);
         let audit = self.audit.clone();
         let metrics = self.metrics.clone();
         let caller = caller.clone();
@@ -351,7 +433,7 @@ impl Hotplug {
     /// request-ids looked at under it, so a retry racing with the end of its first call
     /// gets the first call's outcome, never a second run.
     fn admit(&self, vm: &str, op: &Operation, key: Option<&Key>) -> Result<Admitted, BridgeError> {
-        let v = self.vm(vm)?.clone();
+        let v = self.vm(vm)?;
         let guard = v.busy.clone().try_lock_owned();
         let mut state = lock(&v.state);
         if let Some(key) = key

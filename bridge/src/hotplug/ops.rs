@@ -1,13 +1,13 @@
 //! The hotplug operations, step by step: each either completes or undoes what it did.
 //!
-//! Plug: `object-add`, `device_add`, wait for the DIMM's blocks, online them, verify.
-//! Unplug: offline the DIMM's blocks (retrying EBUSY), `device_del`, wait for
-//! `DEVICE_DELETED`, `object-del`. Resize: unplugs newest DIMMs first, then plugs, until
+//! Plug: `object-add`, `device_add` (libvirt: one live attach), wait for the DIMM's
+//! blocks, online them, verify. Unplug: offline the DIMM's blocks (retrying EBUSY),
+//! `device_del` (libvirt: a live detach), wait for `DEVICE_DELETED` (libvirt:
+//! device-removed), `object-del` (libvirt deletes the backend itself). Resize: unplugs newest DIMMs first, then plugs, until
 //! the VM's memory equals the target.
 
 use std::{sync::Arc, time::Duration};
 
-use qga_qmp::Qmp;
 use qga_wire::schema::{
     GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType,
     GuestMemoryOnlineType, command,
@@ -16,8 +16,9 @@ use serde::Serialize;
 use tokio::time::Instant;
 
 use super::{
+    Vmm,
     layout::{self, BlockState, Dimm, DimmDevice, GuestView},
-    qemu,
+    qemu::{self, EjectWatch, Ejection, NotAdded},
 };
 use crate::{
     call::{BlockChanges, Call, Reply},
@@ -54,8 +55,8 @@ pub struct Ctx {
     pub vm: String,
     /// Its agent.
     pub session: Arc<Session>,
-    /// Its QEMU.
-    pub qmp: Qmp,
+    /// Its QEMU, over QMP or through libvirt.
+    pub vmm: Vmm,
     /// Timeouts and sizes.
     pub settings: config::Hotplug,
     /// Largest set the bridge sends.
@@ -233,16 +234,6 @@ impl Ctx {
     }
 }
 
-/// The first `qga-dimmN` / `qga-memN` pair of ids that neither QEMU object uses.
-fn free_ids(devices: &[DimmDevice], memdevs: &[String]) -> (String, String) {
-    (0..)
-        .map(|n| (format!("qga-dimm{n}"), format!("qga-mem{n}")))
-        .find(|(d, m)| {
-            !devices.iter().any(|x| &x.id == d || &x.memdev == m) && !memdevs.contains(m)
-        })
-        .unwrap_or_default()
-}
-
 /// What `plug` was asked.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -293,19 +284,15 @@ pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
     let devices = qemu::dimms(ctx).await?;
     qemu::check_room(ctx, &devices, args.size).await?;
     let memdevs = remove_orphans(ctx, &devices).await?;
-    let (dimm_id, mem_id) = free_ids(&devices, &memdevs);
-    if let Err(e) = qemu::object_add(ctx, &mem_id, args.size).await {
-        // QEMU refused: nothing was made. Lost or late: it may have been.
-        if matches!(e, BridgeError::Hotplug { .. }) {
-            return Err(e);
-        }
-        let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
-        return Err(with_undo(e, undo));
-    }
-    if let Err(e) = qemu::device_add(ctx, &dimm_id, &mem_id, args.node).await {
-        let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
-        return Err(with_undo(e, undo));
-    }
+    let (dimm_id, mem_id) =
+        match qemu::add_dimm(ctx, &devices, &memdevs, args.size, args.node).await {
+            Ok(ids) => ids,
+            Err(NotAdded::Refused(e)) => return Err(e),
+            Err(NotAdded::Unknown(e, dimm_id, mem_id)) => {
+                let undo = undo_plug(ctx, &dimm_id, &mem_id, block_size).await;
+                return Err(with_undo(e, undo));
+            }
+        };
     match online_new(ctx, &dimm_id, block_size, online_type, caps).await {
         Ok(dimm) => Ok(dimm),
         Err(e) => {
@@ -643,18 +630,11 @@ async fn reonline(
     }
 }
 
-/// Whether an ACPI `_OST` status on an eject request is the guest's refusal: 1 (failure),
-/// 2 (unrecognised) and 0x80-0x83 (ejection not supported, device in use, busy,
-/// dependency busy). 0 is success and 0x84 "ejection in progress", which Linux reports
-/// before every eject.
-fn refused(status: i64) -> bool {
-    matches!(status, 1 | 2 | 0x80..=0x83)
-}
-
-/// `device_del`, then waits for the guest to eject the DIMM: `DEVICE_DELETED`, or its
-/// absence from `query-memory-devices` (events can be missed over a reconnect).
+/// `device_del`, then waits for the guest to eject the DIMM: `DEVICE_DELETED` (libvirt:
+/// device-removed), or its absence from the DIMM list (events can be missed over a
+/// reconnect).
 async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
-    let mut events = ctx.qmp.events();
+    let mut watch = EjectWatch::new(ctx);
     let start = Instant::now();
     qemu::device_del(ctx, dimm_id).await?;
     let until = ctx.phase(ctx.settings.eject_timeout_ms);
@@ -662,27 +642,13 @@ async fn eject(ctx: &mut Ctx, dimm_id: &str) -> Result<(), BridgeError> {
     loop {
         let poll = tokio::time::sleep(Duration::from_millis(250));
         tokio::select! {
-            event = events.recv(), if listening => match event {
-                Ok(e) => {
-                    if e.device_deleted().is_some_and(|d| d.device.as_deref() == Some(dimm_id)) {
-                        break;
-                    }
-                    if let Some(ost) = e
-                        .acpi_device_ost()
-                        .filter(|o| o.device.as_deref() == Some(dimm_id) && refused(o.status))
-                    {
-                        return Err(ctx.hotplug_error(
-                            "wait-deleted",
-                            format!(
-                                "the guest refused to eject the DIMM (ACPI _OST source {:#x}, \
-                                 status {:#x})",
-                                ost.source, ost.status
-                            ),
-                        ));
-                    }
+            word = watch.next(&ctx.vm, dimm_id), if listening => match word {
+                Some(Ejection::Deleted) => break,
+                Some(Ejection::Refused(why)) => {
+                    return Err(ctx.hotplug_error("wait-deleted", why));
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => listening = false,
+                Some(Ejection::Other) => {}
+                None => listening = false,
             },
             () = poll => {
                 // A failed query (QMP reconnecting) is tried again at the next poll.
@@ -900,32 +866,6 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn ids_skip_what_qemu_already_has() {
-        let d = |id: &str, memdev: &str| DimmDevice {
-            id: id.into(),
-            addr: 0,
-            size: 0,
-            node: 0,
-            slot: 0,
-            memdev: memdev.into(),
-            hotplugged: true,
-            hotpluggable: true,
-        };
-        assert_eq!(
-            free_ids(&[], &[]),
-            ("qga-dimm0".to_string(), "qga-mem0".to_string())
-        );
-        let (dimm, mem) = free_ids(&[d("qga-dimm0", "x")], &["qga-mem1".to_string()]);
-        assert_eq!((dimm.as_str(), mem.as_str()), ("qga-dimm2", "qga-mem2"));
-    }
-
-    #[test]
-    fn eject_in_progress_is_not_a_refusal() {
-        assert!(!refused(0) && !refused(0x84), "success, in progress");
-        assert!(refused(1) && refused(0x81) && refused(0x83));
-    }
 
     #[test]
     fn errnos_are_named() {

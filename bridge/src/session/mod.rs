@@ -15,8 +15,13 @@
 //! Concurrent identical reads (no arguments) share one agent call; writes are never merged.
 //! The connection is anything [`Connector`] opens, so the whole protocol is unit-tested
 //! over in-memory pipes (`tests.rs`).
+//!
+//! A libvirt domain's session ([`Session::spawn_libvirt`]) has another worker
+//! (`libvirt.rs`): libvirt holds the channel and runs the protocol, so that worker only
+//! bounds, decodes and records; the handle, queue, deadlines and coalescing are the same.
 
 mod exchange;
+mod libvirt;
 mod worker;
 
 pub use exchange::ParseBudget;
@@ -190,6 +195,29 @@ impl std::fmt::Debug for Session {
     }
 }
 
+/// What a libvirt domain's session reports as its socket: `libvirt:URI#NAME`.
+pub fn libvirt_socket(libvirt: &qga_libvirt::Libvirt, name: &str) -> PathBuf {
+    PathBuf::from(format!("libvirt:{}#{name}", libvirt.uri()))
+}
+
+/// A fresh status: disconnected, nothing heard yet.
+fn new_status(name: &str, socket: &Path) -> Arc<Mutex<VmStatus>> {
+    Arc::new(Mutex::new(VmStatus {
+        name: name.to_string(),
+        socket: socket.to_path_buf(),
+        state: AgentState::Disconnected,
+        last_contact: None,
+        last_error: None,
+        last_write: None,
+    }))
+}
+
+/// The span a worker runs in. Error level is enabled whenever any event is, so every line
+/// a worker logs names its VM, whatever the filter.
+fn vm_span(name: &str) -> tracing::Span {
+    tracing::error_span!("vm", vm = %name)
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
@@ -197,15 +225,19 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl Session {
     /// Creates the session of the agent on unix socket `socket` and spawns its worker on
     /// the current runtime. Large replies are parsed within the bridge-wide `budget`.
+    ///
+    /// `shared`: release the socket when idle even if the configuration does not name the
+    /// VM shared (a VM discovered in Proxmox's directory).
     pub fn spawn(
         name: &str,
         socket: &Path,
+        shared: bool,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
         let connector = UnixConnector(socket.to_path_buf());
-        Self::spawn_with(name, socket, connector, config, metrics, budget)
+        Self::spawn_mode(name, socket, connector, shared, config, metrics, budget)
     }
 
     /// Like [`Session::spawn`], reaching the agent through `connector`; `socket` is only
@@ -218,15 +250,20 @@ impl Session {
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
+        Self::spawn_mode(name, socket, connector, false, config, metrics, budget)
+    }
+
+    fn spawn_mode<C: Connector>(
+        name: &str,
+        socket: &Path,
+        connector: C,
+        shared: bool,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        budget: Arc<ParseBudget>,
+    ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(config.limits.queue_depth);
-        let status = Arc::new(Mutex::new(VmStatus {
-            name: name.to_string(),
-            socket: socket.to_path_buf(),
-            state: AgentState::Disconnected,
-            last_contact: None,
-            last_error: None,
-            last_write: None,
-        }));
+        let status = new_status(name, socket);
         let worker = worker::Worker::new(
             name,
             connector,
@@ -235,11 +272,48 @@ impl Session {
             config.clone(),
             metrics.clone(),
             budget,
-        );
-        // An error-level span is enabled whenever any event is, so every line the worker
-        // logs names its VM, whatever the filter.
-        let span = tracing::error_span!("vm", vm = %name);
-        tokio::spawn(worker.run().instrument(span));
+        )
+        .shared(shared);
+        tokio::spawn(worker.run().instrument(vm_span(name)));
+        Self::handle(name, socket, tx, status, config, metrics)
+    }
+
+    /// The session of libvirt domain `name`, whose agent libvirt holds: calls go through
+    /// `virDomainQemuAgentCommand`. Its "socket" reads `libvirt:URI#NAME`.
+    pub fn spawn_libvirt(
+        name: &str,
+        libvirt: Arc<qga_libvirt::Libvirt>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        budget: Arc<ParseBudget>,
+    ) -> Arc<Self> {
+        let (tx, rx) = mpsc::channel(config.limits.queue_depth);
+        let socket = libvirt_socket(&libvirt, name);
+        let status = new_status(name, &socket);
+        let claim = metrics.claim_vm(name);
+        metrics.set_connected(name, claim, false);
+        let worker = libvirt::LibvirtWorker {
+            name: name.to_string(),
+            claim,
+            libvirt,
+            rx,
+            status: status.clone(),
+            config: config.clone(),
+            metrics: metrics.clone(),
+            budget,
+        };
+        tokio::spawn(worker.run().instrument(vm_span(name)));
+        Self::handle(name, &socket, tx, status, config, metrics)
+    }
+
+    fn handle(
+        name: &str,
+        socket: &Path,
+        tx: mpsc::Sender<Job>,
+        status: Arc<Mutex<VmStatus>>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
             socket: socket.to_path_buf(),

@@ -27,14 +27,14 @@ use crate::{
 
 mod outcome;
 
-pub(in crate::session) use outcome::busy;
+pub(in crate::session) use outcome::{busy, record_late, write_record};
 
 const BACKOFF_START: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
 /// What our reply's bytes say, parsed in one go (off the async workers when large).
 #[derive(Debug, Default)]
-enum Decoded {
+pub(super) enum Decoded {
     /// The call's typed reply.
     Reply(Reply),
     /// The agent's error.
@@ -47,7 +47,7 @@ enum Decoded {
 }
 
 /// Parses our reply (strictly, like QEMU) and decodes its `return` into `call`'s reply.
-fn decode_reply(call: &Call, bytes: &[u8]) -> Decoded {
+pub(super) fn decode_reply(call: &Call, bytes: &[u8]) -> Decoded {
     let value = match qga_wire::strict::from_slice(bytes) {
         Ok(v) => v,
         Err(e) => return Decoded::Bad(format!("malformed reply: {e}")),
@@ -130,6 +130,15 @@ impl<C: Connector> Worker<C> {
             counter: 0,
             idle,
         }
+    }
+
+    /// Shared mode also when the configuration does not name the VM shared (`shared`:
+    /// a VM discovered in Proxmox's directory).
+    pub(super) fn shared(mut self, shared: bool) -> Self {
+        if shared {
+            self.idle = Some(Duration::from_millis(self.config.timeouts.shared_idle_ms));
+        }
+        self
     }
 
     /// Runs queued calls until every [`Session`](super::Session) handle is gone.

@@ -50,29 +50,59 @@ fn summary(results: &[GuestMemoryBlockResponse]) -> String {
     out
 }
 
+/// The record of state-changing `command`'s `result` for `ListVms`/`vm-list`;
+/// `pending` while its outcome is still awaited.
+pub(in crate::session) fn write_record(
+    command: &'static str,
+    result: &CallResult,
+    pending: bool,
+) -> WriteRecord {
+    let (outcome, detail, results) = match result {
+        _ if pending => (
+            "pending",
+            result.as_ref().err().map(ToString::to_string),
+            Vec::new(),
+        ),
+        Ok(Reply::SetMemoryBlocks(results)) => ("ok", None, results.clone()),
+        Ok(_) => ("ok", None, Vec::new()),
+        Err(e) => (e.outcome(), Some(e.to_string()), Vec::new()),
+    };
+    WriteRecord {
+        at: SystemTime::now(),
+        command,
+        outcome,
+        detail,
+        results,
+        late: false,
+    }
+}
+
+/// Logs the late outcome of `command` and records it, keeping the time it was sent.
+pub(in crate::session) fn record_late(
+    status: &std::sync::Mutex<super::super::VmStatus>,
+    command: &'static str,
+    result: &CallResult,
+) {
+    let mut record = write_record(command, result, false);
+    tracing::warn!(
+        command,
+        outcome = record.outcome,
+        detail = record.detail.as_deref().unwrap_or(""),
+        results = %summary(&record.results),
+        "late outcome of a call whose caller stopped waiting"
+    );
+    let mut status = super::super::lock(status);
+    record.late = true;
+    if let Some(previous) = &status.last_write {
+        record.at = previous.at;
+    }
+    status.last_write = Some(record);
+}
+
 impl<C: Connector> Worker<C> {
     /// Records the outcome of a state-changing call for `ListVms`/`vm-list`.
     pub(super) fn record_write(&self, command: &'static str, result: &CallResult, pending: bool) {
-        let (outcome, detail, results) = match result {
-            _ if pending => (
-                "pending",
-                result.as_ref().err().map(ToString::to_string),
-                Vec::new(),
-            ),
-            Ok(Reply::SetMemoryBlocks(results)) => ("ok", None, results.clone()),
-            Ok(_) => ("ok", None, Vec::new()),
-            Err(e) => (e.outcome(), Some(e.to_string()), Vec::new()),
-        };
-        self.update(|s| {
-            s.last_write = Some(WriteRecord {
-                at: SystemTime::now(),
-                command,
-                outcome,
-                detail,
-                results,
-                late: false,
-            });
-        });
+        self.update(|s| s.last_write = Some(write_record(command, result, pending)));
     }
 
     /// Waits, up to `limit`, for the reply to state-changing `call` (request `id`) whose
