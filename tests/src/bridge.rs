@@ -36,13 +36,23 @@ impl BridgeProcess {
         vms: &[(&str, &Path)],
         qmp: &[(&str, &Path)],
     ) -> anyhow::Result<Self> {
-        let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
         let args: Vec<String> = qmp
             .iter()
             .flat_map(|(name, socket)| {
                 ["--qmp".to_string(), format!("{name}={}", socket.display())]
             })
             .collect();
+        Self::start_with_args(vms, args).await
+    }
+
+    /// `qga-bridge --libvirt URI` alone: libvirt's running domains.
+    pub async fn start_libvirt(uri: &str) -> anyhow::Result<Self> {
+        Self::start_with_args(&[], vec!["--libvirt".into(), uri.into()]).await
+    }
+
+    /// [`BridgeProcess::start`] with more command-line `args`.
+    pub async fn start_with_args(vms: &[(&str, &Path)], args: Vec<String>) -> anyhow::Result<Self> {
+        let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
         let inner = tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             qga_testkit::BridgeProcess::start(&table, &args)

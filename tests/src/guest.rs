@@ -62,14 +62,22 @@ pub struct GuestControl {
     pub control: PathBuf,
 }
 
-impl GuestControl {
+/// The guest init's control port: the guest's ttyS1 as a host unix socket. Works for any
+/// guest running the end-to-end image, whoever started its QEMU (us or libvirt).
+#[derive(Debug, Clone)]
+pub struct ControlPort {
+    /// The socket.
+    pub path: PathBuf,
+}
+
+impl ControlPort {
     /// Sends a line to the guest's init and returns the answer line starting with `expect`.
     ///
     /// A serial line has no connection: bytes sent before the guest listens are lost. So
     /// first `ping` until `PONG` comes back, then send the command.
     pub fn control(&self, command: &str, expect: &str) -> anyhow::Result<String> {
-        let mut stream = UnixStream::connect(&self.control)
-            .with_context(|| format!("connecting {}", self.control.display()))?;
+        let mut stream = UnixStream::connect(&self.path)
+            .with_context(|| format!("connecting {}", self.path.display()))?;
         let mut reader = BufReader::new(stream.try_clone()?);
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut line = String::new();
@@ -135,6 +143,35 @@ impl GuestControl {
     /// Kills the agent inside the guest; the guest's supervisor starts it again.
     pub fn restart_agent(&self) -> anyhow::Result<()> {
         self.control("restart-agent", "RESTARTED").map(|_| ())
+    }
+}
+
+impl GuestControl {
+    /// The control port alone.
+    pub fn port(&self) -> ControlPort {
+        ControlPort {
+            path: self.control.clone(),
+        }
+    }
+
+    /// [`ControlPort::control`].
+    pub fn control(&self, command: &str, expect: &str) -> anyhow::Result<String> {
+        self.port().control(command, expect)
+    }
+
+    /// [`ControlPort::mem_total_kib`].
+    pub fn mem_total_kib(&self) -> anyhow::Result<u64> {
+        self.port().mem_total_kib()
+    }
+
+    /// [`ControlPort::agent_cpu_ticks`].
+    pub fn agent_cpu_ticks(&self) -> anyhow::Result<u64> {
+        self.port().agent_cpu_ticks()
+    }
+
+    /// [`ControlPort::restart_agent`].
+    pub fn restart_agent(&self) -> anyhow::Result<()> {
+        self.port().restart_agent()
     }
 
     fn qmp(&self) -> anyhow::Result<Qmp> {

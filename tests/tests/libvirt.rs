@@ -1,0 +1,300 @@
+//! The bridge beside a real libvirtd (`--libvirt qemu:///system`), with transient TCG
+//! domains on the end-to-end guest image: libvirtd holds each domain's agent socket, and
+//! the bridge reaches the agent through libvirt's API and plugs DIMMs through libvirt.
+//!
+//! - every QGA method works through gRPC and JSON-RPC, and `virsh qemu-agent-command`
+//!   still works between the bridge's calls;
+//! - plug 512 MiB: `virsh dumpxml` shows the DIMM and MemTotal grows; unplug: gone again;
+//! - a domain started after the bridge appears without a restart, one destroyed goes;
+//! - libvirtd restarted: calls fail UNAVAILABLE while it is down and work after.
+//!
+//! Needs libvirt-daemon-system, libvirt-clients, root and the guest image; fails, never
+//! skips, without them. Run one at a time (see .config/nextest.toml).
+
+use std::time::{Duration, Instant};
+
+use qga_e2e::{
+    bridge::{BridgeProcess, Clients},
+    libvirt::{Domain, Libvirtd},
+    scenario::{self, DIMM_BYTES},
+};
+use qga_proto::v1::{
+    GetInfoRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlockChange,
+    PingRequest, SetMemoryBlocksRequest,
+};
+use serde_json::json;
+use tonic::Code;
+
+const URI: &str = "qemu:///system";
+
+fn domain(prefix: &str) -> Domain {
+    let d = Domain::start(prefix, "ours").expect("libvirt domain boots");
+    d.wait_for_agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("agent through virsh: {e:#}\nconsole:\n{}", d.console_text()));
+    d
+}
+
+async fn bridge() -> (BridgeProcess, Clients) {
+    let bridge = BridgeProcess::start_libvirt(URI).await.expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    (bridge, c)
+}
+
+/// The VMs `vm-list` shows, by name, with their state.
+async fn listed(c: &Clients) -> Vec<(String, String)> {
+    let list = c.rpc("vm-list", json!({})).await.expect("vm-list");
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|v| {
+            (
+                v["name"].as_str().unwrap_or_default().to_string(),
+                v["state"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// Waits until `vm-list` does (`present`) or does not show `name`.
+async fn wait_listed(c: &Clients, name: &str, present: bool) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let vms = listed(c).await;
+        if vms.iter().any(|(n, _)| n == name) == present {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{name} {} vm-list within 30 s: {vms:?}",
+            if present {
+                "never appeared in"
+            } else {
+                "never left"
+            }
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn virsh_ping(d: &Domain) {
+    let reply = d
+        .agent_command(&json!({"execute": "guest-ping"}), 5)
+        .unwrap_or_else(|e| panic!("virsh qemu-agent-command between the bridge's calls: {e:#}"));
+    assert_eq!(reply["return"], json!({}), "{reply}");
+}
+
+/// Waits until the guest's MemTotal is `want` KiB.
+async fn mem_total_becomes(d: &Domain, want: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let now = d.control().mem_total_kib().expect("MemTotal");
+        if now == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "MemTotal {now} KiB, want {want} KiB\nconsole:\n{}",
+            d.console_text()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn dimm_aliases(xml: &str) -> Vec<String> {
+    xml.split("<memory model='dimm'")
+        .skip(1)
+        .filter_map(|m| {
+            let at = m.find("<alias name='")? + "<alias name='".len();
+            Some(m[at..].split('\'').next()?.to_string())
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_agent_method_works_through_libvirt_and_virsh_still_does() {
+    let d = domain("qga-lv-api");
+    let (_bridge, c) = bridge().await;
+    let vm = d.name().to_string();
+    wait_listed(&c, &vm, true).await;
+
+    // gRPC, with virsh's own agent calls in between: libvirtd keeps the socket.
+    let mut agent = c.agent.clone();
+    let mut memory = c.memory.clone();
+    agent
+        .ping(PingRequest { vm: vm.clone() })
+        .await
+        .expect("Ping");
+    virsh_ping(&d);
+    let info = agent
+        .get_info(GetInfoRequest { vm: vm.clone() })
+        .await
+        .expect("GetInfo")
+        .into_inner();
+    assert!(!info.version.is_empty(), "{info:?}");
+    virsh_ping(&d);
+    let blocks = memory
+        .get_memory_blocks(GetMemoryBlocksRequest { vm: vm.clone() })
+        .await
+        .expect("GetMemoryBlocks")
+        .into_inner()
+        .blocks;
+    assert!(!blocks.is_empty());
+    let size = memory
+        .get_memory_block_info(GetMemoryBlockInfoRequest { vm: vm.clone() })
+        .await
+        .expect("GetMemoryBlockInfo")
+        .into_inner()
+        .size;
+    assert!(size.is_power_of_two(), "{size}");
+    virsh_ping(&d);
+    // Onlining an online block: a state change that changes nothing, answered per block.
+    let online = blocks.iter().find(|b| b.online).expect("an online block");
+    let results = memory
+        .set_memory_blocks(SetMemoryBlocksRequest {
+            vm: vm.clone(),
+            blocks: vec![MemoryBlockChange {
+                phys_index: online.phys_index,
+                online: true,
+            }],
+        })
+        .await
+        .expect("SetMemoryBlocks")
+        .into_inner()
+        .results;
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].phys_index, online.phys_index);
+    virsh_ping(&d);
+
+    // JSON-RPC: the same methods by their QGA names.
+    for method in [
+        "guest-ping",
+        "guest-info",
+        "guest-get-memory-blocks",
+        "guest-get-memory-block-info",
+    ] {
+        c.rpc(method, json!({"vm": vm}))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e:?}"));
+        virsh_ping(&d);
+    }
+    let set = c
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": [{"phys-index": online.phys_index, "online": true}]}),
+        )
+        .await
+        .expect("guest-set-memory-blocks");
+    assert_eq!(set.as_array().map(Vec::len), Some(1), "{set}");
+    // A block the guest does not have: the agent's per-block answer, not an error.
+    let missing = c
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": [{"phys-index": 999_999, "online": true}]}),
+        )
+        .await
+        .expect("guest-set-memory-blocks on a missing block");
+    assert_eq!(missing[0]["response"], "not-found", "{missing}");
+    virsh_ping(&d);
+
+    let vms = listed(&c).await;
+    assert!(
+        vms.iter().any(|(n, s)| n == &vm && s == "connected"),
+        "{vms:?}"
+    );
+    let unknown = c.rpc("guest-ping", json!({"vm": "no-such-domain"})).await;
+    assert!(
+        matches!(unknown, Err((code, _)) if code != 0),
+        "{unknown:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plug_and_unplug_through_libvirt_keep_its_xml_true() {
+    let d = domain("qga-lv-hotplug");
+    let (_bridge, c) = bridge().await;
+    let vm = d.name().to_string();
+    wait_listed(&c, &vm, true).await;
+    scenario::ping_until_ok(&c, &vm, Duration::from_secs(30))
+        .await
+        .expect("agent through the bridge");
+    let before = d.control().mem_total_kib().expect("MemTotal");
+
+    let plugged = c
+        .rpc("memory-plug", json!({"vm": vm, "size": DIMM_BYTES}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-plug: {e:?}\nconsole:\n{}", d.console_text()));
+    scenario::print_steps("libvirt plug", &plugged);
+    let dimm = plugged["dimm"]["id"]
+        .as_str()
+        .expect("the DIMM's id")
+        .to_string();
+    let xml = d.dumpxml().expect("dumpxml");
+    assert_eq!(dimm_aliases(&xml), vec![dimm.clone()], "{xml}");
+    mem_total_becomes(&d, before + DIMM_BYTES / 1024).await;
+    let layout = scenario::memory_layout(&c, &vm)
+        .await
+        .expect("memory-layout");
+    let dimms = scenario::layout_dimms(&layout);
+    assert_eq!(dimms.len(), 1, "{layout}");
+    assert!(
+        scenario::block_states(&dimms[0])
+            .iter()
+            .all(|s| *s == "online"),
+        "{layout}"
+    );
+    virsh_ping(&d);
+
+    let unplugged = c
+        .rpc("memory-unplug", json!({"vm": vm, "dimm": dimm}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-unplug: {e:?}\nconsole:\n{}", d.console_text()));
+    scenario::print_steps("libvirt unplug", &unplugged);
+    let xml = d.dumpxml().expect("dumpxml");
+    assert!(dimm_aliases(&xml).is_empty(), "{xml}");
+    mem_total_becomes(&d, before).await;
+
+    // A DIMM the domain has no room for is refused before libvirt is asked.
+    let too_big = c
+        .rpc("memory-plug", json!({"vm": vm, "size": 8u64 << 30}))
+        .await;
+    match too_big {
+        Err((code, message)) => {
+            assert_eq!(code, -32007, "{message}");
+            assert!(message.contains("maximum memory"), "{message}");
+        }
+        Ok(v) => panic!("8 GiB plugged into a 4 GiB domain: {v}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
+    Libvirtd::ensure().expect("libvirtd");
+    let (_bridge, c) = bridge().await;
+    // Started after the bridge: appears without a restart.
+    let d = domain("qga-lv-life");
+    let vm = d.name().to_string();
+    wait_listed(&c, &vm, true).await;
+    scenario::ping_until_ok(&c, &vm, Duration::from_secs(30))
+        .await
+        .expect("agent through the bridge");
+
+    // libvirtd down: the domain stays listed, its calls fail UNAVAILABLE.
+    Libvirtd::stop().expect("stopping libvirtd");
+    let mut agent = c.agent.clone();
+    let down = agent.ping(PingRequest { vm: vm.clone() }).await;
+    let status = down.expect_err("Ping while libvirtd is down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let rpc = c.rpc("guest-ping", json!({"vm": vm})).await;
+    assert!(matches!(rpc, Err((-32002, _))), "{rpc:?}");
+    Libvirtd::start().expect("starting libvirtd");
+    let failed = scenario::ping_until_ok(&c, &vm, Duration::from_secs(30))
+        .await
+        .expect("calls work again after libvirtd restarted");
+    eprintln!("e2e: {failed} pings failed while the bridge reconnected");
+
+    // Destroyed: disappears.
+    d.virsh("destroy", &[]).expect("virsh destroy");
+    wait_listed(&c, &vm, false).await;
+    let gone = c.rpc("guest-ping", json!({"vm": vm})).await;
+    assert!(matches!(gone, Err((code, _)) if code != 0), "{gone:?}");
+}
