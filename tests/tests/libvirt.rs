@@ -253,6 +253,24 @@ async fn plug_and_unplug_through_libvirt_keep_its_xml_true() {
     assert!(dimm_aliases(&xml).is_empty(), "{xml}");
     mem_total_becomes(&d, before).await;
 
+    // Resize: the boot memory and the plugged DIMMs come from libvirt's XML.
+    let boot = 512u64 << 20;
+    let grown = c
+        .rpc("memory-resize", json!({"vm": vm, "size": boot + (1 << 30)}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-resize up: {e:?}\nconsole:\n{}", d.console_text()));
+    assert_eq!(grown["to-bytes"], boot + (1 << 30), "{grown}");
+    let xml = d.dumpxml().expect("dumpxml");
+    assert_eq!(dimm_aliases(&xml).len(), 2, "two 512 MiB DIMMs: {xml}");
+    mem_total_becomes(&d, before + (1 << 30) / 1024).await;
+    let shrunk = c
+        .rpc("memory-resize", json!({"vm": vm, "size": boot}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-resize down: {e:?}\nconsole:\n{}", d.console_text()));
+    assert_eq!(shrunk["to-bytes"], boot, "{shrunk}");
+    assert!(dimm_aliases(&d.dumpxml().expect("dumpxml")).is_empty());
+    mem_total_becomes(&d, before).await;
+
     // A DIMM the domain has no room for is refused before libvirt is asked.
     let too_big = c
         .rpc("memory-plug", json!({"vm": vm, "size": 8u64 << 30}))
