@@ -20,7 +20,7 @@ use std::{
 use common::{clients, config, rpc, start, until_listed};
 use futures::{SinkExt, StreamExt};
 use qga_proto::v1::{AgentState, ListVmsRequest, PingRequest};
-use qga_testkit::{FakeSysfs, QgaClient, bin_path};
+use qga_testkit::{FakeSysfs, bin_path};
 use qga_wire::codec::{Frame, QgaCodec};
 use serde_json::{Value, json};
 use tokio::net::{UnixListener, UnixStream};
@@ -124,20 +124,6 @@ async fn other_monitor_client(path: &Path, wait: Duration) -> Result<Value, Stri
 
 /// `guest-ping` from another client, as `qm guest cmd` would send it, waiting at most
 /// `wait`.
-async fn other_agent_client(path: &Path, wait: Duration) -> Result<(), String> {
-    let path = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let mut client = QgaClient::connect(&path).map_err(|e| e.to_string())?;
-        client.set_timeout(wait).map_err(|e| e.to_string())?;
-        client
-            .execute("guest-ping", None)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-}
-
 struct Pve {
     dir: tempfile::TempDir,
     _state: tempfile::TempDir,
@@ -205,7 +191,7 @@ async fn proxmox_vms_are_discovered_shared_and_released_when_idle() {
         .await
         .expect("ping through the bridge");
     // Shared by default: another client (qm guest cmd) is served once the bridge let go.
-    other_agent_client(&pve.path("101.qga"), Duration::from_secs(5))
+    common::socat_ping(&pve.path("101.qga"), Duration::from_secs(5))
         .await
         .expect("served after the idle time");
     let vms = cl

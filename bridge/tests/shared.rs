@@ -8,22 +8,11 @@ use std::time::{Duration, Instant};
 
 use common::{clients, config, start};
 use qga_proto::v1::{AgentState, ListVmsRequest, PingRequest};
-use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, QgaClient};
+use qga_testkit::{AgentKind, AgentProcess, FakeSysfs};
 
-/// `guest-ping` from another client, as `socat` would send it, waiting at most `wait`.
+/// `guest-ping` from another client — a real `socat` — waiting at most `wait`.
 async fn other_client_ping(agent: &AgentProcess, wait: Duration) -> Result<Duration, String> {
-    let path = agent.socket().to_path_buf();
-    tokio::task::spawn_blocking(move || {
-        let start = Instant::now();
-        let mut client = QgaClient::connect(&path).map_err(|e| e.to_string())?;
-        client.set_timeout(wait).map_err(|e| e.to_string())?;
-        client
-            .execute("guest-ping", None)
-            .map_err(|e| e.to_string())?;
-        Ok(start.elapsed())
-    })
-    .await
-    .map_err(|e| e.to_string())?
+    common::socat_ping(agent.socket(), wait).await
 }
 
 async fn bridge_for(agent: &AgentProcess, shared: bool) -> (qga_bridge::Bridge, common::Clients) {

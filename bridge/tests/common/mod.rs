@@ -115,3 +115,46 @@ pub async fn until_listed(http: &HttpClient, pred: impl Fn(&[String]) -> bool) -
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// Another client of an agent socket, as an operator would be: `socat` sending
+/// `guest-ping`. Returns how long until the agent answered, or why it did not within
+/// `wait` (a socket held by someone else accepts the connection but serves nobody).
+#[allow(dead_code)]
+pub async fn socat_ping(socket: &Path, wait: Duration) -> Result<Duration, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let socket = socket.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let start = std::time::Instant::now();
+        let mut socat = std::process::Command::new("socat")
+            .arg("-")
+            .arg(format!("UNIX-CONNECT:{}", socket.display()))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| format!("socat (Debian package socat): {e}"))?;
+        let (Some(mut stdin), Some(stdout)) = (socat.stdin.take(), socat.stdout.take()) else {
+            return Err("socat's pipes".to_string());
+        };
+        stdin
+            .write_all(b"{\"execute\":\"guest-ping\"}\n")
+            .map_err(|e| e.to_string())?;
+        // The answer line, read on a thread so that the wait can be bounded.
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = tx.send(BufReader::new(stdout).read_line(&mut line).map(|_| line));
+        });
+        let answer = rx.recv_timeout(wait);
+        let _ = socat.kill();
+        let _ = socat.wait();
+        match answer {
+            Ok(Ok(line)) if line.contains("\"return\"") => Ok(start.elapsed()),
+            Ok(Ok(line)) => Err(format!("socat got '{}'", line.trim())),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer to socat within {wait:?}")),
+        }
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
