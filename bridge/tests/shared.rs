@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::{clients, config, start};
 use qga_proto::v1::{AgentState, ListVmsRequest, PingRequest};
