@@ -514,7 +514,7 @@ fn median_ratio(a: &Samples, b: &Samples) -> String {
 
 /// The kernel release in a bzImage's setup header (`kernel_version` field), with the
 /// Debian package version when the string names one.
-fn kernel_version(path: &Path) -> Option<String> {
+pub(crate) fn kernel_version(path: &Path) -> Option<String> {
     let bytes = std::fs::read(path).ok()?;
     if bytes.get(0x202..0x206)? != b"HdrS" {
         return None;
@@ -533,7 +533,7 @@ fn kernel_version(path: &Path) -> Option<String> {
 }
 
 /// `qemu-system-x86_64 --version`'s version number.
-fn qemu_version() -> Option<String> {
+pub(crate) fn qemu_version() -> Option<String> {
     let out = Command::new("qemu-system-x86_64")
         .arg("--version")
         .output()

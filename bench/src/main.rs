@@ -6,6 +6,7 @@
 mod agent;
 mod bridge;
 mod hotplug;
+mod libvirt;
 mod load;
 mod procfs;
 mod report;
@@ -28,7 +29,8 @@ struct Cli {
     /// Fewer runs (a smoke test of the harness, not figures to quote).
     #[arg(long)]
     quick: bool,
-    /// Run only these sections (repeatable): agent, bridge, load, hostile, tls, hotplug.
+    /// Run only these sections (repeatable): agent, bridge, load, hostile, tls, hotplug,
+    /// libvirt.
     /// The other sections of an existing report are kept.
     #[arg(long, value_name = "SECTION")]
     only: Vec<String>,
@@ -38,7 +40,9 @@ struct Cli {
 }
 
 /// The sections `--only` can name, in report order.
-const SECTIONS: [&str; 6] = ["agent", "bridge", "load", "hostile", "tls", "hotplug"];
+const SECTIONS: [&str; 7] = [
+    "agent", "bridge", "load", "hostile", "tls", "hotplug", "libvirt",
+];
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -76,6 +80,13 @@ fn main() -> anyhow::Result<()> {
     if wanted("hotplug") {
         // A real QEMU guest: boots and hotplug operations, timed on the wall clock.
         failed.extend(load.block_on(hotplug::run(&mut report, cli.quick))?);
+    }
+    if wanted("libvirt") {
+        // Sequential latency on real guests: the libvirt backend against the direct socket.
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(libvirt::run(&mut report, cli.quick))?;
     }
 
     report.heading(report::LAST_SECTION);
