@@ -3,20 +3,23 @@
 //! events that happened while the connection was down were not seen.
 //!
 //! While libvirtd is away the domains stay listed and their calls fail UNAVAILABLE; a
-//! domain that stopped meanwhile goes at the reconnection.
+//! domain that stopped or restarted meanwhile is dropped or replaced at the reconnection.
+//! A listing that fails is tried again with backoff until one works.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
-use qga_libvirt::{Event, Libvirt};
+use qga_libvirt::{Dom, Event, Libvirt};
 use tokio::{
     sync::{broadcast::error::RecvError, watch},
     time::Instant,
 };
 
-use crate::registry::Registry;
+use crate::{registry::Registry, session::libvirt_socket};
 
 /// How long listing the running domains may take.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
+const RETRY_START: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// Serves `libvirt`'s running domains in `registry` until `shutdown`.
 pub async fn follow(
@@ -25,45 +28,62 @@ pub async fn follow(
     mut shutdown: watch::Receiver<bool>,
 ) {
     let mut events = libvirt.subscribe();
-    if *libvirt.connected().borrow() {
-        reconcile(&registry, &libvirt).await;
-    }
+    let mut backoff = RETRY_START;
+    // When to list again: after a failed listing, until one works.
+    let mut retry = (*libvirt.connected().borrow()).then(Instant::now);
     loop {
         let event = tokio::select! {
             e = events.recv() => e,
+            () = async {
+                match retry {
+                    Some(at) => tokio::time::sleep_until(at).await,
+                    None => std::future::pending().await,
+                }
+            } => Ok(Event::Connected),
             _ = shutdown.wait_for(|s| *s) => return,
         };
         match event {
             Ok(Event::Connected) | Err(RecvError::Lagged(_)) => {
-                reconcile(&registry, &libvirt).await;
+                if reconcile(&registry, &libvirt).await {
+                    retry = None;
+                    backoff = RETRY_START;
+                } else {
+                    retry = Some(Instant::now() + backoff);
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
             }
-            Ok(Event::Started { domain }) => {
-                registry.add_libvirt(&domain, &libvirt);
+            Ok(Event::Disconnected { .. }) => retry = None,
+            Ok(Event::Started { domain, id }) => {
+                registry.add_libvirt(&Dom { name: domain, id }, &libvirt);
             }
-            Ok(Event::Stopped { domain }) => registry.remove_libvirt(&domain, &libvirt),
+            Ok(Event::Stopped { domain }) => {
+                registry.remove_libvirt(&domain, &libvirt);
+                libvirt.forget(&domain);
+            }
             Ok(_) => {}
             Err(RecvError::Closed) => return,
         }
     }
 }
 
-/// Makes the served domains libvirt's running ones. A failed listing changes nothing.
-async fn reconcile(registry: &Registry, libvirt: &Arc<Libvirt>) {
+/// Makes the served domains libvirt's running ones; false when libvirt could not be asked
+/// (nothing changed then).
+async fn reconcile(registry: &Registry, libvirt: &Arc<Libvirt>) -> bool {
     let running = match libvirt.running_domains(Instant::now() + LIST_TIMEOUT).await {
-        Ok(names) => names.into_iter().collect::<BTreeSet<_>>(),
+        Ok(doms) => doms,
         Err(e) => {
             tracing::warn!(error = %e, "cannot list libvirt's running domains");
-            return;
+            return false;
         }
     };
-    for gone in registry
-        .libvirt_domains(libvirt)
-        .into_iter()
-        .filter(|d| !running.contains(d))
-    {
-        registry.remove_libvirt(&gone, libvirt);
+    let current: BTreeSet<_> = running.iter().map(|d| libvirt_socket(libvirt, d)).collect();
+    for (name, socket) in registry.libvirt_domains(libvirt) {
+        if !current.contains(&socket) {
+            registry.remove_libvirt(&name, libvirt);
+        }
     }
-    for name in &running {
-        registry.add_libvirt(name, libvirt);
+    for dom in &running {
+        registry.add_libvirt(dom, libvirt);
     }
+    true
 }

@@ -313,64 +313,83 @@ impl Registry {
         self.hotplug.set_qmp(name, None, false);
     }
 
-    /// Adds libvirt domain `name`, served through `libvirt`, unless the name is taken by a
-    /// VM from elsewhere or the bridge serves `limits.max_vms` already. Returns whether the
-    /// domain is served.
-    pub fn add_libvirt(&self, name: &str, libvirt: &Arc<qga_libvirt::Libvirt>) -> bool {
+    /// Adds libvirt domain run `dom`, served through `libvirt` (replacing an earlier run
+    /// of the same domain), unless the name is taken by a VM from elsewhere or the bridge
+    /// serves `limits.max_vms` already. Returns whether the domain is served.
+    pub fn add_libvirt(&self, dom: &qga_libvirt::Dom, libvirt: &Arc<qga_libvirt::Libvirt>) -> bool {
+        let name = dom.name.as_str();
         let Ok(mut sessions) = self.sessions.write() else {
             return false;
         };
-        let socket = crate::session::libvirt_socket(libvirt, name);
-        if let Some(existing) = sessions.get(name) {
-            if existing.socket() != socket {
-                tracing::warn!(vm = name, taken_by = %existing.socket().display(), "libvirt domain not served: its name is taken");
+        let socket = crate::session::libvirt_socket(libvirt, dom);
+        let prefix = crate::session::libvirt_prefix(libvirt, name);
+        match sessions.get(name) {
+            Some(s) if s.socket() == socket => return true,
+            Some(s) if !s.socket().to_string_lossy().starts_with(&prefix) => {
+                tracing::warn!(vm = name, taken_by = %s.socket().display(), "libvirt domain not served: its name is taken");
                 return false;
             }
-            return true;
-        }
-        if sessions.len() >= self.config.limits.max_vms {
-            tracing::warn!(
+            Some(_) => tracing::info!(vm = name, id = dom.id, "libvirt domain restarted"),
+            None if sessions.len() >= self.config.limits.max_vms => {
+                tracing::warn!(
+                    vm = name,
+                    max_vms = self.config.limits.max_vms,
+                    "libvirt domain not served: limits.max_vms reached"
+                );
+                return false;
+            }
+            None => tracing::info!(
                 vm = name,
-                max_vms = self.config.limits.max_vms,
-                "libvirt domain not served: limits.max_vms reached"
-            );
-            return false;
+                id = dom.id,
+                uri = libvirt.uri(),
+                "libvirt domain added"
+            ),
         }
-        tracing::info!(vm = name, uri = libvirt.uri(), "libvirt domain added");
         let session = Session::spawn_libvirt(
-            name,
+            dom,
             libvirt.clone(),
             self.config.clone(),
             self.metrics.clone(),
             self.budget.clone(),
         );
         sessions.insert(name.to_string(), session);
-        self.hotplug.set_libvirt(name, Some(libvirt.clone()));
+        self.hotplug
+            .set_libvirt(name, Some((libvirt.clone(), dom.clone())));
         true
     }
 
     /// Removes libvirt domain `name` (it stopped), if this bridge serves it through libvirt.
     pub fn remove_libvirt(&self, name: &str, libvirt: &qga_libvirt::Libvirt) {
-        let socket = crate::session::libvirt_socket(libvirt, name);
+        let prefix = crate::session::libvirt_prefix(libvirt, name);
         let Ok(mut sessions) = self.sessions.write() else {
             return;
         };
-        if sessions.get(name).is_some_and(|s| s.socket() == socket) {
+        if sessions
+            .get(name)
+            .is_some_and(|s| s.socket().to_string_lossy().starts_with(&prefix))
+        {
             sessions.remove(name);
             self.hotplug.set_libvirt(name, None);
             tracing::info!(vm = name, "libvirt domain removed");
         }
     }
 
-    /// The names of the VMs served through `libvirt`.
-    pub fn libvirt_domains(&self, libvirt: &qga_libvirt::Libvirt) -> Vec<String> {
+    /// The VMs served through `libvirt`, by name, with their sockets.
+    pub fn libvirt_domains(
+        &self,
+        libvirt: &qga_libvirt::Libvirt,
+    ) -> Vec<(String, std::path::PathBuf)> {
         let Ok(sessions) = self.sessions.read() else {
             return Vec::new();
         };
         sessions
             .iter()
-            .filter(|(name, s)| s.socket() == crate::session::libvirt_socket(libvirt, name))
-            .map(|(name, _)| name.clone())
+            .filter(|(name, s)| {
+                s.socket()
+                    .to_string_lossy()
+                    .starts_with(&crate::session::libvirt_prefix(libvirt, name))
+            })
+            .map(|(name, s)| (name.clone(), s.socket().to_path_buf()))
             .collect()
     }
 

@@ -20,6 +20,10 @@ pub enum LibvirtError {
     /// The guest agent answered with an error; libvirt passes on only its description.
     #[error("guest agent error: {0}")]
     AgentFailed(String),
+    /// The domain is busy in libvirt: an earlier agent command still runs, or libvirt's
+    /// job lock could not be had. Nothing was sent; a retry may work.
+    #[error("domain busy in libvirt: {0}")]
+    Busy(String),
     /// Our deadline passed before libvirt answered.
     #[error("no answer from libvirt before the deadline")]
     Timeout,
@@ -66,6 +70,10 @@ impl From<Error> for LibvirtError {
                 Self::NotRunning(message)
             }
             ErrorNumber::AgentUnresponsive => Self::AgentUnresponsive(message),
+            // libvirt 9.0's text when another job holds the domain: nothing was sent.
+            ErrorNumber::OperationTimeout if message.contains("state change lock") => {
+                Self::Busy(message)
+            }
             ErrorNumber::AgentCommandTimeout | ErrorNumber::OperationTimeout => {
                 Self::TimedOut(message)
             }

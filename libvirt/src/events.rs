@@ -78,7 +78,14 @@ unsafe extern "C" fn lifecycle(
         return 0;
     };
     let event = match u32::try_from(event) {
-        Ok(sys::VIR_DOMAIN_EVENT_STARTED) => Event::Started { domain },
+        Ok(sys::VIR_DOMAIN_EVENT_STARTED) => {
+            // SAFETY: as above; `virDomainGetID` reads the handle, no round trip.
+            let id = unsafe { sys::virDomainGetID(dom) };
+            if id == u32::MAX {
+                return 0;
+            }
+            Event::Started { domain, id }
+        }
         Ok(sys::VIR_DOMAIN_EVENT_STOPPED) => Event::Stopped { domain },
         _ => return 0,
     };

@@ -16,12 +16,14 @@ pub mod error;
 mod events;
 
 use std::{
+    collections::HashMap,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
 use tokio::{
-    sync::{Notify, broadcast, watch},
+    sync::{Notify, Semaphore, broadcast, watch},
+    task::JoinHandle,
     time::Instant,
 };
 use virt::{connect::Connect, domain::Domain, sys};
@@ -38,6 +40,37 @@ const BACKOFF_MAX: Duration = Duration::from_secs(5);
 /// How long opening the connection may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A running domain: its name and the id of this run. A domain restarted under the same
+/// name has another id, so calls meant for the old run fail as not running instead of
+/// reaching the new one.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Dom {
+    /// The domain's name.
+    pub name: String,
+    /// libvirt's id of the domain's current run.
+    pub id: u32,
+}
+
+/// Looks `dom` up and checks it is still the same run.
+fn lookup(c: &Connect, dom: &Dom) -> Result<Domain, LibvirtError> {
+    let domain = c.lookup_domain_by_name(&dom.name)?;
+    match domain.id() {
+        Some(id) if id == dom.id => Ok(domain),
+        Some(id) => Err(LibvirtError::NotRunning(format!(
+            "domain '{}' was restarted (run {} is gone, run {id} is a new one)",
+            dom.name, dom.id
+        ))),
+        None => Err(LibvirtError::NotRunning(format!(
+            "domain '{}' is not running",
+            dom.name
+        ))),
+    }
+}
+
+/// How long libvirt itself may hold an agent command beyond its timeout: up to 30 s for
+/// the domain's job lock and 5 s for its own resync with an agent that went silent.
+pub const LIBVIRT_OWN_WAIT: Duration = Duration::from_secs(36);
+
 /// What libvirt told us.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -52,6 +85,8 @@ pub enum Event {
     Started {
         /// Its name.
         domain: String,
+        /// The id of this run.
+        id: u32,
     },
     /// A domain stopped (shut down, destroyed, crashed, migrated away).
     Stopped {
@@ -62,7 +97,7 @@ pub enum Event {
     DeviceAdded {
         /// The domain's name.
         domain: String,
-        /// The device's alias (`dimm0`).
+        /// The alias libvirt reports: for a DIMM, its memory backend's (`memdimm0`).
         alias: String,
     },
     /// The guest released a device and libvirt removed it.
@@ -88,9 +123,14 @@ pub struct Libvirt {
     /// The open connection and its event registrations; `None` while closed.
     conn: Mutex<Option<events::Registered>>,
     events: broadcast::Sender<Event>,
-    /// Woken when the connection is seen to be closed.
+    /// Woken when the connection may have closed (checked before believed).
     lost: Arc<Notify>,
     connected: watch::Sender<bool>,
+    /// Per domain: held while an agent command runs in libvirt, even after we stopped
+    /// waiting for it, so that a silent agent ties up one blocking thread, not many.
+    agent_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// An open that outlived its timeout: waited for, never started twice.
+    opening: tokio::sync::Mutex<Option<JoinHandle<Result<events::Registered, LibvirtError>>>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -111,6 +151,8 @@ impl Libvirt {
             events,
             lost: Arc::new(Notify::new()),
             connected,
+            agent_slots: Mutex::new(HashMap::new()),
+            opening: tokio::sync::Mutex::new(None),
         });
         tokio::spawn(this.clone().supervise(stop));
         Ok(this)
@@ -144,12 +186,21 @@ impl Libvirt {
                     tracing::info!(uri = %self.uri, "libvirt connected");
                     self.connected.send_replace(true);
                     let _ = self.events.send(Event::Connected);
-                    tokio::select! {
-                        () = self.lost.notified() => {
-                            self.close("the connection to libvirtd closed");
+                    loop {
+                        tokio::select! {
+                            () = self.lost.notified() => {}
+                            _ = stop.wait_for(|s| *s) => break,
                         }
-                        _ = stop.wait_for(|s| *s) => break,
+                        // A wake-up left over from an earlier connection, or a call's
+                        // failure that was not the connection's: keep this one.
+                        if !self.alive() {
+                            break;
+                        }
                     }
+                    if *stop.borrow() {
+                        break;
+                    }
+                    self.close("the connection to libvirtd closed");
                 }
                 Err(e) => {
                     tracing::warn!(uri = %self.uri, error = %e, retry_in = ?backoff, "cannot connect to libvirt");
@@ -164,25 +215,47 @@ impl Libvirt {
         self.close("the bridge is stopping");
     }
 
-    /// Opens the connection and registers the callbacks, off the async workers.
+    /// Opens the connection and registers the callbacks, off the async workers. An open
+    /// that takes longer than its timeout (a hung libvirtd) is waited for at the next
+    /// attempt rather than started again.
     async fn open(&self) -> Result<(), LibvirtError> {
-        let uri = self.uri.clone();
-        let events = self.events.clone();
-        let lost = self.lost.clone();
-        let opening = tokio::task::spawn_blocking(move || {
-            let conn = Connect::open(Some(&uri)).map_err(LibvirtError::from)?;
-            // Without keepalive a libvirtd that hangs (rather than exits) is never noticed.
-            if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
-                tracing::debug!(error = %e, "libvirt keepalive not available");
+        let mut pending = self.opening.lock().await;
+        let mut opening = match pending.take() {
+            Some(handle) => handle,
+            None => {
+                let uri = self.uri.clone();
+                let events = self.events.clone();
+                let lost = self.lost.clone();
+                tokio::task::spawn_blocking(move || {
+                    let conn = Connect::open(Some(&uri)).map_err(LibvirtError::from)?;
+                    // Without keepalive a libvirtd that hangs (rather than exits) is never
+                    // noticed.
+                    if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                        tracing::debug!(error = %e, "libvirt keepalive not available");
+                    }
+                    events::Registered::new(conn, events, lost)
+                })
             }
-            events::Registered::new(conn, events, lost)
-        });
-        let registered = tokio::time::timeout(OPEN_TIMEOUT, opening)
-            .await
-            .map_err(|_| LibvirtError::Unavailable("opening the connection timed out".into()))?
-            .map_err(|e| LibvirtError::Unavailable(format!("opening task failed: {e}")))??;
+        };
+        let registered = match tokio::time::timeout(OPEN_TIMEOUT, &mut opening).await {
+            Err(_) => {
+                *pending = Some(opening);
+                return Err(LibvirtError::Unavailable(
+                    "opening the connection takes too long (libvirtd hung?)".into(),
+                ));
+            }
+            Ok(joined) => joined
+                .map_err(|e| LibvirtError::Unavailable(format!("opening task failed: {e}")))??,
+        };
         *lock(&self.conn) = Some(registered);
         Ok(())
+    }
+
+    /// Whether the open connection is still alive (a local check, no round trip).
+    fn alive(&self) -> bool {
+        lock(&self.conn)
+            .as_ref()
+            .is_some_and(|r| r.connection().is_alive().unwrap_or(false))
     }
 
     /// Drops the connection (deregistering callbacks off the async workers).
@@ -227,17 +300,28 @@ impl Libvirt {
             }
             Ok(Ok(r)) => r,
         };
-        if let Err(LibvirtError::Unavailable(_)) = &result {
+        if let Err(LibvirtError::Unavailable(_)) = &result
+            && !self.alive()
+        {
             self.lost.notify_one();
         }
         result
     }
 
-    /// The names of the running domains.
-    pub async fn running_domains(&self, deadline: Instant) -> Result<Vec<String>, LibvirtError> {
+    /// The running domains.
+    pub async fn running_domains(&self, deadline: Instant) -> Result<Vec<Dom>, LibvirtError> {
         self.blocking(deadline, |c| {
             let domains = c.list_all_domains(sys::VIR_CONNECT_LIST_DOMAINS_ACTIVE)?;
-            Ok(domains.iter().map(Domain::name).collect::<Result<_, _>>()?)
+            let mut running = Vec::with_capacity(domains.len());
+            for d in &domains {
+                if let Some(id) = d.id() {
+                    running.push(Dom {
+                        name: d.name()?,
+                        id,
+                    });
+                }
+            }
+            Ok(running)
         })
         .await
     }
@@ -245,68 +329,76 @@ impl Libvirt {
     /// Runs QGA `command` (a JSON object) through the domain's agent, which libvirt holds
     /// (`virDomainQemuAgentCommand`), waiting at most `timeout` (whole seconds, at least
     /// one: libvirt's granularity) and never past `deadline` here; returns the agent's reply
-    /// as libvirt passes it on.
+    /// as libvirt passes it on. One command per domain is in libvirt at a time: while an
+    /// earlier one still runs there (even one we stopped waiting for), this fails at once
+    /// as [`LibvirtError::Busy`].
     pub async fn agent_command(
         &self,
-        domain: &str,
+        dom: &Dom,
         command: String,
         timeout: Duration,
         deadline: Instant,
     ) -> Result<String, LibvirtError> {
+        let slot = lock(&self.agent_slots)
+            .entry(dom.name.clone())
+            .or_insert_with(|| Arc::new(Semaphore::new(1)))
+            .clone();
+        let Ok(permit) = slot.try_acquire_owned() else {
+            return Err(LibvirtError::Busy(
+                "an earlier agent command is still running in libvirt".into(),
+            ));
+        };
         let seconds = i32::try_from(timeout.as_millis().div_ceil(1000))
             .unwrap_or(i32::MAX)
             .max(1);
-        let name = domain.to_string();
+        let dom = dom.clone();
         self.blocking(deadline, move |c| {
-            Ok(c.lookup_domain_by_name(&name)?
-                .qemu_agent_command(&command, seconds, 0)?)
+            let _in_libvirt = permit;
+            Ok(lookup(c, &dom)?.qemu_agent_command(&command, seconds, 0)?)
         })
         .await
     }
 
+    /// Forgets a domain's agent slot (it stopped).
+    pub fn forget(&self, name: &str) {
+        lock(&self.agent_slots).remove(name);
+    }
+
     /// The domain's live XML.
-    pub async fn domain_xml(
-        &self,
-        domain: &str,
-        deadline: Instant,
-    ) -> Result<String, LibvirtError> {
-        let name = domain.to_string();
-        self.blocking(deadline, move |c| {
-            Ok(c.lookup_domain_by_name(&name)?.xml_desc(0)?)
-        })
-        .await
+    pub async fn domain_xml(&self, dom: &Dom, deadline: Instant) -> Result<String, LibvirtError> {
+        let dom = dom.clone();
+        self.blocking(deadline, move |c| Ok(lookup(c, &dom)?.xml_desc(0)?))
+            .await
     }
 
     /// Attaches the device described by `xml` to the running domain (live only: the
     /// persistent definition is the operator's).
     pub async fn attach_device(
         &self,
-        domain: &str,
+        dom: &Dom,
         xml: &str,
         deadline: Instant,
     ) -> Result<(), LibvirtError> {
-        let (name, xml) = (domain.to_string(), xml.to_string());
+        let (dom, xml) = (dom.clone(), xml.to_string());
         self.blocking(deadline, move |c| {
-            c.lookup_domain_by_name(&name)?
-                .attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)?;
+            lookup(c, &dom)?.attach_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)?;
             Ok(())
         })
         .await
     }
 
-    /// Asks for the removal of the running domain's device `alias`. libvirt returns once
-    /// the guest released it or after a short wait of its own; either way, the outcome is
-    /// told by [`Event::DeviceRemoved`] or [`Event::DeviceRemovalFailed`].
+    /// Asks for the removal of the running domain's device `alias`
+    /// (`virDomainDetachDeviceAlias`: libvirt returns once the request is sent); the
+    /// outcome is told by [`Event::DeviceRemoved`] or [`Event::DeviceRemovalFailed`].
     pub async fn detach_alias(
         &self,
-        domain: &str,
+        dom: &Dom,
         alias: &str,
         deadline: Instant,
     ) -> Result<(), LibvirtError> {
-        let (name, alias) = (domain.to_string(), alias.to_string());
+        let (dom, alias) = (dom.clone(), alias.to_string());
         self.blocking(deadline, move |c| {
-            let domain = c.lookup_domain_by_name(&name)?;
-            events::detach_alias(&domain, &alias, sys::VIR_DOMAIN_AFFECT_LIVE)
+            events::detach_alias(&lookup(c, &dom)?, &alias, sys::VIR_DOMAIN_AFFECT_LIVE)
         })
         .await
     }

@@ -5,11 +5,22 @@
 
 use std::time::Duration;
 
-use qga_libvirt::{Event, Libvirt, LibvirtError};
+use std::sync::Arc;
+
+use qga_libvirt::{Dom, Event, LIBVIRT_OWN_WAIT, Libvirt, LibvirtError};
 use tokio::{sync::broadcast, time::Instant};
 
-use super::{layout::DimmDevice, ops::Ctx};
+use super::{layout::DimmDevice, ops::Ctx, qemu::NotAdded};
 use crate::error::BridgeError;
+
+/// A libvirt domain's hypervisor side: libvirt, and the domain run it serves.
+#[derive(Debug, Clone)]
+pub struct LibvirtVm {
+    /// The connection.
+    pub libvirt: Arc<Libvirt>,
+    /// The domain run.
+    pub dom: Dom,
+}
 
 /// A domain's memory, from its live XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -127,6 +138,10 @@ pub fn error(ctx: &Ctx, step: &str, e: LibvirtError) -> BridgeError {
                 reason: format!("libvirt: {reason}"),
             }
         }
+        LibvirtError::Busy(reason) => BridgeError::Busy {
+            vm: ctx.vm.clone(),
+            reason,
+        },
         LibvirtError::Timeout | LibvirtError::TimedOut(_) => BridgeError::DeadlineExceeded {
             vm: ctx.vm.clone(),
             command: step.to_string(),
@@ -147,9 +162,10 @@ fn deadline(ctx: &Ctx) -> Instant {
 }
 
 /// The domain's memory now.
-pub async fn memory(ctx: &Ctx, libvirt: &Libvirt) -> Result<DomainMemory, BridgeError> {
-    let xml = libvirt
-        .domain_xml(&ctx.vm, deadline(ctx))
+pub async fn memory(ctx: &Ctx, lv: &LibvirtVm) -> Result<DomainMemory, BridgeError> {
+    let xml = lv
+        .libvirt
+        .domain_xml(&lv.dom, deadline(ctx))
         .await
         .map_err(|e| error(ctx, "dumpxml", e))?;
     if xml.len() > MAX_XML_BYTES {
@@ -164,46 +180,71 @@ pub async fn memory(ctx: &Ctx, libvirt: &Libvirt) -> Result<DomainMemory, Bridge
     })
 }
 
-/// The device XML of a DIMM of `size` bytes on NUMA node `node`.
-fn dimm_xml(size: u64, node: u32) -> String {
+/// The device XML of DIMM `alias` of `size` bytes on NUMA node `node`.
+fn dimm_xml(alias: &str, size: u64, node: u32) -> String {
     format!(
         "<memory model='dimm'><target><size unit='b'>{size}</size><node>{node}</node>\
-         </target></memory>"
+         </target><alias name='{alias}'/></memory>"
     )
 }
 
-/// Attaches a DIMM of `size` bytes and returns its alias (`dimmN`): the DIMM the live XML
-/// lists that `before` did not, read once libvirt's device-added event came (it names the
-/// backend, `memdimmN`) or, should it not come within a second, anyway.
+/// The first `ua-qga-dimmN` no DIMM has: a user alias (libvirt keeps the `ua-` ones it is
+/// given), so the DIMM is known by name before libvirt is even asked.
+fn free_alias(before: &[DimmDevice]) -> String {
+    (0..)
+        .map(|n| format!("ua-qga-dimm{n}"))
+        .find(|a| !before.iter().any(|d| &d.id == a))
+        .unwrap_or_default()
+}
+
+/// Attaches a DIMM of `size` bytes under a fresh user alias and returns the alias, once
+/// libvirt's device-added event came (or a second passed) and the live XML lists it. A
+/// refusal made nothing; any other failure may have made the DIMM, under that alias.
 pub async fn attach(
     ctx: &mut Ctx,
-    libvirt: &Libvirt,
+    lv: &LibvirtVm,
     before: &[DimmDevice],
     size: u64,
     node: Option<u32>,
-) -> Result<String, BridgeError> {
-    let mut events = libvirt.subscribe();
+) -> Result<String, NotAdded> {
+    let alias = free_alias(before);
+    let mut events = lv.libvirt.subscribe();
     let start = Instant::now();
-    libvirt
-        .attach_device(&ctx.vm, &dimm_xml(size, node.unwrap_or(0)), deadline(ctx))
-        .await
-        .map_err(|e| error(ctx, "attach-device", e))?;
+    // libvirt may wait for the domain's job lock before it even starts.
+    let until =
+        (Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms) + LIBVIRT_OWN_WAIT)
+            .min(ctx.deadline);
+    let xml = dimm_xml(&alias, size, node.unwrap_or(0));
+    if let Err(e) = lv.libvirt.attach_device(&lv.dom, &xml, until).await {
+        let refused = matches!(e, LibvirtError::Refused { .. } | LibvirtError::Busy(_));
+        let e = error(ctx, "attach-device", e);
+        return Err(if refused {
+            NotAdded::Refused(e)
+        } else {
+            NotAdded::Unknown(e, alias, String::new())
+        });
+    }
     let until = deadline(ctx).min(Instant::now() + Duration::from_secs(1));
     loop {
         match tokio::time::timeout_at(until, events.recv()).await {
-            Ok(Ok(Event::DeviceAdded { domain, .. })) if domain == ctx.vm => break,
+            Ok(Ok(Event::DeviceAdded { domain, .. })) if domain == lv.dom.name => break,
             Ok(Ok(_)) | Ok(Err(broadcast::error::RecvError::Lagged(_))) => {}
             Ok(Err(broadcast::error::RecvError::Closed)) | Err(_) => break,
         }
     }
-    let alias = added(ctx, libvirt, before)
-        .await?
-        .ok_or_else(|| BridgeError::Hotplug {
+    let listed = match memory(ctx, lv).await {
+        Ok(m) => m.dimms.iter().any(|d| d.id == alias),
+        Err(e) => return Err(NotAdded::Unknown(e, alias, String::new())),
+    };
+    if !listed {
+        let e = BridgeError::Hotplug {
             vm: ctx.vm.clone(),
             step: "attach-device".into(),
-            reason: "libvirt accepted the DIMM but does not list it".into(),
+            reason: format!("libvirt accepted DIMM {alias} but does not list it"),
             blocks: Vec::new(),
-        })?;
+        };
+        return Err(NotAdded::Unknown(e, alias, String::new()));
+    }
     ctx.step(
         "attach-device",
         start,
@@ -212,27 +253,13 @@ pub async fn attach(
     Ok(alias)
 }
 
-/// A DIMM the domain has that is not in `before`, if any.
-pub async fn added(
-    ctx: &Ctx,
-    libvirt: &Libvirt,
-    before: &[DimmDevice],
-) -> Result<Option<String>, BridgeError> {
-    Ok(memory(ctx, libvirt)
-        .await?
-        .dimms
-        .into_iter()
-        .map(|d| d.id)
-        .find(|id| !before.iter().any(|d| &d.id == id)))
-}
-
 /// Asks libvirt to detach DIMM `alias` (`virDomainDetachDeviceAlias`, which returns once
 /// the request is sent): the removal event, the removal-failed event or the DIMM's absence
 /// from the XML decides, as for QEMU's `device_del`.
-pub async fn detach(ctx: &Ctx, libvirt: &Libvirt, alias: &str) -> Result<(), BridgeError> {
+pub async fn detach(ctx: &Ctx, lv: &LibvirtVm, alias: &str) -> Result<(), BridgeError> {
     let until =
         (Instant::now() + Duration::from_millis(ctx.settings.eject_timeout_ms)).min(ctx.deadline);
-    match libvirt.detach_alias(&ctx.vm, alias, until).await {
+    match lv.libvirt.detach_alias(&lv.dom, alias, until).await {
         Ok(()) | Err(LibvirtError::Timeout) => Ok(()),
         Err(e) => Err(error(ctx, "device_del", e)),
     }

@@ -130,7 +130,7 @@ pub enum Vmm {
     /// QEMU's QMP socket.
     Qmp(Qmp),
     /// libvirt, which runs the domain and holds its QMP socket.
-    Libvirt(Arc<qga_libvirt::Libvirt>),
+    Libvirt(libvirt::LibvirtVm),
 }
 
 /// One VM's hotplug state.
@@ -241,20 +241,28 @@ impl Hotplug {
         }
     }
 
-    /// Makes libvirt domain `vm` pluggable through `libvirt`, or forgets it (`None`: the
-    /// domain stopped). An operation running on it finishes.
-    pub fn set_libvirt(&self, vm: &str, libvirt: Option<Arc<qga_libvirt::Libvirt>>) {
+    /// Makes libvirt domain `vm` (run `dom`) pluggable through `libvirt`, or forgets it
+    /// (`None`: the domain stopped). An operation running on an earlier run finishes (its
+    /// calls fail: that run is gone).
+    pub fn set_libvirt(
+        &self,
+        vm: &str,
+        libvirt: Option<(Arc<qga_libvirt::Libvirt>, qga_libvirt::Dom)>,
+    ) {
         let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
         match libvirt {
-            Some(l) => {
-                if !vms
+            Some((connection, dom)) => {
+                let same = vms
                     .get(vm)
-                    .is_some_and(|v| matches!(v.vmm, Vmm::Libvirt(_)))
-                {
+                    .is_some_and(|v| matches!(&v.vmm, Vmm::Libvirt(l) if l.dom == dom));
+                if !same {
                     vms.insert(
                         vm.to_string(),
                         Arc::new(Vm {
-                            vmm: Vmm::Libvirt(l),
+                            vmm: Vmm::Libvirt(libvirt::LibvirtVm {
+                                libvirt: connection,
+                                dom,
+                            }),
                             busy: Arc::new(tokio::sync::Mutex::new(())),
                             state: Mutex::new(State::default()),
                         }),

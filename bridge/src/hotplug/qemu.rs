@@ -179,15 +179,8 @@ pub async fn add_dimm(
 ) -> Result<(String, String), NotAdded> {
     if let Vmm::Libvirt(l) = &ctx.vmm {
         let l = l.clone();
-        return match libvirt::attach(ctx, &l, devices, size, node).await {
-            Ok(alias) => Ok((alias.clone(), format!("mem{alias}"))),
-            Err(e @ BridgeError::Hotplug { .. }) => Err(NotAdded::Refused(e)),
-            // Lost or late: look for a DIMM that was made anyway.
-            Err(e) => match libvirt::added(ctx, &l, devices).await {
-                Ok(Some(alias)) => Err(NotAdded::Unknown(e, alias, String::new())),
-                _ => Err(NotAdded::Refused(e)),
-            },
-        };
+        let alias = libvirt::attach(ctx, &l, devices, size, node).await?;
+        return Ok((alias.clone(), format!("mem{alias}")));
     }
     let (dimm_id, mem_id) = free_ids(devices, memdevs);
     if let Err(e) = object_add(ctx, &mem_id, size).await {
@@ -310,7 +303,7 @@ impl EjectWatch {
     pub fn new(ctx: &Ctx) -> Self {
         match &ctx.vmm {
             Vmm::Qmp(q) => Self::Qmp(q.events()),
-            Vmm::Libvirt(l) => Self::Libvirt(l.subscribe()),
+            Vmm::Libvirt(l) => Self::Libvirt(l.libvirt.subscribe()),
         }
     }
 

@@ -13,7 +13,7 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use qga_libvirt::{Libvirt, LibvirtError};
+use qga_libvirt::{Dom, LIBVIRT_OWN_WAIT, Libvirt, LibvirtError};
 use qga_wire::{ErrorClass, QgaError};
 use tokio::{sync::mpsc, time::Instant};
 
@@ -28,6 +28,8 @@ use crate::{config::Config, error::BridgeError, metrics::Metrics};
 /// One libvirt domain's worker.
 pub(super) struct LibvirtWorker {
     pub(super) name: String,
+    /// The domain run this session serves.
+    pub(super) dom: Dom,
     pub(super) claim: u64,
     pub(super) libvirt: Arc<Libvirt>,
     pub(super) rx: mpsc::Receiver<Job>,
@@ -92,13 +94,17 @@ impl LibvirtWorker {
         };
         let until = if write { job.limit } else { job.deadline };
         let libvirt = self.libvirt.clone();
-        let domain = self.name.clone();
+        let dom = self.dom.clone();
         let timeout = until.saturating_duration_since(Instant::now());
-        let mut running = Box::pin(async move {
-            libvirt
-                .agent_command(&domain, request, timeout, until)
-                .await
-        });
+        // A write's outcome is awaited for as long as libvirt may take to give it (its
+        // job lock and resync come on top of the timeout): recorded, never guessed.
+        let wait = if write {
+            until + LIBVIRT_OWN_WAIT
+        } else {
+            until
+        };
+        let mut running =
+            Box::pin(async move { libvirt.agent_command(&dom, request, timeout, wait).await });
         let early = tokio::select! {
             r = &mut running => Some(r),
             () = tokio::time::sleep_until(job.deadline) => None,
@@ -229,6 +235,10 @@ impl LibvirtWorker {
                 lock(&self.status).last_error = Some(format!("{command}: {e}"));
                 BridgeError::deadline(&self.name, command)
             }
+            LibvirtError::Busy(reason) => BridgeError::Busy {
+                vm: self.name.clone(),
+                reason,
+            },
             LibvirtError::AgentFailed(desc) => BridgeError::Agent(QgaError {
                 class: error_class(&desc),
                 desc,

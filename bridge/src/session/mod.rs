@@ -195,9 +195,14 @@ impl std::fmt::Debug for Session {
     }
 }
 
-/// What a libvirt domain's session reports as its socket: `libvirt:URI#NAME`.
-pub fn libvirt_socket(libvirt: &qga_libvirt::Libvirt, name: &str) -> PathBuf {
-    PathBuf::from(format!("libvirt:{}#{name}", libvirt.uri()))
+/// What a libvirt domain's session reports as its socket: `libvirt:URI#NAME@ID`.
+pub fn libvirt_socket(libvirt: &qga_libvirt::Libvirt, dom: &qga_libvirt::Dom) -> PathBuf {
+    PathBuf::from(format!("{}{}", libvirt_prefix(libvirt, &dom.name), dom.id))
+}
+
+/// The start of every libvirt socket of domain `name`, whatever its run.
+pub fn libvirt_prefix(libvirt: &qga_libvirt::Libvirt, name: &str) -> String {
+    format!("libvirt:{}#{name}@", libvirt.uri())
 }
 
 /// A fresh status: disconnected, nothing heard yet.
@@ -278,22 +283,24 @@ impl Session {
         Self::handle(name, socket, tx, status, config, metrics)
     }
 
-    /// The session of libvirt domain `name`, whose agent libvirt holds: calls go through
-    /// `virDomainQemuAgentCommand`. Its "socket" reads `libvirt:URI#NAME`.
+    /// The session of libvirt domain run `dom`, whose agent libvirt holds: calls go
+    /// through `virDomainQemuAgentCommand`. Its "socket" reads `libvirt:URI#NAME@ID`.
     pub fn spawn_libvirt(
-        name: &str,
+        dom: &qga_libvirt::Dom,
         libvirt: Arc<qga_libvirt::Libvirt>,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
+        let name = dom.name.as_str();
         let (tx, rx) = mpsc::channel(config.limits.queue_depth);
-        let socket = libvirt_socket(&libvirt, name);
+        let socket = libvirt_socket(&libvirt, dom);
         let status = new_status(name, &socket);
         let claim = metrics.claim_vm(name);
         metrics.set_connected(name, claim, false);
         let worker = libvirt::LibvirtWorker {
             name: name.to_string(),
+            dom: dom.clone(),
             claim,
             libvirt,
             rx,
