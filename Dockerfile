@@ -7,7 +7,7 @@
 
 FROM rust:1.95-bookworm AS build
 RUN apt-get update \
- && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libvirt-dev \
+ && apt-get install -y --no-install-recommends protobuf-compiler libprotobuf-dev libvirt-dev pkg-config \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
