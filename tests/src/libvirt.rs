@@ -242,26 +242,49 @@ impl Domain {
         };
         let xml = domain.path("domain.xml");
         fs::write(&xml, domain.xml(agent, online_type))?;
-        let started = Instant::now();
-        virsh([OsStr::new("create"), xml.as_os_str()])?;
-        let deadline = started + BOOT_TIMEOUT;
-        while !domain.console_text().contains("QGA-E2E READY") {
-            if Instant::now() > deadline {
-                bail!(
-                    "domain {} did not boot within {BOOT_TIMEOUT:?}; console:\n{}",
-                    domain.name,
-                    domain.console_text()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        domain.boot_time = started.elapsed();
+        domain.create()?;
         eprintln!(
             "e2e: libvirt domain {} booted ({agent} agent) in {:.1} s",
             domain.name,
             domain.boot_time.as_secs_f64()
         );
         Ok(domain)
+    }
+
+    /// `virsh create` of the domain's XML, then waits until the guest has booted.
+    fn create(&mut self) -> anyhow::Result<()> {
+        // A fresh console: the boot is told by what this run prints.
+        let _ = fs::remove_file(self.path("console.log"));
+        let started = Instant::now();
+        virsh([OsStr::new("create"), self.path("domain.xml").as_os_str()])?;
+        let deadline = started + BOOT_TIMEOUT;
+        while !self.console_text().contains("QGA-E2E READY") {
+            if Instant::now() > deadline {
+                bail!(
+                    "domain {} did not boot within {BOOT_TIMEOUT:?}; console:\n{}",
+                    self.name,
+                    self.console_text()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.boot_time = started.elapsed();
+        Ok(())
+    }
+
+    /// Destroys the domain and creates it again under the same name: a new run, with a
+    /// new libvirt id; waits until the guest has booted.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.virsh("destroy", &[])?;
+        self.create()
+    }
+
+    /// libvirt's id of the domain's current run.
+    pub fn id(&self) -> anyhow::Result<u32> {
+        let out = self.virsh("domid", &[])?;
+        out.trim()
+            .parse()
+            .with_context(|| format!("virsh domid said '{}'", out.trim()))
     }
 
     fn path(&self, file: &str) -> PathBuf {

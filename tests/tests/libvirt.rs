@@ -5,7 +5,8 @@
 //! - every QGA method works through gRPC and JSON-RPC, and `virsh qemu-agent-command`
 //!   still works between the bridge's calls;
 //! - plug 512 MiB: `virsh dumpxml` shows the DIMM and MemTotal grows; unplug: gone again;
-//! - a domain started after the bridge appears without a restart, one destroyed goes;
+//! - a domain started after the bridge appears without a restart, one restarted under its
+//!   name is served as its new run, one destroyed goes;
 //! - libvirtd restarted: calls fail UNAVAILABLE while it is down and work after.
 //!
 //! Needs libvirt-daemon-system, libvirt-clients, root and the guest image; fails, never
@@ -309,6 +310,33 @@ async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
         .await
         .expect("calls work again after libvirtd restarted");
     eprintln!("e2e: {failed} pings failed while the bridge reconnected");
+
+    // Restarted under the same name: a new run, served as a new VM (its socket names the
+    // new id), and calls reach it.
+    let old_id = d.id().expect("domid");
+    let mut d = d;
+    d.restart().expect("the domain restarts");
+    let new_id = d.id().expect("domid");
+    assert_ne!(old_id, new_id, "a new run has a new id");
+    let want = format!("@{new_id}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = c.rpc("vm-list", json!({})).await.expect("vm-list");
+        let socket = list
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|v| v["name"] == vm.as_str())
+            .and_then(|v| v["socket"].as_str().map(str::to_string));
+        if socket.as_deref().is_some_and(|s| s.ends_with(&want)) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "new run not served: {list}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    scenario::ping_until_ok(&c, &vm, Duration::from_secs(30))
+        .await
+        .expect("the new run's agent through the bridge");
 
     // Destroyed: disappears.
     d.virsh("destroy", &[]).expect("virsh destroy");
