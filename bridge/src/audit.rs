@@ -97,10 +97,21 @@ pub fn now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
+/// What the writer thread is handed.
+#[derive(Debug)]
+enum Entry {
+    /// A record's line.
+    Line(String),
+    /// Look at the reopen flag (SIGHUP).
+    Wake,
+}
+
 /// The audit trail's writer handle. Cheap to share.
 #[derive(Debug)]
 pub struct Audit {
-    tx: SyncSender<String>,
+    tx: SyncSender<Entry>,
+    /// Set by [`Audit::reopen`]; the writer reopens its file before its next write.
+    reopen: Arc<std::sync::atomic::AtomicBool>,
     metrics: Arc<Metrics>,
     /// (second, denials recorded in it).
     denials: std::sync::Mutex<(u64, u32)>,
@@ -116,11 +127,21 @@ impl Audit {
         };
         let (tx, rx) = mpsc::sync_channel(QUEUE);
         let writer_metrics = metrics.clone();
+        let reopen = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = Writer {
+            path: match sink {
+                Sink::Log => None,
+                Sink::File(path) => Some(path),
+            },
+            file,
+            reopen: reopen.clone(),
+        };
         std::thread::Builder::new()
             .name("qga-bridge-audit".into())
-            .spawn(move || write_all(rx, file, &writer_metrics))?;
+            .spawn(move || writer.run(rx, &writer_metrics))?;
         Ok(Arc::new(Self {
             tx,
+            reopen,
             metrics,
             denials: std::sync::Mutex::new((0, 0)),
         }))
@@ -151,7 +172,7 @@ impl Audit {
             self.metrics.audit_dropped();
             return;
         };
-        match self.tx.try_send(line) {
+        match self.tx.try_send(Entry::Line(line)) {
             Ok(()) => {}
             Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => {
                 self.metrics.audit_dropped();
@@ -177,6 +198,15 @@ impl Audit {
         }
     }
 
+    /// Has the writer reopen the audit file by its path before its next write (SIGHUP,
+    /// after logrotate moved it away): records go to the new file from then on. If it
+    /// cannot be opened, the old one is kept and an error logged.
+    pub fn reopen(&self) {
+        self.reopen.store(true, std::sync::atomic::Ordering::SeqCst);
+        // A full queue wakes the writer anyway.
+        let _ = self.tx.try_send(Entry::Wake);
+    }
+
     /// Records a request refused before it became a call (`why` says by what).
     pub fn denied(&self, caller: &Caller, why: &str) {
         self.record(&Self::base("denied", caller, why.trim_end()));
@@ -191,38 +221,72 @@ fn open(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
-/// The writer thread: appends lines until every sender is gone.
-fn write_all(rx: Receiver<String>, mut file: Option<File>, metrics: &Metrics) {
-    let mut failing = false;
-    while let Ok(line) = rx.recv() {
-        let mut stderr = io::stderr();
-        let f: &mut dyn Write = match file.as_mut() {
-            Some(f) => f,
-            None => &mut stderr,
-        };
-        let mut buf = line.into_bytes();
-        buf.push(b'\n');
-        // Whatever else is queued goes out in the same write.
-        while let Ok(more) = rx.try_recv() {
-            buf.extend_from_slice(more.as_bytes());
-            buf.push(b'\n');
+/// The writer thread's state.
+struct Writer {
+    /// The file's path; `None`: standard error.
+    path: Option<PathBuf>,
+    file: Option<File>,
+    reopen: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Writer {
+    /// Reopens the file by its path if asked to.
+    fn reopen_if_asked(&mut self) {
+        if !self.reopen.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            return;
         }
-        match f.write_all(&buf).and_then(|()| f.flush()) {
-            Ok(()) => {
-                if failing {
-                    tracing::warn!("audit log writable again");
-                }
-                failing = false;
+        let Some(path) = &self.path else {
+            return;
+        };
+        match open(path) {
+            Ok(f) => {
+                self.file = Some(f);
+                tracing::info!(path = %path.display(), "audit log reopened");
             }
             Err(e) => {
-                let lost = buf.iter().filter(|&&b| b == b'\n').count();
-                for _ in 0..lost {
-                    metrics.audit_dropped();
+                tracing::error!(path = %path.display(), error = %e, "cannot reopen the audit log; writing to the old file");
+            }
+        }
+    }
+
+    /// Appends lines until every sender is gone.
+    fn run(mut self, rx: Receiver<Entry>, metrics: &Metrics) {
+        let mut failing = false;
+        while let Ok(entry) = rx.recv() {
+            self.reopen_if_asked();
+            let mut buf = Vec::new();
+            // Whatever else is queued goes out in the same write.
+            for entry in std::iter::once(entry).chain(std::iter::from_fn(|| rx.try_recv().ok())) {
+                if let Entry::Line(line) = entry {
+                    buf.extend_from_slice(line.as_bytes());
+                    buf.push(b'\n');
                 }
-                if !failing {
-                    tracing::error!(error = %e, "cannot write the audit log; records are being dropped");
+            }
+            if buf.is_empty() {
+                continue;
+            }
+            let mut stderr = io::stderr();
+            let f: &mut dyn Write = match self.file.as_mut() {
+                Some(f) => f,
+                None => &mut stderr,
+            };
+            match f.write_all(&buf).and_then(|()| f.flush()) {
+                Ok(()) => {
+                    if failing {
+                        tracing::warn!("audit log writable again");
+                    }
+                    failing = false;
                 }
-                failing = true;
+                Err(e) => {
+                    let lost = buf.iter().filter(|&&b| b == b'\n').count();
+                    for _ in 0..lost {
+                        metrics.audit_dropped();
+                    }
+                    if !failing {
+                        tracing::error!(error = %e, "cannot write the audit log; records are being dropped");
+                    }
+                    failing = true;
+                }
             }
         }
     }

@@ -296,6 +296,11 @@ impl Bridge {
         self.tls.as_ref().map_or(Ok(()), |t| t.reload())
     }
 
+    /// Reopens the audit file by its path (SIGHUP, after logrotate moved it away).
+    pub fn reopen_audit(&self) {
+        self.registry.audit().reopen();
+    }
+
     /// Stops accepting calls, lets running ones finish (for at most the longest command
     /// timeout and a little more), and returns when all servers stopped.
     pub async fn shutdown(mut self) {

@@ -1,4 +1,5 @@
-//! The `qga-bridge` binary: configuration, logging, then serve until SIGTERM or SIGINT.
+//! The `qga-bridge` binary: configuration, logging, then serve until SIGTERM or SIGINT;
+//! SIGHUP reloads the TLS files and reopens the audit log.
 
 use anyhow::Context;
 use clap::Parser;
@@ -36,10 +37,13 @@ async fn main() -> anyhow::Result<()> {
                 tracing::info!("SIGINT: shutting down");
                 break;
             }
-            _ = hup.recv() => match bridge.reload_tls() {
-                Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
-                Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificates"),
-            },
+            _ = hup.recv() => {
+                bridge.reopen_audit();
+                match bridge.reload_tls() {
+                    Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
+                    Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificates"),
+                }
+            }
         }
     }
     // Calls in flight may finish (each is bounded by its deadline); a second signal

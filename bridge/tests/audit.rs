@@ -174,3 +174,47 @@ async fn an_audit_log_that_cannot_be_opened_stops_the_start() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn the_audit_file_is_reopened_after_logrotate_moved_it() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let socket = dir.path().join("vm.sock");
+    let log = dir.path().join("audit.jsonl");
+    let rotated = dir.path().join("audit.jsonl.1");
+    let _agent = FakeAgent::start(&socket, 4).expect("fake agent");
+    let mut cfg = config(&[("vm", &socket)]);
+    cfg.audit_log = Some(log.clone());
+    let bridge = start(cfg).await;
+    let mut c = clients(&bridge).await;
+
+    c.memory
+        .set_memory_blocks(set("vm", &[(1, true)]))
+        .await
+        .expect("set");
+    lines(&log, 1).await;
+    // logrotate's default: rename, then SIGHUP.
+    std::fs::rename(&log, &rotated).expect("rotate");
+    bridge.reopen_audit();
+    c.memory
+        .set_memory_blocks(set("vm", &[(2, true)]))
+        .await
+        .expect("set");
+    let new = lines(&log, 1).await;
+    assert_eq!(new.len(), 1, "{new:?}");
+    assert_eq!(
+        new[0]["arguments"]["mem-blks"][0]["phys-index"], 2,
+        "{new:?}"
+    );
+    let old = lines(&rotated, 1).await;
+    assert_eq!(
+        old.len(),
+        1,
+        "the rotated file keeps only what came before: {old:?}"
+    );
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&log)
+        .expect("new file")
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "the new file is private too");
+}
