@@ -181,6 +181,17 @@ async fn join(call: JoinHandle<Result<Value, QmpError>>) -> Result<Value, QmpErr
 }
 
 /// One command answered on the current connection, which must be `qemu`.
+/// A command that connects (greeting, capabilities) and is answered `value`; the
+/// connection's QEMU side, for what the test does next.
+async fn first_round_trip(rig: &mut Rig, value: Value) -> FakeQemu {
+    let call = rig.spawn("query-status", Value::Null, 5);
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-status").await;
+    qemu.reply(&id, value.clone()).await;
+    assert_eq!(join(call).await, Ok(value));
+    qemu
+}
+
 async fn round_trip(rig: &Rig, qemu: &mut FakeQemu, value: Value) {
     let call = rig.spawn("query-status", Value::Null, 5);
     let (id, _) = qemu.expect("query-status").await;
@@ -368,11 +379,7 @@ async fn too_many_stale_frames_drop_the_connection() {
         if last_error.contains("max_stale_frames"))
     );
     // The next command reconnects at once.
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(1)).await;
-    assert_eq!(join(call).await, Ok(json!(1)));
+    let _qemu = first_round_trip(&mut rig, json!(1)).await;
     assert_eq!(rig.qmp.connections(), 2);
 }
 
@@ -430,28 +437,16 @@ async fn a_lost_connection_fails_pending_callers_and_the_next_call_reconnects() 
         rig.qmp.state(),
         QmpState::Disconnected { retry_in: None, .. }
     ));
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!("back")).await;
-    assert_eq!(join(call).await, Ok(json!("back")));
+    let _qemu = first_round_trip(&mut rig, json!("back")).await;
 }
 
 #[tokio::test(start_paused = true)]
 async fn a_connection_lost_while_idle_is_replaced_transparently() {
     let mut rig = Rig::new();
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(1)).await;
-    assert_eq!(join(call).await, Ok(json!(1)));
+    let qemu = first_round_trip(&mut rig, json!(1)).await;
     drop(qemu); // QEMU restarted
     tokio::time::sleep(Duration::from_millis(10)).await;
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(2)).await;
-    assert_eq!(join(call).await, Ok(json!(2)));
+    let _qemu = first_round_trip(&mut rig, json!(2)).await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -484,11 +479,7 @@ async fn a_bad_greeting_is_unavailable_and_backs_off() {
     ));
     // After it, a good QEMU is reached.
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!("ok")).await;
-    assert_eq!(join(call).await, Ok(json!("ok")));
+    let _qemu = first_round_trip(&mut rig, json!("ok")).await;
     assert_eq!(rig.qmp.state(), QmpState::Connected);
 }
 
@@ -614,11 +605,7 @@ async fn an_oversized_message_is_skipped_bounded_and_reported_to_the_waiting_cal
 async fn dropping_every_handle_closes_the_connection_and_ends_the_task() {
     let mut rig = Rig::new();
     let mut events = rig.qmp.events();
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(1)).await;
-    assert_eq!(join(call).await, Ok(json!(1)));
+    let qemu = first_round_trip(&mut rig, json!(1)).await;
     let clone = rig.qmp.clone();
     drop(rig.qmp);
     drop(clone);
@@ -810,11 +797,7 @@ fn idle_after(ms: u64) -> QmpLimits {
 #[tokio::test(start_paused = true)]
 async fn idle_close_releases_the_connection_and_the_next_command_reconnects() {
     let mut rig = Rig::with(idle_after(1000));
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(1)).await;
-    assert_eq!(join(call).await, Ok(json!(1)));
+    let qemu = first_round_trip(&mut rig, json!(1)).await;
     let idle_from = Instant::now();
     qemu.closed().await;
     let waited = idle_from.elapsed();
@@ -824,11 +807,7 @@ async fn idle_close_releases_the_connection_and_the_next_command_reconnects() {
     );
     assert_eq!(rig.qmp.state(), QmpState::Idle, "released, not failed");
     // The next command connects and negotiates again.
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(2)).await;
-    assert_eq!(join(call).await, Ok(json!(2)));
+    let _qemu = first_round_trip(&mut rig, json!(2)).await;
     assert_eq!(rig.connects(), 2);
     assert_eq!(rig.qmp.connections(), 2);
     assert_eq!(rig.qmp.state(), QmpState::Connected);
@@ -893,11 +872,7 @@ async fn idle_close_waits_while_an_events_receiver_exists() {
 #[tokio::test(start_paused = true)]
 async fn without_idle_close_the_connection_is_held() {
     let mut rig = Rig::new();
-    let call = rig.spawn("query-status", Value::Null, 5);
-    let mut qemu = rig.accept_ready().await;
-    let (id, _) = qemu.expect("query-status").await;
-    qemu.reply(&id, json!(1)).await;
-    assert_eq!(join(call).await, Ok(json!(1)));
+    let mut qemu = first_round_trip(&mut rig, json!(1)).await;
     tokio::time::sleep(Duration::from_secs(3600)).await;
     round_trip(&rig, &mut qemu, json!(2)).await;
     assert_eq!(rig.connects(), 1);
