@@ -47,15 +47,26 @@ fn invalid(e: impl std::fmt::Display) -> ErrorObjectOwned {
 
 /// A method's params, decoded straight from the request text: no JSON tree is built,
 /// `mem-blks` stays text until [`Call::from_qga`] decodes it entry by entry, and a
-/// member named twice or not known is refused.
+/// member named twice or not known is refused. A member given as `null` counts as given
+/// (and is then refused as the wrong type, or as an argument the method does not take),
+/// never as absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct Envelope<'a> {
     vm: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     timeout_ms: Option<u64>,
-    #[serde(default, borrow)]
+    #[serde(default, borrow, deserialize_with = "given")]
     mem_blks: Option<&'a RawValue>,
+}
+
+/// A member that is present: its value as `T`, `null` included (which most `T` refuse).
+fn given<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    T::deserialize(d).map(Some)
 }
 
 /// A JSON-RPC call decoded: the VM, the caller's deadline and the agent call.
@@ -584,5 +595,14 @@ mod tests {
         };
         assert_eq!(changes.blocks().len(), 1);
         assert!(decode(ping, r#" {"vm": "vm1", "timeout-ms": 5} "#, 16).is_ok());
+        // null is given, not absent (found by fuzzing).
+        let get = command::GET_MEMORY_BLOCKS;
+        assert!(
+            refused(get, r#"{"vm": "*", "mem-blks": null}"#).contains("takes no argument"),
+            "{}",
+            refused(get, r#"{"vm": "*", "mem-blks": null}"#)
+        );
+        assert!(refused(set, r#"{"vm": "v", "mem-blks": null}"#).contains("mem-blks"));
+        assert!(refused(ping, r#"{"vm": "v", "timeout-ms": null}"#).contains("null"));
     }
 }
