@@ -154,8 +154,11 @@ impl LibvirtWorker {
             }
         };
         let result = self.finish(&job.call, r, until).await;
-        if lock(&self.status).state == AgentState::Busy {
-            lock(&self.status).state = AgentState::Connected;
+        {
+            let mut s = lock(&self.status);
+            if s.state == AgentState::Busy {
+                s.state = AgentState::Connected;
+            }
         }
         self.metrics.late_reply(&self.name, self.claim);
         record_late(&self.status, command, &result);
@@ -213,28 +216,16 @@ impl LibvirtWorker {
     /// The bridge's error for libvirt's; the VM counts as disconnected when its agent or
     /// libvirt could not be reached.
     fn failed(&self, command: &str, e: LibvirtError, until: Instant) -> BridgeError {
-        let unavailable = |reason: String| {
-            self.metrics.set_connected(&self.name, self.claim, false);
-            let mut s = lock(&self.status);
-            s.state = AgentState::Disconnected;
-            s.last_error = Some(clip(&reason));
-            BridgeError::Unavailable {
-                vm: self.name.clone(),
-                reason: clip(&reason),
-            }
-        };
         // libvirt 9.0 reports an agent that did not answer within the timeout as
         // unresponsive, like one that is not connected: the time taken tells them apart.
         let timed_out = Instant::now() + Duration::from_millis(100) >= until;
+        let deadline = matches!(e, LibvirtError::Timeout | LibvirtError::TimedOut(_))
+            || (timed_out && matches!(e, LibvirtError::AgentUnresponsive(_)));
+        if deadline {
+            lock(&self.status).last_error = Some(format!("{command}: {e}"));
+            return BridgeError::deadline(&self.name, command);
+        }
         match e {
-            LibvirtError::Timeout | LibvirtError::TimedOut(_) => {
-                lock(&self.status).last_error = Some(format!("{command}: {e}"));
-                BridgeError::deadline(&self.name, command)
-            }
-            LibvirtError::AgentUnresponsive(_) if timed_out => {
-                lock(&self.status).last_error = Some(format!("{command}: {e}"));
-                BridgeError::deadline(&self.name, command)
-            }
             LibvirtError::Busy(reason) => BridgeError::Busy {
                 vm: self.name.clone(),
                 reason,
@@ -243,10 +234,18 @@ impl LibvirtWorker {
                 class: error_class(&desc),
                 desc,
             }),
-            e @ (LibvirtError::Unavailable(_)
-            | LibvirtError::NotRunning(_)
-            | LibvirtError::AgentUnresponsive(_)
-            | LibvirtError::Refused { .. }) => unavailable(e.to_string()),
+            // Not reached, or not answering: the VM counts as disconnected.
+            e => {
+                let reason = clip(&e.to_string());
+                self.metrics.set_connected(&self.name, self.claim, false);
+                let mut s = lock(&self.status);
+                s.state = AgentState::Disconnected;
+                s.last_error = Some(reason.clone());
+                BridgeError::Unavailable {
+                    vm: self.name.clone(),
+                    reason,
+                }
+            }
         }
     }
 }
