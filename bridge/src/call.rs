@@ -56,6 +56,35 @@ pub const NAMES: [&str; 5] = [
     command::SET_MEMORY_BLOCKS,
 ];
 
+/// Our agent's extensions, which memory hotplug sends.
+pub const EXTENSION_NAMES: [&str; 2] = [
+    command::GET_MEMORY_ZONES,
+    command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+];
+
+/// The memory hotplug service's method names: JSON-RPC methods, and the method of their
+/// audit records and metrics series.
+pub mod hotplug_method {
+    /// A VM's memory layout.
+    pub const LAYOUT: &str = "memory-layout";
+    /// Plug a DIMM.
+    pub const PLUG: &str = "memory-plug";
+    /// Unplug a DIMM.
+    pub const UNPLUG: &str = "memory-unplug";
+    /// Resize a VM's memory.
+    pub const RESIZE: &str = "memory-resize";
+    /// All of them.
+    pub const ALL: [&str; 4] = [LAYOUT, PLUG, UNPLUG, RESIZE];
+}
+
+/// Every method a VM's metrics series can be labelled with.
+pub fn all_methods() -> impl Iterator<Item = &'static str> {
+    NAMES
+        .into_iter()
+        .chain(EXTENSION_NAMES)
+        .chain(hotplug_method::ALL)
+}
+
 /// The changes of one `guest-set-memory-blocks` call: each block named once.
 ///
 /// A block named twice makes the per-block results ambiguous and no guest needs it, so such

@@ -196,24 +196,115 @@ impl BridgeError {
         }
     }
 
-    /// A short outcome label for metrics.
-    pub fn outcome(&self) -> &'static str {
+    /// The outcome label of this failure, for metrics and the audit trail.
+    pub fn outcome(&self) -> Outcome {
         match self {
-            Self::InvalidRequest(_) => "invalid_request",
-            Self::VmNotFound(_) => "vm_not_found",
-            Self::Unavailable { .. } => "unavailable",
-            Self::DeadlineExceeded { .. } => "deadline_exceeded",
-            Self::QueueFull(_) => "queue_full",
-            Self::Busy { .. } => "busy",
-            Self::Overloaded(_) => "overloaded",
-            Self::Agent(_) => "agent_error",
-            Self::BadReply { .. } => "bad_reply",
-            Self::Unauthenticated(_) => "unauthenticated",
-            Self::PermissionDenied(_) => "permission_denied",
-            Self::Hotplug { .. } => "hotplug_failed",
-            Self::DimmNotFound { .. } => "dimm_not_found",
-            Self::Aborted(_) => "aborted",
+            Self::InvalidRequest(_) => Outcome::InvalidRequest,
+            Self::VmNotFound(_) => Outcome::VmNotFound,
+            Self::Unavailable { .. } => Outcome::Unavailable,
+            Self::DeadlineExceeded { .. } => Outcome::DeadlineExceeded,
+            Self::QueueFull(_) => Outcome::QueueFull,
+            Self::Busy { .. } => Outcome::Busy,
+            Self::Overloaded(_) => Outcome::Overloaded,
+            Self::Agent(_) => Outcome::AgentError,
+            Self::BadReply { .. } => Outcome::BadReply,
+            Self::Unauthenticated(_) => Outcome::Unauthenticated,
+            Self::PermissionDenied(_) => Outcome::PermissionDenied,
+            Self::Hotplug { .. } => Outcome::HotplugFailed,
+            Self::DimmNotFound { .. } => Outcome::DimmNotFound,
+            Self::Aborted(_) => Outcome::Aborted,
         }
+    }
+}
+
+/// How a call ended, as metrics and the audit trail label it: success, or one label per
+/// [`BridgeError`] variant. The one list of outcome labels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    /// Success.
+    Ok,
+    /// [`BridgeError::InvalidRequest`].
+    InvalidRequest,
+    /// [`BridgeError::VmNotFound`].
+    VmNotFound,
+    /// [`BridgeError::Unavailable`].
+    Unavailable,
+    /// [`BridgeError::DeadlineExceeded`].
+    DeadlineExceeded,
+    /// [`BridgeError::QueueFull`].
+    QueueFull,
+    /// [`BridgeError::Busy`].
+    Busy,
+    /// [`BridgeError::Overloaded`].
+    Overloaded,
+    /// [`BridgeError::Agent`].
+    AgentError,
+    /// [`BridgeError::BadReply`].
+    BadReply,
+    /// [`BridgeError::Unauthenticated`].
+    Unauthenticated,
+    /// [`BridgeError::PermissionDenied`].
+    PermissionDenied,
+    /// [`BridgeError::Hotplug`].
+    HotplugFailed,
+    /// [`BridgeError::DimmNotFound`].
+    DimmNotFound,
+    /// [`BridgeError::Aborted`].
+    Aborted,
+}
+
+impl Outcome {
+    /// Every outcome, so that a VM's series can all be dropped.
+    pub const ALL: [Self; 15] = [
+        Self::Ok,
+        Self::InvalidRequest,
+        Self::VmNotFound,
+        Self::Unavailable,
+        Self::DeadlineExceeded,
+        Self::QueueFull,
+        Self::Busy,
+        Self::Overloaded,
+        Self::AgentError,
+        Self::BadReply,
+        Self::Unauthenticated,
+        Self::PermissionDenied,
+        Self::HotplugFailed,
+        Self::DimmNotFound,
+        Self::Aborted,
+    ];
+
+    /// The outcome of `result`.
+    pub fn of<T>(result: &Result<T, BridgeError>) -> Self {
+        result
+            .as_ref()
+            .map_or_else(BridgeError::outcome, |_| Self::Ok)
+    }
+
+    /// The label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ok => "ok",
+            Self::InvalidRequest => "invalid_request",
+            Self::VmNotFound => "vm_not_found",
+            Self::Unavailable => "unavailable",
+            Self::DeadlineExceeded => "deadline_exceeded",
+            Self::QueueFull => "queue_full",
+            Self::Busy => "busy",
+            Self::Overloaded => "overloaded",
+            Self::AgentError => "agent_error",
+            Self::BadReply => "bad_reply",
+            Self::Unauthenticated => "unauthenticated",
+            Self::PermissionDenied => "permission_denied",
+            Self::HotplugFailed => "hotplug_failed",
+            Self::DimmNotFound => "dimm_not_found",
+            Self::Aborted => "aborted",
+        }
+    }
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

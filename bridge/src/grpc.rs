@@ -16,7 +16,7 @@ use crate::{
     audit::Caller,
     call::{BlockChanges, Call, Reply},
     hotplug::{
-        Done, Operation, Outcome,
+        Done, Effect, Operation,
         layout::{self, BlockState, Layout},
         ops::{PlugArgs, Step},
     },
@@ -330,8 +330,8 @@ impl Api {
 /// The DIMM of a plug or unplug.
 fn the_dimm(done: Done) -> Result<(pb::Dimm, Vec<pb::Step>, Vec<String>), Status> {
     match done.what {
-        Outcome::Dimm { dimm: d } => Ok((dimm(d), steps(done.steps), done.warnings)),
-        Outcome::Resized(_) => Err(Status::internal("a resize answered a plug or unplug")),
+        Effect::Dimm { dimm: d } => Ok((dimm(d), steps(done.steps), done.warnings)),
+        Effect::Resized(_) => Err(Status::internal("a resize answered a plug or unplug")),
     }
 }
 
@@ -402,7 +402,7 @@ impl MemoryHotplug for Api {
         let r = req.get_ref();
         let op = Operation::Resize { size: r.size };
         let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
-        let Outcome::Resized(resized) = done.what else {
+        let Effect::Resized(resized) = done.what else {
             return Err(Status::internal("a plug or unplug answered a resize"));
         };
         Ok(Response::new(pb::ResizeResponse {

@@ -29,7 +29,7 @@ use tower::Service;
 
 use crate::{
     audit::Caller,
-    call::{self, Call, ObjectOnly, Reply},
+    call::{self, Call, ObjectOnly, Reply, hotplug_method},
     error::{BridgeError, code},
     hotplug::{Operation, ops::PlugArgs},
     http_policy::HttpPolicy,
@@ -81,32 +81,25 @@ pub struct Decoded {
 }
 
 /// Params of the hotplug methods: every member any of them takes; each method checks
-/// that it got what it needs and nothing it does not.
+/// that it got what it needs and nothing it does not. As in [`Envelope`], a member given
+/// as `null` counts as given (and is refused), never as absent.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 struct HotplugParams {
     vm: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     timeout_ms: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     size: Option<u64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     node: Option<u32>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     online_type: Option<GuestMemoryOnlineType>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     dimm: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "given")]
     request_id: Option<String>,
 }
-
-/// The hotplug method names.
-pub const HOTPLUG_METHODS: [&str; 4] = [
-    "memory-layout",
-    "memory-plug",
-    "memory-unplug",
-    "memory-resize",
-];
 
 /// A decoded hotplug call: `None` as the operation is `memory-layout`.
 #[derive(Debug)]
@@ -146,13 +139,13 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
     };
     let needed = |name: &str| BridgeError::InvalidRequest(format!("{method} needs '{name}'"));
     let op = match method {
-        "memory-layout" => {
+        hotplug_method::LAYOUT => {
             unexpected(p.size.is_some(), "size")?;
             unexpected(p.dimm.is_some(), "dimm")?;
             unexpected(p.request_id.is_some(), "request-id")?;
             None
         }
-        "memory-plug" => {
+        hotplug_method::PLUG => {
             unexpected(p.dimm.is_some(), "dimm")?;
             Some(Operation::Plug(PlugArgs {
                 size: p.size.ok_or_else(|| needed("size"))?,
@@ -160,7 +153,7 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
                 online_type: p.online_type,
             }))
         }
-        "memory-unplug" => {
+        hotplug_method::UNPLUG => {
             unexpected(p.size.is_some(), "size")?;
             Some(Operation::Unplug {
                 dimm: p
@@ -169,7 +162,7 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
                     .ok_or_else(|| needed("dimm"))?,
             })
         }
-        "memory-resize" => {
+        hotplug_method::RESIZE => {
             unexpected(p.dimm.is_some(), "dimm")?;
             Some(Operation::Resize {
                 size: p.size.ok_or_else(|| needed("size"))?,
@@ -196,13 +189,14 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
     })
 }
 
-/// Runs hotplug method `name`.
+/// Runs hotplug method `name`, within its connection's in-flight limit.
 async fn run_hotplug(
     registry: &Registry,
     name: &str,
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Value, ErrorObjectOwned> {
+    let _slot = connection_slot(registry, extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
@@ -253,6 +247,24 @@ pub fn decode(method: &str, params: &str, max_set_entries: usize) -> Result<Deco
 #[derive(Debug, Clone)]
 pub struct ConnectionCalls(pub Arc<Semaphore>);
 
+/// A slot of the connection's in-flight limit, held while a call is served; over the
+/// limit the call is refused at once.
+fn connection_slot(
+    registry: &Registry,
+    extensions: &Extensions,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BridgeError> {
+    let Some(ConnectionCalls(calls)) = extensions.get::<ConnectionCalls>() else {
+        return Ok(None);
+    };
+    calls.clone().try_acquire_owned().map(Some).map_err(|_| {
+        registry.metrics().refused("jsonrpc", "connection_calls");
+        BridgeError::Overloaded(format!(
+            "{} calls in flight on this connection (limits.max_connection_calls)",
+            registry.config().limits.max_connection_calls
+        ))
+    })
+}
+
 /// Runs QGA command `name` as asked by `params`, within its connection's in-flight limit.
 async fn run(
     registry: &Registry,
@@ -260,20 +272,7 @@ async fn run(
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Reply, ErrorObjectOwned> {
-    let _slot = match extensions.get::<ConnectionCalls>() {
-        Some(ConnectionCalls(calls)) => match calls.clone().try_acquire_owned() {
-            Ok(slot) => Some(slot),
-            Err(_) => {
-                registry.metrics().refused("jsonrpc", "connection_calls");
-                return Err(BridgeError::Overloaded(format!(
-                    "{} calls in flight on this connection (limits.max_connection_calls)",
-                    registry.config().limits.max_connection_calls
-                ))
-                .into());
-            }
-        },
-        None => None,
-    };
+    let _slot = connection_slot(registry, extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
@@ -460,7 +459,7 @@ pub fn module(registry: Arc<Registry>) -> RpcModule<Arc<Registry>> {
         })
         .expect("method names are unique");
     }
-    for name in HOTPLUG_METHODS {
+    for name in hotplug_method::ALL {
         m.register_async_method(name, move |params, reg, extensions| async move {
             run_hotplug(&reg, name, &params, &extensions).await
         })
@@ -564,6 +563,28 @@ mod tests {
             .contains("request-id")
         );
         assert!(refused("memory-layout", r#"["v"]"#).contains("expected an object"));
+        // null is given, not absent, as for the QGA methods.
+        for (method, params) in [
+            ("memory-layout", r#"{"vm": "v", "timeout-ms": null}"#),
+            ("memory-plug", r#"{"vm": "v", "size": 1, "node": null}"#),
+            (
+                "memory-plug",
+                r#"{"vm": "v", "size": 1, "online-type": null}"#,
+            ),
+            ("memory-plug", r#"{"vm": "v", "size": null}"#),
+            ("memory-unplug", r#"{"vm": "v", "dimm": null}"#),
+            (
+                "memory-resize",
+                r#"{"vm": "v", "size": 1, "request-id": null}"#,
+            ),
+            ("memory-layout", r#"{"vm": "v", "dimm": null}"#),
+        ] {
+            assert!(
+                refused(method, params).starts_with("params"),
+                "{method} {params}: {}",
+                refused(method, params)
+            );
+        }
         assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
     }
 

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 
 use crate::{
     auth::Auth,
+    error::Outcome,
     http_policy::HttpPolicy,
     tls::{Alpn, Tls},
     transport::{self, Gate},
@@ -81,19 +82,6 @@ pub struct Metrics {
     owners: Mutex<HashMap<String, u64>>,
     next_claim: AtomicU64,
 }
-
-/// The outcomes a `calls` series can carry, to drop a VM's series.
-const OUTCOMES: [&str; 9] = [
-    "ok",
-    "invalid_request",
-    "vm_not_found",
-    "unavailable",
-    "deadline_exceeded",
-    "queue_full",
-    "busy",
-    "agent_error",
-    "bad_reply",
-];
 
 impl Metrics {
     /// A fresh registry with every family registered.
@@ -194,12 +182,12 @@ impl Metrics {
     }
 
     /// Records a finished call.
-    pub fn call(&self, vm: &str, method: &str, outcome: &str, elapsed: Duration) {
+    pub fn call(&self, vm: &str, method: &str, outcome: Outcome, elapsed: Duration) {
         self.calls
             .get_or_create(&CallLabels {
                 vm: vm.to_string(),
                 method: method.to_string(),
-                outcome: outcome.to_string(),
+                outcome: outcome.as_str().to_string(),
             })
             .inc();
         self.latency
@@ -268,12 +256,12 @@ impl Metrics {
         self.stale.remove(&l);
         self.coalesced.remove(&l);
         self.late.remove(&l);
-        for method in crate::call::NAMES {
-            for outcome in OUTCOMES {
+        for method in crate::call::all_methods() {
+            for outcome in Outcome::ALL {
                 self.calls.remove(&CallLabels {
                     vm: vm.to_string(),
                     method: method.to_string(),
-                    outcome: outcome.to_string(),
+                    outcome: outcome.as_str().to_string(),
                 });
             }
         }
@@ -387,7 +375,7 @@ mod tests {
         let m = Metrics::new();
         let old = m.claim_vm("web1");
         m.set_connected("web1", old, true);
-        m.call("web1", "guest-ping", "ok", Duration::from_millis(1));
+        m.call("web1", "guest-ping", Outcome::Ok, Duration::from_millis(1));
         let new = m.claim_vm("web1");
         m.set_connected("web1", new, true);
         // The old worker's last updates and its release change nothing.

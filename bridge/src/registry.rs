@@ -14,7 +14,7 @@ use tokio::{
 use crate::{
     audit::{Audit, Caller, Record},
     auth::Auth,
-    call::{Call, Reply},
+    call::{Call, Reply, hotplug_method},
     config::Config,
     discovery::{DiscoveredVm, Discovery, Scan, proxmox_patterns, scan},
     error::BridgeError,
@@ -67,7 +67,7 @@ impl<'a> AuditOnDrop<'a> {
     fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
         match outcome {
             Ok(reply) => self.write("ok", None, serde_json::to_value(reply).ok()),
-            Err(e) => self.write(e.outcome(), Some(e.to_string()), None),
+            Err(e) => self.write(e.outcome().as_str(), Some(e.to_string()), None),
         }
     }
 }
@@ -214,7 +214,7 @@ impl Registry {
                 method: Some(method),
                 arguments: arguments(),
                 error: Some(e.to_string()),
-                ..Audit::base("denied", caller, e.outcome())
+                ..Audit::base("denied", caller, e.outcome().as_str())
             });
         }
         authorized
@@ -227,7 +227,8 @@ impl Registry {
         vm: &str,
         deadline: Option<Instant>,
     ) -> Result<Layout, BridgeError> {
-        self.authorize(caller, vm, "memory-layout", false, || None)?;
+        self.authorize(caller, vm, hotplug_method::LAYOUT, false, || None)?;
+        let _slot = self.in_flight_slot()?;
         let session = self.get(vm)?;
         self.hotplug.layout(vm, session, deadline).await
     }
@@ -244,6 +245,7 @@ impl Registry {
         self.authorize(caller, vm, op.method(), true, || {
             serde_json::to_value(&op).ok()
         })?;
+        let _slot = self.in_flight_slot()?;
         let session = self.get(vm)?;
         self.hotplug
             .run(caller, vm, session, op, request_id, deadline)
@@ -256,15 +258,21 @@ impl Registry {
         call: Call,
         deadline: Option<Instant>,
     ) -> Result<Reply, BridgeError> {
-        let Ok(_slot) = self.in_flight.try_acquire() else {
-            self.metrics.refused("bridge", "in_flight");
-            return Err(BridgeError::Overloaded(format!(
-                "{} calls in flight bridge-wide (limits.max_in_flight)",
-                self.config.limits.max_in_flight
-            )));
-        };
+        let _slot = self.in_flight_slot()?;
         let session = self.get(vm)?;
         session.call(call, deadline).await
+    }
+
+    /// A slot of the bridge-wide in-flight limit (`limits.max_in_flight`), held while a
+    /// call or hotplug request is served: over the limit, refused at once, not queued.
+    fn in_flight_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BridgeError> {
+        self.in_flight.try_acquire().map_err(|_| {
+            self.metrics.refused("bridge", "in_flight");
+            BridgeError::Overloaded(format!(
+                "{} calls in flight bridge-wide (limits.max_in_flight)",
+                self.config.limits.max_in_flight
+            ))
+        })
     }
 
     /// Adds `name` (or moves it to a new socket).

@@ -92,6 +92,11 @@ struct Setup {
 
 /// VM `plain` has no QMP socket; VM `vm` has the scripted one.
 async fn setup(slow: Duration) -> Setup {
+    setup_with(slow, |_| {}).await
+}
+
+/// [`setup`] with the configuration changed by `tweak`.
+async fn setup_with(slow: Duration, tweak: impl FnOnce(&mut qga_bridge::Config)) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let agents = vec![
@@ -102,6 +107,7 @@ async fn setup(slow: Duration) -> Setup {
     let qmp = FakeQmp::start(&qmp_path, slow);
     let mut c = config(&[("plain", &a), ("vm", &b)]);
     c.qmp.insert("vm".into(), qmp_path);
+    tweak(&mut c);
     let bridge = start(c).await;
     Setup {
         _dir: dir,
@@ -223,4 +229,87 @@ async fn one_operation_per_vm_the_second_is_aborted() {
     )
     .await;
     assert_eq!(code(&third), -32007, "{third:?}");
+}
+
+#[tokio::test]
+async fn hotplug_calls_count_against_the_bridge_wide_in_flight_limit() {
+    let s = setup_with(Duration::from_millis(1500), |c| c.limits.max_in_flight = 1).await;
+    let c = clients(&s.bridge).await;
+    let http = c.http.clone();
+    // memory-layout waits on QEMU's slow query-memory-devices, holding the only slot.
+    let layout =
+        tokio::spawn(async move { rpc(&http, "memory-layout", json!({"vm": "vm"})).await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ping = rpc(&c.http, "guest-ping", json!({"vm": "plain"})).await;
+    assert_eq!(code(&ping), -32004, "a QGA call over the limit: {ping:?}");
+    let plug = rpc(
+        &c.http,
+        "memory-plug",
+        json!({"vm": "vm", "size": 536_870_912u64}),
+    )
+    .await;
+    assert_eq!(
+        code(&plug),
+        -32004,
+        "a hotplug call over the limit: {plug:?}"
+    );
+    assert!(format!("{plug:?}").contains("bridge-wide"), "{plug:?}");
+    assert!(layout.await.expect("joins").is_ok());
+    assert_eq!(
+        s.qmp.count("object-add"),
+        0,
+        "the refused plug never reached QEMU"
+    );
+    assert!(
+        rpc(&c.http, "guest-ping", json!({"vm": "plain"}))
+            .await
+            .is_ok()
+    );
+}
+
+#[tokio::test]
+async fn hotplug_calls_count_against_the_per_connection_limit() {
+    use jsonrpsee::{
+        core::client::ClientT, core::params::ObjectParams, ws_client::WsClientBuilder,
+    };
+    let s = setup_with(Duration::from_millis(1500), |c| {
+        c.limits.max_connection_calls = 1;
+    })
+    .await;
+    let url = format!("ws://{}", s.bridge.jsonrpc_addr.expect("TCP listener"));
+    let ws = Arc::new(WsClientBuilder::default().build(&url).await.expect("ws"));
+    let params = |vm: &str| {
+        let mut p = ObjectParams::new();
+        p.insert("vm", vm).expect("param");
+        p
+    };
+    let first = ws.clone();
+    let layout = tokio::spawn(async move {
+        first
+            .request::<Value, _>("memory-layout", params("vm"))
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for method in ["memory-layout", "guest-ping"] {
+        let vm = if method == "guest-ping" {
+            "plain"
+        } else {
+            "vm"
+        };
+        match ws.request::<Value, _>(method, params(vm)).await {
+            Err(jsonrpsee::core::ClientError::Call(e)) => {
+                assert_eq!(e.code(), -32004, "{method}: {e:?}");
+                assert!(e.message().contains("this connection"), "{e:?}");
+            }
+            other => panic!("{method} over the connection's limit: {other:?}"),
+        }
+    }
+    // Another connection is not held up.
+    let c = clients(&s.bridge).await;
+    assert!(
+        rpc(&c.http, "guest-ping", json!({"vm": "plain"}))
+            .await
+            .is_ok()
+    );
+    assert!(layout.await.expect("joins").is_ok());
 }

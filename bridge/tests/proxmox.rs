@@ -224,10 +224,46 @@ async fn proxmox_vms_are_discovered_shared_and_released_when_idle() {
         .expect("layout after the release");
     assert_eq!(pve.monitor.served(), 3);
 
-    // The VM stops: Proxmox removes its sockets, and the bridge forgets it.
+    // A refused plug is counted too (its size is no multiple of the block size).
+    let plug = rpc(&cl.http, "memory-plug", json!({"vm": "101", "size": 1})).await;
+    assert!(matches!(plug, Err((-32602, ..))), "{plug:?}");
+    let series = |text: &str| -> Vec<String> {
+        text.lines()
+            .filter(|l| !l.starts_with('#') && l.contains("vm=\"101\""))
+            .map(String::from)
+            .collect()
+    };
+    let before = series(&bridge.metrics().encode());
+    for method in [
+        "guest-ping",
+        "memory-plug",
+        "__org.qga-bridge_get-memory-zones",
+    ] {
+        assert!(
+            before
+                .iter()
+                .any(|l| l.contains(&format!("method=\"{method}\""))),
+            "a series of {method}: {before:#?}"
+        );
+    }
+
+    // The VM stops: Proxmox removes its sockets, and the bridge forgets it, with every
+    // metrics series of it.
     std::fs::remove_file(pve.path("101.qga")).expect("rm");
     std::fs::remove_file(pve.path("101.qmp")).expect("rm");
     until_listed(&cl.http, |n| n.is_empty()).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = series(&bridge.metrics().encode());
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "series of a removed VM: {left:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     drop(cl);
     bridge.shutdown().await;

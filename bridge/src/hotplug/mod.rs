@@ -32,8 +32,9 @@ use self::{
 };
 use crate::{
     audit::{Audit, Caller, Record},
+    call::hotplug_method,
     config::Config,
-    error::BridgeError,
+    error::{BridgeError, Outcome},
     metrics::Metrics,
     session::Session,
 };
@@ -60,9 +61,9 @@ impl Operation {
     /// The JSON-RPC method name, also used in the audit trail and metrics.
     pub fn method(&self) -> &'static str {
         match self {
-            Self::Plug(_) => "memory-plug",
-            Self::Unplug { .. } => "memory-unplug",
-            Self::Resize { .. } => "memory-resize",
+            Self::Plug(_) => hotplug_method::PLUG,
+            Self::Unplug { .. } => hotplug_method::UNPLUG,
+            Self::Resize { .. } => hotplug_method::RESIZE,
         }
     }
 }
@@ -73,17 +74,17 @@ impl Operation {
 pub struct Done {
     /// The operation's own result.
     #[serde(flatten)]
-    pub what: Outcome,
+    pub what: Effect,
     /// Every step, in order.
     pub steps: Vec<Step>,
     /// Things that hold but may surprise.
     pub warnings: Vec<String>,
 }
 
-/// The result of each kind of operation.
+/// What each kind of operation did.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
-pub enum Outcome {
+pub enum Effect {
     /// The DIMM plugged, or unplugged.
     Dimm {
         /// It.
@@ -381,12 +382,12 @@ impl Hotplug {
             let what = match &op {
                 Operation::Plug(args) => ops::plug(&mut ctx, args)
                     .await
-                    .map(|dimm| Outcome::Dimm { dimm }),
+                    .map(|dimm| Effect::Dimm { dimm }),
                 Operation::Unplug { dimm } => ops::unplug(&mut ctx, dimm)
                     .await
-                    .map(|dimm| Outcome::Dimm { dimm }),
+                    .map(|dimm| Effect::Dimm { dimm }),
                 Operation::Resize { size } => {
-                    ops::resize(&mut ctx, *size).await.map(Outcome::Resized)
+                    ops::resize(&mut ctx, *size).await.map(Effect::Resized)
                 }
             };
             let result = what.map(|what| Done {
@@ -394,8 +395,7 @@ impl Hotplug {
                 steps: std::mem::take(&mut ctx.steps),
                 warnings: std::mem::take(&mut ctx.warnings),
             });
-            let outcome = result.as_ref().map_or_else(BridgeError::outcome, |_| "ok");
-            metrics.call(&vm, op.method(), outcome, start.elapsed());
+            metrics.call(&vm, op.method(), Outcome::of(&result), start.elapsed());
             record(
                 &audit,
                 &caller,
@@ -501,7 +501,7 @@ fn record(
             a.insert("replayed".into(), true.into());
         }
     }
-    let outcome = result.as_ref().map_or_else(BridgeError::outcome, |_| "ok");
+    let outcome = Outcome::of(result).as_str();
     audit.record(&Record {
         vm: Some(vm),
         method: Some(op.method()),

@@ -58,7 +58,7 @@ use qga_wire::schema::GuestMemoryBlockResponse;
 use crate::{
     call::{Call, Reply},
     config::Config,
-    error::BridgeError,
+    error::{BridgeError, Outcome},
     metrics::Metrics,
 };
 
@@ -361,12 +361,8 @@ impl Session {
         } else {
             self.submit(call, deadline, limit).await
         };
-        let outcome = match &result {
-            Ok(_) => "ok",
-            Err(e) => e.outcome(),
-        };
         self.metrics
-            .call(&self.name, name, outcome, start.elapsed());
+            .call(&self.name, name, Outcome::of(&result), start.elapsed());
         result
     }
 

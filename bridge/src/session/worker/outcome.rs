@@ -65,7 +65,7 @@ pub(in crate::session) fn write_record(
         ),
         Ok(Reply::SetMemoryBlocks(results)) => ("ok", None, results.clone()),
         Ok(_) => ("ok", None, Vec::new()),
-        Err(e) => (e.outcome(), Some(e.to_string()), Vec::new()),
+        Err(e) => (e.outcome().as_str(), Some(e.to_string()), Vec::new()),
     };
     WriteRecord {
         at: SystemTime::now(),
@@ -146,13 +146,13 @@ impl<C: Connector> Worker<C> {
                 match self.decode(call, bytes).await {
                     Ok(Reply::SetMemoryBlocks(results)) => ("ok", None, results),
                     Ok(_) => ("ok", None, Vec::new()),
-                    Err(e) => (e.outcome(), Some(e.to_string()), Vec::new()),
+                    Err(e) => (e.outcome().as_str(), Some(e.to_string()), Vec::new()),
                 }
             }
             Err(Cut::Flooded(reason)) => {
                 let e = self.connect_failed(reason);
                 (
-                    e.outcome(),
+                    e.outcome().as_str(),
                     Some(format!("{e}: whether the guest applied it is unknown")),
                     Vec::new(),
                 )
