@@ -14,11 +14,12 @@ use tonic::{Request, Response, Status};
 
 use crate::{
     audit::Caller,
+    backend::Step,
     call::{BlockChanges, Call, Reply},
     hotplug::{
         Done, Effect, Operation,
         layout::{self, BlockState, Layout},
-        ops::{PlugArgs, Step},
+        plug::PlugArgs,
     },
     registry::Registry,
     session::AgentState,
@@ -262,14 +263,15 @@ fn layout_block(b: layout::LayoutBlock) -> pb::LayoutBlock {
 }
 
 fn dimm(d: layout::Dimm) -> pb::Dimm {
+    let device = d.device;
     pb::Dimm {
-        id: d.id,
-        addr: d.addr,
-        size: d.size,
-        node: d.node,
-        slot: d.slot,
-        memdev: d.memdev,
-        hotplugged: d.hotplugged,
+        id: device.id,
+        addr: device.addr,
+        size: device.size,
+        node: device.node,
+        slot: device.slot,
+        memdev: device.memdev,
+        hotplugged: device.hotplugged,
         blocks: d.blocks.into_iter().map(layout_block).collect(),
         removable: d.removable,
     }

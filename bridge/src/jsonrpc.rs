@@ -31,7 +31,7 @@ use crate::{
     audit::Caller,
     call::{self, Call, ObjectOnly, Reply, hotplug_method},
     error::{BridgeError, code},
-    hotplug::{Operation, ops::PlugArgs},
+    hotplug::{Operation, plug::PlugArgs},
     http_policy::HttpPolicy,
     registry::Registry,
     tls::{Alpn, Tls},

@@ -17,6 +17,7 @@
 
 pub mod audit;
 pub mod auth;
+pub mod backend;
 pub mod call;
 pub mod config;
 pub mod discovery;

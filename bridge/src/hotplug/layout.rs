@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 use qga_wire::schema::{GuestMemoryBlock, GuestMemoryZones};
 use serde::Serialize;
 
+use crate::backend::DimmDevice;
+
 /// What the guest does with one memory block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -48,55 +50,15 @@ impl LayoutBlock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Dimm {
-    /// QEMU's device id.
-    pub id: String,
-    /// Guest physical address.
-    pub addr: u64,
-    /// Bytes.
-    pub size: u64,
-    /// NUMA node.
-    pub node: u32,
-    /// Slot.
-    pub slot: u32,
-    /// The memory backend object's id.
-    pub memdev: String,
-    /// Plugged at run time (not given on QEMU's command line).
-    pub hotplugged: bool,
+    /// The DIMM as the hypervisor reports it.
+    #[serde(flatten)]
+    pub device: DimmDevice,
     /// Its blocks, lowest first.
     pub blocks: Vec<LayoutBlock>,
     /// Every online block is in ZONE_MOVABLE, so the DIMM can come out (`None`: zones
     /// unknown).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub removable: Option<bool>,
-}
-
-/// A DIMM as QEMU reports it, before the guest's view is added.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DimmDevice {
-    /// QEMU's device id (empty when QEMU has none).
-    pub id: String,
-    /// Guest physical address.
-    pub addr: u64,
-    /// Bytes.
-    pub size: u64,
-    /// NUMA node.
-    pub node: u32,
-    /// Slot.
-    pub slot: u32,
-    /// Backend id.
-    pub memdev: String,
-    /// Plugged at run time.
-    pub hotplugged: bool,
-    /// Can be unplugged (QEMU's `hotpluggable`).
-    pub hotpluggable: bool,
-}
-
-impl DimmDevice {
-    /// The block numbers the DIMM spans for `block_size`.
-    pub fn block_range(&self, block_size: u64) -> std::ops::Range<u64> {
-        let first = self.addr / block_size;
-        first..first + self.size / block_size
-    }
 }
 
 /// The whole picture.
@@ -199,13 +161,7 @@ fn dimm_with(device: &DimmDevice, block_size: u64, index: &BlockIndex) -> Dimm {
         .map(|b| b.movable())
         .try_fold(true, |all, m| m.map(|m| all && m));
     Dimm {
-        id: device.id.clone(),
-        addr: device.addr,
-        size: device.size,
-        node: device.node,
-        slot: device.slot,
-        memdev: device.memdev.clone(),
-        hotplugged: device.hotplugged,
+        device: device.clone(),
         blocks,
         removable,
     }
@@ -358,7 +314,7 @@ mod tests {
             ],
             &guest,
         );
-        assert_eq!(layout.dimms[0].id, "a", "sorted by address");
+        assert_eq!(layout.dimms[0].device.id, "a", "sorted by address");
         assert_eq!(layout.dimms[0].removable, Some(true));
         assert_eq!(layout.dimms[0].blocks[0].can_offline, Some(true));
         assert_eq!(

@@ -1,20 +1,21 @@
-//! Memory hotplug: DIMMs plugged and unplugged over a VM's QMP socket or, for a libvirt
-//! domain, through libvirt, their blocks onlined and offlined through its agent, as one operation that completes or leaves the
-//! VM as it was.
+//! Memory hotplug: DIMMs plugged and unplugged through a VM's [`MemoryBackend`] (QMP or
+//! libvirt), their blocks onlined and offlined through its agent, as one operation that
+//! completes or leaves the VM as it was.
 //!
-//! - [`layout`]: QEMU's DIMMs joined with the guest's blocks and zones.
-//! - [`ops`]: plug, unplug and resize, step by step, with their undo paths.
-//! - [`qemu`]: the QMP commands they use.
+//! - [`layout`]: the hypervisor's DIMMs joined with the guest's blocks and zones.
+//! - [`ctx`]: what an operation works with: its agent and backend calls.
+//! - [`plug`], [`unplug`], [`resize`]: the operations, step by step, with their undo paths.
 //!
 //! One operation runs per VM at a time; a second one is refused as ABORTED rather than
 //! queued, since a control plane that sent it has a stale view of the VM. An operation runs
 //! in a task of its own: a caller that leaves does not cut it half-way, and its outcome is
 //! audited and, with a `request-id`, remembered for the caller's retry.
 
+pub mod ctx;
 pub mod layout;
-pub mod libvirt;
-pub mod ops;
-pub mod qemu;
+pub mod plug;
+pub mod resize;
+pub mod unplug;
 
 use std::{
     collections::{BTreeMap, VecDeque},
@@ -22,16 +23,19 @@ use std::{
     time::Duration,
 };
 
-use qga_qmp::{Qmp, QmpLimits};
+use qga_qmp::QmpLimits;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use self::{
+    ctx::Ctx,
     layout::{Dimm, Layout},
-    ops::{Ctx, PlugArgs, Resized, Step},
+    plug::PlugArgs,
+    resize::Resized,
 };
 use crate::{
     audit::{Audit, Caller, Record},
+    backend::{MemoryBackend, Step, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
     call::hotplug_method,
     config::Config,
     error::{BridgeError, Outcome},
@@ -87,7 +91,7 @@ pub struct Done {
 pub enum Effect {
     /// The DIMM plugged, or unplugged.
     Dimm {
-        /// It.
+        /// The DIMM as it was plugged, or as it was before it was unplugged.
         dimm: Dimm,
     },
     /// What a resize did.
@@ -125,22 +129,37 @@ struct State {
     done: VecDeque<Remembered>,
 }
 
-/// How hotplug reaches a VM's hypervisor.
-#[derive(Debug, Clone)]
-pub enum Vmm {
-    /// QEMU's QMP socket.
-    Qmp(Qmp),
-    /// libvirt, which runs the domain and holds its QMP socket.
-    Libvirt(libvirt::LibvirtVm),
+/// Where a VM's memory backend comes from, to tell whether a rediscovered VM keeps it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Source {
+    /// A QMP socket, shared (released when idle) or not.
+    Qmp {
+        socket: std::path::PathBuf,
+        shared: bool,
+    },
+    /// A libvirt domain run.
+    Libvirt(qga_libvirt::Dom),
 }
 
 /// One VM's hotplug state.
 #[derive(Debug)]
 struct Vm {
-    vmm: Vmm,
+    source: Source,
+    backend: Arc<dyn MemoryBackend>,
     /// Held by the running operation.
     busy: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
+}
+
+impl Vm {
+    fn new(source: Source, backend: Arc<dyn MemoryBackend>) -> Self {
+        Self {
+            source,
+            backend,
+            busy: Arc::new(tokio::sync::Mutex::new(())),
+            state: Mutex::new(State::default()),
+        }
+    }
 }
 
 /// Memory hotplug for every VM with a QMP socket.
@@ -161,21 +180,32 @@ fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
     m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// A VM's hotplug state with a QMP client of `socket` (connected on first use); a shared
+/// The per-command time limits of `config`'s backends.
+fn timeouts(config: &Config) -> Timeouts {
+    Timeouts {
+        command: Duration::from_millis(config.hotplug.qmp_timeout_ms),
+        eject: Duration::from_millis(config.hotplug.eject_timeout_ms),
+    }
+}
+
+/// A VM's hotplug state with a QMP backend on `socket` (connected on first use); a shared
 /// socket is released `timeouts.shared_idle_ms` after the last command, and held while
 /// an operation waits for an event.
-fn new_vm(config: &Config, socket: &std::path::Path, shared: bool) -> Vm {
+fn qmp_vm(config: &Config, socket: &std::path::Path, shared: bool) -> Vm {
     let limits = QmpLimits {
         max_message: config.hotplug.max_qmp_bytes,
         connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
         idle_close: shared.then(|| Duration::from_millis(config.timeouts.shared_idle_ms)),
         ..QmpLimits::default()
     };
-    Vm {
-        vmm: Vmm::Qmp(Qmp::new(socket.to_path_buf(), limits)),
-        busy: Arc::new(tokio::sync::Mutex::new(())),
-        state: Mutex::new(State::default()),
-    }
+    let source = Source::Qmp {
+        socket: socket.to_path_buf(),
+        shared,
+    };
+    Vm::new(
+        source,
+        Arc::new(QmpBackend::new(socket, limits, timeouts(config))),
+    )
 }
 
 /// Whether a failed operation's outcome is final, so that a retry with its request id
@@ -196,7 +226,7 @@ impl Hotplug {
             .iter()
             .map(|(name, socket)| {
                 let shared = config.shared.contains(name);
-                (name.clone(), Arc::new(new_vm(&config, socket, shared)))
+                (name.clone(), Arc::new(qmp_vm(&config, socket, shared)))
             })
             .collect();
         Self {
@@ -207,38 +237,27 @@ impl Hotplug {
         }
     }
 
-    /// The QMP socket of `vm`, if it has one.
-    pub fn socket(&self, vm: &str) -> Option<std::path::PathBuf> {
-        read(&self.vms).get(vm).and_then(|v| match &v.vmm {
-            Vmm::Qmp(q) => Some(q.socket().to_path_buf()),
-            Vmm::Libvirt(_) => None,
-        })
-    }
-
     /// Gives discovered VM `vm` QMP socket `socket` (`shared`: released when idle), or
     /// takes its QMP socket away (`None`). An operation running on it finishes on the
     /// old client; the same socket again keeps the client and its request-ids.
     pub fn set_qmp(&self, vm: &str, socket: Option<&std::path::Path>, shared: bool) {
         let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
-        match socket {
-            Some(socket) => {
-                let same = vms.get(vm).is_some_and(|v| {
-                    matches!(&v.vmm, Vmm::Qmp(q)
-                        if q.socket() == socket && q.limits().idle_close.is_some() == shared)
-                });
-                if !same {
-                    tracing::info!(vm, qmp = %socket.display(), "QMP socket added");
-                    vms.insert(
-                        vm.to_string(),
-                        Arc::new(new_vm(&self.config, socket, shared)),
-                    );
-                }
+        let Some(socket) = socket else {
+            if vms.remove(vm).is_some() {
+                tracing::info!(vm, "QMP socket removed");
             }
-            None => {
-                if vms.remove(vm).is_some() {
-                    tracing::info!(vm, "QMP socket removed");
-                }
-            }
+            return;
+        };
+        let source = Source::Qmp {
+            socket: socket.to_path_buf(),
+            shared,
+        };
+        if vms.get(vm).is_none_or(|v| v.source != source) {
+            tracing::info!(vm, qmp = %socket.display(), "QMP socket added");
+            vms.insert(
+                vm.to_string(),
+                Arc::new(qmp_vm(&self.config, socket, shared)),
+            );
         }
     }
 
@@ -251,28 +270,14 @@ impl Hotplug {
         libvirt: Option<(Arc<qga_libvirt::Libvirt>, qga_libvirt::Dom)>,
     ) {
         let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
-        match libvirt {
-            Some((connection, dom)) => {
-                let same = vms
-                    .get(vm)
-                    .is_some_and(|v| matches!(&v.vmm, Vmm::Libvirt(l) if l.dom == dom));
-                if !same {
-                    vms.insert(
-                        vm.to_string(),
-                        Arc::new(Vm {
-                            vmm: Vmm::Libvirt(libvirt::LibvirtVm {
-                                libvirt: connection,
-                                dom,
-                            }),
-                            busy: Arc::new(tokio::sync::Mutex::new(())),
-                            state: Mutex::new(State::default()),
-                        }),
-                    );
-                }
-            }
-            None => {
-                vms.remove(vm);
-            }
+        let Some((connection, dom)) = libvirt else {
+            vms.remove(vm);
+            return;
+        };
+        let source = Source::Libvirt(dom.clone());
+        if vms.get(vm).is_none_or(|v| v.source != source) {
+            let backend = LibvirtBackend::new(connection, dom, timeouts(&self.config));
+            vms.insert(vm.to_string(), Arc::new(Vm::new(source, Arc::new(backend))));
         }
     }
 
@@ -290,12 +295,18 @@ impl Hotplug {
             })
     }
 
-    fn ctx(&self, vm: &str, vmm: Vmm, session: Arc<Session>, deadline: Option<Instant>) -> Ctx {
+    fn ctx(
+        &self,
+        vm: &str,
+        backend: Arc<dyn MemoryBackend>,
+        session: Arc<Session>,
+        deadline: Option<Instant>,
+    ) -> Ctx {
         let own = Instant::now() + Duration::from_millis(self.config.hotplug.timeout_ms);
         Ctx {
             vm: vm.to_string(),
             session,
-            vmm,
+            backend,
             settings: self.config.hotplug.clone(),
             max_set_entries: self.config.limits.max_set_entries,
             deadline: deadline.map_or(own, |d| d.min(own)),
@@ -312,11 +323,11 @@ impl Hotplug {
         deadline: Option<Instant>,
     ) -> Result<Layout, BridgeError> {
         let v = self.vm(vm)?;
-        let ctx = self.ctx(vm, v.vmm.clone(), session, deadline);
+        let ctx = self.ctx(vm, v.backend.clone(), session, deadline);
         let block_size = ctx.block_size().await?;
         let caps = ctx.capabilities().await?;
-        let (boot, _) = qemu::memory_summary(&ctx).await?;
-        let devices = qemu::dimms(&ctx).await?;
+        let boot = ctx.memory().await?.boot;
+        let devices = ctx.dimms().await?;
         let guest = ctx.guest(caps).await?;
         Ok(layout::build(block_size, boot, &devices, &guest))
     }
@@ -369,7 +380,7 @@ impl Hotplug {
                 return result;
             }
         };
-        let mut ctx = self.ctx(vm, v.vmm.clone(), session, deadline);
+        let mut ctx = self.ctx(vm, v.backend.clone(), session, deadline);
         let audit = self.audit.clone();
         let metrics = self.metrics.clone();
         let caller = caller.clone();
@@ -380,14 +391,14 @@ impl Hotplug {
         // leave a DIMM half plugged.
         let task = tokio::spawn(async move {
             let what = match &op {
-                Operation::Plug(args) => ops::plug(&mut ctx, args)
+                Operation::Plug(args) => plug::plug(&mut ctx, args)
                     .await
                     .map(|dimm| Effect::Dimm { dimm }),
-                Operation::Unplug { dimm } => ops::unplug(&mut ctx, dimm)
+                Operation::Unplug { dimm } => unplug::unplug(&mut ctx, dimm)
                     .await
                     .map(|dimm| Effect::Dimm { dimm }),
                 Operation::Resize { size } => {
-                    ops::resize(&mut ctx, *size).await.map(Effect::Resized)
+                    resize::resize(&mut ctx, *size).await.map(Effect::Resized)
                 }
             };
             let result = what.map(|what| Done {

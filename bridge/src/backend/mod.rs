@@ -1,0 +1,235 @@
+//! The hypervisor side of memory hotplug: a [`MemoryBackend`] lists a VM's DIMMs and
+//! limits, adds and removes DIMMs and deletes their memory backends, and tells how an
+//! eject ends. Implementations: [`qmp`] (QEMU's monitor) and [`libvirt`] (a domain libvirt
+//! runs). They know nothing of operations: the hotplug layer sequences their calls with
+//! the agent's, records steps and undoes what failed.
+//!
+//! Each call gets the operation's deadline and bounds its own command by the backend's
+//! command timeout within it.
+
+pub mod libvirt;
+pub mod qmp;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use tokio::time::Instant;
+
+/// A DIMM as the hypervisor reports it: the one DIMM shape of the bridge, embedded in
+/// the layout's [`crate::hotplug::layout::Dimm`] with the guest's view of its blocks.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DimmDevice {
+    /// QEMU's device id, libvirt's alias (empty when QEMU has none).
+    pub id: String,
+    /// Guest physical address of its first byte.
+    pub addr: u64,
+    /// Bytes.
+    pub size: u64,
+    /// NUMA node.
+    pub node: u32,
+    /// Slot.
+    pub slot: u32,
+    /// The id of the memory backend object that holds its RAM.
+    pub memdev: String,
+    /// Plugged at run time rather than given on QEMU's command line.
+    pub hotplugged: bool,
+    /// QEMU's `hotpluggable`: whether it may be unplugged at all.
+    #[serde(skip)]
+    pub hotpluggable: bool,
+}
+
+impl DimmDevice {
+    /// The block numbers the DIMM spans for `block_size`.
+    pub fn block_range(&self, block_size: u64) -> std::ops::Range<u64> {
+        let first = self.addr / block_size;
+        first..first + self.size / block_size
+    }
+}
+
+/// Memory the VM booted with and memory in DIMMs, bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemorySize {
+    /// Boot memory.
+    pub boot: u64,
+    /// In DIMMs.
+    pub plugged: u64,
+}
+
+/// How much memory a VM may be given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// DIMM slots in all.
+    pub slots: u64,
+    /// The most memory the VM may have, bytes, when known.
+    pub max: Option<u64>,
+    /// Boot memory, bytes, when known (for the maximum's arithmetic).
+    pub boot: Option<u64>,
+}
+
+/// What deleting a memory backend did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Deleted {
+    /// The backend was deleted.
+    Yes,
+    /// There was no such backend.
+    Absent,
+    /// The hypervisor manages backends itself (libvirt deletes a DIMM's with it).
+    NotOurs,
+}
+
+/// One step an operation took, as its reply lists them.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Step {
+    /// What it was (`object-add`, `device_add`, `wait-blocks`, `online`, ...).
+    pub name: &'static str,
+    /// How long it took.
+    pub duration_ms: f64,
+    /// What it did, for a person reading the reply.
+    pub detail: String,
+}
+
+impl Step {
+    /// A step named `name` that started at `start` and ends now.
+    pub fn since(name: &'static str, start: Instant, detail: String) -> Self {
+        Self {
+            name,
+            duration_ms: start.elapsed().as_secs_f64() * 1000.0,
+            detail,
+        }
+    }
+}
+
+/// Why a backend call failed, before the hotplug layer names the VM.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BackendError {
+    /// The hypervisor cannot be reached (socket gone, libvirtd away, domain not running).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The hypervisor is busy with another job on the VM.
+    #[error("{0}")]
+    Busy(String),
+    /// No answer to `command` in time.
+    #[error("{command} timed out")]
+    Timeout {
+        /// The command.
+        command: String,
+    },
+    /// The hypervisor refused `step`: nothing was done by it.
+    #[error("{step}: {reason}")]
+    Refused {
+        /// The step (`object-add`, `attach-device`, `check`, ...).
+        step: String,
+        /// The hypervisor's reason.
+        reason: String,
+    },
+    /// The hypervisor's answer could not be understood.
+    #[error("{0}")]
+    BadReply(String),
+}
+
+/// Why a DIMM was not added.
+#[derive(Debug)]
+pub enum NotAdded {
+    /// Refused: nothing was made.
+    Refused(BackendError),
+    /// Failed or unanswered: the DIMM and its memory backend, under these ids, may exist.
+    Unknown {
+        /// What went wrong.
+        error: BackendError,
+        /// The DIMM's id.
+        dimm: String,
+        /// Its memory backend's id (empty where the hypervisor manages backends).
+        memdev: String,
+    },
+}
+
+/// A DIMM just added: its device id and its memory backend's id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Added {
+    /// The DIMM's id.
+    pub dimm: String,
+    /// Its memory backend's id.
+    pub memdev: String,
+}
+
+/// What an event says about a DIMM being ejected.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ejection {
+    /// It is gone.
+    Deleted,
+    /// The guest refused, and why.
+    Refused(String),
+    /// Nothing about it.
+    Other,
+}
+
+/// The events that tell how one DIMM's eject ends. Made before the removal is asked for,
+/// so that no event is missed.
+#[async_trait]
+pub trait EjectWatch: Send {
+    /// The next event's word on the DIMM; `None` once no more can come.
+    async fn next(&mut self) -> Option<Ejection>;
+}
+
+/// Per-command time limits of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// One command (`hotplug.qmp_timeout_ms`).
+    pub command: Duration,
+    /// Asking for an eject (`hotplug.eject_timeout_ms`); libvirt's detach may wait that
+    /// long for the guest.
+    pub eject: Duration,
+}
+
+impl Timeouts {
+    /// The deadline of one command started now, never past `until`.
+    pub fn command_until(&self, until: Instant) -> Instant {
+        (Instant::now() + self.command).min(until)
+    }
+}
+
+/// A VM's hypervisor, as memory hotplug uses it. See the module docs.
+#[async_trait]
+pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
+    /// The VM's DIMMs (pc-dimm; NVDIMMs and other memory devices are not ours to move).
+    async fn dimms(&self, until: Instant) -> Result<Vec<DimmDevice>, BackendError>;
+
+    /// Boot memory and memory in DIMMs.
+    async fn memory(&self, until: Instant) -> Result<MemorySize, BackendError>;
+
+    /// Slots and maximum memory; `None` where the hypervisor does not tell them (QEMU
+    /// before 7.1, which refuses a DIMM too many at `device_add` instead).
+    async fn limits(&self, until: Instant) -> Result<Option<Limits>, BackendError>;
+
+    /// Memory backends this bridge made that no DIMM in `dimms` uses: left by a DIMM the
+    /// guest ejected after its unplug had given up.
+    async fn unused_backends(
+        &self,
+        dimms: &[DimmDevice],
+        until: Instant,
+    ) -> Result<Vec<String>, BackendError>;
+
+    /// Deletes memory backend `memdev`; right after an eject it can still be in use for
+    /// a moment, so a refusal is tried again for a short while.
+    async fn delete_backend(&self, memdev: &str, until: Instant) -> Result<Deleted, BackendError>;
+
+    /// Adds a DIMM of `size` bytes on NUMA node `node` (`dimms`: the VM's DIMMs now),
+    /// recording each step it takes in `steps`.
+    async fn add_dimm(
+        &self,
+        dimms: &[DimmDevice],
+        size: u64,
+        node: Option<u32>,
+        until: Instant,
+        steps: &mut Vec<Step>,
+    ) -> Result<Added, NotAdded>;
+
+    /// Asks the guest to eject DIMM `id`; how it ends comes through [`Self::watch`].
+    async fn remove_dimm(&self, id: &str, until: Instant) -> Result<(), BackendError>;
+
+    /// Starts listening for how DIMM `id`'s eject ends.
+    fn watch(&self, id: &str) -> Box<dyn EjectWatch>;
+}

@@ -1,0 +1,119 @@
+//! Resize: unplug DIMMs newest first while the VM has more memory than asked, then plug
+//! DIMMs of `hotplug.dimm_size` until it has what was asked.
+
+use serde::Serialize;
+
+use super::{
+    ctx::{Ctx, with_note},
+    layout::Dimm,
+    plug::{PlugArgs, plug},
+    unplug::unplug,
+};
+use crate::{backend::MemorySize, error::BridgeError};
+
+/// What `resize` did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Resized {
+    /// Memory before, bytes.
+    pub from_bytes: u64,
+    /// Memory after, bytes.
+    pub to_bytes: u64,
+    /// DIMMs plugged, in order.
+    pub plugged: Vec<Dimm>,
+    /// DIMMs unplugged, in order.
+    pub unplugged: Vec<Dimm>,
+}
+
+/// Unplugs DIMMs newest (highest address) first while the VM has more than `target`
+/// bytes, then plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until it has
+/// `target`.
+pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> {
+    let block_size = ctx.block_size().await?;
+    let MemorySize { boot, plugged } = ctx.memory().await?;
+    let from = boot + plugged;
+    if target < boot {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} is below the boot memory ({boot} bytes), which cannot be unplugged"
+        )));
+    }
+    if !(target - boot).is_multiple_of(block_size) {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} minus the boot memory ({boot} bytes) is not a multiple of the \
+             guest's block size ({block_size} bytes)"
+        )));
+    }
+    let dimm_size = ctx.settings.dimm_size;
+    if !dimm_size.is_multiple_of(block_size) {
+        return Err(ctx.hotplug_error(
+            "check",
+            format!(
+                "hotplug.dimm_size ({dimm_size}) is not a multiple of the guest's block size \
+                 ({block_size})"
+            ),
+        ));
+    }
+    let mut done = Resized {
+        from_bytes: from,
+        to_bytes: from,
+        plugged: Vec::new(),
+        unplugged: Vec::new(),
+    };
+    let progress = |done: &Resized| {
+        format!(
+            "; the VM has {} bytes now ({} DIMMs plugged, {} unplugged by this resize)",
+            done.to_bytes,
+            done.plugged.len(),
+            done.unplugged.len()
+        )
+    };
+    let mut devices = ctx.dimms().await?;
+    devices.retain(|d| !d.id.is_empty() && d.hotpluggable);
+    devices.sort_by_key(|d| std::cmp::Reverse(d.addr));
+    let removable: u64 = devices.iter().map(|d| d.size).sum();
+    if from.saturating_sub(removable) > target {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} is below what the VM keeps without its hot-unpluggable DIMMs \
+             ({} bytes: boot memory and memory devices the bridge cannot unplug)",
+            from.saturating_sub(removable)
+        )));
+    }
+    for device in devices {
+        if done.to_bytes <= target {
+            break;
+        }
+        match unplug(ctx, &device.id).await {
+            Ok(dimm) => {
+                done.to_bytes -= dimm.device.size;
+                done.unplugged.push(dimm);
+            }
+            Err(e) => return Err(with_note(e, &progress(&done))),
+        }
+    }
+    while done.to_bytes < target {
+        let size = dimm_size.min(target - done.to_bytes);
+        let args = PlugArgs {
+            size,
+            node: None,
+            online_type: None,
+        };
+        match plug(ctx, &args).await {
+            Ok(dimm) => {
+                done.to_bytes += dimm.device.size;
+                done.plugged.push(dimm);
+            }
+            Err(e) => return Err(with_note(e, &progress(&done))),
+        }
+    }
+    if done.to_bytes != target {
+        return Err(ctx.hotplug_error(
+            "resize",
+            format!(
+                "the VM has {} bytes, not {target}{}",
+                done.to_bytes,
+                progress(&done)
+            ),
+        ));
+    }
+    Ok(done)
+}
