@@ -14,19 +14,15 @@ use tokio::{
     time::Instant,
 };
 
-use crate::{registry::Registry, session::libvirt_socket};
+use crate::vms::Vms;
 
 /// How long listing the running domains may take.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_START: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// Serves `libvirt`'s running domains in `registry` until `shutdown`.
-pub async fn follow(
-    registry: Arc<Registry>,
-    libvirt: Arc<Libvirt>,
-    mut shutdown: watch::Receiver<bool>,
-) {
+/// Serves `libvirt`'s running domains in `vms` until `shutdown`.
+pub async fn follow(vms: Arc<Vms>, libvirt: Arc<Libvirt>, mut shutdown: watch::Receiver<bool>) {
     let mut events = libvirt.subscribe();
     let mut backoff = RETRY_START;
     // When to list again: after a failed listing, until one works.
@@ -44,7 +40,7 @@ pub async fn follow(
         };
         match event {
             Ok(Event::Connected) | Err(RecvError::Lagged(_)) => {
-                if reconcile(&registry, &libvirt).await {
+                if reconcile(&vms, &libvirt).await {
                     retry = None;
                     backoff = RETRY_START;
                 } else {
@@ -54,10 +50,10 @@ pub async fn follow(
             }
             Ok(Event::Disconnected { .. }) => retry = None,
             Ok(Event::Started { domain, id }) => {
-                registry.add_libvirt(&Dom { name: domain, id }, &libvirt);
+                vms.add_libvirt(&Dom { name: domain, id }, &libvirt);
             }
             Ok(Event::Stopped { domain }) => {
-                registry.remove_libvirt(&domain, &libvirt);
+                vms.remove_libvirt(&domain, &libvirt);
                 libvirt.forget(&domain);
             }
             Ok(_) => {}
@@ -68,7 +64,7 @@ pub async fn follow(
 
 /// Makes the served domains libvirt's running ones; false when libvirt could not be asked
 /// (nothing changed then).
-async fn reconcile(registry: &Registry, libvirt: &Arc<Libvirt>) -> bool {
+async fn reconcile(vms: &Vms, libvirt: &Arc<Libvirt>) -> bool {
     let running = match libvirt.running_domains(Instant::now() + LIST_TIMEOUT).await {
         Ok(doms) => doms,
         Err(e) => {
@@ -76,14 +72,14 @@ async fn reconcile(registry: &Registry, libvirt: &Arc<Libvirt>) -> bool {
             return false;
         }
     };
-    let current: BTreeSet<_> = running.iter().map(|d| libvirt_socket(libvirt, d)).collect();
-    for (name, socket) in registry.libvirt_domains(libvirt) {
-        if !current.contains(&socket) {
-            registry.remove_libvirt(&name, libvirt);
+    let current: BTreeSet<&Dom> = running.iter().collect();
+    for served in vms.libvirt_domains(libvirt) {
+        if !current.contains(&served) {
+            vms.remove_libvirt(&served.name, libvirt);
         }
     }
     for dom in &running {
-        registry.add_libvirt(dom, libvirt);
+        vms.add_libvirt(dom, libvirt);
     }
     true
 }

@@ -21,21 +21,21 @@ use crate::{
         layout::{self, BlockState, Layout},
         plug::PlugArgs,
     },
-    registry::Registry,
+    service::Service,
     session::AgentState,
     transport::Peer,
 };
 
-/// Implements all three services over one registry.
+/// Implements all four gRPC services over the bridge's [`Service`].
 #[derive(Debug, Clone)]
 pub struct Api {
-    registry: Arc<Registry>,
+    service: Arc<Service>,
 }
 
 impl Api {
-    /// The services over `registry`.
-    pub fn new(registry: Arc<Registry>) -> Self {
-        Self { registry }
+    /// The gRPC services over `service`.
+    pub fn new(service: Arc<Service>) -> Self {
+        Self { service }
     }
 
     /// Who sent `req`: its connection's peer and the identity its credentials (bearer
@@ -49,14 +49,14 @@ impl Api {
             identity: None,
         };
         let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
-        match self.registry.auth().authenticate(&peer, authorization) {
+        match self.service.auth().authenticate(&peer, authorization) {
             Ok(identity) => {
                 caller.identity = Some(identity);
                 Ok(caller)
             }
             Err(e) => {
                 // The reason goes to the audit trail; the caller learns nothing more.
-                self.registry.audit().denied(&caller, &e.to_string());
+                self.service.audit().denied(&caller, &e.to_string());
                 Err(Status::unauthenticated("unauthenticated"))
             }
         }
@@ -70,7 +70,7 @@ impl Api {
         call: Call,
     ) -> Result<Response<R>, Status> {
         let caller = self.caller(req)?;
-        let reply = self.registry.call(&caller, vm, call, deadline(req)).await?;
+        let reply = self.service.call(&caller, vm, call, deadline(req)).await?;
         R::from_reply(reply)
             .map(Response::new)
             .ok_or_else(|| Status::internal("the agent's reply belongs to another call"))
@@ -217,7 +217,7 @@ impl GuestMemory for Api {
         // Who asks comes before what is asked: an unauthenticated caller learns nothing.
         self.caller(&req)?;
         let r = req.get_ref();
-        let max = self.registry.config().limits.max_set_entries;
+        let max = self.service.config().limits.max_set_entries;
         let changes = BlockChanges::new(r.blocks.iter().map(|b| (b.phys_index, b.online)), max)?;
         self.run(&req, &r.vm, Call::SetMemoryBlocks(changes)).await
     }
@@ -323,7 +323,7 @@ impl Api {
         let caller = self.caller(req)?;
         let id = request_id(id)?;
         Ok(self
-            .registry
+            .service
             .memory_hotplug(&caller, vm, op, id, deadline(req))
             .await?)
     }
@@ -345,7 +345,7 @@ impl MemoryHotplug for Api {
     ) -> Result<Response<pb::MemoryLayout>, Status> {
         let caller = self.caller(&req)?;
         let layout = self
-            .registry
+            .service
             .memory_layout(&caller, &req.get_ref().vm, deadline(&req))
             .await?;
         Ok(Response::new(memory_layout(layout)))
@@ -437,7 +437,7 @@ impl Vms for Api {
     ) -> Result<Response<pb::ListVmsResponse>, Status> {
         let caller = self.caller(&req)?;
         let vms = self
-            .registry
+            .service
             .visible(&caller)
             .into_iter()
             .map(|s| pb::Vm {

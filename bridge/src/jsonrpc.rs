@@ -25,7 +25,7 @@ use tokio::{
     sync::{Semaphore, watch},
     time::Instant,
 };
-use tower::Service;
+use tower::Service as _;
 
 use crate::{
     audit::Caller,
@@ -33,7 +33,7 @@ use crate::{
     error::{BridgeError, code},
     hotplug::{Operation, plug::PlugArgs},
     http_policy::HttpPolicy,
-    registry::Registry,
+    service::Service,
     tls::{Alpn, Tls},
     transport::{self, BodyBudget, Gate},
 };
@@ -191,12 +191,12 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
 
 /// Runs hotplug method `name`, within its connection's in-flight limit.
 async fn run_hotplug(
-    registry: &Registry,
+    service: &Service,
     name: &str,
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Value, ErrorObjectOwned> {
-    let _slot = connection_slot(registry, extensions)?;
+    let _slot = connection_slot(service, extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
@@ -210,12 +210,12 @@ async fn run_hotplug(
     });
     let value = match decoded.op {
         None => serde_json::to_value(
-            registry
+            service
                 .memory_layout(&caller, &decoded.vm, deadline)
                 .await?,
         ),
         Some(op) => serde_json::to_value(
-            registry
+            service
                 .memory_hotplug(&caller, &decoded.vm, op, decoded.request_id, deadline)
                 .await?,
         ),
@@ -250,41 +250,41 @@ pub struct ConnectionCalls(pub Arc<Semaphore>);
 /// A slot of the connection's in-flight limit, held while a call is served; over the
 /// limit the call is refused at once.
 fn connection_slot(
-    registry: &Registry,
+    service: &Service,
     extensions: &Extensions,
 ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BridgeError> {
     let Some(ConnectionCalls(calls)) = extensions.get::<ConnectionCalls>() else {
         return Ok(None);
     };
     calls.clone().try_acquire_owned().map(Some).map_err(|_| {
-        registry.metrics().refused("jsonrpc", "connection_calls");
+        service.metrics().refused("jsonrpc", "connection_calls");
         BridgeError::Overloaded(format!(
             "{} calls in flight on this connection (limits.max_connection_calls)",
-            registry.config().limits.max_connection_calls
+            service.config().limits.max_connection_calls
         ))
     })
 }
 
 /// Runs QGA command `name` as asked by `params`, within its connection's in-flight limit.
 async fn run(
-    registry: &Registry,
+    service: &Service,
     name: &str,
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Reply, ErrorObjectOwned> {
-    let _slot = connection_slot(registry, extensions)?;
+    let _slot = connection_slot(service, extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
     };
-    let decoded = decode(name, raw, registry.config().limits.max_set_entries)?;
+    let decoded = decode(name, raw, service.config().limits.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
     let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
         transport: "jsonrpc",
         peer: None,
         identity: None,
     });
-    Ok(registry
+    Ok(service
         .call(&caller, &decoded.vm, decoded.call, deadline)
         .await?)
 }
@@ -296,11 +296,11 @@ async fn run(
 /// pings; large request bodies wait for the bridge-wide body budget before they are read.
 pub async fn serve(
     gate: Gate,
-    registry: Arc<Registry>,
+    service: Arc<Service>,
     tls: Option<Arc<Tls>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let limits = registry.config().limits.clone();
+    let limits = service.config().limits.clone();
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
         .ping_interval(keepalive)
@@ -318,10 +318,10 @@ pub async fn serve(
         .enable_ws_ping(ping)
         .build();
     let builder = Server::builder().set_config(config).to_service_builder();
-    let methods: Methods = module(registry.clone()).into();
+    let methods: Methods = module(service.clone()).into();
     let budget = BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes);
     let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-    let policy = Arc::new(HttpPolicy::new(&registry.config().http, gate.local_addr()));
+    let policy = Arc::new(HttpPolicy::new(&service.config().http, gate.local_addr()));
     let (stop_handle, server_handle) = stop_channel();
     loop {
         let conn = tokio::select! {
@@ -331,8 +331,8 @@ pub async fn serve(
         let svc = builder.clone().build(methods.clone(), stop_handle.clone());
         let (budget, policy, tls) = (budget.clone(), policy.clone(), tls.clone());
         let max_calls = limits.max_connection_calls;
-        let (metrics, audit) = (registry.metrics().clone(), registry.audit().clone());
-        let registry_auth = registry.auth().clone();
+        let (metrics, audit) = (service.metrics().clone(), service.audit().clone());
+        let registry_auth = service.auth().clone();
         let stopped = stop_handle.clone().shutdown();
         tokio::spawn(async move {
             let conn =
@@ -450,9 +450,9 @@ fn unix_seconds(t: std::time::SystemTime) -> Option<f64> {
         .map(|d| d.as_secs_f64())
 }
 
-/// The method table over `registry`.
-pub fn module(registry: Arc<Registry>) -> RpcModule<Arc<Registry>> {
-    let mut m = RpcModule::new(registry);
+/// The method table over `service`.
+pub fn module(service: Arc<Service>) -> RpcModule<Arc<Service>> {
+    let mut m = RpcModule::new(service);
     for name in call::NAMES {
         m.register_async_method(name, move |params, reg, extensions| async move {
             run(&reg, name, &params, &extensions).await

@@ -4,8 +4,12 @@
 //! - [`call`]: every agent call, typed: name, arguments, reply, read or write.
 //! - [`session`]: one task per VM owning its QGA socket — queueing, resync, deadlines,
 //!   limits, coalescing. The core.
-//! - [`registry`]: VM name to session; [`discovery`]: VM sockets found by glob, refusing
-//!   what could route a call to the wrong VM; [`domains`]: libvirt's running domains.
+//! - [`service`]: the one internal API the front ends call: authorization, audit,
+//!   in-flight limit, then an agent call or a hotplug operation.
+//! - [`vms`]: VM name to agent session and memory backend; [`discovery`]: VM sockets
+//!   found by glob, refusing what could route a call to the wrong VM; [`domains`]:
+//!   libvirt's running domains.
+//! - [`hotplug`]: memory hotplug operations; [`backend`]: the hypervisors they use.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
@@ -28,10 +32,11 @@ pub mod hotplug;
 pub mod http_policy;
 pub mod jsonrpc;
 pub mod metrics;
-pub mod registry;
+pub mod service;
 pub mod session;
 pub mod tls;
 pub mod transport;
+pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
@@ -45,7 +50,8 @@ use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 pub use config::Config;
 pub use error::BridgeError;
 pub use metrics::Metrics;
-pub use registry::Registry;
+pub use service::Service;
+pub use vms::Vms;
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,7 +91,7 @@ pub struct Bridge {
     pub jsonrpc_addr: Option<SocketAddr>,
     /// Bound metrics address.
     pub metrics_addr: Option<SocketAddr>,
-    registry: Arc<Registry>,
+    service: Arc<Service>,
     metrics: Arc<Metrics>,
     tls: Option<Arc<tls::Tls>>,
     /// Unix sockets listened on, removed at shutdown.
@@ -142,7 +148,8 @@ impl Bridge {
             auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
                 .map_err(StartError::Auth)?,
         );
-        let registry = Registry::new(config.clone(), metrics.clone(), audit, auth);
+        let vms = Vms::new(config.clone(), metrics.clone());
+        let service = Service::new(vms.clone(), config.clone(), metrics.clone(), audit, auth);
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
         let handshake_timeout = Duration::from_millis(config.limits.header_read_timeout_ms);
         let (shutdown, rx) = watch::channel(false);
@@ -150,7 +157,7 @@ impl Bridge {
 
         // gRPC: our services, health, reflection.
         let (grpc_listener, grpc_addr) = listen(&config.grpc_addr, &config.unix_sockets).await?;
-        let api = grpc::Api::new(registry.clone());
+        let api = grpc::Api::new(service.clone());
         let max_message = grpc::max_request_bytes(config.limits.max_set_entries);
         let (health, health_service) = tonic_health::server::health_reporter();
         health.set_serving::<GuestMemoryServer<grpc::Api>>().await;
@@ -209,7 +216,7 @@ impl Bridge {
         .http();
         tasks.spawn(jsonrpc::serve(
             gate,
-            registry.clone(),
+            service.clone(),
             tls.clone(),
             rx.clone(),
         ));
@@ -237,7 +244,7 @@ impl Bridge {
                     header_timeout,
                     policy,
                     tls.clone(),
-                    registry.auth().clone(),
+                    service.auth().clone(),
                     rx.clone(),
                 ));
                 Some(bound)
@@ -248,15 +255,15 @@ impl Bridge {
         if let Some(uri) = &config.libvirt {
             let libvirt =
                 qga_libvirt::Libvirt::start(uri, rx.clone()).map_err(StartError::Libvirt)?;
-            tasks.spawn(domains::follow(registry.clone(), libvirt, rx.clone()));
+            tasks.spawn(domains::follow(vms.clone(), libvirt, rx.clone()));
         }
-        tasks.spawn(registry.clone().discover(rx));
-        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = registry.len(), "qga-bridge serving");
+        tasks.spawn(vms.clone().discover(rx));
+        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = vms.len(), "qga-bridge serving");
         Ok(Self {
             grpc_addr,
             jsonrpc_addr,
             metrics_addr,
-            registry,
+            service,
             metrics,
             tls,
             sockets: [&config.grpc_addr, &config.jsonrpc_addr]
@@ -281,9 +288,9 @@ impl Bridge {
         })
     }
 
-    /// The VM registry.
-    pub fn registry(&self) -> &Arc<Registry> {
-        &self.registry
+    /// The service the front ends call.
+    pub fn service(&self) -> &Arc<Service> {
+        &self.service
     }
 
     /// The metrics.
@@ -299,7 +306,7 @@ impl Bridge {
 
     /// Reopens the audit file by its path (SIGHUP, after logrotate moved it away).
     pub fn reopen_audit(&self) {
-        self.registry.audit().reopen();
+        self.service.audit().reopen();
     }
 
     /// Stops accepting calls, lets running ones finish (for at most the longest command

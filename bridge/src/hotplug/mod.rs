@@ -13,29 +13,26 @@
 
 pub mod ctx;
 pub mod layout;
+pub mod memory;
 pub mod plug;
 pub mod resize;
 pub mod unplug;
 
-use std::{
-    collections::{BTreeMap, VecDeque},
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{sync::Arc, time::Duration};
 
-use qga_qmp::QmpLimits;
 use serde::Serialize;
 use tokio::time::Instant;
 
 use self::{
     ctx::Ctx,
     layout::{Dimm, Layout},
+    memory::{Admitted, Key, VmMemory},
     plug::PlugArgs,
     resize::Resized,
 };
 use crate::{
     audit::{Audit, Caller, Record},
-    backend::{MemoryBackend, Step, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
+    backend::Step,
     call::hotplug_method,
     config::Config,
     error::{BridgeError, Outcome},
@@ -109,196 +106,61 @@ pub fn check_request_id(id: &str) -> Result<(), BridgeError> {
     }
 }
 
-/// A request-id, scoped to the identity that sent it: one caller cannot replay
-/// another's outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Key {
-    identity: Option<String>,
-    id: String,
-}
-
-/// A request-id, the operation it named, and what came of it.
-type Remembered = (Key, Operation, Result<Done, BridgeError>);
-
-/// What a VM's operations leave behind.
-#[derive(Debug, Default)]
-struct State {
-    /// The running operation's request-id, if it has one.
-    running: Option<Key>,
-    /// Request-ids and what came of them, oldest first.
-    done: VecDeque<Remembered>,
-}
-
-/// Where a VM's memory backend comes from, to tell whether a rediscovered VM keeps it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum Source {
-    /// A QMP socket, shared (released when idle) or not.
-    Qmp {
-        socket: std::path::PathBuf,
-        shared: bool,
-    },
-    /// A libvirt domain run.
-    Libvirt(qga_libvirt::Dom),
-}
-
-/// One VM's hotplug state.
-#[derive(Debug)]
-struct Vm {
-    source: Source,
-    backend: Arc<dyn MemoryBackend>,
-    /// Held by the running operation.
-    busy: Arc<tokio::sync::Mutex<()>>,
-    state: Mutex<State>,
-}
-
-impl Vm {
-    fn new(source: Source, backend: Arc<dyn MemoryBackend>) -> Self {
-        Self {
-            source,
-            backend,
-            busy: Arc::new(tokio::sync::Mutex::new(())),
-            state: Mutex::new(State::default()),
-        }
-    }
-}
-
-/// Memory hotplug for every VM with a QMP socket.
+/// Memory hotplug: runs operations on VMs' [`VmMemory`], audited and counted.
 #[derive(Debug)]
 pub struct Hotplug {
-    /// Configured VMs', and discovered ones' as discovery finds them.
-    vms: std::sync::RwLock<BTreeMap<String, Arc<Vm>>>,
     config: Arc<Config>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn read<T>(m: &std::sync::RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-/// The per-command time limits of `config`'s backends.
-fn timeouts(config: &Config) -> Timeouts {
-    Timeouts {
-        command: Duration::from_millis(config.hotplug.qmp_timeout_ms),
-        eject: Duration::from_millis(config.hotplug.eject_timeout_ms),
+/// The refusal for a VM without a memory backend.
+fn no_backend(vm: &str) -> BridgeError {
+    BridgeError::Hotplug {
+        vm: vm.to_string(),
+        step: "check".into(),
+        reason: "the VM has no QMP socket configured (--qmp NAME=SOCKET or \
+                 [vms.NAME] qmp = ...), so the bridge cannot plug DIMMs into it"
+            .into(),
+        blocks: Vec::new(),
     }
 }
 
-/// A VM's hotplug state with a QMP backend on `socket` (connected on first use); a shared
-/// socket is released `timeouts.shared_idle_ms` after the last command, and held while
-/// an operation waits for an event.
-fn qmp_vm(config: &Config, socket: &std::path::Path, shared: bool) -> Vm {
-    let limits = QmpLimits {
-        max_message: config.hotplug.max_qmp_bytes,
-        connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
-        idle_close: shared.then(|| Duration::from_millis(config.timeouts.shared_idle_ms)),
-        ..QmpLimits::default()
-    };
-    let source = Source::Qmp {
-        socket: socket.to_path_buf(),
-        shared,
-    };
-    Vm::new(
-        source,
-        Arc::new(QmpBackend::new(socket, limits, timeouts(config))),
-    )
+/// The VM an operation or layout is for: its name, agent session and hotplug state (if
+/// it has a memory backend).
+#[derive(Debug)]
+pub struct Target<'a> {
+    /// The VM's name.
+    pub vm: &'a str,
+    /// Its agent.
+    pub session: Arc<Session>,
+    /// Its memory backend and hotplug state.
+    pub memory: Option<Arc<VmMemory>>,
 }
 
-/// Whether a failed operation's outcome is final, so that a retry with its request id
-/// gets it again: it acted, or found the request impossible. Transient failures (QEMU or
-/// the agent unreachable, a deadline) are not remembered, so the retry runs.
-fn remembered(result: &Result<Done, BridgeError>) -> bool {
-    matches!(
-        result,
-        Ok(_) | Err(BridgeError::Hotplug { .. } | BridgeError::DimmNotFound { .. })
-    )
+/// One operation's identity for its audit line: who, on which VM, what, and since when.
+struct Ticket<'a> {
+    caller: &'a Caller,
+    vm: &'a str,
+    op: &'a Operation,
+    key: Option<&'a Key>,
+    start: std::time::Instant,
 }
 
 impl Hotplug {
-    /// QMP clients for the configured VMs' QMP sockets (connected on first use).
+    /// Hotplug with `config`'s settings, auditing to `audit`, counting in `metrics`.
     pub fn new(config: Arc<Config>, audit: Arc<Audit>, metrics: Arc<Metrics>) -> Self {
-        let vms = config
-            .qmp
-            .iter()
-            .map(|(name, socket)| {
-                let shared = config.shared.contains(name);
-                (name.clone(), Arc::new(qmp_vm(&config, socket, shared)))
-            })
-            .collect();
         Self {
-            vms: std::sync::RwLock::new(vms),
             config,
             audit,
             metrics,
         }
     }
 
-    /// Gives discovered VM `vm` QMP socket `socket` (`shared`: released when idle), or
-    /// takes its QMP socket away (`None`). An operation running on it finishes on the
-    /// old client; the same socket again keeps the client and its request-ids.
-    pub fn set_qmp(&self, vm: &str, socket: Option<&std::path::Path>, shared: bool) {
-        let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
-        let Some(socket) = socket else {
-            if vms.remove(vm).is_some() {
-                tracing::info!(vm, "QMP socket removed");
-            }
-            return;
-        };
-        let source = Source::Qmp {
-            socket: socket.to_path_buf(),
-            shared,
-        };
-        if vms.get(vm).is_none_or(|v| v.source != source) {
-            tracing::info!(vm, qmp = %socket.display(), "QMP socket added");
-            vms.insert(
-                vm.to_string(),
-                Arc::new(qmp_vm(&self.config, socket, shared)),
-            );
-        }
-    }
-
-    /// Makes libvirt domain `vm` (run `dom`) pluggable through `libvirt`, or forgets it
-    /// (`None`: the domain stopped). An operation running on an earlier run finishes (its
-    /// calls fail: that run is gone).
-    pub fn set_libvirt(
-        &self,
-        vm: &str,
-        libvirt: Option<(Arc<qga_libvirt::Libvirt>, qga_libvirt::Dom)>,
-    ) {
-        let mut vms = self.vms.write().unwrap_or_else(|p| p.into_inner());
-        let Some((connection, dom)) = libvirt else {
-            vms.remove(vm);
-            return;
-        };
-        let source = Source::Libvirt(dom.clone());
-        if vms.get(vm).is_none_or(|v| v.source != source) {
-            let backend = LibvirtBackend::new(connection, dom, timeouts(&self.config));
-            vms.insert(vm.to_string(), Arc::new(Vm::new(source, Arc::new(backend))));
-        }
-    }
-
-    fn vm(&self, name: &str) -> Result<Arc<Vm>, BridgeError> {
-        read(&self.vms)
-            .get(name)
-            .cloned()
-            .ok_or_else(|| BridgeError::Hotplug {
-                vm: name.to_string(),
-                step: "check".into(),
-                reason: "the VM has no QMP socket configured (--qmp NAME=SOCKET or \
-                     [vms.NAME] qmp = ...), so the bridge cannot plug DIMMs into it"
-                    .into(),
-                blocks: Vec::new(),
-            })
-    }
-
     fn ctx(
         &self,
         vm: &str,
-        backend: Arc<dyn MemoryBackend>,
+        memory: &VmMemory,
         session: Arc<Session>,
         deadline: Option<Instant>,
     ) -> Ctx {
@@ -306,7 +168,7 @@ impl Hotplug {
         Ctx {
             vm: vm.to_string(),
             session,
-            backend,
+            backend: memory.backend(),
             settings: self.config.hotplug.clone(),
             max_set_entries: self.config.limits.max_set_entries,
             deadline: deadline.map_or(own, |d| d.min(own)),
@@ -315,15 +177,14 @@ impl Hotplug {
         }
     }
 
-    /// `vm`'s memory layout.
+    /// The memory layout of `target`.
     pub async fn layout(
         &self,
-        vm: &str,
-        session: Arc<Session>,
+        target: Target<'_>,
         deadline: Option<Instant>,
     ) -> Result<Layout, BridgeError> {
-        let v = self.vm(vm)?;
-        let ctx = self.ctx(vm, v.backend.clone(), session, deadline);
+        let memory = target.memory.ok_or_else(|| no_backend(target.vm))?;
+        let ctx = self.ctx(target.vm, &memory, target.session, deadline);
         let block_size = ctx.block_size().await?;
         let caps = ctx.capabilities().await?;
         let boot = ctx.memory().await?.boot;
@@ -332,115 +193,58 @@ impl Hotplug {
         Ok(layout::build(block_size, boot, &devices, &guest))
     }
 
-    /// Runs `op` on `vm` for `caller` (already authorized). With `request_id`, a retry
-    /// by the same identity returns the first call's remembered outcome. Every outcome,
-    /// refusals included, is audited.
+    /// Runs `op` on `target` for `caller` (already authorized). With `request_id`, a
+    /// retry by the same identity returns the first call's remembered outcome. Every
+    /// outcome, refusals included, is audited.
     pub async fn run(
         &self,
         caller: &Caller,
-        vm: &str,
-        session: Arc<Session>,
+        target: Target<'_>,
         op: Operation,
         request_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<Done, BridgeError> {
-        let start = std::time::Instant::now();
+        let vm = target.vm;
         let key = request_id.map(|id| Key {
             identity: caller.identity.as_ref().map(|i| i.name().to_string()),
             id,
         });
-        let admitted = self.admit(vm, &op, key.as_ref());
-        let (v, guard) = match admitted {
-            Ok(Admitted::Run(v, guard)) => (v, guard),
-            Ok(Admitted::Replay(result)) => {
-                record(
-                    &self.audit,
-                    caller,
-                    vm,
-                    &op,
-                    key.as_ref(),
-                    &result,
-                    start,
-                    true,
-                );
+        let start = std::time::Instant::now();
+        let ticket = Ticket {
+            caller,
+            vm,
+            op: &op,
+            key: key.as_ref(),
+            start,
+        };
+        let admitted = match &target.memory {
+            Some(m) => m.admit(vm, &op, key.as_ref()).map(|a| (a, m.clone())),
+            None => Err(no_backend(vm)),
+        };
+        let (guard, memory) = match admitted {
+            Ok((Admitted::Run(guard), memory)) => (guard, memory),
+            Ok((Admitted::Replay(result), _)) => {
+                record(&self.audit, &ticket, &result, true);
                 return result;
             }
             Err(e) => {
                 let result = Err(e);
-                record(
-                    &self.audit,
-                    caller,
-                    vm,
-                    &op,
-                    key.as_ref(),
-                    &result,
-                    start,
-                    false,
-                );
+                record(&self.audit, &ticket, &result, false);
                 return result;
             }
         };
-        let mut ctx = self.ctx(vm, v.backend.clone(), session, deadline);
-        let audit = self.audit.clone();
-        let metrics = self.metrics.clone();
-        let caller = caller.clone();
-        let max_ids = self.config.hotplug.max_request_ids;
-        let vm = vm.to_string();
-        let vm_name = vm.clone();
-        // The operation runs to its end even if the caller leaves: stopping half-way would
-        // leave a DIMM half plugged.
-        let task = tokio::spawn(async move {
-            let what = match &op {
-                Operation::Plug(args) => plug::plug(&mut ctx, args)
-                    .await
-                    .map(|dimm| Effect::Dimm { dimm }),
-                Operation::Unplug { dimm } => unplug::unplug(&mut ctx, dimm)
-                    .await
-                    .map(|dimm| Effect::Dimm { dimm }),
-                Operation::Resize { size } => {
-                    resize::resize(&mut ctx, *size).await.map(Effect::Resized)
-                }
-            };
-            let result = what.map(|what| Done {
-                what,
-                steps: std::mem::take(&mut ctx.steps),
-                warnings: std::mem::take(&mut ctx.warnings),
-            });
-            metrics.call(&vm, op.method(), Outcome::of(&result), start.elapsed());
-            record(
-                &audit,
-                &caller,
-                &vm,
-                &op,
-                key.as_ref(),
-                &result,
-                start,
-                false,
-            );
-            match &result {
-                Ok(_) => tracing::info!(vm, method = op.method(), "memory hotplug done"),
-                Err(e) => {
-                    tracing::warn!(vm, method = op.method(), error = %e, "memory hotplug failed")
-                }
-            }
-            {
-                let mut state = lock(&v.state);
-                state.running = None;
-                if let Some(key) = key
-                    && remembered(&result)
-                {
-                    if state.done.len() >= max_ids {
-                        state.done.pop_front();
-                    }
-                    state.done.push_back((key, op, result.clone()));
-                }
-            }
-            drop(guard);
-            result
-        });
-        task.await.unwrap_or_else(|e| {
+        let running = Running {
+            ctx: self.ctx(vm, &memory, target.session, deadline),
+            memory,
+            guard,
+            caller: caller.clone(),
+            op,
+            key,
+            start,
+        };
+        self.spawn(running).await.unwrap_or_else(|e| {
             Err(BridgeError::Hotplug {
-                vm: vm_name,
+                vm: vm.to_string(),
                 step: "task".into(),
                 reason: format!("the operation's task failed: {e}"),
                 blocks: Vec::new(),
@@ -448,65 +252,70 @@ impl Hotplug {
         })
     }
 
-    /// Decides whether `op` runs now: the VM's lock is taken first and the remembered
-    /// request-ids looked at under it, so a retry racing with the end of its first call
-    /// gets the first call's outcome, never a second run.
-    fn admit(&self, vm: &str, op: &Operation, key: Option<&Key>) -> Result<Admitted, BridgeError> {
-        let v = self.vm(vm)?;
-        let guard = v.busy.clone().try_lock_owned();
-        let mut state = lock(&v.state);
-        if let Some(key) = key
-            && let Some((_, first, result)) = state.done.iter().find(|(k, ..)| k == key)
-        {
-            if first != op {
-                return Err(BridgeError::InvalidRequest(format!(
-                    "request-id '{}' was used for another operation ({} {})",
-                    key.id,
-                    first.method(),
-                    serde_json::to_string(first).unwrap_or_default()
-                )));
+    /// Runs an admitted operation in a task of its own, so that it runs to its end even
+    /// if the caller leaves (stopping half-way would leave a DIMM half plugged); then
+    /// counts, audits and remembers its outcome and releases the VM.
+    fn spawn(&self, mut r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
+        let audit = self.audit.clone();
+        let metrics = self.metrics.clone();
+        let max_ids = self.config.hotplug.max_request_ids;
+        tokio::spawn(async move {
+            let result = execute(&mut r.ctx, &r.op).await;
+            let (vm, method) = (r.ctx.vm.as_str(), r.op.method());
+            metrics.call(vm, method, Outcome::of(&result), r.start.elapsed());
+            let ticket = Ticket {
+                caller: &r.caller,
+                vm,
+                op: &r.op,
+                key: r.key.as_ref(),
+                start: r.start,
+            };
+            record(&audit, &ticket, &result, false);
+            match &result {
+                Ok(_) => tracing::info!(vm, method, "memory hotplug done"),
+                Err(e) => tracing::warn!(vm, method, error = %e, "memory hotplug failed"),
             }
-            return Ok(Admitted::Replay(result.clone()));
-        }
-        let Ok(guard) = guard else {
-            let same = key.is_some() && state.running.as_ref() == key;
-            return Err(BridgeError::Aborted(if same {
-                format!(
-                    "the operation with this request-id still runs on VM '{vm}'; \
-                     retry with the same request-id for its outcome"
-                )
-            } else {
-                format!("another memory hotplug operation runs on VM '{vm}'; nothing was done")
-            }));
-        };
-        state.running = key.cloned();
-        drop(state);
-        Ok(Admitted::Run(v, guard))
+            r.memory.finish(r.key, r.op, &result, max_ids);
+            drop(r.guard);
+            result
+        })
     }
 }
 
-/// Whether an operation runs, or what to answer instead.
-enum Admitted {
-    /// It runs, holding the VM's lock.
-    Run(Arc<Vm>, tokio::sync::OwnedMutexGuard<()>),
-    /// The remembered outcome of the same request-id.
-    Replay(Result<Done, BridgeError>),
+/// An operation admitted to run: everything its task needs.
+struct Running {
+    ctx: Ctx,
+    memory: Arc<VmMemory>,
+    /// The VM's lock, released when the operation ends.
+    guard: tokio::sync::OwnedMutexGuard<()>,
+    caller: Caller,
+    op: Operation,
+    key: Option<Key>,
+    start: std::time::Instant,
+}
+
+/// Runs `op` to its end with `ctx`, and what it did with the steps it took.
+async fn execute(ctx: &mut Ctx, op: &Operation) -> Result<Done, BridgeError> {
+    let what = match op {
+        Operation::Plug(args) => plug::plug(ctx, args)
+            .await
+            .map(|dimm| Effect::Dimm { dimm }),
+        Operation::Unplug { dimm } => unplug::unplug(ctx, dimm)
+            .await
+            .map(|dimm| Effect::Dimm { dimm }),
+        Operation::Resize { size } => resize::resize(ctx, *size).await.map(Effect::Resized),
+    };
+    what.map(|what| Done {
+        what,
+        steps: std::mem::take(&mut ctx.steps),
+        warnings: std::mem::take(&mut ctx.warnings),
+    })
 }
 
 /// One audit line for a hotplug operation (`replay`: a request-id's remembered outcome).
-#[allow(clippy::too_many_arguments)]
-fn record(
-    audit: &Audit,
-    caller: &Caller,
-    vm: &str,
-    op: &Operation,
-    key: Option<&Key>,
-    result: &Result<Done, BridgeError>,
-    start: std::time::Instant,
-    replay: bool,
-) {
-    let mut arguments = serde_json::to_value(op).ok();
-    if let (Some(serde_json::Value::Object(a)), Some(key)) = (&mut arguments, key) {
+fn record(audit: &Audit, t: &Ticket<'_>, result: &Result<Done, BridgeError>, replay: bool) {
+    let mut arguments = serde_json::to_value(t.op).ok();
+    if let (Some(serde_json::Value::Object(a)), Some(key)) = (&mut arguments, t.key) {
         a.insert("request-id".into(), key.id.clone().into());
         if replay {
             a.insert("replayed".into(), true.into());
@@ -514,15 +323,15 @@ fn record(
     }
     let outcome = Outcome::of(result).as_str();
     audit.record(&Record {
-        vm: Some(vm),
-        method: Some(op.method()),
+        vm: Some(t.vm),
+        method: Some(t.op.method()),
         arguments,
         error: result.as_ref().err().map(ToString::to_string),
         results: result
             .as_ref()
             .ok()
             .and_then(|d| serde_json::to_value(d).ok()),
-        duration_ms: Some(start.elapsed().as_secs_f64() * 1000.0),
-        ..Audit::base("call", caller, outcome)
+        duration_ms: Some(t.start.elapsed().as_secs_f64() * 1000.0),
+        ..Audit::base("call", t.caller, outcome)
     });
 }

@@ -177,7 +177,7 @@ struct Inflight {
 /// The handle callers use; cheap to share. Dropping the last handle stops the worker.
 pub struct Session {
     name: String,
-    socket: PathBuf,
+    source: AgentSource,
     tx: mpsc::Sender<Job>,
     status: Arc<Mutex<VmStatus>>,
     inflight: Mutex<HashMap<&'static str, Inflight>>,
@@ -190,19 +190,60 @@ impl std::fmt::Debug for Session {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Session")
             .field("name", &self.name)
-            .field("socket", &self.socket)
+            .field("source", &self.source)
             .finish_non_exhaustive()
     }
 }
 
-/// What a libvirt domain's session reports as its socket: `libvirt:URI#NAME@ID`.
-pub fn libvirt_socket(libvirt: &qga_libvirt::Libvirt, dom: &qga_libvirt::Dom) -> PathBuf {
-    PathBuf::from(format!("{}{}", libvirt_prefix(libvirt, &dom.name), dom.id))
+/// Where a VM's agent is reached.
+#[derive(Debug, Clone)]
+pub enum AgentSource {
+    /// A unix socket: QEMU's virtio-serial chardev.
+    Socket {
+        /// The socket.
+        path: PathBuf,
+        /// Shared with other tools: released when idle.
+        shared: bool,
+    },
+    /// A libvirt domain run, whose agent libvirt holds.
+    Libvirt {
+        /// The connection to libvirtd.
+        libvirt: Arc<qga_libvirt::Libvirt>,
+        /// The domain run.
+        dom: qga_libvirt::Dom,
+    },
 }
 
-/// The start of every libvirt socket of domain `name`, whatever its run.
-pub fn libvirt_prefix(libvirt: &qga_libvirt::Libvirt, name: &str) -> String {
-    format!("libvirt:{}#{name}@", libvirt.uri())
+impl AgentSource {
+    /// What `ListVms` and `vm-list` report as the VM's socket: the path, or
+    /// `libvirt:URI#NAME@ID` for a libvirt domain run.
+    pub fn describe(&self) -> PathBuf {
+        match self {
+            Self::Socket { path, .. } => path.clone(),
+            Self::Libvirt { libvirt, dom } => {
+                PathBuf::from(format!("libvirt:{}#{}@{}", libvirt.uri(), dom.name, dom.id))
+            }
+        }
+    }
+
+    /// Whether the VM is served through `libvirt` (any run of any domain).
+    pub fn is_libvirt(&self, libvirt: &qga_libvirt::Libvirt) -> bool {
+        matches!(self, Self::Libvirt { libvirt: l, .. } if l.uri() == libvirt.uri())
+    }
+}
+
+impl PartialEq for AgentSource {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Self::Socket { path, shared }, Self::Socket { path: p, shared: s }) => {
+                path == p && shared == s
+            }
+            (Self::Libvirt { libvirt, dom }, Self::Libvirt { libvirt: l, dom: d }) => {
+                libvirt.uri() == l.uri() && dom == d
+            }
+            _ => false,
+        }
+    }
 }
 
 /// A fresh status: disconnected, nothing heard yet.
@@ -228,21 +269,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl Session {
-    /// Creates the session of the agent on unix socket `socket` and spawns its worker on
-    /// the current runtime. Large replies are parsed within the bridge-wide `budget`.
-    ///
-    /// `shared`: release the socket when idle even if the configuration does not name the
-    /// VM shared (a VM discovered in Proxmox's directory).
+    /// Creates the session of the agent at `source` and spawns its worker on the current
+    /// runtime. Large replies are parsed within the bridge-wide `budget`.
     pub fn spawn(
         name: &str,
-        socket: &Path,
-        shared: bool,
+        source: AgentSource,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
-        let connector = UnixConnector(socket.to_path_buf());
-        Self::spawn_mode(name, socket, connector, shared, config, metrics, budget)
+        match &source {
+            AgentSource::Socket { path, shared } => {
+                let connector = UnixConnector(path.clone());
+                let shared = *shared;
+                Self::spawn_mode(name, source, connector, shared, config, metrics, budget)
+            }
+            AgentSource::Libvirt { libvirt, dom } => {
+                let (libvirt, dom) = (libvirt.clone(), dom.clone());
+                Self::spawn_libvirt(name, source, libvirt, dom, config, metrics, budget)
+            }
+        }
     }
 
     /// Like [`Session::spawn`], reaching the agent through `connector`; `socket` is only
@@ -255,12 +301,16 @@ impl Session {
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
-        Self::spawn_mode(name, socket, connector, false, config, metrics, budget)
+        let source = AgentSource::Socket {
+            path: socket.to_path_buf(),
+            shared: false,
+        };
+        Self::spawn_mode(name, source, connector, false, config, metrics, budget)
     }
 
     fn spawn_mode<C: Connector>(
         name: &str,
-        socket: &Path,
+        source: AgentSource,
         connector: C,
         shared: bool,
         config: Arc<Config>,
@@ -268,7 +318,7 @@ impl Session {
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(config.limits.queue_depth);
-        let status = new_status(name, socket);
+        let status = new_status(name, &source.describe());
         let worker = worker::Worker::new(
             name,
             connector,
@@ -280,27 +330,27 @@ impl Session {
         )
         .shared(shared);
         tokio::spawn(worker.run().instrument(vm_span(name)));
-        Self::handle(name, socket, tx, status, config, metrics)
+        Self::handle(name, source, tx, status, config, metrics)
     }
 
     /// The session of libvirt domain run `dom`, whose agent libvirt holds: calls go
-    /// through `virDomainQemuAgentCommand`. Its "socket" reads `libvirt:URI#NAME@ID`.
-    pub fn spawn_libvirt(
-        dom: &qga_libvirt::Dom,
+    /// through `virDomainQemuAgentCommand`.
+    fn spawn_libvirt(
+        name: &str,
+        source: AgentSource,
         libvirt: Arc<qga_libvirt::Libvirt>,
+        dom: qga_libvirt::Dom,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
-        let name = dom.name.as_str();
         let (tx, rx) = mpsc::channel(config.limits.queue_depth);
-        let socket = libvirt_socket(&libvirt, dom);
-        let status = new_status(name, &socket);
+        let status = new_status(name, &source.describe());
         let claim = metrics.claim_vm(name);
         metrics.set_connected(name, claim, false);
         let worker = libvirt::LibvirtWorker {
             name: name.to_string(),
-            dom: dom.clone(),
+            dom,
             claim,
             libvirt,
             rx,
@@ -310,12 +360,12 @@ impl Session {
             budget,
         };
         tokio::spawn(worker.run().instrument(vm_span(name)));
-        Self::handle(name, &socket, tx, status, config, metrics)
+        Self::handle(name, source, tx, status, config, metrics)
     }
 
     fn handle(
         name: &str,
-        socket: &Path,
+        source: AgentSource,
         tx: mpsc::Sender<Job>,
         status: Arc<Mutex<VmStatus>>,
         config: Arc<Config>,
@@ -323,7 +373,7 @@ impl Session {
     ) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
-            socket: socket.to_path_buf(),
+            source,
             tx,
             status,
             inflight: Mutex::new(HashMap::new()),
@@ -338,9 +388,9 @@ impl Session {
         &self.name
     }
 
-    /// The VM's socket.
-    pub fn socket(&self) -> &Path {
-        &self.socket
+    /// Where the VM's agent is reached.
+    pub fn source(&self) -> &AgentSource {
+        &self.source
     }
 
     /// A snapshot of the channel's state.

@@ -1,0 +1,265 @@
+//! The bridge's one internal API: agent calls, memory layout, hotplug operations and the
+//! VM list, for an authenticated [`Caller`]. Authorization, the audit trail and the
+//! bridge-wide in-flight limit are applied here, once, whatever front end the call came
+//! through; gRPC and JSON-RPC only decode parameters and map errors.
+
+use std::sync::Arc;
+
+use tokio::{sync::Semaphore, time::Instant};
+
+use crate::{
+    audit::{Audit, Caller, Record},
+    auth::Auth,
+    call::{Call, Reply, hotplug_method},
+    config::Config,
+    error::BridgeError,
+    hotplug::{Done, Hotplug, Operation, Target, layout::Layout},
+    metrics::Metrics,
+    session::VmStatus,
+    vms::Vms,
+};
+
+/// Audits a state-changing call: with its outcome when it finishes, or as `caller_left`
+/// when its caller goes away first (the session then records the late outcome in the
+/// VM's `last_write`).
+struct AuditOnDrop<'a> {
+    audit: &'a Audit,
+    caller: &'a Caller,
+    vm: &'a str,
+    method: &'static str,
+    arguments: Option<serde_json::Value>,
+    start: std::time::Instant,
+    done: bool,
+}
+
+impl<'a> AuditOnDrop<'a> {
+    fn new(audit: &'a Audit, caller: &'a Caller, vm: &'a str, call: &Call) -> Self {
+        Self {
+            audit,
+            caller,
+            vm,
+            method: call.name(),
+            arguments: call.arguments(),
+            start: std::time::Instant::now(),
+            done: false,
+        }
+    }
+
+    fn write(&mut self, outcome: &str, error: Option<String>, results: Option<serde_json::Value>) {
+        self.done = true;
+        self.audit.record(&Record {
+            vm: Some(self.vm),
+            method: Some(self.method),
+            arguments: self.arguments.take(),
+            error,
+            results,
+            duration_ms: Some(self.start.elapsed().as_secs_f64() * 1000.0),
+            ..Audit::base("call", self.caller, outcome)
+        });
+    }
+
+    fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
+        match outcome {
+            Ok(reply) => self.write("ok", None, serde_json::to_value(reply).ok()),
+            Err(e) => self.write(e.outcome().as_str(), Some(e.to_string()), None),
+        }
+    }
+}
+
+impl Drop for AuditOnDrop<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.write(
+                "caller_left",
+                Some("the caller stopped waiting; the outcome goes to the VM's last_write".into()),
+                None,
+            );
+        }
+    }
+}
+
+/// The service every front end calls. See the module docs.
+#[derive(Debug)]
+pub struct Service {
+    vms: Arc<Vms>,
+    hotplug: Hotplug,
+    config: Arc<Config>,
+    metrics: Arc<Metrics>,
+    audit: Arc<Audit>,
+    auth: Arc<Auth>,
+    /// Calls being served, bridge-wide (`limits.max_in_flight`).
+    in_flight: Semaphore,
+}
+
+impl Service {
+    /// The service over `vms`.
+    pub fn new(
+        vms: Arc<Vms>,
+        config: Arc<Config>,
+        metrics: Arc<Metrics>,
+        audit: Arc<Audit>,
+        auth: Arc<Auth>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            vms,
+            hotplug: Hotplug::new(config.clone(), audit.clone(), metrics.clone()),
+            in_flight: Semaphore::new(config.limits.max_in_flight),
+            config,
+            metrics,
+            audit,
+            auth,
+        })
+    }
+
+    /// The VMs.
+    pub fn vms(&self) -> &Arc<Vms> {
+        &self.vms
+    }
+
+    /// The configuration the service runs with.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    /// The metrics it reports to.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The audit trail.
+    pub fn audit(&self) -> &Arc<Audit> {
+        &self.audit
+    }
+
+    /// Authentication and grants.
+    pub fn auth(&self) -> &Arc<Auth> {
+        &self.auth
+    }
+
+    /// The VMs `caller` has a role on, with their state.
+    pub fn visible(&self, caller: &Caller) -> Vec<VmStatus> {
+        let Some(identity) = &caller.identity else {
+            return Vec::new();
+        };
+        self.vms
+            .list()
+            .into_iter()
+            .filter(|vm| self.auth.role(identity, &vm.name).is_some())
+            .collect()
+    }
+
+    /// Runs `call` from `caller` on `vm`'s agent by `deadline`, if the caller's grants
+    /// allow it, within the bridge-wide in-flight limit. A state-changing call is audited
+    /// with its outcome, also when its caller leaves; a denied call as a denial.
+    pub async fn call(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        call: Call,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, BridgeError> {
+        self.authorize(caller, vm, call.name(), !call.is_read(), || {
+            call.arguments()
+        })?;
+        let mut audited =
+            (!call.is_read()).then(|| AuditOnDrop::new(&self.audit, caller, vm, &call));
+        let outcome = self.run_call(vm, call, deadline).await;
+        if let Some(a) = audited.as_mut() {
+            a.finish(&outcome);
+        }
+        outcome
+    }
+
+    async fn run_call(
+        &self,
+        vm: &str,
+        call: Call,
+        deadline: Option<Instant>,
+    ) -> Result<Reply, BridgeError> {
+        let _slot = self.in_flight_slot()?;
+        let vm = self.vms.get(vm)?;
+        vm.session.call(call, deadline).await
+    }
+
+    /// `vm`'s memory layout, for a caller with a read grant.
+    pub async fn memory_layout(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        deadline: Option<Instant>,
+    ) -> Result<Layout, BridgeError> {
+        self.authorize(caller, vm, hotplug_method::LAYOUT, false, || None)?;
+        let _slot = self.in_flight_slot()?;
+        let found = self.vms.get(vm)?;
+        let target = Target {
+            vm,
+            session: found.session.clone(),
+            memory: found.memory.clone(),
+        };
+        self.hotplug.layout(target, deadline).await
+    }
+
+    /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.
+    pub async fn memory_hotplug(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        op: Operation,
+        request_id: Option<String>,
+        deadline: Option<Instant>,
+    ) -> Result<Done, BridgeError> {
+        self.authorize(caller, vm, op.method(), true, || {
+            serde_json::to_value(&op).ok()
+        })?;
+        let _slot = self.in_flight_slot()?;
+        let found = self.vms.get(vm)?;
+        let target = Target {
+            vm,
+            session: found.session.clone(),
+            memory: found.memory.clone(),
+        };
+        self.hotplug
+            .run(caller, target, op, request_id, deadline)
+            .await
+    }
+
+    /// Checks `caller`'s grants for `method` on `vm` (`write`: it changes the guest);
+    /// a refusal is audited with the call's `arguments`.
+    fn authorize(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        method: &str,
+        write: bool,
+        arguments: impl FnOnce() -> Option<serde_json::Value>,
+    ) -> Result<(), BridgeError> {
+        let authorized = match &caller.identity {
+            Some(identity) => self.auth.authorize(identity, vm, write),
+            // Front ends always authenticate first; a caller without an identity is a bug
+            // and gets nothing.
+            None => Err(BridgeError::Unauthenticated("no identity".into())),
+        };
+        if let Err(e) = &authorized {
+            self.audit.record(&Record {
+                vm: Some(vm),
+                method: Some(method),
+                arguments: arguments(),
+                error: Some(e.to_string()),
+                ..Audit::base("denied", caller, e.outcome().as_str())
+            });
+        }
+        authorized
+    }
+
+    /// A slot of the bridge-wide in-flight limit (`limits.max_in_flight`), held while a
+    /// call or hotplug request is served: over the limit, refused at once, not queued.
+    fn in_flight_slot(&self) -> Result<tokio::sync::SemaphorePermit<'_>, BridgeError> {
+        self.in_flight.try_acquire().map_err(|_| {
+            self.metrics.refused("bridge", "in_flight");
+            BridgeError::Overloaded(format!(
+                "{} calls in flight bridge-wide (limits.max_in_flight)",
+                self.config.limits.max_in_flight
+            ))
+        })
+    }
+}
