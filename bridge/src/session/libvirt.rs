@@ -1,42 +1,46 @@
-//! The worker of a VM whose agent libvirt holds: calls go through
+//! The [`Channel`] of a VM whose agent libvirt holds: calls go through
 //! `virDomainQemuAgentCommand` instead of a socket of ours.
 //!
 //! libvirt owns the channel: it resynchronises, tags and matches replies, and runs one
-//! agent command per domain at a time. This worker runs one call at a time on libvirt's
-//! blocking API with the call's deadline as libvirt's timeout, bounds and decodes the reply
-//! like a socket's, and keeps the socket worker's promise for state-changing calls: their
-//! outcome is awaited up to the command's timeout and recorded, also after the caller left,
-//! and other calls are refused as busy meanwhile.
+//! agent command per domain at a time. This channel runs one call at a time on libvirt's
+//! blocking API with the call's deadline as libvirt's timeout, and bounds and decodes the
+//! reply like a socket's. A state-changing call whose caller leaves keeps running: its
+//! libvirt call is the orphan the worker awaits.
 
-use std::{
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime},
-};
+use std::{pin::Pin, sync::Arc, time::Duration};
 
+use futures::Future;
 use qga_libvirt::{Dom, LIBVIRT_OWN_WAIT, Libvirt, LibvirtError};
 use qga_wire::{ErrorClass, QgaError};
-use tokio::{sync::mpsc, time::Instant};
+use tokio::time::Instant;
 
 use super::{
-    AgentState, CallResult, Job, VmStatus,
+    CallResult, Job,
+    channel::{Channel, Executed},
     exchange::{ParseBudget, clip, offload},
-    lock,
-    worker::{Decoded, busy, decode_reply, record_late, write_record},
+    record::Late,
+    vitals::Vitals,
+    worker::{Decoded, decode_reply},
 };
-use crate::{config::Config, error::BridgeError, metrics::Metrics};
+use crate::{call::Call, config::Config, error::BridgeError};
 
-/// One libvirt domain's worker.
-pub(super) struct LibvirtWorker {
-    pub(super) name: String,
+/// A libvirt agent command on its way: its reply text, or libvirt's error.
+type Running = Pin<Box<dyn Future<Output = Result<String, LibvirtError>> + Send>>;
+
+/// A libvirt command still running after its caller left, with the time it may take.
+pub(super) struct Orphan {
+    running: Running,
+    until: Instant,
+}
+
+/// One libvirt domain run's channel. See the module docs.
+pub(super) struct LibvirtChannel {
     /// The domain run this session serves.
-    pub(super) dom: Dom,
-    pub(super) claim: u64,
-    pub(super) libvirt: Arc<Libvirt>,
-    pub(super) rx: mpsc::Receiver<Job>,
-    pub(super) status: Arc<Mutex<VmStatus>>,
-    pub(super) config: Arc<Config>,
-    pub(super) metrics: Arc<Metrics>,
-    pub(super) budget: Arc<ParseBudget>,
+    dom: Dom,
+    libvirt: Arc<Libvirt>,
+    vitals: Vitals,
+    config: Arc<Config>,
+    budget: Arc<ParseBudget>,
 }
 
 /// libvirt's text for an agent error that QEMU's agents give for an unknown command.
@@ -48,144 +52,54 @@ fn error_class(desc: &str) -> ErrorClass {
     }
 }
 
-impl LibvirtWorker {
-    /// Runs queued calls until every session handle is gone.
-    pub(super) async fn run(mut self) {
-        while let Some(job) = self.rx.recv().await {
-            if job.reply.is_closed() {
-                continue; // the caller gave up while queued
-            }
-            let command = job.call.name();
-            if Instant::now() >= job.deadline {
-                tracing::warn!(command, "deadline passed while queued");
-                let result = Err(BridgeError::deadline(&self.name, command));
-                if !job.call.is_read() {
-                    self.record(write_record(command, &result, false));
-                }
-                let _ = job.reply.send(result);
-                continue;
-            }
-            self.execute(job).await;
+impl LibvirtChannel {
+    /// The channel of domain run `dom` through `libvirt`.
+    pub(super) fn new(
+        dom: Dom,
+        libvirt: Arc<Libvirt>,
+        vitals: Vitals,
+        config: Arc<Config>,
+        budget: Arc<ParseBudget>,
+    ) -> Self {
+        Self {
+            dom,
+            libvirt,
+            vitals,
+            config,
+            budget,
         }
-        self.metrics.release_vm(&self.name, self.claim);
-        tracing::debug!("session stopped");
     }
 
-    fn record(&self, record: super::WriteRecord) {
-        lock(&self.status).last_write = Some(record);
-    }
-
-    /// Runs `job` and answers its caller; a state-changing call whose caller leaves (or
-    /// whose deadline passes) first is still awaited, up to its command's timeout.
-    async fn execute(&mut self, mut job: Job) {
-        let command = job.call.name();
-        let write = !job.call.is_read();
-        // libvirt tags the request itself: ours goes without an id.
-        let mut request = job.call.request(0);
-        request.id = None;
-        let request = match serde_json::to_string(&request) {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = job.reply.send(Err(BridgeError::InvalidRequest(format!(
-                    "cannot encode {command}: {e}"
-                ))));
-                return;
-            }
-        };
-        let until = if write { job.limit } else { job.deadline };
+    /// Starts `call` on libvirt, with `until` as its timeout; a write's outcome is awaited
+    /// for as long as libvirt may take to give it (its job lock and resync come on top of
+    /// the timeout): recorded, never guessed.
+    fn start(&self, call: &Call, request: String, until: Instant) -> Running {
         let libvirt = self.libvirt.clone();
         let dom = self.dom.clone();
         let timeout = until.saturating_duration_since(Instant::now());
-        // A write's outcome is awaited for as long as libvirt may take to give it (its
-        // job lock and resync come on top of the timeout): recorded, never guessed.
-        let wait = if write {
-            until + LIBVIRT_OWN_WAIT
-        } else {
+        let wait = if call.is_read() {
             until
-        };
-        let mut running =
-            Box::pin(async move { libvirt.agent_command(&dom, request, timeout, wait).await });
-        let early = tokio::select! {
-            r = &mut running => Some(r),
-            () = tokio::time::sleep_until(job.deadline) => None,
-            () = job.reply.closed() => None,
-        };
-        if let Some(r) = early {
-            let result = self.finish(&job.call, r, until).await;
-            if write {
-                self.record(write_record(command, &result, false));
-            }
-            let _ = job.reply.send(result);
-            return;
-        }
-        let left = if job.reply.is_closed() {
-            BridgeError::Unavailable {
-                vm: self.name.clone(),
-                reason: "the caller went away".into(),
-            }
         } else {
-            BridgeError::deadline(&self.name, command)
+            until + LIBVIRT_OWN_WAIT
         };
-        if !write {
-            // A read's result is of no use to anyone: libvirt's own timeout ends it.
-            let _ = job.reply.send(Err(left));
-            return;
-        }
-        tracing::warn!(
-            command,
-            "caller stopped waiting; still awaiting the guest's outcome"
-        );
-        let pending = Err(left);
-        self.record(write_record(command, &pending, true));
-        let _ = job.reply.send(pending);
-        lock(&self.status).state = AgentState::Busy;
-        let busy = busy(&self.name, command);
-        let mut open = true;
-        let r = loop {
-            tokio::select! {
-                biased;
-                r = &mut running => break r,
-                queued = self.rx.recv(), if open => match queued {
-                    Some(queued) => {
-                        let _ = queued.reply.send(Err(busy.clone()));
-                    }
-                    None => open = false,
-                },
-            }
-        };
-        let result = self.finish(&job.call, r, until).await;
-        {
-            let mut s = lock(&self.status);
-            if s.state == AgentState::Busy {
-                s.state = AgentState::Connected;
-            }
-        }
-        self.metrics.late_reply(&self.name, self.claim);
-        record_late(&self.status, command, &result);
+        Box::pin(async move { libvirt.agent_command(&dom, request, timeout, wait).await })
     }
 
     /// Turns libvirt's answer into the call's result, and the VM's state with it.
     async fn finish(
-        &mut self,
-        call: &crate::call::Call,
+        &self,
+        call: &Call,
         r: Result<String, LibvirtError>,
         until: Instant,
     ) -> CallResult {
-        let command = call.name();
-        let reply = match r {
-            Ok(reply) => reply,
-            Err(e) => return Err(self.failed(command, e, until)),
-        };
-        self.contact();
-        if reply.len() > self.config.limits.max_reply_bytes {
-            return Err(BridgeError::BadReply {
-                vm: self.name.clone(),
-                reason: format!(
-                    "a {}-byte reply is over limits.max_reply_bytes ({})",
-                    reply.len(),
-                    self.config.limits.max_reply_bytes
-                ),
-            });
+        let reply = r.map_err(|e| self.failed(call.name(), e, until))?;
+        self.vitals.contact();
+        let max = self.config.limits.max_reply_bytes;
+        if reply.len() > max {
+            return Err(self.vitals.bad_reply(format!(
+                "a {}-byte reply is over limits.max_reply_bytes ({max})",
+                reply.len()
+            )));
         }
         let decode = call.clone();
         match offload(&self.budget, reply.into(), move |b| {
@@ -195,22 +109,11 @@ impl LibvirtWorker {
         {
             Decoded::Reply(reply) => Ok(reply),
             Decoded::Agent(e) => Err(BridgeError::Agent(e)),
-            Decoded::Bad(reason) => Err(BridgeError::BadReply {
-                vm: self.name.clone(),
-                reason: clip(&reason),
-            }),
-            Decoded::Lost => Err(BridgeError::BadReply {
-                vm: self.name.clone(),
-                reason: "the reply could not be parsed".into(),
-            }),
+            Decoded::Bad(reason) => Err(self.vitals.bad_reply(clip(&reason))),
+            Decoded::Lost => Err(self
+                .vitals
+                .bad_reply("the reply could not be parsed".into())),
         }
-    }
-
-    fn contact(&self) {
-        self.metrics.set_connected(&self.name, self.claim, true);
-        let mut s = lock(&self.status);
-        s.state = AgentState::Connected;
-        s.last_contact = Some(SystemTime::now());
     }
 
     /// The bridge's error for libvirt's; the VM counts as disconnected when its agent or
@@ -222,12 +125,12 @@ impl LibvirtWorker {
         let deadline = matches!(e, LibvirtError::Timeout | LibvirtError::TimedOut(_))
             || (timed_out && matches!(e, LibvirtError::AgentUnresponsive(_)));
         if deadline {
-            lock(&self.status).last_error = Some(format!("{command}: {e}"));
-            return BridgeError::deadline(&self.name, command);
+            self.vitals.error(format!("{command}: {e}"));
+            return BridgeError::deadline(&self.vitals.name, command);
         }
         match e {
             LibvirtError::Busy(reason) => BridgeError::Busy {
-                vm: self.name.clone(),
+                vm: self.vitals.name.clone(),
                 reason,
             },
             LibvirtError::AgentFailed(desc) => BridgeError::Agent(QgaError {
@@ -237,16 +140,57 @@ impl LibvirtWorker {
             // Not reached, or not answering: the VM counts as disconnected.
             e => {
                 let reason = clip(&e.to_string());
-                self.metrics.set_connected(&self.name, self.claim, false);
-                let mut s = lock(&self.status);
-                s.state = AgentState::Disconnected;
-                s.last_error = Some(reason.clone());
-                BridgeError::Unavailable {
-                    vm: self.name.clone(),
-                    reason,
-                }
+                self.vitals.disconnected(&reason);
+                self.vitals.unavailable(reason)
             }
         }
+    }
+}
+
+impl Channel for LibvirtChannel {
+    type Orphan = Orphan;
+
+    /// Runs `job`; a state-changing call whose caller leaves (or whose deadline passes)
+    /// first is still awaited, up to its command's timeout.
+    async fn execute(&mut self, job: &mut Job) -> Executed<Orphan> {
+        let command = job.call.name();
+        let write = !job.call.is_read();
+        // libvirt tags the request itself: ours goes without an id.
+        let mut request = job.call.request(0);
+        request.id = None;
+        let request = match serde_json::to_string(&request) {
+            Ok(r) => r,
+            Err(e) => {
+                let e = BridgeError::InvalidRequest(format!("cannot encode {command}: {e}"));
+                return Executed::Done(Err(e));
+            }
+        };
+        let until = if write { job.limit } else { job.deadline };
+        let mut running = self.start(&job.call, request, until);
+        let early = tokio::select! {
+            r = &mut running => Some(r),
+            () = tokio::time::sleep_until(job.deadline) => None,
+            () = job.reply.closed() => None,
+        };
+        if let Some(r) = early {
+            return Executed::Done(self.finish(&job.call, r, until).await);
+        }
+        let left = if job.reply.is_closed() {
+            self.vitals.unavailable("the caller went away")
+        } else {
+            BridgeError::deadline(&self.vitals.name, command)
+        };
+        if write {
+            Executed::Orphaned(Err(left), Orphan { running, until })
+        } else {
+            // A read's result is of no use to anyone: libvirt's own timeout ends it.
+            Executed::Done(Err(left))
+        }
+    }
+
+    async fn outcome(&mut self, call: &Call, orphan: Orphan, _limit: Instant) -> Late {
+        let r = orphan.running.await;
+        Late::of(&self.finish(call, r, orphan.until).await)
     }
 }
 

@@ -20,8 +20,12 @@
 //! (`libvirt.rs`): libvirt holds the channel and runs the protocol, so that worker only
 //! bounds, decodes and records; the handle, queue, deadlines and coalescing are the same.
 
+mod channel;
 mod exchange;
 mod libvirt;
+mod record;
+mod socket;
+mod vitals;
 mod worker;
 
 pub use exchange::ParseBudget;
@@ -278,15 +282,17 @@ impl Session {
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
-        match &source {
+        match source.clone() {
             AgentSource::Socket { path, shared } => {
-                let connector = UnixConnector(path.clone());
-                let shared = *shared;
-                Self::spawn_mode(name, source, connector, shared, config, metrics, budget)
+                let connector = UnixConnector(path);
+                Self::start(name, source, config.clone(), metrics, |vitals| {
+                    socket::SocketChannel::new(connector, shared, vitals, config, budget)
+                })
             }
             AgentSource::Libvirt { libvirt, dom } => {
-                let (libvirt, dom) = (libvirt.clone(), dom.clone());
-                Self::spawn_libvirt(name, source, libvirt, dom, config, metrics, budget)
+                Self::start(name, source, config.clone(), metrics, |vitals| {
+                    libvirt::LibvirtChannel::new(dom, libvirt, vitals, config, budget)
+                })
             }
         }
     }
@@ -305,60 +311,23 @@ impl Session {
             path: socket.to_path_buf(),
             shared: false,
         };
-        Self::spawn_mode(name, source, connector, false, config, metrics, budget)
+        Self::start(name, source, config.clone(), metrics, |vitals| {
+            socket::SocketChannel::new(connector, false, vitals, config, budget)
+        })
     }
 
-    fn spawn_mode<C: Connector>(
+    /// Spawns the worker of the channel `channel` makes, and returns the handle.
+    fn start<Ch: channel::Channel>(
         name: &str,
         source: AgentSource,
-        connector: C,
-        shared: bool,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
-        budget: Arc<ParseBudget>,
+        channel: impl FnOnce(vitals::Vitals) -> Ch,
     ) -> Arc<Self> {
         let (tx, rx) = mpsc::channel(config.limits.queue_depth);
         let status = new_status(name, &source.describe());
-        let worker = worker::Worker::new(
-            name,
-            connector,
-            rx,
-            status.clone(),
-            config.clone(),
-            metrics.clone(),
-            budget,
-        )
-        .shared(shared);
-        tokio::spawn(worker.run().instrument(vm_span(name)));
-        Self::handle(name, source, tx, status, config, metrics)
-    }
-
-    /// The session of libvirt domain run `dom`, whose agent libvirt holds: calls go
-    /// through `virDomainQemuAgentCommand`.
-    fn spawn_libvirt(
-        name: &str,
-        source: AgentSource,
-        libvirt: Arc<qga_libvirt::Libvirt>,
-        dom: qga_libvirt::Dom,
-        config: Arc<Config>,
-        metrics: Arc<Metrics>,
-        budget: Arc<ParseBudget>,
-    ) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel(config.limits.queue_depth);
-        let status = new_status(name, &source.describe());
-        let claim = metrics.claim_vm(name);
-        metrics.set_connected(name, claim, false);
-        let worker = libvirt::LibvirtWorker {
-            name: name.to_string(),
-            dom,
-            claim,
-            libvirt,
-            rx,
-            status: status.clone(),
-            config: config.clone(),
-            metrics: metrics.clone(),
-            budget,
-        };
+        let vitals = vitals::Vitals::new(name, status.clone(), metrics.clone());
+        let worker = worker::Worker::new(channel(vitals.clone()), rx, vitals);
         tokio::spawn(worker.run().instrument(vm_span(name)));
         Self::handle(name, source, tx, status, config, metrics)
     }
@@ -486,7 +455,7 @@ impl Session {
             let status = lock(&self.status);
             if status.state == AgentState::Busy {
                 let pending = status.last_write.as_ref().map_or(name, |w| w.command);
-                return Err(worker::busy(&self.name, pending));
+                return Err(record::busy(&self.name, pending));
             }
         }
         let (reply, rx) = oneshot::channel();
