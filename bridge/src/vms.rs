@@ -19,7 +19,7 @@ use crate::{
     error::BridgeError,
     hotplug::memory::VmMemory,
     metrics::Metrics,
-    session::{AgentSource, ParseBudget, Session, VmStatus},
+    session::{AgentSource, ParseBudget, Session, Settings, VmStatus},
 };
 
 pub use crate::discovery::vm_name_for;
@@ -38,6 +38,8 @@ pub struct Vm {
 pub struct Vms {
     map: RwLock<BTreeMap<String, Arc<Vm>>>,
     config: Arc<Config>,
+    /// What every session runs with.
+    settings: Arc<Settings>,
     metrics: Arc<Metrics>,
     /// Shared by every session: bytes of large replies being parsed at once.
     budget: Arc<ParseBudget>,
@@ -57,6 +59,7 @@ impl Vms {
         let vms = Arc::new(Self {
             map: RwLock::new(BTreeMap::new()),
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
+            settings: Settings::of(&config),
             config: config.clone(),
             metrics,
         });
@@ -109,7 +112,7 @@ impl Vms {
         Session::spawn(
             name,
             agent,
-            self.config.clone(),
+            self.settings.clone(),
             self.metrics.clone(),
             self.budget.clone(),
         )

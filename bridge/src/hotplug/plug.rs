@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use super::{
     ctx::{Capabilities, Ctx, describe, undo_budget, with_undo},
-    layout::{self, BlockState, Dimm},
+    layout::{self, BlockState, Dimm, GuestView},
     unplug::{eject, offline_all, still_plugged},
 };
 use crate::{
@@ -163,56 +163,9 @@ async fn online_new(
         .find(|d| d.id == dimm_id)
         .ok_or_else(|| ctx.hotplug_error("device_add", "QEMU does not list the new DIMM".into()))?;
     let range = device.block_range(block_size);
-    let start = Instant::now();
-    let until = ctx.phase(ctx.settings.appear_timeout_ms);
-    // The guest sees a DIMM a few hundred milliseconds after device_add: poll the block
-    // list (one cheap agent call) often, and read zones once all blocks are there.
-    let mut pause = Duration::from_millis(10);
-    loop {
-        let view = ctx.blocks().await?;
-        let seen = range
-            .clone()
-            .filter(|&i| view.block(i).state != BlockState::Absent)
-            .count();
-        if seen == range.clone().count() {
-            break;
-        }
-        if Instant::now() + pause > until {
-            return Err(ctx.hotplug_error(
-                "wait-blocks",
-                format!(
-                    "{seen} of the DIMM's {} blocks ({}-{}) appeared in the guest within {} ms",
-                    range.clone().count(),
-                    range.start,
-                    range.end.saturating_sub(1),
-                    start.elapsed().as_millis()
-                ),
-            ));
-        }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(40));
-    }
+    wait_blocks(ctx, range.clone()).await?;
     let view = ctx.guest(caps).await?;
-    ctx.step(
-        "wait-blocks",
-        start,
-        format!("blocks {}-{}", range.start, range.end.saturating_sub(1)),
-    );
-    let mut offline = Vec::new();
-    for i in range.clone() {
-        let b = view.block(i);
-        if b.state == BlockState::Offline {
-            offline.push(i);
-        } else if b.movable() == Some(false)
-            && online_type == Some(GuestMemoryOnlineType::OnlineMovable)
-        {
-            ctx.warnings.push(format!(
-                "block {i} was onlined by the guest kernel itself into zone {} \
-                 (auto_online_blocks): this DIMM will not come out",
-                b.valid_zones.join(" ")
-            ));
-        }
-    }
+    let offline = to_online(ctx, &view, range, online_type);
     let start = Instant::now();
     let failures = ctx.set(&offline, true, online_type).await?;
     if !failures.is_empty() {
@@ -235,6 +188,64 @@ async fn online_new(
         ));
     }
     Ok(dimm)
+}
+
+/// Waits until the guest lists every block of `range`, within `hotplug.appear_timeout_ms`.
+/// The guest sees a DIMM a few hundred milliseconds after it is added: the block list (one
+/// cheap agent call) is polled often.
+async fn wait_blocks(ctx: &mut Ctx, range: std::ops::Range<u64>) -> Result<(), BridgeError> {
+    let start = Instant::now();
+    let until = ctx.phase(ctx.settings.appear_timeout_ms);
+    let (first, last) = (range.start, range.end.saturating_sub(1));
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let view = ctx.blocks().await?;
+        let all = range.clone().count();
+        let seen = range
+            .clone()
+            .filter(|&i| view.block(i).state != BlockState::Absent)
+            .count();
+        if seen == all {
+            ctx.step("wait-blocks", start, format!("blocks {first}-{last}"));
+            return Ok(());
+        }
+        if Instant::now() + pause > until {
+            let ms = start.elapsed().as_millis();
+            return Err(ctx.hotplug_error(
+                "wait-blocks",
+                format!("{seen} of the DIMM's {all} blocks ({first}-{last}) appeared in the guest within {ms} ms"),
+            ));
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(40));
+    }
+}
+
+/// The blocks of `range` still offline in `view`, to be onlined as `online_type`; a block
+/// the guest kernel already onlined outside ZONE_MOVABLE when movable was asked for is
+/// a warning (that DIMM will not come out).
+fn to_online(
+    ctx: &mut Ctx,
+    view: &GuestView,
+    range: std::ops::Range<u64>,
+    online_type: Option<GuestMemoryOnlineType>,
+) -> Vec<u64> {
+    let mut offline = Vec::new();
+    for i in range {
+        let b = view.block(i);
+        if b.state == BlockState::Offline {
+            offline.push(i);
+        } else if b.movable() == Some(false)
+            && online_type == Some(GuestMemoryOnlineType::OnlineMovable)
+        {
+            ctx.warnings.push(format!(
+                "block {i} was onlined by the guest kernel itself into zone {} \
+                 (auto_online_blocks): this DIMM will not come out",
+                b.valid_zones.join(" ")
+            ));
+        }
+    }
+    offline
 }
 
 /// Takes a half-plugged DIMM out again, on a budget of its own: the operation's deadline

@@ -9,7 +9,10 @@ use super::{
     plug::{PlugArgs, plug},
     unplug::unplug,
 };
-use crate::{backend::MemorySize, error::BridgeError};
+use crate::{
+    backend::{DimmDevice, MemorySize},
+    error::BridgeError,
+};
 
 /// What `resize` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -25,13 +28,59 @@ pub struct Resized {
     pub unplugged: Vec<Dimm>,
 }
 
+impl Resized {
+    /// What the VM has after this resize so far, for an error's reason.
+    fn progress(&self) -> String {
+        format!(
+            "; the VM has {} bytes now ({} DIMMs plugged, {} unplugged by this resize)",
+            self.to_bytes,
+            self.plugged.len(),
+            self.unplugged.len()
+        )
+    }
+}
+
 /// Unplugs DIMMs newest (highest address) first while the VM has more than `target`
 /// bytes, then plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until it has
 /// `target`.
 pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> {
     let block_size = ctx.block_size().await?;
     let MemorySize { boot, plugged } = ctx.memory().await?;
+    check_target(ctx, target, boot, block_size)?;
     let from = boot + plugged;
+    let mut done = Resized {
+        from_bytes: from,
+        to_bytes: from,
+        plugged: Vec::new(),
+        unplugged: Vec::new(),
+    };
+    let mut devices = ctx.dimms().await?;
+    devices.retain(|d| !d.id.is_empty() && d.hotpluggable);
+    devices.sort_by_key(|d| std::cmp::Reverse(d.addr));
+    let removable: u64 = devices.iter().map(|d| d.size).sum();
+    if from.saturating_sub(removable) > target {
+        return Err(BridgeError::InvalidRequest(format!(
+            "size {target} is below what the VM keeps without its hot-unpluggable DIMMs \
+             ({} bytes: boot memory and memory devices the bridge cannot unplug)",
+            from.saturating_sub(removable)
+        )));
+    }
+    shrink(ctx, &mut done, &devices, target).await?;
+    grow(ctx, &mut done, target).await?;
+    if done.to_bytes != target {
+        let reason = format!(
+            "the VM has {} bytes, not {target}{}",
+            done.to_bytes,
+            done.progress()
+        );
+        return Err(ctx.hotplug_error("resize", reason));
+    }
+    Ok(done)
+}
+
+/// Refuses a target below the boot memory or off the guest's block size, and a
+/// configured DIMM size the guest cannot use.
+fn check_target(ctx: &Ctx, target: u64, boot: u64, block_size: u64) -> Result<(), BridgeError> {
     if target < boot {
         return Err(BridgeError::InvalidRequest(format!(
             "size {target} is below the boot memory ({boot} bytes), which cannot be unplugged"
@@ -53,67 +102,42 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
             ),
         ));
     }
-    let mut done = Resized {
-        from_bytes: from,
-        to_bytes: from,
-        plugged: Vec::new(),
-        unplugged: Vec::new(),
-    };
-    let progress = |done: &Resized| {
-        format!(
-            "; the VM has {} bytes now ({} DIMMs plugged, {} unplugged by this resize)",
-            done.to_bytes,
-            done.plugged.len(),
-            done.unplugged.len()
-        )
-    };
-    let mut devices = ctx.dimms().await?;
-    devices.retain(|d| !d.id.is_empty() && d.hotpluggable);
-    devices.sort_by_key(|d| std::cmp::Reverse(d.addr));
-    let removable: u64 = devices.iter().map(|d| d.size).sum();
-    if from.saturating_sub(removable) > target {
-        return Err(BridgeError::InvalidRequest(format!(
-            "size {target} is below what the VM keeps without its hot-unpluggable DIMMs \
-             ({} bytes: boot memory and memory devices the bridge cannot unplug)",
-            from.saturating_sub(removable)
-        )));
-    }
+    Ok(())
+}
+
+/// Unplugs `devices` in order while the VM has more than `target` bytes.
+async fn shrink(
+    ctx: &mut Ctx,
+    done: &mut Resized,
+    devices: &[DimmDevice],
+    target: u64,
+) -> Result<(), BridgeError> {
     for device in devices {
         if done.to_bytes <= target {
             break;
         }
-        match unplug(ctx, &device.id).await {
-            Ok(dimm) => {
-                done.to_bytes -= dimm.device.size;
-                done.unplugged.push(dimm);
-            }
-            Err(e) => return Err(with_note(e, &progress(&done))),
-        }
+        let dimm = unplug(ctx, &device.id)
+            .await
+            .map_err(|e| with_note(e, &done.progress()))?;
+        done.to_bytes -= dimm.device.size;
+        done.unplugged.push(dimm);
     }
+    Ok(())
+}
+
+/// Plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until the VM has `target`.
+async fn grow(ctx: &mut Ctx, done: &mut Resized, target: u64) -> Result<(), BridgeError> {
     while done.to_bytes < target {
-        let size = dimm_size.min(target - done.to_bytes);
         let args = PlugArgs {
-            size,
+            size: ctx.settings.dimm_size.min(target - done.to_bytes),
             node: None,
             online_type: None,
         };
-        match plug(ctx, &args).await {
-            Ok(dimm) => {
-                done.to_bytes += dimm.device.size;
-                done.plugged.push(dimm);
-            }
-            Err(e) => return Err(with_note(e, &progress(&done))),
-        }
+        let dimm = plug(ctx, &args)
+            .await
+            .map_err(|e| with_note(e, &done.progress()))?;
+        done.to_bytes += dimm.device.size;
+        done.plugged.push(dimm);
     }
-    if done.to_bytes != target {
-        return Err(ctx.hotplug_error(
-            "resize",
-            format!(
-                "the VM has {} bytes, not {target}{}",
-                done.to_bytes,
-                progress(&done)
-            ),
-        ));
-    }
-    Ok(done)
+    Ok(())
 }

@@ -15,14 +15,14 @@ use qga_wire::{ErrorClass, QgaError};
 use tokio::time::Instant;
 
 use super::{
-    CallResult, Job,
+    CallResult, Job, Settings,
     channel::{Channel, Executed},
     exchange::{ParseBudget, clip, offload},
     record::Late,
     vitals::Vitals,
     worker::{Decoded, decode_reply},
 };
-use crate::{call::Call, config::Config, error::BridgeError};
+use crate::{call::Call, error::BridgeError};
 
 /// A libvirt agent command on its way: its reply text, or libvirt's error.
 type Running = Pin<Box<dyn Future<Output = Result<String, LibvirtError>> + Send>>;
@@ -39,7 +39,7 @@ pub(super) struct LibvirtChannel {
     dom: Dom,
     libvirt: Arc<Libvirt>,
     vitals: Vitals,
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     budget: Arc<ParseBudget>,
 }
 
@@ -58,14 +58,14 @@ impl LibvirtChannel {
         dom: Dom,
         libvirt: Arc<Libvirt>,
         vitals: Vitals,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         budget: Arc<ParseBudget>,
     ) -> Self {
         Self {
             dom,
             libvirt,
             vitals,
-            config,
+            settings,
             budget,
         }
     }
@@ -94,7 +94,7 @@ impl LibvirtChannel {
     ) -> CallResult {
         let reply = r.map_err(|e| self.failed(call.name(), e, until))?;
         self.vitals.contact();
-        let max = self.config.limits.max_reply_bytes;
+        let max = self.settings.limits.max_reply_bytes;
         if reply.len() > max {
             return Err(self.vitals.bad_reply(format!(
                 "a {}-byte reply is over limits.max_reply_bytes ({max})",

@@ -61,10 +61,32 @@ use qga_wire::schema::GuestMemoryBlockResponse;
 
 use crate::{
     call::{Call, Reply},
-    config::Config,
+    config::{Config, Limits, Timeouts},
     error::{BridgeError, Outcome},
     metrics::Metrics,
 };
+
+/// What a session needs of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Queue depth, reply sizes, what a call may skip.
+    pub limits: Limits,
+    /// Per-command, connect, resync and shared-idle timeouts.
+    pub timeouts: Timeouts,
+    /// Whether concurrent identical reads share one agent call.
+    pub coalesce_reads: bool,
+}
+
+impl Settings {
+    /// The session settings of `config`.
+    pub fn of(config: &Config) -> Arc<Self> {
+        Arc::new(Self {
+            limits: config.limits.clone(),
+            timeouts: config.timeouts.clone(),
+            coalesce_reads: config.coalesce_reads,
+        })
+    }
+}
 
 /// What a call yields: the typed reply, or why not.
 pub type CallResult = Result<Reply, BridgeError>;
@@ -186,7 +208,7 @@ pub struct Session {
     status: Arc<Mutex<VmStatus>>,
     inflight: Mutex<HashMap<&'static str, Inflight>>,
     generation: AtomicU64,
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     metrics: Arc<Metrics>,
 }
 
@@ -278,20 +300,20 @@ impl Session {
     pub fn spawn(
         name: &str,
         source: AgentSource,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
         match source.clone() {
             AgentSource::Socket { path, shared } => {
                 let connector = UnixConnector(path);
-                Self::start(name, source, config.clone(), metrics, |vitals| {
-                    socket::SocketChannel::new(connector, shared, vitals, config, budget)
+                Self::start(name, source, settings.clone(), metrics, |vitals| {
+                    socket::SocketChannel::new(connector, shared, vitals, settings, budget)
                 })
             }
             AgentSource::Libvirt { libvirt, dom } => {
-                Self::start(name, source, config.clone(), metrics, |vitals| {
-                    libvirt::LibvirtChannel::new(dom, libvirt, vitals, config, budget)
+                Self::start(name, source, settings.clone(), metrics, |vitals| {
+                    libvirt::LibvirtChannel::new(dom, libvirt, vitals, settings, budget)
                 })
             }
         }
@@ -303,7 +325,7 @@ impl Session {
         name: &str,
         socket: &Path,
         connector: C,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
@@ -311,8 +333,8 @@ impl Session {
             path: socket.to_path_buf(),
             shared: false,
         };
-        Self::start(name, source, config.clone(), metrics, |vitals| {
-            socket::SocketChannel::new(connector, false, vitals, config, budget)
+        Self::start(name, source, settings.clone(), metrics, |vitals| {
+            socket::SocketChannel::new(connector, false, vitals, settings, budget)
         })
     }
 
@@ -320,16 +342,16 @@ impl Session {
     fn start<Ch: channel::Channel>(
         name: &str,
         source: AgentSource,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         metrics: Arc<Metrics>,
         channel: impl FnOnce(vitals::Vitals) -> Ch,
     ) -> Arc<Self> {
-        let (tx, rx) = mpsc::channel(config.limits.queue_depth);
+        let (tx, rx) = mpsc::channel(settings.limits.queue_depth);
         let status = new_status(name, &source.describe());
         let vitals = vitals::Vitals::new(name, status.clone(), metrics.clone());
         let worker = worker::Worker::new(channel(vitals.clone()), rx, vitals);
         tokio::spawn(worker.run().instrument(vm_span(name)));
-        Self::handle(name, source, tx, status, config, metrics)
+        Self::handle(name, source, tx, status, settings, metrics)
     }
 
     fn handle(
@@ -337,7 +359,7 @@ impl Session {
         source: AgentSource,
         tx: mpsc::Sender<Job>,
         status: Arc<Mutex<VmStatus>>,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
@@ -347,7 +369,7 @@ impl Session {
             status,
             inflight: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
-            config,
+            settings,
             metrics,
         })
     }
@@ -373,9 +395,9 @@ impl Session {
     pub async fn call(self: &Arc<Self>, call: Call, deadline: Option<Instant>) -> CallResult {
         let start = Instant::now();
         let name = call.name();
-        let limit = start + self.config.timeouts.for_command(name);
+        let limit = start + self.settings.timeouts.for_command(name);
         let deadline = deadline.map_or(limit, |d| d.min(limit));
-        let result = if self.config.coalesce_reads && call.coalescable() {
+        let result = if self.settings.coalesce_reads && call.coalescable() {
             self.coalesced(call, deadline).await
         } else {
             self.submit(call, deadline, limit).await

@@ -20,7 +20,7 @@ use std::{
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    AgentState, CallResult, Connector, Job,
+    AgentState, CallResult, Connector, Job, Settings,
     channel::{Channel, Executed},
     exchange::{
         Conn, Cut, OFFLOAD_BYTES, ParseBudget, Sent, Skipped, await_reply, clip, exchange, offload,
@@ -33,7 +33,6 @@ use super::{
 };
 use crate::{
     call::{Call, Reply},
-    config::Config,
     error::BridgeError,
 };
 
@@ -56,7 +55,7 @@ pub(super) struct SocketChannel<C: Connector> {
     next_attempt: Instant,
     backoff: Duration,
     vitals: Vitals,
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     budget: Arc<ParseBudget>,
     ids: RandomState,
     counter: u64,
@@ -65,25 +64,23 @@ pub(super) struct SocketChannel<C: Connector> {
 }
 
 impl<C: Connector> SocketChannel<C> {
-    /// A channel through `connector`, not connected yet; `shared`: released when idle
-    /// (also when the configuration names the VM shared).
+    /// A channel through `connector`, not connected yet; `shared`: released when idle.
     pub(super) fn new(
         connector: C,
         shared: bool,
         vitals: Vitals,
-        config: Arc<Config>,
+        settings: Arc<Settings>,
         budget: Arc<ParseBudget>,
     ) -> Self {
-        let shared = shared || config.shared.contains(&vitals.name);
         Self {
             connector,
             conn: None,
             needs_resync: true,
             next_attempt: Instant::now(),
             backoff: BACKOFF_START,
-            shared_idle: shared.then(|| Duration::from_millis(config.timeouts.shared_idle_ms)),
+            shared_idle: shared.then(|| Duration::from_millis(settings.timeouts.shared_idle_ms)),
             vitals,
-            config,
+            settings,
             budget,
             ids: RandomState::new(),
             counter: 0,
@@ -130,7 +127,7 @@ impl<C: Connector> SocketChannel<C> {
 
     /// What one call may skip before the channel counts as flooded.
     fn skip_budget(&self) -> Skipped {
-        let l = &self.config.limits;
+        let l = &self.settings.limits;
         Skipped::new(l.max_stale_frames, l.max_stale_bytes)
     }
 
@@ -180,10 +177,10 @@ impl<C: Connector> SocketChannel<C> {
                 .unwrap_or_default();
             return Err(self.vitals.unavailable(format!("{last} (reconnecting)")));
         }
-        let own_limit = now + Duration::from_millis(self.config.timeouts.connect_ms);
+        let own_limit = now + Duration::from_millis(self.settings.timeouts.connect_ms);
         match timeout_at(deadline.min(own_limit), self.connector.connect()).await {
             Ok(Ok(stream)) => {
-                self.conn = Some(open(stream, self.config.limits.max_reply_bytes));
+                self.conn = Some(open(stream, self.settings.limits.max_reply_bytes));
                 self.needs_resync = true;
                 self.vitals.update(|s| s.state = AgentState::Connecting);
                 Ok(())
@@ -208,7 +205,7 @@ impl<C: Connector> SocketChannel<C> {
             return Ok(());
         }
         let id = self.fresh_id();
-        let own_limit = Instant::now() + Duration::from_millis(self.config.timeouts.resync_ms);
+        let own_limit = Instant::now() + Duration::from_millis(self.settings.timeouts.resync_ms);
         let mut skipped = self.skip_budget();
         let Some(conn) = self.conn.as_mut() else {
             return Err(self.vitals.unavailable("not connected"));

@@ -85,14 +85,13 @@ impl Rig {
             ..Config::default()
         };
         tweak(&mut config);
-        let config = Arc::new(config);
         let metrics = Metrics::new();
         let budget = super::ParseBudget::new(config.limits.parse_budget_bytes);
         let session = Session::spawn_with(
             "vm1",
             Path::new("/test/vm1"),
             pipes,
-            config,
+            super::Settings::of(&config),
             metrics.clone(),
             budget,
         );
