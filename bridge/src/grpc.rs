@@ -23,7 +23,6 @@ use crate::{
     },
     service::Service,
     session::AgentState,
-    transport::Peer,
 };
 
 /// Implements all four gRPC services over the bridge's [`Service`].
@@ -38,28 +37,12 @@ impl Api {
         Self { service }
     }
 
-    /// Who sent `req`: its connection's peer and the identity its credentials (bearer
-    /// token in `authorization`, or client certificate) prove. No identity where one is
-    /// needed is UNAUTHENTICATED, and audited.
+    /// Who sent `req`, as the [`crate::gatekeeper`] layer authenticated it.
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
-        let peer = req.extensions().get::<Peer>().cloned().unwrap_or_default();
-        let mut caller = Caller {
-            transport: "grpc",
-            peer: peer.describe(),
-            identity: None,
-        };
-        let authorization = req.metadata().get("authorization").map(|v| v.as_bytes());
-        match self.service.auth().authenticate(&peer, authorization) {
-            Ok(identity) => {
-                caller.identity = Some(identity);
-                Ok(caller)
-            }
-            Err(e) => {
-                // The reason goes to the audit trail; the caller learns nothing more.
-                self.service.audit().denied(&caller, &e.to_string());
-                Err(Status::unauthenticated("unauthenticated"))
-            }
-        }
+        req.extensions()
+            .get::<Caller>()
+            .cloned()
+            .ok_or_else(|| Status::unauthenticated("unauthenticated"))
     }
 
     /// Runs `call` on `vm` under the request's deadline and encodes its reply as `R`.

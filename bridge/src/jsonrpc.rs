@@ -9,13 +9,13 @@
 
 use std::{sync::Arc, time::Duration};
 
+use std::future::Future;
+
 use hyper::{body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use jsonrpsee::{
     Extensions, Methods, RpcModule,
-    server::{
-        BatchRequestConfig, HttpBody, HttpResponse, PingConfig, Server, ServerConfig, stop_channel,
-    },
+    server::{BatchRequestConfig, HttpResponse, PingConfig, Server, ServerConfig, stop_channel},
     types::{ErrorObjectOwned, Params},
 };
 use qga_wire::schema::GuestMemoryOnlineType;
@@ -31,6 +31,7 @@ use crate::{
     audit::Caller,
     call::{self, Call, ObjectOnly, Reply, hotplug_method},
     error::{BridgeError, code},
+    gatekeeper::Gatekeeper,
     hotplug::{Operation, plug::PlugArgs},
     http_policy::HttpPolicy,
     service::Service,
@@ -293,7 +294,8 @@ async fn run(
 /// `shutdown` turns true, then lets running calls finish.
 ///
 /// Each connection gets its own in-flight limit, a header-read timeout, and WebSocket
-/// pings; large request bodies wait for the bridge-wide body budget before they are read.
+/// pings; each request passes the [`Gatekeeper`] (Host/Origin, authentication), and large
+/// request bodies wait for the bridge-wide body budget before they are read.
 pub async fn serve(
     gate: Gate,
     service: Arc<Service>,
@@ -301,12 +303,45 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let limits = service.config().limits.clone();
+    let builder = Server::builder()
+        .set_config(server_config(&limits))
+        .to_service_builder();
+    let methods: Methods = module(service.clone()).into();
+    let conn = Connection {
+        budget: BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes),
+        header_timeout: Duration::from_millis(limits.header_read_timeout_ms),
+        max_calls: limits.max_connection_calls,
+        tls,
+        keeper: Gatekeeper::new("jsonrpc", service.auth().clone(), service.metrics().clone())
+            .with_policy(HttpPolicy::new(&service.config().http, gate.local_addr()))
+            .audited(service.audit().clone()),
+        metrics: service.metrics().clone(),
+    };
+    let (stop_handle, server_handle) = stop_channel();
+    loop {
+        let socket = tokio::select! {
+            c = gate.accept() => c,
+            () = transport::stopped(shutdown.clone()) => break,
+        };
+        let rpc = builder.clone().build(methods.clone(), stop_handle.clone());
+        let stopped = stop_handle.clone().shutdown();
+        tokio::spawn(conn.clone().serve(socket, rpc, stopped));
+    }
+    // WebSocket connections close; HTTP connections finish their requests. `stopped`
+    // waits for every stop handle, this one included.
+    drop(stop_handle);
+    let _ = server_handle.stop();
+    server_handle.stopped().await;
+}
+
+/// jsonrpsee's settings from the bridge's limits.
+fn server_config(limits: &crate::config::Limits) -> ServerConfig {
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
         .ping_interval(keepalive)
         .inactive_limit(keepalive + Duration::from_millis(limits.keepalive_timeout_ms))
         .max_failures(1);
-    let config = ServerConfig::builder()
+    ServerConfig::builder()
         // Sockets are capped by the gate; this cap (jsonrpsee counts requests) never binds
         // before it.
         .max_connections(limits.max_connections)
@@ -316,131 +351,74 @@ pub async fn serve(
         )
         .set_batch_request_config(BatchRequestConfig::Limit(limits.max_batch))
         .enable_ws_ping(ping)
-        .build();
-    let builder = Server::builder().set_config(config).to_service_builder();
-    let methods: Methods = module(service.clone()).into();
-    let budget = BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes);
-    let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-    let policy = Arc::new(HttpPolicy::new(&service.config().http, gate.local_addr()));
-    let (stop_handle, server_handle) = stop_channel();
-    loop {
-        let conn = tokio::select! {
-            c = gate.accept() => c,
-            () = transport::stopped(shutdown.clone()) => break,
+        .build()
+}
+
+/// What every JSON-RPC connection is served with.
+#[derive(Debug, Clone)]
+struct Connection {
+    budget: Arc<BodyBudget>,
+    header_timeout: Duration,
+    max_calls: usize,
+    tls: Option<Arc<Tls>>,
+    keeper: Gatekeeper,
+    metrics: Arc<crate::metrics::Metrics>,
+}
+
+impl Connection {
+    /// Serves one admitted connection with `rpc` until it closes or `stopped` fires.
+    async fn serve<R>(self, socket: transport::Admitted, rpc: R, stopped: impl Future<Output = ()>)
+    where
+        R: tower::Service<
+                hyper::Request<Incoming>,
+                Response = HttpResponse,
+                Error = Box<dyn std::error::Error + Send + Sync>,
+            > + Clone
+            + Send
+            + 'static,
+        R::Future: Send + 'static,
+    {
+        let tls = self.tls.as_deref();
+        let conn = match transport::secure(socket, tls, Alpn::Http1, self.header_timeout).await {
+            Ok(conn) => conn,
+            Err(e) => {
+                self.metrics.refused("jsonrpc", "tls_handshake");
+                tracing::debug!(error = %e, "TLS handshake failed");
+                return;
+            }
         };
-        let svc = builder.clone().build(methods.clone(), stop_handle.clone());
-        let (budget, policy, tls) = (budget.clone(), policy.clone(), tls.clone());
-        let max_calls = limits.max_connection_calls;
-        let (metrics, audit) = (service.metrics().clone(), service.audit().clone());
-        let registry_auth = service.auth().clone();
-        let stopped = stop_handle.clone().shutdown();
-        tokio::spawn(async move {
-            let conn =
-                match transport::secure(conn, tls.as_deref(), Alpn::Http1, header_timeout).await {
-                    Ok(conn) => conn,
-                    Err(e) => {
-                        metrics.refused("jsonrpc", "tls_handshake");
-                        tracing::debug!(error = %e, "TLS handshake failed");
-                        return;
-                    }
-                };
-            let calls = ConnectionCalls(Arc::new(Semaphore::new(max_calls)));
-            let peer = conn.peer();
-            let auth = registry_auth.clone();
-            let hyper_svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-                let mut caller = Caller {
-                    transport: "jsonrpc",
-                    peer: peer.describe(),
-                    identity: None,
-                };
-                let verdict = policy
-                    .check(req.headers())
-                    .map_err(|why| (why, false))
-                    .and_then(|()| {
-                        let authorization = req
-                            .headers()
-                            .get(hyper::header::AUTHORIZATION)
-                            .map(|v| v.as_bytes());
-                        auth.authenticate(&peer, authorization)
-                            .map_err(|e| (e.0, true))
-                    });
-                if let Ok(identity) = &verdict {
-                    caller.identity = Some(identity.clone());
-                }
-                req.extensions_mut().insert(calls.clone());
-                req.extensions_mut().insert(caller.clone());
-                let mut svc = svc.clone();
-                let budget = budget.clone();
-                let metrics = metrics.clone();
-                let audit = audit.clone();
-                async move {
-                    match verdict {
-                        Ok(_) => {}
-                        Err((why, false)) => {
-                            metrics.refused("jsonrpc", "host_or_origin");
-                            audit.denied(&caller, why);
-                            tracing::debug!(why, "HTTP request refused");
-                            return Ok(forbidden(why));
-                        }
-                        Err((why, true)) => {
-                            metrics.refused("jsonrpc", "unauthenticated");
-                            audit.denied(&caller, &format!("unauthenticated: {why}"));
-                            return Ok(unauthorized());
-                        }
-                    }
-                    let declared = req
-                        .headers()
-                        .get(hyper::header::CONTENT_LENGTH)
-                        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                    let _bytes = budget.admit(declared).await;
-                    svc.call(req).await.map_err(std::io::Error::other)
-                }
-            });
-            let conn = transport::http1(header_timeout)
-                .serve_connection(TokioIo::new(conn), hyper_svc)
-                .with_upgrades();
-            tokio::pin!(conn, stopped);
-            tokio::select! {
-                _ = conn.as_mut() => {}
-                () = &mut stopped => {
-                    conn.as_mut().graceful_shutdown();
-                    let _ = conn.await;
-                }
+        let calls = ConnectionCalls(Arc::new(Semaphore::new(self.max_calls)));
+        let peer = conn.peer();
+        let budget = self.budget.clone();
+        let budgeted = tower::service_fn(move |req: hyper::Request<Incoming>| {
+            let (budget, mut rpc) = (budget.clone(), rpc.clone());
+            async move {
+                let declared = req
+                    .headers()
+                    .get(hyper::header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let _bytes = budget.admit(declared).await;
+                rpc.call(req).await.map_err(std::io::Error::other)
             }
         });
+        let gated = tower::Layer::layer(&self.keeper, budgeted);
+        let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
+            req.extensions_mut().insert(peer.clone());
+            req.extensions_mut().insert(calls.clone());
+            gated.clone().call(req)
+        });
+        let conn = transport::http1(self.header_timeout)
+            .serve_connection(TokioIo::new(conn), svc)
+            .with_upgrades();
+        tokio::pin!(conn, stopped);
+        tokio::select! {
+            _ = conn.as_mut() => {}
+            () = &mut stopped => {
+                conn.as_mut().graceful_shutdown();
+                let _ = conn.await;
+            }
+        }
     }
-    // WebSocket connections close; HTTP connections finish their requests. `stopped`
-    // waits for every stop handle, this one included.
-    drop(stop_handle);
-    let _ = server_handle.stop();
-    server_handle.stopped().await;
-}
-
-/// `401 Unauthorized`, saying no more.
-fn unauthorized() -> HttpResponse {
-    let mut response = HttpResponse::new(HttpBody::from("unauthenticated\n".to_string()));
-    *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
-    let headers = response.headers_mut();
-    headers.insert(
-        hyper::header::WWW_AUTHENTICATE,
-        hyper::header::HeaderValue::from_static("Bearer"),
-    );
-    headers.insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain"),
-    );
-    response
-}
-
-/// `403 Forbidden` saying `why`.
-fn forbidden(why: &'static str) -> HttpResponse {
-    let mut response = HttpResponse::new(HttpBody::from(why.to_string()));
-    *response.status_mut() = hyper::StatusCode::FORBIDDEN;
-    response.headers_mut().insert(
-        hyper::header::CONTENT_TYPE,
-        hyper::header::HeaderValue::from_static("text/plain"),
-    );
-    response
 }
 
 /// `t` in Unix seconds, as `vm-list` reports times.

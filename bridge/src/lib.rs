@@ -27,6 +27,7 @@ pub mod config;
 pub mod discovery;
 pub mod domains;
 pub mod error;
+pub mod gatekeeper;
 pub mod grpc;
 pub mod hotplug;
 pub mod http_policy;
@@ -171,7 +172,11 @@ impl Bridge {
             .map_err(|e| StartError::Reflection(e.to_string()))?;
         let limits = &config.limits;
         let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
+        let gate = gatekeeper::Gatekeeper::new("grpc", service.auth().clone(), metrics.clone())
+            .audited(service.audit().clone())
+            .public(&["/grpc.health.v1.Health/", "/grpc.reflection."]);
         let router = tonic::transport::Server::builder()
+            .layer(gate)
             .max_concurrent_streams(limits.grpc_max_streams)
             .http2_max_pending_accept_reset_streams(Some(limits.grpc_max_pending_resets))
             .http2_keepalive_interval(Some(keepalive))
