@@ -251,7 +251,7 @@ pub enum Arguments<'a> {
     Set(&'a GuestSetMemoryBlocksArgs),
     /// `{"mem-blks": [...], "online-type": ...}`.
     SetOnlineType {
-        /// The changes.
+        /// The blocks to online or offline, in order.
         #[serde(rename = "mem-blks")]
         mem_blks: &'a [GuestMemoryBlock],
         /// How to online.

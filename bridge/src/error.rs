@@ -33,9 +33,9 @@ pub mod code {
     pub const VM_NOT_FOUND: i32 = -32001;
     /// Agent not connected.
     pub const UNAVAILABLE: i32 = -32002;
-    /// Timed out.
+    /// The caller's deadline passed.
     pub const DEADLINE_EXCEEDED: i32 = -32003;
-    /// Queue full.
+    /// A queue or in-flight limit was hit.
     pub const RESOURCE_EXHAUSTED: i32 = -32004;
     /// The agent does not offer the command.
     pub const UNIMPLEMENTED: i32 = -32005;
@@ -67,17 +67,17 @@ pub enum BridgeError {
     /// The VM's agent cannot be reached now.
     #[error("agent of VM '{vm}' unavailable: {reason}")]
     Unavailable {
-        /// The VM.
+        /// The VM whose agent it is.
         vm: String,
-        /// Why.
+        /// What failed: connecting, the handshake, the socket, libvirt.
         reason: String,
     },
     /// No reply before the deadline; the channel is resynchronised.
     #[error("agent of VM '{vm}' did not answer {command} in time")]
     DeadlineExceeded {
-        /// The VM.
+        /// The VM whose agent it is.
         vm: String,
-        /// The command.
+        /// The QGA (or QMP, libvirt) command that was not answered.
         command: String,
     },
     /// The VM's queue is full.
@@ -280,7 +280,7 @@ impl Outcome {
             .map_or_else(BridgeError::outcome, |_| Self::Ok)
     }
 
-    /// The label.
+    /// The label as metrics and the audit trail write it (`snake_case`).
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Ok => "ok",

@@ -60,9 +60,9 @@ pub enum StartError {
     /// A listen address could not be bound.
     #[error("cannot listen on {addr}: {source}")]
     Bind {
-        /// The address.
+        /// The TCP address or unix socket path asked for.
         addr: String,
-        /// Why.
+        /// The operating system's error.
         #[source]
         source: std::io::Error,
     },

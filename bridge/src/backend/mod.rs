@@ -114,7 +114,7 @@ pub enum BackendError {
     /// No answer to `command` in time.
     #[error("{command} timed out")]
     Timeout {
-        /// The command.
+        /// The QMP command or libvirt call that was not answered.
         command: String,
     },
     /// The hypervisor refused `step`: nothing was done by it.

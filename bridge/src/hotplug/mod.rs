@@ -1,4 +1,5 @@
-//! Memory hotplug: DIMMs plugged and unplugged through a VM's [`MemoryBackend`] (QMP or
+//! Memory hotplug: DIMMs plugged and unplugged through a VM's
+//! [`MemoryBackend`](crate::backend::MemoryBackend) (QMP or
 //! libvirt), their blocks onlined and offlined through its agent, as one operation that
 //! completes or leaves the VM as it was.
 //!

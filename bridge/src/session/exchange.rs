@@ -58,7 +58,7 @@ pub enum Cut {
 /// budget they must stay within.
 #[derive(Debug)]
 pub struct Skipped {
-    /// How many.
+    /// How many frames were skipped.
     pub count: u32,
     /// Their bytes (values only: malformed input is skipped without being kept).
     pub bytes: usize,
@@ -269,7 +269,7 @@ fn probe_id(bytes: &[u8]) -> Option<i64> {
     serde_json::from_slice::<Probe>(bytes).ok()?.id
 }
 
-/// The handshake of `qga-protocol.md` §4 with sync id `id`: `0xFF`, then
+/// QGA's resync handshake with sync id `id`: `0xFF`, then
 /// `guest-sync-delimited`; everything up to the agent's `0xFF` is dropped unread, and
 /// every frame after it but `{"return": id}` is skipped.
 pub async fn resync<S: AsyncRead + AsyncWrite + Unpin>(

@@ -1,24 +1,16 @@
-//! One VM's QGA channel: a task that owns the connection and runs calls one at a time.
+//! One VM's QGA channel: a handle callers share and a task that runs calls one at a time.
 //!
 //! Callers hand a [`Session`] a typed [`Call`]; it is queued on a bounded channel (full: an
-//! error at once, never unbounded growth) and executed by the VM's worker task, which
-//!
-//! - connects lazily, backing off after failures;
-//! - resynchronises (`qga-protocol.md` §4: `0xFF`, `guest-sync-delimited` with a fresh
-//!   random id, skip to `0xFF`, discard everything but `{"return": id}`) on every new
-//!   connection and after any timeout, garbled or unusable reply;
-//! - tags every command with a fresh `id` and accepts only the reply carrying it, so a late
-//!   reply to an earlier, timed-out call is discarded, never handed to a later caller;
-//! - bounds every read: reply size and nesting by the codec, time by the call's deadline;
-//! - decodes the reply into the call's typed [`Reply`], checked against the request.
+//! error at once, never unbounded growth) and run by the VM's worker (`worker.rs`) on its
+//! channel (`channel.rs`): a unix socket of ours (`socket.rs`: connect, resync, ids, bounded reads —
+//! the handshake is QEMU's, see "QGA wire protocol" in `docs/ARCHITECTURE.md`) or libvirt
+//! (`libvirt.rs`: libvirt holds the channel). Either way the reply is bounded and decoded
+//! into the call's typed [`Reply`], checked against the request, and a state-changing
+//! call's outcome is awaited and recorded even after its caller left (`record.rs`).
 //!
 //! Concurrent identical reads (no arguments) share one agent call; writes are never merged.
-//! The connection is anything [`Connector`] opens, so the whole protocol is unit-tested
-//! over in-memory pipes (`tests.rs`).
-//!
-//! A libvirt domain's session ([`Session::spawn_libvirt`]) has another worker
-//! (`libvirt.rs`): libvirt holds the channel and runs the protocol, so that worker only
-//! bounds, decodes and records; the handle, queue, deadlines and coalescing are the same.
+//! The socket channel's connection is anything a [`Connector`] opens, so the whole
+//! protocol is unit-tested over in-memory pipes (`tests.rs`).
 
 mod channel;
 mod exchange;
@@ -93,7 +85,7 @@ pub type CallResult = Result<Reply, BridgeError>;
 
 /// Opens connections to a VM's agent: a new byte stream each time.
 pub trait Connector: Send + Sync + 'static {
-    /// The connection.
+    /// The byte stream of one connection.
     type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
     /// Opens a new connection.
     fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
