@@ -190,13 +190,7 @@ impl Service {
     ) -> Result<Layout, BridgeError> {
         self.authorize(caller, vm, hotplug_method::LAYOUT, false, || None)?;
         let _slot = self.in_flight_slot()?;
-        let found = self.vms.get(vm)?;
-        let target = Target {
-            vm,
-            session: found.session.clone(),
-            memory: found.memory.clone(),
-        };
-        self.hotplug.layout(target, deadline).await
+        self.hotplug.layout(self.target(vm)?, deadline).await
     }
 
     /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.
@@ -212,15 +206,20 @@ impl Service {
             serde_json::to_value(&op).ok()
         })?;
         let _slot = self.in_flight_slot()?;
-        let found = self.vms.get(vm)?;
-        let target = Target {
-            vm,
-            session: found.session.clone(),
-            memory: found.memory.clone(),
-        };
+        let target = self.target(vm)?;
         self.hotplug
             .run(caller, target, op, request_id, deadline)
             .await
+    }
+
+    /// VM `vm` as hotplug sees it.
+    fn target<'a>(&self, vm: &'a str) -> Result<Target<'a>, BridgeError> {
+        let found = self.vms.get(vm)?;
+        Ok(Target {
+            vm,
+            session: found.session.clone(),
+            memory: found.memory.clone(),
+        })
     }
 
     /// Checks `caller`'s grants for `method` on `vm` (`write`: it changes the guest);

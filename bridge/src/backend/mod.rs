@@ -146,6 +146,19 @@ pub enum NotAdded {
     },
 }
 
+/// A DIMM to add.
+#[derive(Debug, Clone, Copy)]
+pub struct NewDimm<'a> {
+    /// The VM's DIMMs now, whose ids the new one must not take.
+    pub dimms: &'a [DimmDevice],
+    /// Bytes.
+    pub size: u64,
+    /// NUMA node (`None`: QEMU's or libvirt's default).
+    pub node: Option<u32>,
+    /// The operation's deadline.
+    pub until: Instant,
+}
+
 /// A DIMM just added: its device id and its memory backend's id.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Added {
@@ -216,16 +229,8 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
     /// a moment, so a refusal is tried again for a short while.
     async fn delete_backend(&self, memdev: &str, until: Instant) -> Result<Deleted, BackendError>;
 
-    /// Adds a DIMM of `size` bytes on NUMA node `node` (`dimms`: the VM's DIMMs now),
-    /// recording each step it takes in `steps`.
-    async fn add_dimm(
-        &self,
-        dimms: &[DimmDevice],
-        size: u64,
-        node: Option<u32>,
-        until: Instant,
-        steps: &mut Vec<Step>,
-    ) -> Result<Added, NotAdded>;
+    /// Adds the DIMM `new` asks for, recording each step it takes in `steps`.
+    async fn add_dimm(&self, new: NewDimm<'_>, steps: &mut Vec<Step>) -> Result<Added, NotAdded>;
 
     /// Asks the guest to eject DIMM `id`; how it ends comes through [`Self::watch`].
     async fn remove_dimm(&self, id: &str, until: Instant) -> Result<(), BackendError>;

@@ -10,7 +10,7 @@ use tokio::{sync::broadcast, time::Instant};
 
 use super::{
     Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
-    MemorySize, NotAdded, Step, Timeouts,
+    MemorySize, NewDimm, NotAdded, Step, Timeouts,
 };
 
 /// Prefix of the memory backends this bridge makes.
@@ -198,14 +198,13 @@ impl MemoryBackend for QmpBackend {
         }
     }
 
-    async fn add_dimm(
-        &self,
-        dimms: &[DimmDevice],
-        size: u64,
-        node: Option<u32>,
-        until: Instant,
-        steps: &mut Vec<Step>,
-    ) -> Result<Added, NotAdded> {
+    async fn add_dimm(&self, new: NewDimm<'_>, steps: &mut Vec<Step>) -> Result<Added, NotAdded> {
+        let NewDimm {
+            dimms,
+            size,
+            node,
+            until,
+        } = new;
         let memdevs = self.memdev_ids(until).await.map_err(NotAdded::Refused)?;
         let (dimm, memdev) = free_ids(dimms, &memdevs);
         let unknown = |error, dimm: &str, memdev: &str| NotAdded::Unknown {

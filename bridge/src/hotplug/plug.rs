@@ -14,7 +14,7 @@ use super::{
     unplug::{eject, offline_all, still_plugged},
 };
 use crate::{
-    backend::{Added, Deleted, DimmDevice, NotAdded},
+    backend::{Added, Deleted, DimmDevice, NewDimm, NotAdded},
     error::BridgeError,
 };
 
@@ -68,10 +68,13 @@ pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
     let devices = ctx.dimms().await?;
     check_room(ctx, &devices, args.size).await?;
     remove_orphans(ctx, &devices).await?;
-    let added = ctx
-        .backend
-        .add_dimm(&devices, args.size, args.node, ctx.deadline, &mut ctx.steps)
-        .await;
+    let new = NewDimm {
+        dimms: &devices,
+        size: args.size,
+        node: args.node,
+        until: ctx.deadline,
+    };
+    let added = ctx.backend.add_dimm(new, &mut ctx.steps).await;
     let (dimm_id, mem_id) = match added {
         Ok(Added { dimm, memdev }) => (dimm, memdev),
         Err(NotAdded::Refused(e)) => return Err(ctx.backend_error(e)),

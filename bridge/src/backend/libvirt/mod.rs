@@ -14,7 +14,7 @@ use tokio::{sync::broadcast, time::Instant};
 use self::xml::{DomainMemory, MAX_XML_BYTES};
 use super::{
     Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
-    MemorySize, NotAdded, Step, Timeouts,
+    MemorySize, NewDimm, NotAdded, Step, Timeouts,
 };
 
 /// One run of a libvirt domain, through the bridge's libvirt connection.
@@ -173,14 +173,13 @@ impl MemoryBackend for LibvirtBackend {
     /// Attaches the DIMM under a fresh user alias, confirmed once libvirt's device-added
     /// event came (or a second passed) and the live XML lists it. A refusal made nothing;
     /// any other failure may have made the DIMM, under that alias.
-    async fn add_dimm(
-        &self,
-        dimms: &[DimmDevice],
-        size: u64,
-        node: Option<u32>,
-        until: Instant,
-        steps: &mut Vec<Step>,
-    ) -> Result<Added, NotAdded> {
+    async fn add_dimm(&self, new: NewDimm<'_>, steps: &mut Vec<Step>) -> Result<Added, NotAdded> {
+        let NewDimm {
+            dimms,
+            size,
+            node,
+            until,
+        } = new;
         let alias = free_alias(dimms);
         let unknown = |error| NotAdded::Unknown {
             error,
