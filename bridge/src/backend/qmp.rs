@@ -199,26 +199,23 @@ impl MemoryBackend for QmpBackend {
     }
 
     async fn add_dimm(&self, new: NewDimm<'_>, steps: &mut Vec<Step>) -> Result<Added, NotAdded> {
-        let NewDimm {
-            dimms,
-            size,
-            node,
-            until,
-        } = new;
-        let memdevs = self.memdev_ids(until).await.map_err(NotAdded::Refused)?;
-        let (dimm, memdev) = free_ids(dimms, &memdevs);
+        let memdevs = self
+            .memdev_ids(new.until)
+            .await
+            .map_err(NotAdded::Refused)?;
+        let (dimm, memdev) = free_ids(new.dimms, &memdevs);
         let unknown = |error, dimm: &str, memdev: &str| NotAdded::Unknown {
             error,
             dimm: dimm.to_string(),
             memdev: memdev.to_string(),
         };
-        match self.object_add(&memdev, size, until).await {
+        match self.object_add(&memdev, new.size, new.until).await {
             Ok(step) => steps.push(step),
             // QEMU refused: nothing was made. Lost or late: it may have been.
             Err(e @ BackendError::Refused { .. }) => return Err(NotAdded::Refused(e)),
             Err(e) => return Err(unknown(e, &dimm, &memdev)),
         }
-        match self.device_add(&dimm, &memdev, node, until).await {
+        match self.device_add(&dimm, &memdev, new.node, new.until).await {
             Ok(step) => steps.push(step),
             Err(e) => return Err(unknown(e, &dimm, &memdev)),
         }

@@ -174,13 +174,7 @@ impl MemoryBackend for LibvirtBackend {
     /// event came (or a second passed) and the live XML lists it. A refusal made nothing;
     /// any other failure may have made the DIMM, under that alias.
     async fn add_dimm(&self, new: NewDimm<'_>, steps: &mut Vec<Step>) -> Result<Added, NotAdded> {
-        let NewDimm {
-            dimms,
-            size,
-            node,
-            until,
-        } = new;
-        let alias = free_alias(dimms);
+        let alias = free_alias(new.dimms);
         let unknown = |error| NotAdded::Unknown {
             error,
             dimm: alias.clone(),
@@ -189,8 +183,9 @@ impl MemoryBackend for LibvirtBackend {
         let events = self.libvirt.subscribe();
         let start = Instant::now();
         // libvirt may wait for the domain's job lock before it even starts.
-        let attach_until = (Instant::now() + self.timeouts.command + LIBVIRT_OWN_WAIT).min(until);
-        let xml = dimm_xml(&alias, size, node.unwrap_or(0));
+        let attach_until =
+            (Instant::now() + self.timeouts.command + LIBVIRT_OWN_WAIT).min(new.until);
+        let xml = dimm_xml(&alias, new.size, new.node.unwrap_or(0));
         if let Err(e) = self
             .libvirt
             .attach_device(&self.dom, &xml, attach_until)
@@ -204,13 +199,13 @@ impl MemoryBackend for LibvirtBackend {
                 unknown(e)
             });
         }
-        self.confirm_added(events, &alias, until)
+        self.confirm_added(events, &alias, new.until)
             .await
             .map_err(unknown)?;
         steps.push(Step::since(
             "attach-device",
             start,
-            format!("dimm {alias}, {size} bytes"),
+            format!("dimm {alias}, {} bytes", new.size),
         ));
         Ok(Added {
             memdev: format!("mem{alias}"),
