@@ -13,53 +13,15 @@ use std::sync::Arc;
 use glob::Pattern;
 use ring::digest::{SHA256, digest};
 use rustls::pki_types::CertificateDer;
-use serde::Deserialize;
 use subtle::ConstantTimeEq;
 use x509_parser::extensions::GeneralName;
 
-use crate::{error::BridgeError, transport::Peer};
-
-/// A bearer token, by the SHA-256 of its text (hex).
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TokenConfig {
-    /// The identity the token proves.
-    pub identity: String,
-    /// Lower-case hex SHA-256 of the token.
-    pub sha256: String,
-}
-
-/// What a role allows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Reads only.
-    Read,
-    /// Reads and state-changing calls.
-    Write,
-}
-
-/// A role on some VMs for an identity.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct GrantConfig {
-    /// The identity.
-    pub identity: String,
-    /// The role.
-    pub role: Role,
-    /// Globs of VM names.
-    pub vms: Vec<String>,
-}
-
-/// The `[auth]` section.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields, default)]
-pub struct AuthConfig {
-    /// Bearer tokens.
-    pub tokens: Vec<TokenConfig>,
-    /// Grants.
-    pub grants: Vec<GrantConfig>,
-}
+pub use crate::config::AuthConfigError;
+use crate::{
+    config::{AuthConfig, Role},
+    error::BridgeError,
+    peer::Peer,
+};
 
 #[derive(Debug)]
 struct Grant {
@@ -104,24 +66,6 @@ pub struct Auth {
     grants: Vec<Grant>,
 }
 
-/// Why the `[auth]` section is unusable.
-#[derive(Debug, thiserror::Error)]
-#[error("[auth]: {0}")]
-pub struct AuthConfigError(String);
-
-fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
-    let hex = hex.as_bytes();
-    if hex.len() != 64 {
-        return None;
-    }
-    let mut out = [0u8; 32];
-    for (i, pair) in hex.chunks(2).enumerate() {
-        let s = std::str::from_utf8(pair).ok()?;
-        out[i] = u8::from_str_radix(s, 16).ok()?;
-    }
-    Some(out)
-}
-
 impl Auth {
     /// The checks for the `[auth]` section `config` (`None`: no section; `Some`, even
     /// empty: authentication required); `trust_network` is `--allow-insecure-tcp`.
@@ -129,30 +73,22 @@ impl Auth {
         let enabled = config.is_some();
         let empty = AuthConfig::default();
         let config = config.unwrap_or(&empty);
-        let mut tokens = Vec::new();
-        for t in &config.tokens {
-            let hash = parse_hex32(&t.sha256).ok_or_else(|| {
-                AuthConfigError(format!(
-                    "token of '{}': sha256 must be 64 hex digits (e.g. `printf %s TOKEN | sha256sum`)",
-                    t.identity
-                ))
-            })?;
-            tokens.push((hash, Arc::from(t.identity.as_str())));
-        }
-        let mut grants = Vec::new();
-        for g in &config.grants {
-            let vms = g
-                .vms
-                .iter()
-                .map(|p| Pattern::new(p))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| AuthConfigError(format!("grant of '{}': {e}", g.identity)))?;
-            grants.push(Grant {
-                identity: g.identity.clone(),
-                role: g.role,
-                vms,
-            });
-        }
+        let tokens = config
+            .tokens
+            .iter()
+            .map(|t| Ok((t.digest()?, Arc::from(t.identity.as_str()))))
+            .collect::<Result<Vec<_>, AuthConfigError>>()?;
+        let grants = config
+            .grants
+            .iter()
+            .map(|g| {
+                Ok(Grant {
+                    identity: g.identity.clone(),
+                    role: g.role,
+                    vms: g.patterns()?,
+                })
+            })
+            .collect::<Result<Vec<_>, AuthConfigError>>()?;
         Ok(Self {
             enabled,
             trust_network,
@@ -270,6 +206,7 @@ impl Auth {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::{GrantConfig, TokenConfig};
 
     fn hex(bytes: &[u8]) -> String {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
@@ -310,7 +247,7 @@ mod tests {
         }
         assert!(auth.authenticate(&at("127.0.0.1:1"), None).is_err());
         let unix = Peer {
-            unix: Some(crate::transport::UnixPeer {
+            unix: Some(crate::peer::UnixPeer {
                 uid: 1000,
                 gid: 1000,
                 pid: None,

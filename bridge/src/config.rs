@@ -83,11 +83,7 @@ use std::{
 use clap::Parser;
 use serde::Deserialize;
 
-use crate::auth::Auth;
-pub use crate::{
-    auth::{AuthConfig, GrantConfig, Role, TokenConfig},
-    tls::TlsFiles,
-};
+use crate::names::{proxmox_patterns, validate_vm_name};
 
 /// `qga-bridge` command line.
 #[derive(Debug, Parser, Default)]
@@ -186,20 +182,6 @@ fn parse_vm(s: &str) -> Result<(String, PathBuf), String> {
         return Err(format!("VM '{name}' has an empty socket path"));
     }
     Ok((name.to_string(), PathBuf::from(socket)))
-}
-
-/// VM names: 1-128 characters of letters, digits, `.`, `_`, `-`, `:`.
-pub fn validate_vm_name(name: &str) -> Result<(), String> {
-    let ok = !name.is_empty()
-        && name.len() <= 128
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | ':'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("invalid VM name '{name}'"))
-    }
 }
 
 /// Log output format.
@@ -528,6 +510,116 @@ pub struct Http {
     pub allowed_origins: Vec<String>,
 }
 
+/// The `[tls]` section: PEM files.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsFiles {
+    /// The server's certificate chain.
+    pub cert: PathBuf,
+    /// Its private key.
+    pub key: PathBuf,
+    /// CA certificates client certificates must chain to; set, every client must present
+    /// one (mutual TLS).
+    #[serde(default)]
+    pub client_ca: Option<PathBuf>,
+}
+
+/// A bearer token, by the SHA-256 of its text (hex).
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    /// The identity the token proves.
+    pub identity: String,
+    /// Lower-case hex SHA-256 of the token.
+    pub sha256: String,
+}
+
+/// What a role allows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Reads only.
+    Read,
+    /// Reads and state-changing calls.
+    Write,
+}
+
+/// A role on some VMs for an identity.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// The identity.
+    pub identity: String,
+    /// The role.
+    pub role: Role,
+    /// Globs of VM names.
+    pub vms: Vec<String>,
+}
+
+/// The `[auth]` section.
+#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct AuthConfig {
+    /// Bearer tokens.
+    pub tokens: Vec<TokenConfig>,
+    /// Grants.
+    pub grants: Vec<GrantConfig>,
+}
+
+impl TokenConfig {
+    /// The SHA-256 the token must hash to, from its 64 hex digits.
+    pub fn digest(&self) -> Result<[u8; 32], AuthConfigError> {
+        parse_hex32(&self.sha256).ok_or_else(|| {
+            AuthConfigError(format!(
+                "token of '{}': sha256 must be 64 hex digits (e.g. `printf %s TOKEN | sha256sum`)",
+                self.identity
+            ))
+        })
+    }
+}
+
+fn parse_hex32(hex: &str) -> Option<[u8; 32]> {
+    let hex = hex.as_bytes();
+    if hex.len() != 64 {
+        return None;
+    }
+    let mut out = [0u8; 32];
+    for (i, pair) in hex.chunks(2).enumerate() {
+        let s = std::str::from_utf8(pair).ok()?;
+        out[i] = u8::from_str_radix(s, 16).ok()?;
+    }
+    Some(out)
+}
+
+impl GrantConfig {
+    /// The VM globs, compiled.
+    pub fn patterns(&self) -> Result<Vec<glob::Pattern>, AuthConfigError> {
+        self.vms
+            .iter()
+            .map(|p| glob::Pattern::new(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| AuthConfigError(format!("grant of '{}': {e}", self.identity)))
+    }
+}
+
+impl AuthConfig {
+    /// `Ok` when every token hash and grant glob is usable.
+    pub fn check(&self) -> Result<(), AuthConfigError> {
+        for token in &self.tokens {
+            token.digest()?;
+        }
+        for grant in &self.grants {
+            grant.patterns()?;
+        }
+        Ok(())
+    }
+}
+
+/// Why the `[auth]` section is unusable.
+#[derive(Debug, thiserror::Error)]
+#[error("[auth]: {0}")]
+pub struct AuthConfigError(String);
+
 /// The TOML file.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -841,8 +933,10 @@ impl Config {
                 )));
             }
         }
-        Auth::new(self.auth.as_ref(), self.allow_insecure_tcp)
-            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if let Some(auth) = &self.auth {
+            auth.check()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         for origin in &self.http.allowed_origins {
             if !(origin.starts_with("http://") || origin.starts_with("https://"))
                 || origin.trim_end_matches('/') != origin
@@ -883,7 +977,7 @@ impl Config {
             )));
         }
         if let Some(dir) = &self.discover_proxmox
-            && crate::discovery::proxmox_patterns(dir).is_none()
+            && proxmox_patterns(dir).is_none()
         {
             return Err(ConfigError::Invalid(format!(
                 "discover_proxmox {} is not UTF-8",

@@ -33,6 +33,9 @@ pub mod hotplug;
 pub mod http_policy;
 pub mod jsonrpc;
 pub mod metrics;
+pub mod metrics_server;
+pub mod names;
+pub mod peer;
 pub mod service;
 pub mod session;
 pub mod tls;
@@ -243,7 +246,7 @@ impl Bridge {
                 .http();
                 let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
                 let policy = http_policy::HttpPolicy::new(&config.http, Some(bound));
-                tasks.spawn(metrics::serve(
+                tasks.spawn(metrics_server::serve(
                     gate,
                     metrics.clone(),
                     header_timeout,
@@ -263,7 +266,7 @@ impl Bridge {
             tasks.spawn(domains::follow(vms.clone(), libvirt, rx.clone()));
         }
         tasks.spawn(vms.clone().discover(rx));
-        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics::describe), vms = vms.len(), "qga-bridge serving");
+        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics_server::describe), vms = vms.len(), "qga-bridge serving");
         Ok(Self {
             grpc_addr,
             jsonrpc_addr,

@@ -13,22 +13,9 @@ use rustls::{
     pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject},
     server::WebPkiClientVerifier,
 };
-use serde::Deserialize;
 use tokio_rustls::TlsAcceptor;
 
-/// The `[tls]` section: PEM files.
-#[derive(Debug, Clone, Default, Deserialize, PartialEq, Eq)]
-#[serde(deny_unknown_fields)]
-pub struct TlsFiles {
-    /// The server's certificate chain.
-    pub cert: PathBuf,
-    /// Its private key.
-    pub key: PathBuf,
-    /// CA certificates client certificates must chain to; set, every client must present
-    /// one (mutual TLS).
-    #[serde(default)]
-    pub client_ca: Option<PathBuf>,
-}
+use crate::config::TlsFiles;
 
 /// Why TLS could not be set up from the files.
 #[derive(Debug, thiserror::Error)]

@@ -30,9 +30,10 @@ use tokio::{
     net::{TcpListener, TcpStream, UnixListener, UnixStream},
     sync::{OwnedSemaphorePermit, Semaphore, watch},
 };
-use tokio_rustls::{rustls::pki_types::CertificateDer, server::TlsStream};
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
 
+pub use crate::peer::{Peer, UnixPeer};
 use crate::{
     metrics::Metrics,
     tls::{Alpn, Tls},
@@ -382,43 +383,6 @@ impl Gate {
             };
             let _ = tokio::time::timeout(REFUSAL_DRAIN, answer).await;
         });
-    }
-}
-
-/// What the servers know of a connection's peer; gRPC requests carry it in their
-/// extensions.
-#[derive(Debug, Clone, Default)]
-pub struct Peer {
-    /// The peer's address (TCP).
-    pub addr: Option<std::net::SocketAddr>,
-    /// The peer's credentials (unix socket).
-    pub unix: Option<UnixPeer>,
-    /// The client certificate it presented (mutual TLS).
-    pub certificate: Option<CertificateDer<'static>>,
-}
-
-/// A unix-socket peer's credentials (`SO_PEERCRED`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct UnixPeer {
-    /// User id.
-    pub uid: u32,
-    /// Group id.
-    pub gid: u32,
-    /// Process id, if known.
-    pub pid: Option<i32>,
-}
-
-impl Peer {
-    /// How logs and the audit trail name the peer: `IP:PORT` or `uid=U,gid=G,pid=P`.
-    pub fn describe(&self) -> Option<String> {
-        match (self.addr, self.unix) {
-            (Some(addr), _) => Some(addr.to_string()),
-            (None, Some(u)) => Some(match u.pid {
-                Some(pid) => format!("uid={},gid={},pid={pid}", u.uid, u.gid),
-                None => format!("uid={},gid={}", u.uid, u.gid),
-            }),
-            (None, None) => None,
-        }
     }
 }
 
