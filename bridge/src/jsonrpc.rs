@@ -12,7 +12,6 @@ use std::{sync::Arc, time::Duration};
 use std::future::Future;
 
 use hyper::{body::Incoming, service::service_fn};
-use hyper_util::rt::TokioIo;
 use jsonrpsee::{
     Extensions, Methods, RpcModule,
     server::{BatchRequestConfig, HttpResponse, PingConfig, Server, ServerConfig, stop_channel},
@@ -407,17 +406,7 @@ impl Connection {
             req.extensions_mut().insert(calls.clone());
             gated.clone().call(req)
         });
-        let conn = transport::http1(self.header_timeout)
-            .serve_connection(TokioIo::new(conn), svc)
-            .with_upgrades();
-        tokio::pin!(conn, stopped);
-        tokio::select! {
-            _ = conn.as_mut() => {}
-            () = &mut stopped => {
-                conn.as_mut().graceful_shutdown();
-                let _ = conn.await;
-            }
-        }
+        transport::serve_http1(conn, svc, self.header_timeout, stopped).await;
     }
 }
 

@@ -246,13 +246,15 @@ impl Bridge {
                 .http();
                 let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
                 let policy = http_policy::HttpPolicy::new(&config.http, Some(bound));
+                let keeper =
+                    gatekeeper::Gatekeeper::new("metrics", service.auth().clone(), metrics.clone())
+                        .with_policy(policy);
                 tasks.spawn(metrics_server::serve(
                     gate,
                     metrics.clone(),
                     header_timeout,
-                    policy,
+                    keeper,
                     tls.clone(),
-                    service.auth().clone(),
                     rx.clone(),
                 ));
                 Some(bound)

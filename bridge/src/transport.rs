@@ -550,6 +550,33 @@ pub fn http1(header_read_timeout: Duration) -> hyper::server::conn::http1::Build
     builder
 }
 
+/// Serves HTTP/1 (and upgrades to WebSocket) on `conn` with `svc` until the peer closes,
+/// or until `stopped` fires: then the request in progress finishes and the connection
+/// closes.
+pub async fn serve_http1<S, B>(
+    conn: Conn,
+    svc: S,
+    header_read_timeout: Duration,
+    stopped: impl Future<Output = ()>,
+) where
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = B>,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    B: hyper::body::Body + 'static,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let conn = http1(header_read_timeout)
+        .serve_connection(hyper_util::rt::TokioIo::new(conn), svc)
+        .with_upgrades();
+    tokio::pin!(conn, stopped);
+    tokio::select! {
+        _ = conn.as_mut() => {}
+        () = &mut stopped => {
+            conn.as_mut().graceful_shutdown();
+            let _ = conn.await;
+        }
+    }
+}
+
 /// Bodies at least this large draw on the [`BodyBudget`]; smaller ones (every ordinary
 /// call, a full 4096-entry set included) never wait for it.
 pub const LARGE_BODY_BYTES: u64 = 256 * 1024;
