@@ -3,24 +3,30 @@
 use std::{sync::Arc, time::Duration};
 
 use qga_proto::v1::{
-    self as pb, guest_agent_server::GuestAgent, guest_memory_server::GuestMemory,
-    memory_hotplug_server::MemoryHotplug, vms_server::Vms,
+    self as pb, FILE_DESCRIPTOR_SET,
+    guest_agent_server::{GuestAgent, GuestAgentServer},
+    guest_memory_server::{GuestMemory, GuestMemoryServer},
+    memory_hotplug_server::{MemoryHotplug, MemoryHotplugServer},
+    vms_server::{Vms, VmsServer},
 };
 use qga_wire::schema::{
     GuestMemoryBlockResponse, GuestMemoryBlockResponseType, GuestMemoryOnlineType,
 };
 use tokio::time::Instant;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, transport::server::Router};
+use tower::layer::util::{Identity, Stack};
 
 use crate::{
     audit::Caller,
     backend::Step,
     call::{BlockChanges, Call, Reply},
+    gatekeeper::Gatekeeper,
     hotplug::{
         Done, Effect, Operation,
         layout::{self, BlockState, Layout},
         plug::PlugArgs,
     },
+    metrics::Metrics,
     service::Service,
     session::AgentState,
 };
@@ -57,6 +63,67 @@ impl Api {
         R::from_reply(reply)
             .map(Response::new)
             .ok_or_else(|| Status::internal("the agent's reply belongs to another call"))
+    }
+}
+
+/// The gRPC router: our four services behind the [`Gatekeeper`], and health and
+/// reflection (public, as health probes expect).
+pub async fn router(
+    service: &Arc<Service>,
+    metrics: &Arc<Metrics>,
+) -> Result<Router<Stack<Gatekeeper, Identity>>, String> {
+    let limits = &service.config().limits;
+    let api = Api::new(service.clone());
+    let max = max_request_bytes(limits.max_set_entries);
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<GuestMemoryServer<Api>>().await;
+    health.set_serving::<GuestAgentServer<Api>>().await;
+    health.set_serving::<VmsServer<Api>>().await;
+    health.set_serving::<MemoryHotplugServer<Api>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| e.to_string())?;
+    let keeper = Gatekeeper::new("grpc", service.auth().clone(), metrics.clone())
+        .audited(service.audit().clone())
+        .public(&["/grpc.health.v1.Health/", "/grpc.reflection."]);
+    let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
+    Ok(tonic::transport::Server::builder()
+        .layer(keeper)
+        .max_concurrent_streams(limits.grpc_max_streams)
+        .http2_max_pending_accept_reset_streams(Some(limits.grpc_max_pending_resets))
+        .http2_keepalive_interval(Some(keepalive))
+        .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(GuestMemoryServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(MemoryHotplugServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(VmsServer::new(api).max_decoding_message_size(max)))
+}
+
+/// Serves `router` on `incoming` connections until `shutdown` turns true.
+pub async fn serve<I, IO, IE>(
+    router: Router<Stack<Gatekeeper, Identity>>,
+    incoming: I,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) where
+    I: futures::Stream<Item = Result<IO, IE>>,
+    IO: tokio::io::AsyncRead
+        + tokio::io::AsyncWrite
+        + tonic::transport::server::Connected
+        + Unpin
+        + Send
+        + 'static,
+    IO::ConnectInfo: Clone + Send + Sync + 'static,
+    IE: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let stop = async move {
+        let _ = shutdown.wait_for(|s| *s).await;
+    };
+    if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
+        tracing::error!(error = %e, "gRPC server failed");
     }
 }
 

@@ -44,11 +44,6 @@ pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use qga_proto::v1::{
-    FILE_DESCRIPTOR_SET, guest_agent_server::GuestAgentServer,
-    guest_memory_server::GuestMemoryServer, memory_hotplug_server::MemoryHotplugServer,
-    vms_server::VmsServer,
-};
 use tokio::{net::TcpListener, sync::watch, task::JoinSet};
 
 pub use config::Config;
@@ -138,6 +133,100 @@ async fn listen(
     }
 }
 
+/// The longest time shutdown waits for calls and streams: the longest command timeout,
+/// and a little more.
+fn grace(config: &Config) -> Duration {
+    let t = &config.timeouts;
+    let longest = t.commands.values().copied().chain([t.default_ms]).max();
+    Duration::from_millis(longest.unwrap_or(0)) + Duration::from_secs(5)
+}
+
+/// The unix sockets `config` listens on, removed at shutdown.
+fn unix_sockets(config: &Config) -> Vec<std::path::PathBuf> {
+    [&config.grpc_addr, &config.jsonrpc_addr]
+        .into_iter()
+        .filter_map(|l| match l {
+            config::Listen::Unix(p) => Some(p.clone()),
+            config::Listen::Tcp(_) => None,
+        })
+        .collect()
+}
+
+/// What every server is started with.
+struct Servers<'a> {
+    config: &'a Config,
+    service: &'a Arc<Service>,
+    metrics: &'a Arc<Metrics>,
+    tls: Option<Arc<tls::Tls>>,
+    shutdown: watch::Receiver<bool>,
+    tasks: &'a mut JoinSet<()>,
+}
+
+impl Servers<'_> {
+    /// gRPC (our services, health, reflection) on `grpc_addr`; returns the bound address.
+    async fn grpc(&mut self) -> Result<Option<SocketAddr>, StartError> {
+        let limits = &self.config.limits;
+        let (listener, addr) = listen(&self.config.grpc_addr, &self.config.unix_sockets).await?;
+        let router = grpc::router(self.service, self.metrics)
+            .await
+            .map_err(StartError::Reflection)?;
+        let gate = transport::Gate::new(
+            listener,
+            limits.grpc_max_connections,
+            "grpc",
+            self.metrics.clone(),
+        );
+        let timeout = Duration::from_millis(limits.header_read_timeout_ms);
+        let incoming = transport::incoming(gate, self.tls.clone(), timeout);
+        self.tasks
+            .spawn(grpc::serve(router, incoming, self.shutdown.clone()));
+        Ok(addr)
+    }
+
+    /// JSON-RPC over HTTP and WebSocket on `jsonrpc_addr`; returns the bound address.
+    async fn jsonrpc(&mut self) -> Result<Option<SocketAddr>, StartError> {
+        let config = self.config;
+        let (listener, addr) = listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
+        let max = config.limits.max_connections as usize;
+        let gate = transport::Gate::new(listener, max, "jsonrpc", self.metrics.clone()).http();
+        self.tasks.spawn(jsonrpc::serve(
+            gate,
+            self.service.clone(),
+            self.tls.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(addr)
+    }
+
+    /// The metrics endpoint on `metrics_addr`, if configured; returns the bound address.
+    async fn metrics(&mut self) -> Result<Option<SocketAddr>, StartError> {
+        let Some(addr) = self.config.metrics_addr else {
+            return Ok(None);
+        };
+        let limits = &self.config.limits;
+        let listener = bind(addr).await?;
+        let bound = listener.local_addr().map_err(|source| StartError::Bind {
+            addr: addr.to_string(),
+            source,
+        })?;
+        let max = limits.metrics_max_connections;
+        let gate = transport::Gate::new(listener, max, "metrics", self.metrics.clone()).http();
+        let policy = http_policy::HttpPolicy::new(&self.config.http, Some(bound));
+        let auth = self.service.auth().clone();
+        let keeper =
+            gatekeeper::Gatekeeper::new("metrics", auth, self.metrics.clone()).with_policy(policy);
+        self.tasks.spawn(metrics_server::serve(
+            gate,
+            self.metrics.clone(),
+            Duration::from_millis(limits.header_read_timeout_ms),
+            keeper,
+            self.tls.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(Some(bound))
+    }
+}
+
 impl Bridge {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
@@ -148,120 +237,30 @@ impl Bridge {
             .clone()
             .map_or(audit::Sink::Log, audit::Sink::File);
         let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
-        let auth = Arc::new(
-            auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
-                .map_err(StartError::Auth)?,
-        );
+        let auth = auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
+            .map_err(StartError::Auth)?;
         let vms = Vms::new(config.clone(), metrics.clone());
-        let service = Service::new(vms.clone(), config.clone(), metrics.clone(), audit, auth);
+        let service = Service::new(
+            vms.clone(),
+            config.clone(),
+            metrics.clone(),
+            audit,
+            Arc::new(auth),
+        );
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
-        let handshake_timeout = Duration::from_millis(config.limits.header_read_timeout_ms);
         let (shutdown, rx) = watch::channel(false);
         let mut tasks = JoinSet::new();
-
-        // gRPC: our services, health, reflection.
-        let (grpc_listener, grpc_addr) = listen(&config.grpc_addr, &config.unix_sockets).await?;
-        let api = grpc::Api::new(service.clone());
-        let max_message = grpc::max_request_bytes(config.limits.max_set_entries);
-        let (health, health_service) = tonic_health::server::health_reporter();
-        health.set_serving::<GuestMemoryServer<grpc::Api>>().await;
-        health.set_serving::<GuestAgentServer<grpc::Api>>().await;
-        health.set_serving::<VmsServer<grpc::Api>>().await;
-        health.set_serving::<MemoryHotplugServer<grpc::Api>>().await;
-        let reflection = tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            .build_v1()
-            .map_err(|e| StartError::Reflection(e.to_string()))?;
-        let limits = &config.limits;
-        let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
-        let gate = gatekeeper::Gatekeeper::new("grpc", service.auth().clone(), metrics.clone())
-            .audited(service.audit().clone())
-            .public(&["/grpc.health.v1.Health/", "/grpc.reflection."]);
-        let router = tonic::transport::Server::builder()
-            .layer(gate)
-            .max_concurrent_streams(limits.grpc_max_streams)
-            .http2_max_pending_accept_reset_streams(Some(limits.grpc_max_pending_resets))
-            .http2_keepalive_interval(Some(keepalive))
-            .http2_keepalive_timeout(Some(Duration::from_millis(limits.keepalive_timeout_ms)))
-            .add_service(health_service)
-            .add_service(reflection)
-            .add_service(GuestMemoryServer::new(api.clone()).max_decoding_message_size(max_message))
-            .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max_message))
-            .add_service(
-                MemoryHotplugServer::new(api.clone()).max_decoding_message_size(max_message),
-            )
-            .add_service(VmsServer::new(api).max_decoding_message_size(max_message));
-        let mut grpc_stop = rx.clone();
-        let incoming = transport::incoming(
-            transport::Gate::new(
-                grpc_listener,
-                limits.grpc_max_connections,
-                "grpc",
-                metrics.clone(),
-            ),
-            tls.clone(),
-            handshake_timeout,
-        );
-        tasks.spawn(async move {
-            let stop = async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            };
-            if let Err(e) = router.serve_with_incoming_shutdown(incoming, stop).await {
-                tracing::error!(error = %e, "gRPC server failed");
-            }
-        });
-
-        // JSON-RPC over HTTP and WebSocket.
-        let (rpc_listener, jsonrpc_addr) =
-            listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
-        let gate = transport::Gate::new(
-            rpc_listener,
-            limits.max_connections as usize,
-            "jsonrpc",
-            metrics.clone(),
-        )
-        .http();
-        tasks.spawn(jsonrpc::serve(
-            gate,
-            service.clone(),
-            tls.clone(),
-            rx.clone(),
-        ));
-
-        // Metrics.
-        let metrics_addr = match config.metrics_addr {
-            Some(addr) => {
-                let listener = bind(addr).await?;
-                let bound = listener.local_addr().map_err(|source| StartError::Bind {
-                    addr: addr.to_string(),
-                    source,
-                })?;
-                let gate = transport::Gate::new(
-                    listener,
-                    limits.metrics_max_connections,
-                    "metrics",
-                    metrics.clone(),
-                )
-                .http();
-                let header_timeout = Duration::from_millis(limits.header_read_timeout_ms);
-                let policy = http_policy::HttpPolicy::new(&config.http, Some(bound));
-                let keeper =
-                    gatekeeper::Gatekeeper::new("metrics", service.auth().clone(), metrics.clone())
-                        .with_policy(policy);
-                tasks.spawn(metrics_server::serve(
-                    gate,
-                    metrics.clone(),
-                    header_timeout,
-                    keeper,
-                    tls.clone(),
-                    rx.clone(),
-                ));
-                Some(bound)
-            }
-            None => None,
+        let mut servers = Servers {
+            config: &config,
+            service: &service,
+            metrics: &metrics,
+            tls: tls.clone(),
+            shutdown: rx.clone(),
+            tasks: &mut tasks,
         };
-
+        let grpc_addr = servers.grpc().await?;
+        let jsonrpc_addr = servers.jsonrpc().await?;
+        let metrics_addr = servers.metrics().await?;
         if let Some(uri) = &config.libvirt {
             let libvirt =
                 qga_libvirt::Libvirt::start(uri, rx.clone()).map_err(StartError::Libvirt)?;
@@ -276,23 +275,8 @@ impl Bridge {
             service,
             metrics,
             tls,
-            sockets: [&config.grpc_addr, &config.jsonrpc_addr]
-                .into_iter()
-                .filter_map(|l| match l {
-                    config::Listen::Unix(p) => Some(p.clone()),
-                    config::Listen::Tcp(_) => None,
-                })
-                .collect(),
-            grace: Duration::from_millis(
-                config
-                    .timeouts
-                    .commands
-                    .values()
-                    .copied()
-                    .chain([config.timeouts.default_ms])
-                    .max()
-                    .unwrap_or(0),
-            ) + Duration::from_secs(5),
+            sockets: unix_sockets(&config),
+            grace: grace(&config),
             shutdown,
             tasks,
         })
