@@ -264,12 +264,26 @@ mod tests {
             auth.authorize(&ops, "db-1", true),
             Err(BridgeError::PermissionDenied(_))
         ));
+        assert!(auth.authenticate(&remote, Some(b"bEaReR s3cret")).is_ok());
+    }
 
+    #[test]
+    fn without_auth_only_local_callers_are_trusted_unless_the_network_is() {
+        let at = |addr: &str| Peer {
+            addr: Some(addr.parse().expect("addr")),
+            ..Peer::default()
+        };
+        let (remote, local) = (at("10.0.0.9:4000"), at("127.0.0.1:5"));
+        let unix = Peer {
+            unix: Some(crate::peer::UnixPeer {
+                uid: 1000,
+                gid: 1000,
+                pid: None,
+            }),
+            ..Peer::default()
+        };
         let open = Auth::new(None, false).expect("valid");
-        assert_eq!(
-            open.authenticate(&at("127.0.0.1:5"), None),
-            Ok(Identity::Trusted)
-        );
+        assert_eq!(open.authenticate(&local, None), Ok(Identity::Trusted));
         assert_eq!(open.authenticate(&unix, None), Ok(Identity::Trusted));
         assert!(open.authenticate(&remote, None).is_err());
         let trusting = Auth::new(None, true).expect("valid");
@@ -285,7 +299,6 @@ mod tests {
         assert!(Auth::new(Some(&bad), false).is_err());
         // A section with nothing in it grants nothing: it does not fall back to trust.
         let locked = Auth::new(Some(&AuthConfig::default()), true).expect("valid");
-        assert!(locked.authenticate(&at("127.0.0.1:5"), None).is_err());
-        assert!(auth.authenticate(&remote, Some(b"bEaReR s3cret")).is_ok());
+        assert!(locked.authenticate(&local, None).is_err());
     }
 }

@@ -873,10 +873,25 @@ impl Config {
             self.auth = file.auth;
         }
         self.discover = file.discover;
+        self.set_vms(file.vms);
+        self.hotplug = file.hotplug;
+        // Per-command entries add to the defaults rather than replacing them all.
+        let mut commands = self.timeouts.commands.clone();
+        commands.extend(file.timeouts.commands.clone());
+        self.timeouts = Timeouts {
+            commands,
+            ..file.timeouts
+        };
+        self.limits = file.limits;
+        Ok(())
+    }
+
+    /// The file's `[vms]` replace the VMs given so far.
+    fn set_vms(&mut self, vms: BTreeMap<String, VmEntry>) {
         self.vms.clear();
         self.qmp.clear();
         self.shared.clear();
-        for (name, entry) in file.vms {
+        for (name, entry) in vms {
             let (qga, qmp) = match entry {
                 VmEntry::Qga(qga) => (qga, None),
                 VmEntry::Full(VmSockets { qga, qmp, mode }) => {
@@ -891,19 +906,20 @@ impl Config {
                 self.qmp.insert(name, qmp);
             }
         }
-        self.hotplug = file.hotplug;
-        // Per-command entries add to the defaults rather than replacing them all.
-        let mut commands = self.timeouts.commands.clone();
-        commands.extend(file.timeouts.commands.clone());
-        self.timeouts = Timeouts {
-            commands,
-            ..file.timeouts
-        };
-        self.limits = file.limits;
-        Ok(())
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        self.validate_listeners()?;
+        self.validate_access()?;
+        self.validate_vms()?;
+        self.validate_discovery()?;
+        self.validate_limits()?;
+        self.validate_timeouts()
+    }
+
+    /// Listeners: a file mode that is one, and no plaintext TCP off loopback unless
+    /// allowed.
+    fn validate_listeners(&self) -> Result<(), ConfigError> {
         let tcp = |l: &Listen| match l {
             Listen::Tcp(a) => Some(*a),
             Listen::Unix(_) => None,
@@ -933,6 +949,11 @@ impl Config {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// `[auth]` and the HTTP origins.
+    fn validate_access(&self) -> Result<(), ConfigError> {
         if let Some(auth) = &self.auth {
             auth.check()
                 .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -946,6 +967,11 @@ impl Config {
                 )));
             }
         }
+        Ok(())
+    }
+
+    /// VM names, their QMP sockets, hotplug settings and `limits.max_vms`.
+    fn validate_vms(&self) -> Result<(), ConfigError> {
         for name in self.vms.keys() {
             validate_vm_name(name).map_err(ConfigError::Invalid)?;
         }
@@ -976,6 +1002,11 @@ impl Config {
                 self.limits.max_vms
             )));
         }
+        Ok(())
+    }
+
+    /// Discovery: a UTF-8 Proxmox directory, owners to accept, globs that parse.
+    fn validate_discovery(&self) -> Result<(), ConfigError> {
         if let Some(dir) = &self.discover_proxmox
             && proxmox_patterns(dir).is_none()
         {
@@ -991,6 +1022,15 @@ impl Config {
                 "discover_owners is empty: every discovered socket would be refused".into(),
             ));
         }
+        for pattern in &self.discover {
+            glob::Pattern::new(pattern)
+                .map_err(|e| ConfigError::Invalid(format!("bad glob '{pattern}': {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// `[limits]`: every count at least 1, and budgets that fit the largest request.
+    fn validate_limits(&self) -> Result<(), ConfigError> {
         if self.limits.max_set_entries == 0 {
             return Err(ConfigError::Invalid(
                 "limits.max_set_entries must be at least 1".into(),
@@ -1033,16 +1073,17 @@ impl Config {
                 "limits.max_reply_bytes must be at least 1024".into(),
             ));
         }
+        Ok(())
+    }
+
+    /// `[timeouts]`: all positive.
+    fn validate_timeouts(&self) -> Result<(), ConfigError> {
         if self.timeouts.default_ms == 0
             || self.timeouts.resync_ms == 0
             || self.timeouts.connect_ms == 0
             || self.timeouts.shared_idle_ms == 0
         {
             return Err(ConfigError::Invalid("timeouts must be positive".into()));
-        }
-        for pattern in &self.discover {
-            glob::Pattern::new(pattern)
-                .map_err(|e| ConfigError::Invalid(format!("bad glob '{pattern}': {e}")))?;
         }
         Ok(())
     }

@@ -252,40 +252,52 @@ impl Discovery {
             // What it did not see may still be there.
             taken.extend(self.taken.iter().cloned());
         }
-
         let mut refused = scan.refused;
-        let mut by_name: BTreeMap<String, BTreeSet<PathBuf>> = BTreeMap::new();
-        let mut qmps: BTreeMap<String, PathBuf> = BTreeMap::new();
-        for path in &taken {
-            if self.in_proxmox(path) {
+        let named = self.name(&taken, &mut refused);
+        self.note_refused(refused, complete);
+        let wanted = self.wanted(named);
+        let changes = self.expose(wanted);
+        self.taken = taken;
+        changes
+    }
+
+    /// The sockets of `taken` by VM name, with the QMP sockets found beside Proxmox's;
+    /// sockets that name no VM go to `refused`.
+    fn name(&self, taken: &BTreeSet<PathBuf>, refused: &mut BTreeMap<PathBuf, String>) -> Named {
+        let mut named = Named::default();
+        for path in taken {
+            let name = if self.in_proxmox(path) {
                 match proxmox_vm(path) {
-                    Some((name, false)) => {
-                        by_name.entry(name).or_default().insert(path.clone());
-                    }
                     Some((name, true)) => {
-                        qmps.insert(name, path.clone());
+                        named.qmps.insert(name, path.clone());
+                        continue;
                     }
+                    Some((name, false)) => Some(name),
                     None => {
-                        refused.insert(
-                            path.clone(),
-                            "not a Proxmox <vmid>.qga or <vmid>.qmp (vmid: decimal digits)".into(),
-                        );
+                        let why = "not a Proxmox <vmid>.qga or <vmid>.qmp (vmid: decimal digits)";
+                        refused.insert(path.clone(), why.into());
+                        continue;
                     }
                 }
-                continue;
-            }
-            match vm_name_for(path) {
+            } else {
+                vm_name_for(path)
+            };
+            match name {
                 Some(name) => {
-                    by_name.entry(name).or_default().insert(path.clone());
+                    named.by_name.entry(name).or_default().insert(path.clone());
                 }
                 None => {
-                    refused.insert(
-                        path.clone(),
-                        "its directory name is not a valid VM name".into(),
-                    );
+                    let why = "its directory name is not a valid VM name";
+                    refused.insert(path.clone(), why.into());
                 }
             }
         }
+        named
+    }
+
+    /// Logs refusals not logged before, and remembers them (all of them after a complete
+    /// scan, in addition to the earlier ones otherwise).
+    fn note_refused(&mut self, refused: BTreeMap<PathBuf, String>, complete: bool) {
         for (path, why) in &refused {
             if self.refused.get(path) != Some(why) {
                 tracing::warn!(path = %path.display(), "discovered socket refused: {why}");
@@ -296,11 +308,15 @@ impl Discovery {
         } else {
             self.refused.extend(refused);
         }
+    }
 
-        let mut wanted: BTreeMap<String, DiscoveredVm> = BTreeMap::new();
+    /// The VMs to expose: names of one socket that no configured VM has; shadowed and
+    /// ambiguous names are withheld (and logged once).
+    fn wanted(&mut self, named: Named) -> BTreeMap<String, DiscoveredVm> {
+        let mut wanted = BTreeMap::new();
         let mut collisions = BTreeMap::new();
         let mut shadowed = BTreeMap::new();
-        for (name, paths) in by_name {
+        for (name, paths) in named.by_name {
             if self.configured.contains(&name) {
                 if self.shadowed.get(&name) != Some(&paths) {
                     tracing::warn!(
@@ -322,7 +338,7 @@ impl Discovery {
             } else if let Some(path) = paths.into_iter().next() {
                 let vm = if self.in_proxmox(&path) {
                     DiscoveredVm {
-                        qmp: qmps.get(&name).cloned(),
+                        qmp: named.qmps.get(&name).cloned(),
                         shared: true,
                         qga: path,
                     }
@@ -339,7 +355,11 @@ impl Discovery {
         }
         self.collisions = collisions;
         self.shadowed = shadowed;
+        wanted
+    }
 
+    /// Exposes `wanted` within the capacity left: what to remove and what to add.
+    fn expose(&mut self, wanted: BTreeMap<String, DiscoveredVm>) -> Changes {
         let mut changes = Changes::default();
         self.exposed.retain(|name, _| {
             // An incomplete scan keeps every socket taken before, so this only drops
@@ -377,9 +397,15 @@ impl Discovery {
             }
         }
         self.over_limit = over_limit;
-        self.taken = taken;
         changes
     }
+}
+
+/// One scan's sockets by VM name, and Proxmox's QMP sockets by vmid.
+#[derive(Debug, Default)]
+struct Named {
+    by_name: BTreeMap<String, BTreeSet<PathBuf>>,
+    qmps: BTreeMap<String, PathBuf>,
 }
 
 fn list(paths: &BTreeSet<PathBuf>) -> String {

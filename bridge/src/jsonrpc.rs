@@ -530,7 +530,16 @@ mod tests {
             .contains("request-id")
         );
         assert!(refused("memory-layout", r#"["v"]"#).contains("expected an object"));
-        // null is given, not absent, as for the QGA methods.
+        assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
+    }
+
+    /// A hotplug member given as `null` is given, not absent, as for the QGA methods.
+    #[test]
+    fn null_hotplug_params_are_refused() {
+        let refused = |method: &str, params: &str| match decode_hotplug(method, params) {
+            Err(BridgeError::InvalidRequest(why)) => why,
+            other => panic!("{method} {params} should be refused, got {other:?}"),
+        };
         for (method, params) in [
             ("memory-layout", r#"{"vm": "v", "timeout-ms": null}"#),
             ("memory-plug", r#"{"vm": "v", "size": 1, "node": null}"#),
@@ -552,7 +561,6 @@ mod tests {
                 refused(method, params)
             );
         }
-        assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
     }
 
     /// Found by the `jsonrpc_params` fuzz target: derived decoding took a JSON array as
