@@ -102,7 +102,11 @@ impl Service {
     ) -> Arc<Self> {
         Arc::new(Self {
             vms,
-            hotplug: Hotplug::new(config.clone(), audit.clone(), metrics.clone()),
+            hotplug: Hotplug::new(
+                crate::hotplug::Settings::of(&config),
+                audit.clone(),
+                metrics.clone(),
+            ),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             config,
             metrics,

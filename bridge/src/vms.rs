@@ -17,7 +17,7 @@ use crate::{
     config::Config,
     discovery::{DiscoveredVm, Discovery, Scan, proxmox_patterns, scan},
     error::BridgeError,
-    hotplug::memory::VmMemory,
+    hotplug::{self, memory::VmMemory},
     metrics::Metrics,
     session::{AgentSource, ParseBudget, Session, Settings, VmStatus},
 };
@@ -40,6 +40,8 @@ pub struct Vms {
     config: Arc<Config>,
     /// What every session runs with.
     settings: Arc<Settings>,
+    /// What every memory backend runs with.
+    hotplug: Arc<hotplug::Settings>,
     metrics: Arc<Metrics>,
     /// Shared by every session: bytes of large replies being parsed at once.
     budget: Arc<ParseBudget>,
@@ -60,6 +62,7 @@ impl Vms {
             map: RwLock::new(BTreeMap::new()),
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
             settings: Settings::of(&config),
+            hotplug: hotplug::Settings::of(&config),
             config: config.clone(),
             metrics,
         });
@@ -72,7 +75,7 @@ impl Vms {
             let memory = config
                 .qmp
                 .get(name)
-                .map(|qmp| VmMemory::qmp(&config, qmp, shared));
+                .map(|qmp| VmMemory::qmp(&vms.hotplug, qmp, shared));
             vms.put(name, agent, memory);
         }
         vms
@@ -127,7 +130,7 @@ impl Vms {
         let memory = found
             .qmp
             .as_deref()
-            .map(|qmp| VmMemory::qmp(&self.config, qmp, found.shared));
+            .map(|qmp| VmMemory::qmp(&self.hotplug, qmp, found.shared));
         self.put(name, agent, memory);
     }
 
@@ -167,7 +170,7 @@ impl Vms {
                 None => {}
             }
         }
-        let memory = VmMemory::libvirt(&self.config, libvirt.clone(), dom.clone());
+        let memory = VmMemory::libvirt(&self.hotplug, libvirt.clone(), dom.clone());
         self.put(name, agent, Some(memory));
         true
     }

@@ -10,10 +10,9 @@ use std::{
 
 use qga_qmp::QmpLimits;
 
-use super::{Done, Operation};
+use super::{Done, Operation, Settings};
 use crate::{
     backend::{MemoryBackend, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
-    config::Config,
     error::BridgeError,
 };
 
@@ -77,11 +76,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-/// The per-command time limits of `config`'s backends.
-fn timeouts(config: &Config) -> Timeouts {
+/// The per-command time limits of the backends.
+fn timeouts(settings: &Settings) -> Timeouts {
     Timeouts {
-        command: Duration::from_millis(config.hotplug.qmp_timeout_ms),
-        eject: Duration::from_millis(config.hotplug.eject_timeout_ms),
+        command: Duration::from_millis(settings.hotplug.qmp_timeout_ms),
+        eject: Duration::from_millis(settings.hotplug.eject_timeout_ms),
     }
 }
 
@@ -108,14 +107,14 @@ impl VmMemory {
     /// Hotplug over QMP socket `socket` (connected on first use); a `shared` socket is
     /// released `timeouts.shared_idle_ms` after the last command, and held while an
     /// operation waits for an event.
-    pub fn qmp(config: &Config, socket: &Path, shared: bool) -> Self {
+    pub fn qmp(settings: &Settings, socket: &Path, shared: bool) -> Self {
         let limits = QmpLimits {
-            max_message: config.hotplug.max_qmp_bytes,
-            connect_timeout: Duration::from_millis(config.timeouts.connect_ms),
-            idle_close: shared.then(|| Duration::from_millis(config.timeouts.shared_idle_ms)),
+            max_message: settings.hotplug.max_qmp_bytes,
+            connect_timeout: settings.connect,
+            idle_close: shared.then_some(settings.shared_idle),
             ..QmpLimits::default()
         };
-        let backend = QmpBackend::new(socket, limits, timeouts(config));
+        let backend = QmpBackend::new(socket, limits, timeouts(settings));
         let source = MemorySource::Qmp {
             socket: socket.to_path_buf(),
             shared,
@@ -125,12 +124,12 @@ impl VmMemory {
 
     /// Hotplug of libvirt domain run `dom` through `libvirt`.
     pub fn libvirt(
-        config: &Config,
+        settings: &Settings,
         libvirt: Arc<qga_libvirt::Libvirt>,
         dom: qga_libvirt::Dom,
     ) -> Self {
         let source = MemorySource::Libvirt(dom.clone());
-        let backend = LibvirtBackend::new(libvirt, dom, timeouts(config));
+        let backend = LibvirtBackend::new(libvirt, dom, timeouts(settings));
         Self::new(source, Arc::new(backend))
     }
 

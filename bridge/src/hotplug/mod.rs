@@ -35,7 +35,7 @@ use crate::{
     audit::{Audit, Caller, Record},
     backend::Step,
     call::hotplug_method,
-    config::Config,
+    config::{self, Config},
     error::{BridgeError, Outcome},
     metrics::Metrics,
     session::Session,
@@ -107,10 +107,35 @@ pub fn check_request_id(id: &str) -> Result<(), BridgeError> {
     }
 }
 
+/// What hotplug needs of the configuration.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// `[hotplug]`: sizes, timeouts, request-ids.
+    pub hotplug: config::Hotplug,
+    /// Largest set sent to an agent (`limits.max_set_entries`).
+    pub max_set_entries: usize,
+    /// Connecting to a QMP socket (`timeouts.connect_ms`).
+    pub connect: Duration,
+    /// A shared QMP socket is released after this long idle (`timeouts.shared_idle_ms`).
+    pub shared_idle: Duration,
+}
+
+impl Settings {
+    /// The hotplug settings of `config`.
+    pub fn of(config: &Config) -> Arc<Self> {
+        Arc::new(Self {
+            hotplug: config.hotplug.clone(),
+            max_set_entries: config.limits.max_set_entries,
+            connect: Duration::from_millis(config.timeouts.connect_ms),
+            shared_idle: Duration::from_millis(config.timeouts.shared_idle_ms),
+        })
+    }
+}
+
 /// Memory hotplug: runs operations on VMs' [`VmMemory`], audited and counted.
 #[derive(Debug)]
 pub struct Hotplug {
-    config: Arc<Config>,
+    settings: Arc<Settings>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
 }
@@ -149,10 +174,10 @@ struct Ticket<'a> {
 }
 
 impl Hotplug {
-    /// Hotplug with `config`'s settings, auditing to `audit`, counting in `metrics`.
-    pub fn new(config: Arc<Config>, audit: Arc<Audit>, metrics: Arc<Metrics>) -> Self {
+    /// Hotplug with `settings`, auditing to `audit`, counting in `metrics`.
+    pub fn new(settings: Arc<Settings>, audit: Arc<Audit>, metrics: Arc<Metrics>) -> Self {
         Self {
-            config,
+            settings,
             audit,
             metrics,
         }
@@ -165,13 +190,13 @@ impl Hotplug {
         session: Arc<Session>,
         deadline: Option<Instant>,
     ) -> Ctx {
-        let own = Instant::now() + Duration::from_millis(self.config.hotplug.timeout_ms);
+        let own = Instant::now() + Duration::from_millis(self.settings.hotplug.timeout_ms);
         Ctx {
             vm: vm.to_string(),
             session,
             backend: memory.backend(),
-            settings: self.config.hotplug.clone(),
-            max_set_entries: self.config.limits.max_set_entries,
+            settings: self.settings.hotplug.clone(),
+            max_set_entries: self.settings.max_set_entries,
             deadline: deadline.map_or(own, |d| d.min(own)),
             steps: Vec::new(),
             warnings: Vec::new(),
@@ -259,7 +284,7 @@ impl Hotplug {
     fn spawn(&self, mut r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
         let audit = self.audit.clone();
         let metrics = self.metrics.clone();
-        let max_ids = self.config.hotplug.max_request_ids;
+        let max_ids = self.settings.hotplug.max_request_ids;
         tokio::spawn(async move {
             let result = execute(&mut r.ctx, &r.op).await;
             let (vm, method) = (r.ctx.vm.as_str(), r.op.method());
