@@ -150,10 +150,7 @@ impl Audit {
     /// Whether one more denial may be recorded this second.
     fn denial_allowed(&self) -> bool {
         let second = now() as u64;
-        let mut window = match self.denials.lock() {
-            Ok(w) => w,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut window = qga_wire::sync::lock(&self.denials);
         if window.0 != second {
             *window = (second, 0);
         }

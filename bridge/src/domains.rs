@@ -9,6 +9,7 @@
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use qga_libvirt::{Dom, Event, Libvirt};
+use qga_wire::backoff::Backoff;
 use tokio::{
     sync::{broadcast::error::RecvError, watch},
     time::Instant,
@@ -24,7 +25,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Serves `libvirt`'s running domains in `vms` until `shutdown`.
 pub async fn follow(vms: Arc<Vms>, libvirt: Arc<Libvirt>, mut shutdown: watch::Receiver<bool>) {
     let mut events = libvirt.subscribe();
-    let mut backoff = RETRY_START;
+    let mut backoff = Backoff::new(RETRY_START, RETRY_MAX);
     // When to list again: after a failed listing, until one works.
     let mut retry = (*libvirt.connected().borrow()).then(Instant::now);
     loop {
@@ -42,10 +43,9 @@ pub async fn follow(vms: Arc<Vms>, libvirt: Arc<Libvirt>, mut shutdown: watch::R
             Ok(Event::Connected) | Err(RecvError::Lagged(_)) => {
                 if reconcile(&vms, &libvirt).await {
                     retry = None;
-                    backoff = RETRY_START;
+                    backoff.reset();
                 } else {
-                    retry = Some(Instant::now() + backoff);
-                    backoff = (backoff * 2).min(RETRY_MAX);
+                    retry = Some(Instant::now() + backoff.next_wait());
                 }
             }
             Ok(Event::Disconnected { .. }) => retry = None,

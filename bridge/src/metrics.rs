@@ -140,10 +140,7 @@ impl Metrics {
     }
 
     fn owners(&self) -> std::sync::MutexGuard<'_, HashMap<String, u64>> {
-        match self.owners.lock() {
-            Ok(o) => o,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        qga_wire::sync::lock(&self.owners)
     }
 
     /// Counts a connection or call that `server` refused because limit `reason` was hit.

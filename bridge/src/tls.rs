@@ -71,10 +71,7 @@ impl Tls {
     pub fn reload(&self) -> Result<(), TlsError> {
         let (h2, http1) = build(&self.files)?;
         for (slot, new) in [(&self.h2, h2), (&self.http1, http1)] {
-            match slot.write() {
-                Ok(mut s) => *s = new,
-                Err(poisoned) => *poisoned.into_inner() = new,
-            }
+            *qga_wire::sync::write(slot) = new;
         }
         Ok(())
     }
@@ -85,10 +82,7 @@ impl Tls {
             Alpn::H2 => &self.h2,
             Alpn::Http1 => &self.http1,
         };
-        let config = match slot.read() {
-            Ok(c) => c.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        };
+        let config = qga_wire::sync::read(slot).clone();
         TlsAcceptor::from(config)
     }
 }

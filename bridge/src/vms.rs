@@ -11,6 +11,7 @@ use std::{
     sync::{Arc, RwLock},
 };
 
+use qga_wire::sync::{read, write};
 use tokio::sync::watch;
 
 use crate::{
@@ -45,14 +46,6 @@ pub struct Vms {
     metrics: Arc<Metrics>,
     /// Shared by every session: bytes of large replies being parsed at once.
     budget: Arc<ParseBudget>,
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Vms {

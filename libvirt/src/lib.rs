@@ -133,9 +133,7 @@ pub struct Libvirt {
     opening: tokio::sync::Mutex<Option<JoinHandle<Result<events::Registered, LibvirtError>>>>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use qga_wire::sync::lock;
 
 impl Libvirt {
     /// Connects to `uri` (e.g. `qemu:///system`) in the background and keeps the connection
@@ -175,14 +173,14 @@ impl Libvirt {
 
     /// Keeps the connection open: opens it, waits until it closes, opens it again.
     async fn supervise(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
-        let mut backoff = BACKOFF_START;
+        let mut backoff = qga_wire::backoff::Backoff::new(BACKOFF_START, BACKOFF_MAX);
         loop {
             if *stop.borrow() {
                 break;
             }
             match self.open().await {
                 Ok(()) => {
-                    backoff = BACKOFF_START;
+                    backoff.reset();
                     tracing::info!(uri = %self.uri, "libvirt connected");
                     self.connected.send_replace(true);
                     let _ = self.events.send(Event::Connected);
@@ -203,12 +201,12 @@ impl Libvirt {
                     self.close("the connection to libvirtd closed");
                 }
                 Err(e) => {
-                    tracing::warn!(uri = %self.uri, error = %e, retry_in = ?backoff, "cannot connect to libvirt");
+                    let wait = backoff.next_wait();
+                    tracing::warn!(uri = %self.uri, error = %e, retry_in = ?wait, "cannot connect to libvirt");
                     tokio::select! {
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(wait) => {}
                         _ = stop.wait_for(|s| *s) => break,
                     }
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
                 }
             }
         }

@@ -11,12 +11,11 @@ use std::{
 };
 
 use futures::future::BoxFuture;
-use qga_wire::QgaCodec;
+use qga_wire::{QgaCodec, backoff::Backoff};
 use serde::de::DeserializeOwned;
 use serde_json::{Map, Value};
 use tokio::{
     io::{AsyncRead, AsyncWrite},
-    net::UnixStream,
     sync::broadcast,
     time::{Instant, timeout_at},
 };
@@ -108,33 +107,14 @@ struct Status {
     /// No connection attempt before this (backoff after a failure).
     retry_at: Option<Instant>,
     /// The wait after the next failure.
-    backoff: Duration,
+    backoff: Backoff,
     version: Option<VersionInfo>,
     /// Connections established so far; also tells a connection's task whether it is still
     /// the current one.
     connections: u64,
 }
 
-/// Opens byte streams to QEMU's QMP monitor: a new one per connection. The default is
-/// [`UnixConnector`]; tests hand in in-memory pipes.
-pub trait Connector: Send + Sync + 'static {
-    /// The connection.
-    type Stream: AsyncRead + AsyncWrite + Send + Unpin + 'static;
-    /// Opens a new connection.
-    fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
-}
-
-/// A QMP monitor on a unix socket (`-qmp unix:PATH,server=on,wait=off`).
-#[derive(Debug, Clone)]
-pub struct UnixConnector(pub PathBuf);
-
-impl Connector for UnixConnector {
-    type Stream = UnixStream;
-
-    async fn connect(&self) -> io::Result<UnixStream> {
-        UnixStream::connect(&self.0).await
-    }
-}
+pub use qga_wire::connect::{Connector, UnixConnector};
 
 /// A connection's stream with its type erased, so [`Qmp`] is one type whatever the
 /// connector.
@@ -215,7 +195,7 @@ impl Qmp {
             phase: Phase::Idle,
             last_error: None,
             retry_at: None,
-            backoff: BACKOFF_START.min(limits.max_backoff),
+            backoff: Backoff::new(BACKOFF_START, limits.max_backoff),
             version: None,
             connections: 0,
         };
@@ -372,7 +352,7 @@ impl Qmp {
                 st.phase = Phase::Connected;
                 st.connections += 1;
                 st.retry_at = None;
-                st.backoff = BACKOFF_START.min(inner.limits.max_backoff);
+                st.backoff.reset();
                 tracing::info!(
                     socket = %inner.socket.display(),
                     qemu = %version.as_ref().map(ToString::to_string).unwrap_or_default(),
@@ -400,8 +380,7 @@ impl Qmp {
     fn failed(&self, reason: String) -> QmpError {
         let inner = &self.inner;
         let mut st = lock(&inner.status);
-        let wait = st.backoff;
-        st.backoff = (wait * 2).min(inner.limits.max_backoff);
+        let wait = st.backoff.next_wait();
         st.retry_at = Some(Instant::now() + wait);
         st.phase = Phase::Disconnected;
         st.last_error = Some(reason.clone());

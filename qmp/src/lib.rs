@@ -44,8 +44,4 @@ pub use memory::{
     VersionInfo, VersionTriple,
 };
 
-/// Locks `m`, carrying on past a panic in another holder (the data stays consistent: every
-/// critical section here is a few assignments).
-fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use qga_wire::sync::lock;

@@ -13,11 +13,17 @@
 //! - [`schema`]: the QAPI types of the memory-block commands, of `guest-info` and of
 //!   `qga-agent`'s zone extensions (`__org.qga-bridge_*`).
 //! - [`strict`]: JSON parsing that, like QEMU, rejects duplicate object keys.
+//! - [`connect`] (feature `connect`): where connections' byte streams come from.
+//! - [`backoff`] and [`sync`]: the workspace's one retry backoff and one lock policy.
 
+pub mod backoff;
 pub mod codec;
+#[cfg(feature = "connect")]
+pub mod connect;
 pub mod message;
 pub mod schema;
 pub mod strict;
+pub mod sync;
 
 pub use codec::{CodecError, Frame, FrameError, QgaCodec, RawCodec, RawFrame};
 pub use message::{Command, ErrorClass, QgaError, Request, Response};

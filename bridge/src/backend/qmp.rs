@@ -6,6 +6,7 @@ use std::{path::Path, time::Duration};
 
 use async_trait::async_trait;
 use qga_qmp::{Qmp, QmpError, QmpLimits};
+use qga_wire::backoff::Backoff;
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{
@@ -179,19 +180,20 @@ impl MemoryBackend for QmpBackend {
         if !self.memdev_ids(until).await?.iter().any(|m| m == memdev) {
             return Ok(Deleted::Absent);
         }
-        let mut pause = first_pause(until);
+        // Pauses of 50 ms doubling to 1.6 s: about 3 s of tries in all.
+        let mut pause = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
         loop {
-            match self
+            let deleted = self
                 .qmp
                 .object_del(memdev, self.timeouts.command_until(until))
-                .await
-            {
+                .await;
+            let wait = pause.peek();
+            match deleted {
                 Ok(()) => return Ok(Deleted::Yes),
-                Err(QmpError::Command { .. }) if pause.is_some() => {
-                    if let Some(p) = pause.take() {
-                        tokio::time::sleep(p).await;
-                        pause = next_pause(p, until);
-                    }
+                Err(QmpError::Command { .. })
+                    if wait < Duration::from_secs(2) && Instant::now() + wait < until =>
+                {
+                    tokio::time::sleep(pause.next_wait()).await;
                 }
                 Err(e) => return Err(error("object-del", e)),
             }
@@ -235,17 +237,6 @@ impl MemoryBackend for QmpBackend {
             dimm: id.to_string(),
         })
     }
-}
-
-/// The first pause before `object-del` is tried again, if there is time for one.
-fn first_pause(until: Instant) -> Option<Duration> {
-    next_pause(Duration::from_millis(25), until)
-}
-
-/// The pause after `last` (doubling, at most 2 s in all), if it ends before `until`.
-fn next_pause(last: Duration, until: Instant) -> Option<Duration> {
-    let pause = last * 2;
-    (pause < Duration::from_secs(2) && Instant::now() + pause < until).then_some(pause)
 }
 
 /// Whether an ACPI `_OST` status on an eject request is the guest's refusal: 1 (failure),

@@ -9,6 +9,7 @@ use std::{
 };
 
 use qga_qmp::QmpLimits;
+use qga_wire::sync::lock;
 
 use super::{Done, Operation, Settings};
 use crate::{
@@ -70,10 +71,6 @@ pub struct VmMemory {
     /// Held by the running operation.
     busy: Arc<tokio::sync::Mutex<()>>,
     state: Mutex<State>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// The per-command time limits of the backends.

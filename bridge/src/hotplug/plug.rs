@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use qga_wire::schema::GuestMemoryOnlineType;
+use qga_wire::{backoff::Backoff, schema::GuestMemoryOnlineType};
 use serde::Serialize;
 use tokio::time::Instant;
 
@@ -200,7 +200,7 @@ async fn wait_blocks(ctx: &mut Ctx, range: std::ops::Range<u64>) -> Result<(), B
     let start = Instant::now();
     let until = ctx.phase(ctx.settings.appear_timeout_ms);
     let (first, last) = (range.start, range.end.saturating_sub(1));
-    let mut pause = Duration::from_millis(10);
+    let mut pause = Backoff::new(Duration::from_millis(10), Duration::from_millis(40));
     loop {
         let view = ctx.blocks().await?;
         let all = range.clone().count();
@@ -212,15 +212,14 @@ async fn wait_blocks(ctx: &mut Ctx, range: std::ops::Range<u64>) -> Result<(), B
             ctx.step("wait-blocks", start, format!("blocks {first}-{last}"));
             return Ok(());
         }
-        if Instant::now() + pause > until {
+        if Instant::now() + pause.peek() > until {
             let ms = start.elapsed().as_millis();
             return Err(ctx.hotplug_error(
                 "wait-blocks",
                 format!("{seen} of the DIMM's {all} blocks ({first}-{last}) appeared in the guest within {ms} ms"),
             ));
         }
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_millis(40));
+        tokio::time::sleep(pause.next_wait()).await;
     }
 }
 

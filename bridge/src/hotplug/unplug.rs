@@ -5,7 +5,10 @@
 
 use std::time::Duration;
 
-use qga_wire::schema::{GuestMemoryBlockResponse, GuestMemoryOnlineType};
+use qga_wire::{
+    backoff::Backoff,
+    schema::{GuestMemoryBlockResponse, GuestMemoryOnlineType},
+};
 use tokio::time::Instant;
 
 use super::{
@@ -59,7 +62,7 @@ pub(super) async fn offline_all(ctx: &mut Ctx, indices: &[u64]) -> Result<(), Of
         .unwrap_or(start)
         .max(start + Duration::from_secs(1));
     let mut pending = indices.to_vec();
-    let mut pause = Duration::from_millis(100);
+    let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut tries = 0u32;
     loop {
         tries += 1;
@@ -78,15 +81,14 @@ pub(super) async fn offline_all(ctx: &mut Ctx, indices: &[u64]) -> Result<(), Of
             );
             return Ok(());
         }
-        if !refused.iter().all(transient) || Instant::now() + pause > until {
+        if !refused.iter().all(transient) || Instant::now() + pause.peek() > until {
             return Err(OfflineFailed {
                 refused,
                 error: None,
             });
         }
         pending = refused.iter().map(|f| f.phys_index).collect();
-        tokio::time::sleep(pause).await;
-        pause = (pause * 2).min(Duration::from_secs(2));
+        tokio::time::sleep(pause.next_wait()).await;
     }
 }
 

@@ -27,8 +27,6 @@ mod tests;
 
 use std::{
     collections::HashMap,
-    future::Future,
-    io,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -42,8 +40,6 @@ use futures::{
     future::{BoxFuture, Shared, WeakShared},
 };
 use tokio::{
-    io::{AsyncRead, AsyncWrite},
-    net::UnixStream,
     sync::{mpsc, oneshot},
     time::{Instant, timeout_at},
 };
@@ -83,27 +79,7 @@ impl Settings {
 /// What a call yields: the typed reply, or why not.
 pub type CallResult = Result<Reply, BridgeError>;
 
-/// Opens connections to a VM's agent: a new byte stream each time.
-pub trait Connector: Send + Sync + 'static {
-    /// The byte stream of one connection.
-    type Stream: AsyncRead + AsyncWrite + Unpin + Send + 'static;
-    /// Opens a new connection.
-    fn connect(&self) -> impl Future<Output = io::Result<Self::Stream>> + Send;
-}
-
-/// The agent's virtio-serial chardev, a unix socket QEMU listens on.
-#[derive(Debug, Clone)]
-pub struct UnixConnector(pub PathBuf);
-
-impl Connector for UnixConnector {
-    type Stream = UnixStream;
-
-    async fn connect(&self) -> io::Result<UnixStream> {
-        UnixStream::connect(&self.0)
-            .await
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", self.0.display())))
-    }
-}
+pub use qga_wire::connect::{Connector, UnixConnector};
 
 /// The channel's state, as `ListVms` reports it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -282,9 +258,7 @@ fn vm_span(name: &str) -> tracing::Span {
     tracing::error_span!("vm", vm = %name)
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
+use qga_wire::sync::lock;
 
 impl Session {
     /// Creates the session of the agent at `source` and spawns its worker on the current

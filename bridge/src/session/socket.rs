@@ -17,6 +17,7 @@ use std::{
     time::Duration,
 };
 
+use qga_wire::backoff::Backoff;
 use tokio::time::{Instant, timeout_at};
 
 use super::{
@@ -53,7 +54,7 @@ pub(super) struct SocketChannel<C: Connector> {
     conn: Option<Conn<C::Stream>>,
     needs_resync: bool,
     next_attempt: Instant,
-    backoff: Duration,
+    backoff: Backoff,
     vitals: Vitals,
     settings: Arc<Settings>,
     budget: Arc<ParseBudget>,
@@ -77,7 +78,7 @@ impl<C: Connector> SocketChannel<C> {
             conn: None,
             needs_resync: true,
             next_attempt: Instant::now(),
-            backoff: BACKOFF_START,
+            backoff: Backoff::new(BACKOFF_START, BACKOFF_MAX),
             shared_idle: shared.then(|| Duration::from_millis(settings.timeouts.shared_idle_ms)),
             vitals,
             settings,
@@ -107,13 +108,12 @@ impl<C: Connector> SocketChannel<C> {
     /// Drops the connection and backs off before the next one.
     fn connect_failed(&mut self, reason: String) -> BridgeError {
         self.disconnect(&reason);
-        self.next_attempt = Instant::now() + self.backoff;
-        self.backoff = (self.backoff * 2).min(BACKOFF_MAX);
+        self.next_attempt = Instant::now() + self.backoff.next_wait();
         self.vitals.unavailable(reason)
     }
 
     fn contact(&mut self) {
-        self.backoff = BACKOFF_START;
+        self.backoff.reset();
         self.vitals.contact();
     }
 
