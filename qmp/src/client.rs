@@ -399,7 +399,12 @@ impl Qmp {
             .connector
             .connect_boxed()
             .await
-            .map_err(|e| format!("cannot connect: {e}"))?;
+            .map_err(|e| {
+                // A unix connector names the socket, which the error's caller names too.
+                let e = e.to_string();
+                let prefix = format!("{}: ", inner.socket.display());
+                format!("cannot connect: {}", e.strip_prefix(&prefix).unwrap_or(&e))
+            })?;
         let (read, write) = tokio::io::split(stream);
         let max = inner.limits.max_message;
         let mut frames = FramedRead::new(read, QgaCodec::new(max));
