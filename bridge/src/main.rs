@@ -1,5 +1,8 @@
 //! The `qga-bridge` binary: configuration, logging, then serve until SIGTERM or SIGINT;
-//! SIGHUP reloads the TLS files and reopens the audit log.
+//! SIGHUP reloads the TLS files and reopens the audit log. Under systemd (`Type=notify`)
+//! it reports ready, reloading and stopping on `$NOTIFY_SOCKET`.
+
+mod notify;
 
 use anyhow::Context;
 use clap::Parser;
@@ -26,7 +29,9 @@ async fn main() -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let notify = notify::Notifier::from_env();
     let bridge = Bridge::start(config).await?;
+    notify.ready(&serving_status(&bridge));
     loop {
         tokio::select! {
             _ = term.recv() => {
@@ -38,14 +43,17 @@ async fn main() -> anyhow::Result<()> {
                 break;
             }
             _ = hup.recv() => {
+                notify.reloading();
                 bridge.reopen_audit();
                 match bridge.reload_tls() {
                     Ok(()) => tracing::info!("SIGHUP: TLS certificates reloaded"),
                     Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed; keeping the current certificates"),
                 }
+                notify.ready(&serving_status(&bridge));
             }
         }
     }
+    notify.stopping();
     // Calls in flight may finish (each is bounded by its deadline); a second signal
     // stops at once.
     tokio::select! {
@@ -54,4 +62,9 @@ async fn main() -> anyhow::Result<()> {
         _ = int.recv() => tracing::warn!("second SIGINT: exiting without waiting for calls"),
     }
     Ok(())
+}
+
+/// The `STATUS=` line systemd shows: how many VMs are served.
+fn serving_status(bridge: &Bridge) -> String {
+    format!("serving {} VMs", bridge.registry().len())
 }
