@@ -395,16 +395,12 @@ impl Qmp {
     /// Connects, negotiates and starts the connection's task. The caller bounds the time.
     async fn open(&self) -> Result<(Conn, Option<VersionInfo>), String> {
         let inner = &self.inner;
-        let stream = inner
-            .connector
-            .connect_boxed()
-            .await
-            .map_err(|e| {
-                // A unix connector names the socket, which the error's caller names too.
-                let e = e.to_string();
-                let prefix = format!("{}: ", inner.socket.display());
-                format!("cannot connect: {}", e.strip_prefix(&prefix).unwrap_or(&e))
-            })?;
+        let stream = inner.connector.connect_boxed().await.map_err(|e| {
+            // A unix connector names the socket, which the error's caller names too.
+            let e = e.to_string();
+            let prefix = format!("{}: ", inner.socket.display());
+            format!("cannot connect: {}", e.strip_prefix(&prefix).unwrap_or(&e))
+        })?;
         let (read, write) = tokio::io::split(stream);
         let max = inner.limits.max_message;
         let mut frames = FramedRead::new(read, QgaCodec::new(max));
