@@ -64,6 +64,13 @@ async fn run(cli: Cli) -> u8 {
     };
     match commands::run(&client, cli.command).await {
         Ok(printed) => print(&printed, settings.output),
+        Err(status) if transport_failure(&status) => {
+            // The connection broke before the bridge answered (a refused TLS handshake,
+            // a reset): no status of the bridge's.
+            let why = connect::source_chain(&status);
+            eprintln!("qgactl: UNAVAILABLE: cannot reach the bridge: {why}");
+            exit::for_status(tonic::Code::Unavailable)
+        }
         Err(status) => {
             // The server's detail, on one line.
             let message = status.message().replace('\n', " ");
@@ -71,6 +78,15 @@ async fn run(cli: Cli) -> u8 {
             exit::for_status(status.code())
         }
     }
+}
+
+/// Whether `status` is tonic's report of a broken connection rather than an answer.
+fn transport_failure(status: &tonic::Status) -> bool {
+    use std::error::Error;
+    status.code() == tonic::Code::Unknown
+        && status
+            .source()
+            .is_some_and(|s| s.is::<tonic::transport::Error>())
 }
 
 /// Prints what a command gave, in the chosen form; the exit code.
