@@ -11,12 +11,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY . .
-# The bridge and the scenario as usual; the agent statically linked for the initramfs.
-RUN cargo build --release --locked -p qga-bridge --bin qga-bridge -p qga-e2e --bin qga-e2e-scenario \
+# The bridge, qgactl and the scenario as usual; the agent statically linked for the initramfs.
+RUN cargo build --release --locked -p qga-bridge --bin qga-bridge -p qgactl --bin qgactl \
+      -p qga-e2e --bin qga-e2e-scenario \
  && RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked \
       --target x86_64-unknown-linux-gnu -p qga-agent --bin qga-agent \
  && mkdir -p /out \
- && cp target/release/qga-bridge target/release/qga-e2e-scenario \
+ && cp target/release/qga-bridge target/release/qgactl target/release/qga-e2e-scenario \
        target/x86_64-unknown-linux-gnu/release/qga-agent /out/
 
 # The guest image: Debian's cloud kernel and a busybox initramfs with both agents.
@@ -43,7 +44,7 @@ FROM debian:bookworm-slim AS bridge
 RUN apt-get update \
  && apt-get install -y --no-install-recommends libvirt0 \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
-COPY --from=build /out/qga-bridge /usr/local/bin/qga-bridge
+COPY --from=build /out/qga-bridge /out/qgactl /usr/local/bin/
 # Not root: a member of the group (10001) the guest's sockets and the TLS key belong to.
 RUN groupadd --system --gid 10001 qga \
  && useradd --system --uid 10001 --gid qga --no-create-home --shell /usr/sbin/nologin qga-bridge
@@ -54,5 +55,5 @@ ENTRYPOINT ["qga-bridge"]
 CMD ["--config", "/etc/qga-bridge/bridge.toml"]
 
 FROM debian:bookworm-slim AS e2e
-COPY --from=build /out/qga-e2e-scenario /usr/local/bin/qga-e2e-scenario
+COPY --from=build /out/qga-e2e-scenario /out/qgactl /usr/local/bin/
 ENTRYPOINT ["qga-e2e-scenario"]

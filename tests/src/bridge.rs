@@ -62,6 +62,11 @@ impl BridgeProcess {
         Ok(Self { inner })
     }
 
+    /// The bridge's gRPC endpoint, `http://127.0.0.1:PORT`.
+    pub fn grpc_url(&self) -> String {
+        self.inner.grpc_url()
+    }
+
     /// Clients of this bridge.
     pub async fn clients(&self) -> anyhow::Result<Clients> {
         Clients::connect(&self.inner.grpc_url(), &self.inner.jsonrpc_url()).await

@@ -1,7 +1,8 @@
 //! The bridge's memory hotplug end to end with a real QEMU guest (TCG): the bridge plugs
 //! and unplugs DIMMs over the guest's second QMP socket (`qmp-bridge.sock`) and onlines
 //! and offlines their blocks through the agent; the test checks the guest (MemTotal, over
-//! its control port) and QEMU (over its own `qmp.sock`).
+//! its control port) and QEMU (over its own `qmp.sock`); the first test ends with the same
+//! plug and unplug through `qgactl`, as an operator runs it.
 //!
 //! Needs qemu-system-x86_64, qemu-guest-agent and the guest image (built on demand from
 //! Debian's packages by tests/guest/build-image); fails, never skips, without them.
@@ -124,7 +125,7 @@ fn check_movable_dimm(guest: &Guest, dimm: &Value, block_size: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plug_unplug_and_resize_through_the_bridge() {
     let guest = boot("ours", "online_movable");
-    let (_bridge, c) = behind_bridge(&guest).await;
+    let (bridge, c) = behind_bridge(&guest).await;
     let g = guest.control();
     let mut t = Timings::default();
     t.record("boot to running agent", guest.boot_time);
@@ -370,6 +371,9 @@ async fn plug_unplug_and_resize_through_the_bridge() {
         r.map_err(|e| format!("{e:#}")),
     );
 
+    // And as an operator does it: qgactl plugs 512 MiB, shows it, and unplugs it.
+    qgactl_cycle(&guest, &bridge.grpc_url(), start_kib).await;
+
     eprintln!("e2e: timings (printed, not asserted):");
     for (phase, d) in &t.0 {
         eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
@@ -540,5 +544,64 @@ async fn reference_agent_plug_works_with_a_warning() {
             "MemTotal after the refused plug is {now} KiB, expected {} KiB",
             start_kib + DIMM_KIB
         )
+    });
+}
+
+/// Runs `qgactl --endpoint endpoint args...`; its exit code, stdout and stderr.
+async fn qgactl(endpoint: &str, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = std::process::Command::new(qga_testkit::bin_path("qgactl"));
+    cmd.arg("--endpoint").arg(endpoint).args(args);
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .expect("joins")
+        .expect("qgactl runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `qgactl memory plug`, `memory layout`, `memory unplug` on the real guest: MemTotal
+/// follows, and the DIMM qgactl names is the one it unplugs.
+async fn qgactl_cycle(guest: &Guest, endpoint: &str, start_kib: u64) {
+    let (code, out, err) =
+        qgactl(endpoint, &["memory", "plug", "vm1", "512MiB", "-o", "json"]).await;
+    eprintln!("e2e: qgactl memory plug: {code}\n{out}{err}");
+    check(guest, code == 0, || {
+        format!("qgactl memory plug exits 0: {code} {err}")
+    });
+    let plugged: Value = ok(guest, "qgactl's JSON", serde_json::from_str(&out));
+    let id = plugged["dimm"]["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    check(guest, err.contains("request-id: qgactl-"), || {
+        format!("a generated request id is shown: {err}")
+    });
+    mem_total_becomes(
+        guest,
+        start_kib + DIMM_KIB,
+        "MemTotal +512 MiB after qgactl memory plug",
+    )
+    .await;
+    let (code, out, err) = qgactl(endpoint, &["memory", "layout", "vm1"]).await;
+    eprintln!("e2e: qgactl memory layout: {code}\n{out}{err}");
+    check(
+        guest,
+        code == 0 && out.contains(&id) && out.contains("Movable"),
+        || format!("qgactl memory layout shows {id} in ZONE_MOVABLE: {out}"),
+    );
+    let (code, out, err) = qgactl(endpoint, &["memory", "unplug", "vm1", &id]).await;
+    eprintln!("e2e: qgactl memory unplug: {code}\n{out}{err}");
+    check(
+        guest,
+        code == 0 && out.contains("512 MiB given back"),
+        || format!("qgactl memory unplug exits 0: {code} {out} {err}"),
+    );
+    mem_total_becomes(guest, start_kib, "MemTotal back after qgactl memory unplug").await;
+    let (code, _, err) = qgactl(endpoint, &["memory", "unplug", "vm1", &id]).await;
+    check(guest, code == 25 && err.contains("NOT_FOUND"), || {
+        format!("unplugging it again is NOT_FOUND (exit 25): {code} {err}")
     });
 }
