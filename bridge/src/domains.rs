@@ -11,7 +11,7 @@ use std::{collections::BTreeSet, sync::Arc, time::Duration};
 use qga_libvirt::{Dom, Event, Libvirt};
 use qga_wire::backoff::Backoff;
 use tokio::{
-    sync::{broadcast::error::RecvError, watch},
+    sync::{broadcast::error::RecvError, oneshot, watch},
     time::Instant,
 };
 
@@ -22,8 +22,15 @@ const LIST_TIMEOUT: Duration = Duration::from_secs(10);
 const RETRY_START: Duration = Duration::from_millis(500);
 const RETRY_MAX: Duration = Duration::from_secs(10);
 
-/// Serves `libvirt`'s running domains in `vms` until `shutdown`.
-pub async fn follow(vms: Arc<Vms>, libvirt: Arc<Libvirt>, mut shutdown: watch::Receiver<bool>) {
+/// Serves `libvirt`'s running domains in `vms` until `shutdown`; `loaded` is told once the
+/// first listing was tried (so that readiness can wait for the domains).
+pub async fn follow(
+    vms: Arc<Vms>,
+    libvirt: Arc<Libvirt>,
+    mut shutdown: watch::Receiver<bool>,
+    loaded: oneshot::Sender<()>,
+) {
+    let mut loaded = Some(loaded);
     let mut events = libvirt.subscribe();
     let mut backoff = Backoff::new(RETRY_START, RETRY_MAX);
     // When to list again: after a failed listing, until one works.
@@ -41,7 +48,11 @@ pub async fn follow(vms: Arc<Vms>, libvirt: Arc<Libvirt>, mut shutdown: watch::R
         };
         match event {
             Ok(Event::Connected) | Err(RecvError::Lagged(_)) => {
-                if reconcile(&vms, &libvirt).await {
+                let listed = reconcile(&vms, &libvirt).await;
+                if let Some(tx) = loaded.take() {
+                    let _ = tx.send(());
+                }
+                if listed {
                     retry = None;
                     backoff.reset();
                 } else {

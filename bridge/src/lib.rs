@@ -44,13 +44,20 @@ pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{net::TcpListener, sync::watch, task::JoinSet};
+use tokio::{
+    net::TcpListener,
+    sync::{oneshot, watch},
+    task::JoinSet,
+};
 
 pub use config::Config;
 pub use error::BridgeError;
 pub use metrics::Metrics;
 pub use service::Service;
 pub use vms::Vms;
+
+/// How long start waits for the first discovery scan and libvirt listing.
+const FIRST_LOAD: Duration = Duration::from_secs(10);
 
 /// Why the bridge could not start.
 #[derive(Debug, thiserror::Error)]
@@ -261,12 +268,23 @@ impl Bridge {
         let grpc_addr = servers.grpc().await?;
         let jsonrpc_addr = servers.jsonrpc().await?;
         let metrics_addr = servers.metrics().await?;
+        let mut loaded = Vec::new();
         if let Some(uri) = &config.libvirt {
             let libvirt =
                 qga_libvirt::Libvirt::start(uri, rx.clone()).map_err(StartError::Libvirt)?;
-            tasks.spawn(domains::follow(vms.clone(), libvirt, rx.clone()));
+            let (tx, listed) = oneshot::channel();
+            tasks.spawn(domains::follow(vms.clone(), libvirt, rx.clone(), tx));
+            loaded.push(listed);
         }
-        tasks.spawn(vms.clone().discover(rx));
+        let (tx, scanned) = oneshot::channel();
+        tasks.spawn(vms.clone().discover(rx, tx));
+        loaded.push(scanned);
+        // Started means serving the VMs there are: wait (a bounded while, libvirtd may be
+        // away) for the first discovery scan and libvirt listing.
+        let first = futures::future::join_all(loaded);
+        if tokio::time::timeout(FIRST_LOAD, first).await.is_err() {
+            tracing::warn!(wait = ?FIRST_LOAD, "discovered VMs not all loaded yet; serving meanwhile");
+        }
         tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics_server::describe), vms = vms.len(), "qga-bridge serving");
         Ok(Self {
             grpc_addr,

@@ -66,5 +66,5 @@ async fn main() -> anyhow::Result<()> {
 
 /// The `STATUS=` line systemd shows: how many VMs are served.
 fn serving_status(bridge: &Bridge) -> String {
-    format!("serving {} VMs", bridge.registry().len())
+    format!("serving {} VMs", bridge.service().vms().len())
 }

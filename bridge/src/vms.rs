@@ -12,7 +12,7 @@ use std::{
 };
 
 use qga_wire::sync::{read, write};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 use crate::{
     config::Config,
@@ -214,7 +214,13 @@ impl Vms {
     /// Rescans the discovery globs (and Proxmox's directory) until `shutdown` and applies
     /// each scan (see [`crate::discovery`]): adds new sockets, drops vanished ones only
     /// after a complete scan, withholds ambiguous names; configured VMs are never dropped.
-    pub async fn discover(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+    /// `loaded` is told after the first scan (dropped at once when nothing is discovered).
+    pub async fn discover(
+        self: Arc<Self>,
+        mut shutdown: watch::Receiver<bool>,
+        loaded: oneshot::Sender<()>,
+    ) {
+        let mut loaded = Some(loaded);
         let proxmox = self.config.discover_proxmox.clone();
         let mut patterns = self.config.discover.clone();
         // Config validation refuses a directory that is not UTF-8.
@@ -244,6 +250,9 @@ impl Vms {
             }
             for (name, vm) in &changes.add {
                 self.add_discovered(name, vm);
+            }
+            if let Some(tx) = loaded.take() {
+                let _ = tx.send(());
             }
             tokio::select! {
                 _ = tokio::time::sleep(self.config.discover_interval) => {}
