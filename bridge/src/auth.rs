@@ -212,6 +212,26 @@ mod tests {
         bytes.iter().map(|b| format!("{b:02x}")).collect()
     }
 
+    /// A TCP peer at `addr`.
+    fn at(addr: &str) -> Peer {
+        Peer {
+            addr: Some(addr.parse().expect("addr")),
+            ..Peer::default()
+        }
+    }
+
+    /// A unix-socket peer of user `uid`.
+    fn unix_peer(uid: u32) -> Peer {
+        Peer {
+            unix: Some(crate::peer::UnixPeer {
+                uid,
+                gid: uid,
+                pid: None,
+            }),
+            ..Peer::default()
+        }
+    }
+
     #[test]
     fn tokens_grants_and_the_no_auth_default() {
         let config = AuthConfig {
@@ -233,10 +253,6 @@ mod tests {
             ],
         };
         let auth = Auth::new(Some(&config), false).expect("valid");
-        let at = |addr: &str| Peer {
-            addr: Some(addr.parse().expect("addr")),
-            ..Peer::default()
-        };
         let remote = at("10.0.0.9:4000");
         let ops = auth
             .authenticate(&remote, Some(b"Bearer s3cret"))
@@ -246,14 +262,7 @@ mod tests {
             assert!(auth.authenticate(&remote, Some(bad)).is_err());
         }
         assert!(auth.authenticate(&at("127.0.0.1:1"), None).is_err());
-        let unix = Peer {
-            unix: Some(crate::peer::UnixPeer {
-                uid: 1000,
-                gid: 1000,
-                pid: None,
-            }),
-            ..Peer::default()
-        };
+        let unix = unix_peer(1000);
         assert_eq!(
             auth.authenticate(&unix, None),
             Ok(Identity::Named("uid:1000".into()))
@@ -269,19 +278,8 @@ mod tests {
 
     #[test]
     fn without_auth_only_local_callers_are_trusted_unless_the_network_is() {
-        let at = |addr: &str| Peer {
-            addr: Some(addr.parse().expect("addr")),
-            ..Peer::default()
-        };
         let (remote, local) = (at("10.0.0.9:4000"), at("127.0.0.1:5"));
-        let unix = Peer {
-            unix: Some(crate::peer::UnixPeer {
-                uid: 1000,
-                gid: 1000,
-                pid: None,
-            }),
-            ..Peer::default()
-        };
+        let unix = unix_peer(1000);
         let open = Auth::new(None, false).expect("valid");
         assert_eq!(open.authenticate(&local, None), Ok(Identity::Trusted));
         assert_eq!(open.authenticate(&unix, None), Ok(Identity::Trusted));

@@ -3,7 +3,6 @@
 mod common;
 
 use std::{
-    net::TcpListener,
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
@@ -13,19 +12,16 @@ use jsonrpsee::http_client::HttpClientBuilder;
 use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, bin_path};
 use serde_json::json;
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 #[tokio::test]
 async fn binary_with_toml_config_serves_and_stops_on_sigterm() {
     let tree = FakeSysfs::with_blocks(3, "offline");
     let agent = AgentProcess::start(AgentKind::Ours, &tree, &[]).expect("agent");
     let dir = tempfile::tempdir().expect("tempdir");
-    let (grpc, rpc_port, metrics) = (free_port(), free_port(), free_port());
+    let (grpc, rpc_port, metrics) = (
+        common::free_port(),
+        common::free_port(),
+        common::free_port(),
+    );
     let conf = dir.path().join("bridge.toml");
     std::fs::write(
         &conf,

@@ -3,8 +3,10 @@
 //! that `READY=1` comes only once the listeners accept connections, that SIGHUP is framed
 //! by `RELOADING=1` and `READY=1`, and that SIGTERM sends `STOPPING=1`.
 
+mod common;
+
 use std::{
-    net::{TcpListener, TcpStream},
+    net::TcpStream,
     os::{
         linux::net::SocketAddrExt,
         unix::net::{SocketAddr, UnixDatagram},
@@ -15,13 +17,6 @@ use std::{
 };
 
 use qga_testkit::{AgentKind, AgentProcess, FakeSysfs, bin_path};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
 
 /// The bridge, killed if a test fails before it stopped.
 struct Bridge(Child);
@@ -68,7 +63,7 @@ fn has_line(msg: &str, line: &str) -> bool {
 
 /// Starts the bridge with `NOTIFY_SOCKET=notify_socket`, serving one fake-agent VM.
 fn start(notify_socket: &str, conf_dir: &Path, agent: &AgentProcess) -> (Bridge, u16, u16) {
-    let (grpc, rpc) = (free_port(), free_port());
+    let (grpc, rpc) = (common::free_port(), common::free_port());
     let child = Command::new(bin_path("qga-bridge"))
         .arg("--grpc-addr")
         .arg(format!("127.0.0.1:{grpc}"))

@@ -220,6 +220,19 @@ fn online_type(t: Option<OnlineType>) -> pb::OnlineType {
     }
 }
 
+/// The JSON of an operation's answer: its request id, what it did, its steps.
+fn operation_json(request_id: &str, what: Value, steps: &[pb::Step], warnings: &[String]) -> Value {
+    let mut doc = json!({
+        "request_id": request_id,
+        "steps": steps.iter().map(json::step).collect::<Vec<_>>(),
+        "warnings": warnings,
+    });
+    if let (Value::Object(doc), Value::Object(what)) = (&mut doc, what) {
+        doc.extend(what);
+    }
+    doc
+}
+
 /// Progress lines for `steps` and `warnings`.
 fn progress(steps: &[pb::Step], warnings: &[String], out: &mut Vec<String>) {
     for s in steps {
@@ -259,14 +272,10 @@ async fn plug(
         ),
         None => format!("plugged into {vm}\n"),
     };
+    let what = json!({ "dimm": reply.dimm.as_ref().map(json::dimm) });
     Ok(Printed {
         text,
-        json: json!({
-            "request_id": request_id,
-            "dimm": reply.dimm.as_ref().map(json::dimm),
-            "steps": reply.steps.iter().map(json::step).collect::<Vec<_>>(),
-            "warnings": reply.warnings,
-        }),
+        json: operation_json(&request_id, what, &reply.steps, &reply.warnings),
         progress: lines,
         partial: false,
     })
@@ -289,14 +298,10 @@ async fn unplug(
     let reply = hotplug.unplug(request).await?.into_inner();
     progress(&reply.steps, &reply.warnings, &mut lines);
     let freed = reply.dimm.as_ref().map_or(0, |d| d.size);
+    let what = json!({ "dimm": reply.dimm.as_ref().map(json::dimm) });
     Ok(Printed {
         text: format!("unplugged {dimm} from {vm}: {} given back\n", size(freed)),
-        json: json!({
-            "request_id": request_id,
-            "dimm": reply.dimm.as_ref().map(json::dimm),
-            "steps": reply.steps.iter().map(json::step).collect::<Vec<_>>(),
-            "warnings": reply.warnings,
-        }),
+        json: operation_json(&request_id, what, &reply.steps, &reply.warnings),
         progress: lines,
         partial: false,
     })
@@ -335,17 +340,15 @@ async fn resize(
         ids(&r.plugged),
         ids(&r.unplugged)
     );
+    let what = json!({
+        "from_bytes": r.from_bytes,
+        "to_bytes": r.to_bytes,
+        "plugged": r.plugged.iter().map(json::dimm).collect::<Vec<_>>(),
+        "unplugged": r.unplugged.iter().map(json::dimm).collect::<Vec<_>>(),
+    });
     Ok(Printed {
         text,
-        json: json!({
-            "request_id": request_id,
-            "from_bytes": r.from_bytes,
-            "to_bytes": r.to_bytes,
-            "plugged": r.plugged.iter().map(json::dimm).collect::<Vec<_>>(),
-            "unplugged": r.unplugged.iter().map(json::dimm).collect::<Vec<_>>(),
-            "steps": r.steps.iter().map(json::step).collect::<Vec<_>>(),
-            "warnings": r.warnings,
-        }),
+        json: operation_json(&request_id, what, &r.steps, &r.warnings),
         progress: lines,
         partial: false,
     })

@@ -432,23 +432,17 @@ async fn mutual_tls_with_client_certificates() {
         cert.to_string_lossy().into_owned(),
         key.to_string_lossy().into_owned(),
     );
-    let good = qgactl(
-        &[
-            "--endpoint",
-            &e,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            &key,
-            "set",
-            "vm",
-            "5=online",
-        ],
-        &[],
-    )
-    .await;
+    let tls = [
+        "--endpoint",
+        e.as_str(),
+        "--ca",
+        &ca,
+        "--cert",
+        &cert,
+        "--key",
+        &key,
+    ];
+    let good = qgactl(&[&tls[..], &["set", "vm", "5=online"]].concat(), &[]).await;
     assert_eq!(good.code, 0, "{good:?}");
     assert_eq!(rig.agents[0].control().online(5), Some(true));
     // The same from the environment.
@@ -465,22 +459,9 @@ async fn mutual_tls_with_client_certificates() {
     assert_ne!(anonymous.code, 0, "{anonymous:?}");
     assert!(matches!(anonymous.code, 34 | 36), "{anonymous:?}");
     // A missing key file is a local error naming it.
-    let missing = qgactl(
-        &[
-            "--endpoint",
-            &e,
-            "--ca",
-            &ca,
-            "--cert",
-            &cert,
-            "--key",
-            "/nonexistent.key",
-            "vm",
-            "list",
-        ],
-        &[],
-    )
-    .await;
+    let mut no_key = tls;
+    no_key[7] = "/nonexistent.key";
+    let missing = qgactl(&[&no_key[..], &["vm", "list"]].concat(), &[]).await;
     assert_eq!(missing.code, 1, "{missing:?}");
     assert!(missing.stderr.contains("/nonexistent.key"), "{missing:?}");
     drop(rig);

@@ -20,6 +20,14 @@ use qga_proto::v1::{
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
+/// A TCP port on 127.0.0.1 free at the time of asking.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
 pub fn config(vms: &[(&str, &Path)]) -> Config {
     let mut c = Config {
         grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
