@@ -81,12 +81,19 @@ async fn run(cli: Cli) -> u8 {
 }
 
 /// Whether `status` is tonic's report of a broken connection rather than an answer.
+///
+/// A status decoded from the bridge's reply never has a source; one tonic makes on this
+/// side from a connection error always has. With TLS 1.3 a refused client certificate
+/// shows only after the request is sent, as a reset (UNKNOWN) or a cancelled stream
+/// (CANCELLED), depending on timing.
 fn transport_failure(status: &tonic::Status) -> bool {
     use std::error::Error;
-    status.code() == tonic::Code::Unknown
-        && status
-            .source()
-            .is_some_and(|s| s.is::<tonic::transport::Error>())
+    use tonic::Code;
+    status.source().is_some()
+        && matches!(
+            status.code(),
+            Code::Unknown | Code::Cancelled | Code::Unavailable | Code::Internal
+        )
 }
 
 /// Prints what a command gave, in the chosen form; the exit code.
