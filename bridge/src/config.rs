@@ -6,6 +6,7 @@
 //! metrics_addr = "127.0.0.1:9100"      # optional
 //! log_format = "text"                   # or "json"
 //! audit_log = "/var/log/qga-bridge/audit.jsonl"  # default: standard error
+//! state_dir = "/var/lib/qga-bridge"     # the journal (default: $STATE_DIRECTORY, else this)
 //!
 //! [unix_sockets]                        # unix:PATH listeners
 //! mode = 0o660                          # who may connect
@@ -41,6 +42,7 @@
 //! appear_timeout_ms = 10000             # a new DIMM's blocks show up in the guest
 //! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
 //! max_request_ids = 256                 # remembered request-ids per VM
+//! request_id_ttl_s = 86400              # and for how long
 //!
 //! [timeouts]                            # milliseconds
 //! default_ms = 10000
@@ -104,6 +106,11 @@ pub struct Cli {
     /// TOML config file (see the README); flags override it.
     #[arg(long, short = 'c')]
     pub config: Option<PathBuf>,
+    /// Directory of the journal (request-ids and their outcomes), locked by one bridge
+    /// at a time [default: $STATE_DIRECTORY (systemd's StateDirectory=), else
+    /// /var/lib/qga-bridge].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
     /// gRPC listen address, `IP:PORT` or `unix:PATH` [default: 127.0.0.1:50051].
     #[arg(long)]
     pub grpc_addr: Option<Listen>,
@@ -426,6 +433,8 @@ pub struct Hotplug {
     pub max_qmp_bytes: usize,
     /// Request ids remembered per VM for idempotent retries (oldest forgotten first).
     pub max_request_ids: usize,
+    /// How long a request id is remembered, seconds.
+    pub request_id_ttl_s: u64,
 }
 
 impl Default for Hotplug {
@@ -439,6 +448,7 @@ impl Default for Hotplug {
             qmp_timeout_ms: 5_000,
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
+            request_id_ttl_s: 86_400,
         }
     }
 }
@@ -456,6 +466,7 @@ impl Hotplug {
             ("qmp_timeout_ms", self.qmp_timeout_ms),
             ("max_qmp_bytes", self.max_qmp_bytes as u64),
             ("max_request_ids", self.max_request_ids as u64),
+            ("request_id_ttl_s", self.request_id_ttl_s),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!(
@@ -642,6 +653,7 @@ struct File {
     coalesce_reads: Option<bool>,
     allow_insecure_tcp: Option<bool>,
     audit_log: Option<PathBuf>,
+    state_dir: Option<PathBuf>,
     tls: Option<TlsFiles>,
     auth: Option<AuthConfig>,
 }
@@ -715,6 +727,8 @@ pub struct Config {
     pub allow_insecure_tcp: bool,
     /// The audit trail's file; `None`: the log stream.
     pub audit_log: Option<PathBuf>,
+    /// The journal's directory, locked by one bridge at a time.
+    pub state_dir: PathBuf,
     /// TLS for every listener; `None`: plaintext.
     pub tls: Option<TlsFiles>,
     /// Tokens and grants. `None` (no `[auth]` section): only local (or, with
@@ -746,10 +760,24 @@ impl Default for Config {
             http: Http::default(),
             allow_insecure_tcp: false,
             audit_log: None,
+            state_dir: default_state_dir(),
             tls: None,
             auth: None,
         }
     }
+}
+
+/// The state directory when none is given: systemd's `$STATE_DIRECTORY` (the first, if
+/// it lists several), else `/var/lib/qga-bridge`.
+pub fn default_state_dir() -> PathBuf {
+    std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        })
+        .unwrap_or_else(|| PathBuf::from("/var/lib/qga-bridge"))
 }
 
 /// Root and the bridge's own effective uid: whoever could have created a socket the
@@ -803,6 +831,9 @@ impl Config {
         config.allow_insecure_tcp |= cli.allow_insecure_tcp;
         if cli.audit_log.is_some() {
             config.audit_log = cli.audit_log.clone();
+        }
+        if let Some(dir) = &cli.state_dir {
+            config.state_dir = dir.clone();
         }
         if let (Some(cert), Some(key)) = (&cli.tls_cert, &cli.tls_key) {
             config.tls = Some(TlsFiles {
@@ -865,6 +896,9 @@ impl Config {
         self.http = file.http;
         if file.audit_log.is_some() {
             self.audit_log = file.audit_log;
+        }
+        if let Some(dir) = file.state_dir {
+            self.state_dir = dir;
         }
         if file.tls.is_some() {
             self.tls = file.tls;

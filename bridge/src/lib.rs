@@ -9,7 +9,8 @@
 //! - [`vms`]: VM name to agent session and memory backend; [`discovery`]: VM sockets
 //!   found by glob, refusing what could route a call to the wrong VM; [`domains`]:
 //!   libvirt's running domains.
-//! - [`hotplug`]: memory hotplug operations; [`backend`]: the hypervisors they use.
+//! - [`hotplug`]: memory hotplug operations; [`backend`]: the hypervisors they use;
+//!   [`journal`]: their request-ids, intents and outcomes on disk, across restarts.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
@@ -31,6 +32,7 @@ pub mod gatekeeper;
 pub mod grpc;
 pub mod hotplug;
 pub mod http_policy;
+pub mod journal;
 pub mod jsonrpc;
 pub mod metrics;
 pub mod metrics_server;
@@ -74,6 +76,9 @@ pub enum StartError {
     /// The audit log could not be opened.
     #[error("cannot open the audit log: {0}")]
     Audit(#[source] std::io::Error),
+    /// The journal in the state directory is locked by another bridge or unreadable.
+    #[error(transparent)]
+    Journal(#[from] journal::JournalError),
     /// The `[auth]` section is unusable.
     #[error(transparent)]
     Auth(auth::AuthConfigError),
@@ -234,6 +239,15 @@ impl Servers<'_> {
     }
 }
 
+/// The journal's bounds from `config`.
+fn journal_limits(config: &Config) -> journal::Limits {
+    journal::Limits {
+        per_vm: config.hotplug.max_request_ids,
+        ttl: Duration::from_secs(config.hotplug.request_id_ttl_s),
+        max_entries: journal::Limits::MAX_ENTRIES,
+    }
+}
+
 impl Bridge {
     /// Binds every listener and starts serving.
     pub async fn start(config: Config) -> Result<Self, StartError> {
@@ -246,6 +260,7 @@ impl Bridge {
         let audit = audit::Audit::start(sink, metrics.clone()).map_err(StartError::Audit)?;
         let auth = auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
             .map_err(StartError::Auth)?;
+        let journal = journal::Journal::open(&config.state_dir, journal_limits(&config))?;
         let vms = Vms::new(config.clone(), metrics.clone());
         let service = Service::new(
             vms.clone(),
@@ -253,6 +268,7 @@ impl Bridge {
             metrics.clone(),
             audit,
             Arc::new(auth),
+            journal,
         );
         let tls = config.tls.clone().map(tls::Tls::load).transpose()?;
         let (shutdown, rx) = watch::channel(false);

@@ -14,6 +14,7 @@ use crate::{
     config::Config,
     error::BridgeError,
     hotplug::{Done, Hotplug, Operation, Target, layout::Layout},
+    journal::Journal,
     metrics::Metrics,
     session::VmStatus,
     vms::Vms,
@@ -99,6 +100,7 @@ impl Service {
         metrics: Arc<Metrics>,
         audit: Arc<Audit>,
         auth: Arc<Auth>,
+        journal: Journal,
     ) -> Arc<Self> {
         Arc::new(Self {
             vms,
@@ -106,6 +108,7 @@ impl Service {
                 crate::hotplug::Settings::of(&config),
                 audit.clone(),
                 metrics.clone(),
+                journal,
             ),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             config,

@@ -27,7 +27,8 @@ async fn binary_with_toml_config_serves_and_stops_on_sigterm() {
         &conf,
         format!(
             "grpc_addr = \"127.0.0.1:{grpc}\"\nmetrics_addr = \"127.0.0.1:{metrics}\"\nlog_format = \"json\"\n\
-             [vms]\nvm1 = \"{}\"\n[timeouts]\ndefault_ms = 5000\n[limits]\nqueue_depth = 8\n",
+             state_dir = \"{}\"\n[vms]\nvm1 = \"{}\"\n[timeouts]\ndefault_ms = 5000\n[limits]\nqueue_depth = 8\n",
+            dir.path().join("state").display(),
             agent.socket().display()
         ),
     )

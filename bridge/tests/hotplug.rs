@@ -313,3 +313,131 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
     );
     assert!(layout.await.expect("joins").is_ok());
 }
+
+#[tokio::test]
+async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() {
+    let state = common::state_dir();
+    let s = setup_with(Duration::ZERO, |c| c.state_dir = state.clone()).await;
+    let c = clients(&s.bridge).await;
+    let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r1"});
+    let first = rpc(&c.http, "memory-plug", plug.clone()).await;
+    assert_eq!(code(&first), -32007, "QEMU refuses: {first:?}");
+    assert_eq!(s.qmp.count("object-add"), 1);
+
+    // A second bridge on the same state directory is refused, naming the lock.
+    let mut twin = config(&[]);
+    twin.state_dir = state.clone();
+    let err = qga_bridge::Bridge::start(twin)
+        .await
+        .expect_err("one bridge per state directory");
+    let lock = state.join("lock");
+    assert!(
+        err.to_string().contains(&lock.display().to_string())
+            && err
+                .to_string()
+                .contains(&format!("pid {}", std::process::id())),
+        "{err}"
+    );
+
+    // The bridge restarts on the same state directory: the retry gets the first outcome
+    // and QEMU is not asked again; another identity's or another operation's use of the
+    // id is not confused with it.
+    let Setup {
+        _dir,
+        _agents,
+        qmp,
+        bridge,
+    } = s;
+    bridge.shutdown().await;
+    let mut again = config(&[
+        ("plain", &_dir.path().join("a.sock")),
+        ("vm", &_dir.path().join("b.sock")),
+    ]);
+    again.qmp.insert("vm".into(), _dir.path().join("qmp.sock"));
+    again.state_dir = state.clone();
+    let bridge = start(again).await;
+    let c = clients(&bridge).await;
+    let retry = rpc(&c.http, "memory-plug", plug).await;
+    assert_eq!(retry, first, "the recorded outcome");
+    assert_eq!(qmp.count("object-add"), 1, "acted once across the restart");
+    let other = rpc(
+        &c.http,
+        "memory-plug",
+        json!({"vm": "vm", "size": 268_435_456u64, "request-id": "r1"}),
+    )
+    .await;
+    assert_eq!(code(&other), -32602, "{other:?}");
+    assert_eq!(qmp.count("object-add"), 1);
+    bridge.shutdown().await;
+}
+
+#[tokio::test]
+async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
+    use qga_bridge::{
+        hotplug::{Operation, memory::Key, plug::PlugArgs},
+        journal::{Journal, Limits},
+    };
+    let state = common::state_dir();
+    // A bridge wrote the intent of a plug under request-id r7 and stopped before its end.
+    {
+        let journal = Journal::open(
+            &state,
+            Limits {
+                per_vm: 8,
+                ttl: Duration::from_secs(3600),
+                max_entries: 64,
+            },
+        )
+        .expect("journal");
+        let op = Operation::Plug(PlugArgs {
+            size: 536_870_912,
+            node: None,
+            online_type: None,
+        });
+        // Callers without [auth] are the trusted identity.
+        let key = Key {
+            identity: Some("trusted".into()),
+            id: "r7".into(),
+        };
+        journal
+            .begin("vm", &key, &op)
+            .await
+            .expect("intent written");
+    }
+    let s = setup_with(Duration::ZERO, |c| c.state_dir = state.clone()).await;
+    let c = clients(&s.bridge).await;
+    let retry = rpc(
+        &c.http,
+        "memory-plug",
+        json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r7"}),
+    )
+    .await;
+    let Err((-32007, message, Some(data))) = &retry else {
+        panic!("interrupted: {retry:?}");
+    };
+    assert_eq!(data["step"], "interrupted", "{data}");
+    assert!(message.contains("r7"), "{message}");
+    assert_eq!(s.qmp.count("object-add"), 0, "not run again");
+}
+
+#[tokio::test]
+async fn an_unreadable_journal_stops_the_bridge_and_is_left_alone() {
+    let state = common::state_dir();
+    std::fs::create_dir_all(&state).expect("state dir");
+    let store = state.join(qga_bridge::journal::STORE_FILE);
+    std::fs::write(&store, b"this is not a journal, but it may be evidence").expect("write");
+    let mut c = config(&[]);
+    c.state_dir = state.clone();
+    let err = qga_bridge::Bridge::start(c)
+        .await
+        .expect_err("no start with amnesia");
+    assert!(
+        err.to_string().contains(&store.display().to_string())
+            && err.to_string().contains("cannot be read"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&store).expect("kept"),
+        b"this is not a journal, but it may be evidence"
+    );
+}

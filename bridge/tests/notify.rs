@@ -71,6 +71,8 @@ fn start(notify_socket: &str, conf_dir: &Path, agent: &AgentProcess) -> (Bridge,
         .arg(format!("127.0.0.1:{rpc}"))
         .arg("--vm")
         .arg(format!("vm1={}", agent.socket().display()))
+        .arg("--state-dir")
+        .arg(conf_dir.join("state"))
         .env("NOTIFY_SOCKET", notify_socket)
         .current_dir(conf_dir)
         .stdout(Stdio::null())

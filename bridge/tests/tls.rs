@@ -229,6 +229,7 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
                 &rpc.to_string(),
             ])
             .args(["--vm", &format!("vm={}", path(&socket))])
+            .args(["--state-dir", &path(&dir.path().join("state"))])
             .args(["--tls-cert", &path(&certs.path("server.pem"))])
             .args(["--tls-key", &path(&certs.path("server.key"))])
             .env("QGA_BRIDGE_LOG", "warn")

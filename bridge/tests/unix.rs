@@ -209,8 +209,13 @@ async fn stale_sockets_are_replaced_and_live_ones_or_files_refused() {
     let bridge = Bridge::start(cfg.clone())
         .await
         .expect("a stale socket is replaced");
-    // A socket someone listens on: refused, and left alone.
-    let err = Bridge::start(cfg.clone()).await.expect_err("live socket");
+    // A socket someone listens on: refused, and left alone. (Each bridge has its own
+    // state directory: a shared one would be refused first.)
+    let other = || qga_bridge::Config {
+        state_dir: common::state_dir(),
+        ..cfg.clone()
+    };
+    let err = Bridge::start(other()).await.expect_err("live socket");
     assert!(
         err.to_string().contains("another process is listening"),
         "{err}"
@@ -220,7 +225,7 @@ async fn stale_sockets_are_replaced_and_live_ones_or_files_refused() {
     let _ = std::fs::remove_file(&grpc);
     let _ = std::fs::remove_file(&rpc);
     std::fs::write(&grpc, "precious").expect("write");
-    let err = Bridge::start(cfg).await.expect_err("a file");
+    let err = Bridge::start(other()).await.expect_err("a file");
     assert!(err.to_string().contains("is not a socket"), "{err}");
     assert_eq!(std::fs::read_to_string(&grpc).expect("kept"), "precious");
 }

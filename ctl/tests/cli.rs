@@ -123,6 +123,7 @@ impl Rig {
         let mut config = Config {
             grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
             jsonrpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+            state_dir: dir.path().join("state"),
             ..Config::default()
         };
         config.vms.insert("vm".into(), a);

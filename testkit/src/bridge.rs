@@ -59,9 +59,13 @@ impl BridgeProcess {
         let dir = tempfile::Builder::new().prefix("qga-bridge-").tempdir()?;
         let (grpc, jsonrpc) = (free_addr()?, free_addr()?);
         let path = dir.path().join("bridge.toml");
+        let state = dir.path().join("state");
         std::fs::write(
             &path,
-            format!("grpc_addr = \"{grpc}\"\njsonrpc_addr = \"{jsonrpc}\"\n{config}"),
+            format!(
+                "grpc_addr = \"{grpc}\"\njsonrpc_addr = \"{jsonrpc}\"\nstate_dir = {:?}\n{config}",
+                state.display().to_string()
+            ),
         )?;
         let child = Command::new(bin_path("qga-bridge"))
             .arg("--config")

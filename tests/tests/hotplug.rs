@@ -8,7 +8,7 @@
 //! Debian's packages by tests/guest/build-image); fails, never skips, without them.
 //! Run one at a time (see .config/nextest.toml): each boots a guest.
 
-use std::{fmt::Display, time::Duration, time::Instant};
+use std::{fmt::Display, path::Path, time::Duration, time::Instant};
 
 use qga_e2e::{
     bridge::{BridgeProcess, Clients},
@@ -47,12 +47,21 @@ fn check(guest: &Guest, cond: bool, what: impl FnOnce() -> String) {
 /// The bridge in front of `guest` as VM `vm1`, with the guest's bridge QMP socket, once
 /// the agent answers through it.
 async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
-    let bridge = BridgeProcess::start_with_qmp(
-        &[("vm1", &guest.qga_socket())],
-        &[("vm1", &guest.qmp_bridge_socket())],
-    )
-    .await
-    .expect("bridge");
+    behind_bridge_at(guest, None).await
+}
+
+/// [`behind_bridge`], with the journal in `state` when given (a bridge of its own else).
+async fn behind_bridge_at(guest: &Guest, state: Option<&Path>) -> (BridgeProcess, Clients) {
+    let mut args = vec![
+        "--qmp".to_string(),
+        format!("vm1={}", guest.qmp_bridge_socket().display()),
+    ];
+    if let Some(state) = state {
+        args.extend(["--state-dir".to_string(), state.display().to_string()]);
+    }
+    let bridge = BridgeProcess::start_with_args(&[("vm1", &guest.qga_socket())], args)
+        .await
+        .expect("bridge");
     let c = bridge.clients().await.expect("clients");
     scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
         .await
@@ -125,7 +134,8 @@ fn check_movable_dimm(guest: &Guest, dimm: &Value, block_size: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plug_unplug_and_resize_through_the_bridge() {
     let guest = boot("ours", "online_movable");
-    let (bridge, c) = behind_bridge(&guest).await;
+    let state = tempfile::tempdir().expect("state directory");
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
     let g = guest.control();
     let mut t = Timings::default();
     t.record("boot to running agent", guest.boot_time);
@@ -212,7 +222,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     let again = ok(
         &guest,
         "memory-plug retried",
-        scenario::call(&c, "memory-plug", plug).await,
+        scenario::call(&c, "memory-plug", plug.clone()).await,
     );
     t.record(
         "memory-plug retry with the same request-id",
@@ -235,6 +245,30 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     let devices = ok(&guest, "query-memory-devices", g.memory_devices());
     check(&guest, devices.len() == 1, || {
         format!("QEMU has one DIMM after the retry: {devices:?}")
+    });
+
+    // The bridge is killed (SIGKILL: a crash) and started again on its state directory:
+    // the retry still answers the first plug, and nothing is plugged twice.
+    drop(c);
+    drop(bridge);
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+    let after_restart = ok(
+        &guest,
+        "memory-plug retried after a restart",
+        scenario::call(&c, "memory-plug", plug.clone()).await,
+    );
+    check(&guest, after_restart == again, || {
+        format!("the retry after a restart answers the first plug: {after_restart} vs {again}")
+    });
+    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    check(
+        &guest,
+        devices.len() == 1 && devices[0].id == dimm_id,
+        || format!("QEMU still has the one DIMM {dimm_id} after the restart's retry: {devices:?}"),
+    );
+    let now = mem_total(&guest);
+    check(&guest, now == start_kib + DIMM_KIB, || {
+        format!("MemTotal after the restart's retry is {now} KiB")
     });
 
     // Unplug over gRPC.

@@ -13,12 +13,12 @@ pub mod qmp;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 /// A DIMM as the hypervisor reports it: the one DIMM shape of the bridge, embedded in
 /// the layout's [`crate::hotplug::layout::Dimm`] with the guest's view of its blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct DimmDevice {
     /// QEMU's device id, libvirt's alias (empty when QEMU has none).
@@ -35,9 +35,15 @@ pub struct DimmDevice {
     pub memdev: String,
     /// Plugged at run time rather than given on QEMU's command line.
     pub hotplugged: bool,
-    /// QEMU's `hotpluggable`: whether it may be unplugged at all.
-    #[serde(skip)]
+    /// QEMU's `hotpluggable`: whether it may be unplugged at all. Not in replies; a
+    /// DIMM read back from the journal was plugged at run time, so it is.
+    #[serde(skip_serializing, default = "hotpluggable")]
     pub hotpluggable: bool,
+}
+
+/// The default of [`DimmDevice::hotpluggable`] when read back.
+fn hotpluggable() -> bool {
+    true
 }
 
 impl DimmDevice {
@@ -80,11 +86,11 @@ pub enum Deleted {
 }
 
 /// One step an operation took, as its reply lists them.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Step {
     /// What it was (`object-add`, `device_add`, `wait-blocks`, `online`, ...).
-    pub name: &'static str,
+    pub name: std::borrow::Cow<'static, str>,
     /// How long it took.
     pub duration_ms: f64,
     /// What it did, for a person reading the reply.
@@ -95,7 +101,7 @@ impl Step {
     /// A step named `name` that started at `start` and ends now.
     pub fn since(name: &'static str, start: Instant, detail: String) -> Self {
         Self {
-            name,
+            name: name.into(),
             duration_ms: start.elapsed().as_secs_f64() * 1000.0,
             detail,
         }

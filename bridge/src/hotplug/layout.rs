@@ -5,12 +5,12 @@
 use std::collections::BTreeMap;
 
 use qga_wire::schema::{GuestMemoryBlock, GuestMemoryZones};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::backend::DimmDevice;
 
 /// What the guest does with one memory block.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum BlockState {
     /// Online: the guest uses it.
@@ -22,7 +22,7 @@ pub enum BlockState {
 }
 
 /// One block in a layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct LayoutBlock {
     /// The block's number.
@@ -30,12 +30,12 @@ pub struct LayoutBlock {
     /// Online, offline or absent.
     pub state: BlockState,
     /// The kernel's `valid_zones` words, when the agent reports zones.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub valid_zones: Vec<String>,
     /// Whether the block can be offlined, from its zone rather than the kernel's
     /// `removable` (which reads 1 for every block since Linux 5.7): an online block only
     /// in ZONE_MOVABLE. `None` when zones are unknown or the block is absent.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub can_offline: Option<bool>,
 }
 
@@ -47,7 +47,7 @@ impl LayoutBlock {
 }
 
 /// One DIMM and its blocks.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Dimm {
     /// The DIMM as the hypervisor reports it.
@@ -57,7 +57,7 @@ pub struct Dimm {
     pub blocks: Vec<LayoutBlock>,
     /// Every online block is in ZONE_MOVABLE, so the DIMM can come out (`None`: zones
     /// unknown).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(skip_serializing_if = "Option::is_none", default)]
     pub removable: Option<bool>,
 }
 

@@ -1,20 +1,20 @@
-//! One VM's memory hotplug state: its [`MemoryBackend`], the lock its running operation
-//! holds, and the request-ids of its operations with what came of them.
+//! One VM's memory hotplug state: its [`MemoryBackend`] and the lock its running
+//! operation holds. The request-ids of its operations, with what came of them, are in the
+//! [`Journal`].
 
 use std::{
-    collections::VecDeque,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::Duration,
 };
 
 use qga_qmp::QmpLimits;
-use qga_wire::sync::lock;
 
 use super::{Done, Operation, Settings};
 use crate::{
     backend::{MemoryBackend, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
     error::BridgeError,
+    journal::{Journal, State},
 };
 
 /// Where a VM's memory backend comes from: the same source again keeps the backend and
@@ -42,18 +42,6 @@ pub struct Key {
     pub id: String,
 }
 
-/// A request-id, the operation it named, and what came of it.
-type Remembered = (Key, Operation, Result<Done, BridgeError>);
-
-/// What a VM's operations leave behind.
-#[derive(Debug, Default)]
-struct State {
-    /// The running operation's request-id, if it has one.
-    running: Option<Key>,
-    /// Request-ids and what came of them, oldest first.
-    done: VecDeque<Remembered>,
-}
-
 /// Whether an operation runs, or what to answer instead.
 #[derive(Debug)]
 pub enum Admitted {
@@ -70,7 +58,6 @@ pub struct VmMemory {
     backend: Arc<dyn MemoryBackend>,
     /// Held by the running operation.
     busy: Arc<tokio::sync::Mutex<()>>,
-    state: Mutex<State>,
 }
 
 /// The per-command time limits of the backends.
@@ -81,23 +68,12 @@ fn timeouts(settings: &Settings) -> Timeouts {
     }
 }
 
-/// Whether a failed operation's outcome is final, so that a retry with its request id
-/// gets it again: it acted, or found the request impossible. Transient failures (QEMU or
-/// the agent unreachable, a deadline) are not remembered, so the retry runs.
-fn remembered(result: &Result<Done, BridgeError>) -> bool {
-    matches!(
-        result,
-        Ok(_) | Err(BridgeError::Hotplug { .. } | BridgeError::DimmNotFound { .. })
-    )
-}
-
 impl VmMemory {
     fn new(source: MemorySource, backend: Arc<dyn MemoryBackend>) -> Self {
         Self {
             source,
             backend,
             busy: Arc::new(tokio::sync::Mutex::new(())),
-            state: Mutex::new(State::default()),
         }
     }
 
@@ -141,62 +117,66 @@ impl VmMemory {
     }
 
     /// Decides whether `op` runs now on VM `vm`: the VM's lock is taken first and the
-    /// remembered request-ids looked at under it, so a retry racing with the end of its
-    /// first call gets the first call's outcome, never a second run.
+    /// journal read under it. An operation records its outcome before it releases the
+    /// lock, so a retry racing with the end of its first call gets the first call's
+    /// outcome, never a second run.
     pub fn admit(
         &self,
         vm: &str,
         op: &Operation,
         key: Option<&Key>,
+        journal: &Journal,
     ) -> Result<Admitted, BridgeError> {
         let guard = self.busy.clone().try_lock_owned();
-        let mut state = lock(&self.state);
-        if let Some(key) = key
-            && let Some((_, first, result)) = state.done.iter().find(|(k, ..)| k == key)
-        {
-            if first != op {
+        let entry = match key {
+            Some(key) => journal.lookup(vm, key).map_err(|e| BridgeError::Hotplug {
+                vm: vm.to_string(),
+                step: "journal".into(),
+                reason: format!("{e}; nothing was done"),
+                blocks: Vec::new(),
+            })?,
+            None => None,
+        };
+        if let (Some(key), Some(entry)) = (key, &entry) {
+            if !entry.is(op) {
                 return Err(BridgeError::InvalidRequest(format!(
                     "request-id '{}' was used for another operation ({} {})",
-                    key.id,
-                    first.method(),
-                    serde_json::to_string(first).unwrap_or_default()
+                    key.id, entry.method, entry.args
                 )));
             }
-            return Ok(Admitted::Replay(result.clone()));
-        }
-        let Ok(guard) = guard else {
-            let same = key.is_some() && state.running.as_ref() == key;
-            return Err(BridgeError::Aborted(if same {
-                format!(
-                    "the operation with this request-id still runs on VM '{vm}'; \
-                     retry with the same request-id for its outcome"
-                )
-            } else {
-                format!("another memory hotplug operation runs on VM '{vm}'; nothing was done")
-            }));
-        };
-        state.running = key.cloned();
-        Ok(Admitted::Run(guard))
-    }
-
-    /// Ends the running operation: remembers its outcome under its request-id (keeping
-    /// at most `max_ids`) when the outcome is final.
-    pub fn finish(
-        &self,
-        key: Option<Key>,
-        op: Operation,
-        result: &Result<Done, BridgeError>,
-        max_ids: usize,
-    ) {
-        let mut state = lock(&self.state);
-        state.running = None;
-        if let Some(key) = key
-            && remembered(result)
-        {
-            if state.done.len() >= max_ids {
-                state.done.pop_front();
+            match &entry.state {
+                State::Ended(stored) => return Ok(Admitted::Replay(stored.result(vm))),
+                State::Interrupted => return Ok(Admitted::Replay(Err(interrupted(vm, key)))),
+                State::Running if journal.live(vm, key) => {
+                    return Err(BridgeError::Aborted(format!(
+                        "the operation with this request-id still runs on VM '{vm}'; \
+                         retry with the same request-id for its outcome"
+                    )));
+                }
+                // Running, but not in this bridge: it never recorded its end.
+                State::Running => return Ok(Admitted::Replay(Err(interrupted(vm, key)))),
             }
-            state.done.push_back((key, op, result.clone()));
         }
+        match guard {
+            Ok(guard) => Ok(Admitted::Run(guard)),
+            Err(_) => Err(BridgeError::Aborted(format!(
+                "another memory hotplug operation runs on VM '{vm}'; nothing was done"
+            ))),
+        }
+    }
+}
+
+/// The answer to a retry of an operation a bridge stopped during.
+fn interrupted(vm: &str, key: &Key) -> BridgeError {
+    BridgeError::Hotplug {
+        vm: vm.to_string(),
+        step: "interrupted".into(),
+        reason: format!(
+            "the bridge stopped while the operation with request-id '{}' ran; it was \
+             neither finished nor undone and is not run again: memory-layout shows the VM \
+             as it is now",
+            key.id
+        ),
+        blocks: Vec::new(),
     }
 }

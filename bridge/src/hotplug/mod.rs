@@ -10,7 +10,8 @@
 //! One operation runs per VM at a time; a second one is refused as ABORTED rather than
 //! queued, since a control plane that sent it has a stale view of the VM. An operation runs
 //! in a task of its own: a caller that leaves does not cut it half-way, and its outcome is
-//! audited and, with a `request-id`, remembered for the caller's retry.
+//! audited and, with a `request-id`, recorded in the [`Journal`] for the caller's retry —
+//! its intent before it acts, its outcome before the VM is released.
 
 pub mod ctx;
 pub mod layout;
@@ -21,7 +22,7 @@ pub mod unplug;
 
 use std::{sync::Arc, time::Duration};
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use self::{
@@ -37,6 +38,7 @@ use crate::{
     call::hotplug_method,
     config::{self, Config},
     error::{BridgeError, Outcome},
+    journal::Journal,
     metrics::Metrics,
     session::Session,
 };
@@ -71,7 +73,7 @@ impl Operation {
 }
 
 /// What an operation did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Done {
     /// The operation's own result.
@@ -84,7 +86,7 @@ pub struct Done {
 }
 
 /// What each kind of operation did.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Effect {
     /// The DIMM plugged, or unplugged.
@@ -138,6 +140,7 @@ pub struct Hotplug {
     settings: Arc<Settings>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
+    journal: Journal,
 }
 
 /// The refusal for a VM without a memory backend.
@@ -174,12 +177,19 @@ struct Ticket<'a> {
 }
 
 impl Hotplug {
-    /// Hotplug with `settings`, auditing to `audit`, counting in `metrics`.
-    pub fn new(settings: Arc<Settings>, audit: Arc<Audit>, metrics: Arc<Metrics>) -> Self {
+    /// Hotplug with `settings`, auditing to `audit`, counting in `metrics`, recording
+    /// request-ids in `journal`.
+    pub fn new(
+        settings: Arc<Settings>,
+        audit: Arc<Audit>,
+        metrics: Arc<Metrics>,
+        journal: Journal,
+    ) -> Self {
         Self {
             settings,
             audit,
             metrics,
+            journal,
         }
     }
 
@@ -244,7 +254,9 @@ impl Hotplug {
             start,
         };
         let admitted = match &target.memory {
-            Some(m) => m.admit(vm, &op, key.as_ref()).map(|a| (a, m.clone())),
+            Some(m) => m
+                .admit(vm, &op, key.as_ref(), &self.journal)
+                .map(|a| (a, m.clone())),
             None => Err(no_backend(vm)),
         };
         let (guard, memory) = match admitted {
@@ -259,9 +271,20 @@ impl Hotplug {
                 return result;
             }
         };
+        if let Some(key) = &key
+            && let Err(e) = self.journal.begin(vm, key, &op).await
+        {
+            let result = Err(BridgeError::Hotplug {
+                vm: vm.to_string(),
+                step: "journal".into(),
+                reason: format!("cannot record the operation before acting: {e}; nothing was done"),
+                blocks: Vec::new(),
+            });
+            record(&self.audit, &ticket, &result, false);
+            return result;
+        }
         let running = Running {
             ctx: self.ctx(vm, &memory, target.session, deadline),
-            memory,
             guard,
             caller: caller.clone(),
             op,
@@ -284,7 +307,7 @@ impl Hotplug {
     fn spawn(&self, mut r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
         let audit = self.audit.clone();
         let metrics = self.metrics.clone();
-        let max_ids = self.settings.hotplug.max_request_ids;
+        let journal = self.journal.clone();
         tokio::spawn(async move {
             let result = execute(&mut r.ctx, &r.op).await;
             let (vm, method) = (r.ctx.vm.as_str(), r.op.method());
@@ -301,7 +324,13 @@ impl Hotplug {
                 Ok(_) => tracing::info!(vm, method, "memory hotplug done"),
                 Err(e) => tracing::warn!(vm, method, error = %e, "memory hotplug failed"),
             }
-            r.memory.finish(r.key, r.op, &result, max_ids);
+            if let Some(key) = &r.key
+                && let Err(e) = journal.end(vm, key, &r.op, &result).await
+            {
+                // The operation happened; a retry will be told it was interrupted rather
+                // than run it again.
+                tracing::error!(vm, method, error = %e, "cannot record the operation's outcome");
+            }
             drop(r.guard);
             result
         })
@@ -311,7 +340,6 @@ impl Hotplug {
 /// An operation admitted to run: everything its task needs.
 struct Running {
     ctx: Ctx,
-    memory: Arc<VmMemory>,
     /// The VM's lock, released when the operation ends.
     guard: tokio::sync::OwnedMutexGuard<()>,
     caller: Caller,

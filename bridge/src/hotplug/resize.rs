@@ -1,7 +1,7 @@
 //! Resize: unplug DIMMs newest first while the VM has more memory than asked, then plug
 //! DIMMs of `hotplug.dimm_size` until it has what was asked.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::{
     ctx::{Ctx, with_note},
@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// What `resize` did.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Resized {
     /// Memory before, bytes.

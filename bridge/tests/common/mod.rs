@@ -28,10 +28,23 @@ pub fn free_port() -> u16 {
         .expect("free port")
 }
 
+/// A state directory of this test's own, under Cargo's scratch directory for tests (so
+/// removed with `target`): two bridges of one test share it only when given the same.
+pub fn state_dir() -> std::path::PathBuf {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir =
+        Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!("state-{}-{n}", std::process::id()));
+    // A directory left by an earlier process of the same pid is not ours.
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
 pub fn config(vms: &[(&str, &Path)]) -> Config {
     let mut c = Config {
         grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
         jsonrpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
+        state_dir: state_dir(),
         ..Config::default()
     };
     for (name, path) in vms {

@@ -1,0 +1,634 @@
+//! The journal: what the bridge must not forget across a restart, in an embedded,
+//! crash-safe store in the state directory (`state_dir`).
+//!
+//! It holds the request-ids of hotplug operations. An operation sent with a request-id is
+//! written *before* it acts (its intent: method and arguments, state `running`) and again
+//! when it ends (its outcome), each in one committed transaction; a retry with the same
+//! request-id, by the same identity, after any number of restarts, gets the recorded
+//! outcome instead of a second run. An entry still `running` when a bridge opens the
+//! journal belongs to a bridge that stopped during the operation: it becomes
+//! `interrupted`, and a retry is answered with that, never run again.
+//!
+//! The store is [redb]: a pure-Rust, copy-on-write B-tree file whose commits are atomic
+//! and durable (fsync) and which recovers by itself from a crash mid-commit; no C library,
+//! no server. One bridge per state directory: an exclusive lock on `lock` beside the
+//! store, held while the journal is open. A store that cannot be read stops the bridge
+//! ([`JournalError`]) rather than letting it start without its memory.
+//!
+//! Bounds: per VM at most `hotplug.max_request_ids` entries (oldest dropped first), none
+//! older than `hotplug.request_id_ttl_s`, and at most [`Limits::max_entries`] in all.
+
+use std::{
+    collections::HashSet,
+    fs::{File, OpenOptions},
+    io::Write,
+    os::unix::fs::{DirBuilderExt, OpenOptionsExt},
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use qga_wire::sync::lock;
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::BridgeError,
+    hotplug::{Done, Operation, memory::Key},
+};
+
+/// Request-id entries: key [`entry_key`], value JSON [`Entry`].
+const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("request-ids");
+
+/// The store's file in the state directory.
+pub const STORE_FILE: &str = "journal.redb";
+/// The lock file in the state directory.
+pub const LOCK_FILE: &str = "lock";
+
+/// Why the journal cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    /// Another process holds the state directory.
+    #[error(
+        "the state directory is in use: {lock} is locked by another qga-bridge{holder}; \
+         give each bridge its own --state-dir"
+    )]
+    Locked {
+        /// The lock file.
+        lock: PathBuf,
+        /// ` (pid N)` when the holder wrote its pid.
+        holder: String,
+    },
+    /// The state directory or a file in it cannot be made or opened.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The store cannot be read: corrupt, or written by an incompatible version.
+    #[error(
+        "the journal {path} cannot be read ({reason}); the bridge will not start without \
+         it: move it away to start with an empty journal (retries of earlier request-ids \
+         then run again)"
+    )]
+    Unreadable {
+        /// The store's file.
+        path: PathBuf,
+        /// What the store said.
+        reason: String,
+    },
+    /// A read or write of the open store failed.
+    #[error("journal {path}: {reason}")]
+    Store {
+        /// The store's file.
+        path: PathBuf,
+        /// What the store said.
+        reason: String,
+    },
+}
+
+/// The journal's bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Entries kept per VM (`hotplug.max_request_ids`).
+    pub per_vm: usize,
+    /// Entries older than this are dropped (`hotplug.request_id_ttl_s`).
+    pub ttl: Duration,
+    /// Entries in all.
+    pub max_entries: usize,
+}
+
+impl Limits {
+    /// Entries in all: enough for 64 VMs' full request-id history at the default
+    /// bound, a few MiB of store.
+    pub const MAX_ENTRIES: usize = 16_384;
+}
+
+/// Where an operation with a request-id stands.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum State {
+    /// Running in the bridge that wrote it.
+    Running,
+    /// Found running by a later bridge: the one that ran it stopped during it.
+    Interrupted,
+    /// Ended with this outcome.
+    Ended(Stored),
+}
+
+/// A final outcome as stored: success, or one of the failures a retry gets again.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Stored {
+    /// It did this.
+    Done(Done),
+    /// [`BridgeError::Hotplug`].
+    Hotplug {
+        /// The step.
+        step: String,
+        /// Why.
+        reason: String,
+        /// Per-block results.
+        blocks: Vec<qga_wire::schema::GuestMemoryBlockResponse>,
+    },
+    /// [`BridgeError::DimmNotFound`].
+    DimmNotFound {
+        /// The DIMM asked for.
+        dimm: String,
+    },
+}
+
+impl Stored {
+    /// The outcome to store for `result`; `None` for a failure a retry should not get
+    /// again (transient: QEMU or the agent unreachable, a deadline).
+    pub fn of(result: &Result<Done, BridgeError>) -> Option<Self> {
+        match result {
+            Ok(done) => Some(Self::Done(done.clone())),
+            Err(BridgeError::Hotplug {
+                step,
+                reason,
+                blocks,
+                ..
+            }) => Some(Self::Hotplug {
+                step: step.clone(),
+                reason: reason.clone(),
+                blocks: blocks.clone(),
+            }),
+            Err(BridgeError::DimmNotFound { dimm, .. }) => {
+                Some(Self::DimmNotFound { dimm: dimm.clone() })
+            }
+            Err(_) => None,
+        }
+    }
+
+    /// The outcome again, for VM `vm`.
+    pub fn result(&self, vm: &str) -> Result<Done, BridgeError> {
+        match self {
+            Self::Done(done) => Ok(done.clone()),
+            Self::Hotplug {
+                step,
+                reason,
+                blocks,
+            } => Err(BridgeError::Hotplug {
+                vm: vm.to_string(),
+                step: step.clone(),
+                reason: reason.clone(),
+                blocks: blocks.clone(),
+            }),
+            Self::DimmNotFound { dimm } => Err(BridgeError::DimmNotFound {
+                vm: vm.to_string(),
+                dimm: dimm.clone(),
+            }),
+        }
+    }
+}
+
+/// One request-id's entry.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Entry {
+    /// When it was written, milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The operation's method.
+    pub method: String,
+    /// The operation's arguments, as its audit line shows them.
+    pub args: serde_json::Value,
+    /// Where it stands.
+    pub state: State,
+}
+
+impl Entry {
+    /// Whether it records `op` (the same method with the same arguments).
+    pub fn is(&self, op: &Operation) -> bool {
+        self.method == op.method() && serde_json::to_value(op).ok().as_ref() == Some(&self.args)
+    }
+}
+
+/// The journal. See the module docs.
+#[derive(Debug, Clone)]
+pub struct Journal {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    db: Database,
+    path: PathBuf,
+    limits: Limits,
+    /// Keys of the operations running in this process.
+    live: Mutex<HashSet<String>>,
+    /// Held open while the journal is: the state directory's lock.
+    _lock: File,
+}
+
+/// The table key of `key` on VM `vm`: NUL never occurs in VM names, identities or
+/// request-ids, so one VM's entries form one key range.
+fn entry_key(vm: &str, key: &Key) -> String {
+    format!(
+        "{vm}\0{}\0{}",
+        key.identity.as_deref().unwrap_or(""),
+        key.id
+    )
+}
+
+/// The range of VM `vm`'s keys.
+fn vm_range(vm: &str) -> (String, String) {
+    (format!("{vm}\0"), format!("{vm}\u{1}"))
+}
+
+/// Milliseconds since the Unix epoch.
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Entries written before this are expired.
+fn horizon(ttl: Duration) -> u64 {
+    now().saturating_sub(u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX))
+}
+
+/// Takes the state directory's lock, writing our pid into it.
+fn take_lock(dir: &Path) -> Result<File, JournalError> {
+    let path = dir.join(LOCK_FILE);
+    let io = |source| JournalError::Io {
+        path: path.clone(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(&path)
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let holder = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|s| s.trim().parse::<u32>().ok())
+                .map_or_else(String::new, |pid| format!(" (pid {pid})"));
+            return Err(JournalError::Locked { lock: path, holder });
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(io(e)),
+    }
+    file.set_len(0).map_err(io)?;
+    write!(file, "{}", std::process::id()).map_err(io)?;
+    Ok(file)
+}
+
+impl Journal {
+    /// Opens (creating if need be) the journal in state directory `dir`, taking its lock,
+    /// checking every entry reads back and marking entries left running as interrupted.
+    pub fn open(dir: &Path, limits: Limits) -> Result<Self, JournalError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| JournalError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        let lock = take_lock(dir)?;
+        let path = dir.join(STORE_FILE);
+        // Made 0600 first (redb would leave it to the umask); an empty file is a new store.
+        OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(0o600)
+            .open(&path)
+            .map_err(|source| JournalError::Io {
+                path: path.clone(),
+                source,
+            })?;
+        let db = Database::create(&path).map_err(|e| JournalError::Unreadable {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let journal = Self {
+            inner: Arc::new(Inner {
+                db,
+                path,
+                limits,
+                live: Mutex::new(HashSet::new()),
+                _lock: lock,
+            }),
+        };
+        journal.settle()?;
+        Ok(journal)
+    }
+
+    /// The store's file.
+    pub fn path(&self) -> &Path {
+        &self.inner.path
+    }
+
+    fn store(&self, e: impl Into<redb::Error>) -> JournalError {
+        JournalError::Store {
+            path: self.inner.path.clone(),
+            reason: e.into().to_string(),
+        }
+    }
+
+    fn unreadable(&self, reason: String) -> JournalError {
+        JournalError::Unreadable {
+            path: self.inner.path.clone(),
+            reason,
+        }
+    }
+
+    /// At open: every entry must decode; running ones become interrupted, expired ones
+    /// and those past the bound in all go.
+    fn settle(&self) -> Result<(), JournalError> {
+        let txn = self.inner.db.begin_write().map_err(|e| self.store(e))?;
+        {
+            let mut table = txn.open_table(REQUESTS).map_err(|e| self.store(e))?;
+            let mut entries = Vec::new();
+            for item in table.iter().map_err(|e| self.store(e))? {
+                let (k, v) = item.map_err(|e| self.store(e))?;
+                let entry: Entry = serde_json::from_slice(v.value()).map_err(|e| {
+                    self.unreadable(format!("entry {:?} does not decode: {e}", k.value()))
+                })?;
+                entries.push((k.value().to_string(), entry));
+            }
+            let horizon = horizon(self.inner.limits.ttl);
+            entries.sort_by_key(|(_, e)| std::cmp::Reverse(e.at_ms));
+            for (i, (k, mut entry)) in entries.into_iter().enumerate() {
+                if entry.at_ms < horizon || i >= self.inner.limits.max_entries {
+                    table.remove(k.as_str()).map_err(|e| self.store(e))?;
+                } else if entry.state == State::Running {
+                    entry.state = State::Interrupted;
+                    let bytes =
+                        serde_json::to_vec(&entry).map_err(|e| self.unreadable(e.to_string()))?;
+                    table
+                        .insert(k.as_str(), bytes.as_slice())
+                        .map_err(|e| self.store(e))?;
+                }
+            }
+        }
+        txn.commit().map_err(|e| self.store(e))
+    }
+
+    /// The entry of `key` on VM `vm`, if it has one (and it has not expired).
+    pub fn lookup(&self, vm: &str, key: &Key) -> Result<Option<Entry>, JournalError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
+        let table = match txn.open_table(REQUESTS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
+            Err(e) => return Err(self.store(e)),
+        };
+        let Some(v) = table
+            .get(entry_key(vm, key).as_str())
+            .map_err(|e| self.store(e))?
+        else {
+            return Ok(None);
+        };
+        let entry: Entry = serde_json::from_slice(v.value())
+            .map_err(|e| self.unreadable(format!("an entry does not decode: {e}")))?;
+        let horizon = horizon(self.inner.limits.ttl);
+        Ok((entry.at_ms >= horizon).then_some(entry))
+    }
+
+    /// Whether the operation under `key` on VM `vm` runs in this process.
+    pub fn live(&self, vm: &str, key: &Key) -> bool {
+        lock(&self.inner.live).contains(&entry_key(vm, key))
+    }
+
+    /// Records that `op` runs now on VM `vm` under `key`: durable when this returns.
+    pub async fn begin(&self, vm: &str, key: &Key, op: &Operation) -> Result<(), JournalError> {
+        let entry = Entry {
+            at_ms: now(),
+            method: op.method().to_string(),
+            args: serde_json::to_value(op).unwrap_or_default(),
+            state: State::Running,
+        };
+        lock(&self.inner.live).insert(entry_key(vm, key));
+        let written = self.put(vm, key, Some(entry)).await;
+        if written.is_err() {
+            lock(&self.inner.live).remove(&entry_key(vm, key));
+        }
+        written
+    }
+
+    /// Records how the operation under `key` on VM `vm` ended: its outcome if final,
+    /// else its entry goes (a retry runs it again).
+    pub async fn end(
+        &self,
+        vm: &str,
+        key: &Key,
+        op: &Operation,
+        result: &Result<Done, BridgeError>,
+    ) -> Result<(), JournalError> {
+        let entry = Stored::of(result).map(|stored| Entry {
+            at_ms: now(),
+            method: op.method().to_string(),
+            args: serde_json::to_value(op).unwrap_or_default(),
+            state: State::Ended(stored),
+        });
+        let written = self.put(vm, key, entry).await;
+        lock(&self.inner.live).remove(&entry_key(vm, key));
+        written
+    }
+
+    /// Writes (or with `None` removes) one entry and applies the bounds, in one durable
+    /// transaction on the blocking pool.
+    async fn put(&self, vm: &str, key: &Key, entry: Option<Entry>) -> Result<(), JournalError> {
+        let this = self.clone();
+        let (vm, k) = (vm.to_string(), entry_key(vm, key));
+        tokio::task::spawn_blocking(move || this.put_now(&vm, &k, entry.as_ref()))
+            .await
+            .map_err(|e| JournalError::Store {
+                path: self.inner.path.clone(),
+                reason: format!("the journal's writer failed: {e}"),
+            })?
+    }
+
+    fn put_now(&self, vm: &str, k: &str, entry: Option<&Entry>) -> Result<(), JournalError> {
+        let txn = self.inner.db.begin_write().map_err(|e| self.store(e))?;
+        {
+            let mut table = txn.open_table(REQUESTS).map_err(|e| self.store(e))?;
+            match entry {
+                Some(entry) => {
+                    let bytes =
+                        serde_json::to_vec(entry).map_err(|e| self.unreadable(e.to_string()))?;
+                    table
+                        .insert(k, bytes.as_slice())
+                        .map_err(|e| self.store(e))?;
+                }
+                None => {
+                    table.remove(k).map_err(|e| self.store(e))?;
+                }
+            }
+            self.bound(&mut table, vm)?;
+        }
+        txn.commit().map_err(|e| self.store(e))
+    }
+
+    /// Drops VM `vm`'s expired entries and its oldest past the per-VM bound, then the
+    /// oldest of all past the bound in all.
+    fn bound(&self, table: &mut redb::Table<&str, &[u8]>, vm: &str) -> Result<(), JournalError> {
+        let limits = self.inner.limits;
+        let horizon = horizon(limits.ttl);
+        let (from, to) = vm_range(vm);
+        let mut mine = ages(self, table.range(from.as_str()..to.as_str()))?;
+        mine.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+        for (i, (k, at)) in mine.iter().enumerate() {
+            if *at < horizon || i >= limits.per_vm {
+                table.remove(k.as_str()).map_err(|e| self.store(e))?;
+            }
+        }
+        let total = table.len().map_err(|e| self.store(e))?;
+        if usize::try_from(total).unwrap_or(usize::MAX) > limits.max_entries {
+            let mut all = ages(self, table.iter())?;
+            all.sort_by_key(|(_, at)| std::cmp::Reverse(*at));
+            for (k, _) in all.iter().skip(limits.max_entries) {
+                table.remove(k.as_str()).map_err(|e| self.store(e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Keys and write times of the entries `range` yields.
+fn ages<'a>(
+    journal: &Journal,
+    range: Result<redb::Range<'a, &'static str, &'static [u8]>, redb::StorageError>,
+) -> Result<Vec<(String, u64)>, JournalError> {
+    let mut out = Vec::new();
+    for item in range.map_err(|e| journal.store(e))? {
+        let (k, v) = item.map_err(|e| journal.store(e))?;
+        let at = serde_json::from_slice::<Entry>(v.value())
+            .map(|e| e.at_ms)
+            .map_err(|e| journal.unreadable(format!("an entry does not decode: {e}")))?;
+        out.push((k.value().to_string(), at));
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hotplug::plug::PlugArgs;
+
+    fn limits(per_vm: usize, max_entries: usize) -> Limits {
+        Limits {
+            per_vm,
+            ttl: Duration::from_secs(3600),
+            max_entries,
+        }
+    }
+
+    fn key(id: &str) -> Key {
+        Key {
+            identity: Some("ops".into()),
+            id: id.into(),
+        }
+    }
+
+    fn plug(size: u64) -> Operation {
+        Operation::Plug(PlugArgs {
+            size,
+            node: None,
+            online_type: None,
+        })
+    }
+
+    fn missing(dimm: &str) -> Result<Done, BridgeError> {
+        Err(BridgeError::DimmNotFound {
+            vm: "vm".into(),
+            dimm: dimm.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn outcomes_read_back_after_reopening_and_running_ones_are_interrupted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let j = Journal::open(dir.path(), limits(8, 64)).expect("open");
+            j.begin("vm", &key("a"), &plug(1)).await.expect("begin");
+            j.end("vm", &key("a"), &plug(1), &missing("d1"))
+                .await
+                .expect("end");
+            j.begin("vm", &key("b"), &plug(2)).await.expect("begin");
+            assert!(j.live("vm", &key("b")));
+            // A transient failure is not kept: the retry runs.
+            j.begin("vm", &key("c"), &plug(3)).await.expect("begin");
+            let transient = Err(BridgeError::deadline("vm", "device_add"));
+            j.end("vm", &key("c"), &plug(3), &transient)
+                .await
+                .expect("end");
+        }
+        let j = Journal::open(dir.path(), limits(8, 64)).expect("reopen");
+        let a = j.lookup("vm", &key("a")).expect("read").expect("kept");
+        assert!(a.is(&plug(1)) && !a.is(&plug(2)));
+        assert_eq!(
+            a.state,
+            State::Ended(Stored::DimmNotFound { dimm: "d1".into() })
+        );
+        let b = j.lookup("vm", &key("b")).expect("read").expect("kept");
+        assert_eq!(b.state, State::Interrupted);
+        assert!(!j.live("vm", &key("b")));
+        assert_eq!(j.lookup("vm", &key("c")).expect("read"), None);
+        // Scoped per VM and per identity.
+        assert_eq!(j.lookup("other", &key("a")).expect("read"), None);
+        let anonymous = Key {
+            identity: None,
+            id: "a".into(),
+        };
+        assert_eq!(j.lookup("vm", &anonymous).expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn bounded_per_vm_and_in_all_oldest_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let j = Journal::open(dir.path(), limits(3, 5)).expect("open");
+        for i in 0..5u64 {
+            let id = format!("r{i}");
+            j.end("vm", &key(&id), &plug(i), &missing("x"))
+                .await
+                .expect("end");
+        }
+        let kept: Vec<bool> = (0..5)
+            .map(|i| {
+                j.lookup("vm", &key(&format!("r{i}")))
+                    .expect("read")
+                    .is_some()
+            })
+            .collect();
+        // Three are kept (entries written within one millisecond may tie on age).
+        assert_eq!(kept.iter().filter(|k| **k).count(), 3, "{kept:?}");
+        for vm in ["a", "b", "c"] {
+            for i in 0..3u64 {
+                j.end(vm, &key(&format!("r{i}")), &plug(i), &missing("x"))
+                    .await
+                    .expect("end");
+            }
+        }
+        let txn = j.inner.db.begin_read().expect("read");
+        let n = txn.open_table(REQUESTS).expect("table").len().expect("len");
+        assert!(n <= 5, "{n} entries");
+    }
+
+    #[test]
+    fn one_journal_per_directory_and_garbage_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let first = Journal::open(dir.path(), limits(8, 64)).expect("open");
+        let err = Journal::open(dir.path(), limits(8, 64)).expect_err("locked");
+        assert!(
+            matches!(&err, JournalError::Locked { holder, .. } if holder.contains(&std::process::id().to_string())),
+            "{err}"
+        );
+        drop(first);
+        Journal::open(dir.path(), limits(8, 64)).expect("free again");
+        let other = tempfile::tempdir().expect("tempdir");
+        std::fs::write(other.path().join(STORE_FILE), vec![0x5a; 8192]).expect("write");
+        let err = Journal::open(other.path(), limits(8, 64)).expect_err("unreadable");
+        assert!(matches!(err, JournalError::Unreadable { .. }), "{err}");
+    }
+}
