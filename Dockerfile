@@ -46,8 +46,10 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb
 COPY --from=build /out/qga-bridge /out/qgactl /usr/local/bin/
 # Not root: a member of the group (10001) the guest's sockets and the TLS key belong to.
+# Its state directory (the journal of request-ids) is its own; compose keeps it in a volume.
 RUN groupadd --system --gid 10001 qga \
- && useradd --system --uid 10001 --gid qga --no-create-home --shell /usr/sbin/nologin qga-bridge
+ && useradd --system --uid 10001 --gid qga --no-create-home --shell /usr/sbin/nologin qga-bridge \
+ && install -d -o qga-bridge -g qga -m 0700 /var/lib/qga-bridge
 USER qga-bridge:qga
 EXPOSE 50051 8080 9100
 ENTRYPOINT ["qga-bridge"]
