@@ -43,6 +43,7 @@
 //! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
 //! max_request_ids = 256                 # remembered request-ids per VM
 //! request_id_ttl_s = 86400              # and for how long
+//! restore_interval_ms = 2000            # re-online plugged DIMMs' offline blocks (guest reboots)
 //!
 //! [timeouts]                            # milliseconds
 //! default_ms = 10000
@@ -435,6 +436,9 @@ pub struct Hotplug {
     pub max_request_ids: usize,
     /// How long a request id is remembered, seconds.
     pub request_id_ttl_s: u64,
+    /// How often the keeper checks that the DIMMs the bridge plugged are online (and
+    /// onlines them again after a guest reboot), milliseconds.
+    pub restore_interval_ms: u64,
 }
 
 impl Default for Hotplug {
@@ -449,6 +453,7 @@ impl Default for Hotplug {
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
             request_id_ttl_s: 86_400,
+            restore_interval_ms: 2_000,
         }
     }
 }
@@ -467,6 +472,7 @@ impl Hotplug {
             ("max_qmp_bytes", self.max_qmp_bytes as u64),
             ("max_request_ids", self.max_request_ids as u64),
             ("request_id_ttl_s", self.request_id_ttl_s),
+            ("restore_interval_ms", self.restore_interval_ms),
         ] {
             if value == 0 {
                 return Err(ConfigError::Invalid(format!(

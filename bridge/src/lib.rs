@@ -239,6 +239,18 @@ impl Servers<'_> {
     }
 }
 
+/// Runs the memory keeper every `hotplug.restore_interval_ms` until shutdown.
+async fn keep_memory(service: Arc<Service>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => service.keep_memory().await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// The journal's bounds from `config`.
 fn journal_limits(config: &Config) -> journal::Limits {
     journal::Limits {
@@ -292,6 +304,8 @@ impl Bridge {
             tasks.spawn(domains::follow(vms.clone(), libvirt, rx.clone(), tx));
             loaded.push(listed);
         }
+        let every = Duration::from_millis(config.hotplug.restore_interval_ms);
+        tasks.spawn(keep_memory(service.clone(), every, rx.clone()));
         let (tx, scanned) = oneshot::channel();
         tasks.spawn(vms.clone().discover(rx, tx));
         loaded.push(scanned);

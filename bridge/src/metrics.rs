@@ -66,6 +66,9 @@ pub struct Metrics {
     late: Family<VmLabels, Counter>,
     refused: Family<RefusedLabels, Counter>,
     audit_dropped: Counter,
+    restored: Family<VmLabels, Counter>,
+    wrong_zone: Family<VmLabels, Gauge>,
+    restore_time: Histogram,
     /// VM name -> the claim of its current session.
     owners: Mutex<HashMap<String, u64>>,
     next_claim: AtomicU64,
@@ -123,8 +126,29 @@ impl Metrics {
             "Audit records dropped: the writer was behind or the file could not be written",
             audit_dropped.clone(),
         );
+        let restored = Family::<VmLabels, Counter>::default();
+        registry.register(
+            "memory_restored_blocks",
+            "Blocks of DIMMs the bridge plugged that it found offline (a guest reboot) and onlined again",
+            restored.clone(),
+        );
+        let wrong_zone = Family::<VmLabels, Gauge>::default();
+        registry.register(
+            "memory_wrong_zone_blocks",
+            "Blocks of DIMMs the bridge plugged as movable that are online outside ZONE_MOVABLE",
+            wrong_zone.clone(),
+        );
+        let restore_time = latency_histogram();
+        registry.register(
+            "memory_restore_seconds",
+            "From the keeper's first pass that saw a VM's plugged memory not all online to all of it online",
+            restore_time.clone(),
+        );
         Arc::new(Self {
             registry,
+            restored,
+            wrong_zone,
+            restore_time,
             calls,
             latency,
             connected,
@@ -153,6 +177,22 @@ impl Metrics {
     /// Counts an audit record that could not be written.
     pub fn audit_dropped(&self) {
         self.audit_dropped.inc();
+    }
+
+    /// Counts what one keeper pass over `vm` found and did.
+    pub fn memory_kept(&self, vm: &str, restored: usize, wrong_zone: usize) {
+        let l = Self::vm(vm);
+        if restored > 0 {
+            self.restored.get_or_create(&l).inc_by(restored as u64);
+        }
+        self.wrong_zone
+            .get_or_create(&l)
+            .set(i64::try_from(wrong_zone).unwrap_or(i64::MAX));
+    }
+
+    /// Observes how long restoring a VM's plugged memory took.
+    pub fn memory_restored_in(&self, elapsed: Duration) {
+        self.restore_time.observe(elapsed.as_secs_f64());
     }
 
     /// Makes a new session the owner of `vm`'s series; returns its claim.
@@ -241,6 +281,8 @@ impl Metrics {
         self.stale.remove(&l);
         self.coalesced.remove(&l);
         self.late.remove(&l);
+        self.restored.remove(&l);
+        self.wrong_zone.remove(&l);
         for method in crate::call::all_methods() {
             for outcome in Outcome::ALL {
                 self.calls.remove(&CallLabels {

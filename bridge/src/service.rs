@@ -5,6 +5,7 @@
 
 use std::sync::Arc;
 
+use futures::StreamExt;
 use tokio::{sync::Semaphore, time::Instant};
 
 use crate::{
@@ -19,6 +20,9 @@ use crate::{
     session::VmStatus,
     vms::Vms,
 };
+
+/// VMs the keeper checks at once.
+const KEEPER_CONCURRENCY: usize = 8;
 
 /// Audits a state-changing call: with its outcome when it finishes, or as `caller_left`
 /// when its caller goes away first (the session then records the late outcome in the
@@ -198,6 +202,36 @@ impl Service {
         self.authorize(caller, vm, hotplug_method::LAYOUT, false, || None)?;
         let _slot = self.in_flight_slot()?;
         self.hotplug.layout(self.target(vm)?, deadline).await
+    }
+
+    /// One pass of the keeper (see [`crate::hotplug::keeper`]) over every VM with DIMMs
+    /// the bridge plugged, a few VMs at a time. Not a caller's call: no grant, no
+    /// in-flight slot; what it changes is audited as `restore`.
+    pub async fn keep_memory(&self) {
+        let wanted = match self.hotplug.journal().wanted() {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the desired memory from the journal");
+                return;
+            }
+        };
+        let mut by_vm: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+        for (vm, d) in wanted {
+            by_vm.entry(vm).or_default().push(d);
+        }
+        let passes = by_vm.into_iter().map(|(vm, wanted)| async move {
+            // A VM the bridge does not serve now (yet) keeps its desired memory.
+            let Ok(target) = self.target(&vm) else {
+                return;
+            };
+            if let Err(e) = self.hotplug.restore(target, &wanted).await {
+                tracing::debug!(vm, error = %e, "memory keeper: VM not checked this time");
+            }
+        });
+        futures::stream::iter(passes)
+            .buffer_unordered(KEEPER_CONCURRENCY)
+            .collect::<()>()
+            .await;
     }
 
     /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.

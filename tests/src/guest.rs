@@ -27,6 +27,9 @@ pub struct GuestConfig {
     /// More kernel command line, appended as is (e.g. `memhp_default_state=online_movable`
     /// for a guest whose kernel onlines new memory itself); usually empty.
     pub extra_append: &'static str,
+    /// A reset or a guest reboot boots the guest again; otherwise (`-no-reboot`) QEMU
+    /// exits, so that a guest that panics ends the test instead of looping.
+    pub reboot: bool,
 }
 
 impl GuestConfig {
@@ -36,6 +39,7 @@ impl GuestConfig {
             agent,
             online_type,
             extra_append: "",
+            reboot: false,
         }
     }
 }
@@ -211,6 +215,13 @@ impl GuestControl {
             .collect())
     }
 
+    /// Resets the guest (`system_reset`), as a guest reboot does: QEMU keeps its devices,
+    /// hot-plugged DIMMs included, and the guest kernel boots again.
+    pub fn system_reset(&self) -> anyhow::Result<()> {
+        self.qmp()?.execute("system_reset", None)?;
+        Ok(())
+    }
+
     /// Hot-adds a DIMM of `bytes` as `id` (backend `mem-<id>`).
     pub fn hot_add_dimm(&self, id: &str, bytes: u64) -> anyhow::Result<()> {
         self.qmp()?.plug_dimm(id, bytes)
@@ -289,6 +300,11 @@ impl Guest {
         self.dir.path().join("console.log")
     }
 
+    /// How many times the guest's init said it is ready (once per boot).
+    pub fn boots(&self) -> usize {
+        self.console_text().matches("QGA-E2E READY").count()
+    }
+
     /// The guest console so far (for failure messages).
     pub fn console_text(&self) -> String {
         std::fs::read_to_string(self.console()).unwrap_or_default()
@@ -314,7 +330,12 @@ impl Guest {
             .arg("-initrd")
             .arg(&self.image.initrd)
             .args(["-append", &append])
-            .args(["-display", "none", "-monitor", "none", "-no-reboot"])
+            .args(["-display", "none", "-monitor", "none"])
+            .args(if self.config.reboot {
+                &[][..]
+            } else {
+                &["-no-reboot"][..]
+            })
             .arg("-serial")
             .arg(format!("file:{}", d.join("console.log").display()))
             .arg("-serial")

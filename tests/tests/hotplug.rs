@@ -23,8 +23,12 @@ use serde_json::{Value, json};
 const DIMM_KIB: u64 = DIMM_BYTES / 1024;
 
 fn boot(agent: &'static str, online_type: &'static str) -> Guest {
+    boot_with(GuestConfig::new(agent, online_type))
+}
+
+fn boot_with(config: GuestConfig) -> Guest {
     let image = image::ensure().expect("guest image (kernel from Debian's packages, static agent)");
-    Guest::boot(&image, GuestConfig::new(agent, online_type)).expect("guest boots")
+    Guest::boot(&image, config).expect("guest boots")
 }
 
 /// Fails the test with `what`, the error and the guest's console.
@@ -133,7 +137,11 @@ fn check_movable_dimm(guest: &Guest, dimm: &Value, block_size: u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plug_unplug_and_resize_through_the_bridge() {
-    let guest = boot("ours", "online_movable");
+    // This guest is rebooted below: QEMU must boot it again rather than exit.
+    let guest = boot_with(GuestConfig {
+        reboot: true,
+        ..GuestConfig::new("ours", "online_movable")
+    });
     let state = tempfile::tempdir().expect("state directory");
     let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
     let g = guest.control();
@@ -270,6 +278,41 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     check(&guest, now == start_kib + DIMM_KIB, || {
         format!("MemTotal after the restart's retry is {now} KiB")
     });
+
+    // The guest reboots: QEMU keeps the DIMM, the new kernel finds its blocks offline,
+    // and the bridge onlines them again, movable, as the journal records them.
+    let boots = guest.boots();
+    let since = Instant::now();
+    ok(&guest, "system_reset", g.system_reset());
+    while guest.boots() == boots {
+        check(&guest, since.elapsed() < Duration::from_secs(120), || {
+            "the guest booted again within 120 s".to_string()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.record("guest reboot to agent ready", since.elapsed());
+    let ready = Instant::now();
+    loop {
+        // The control port answers again soon after the init's READY.
+        if g.mem_total_kib().ok() == Some(start_kib + DIMM_KIB) {
+            break;
+        }
+        check(&guest, ready.elapsed() < Duration::from_secs(60), || {
+            format!(
+                "MemTotal back at {} KiB within 60 s of the reboot (it is {:?})",
+                start_kib + DIMM_KIB,
+                g.mem_total_kib().ok()
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.record("agent ready to the DIMM online again", ready.elapsed());
+    let rebooted = layout(&guest, &c).await;
+    let dimms = scenario::layout_dimms(&rebooted);
+    check(&guest, dimms.len() == 1, || {
+        format!("the DIMM after the reboot: {rebooted}")
+    });
+    check_movable_dimm(&guest, &dimms[0], block_size);
 
     // Unplug over gRPC.
     let since = Instant::now();

@@ -16,11 +16,7 @@ use qga_proto::v1::MemoryBlockResponseType;
 
 fn boot(agent: &'static str, online_type: &'static str) -> Guest {
     let image = image::ensure().expect("guest image (kernel from Debian's packages, static agent)");
-    let config = GuestConfig {
-        agent,
-        online_type,
-        extra_append: "",
-    };
+    let config = GuestConfig::new(agent, online_type);
     Guest::boot(&image, config).expect("guest boots")
 }
 

@@ -116,6 +116,11 @@ impl VmMemory {
         self.backend.clone()
     }
 
+    /// The VM's lock, unless an operation holds it.
+    pub fn try_hold(&self) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        self.busy.clone().try_lock_owned().ok()
+    }
+
     /// Decides whether `op` runs now on VM `vm`: the VM's lock is taken first and the
     /// journal read under it. An operation records its outcome before it releases the
     /// lock, so a retry racing with the end of its first call gets the first call's

@@ -14,6 +14,7 @@
 //! its intent before it acts, its outcome before the VM is released.
 
 pub mod ctx;
+pub mod keeper;
 pub mod layout;
 pub mod memory;
 pub mod plug;
@@ -141,6 +142,8 @@ pub struct Hotplug {
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     journal: Journal,
+    /// The keeper's restores under way.
+    pending: keeper::Pending,
 }
 
 /// The refusal for a VM without a memory backend.
@@ -190,7 +193,13 @@ impl Hotplug {
             audit,
             metrics,
             journal,
+            pending: keeper::Pending::default(),
         }
+    }
+
+    /// The journal it records request-ids and desired memory in.
+    pub fn journal(&self) -> &Journal {
+        &self.journal
     }
 
     fn ctx(
@@ -323,6 +332,9 @@ impl Hotplug {
             match &result {
                 Ok(_) => tracing::info!(vm, method, "memory hotplug done"),
                 Err(e) => tracing::warn!(vm, method, error = %e, "memory hotplug failed"),
+            }
+            if let Err(e) = keeper::remember(&journal, vm, &r.op, &result).await {
+                tracing::error!(vm, method, error = %e, "cannot record the VM's desired memory");
             }
             if let Some(key) = &r.key
                 && let Err(e) = journal.end(vm, key, &r.op, &result).await

@@ -15,6 +15,9 @@
 //! store, held while the journal is open. A store that cannot be read stops the bridge
 //! ([`JournalError`]) rather than letting it start without its memory.
 //!
+//! It also holds each VM's desired memory ([`desired`]): the DIMMs the bridge plugged and
+//! the online type of their blocks, which the bridge re-applies after a guest reboot.
+//!
 //! Bounds: per VM at most `hotplug.max_request_ids` entries (oldest dropped first), none
 //! older than `hotplug.request_id_ttl_s`, and at most [`Limits::max_entries`] in all.
 
@@ -29,6 +32,8 @@ use std::{
 };
 
 use qga_wire::sync::lock;
+pub mod desired;
+
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -436,38 +441,46 @@ impl Journal {
         written
     }
 
-    /// Writes (or with `None` removes) one entry and applies the bounds, in one durable
-    /// transaction on the blocking pool.
-    async fn put(&self, vm: &str, key: &Key, entry: Option<Entry>) -> Result<(), JournalError> {
+    /// Runs `change` in one durable write transaction, on the blocking pool (a commit
+    /// waits for fsync).
+    async fn write<F>(&self, change: F) -> Result<(), JournalError>
+    where
+        F: FnOnce(&Self, &redb::WriteTransaction) -> Result<(), JournalError> + Send + 'static,
+    {
         let this = self.clone();
-        let (vm, k) = (vm.to_string(), entry_key(vm, key));
-        tokio::task::spawn_blocking(move || this.put_now(&vm, &k, entry.as_ref()))
-            .await
-            .map_err(|e| JournalError::Store {
-                path: self.inner.path.clone(),
-                reason: format!("the journal's writer failed: {e}"),
-            })?
+        tokio::task::spawn_blocking(move || {
+            let txn = this.inner.db.begin_write().map_err(|e| this.store(e))?;
+            change(&this, &txn)?;
+            txn.commit().map_err(|e| this.store(e))
+        })
+        .await
+        .map_err(|e| JournalError::Store {
+            path: self.inner.path.clone(),
+            reason: format!("the journal's writer failed: {e}"),
+        })?
     }
 
-    fn put_now(&self, vm: &str, k: &str, entry: Option<&Entry>) -> Result<(), JournalError> {
-        let txn = self.inner.db.begin_write().map_err(|e| self.store(e))?;
-        {
-            let mut table = txn.open_table(REQUESTS).map_err(|e| self.store(e))?;
+    /// Writes (or with `None` removes) one entry and applies the bounds, in one durable
+    /// transaction.
+    async fn put(&self, vm: &str, key: &Key, entry: Option<Entry>) -> Result<(), JournalError> {
+        let (vm, k) = (vm.to_string(), entry_key(vm, key));
+        self.write(move |j, txn| {
+            let mut table = txn.open_table(REQUESTS).map_err(|e| j.store(e))?;
             match entry {
                 Some(entry) => {
                     let bytes =
-                        serde_json::to_vec(entry).map_err(|e| self.unreadable(e.to_string()))?;
+                        serde_json::to_vec(&entry).map_err(|e| j.unreadable(e.to_string()))?;
                     table
-                        .insert(k, bytes.as_slice())
-                        .map_err(|e| self.store(e))?;
+                        .insert(k.as_str(), bytes.as_slice())
+                        .map_err(|e| j.store(e))?;
                 }
                 None => {
-                    table.remove(k).map_err(|e| self.store(e))?;
+                    table.remove(k.as_str()).map_err(|e| j.store(e))?;
                 }
             }
-            self.bound(&mut table, vm)?;
-        }
-        txn.commit().map_err(|e| self.store(e))
+            j.bound(&mut table, &vm)
+        })
+        .await
     }
 
     /// Drops VM `vm`'s expired entries and its oldest past the per-VM bound, then the

@@ -1,0 +1,252 @@
+//! The keeper of each VM's desired memory. A guest reboot leaves the blocks of the DIMMs
+//! QEMU still holds offline (or, with a distribution's udev rule, online in the kernel
+//! zone); so does an agent or anyone else offlining them. Every
+//! `hotplug.restore_interval_ms` the keeper reads the blocks of each VM whose DIMMs the
+//! bridge plugged ([`Desired`], in the journal) and onlines the offline ones with their
+//! recorded online type, Movable by default. It works the same with our agent and
+//! qemu-ga (through `guest-set-memory-blocks`) and over QMP or libvirt, and notices a
+//! reboot within one interval of the agent answering again.
+//!
+//! Blocks online outside ZONE_MOVABLE when Movable was recorded are never silently
+//! accepted: they are counted in `qga_bridge_memory_wrong_zone_blocks` and logged (the
+//! layout shows them as not removable). A desired DIMM QEMU no longer has is dropped from
+//! the journal.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    sync::Mutex,
+    time::Duration,
+};
+
+use qga_wire::{schema::GuestMemoryOnlineType, sync::lock};
+use tokio::time::Instant;
+
+use super::{
+    Done, Effect, Hotplug, Operation, Target,
+    ctx::{Ctx, describe},
+    layout::{BlockState, Dimm, GuestView},
+};
+use crate::{
+    audit::{Audit, Caller, Record},
+    error::{BridgeError, Outcome},
+    journal::{Journal, JournalError, desired::Desired},
+};
+
+/// When each VM's desired memory was first seen not all online, for the restore time.
+#[derive(Debug, Default)]
+pub struct Pending(Mutex<HashMap<String, Instant>>);
+
+/// What one pass over a VM did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Pass {
+    /// Blocks onlined again.
+    pub restored: usize,
+    /// Blocks online outside ZONE_MOVABLE although Movable was recorded.
+    pub wrong_zone: usize,
+    /// Every desired block is online.
+    pub complete: bool,
+}
+
+/// The desired DIMM `dimm` describes, from the blocks the operation reported.
+fn desired(dimm: &Dimm, online_type: Option<GuestMemoryOnlineType>) -> Option<Desired> {
+    let first = dimm.blocks.first()?.phys_index;
+    Some(Desired {
+        dimm: dimm.device.id.clone(),
+        first_block: first,
+        blocks: dimm.blocks.len() as u64,
+        online_type: online_type.or(Some(GuestMemoryOnlineType::OnlineMovable)),
+    })
+}
+
+/// Records in `journal` what a successful `op` changed in VM `vm`'s desired memory.
+pub async fn remember(
+    journal: &Journal,
+    vm: &str,
+    op: &Operation,
+    result: &Result<Done, BridgeError>,
+) -> Result<(), JournalError> {
+    let Ok(done) = result else {
+        return Ok(());
+    };
+    match (op, &done.what) {
+        (Operation::Plug(args), Effect::Dimm { dimm }) => {
+            if let Some(d) = desired(dimm, args.online_type) {
+                journal.want(vm, d).await?;
+            }
+        }
+        (Operation::Unplug { dimm }, _) => journal.unwant(vm, dimm).await?,
+        (Operation::Resize { .. }, Effect::Resized(r)) => {
+            for dimm in &r.unplugged {
+                journal.unwant(vm, &dimm.device.id).await?;
+            }
+            for d in r.plugged.iter().filter_map(|d| desired(d, None)) {
+                journal.want(vm, d).await?;
+            }
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// One audit line for blocks the keeper onlined (or failed to).
+fn record(audit: &Audit, vm: &str, d: &Desired, blocks: &[u64], error: Option<String>) {
+    let caller = Caller {
+        transport: "keeper",
+        peer: None,
+        identity: None,
+    };
+    let outcome = if error.is_some() {
+        Outcome::HotplugFailed
+    } else {
+        Outcome::Ok
+    };
+    audit.record(&Record {
+        vm: Some(vm),
+        method: Some("memory-restore"),
+        arguments: Some(serde_json::json!({
+            "dimm": d.dimm,
+            "blocks": blocks,
+            "online-type": d.online_type.map(GuestMemoryOnlineType::as_str),
+        })),
+        error,
+        ..Audit::base("restore", &caller, outcome.as_str())
+    });
+}
+
+impl Hotplug {
+    /// One pass of the keeper over `target`, whose desired DIMMs are `wanted`. Skipped
+    /// (an empty pass) while an operation runs on the VM.
+    pub async fn restore(
+        &self,
+        target: Target<'_>,
+        wanted: &[Desired],
+    ) -> Result<Pass, BridgeError> {
+        let Some(memory) = target.memory else {
+            return Ok(Pass::default());
+        };
+        let Some(_guard) = memory.try_hold() else {
+            return Ok(Pass::default());
+        };
+        let started = Instant::now();
+        let deadline = started + Duration::from_millis(self.settings.hotplug.appear_timeout_ms);
+        let ctx = self.ctx(target.vm, &memory, target.session, Some(deadline));
+        let caps = ctx.capabilities().await?;
+        let view = ctx.guest(caps).await?;
+        let mut pass = Pass {
+            complete: true,
+            ..Pass::default()
+        };
+        let (mut missing, mut present) = (false, None);
+        for d in wanted {
+            let offline = self.check(&ctx, &view, d, &mut pass);
+            let absent = d
+                .range()
+                .filter(|&i| view.block(i).state == BlockState::Absent)
+                .count();
+            if offline.is_empty() && absent == 0 {
+                continue;
+            }
+            missing = true;
+            // Only blocks of a DIMM QEMU still has, where the journal says, are touched.
+            if present.is_none() {
+                present = Some(self.present(&ctx).await?);
+            }
+            if present.as_ref().and_then(|p| p.get(&d.dimm)) != Some(&d.first_block) {
+                tracing::info!(
+                    vm = ctx.vm,
+                    dimm = d.dimm,
+                    "a DIMM the bridge plugged is gone: no longer kept"
+                );
+                self.journal
+                    .unwant(&ctx.vm, &d.dimm)
+                    .await
+                    .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
+                continue;
+            }
+            // Blocks the guest does not list yet (it is still booting) come next pass.
+            let onlined = self.online(&ctx, caps.online_type, d, &offline).await;
+            pass.restored += onlined;
+            pass.complete &= absent == 0 && onlined == offline.len();
+        }
+        self.metrics
+            .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
+        self.pending(&ctx.vm, started, missing, pass.complete);
+        Ok(pass)
+    }
+
+    /// The offline blocks of `d` in `view`; counts its blocks in the wrong zone.
+    fn check(&self, ctx: &Ctx, view: &GuestView, d: &Desired, pass: &mut Pass) -> Vec<u64> {
+        let mut offline = Vec::new();
+        for i in d.range() {
+            let b = view.block(i);
+            match b.state {
+                BlockState::Offline => offline.push(i),
+                BlockState::Online
+                    if b.movable() == Some(false)
+                        && d.online_type == Some(GuestMemoryOnlineType::OnlineMovable) =>
+                {
+                    pass.wrong_zone += 1;
+                    tracing::warn!(
+                        vm = ctx.vm,
+                        dimm = d.dimm,
+                        block = i,
+                        zones = b.valid_zones.join(" "),
+                        "a block of a DIMM the bridge plugged is online outside ZONE_MOVABLE: the DIMM cannot come out"
+                    );
+                }
+                _ => {}
+            }
+        }
+        offline
+    }
+
+    /// QEMU's DIMMs: id -> first block.
+    async fn present(&self, ctx: &Ctx) -> Result<BTreeMap<String, u64>, BridgeError> {
+        let block_size = ctx.block_size().await?;
+        Ok(ctx
+            .dimms()
+            .await?
+            .into_iter()
+            .map(|d| (d.id.clone(), d.block_range(block_size).start))
+            .collect())
+    }
+
+    /// Onlines `blocks` of `d`; how many came online. Audited either way.
+    async fn online(&self, ctx: &Ctx, can_choose: bool, d: &Desired, blocks: &[u64]) -> usize {
+        if blocks.is_empty() {
+            return 0;
+        }
+        let online_type = d.online_type.filter(|_| can_choose);
+        match ctx.set(blocks, true, online_type).await {
+            Ok(failures) => {
+                let error = (!failures.is_empty())
+                    .then(|| failures.iter().map(describe).collect::<Vec<_>>().join("; "));
+                record(&self.audit, &ctx.vm, d, blocks, error);
+                tracing::info!(
+                    vm = ctx.vm,
+                    dimm = d.dimm,
+                    blocks = blocks.len(),
+                    failed = failures.len(),
+                    "onlined the offline blocks of a DIMM the bridge plugged"
+                );
+                blocks.len() - failures.len()
+            }
+            Err(e) => {
+                record(&self.audit, &ctx.vm, d, blocks, Some(e.to_string()));
+                0
+            }
+        }
+    }
+
+    /// Tracks when VM `vm`'s desired memory was first seen not all online (`missing`);
+    /// once it all is (`complete`), observes how long restoring took.
+    fn pending(&self, vm: &str, started: Instant, missing: bool, complete: bool) {
+        let mut pending = lock(&self.pending.0);
+        if missing {
+            pending.entry(vm.to_string()).or_insert(started);
+        }
+        if complete && let Some(since) = pending.remove(vm) {
+            self.metrics.memory_restored_in(since.elapsed());
+        }
+    }
+}

@@ -1,0 +1,123 @@
+//! Each VM's desired memory: the DIMMs the bridge plugged and how their blocks are to be
+//! online, so that what a guest reboot (or anything else) leaves offline is onlined again.
+
+use qga_wire::schema::GuestMemoryOnlineType;
+use redb::{ReadableDatabase, ReadableTable, TableDefinition};
+use serde::{Deserialize, Serialize};
+
+use super::{Journal, JournalError};
+
+/// Desired DIMMs: key `VM NUL DIMM-ID`, value JSON [`Desired`].
+const DIMMS: TableDefinition<&str, &[u8]> = TableDefinition::new("desired-dimms");
+
+/// A DIMM the bridge plugged, and how its blocks are to be online.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Desired {
+    /// The DIMM's id.
+    pub dimm: String,
+    /// Its first block.
+    pub first_block: u64,
+    /// Its blocks.
+    pub blocks: u64,
+    /// How they are onlined (`None`: as the agent is configured, for agents that cannot
+    /// choose the zone).
+    pub online_type: Option<GuestMemoryOnlineType>,
+}
+
+impl Desired {
+    /// Its block numbers.
+    pub fn range(&self) -> std::ops::Range<u64> {
+        self.first_block..self.first_block.saturating_add(self.blocks)
+    }
+}
+
+fn dimm_key(vm: &str, dimm: &str) -> String {
+    format!("{vm}\0{dimm}")
+}
+
+impl Journal {
+    /// Records that VM `vm` should have `desired` (after it was plugged); durable when
+    /// this returns.
+    pub async fn want(&self, vm: &str, desired: Desired) -> Result<(), JournalError> {
+        let key = dimm_key(vm, &desired.dimm);
+        let bytes = serde_json::to_vec(&desired).map_err(|e| self.unreadable(e.to_string()))?;
+        self.write(move |j, txn| {
+            let mut t = txn.open_table(DIMMS).map_err(|e| j.store(e))?;
+            t.insert(key.as_str(), bytes.as_slice())
+                .map_err(|e| j.store(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Records that VM `vm` no longer has DIMM `dimm` (unplugged, or gone).
+    pub async fn unwant(&self, vm: &str, dimm: &str) -> Result<(), JournalError> {
+        let key = dimm_key(vm, dimm);
+        self.write(move |j, txn| {
+            let mut t = txn.open_table(DIMMS).map_err(|e| j.store(e))?;
+            t.remove(key.as_str()).map_err(|e| j.store(e))?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Every VM's desired DIMMs, by VM name.
+    pub fn wanted(&self) -> Result<Vec<(String, Desired)>, JournalError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
+        let table = match txn.open_table(DIMMS) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(self.store(e)),
+        };
+        let mut out = Vec::new();
+        for item in table.iter().map_err(|e| self.store(e))? {
+            let (k, v) = item.map_err(|e| self.store(e))?;
+            let vm = k.value().split('\0').next().unwrap_or_default().to_string();
+            let desired: Desired = serde_json::from_slice(v.value())
+                .map_err(|e| self.unreadable(format!("a desired DIMM does not decode: {e}")))?;
+            out.push((vm, desired));
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::Limits;
+
+    #[tokio::test]
+    async fn desired_dimms_are_kept_per_vm_across_reopening() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let limits = Limits {
+            per_vm: 8,
+            ttl: std::time::Duration::from_secs(60),
+            max_entries: 64,
+        };
+        let d = |dimm: &str, first| Desired {
+            dimm: dimm.into(),
+            first_block: first,
+            blocks: 4,
+            online_type: Some(GuestMemoryOnlineType::OnlineMovable),
+        };
+        {
+            let j = Journal::open(dir.path(), limits).expect("open");
+            assert_eq!(j.wanted().expect("read"), vec![]);
+            j.want("vm1", d("qga-dimm0", 32)).await.expect("want");
+            j.want("vm1", d("qga-dimm1", 36)).await.expect("want");
+            j.want("vm2", d("qga-dimm0", 32)).await.expect("want");
+            j.unwant("vm1", "qga-dimm0").await.expect("unwant");
+        }
+        let j = Journal::open(dir.path(), limits).expect("reopen");
+        let wanted = j.wanted().expect("read");
+        assert_eq!(
+            wanted,
+            vec![
+                ("vm1".to_string(), d("qga-dimm1", 36)),
+                ("vm2".to_string(), d("qga-dimm0", 32))
+            ]
+        );
+        assert_eq!(wanted[0].1.range(), 36..40);
+    }
+}
