@@ -28,6 +28,7 @@ pub mod config;
 pub mod discovery;
 pub mod domains;
 pub mod error;
+pub mod fault;
 pub mod gatekeeper;
 pub mod grpc;
 pub mod hotplug;

@@ -208,6 +208,7 @@ impl Service {
     /// the bridge plugged, a few VMs at a time. Not a caller's call: no grant, no
     /// in-flight slot; what it changes is audited as `restore`.
     pub async fn keep_memory(&self) {
+        self.recover().await;
         let wanted = match self.hotplug.journal().wanted() {
             Ok(w) => w,
             Err(e) => {
@@ -232,6 +233,23 @@ impl Service {
             .buffer_unordered(KEEPER_CONCURRENCY)
             .collect::<()>()
             .await;
+    }
+
+    /// Recovers the operations an earlier bridge stopped during, on the VMs served now
+    /// (see [`crate::hotplug::recover`]).
+    async fn recover(&self) {
+        let mut by_vm: std::collections::BTreeMap<String, Vec<_>> = Default::default();
+        for (vm, raw, entry) in self.hotplug.journal().interrupted() {
+            by_vm.entry(vm).or_default().push((raw, entry));
+        }
+        for (vm, entries) in by_vm {
+            let Ok(target) = self.target(&vm) else {
+                continue;
+            };
+            if let Err(e) = self.hotplug.recover(target, &entries).await {
+                tracing::warn!(vm, error = %e, "cannot recover an interrupted operation yet");
+            }
+        }
     }
 
     /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.

@@ -46,16 +46,26 @@ impl BridgeProcess {
     /// Starts the bridge with `config` (TOML without listen addresses, e.g. `[vms]` and
     /// limits) and extra flags, then waits until its JSON-RPC port answers.
     pub fn start(config: &str, args: &[&str]) -> io::Result<Self> {
-        Self::spawn(config, args, answers)
+        Self::spawn(config, args, &[], answers)
+    }
+
+    /// Like [`BridgeProcess::start`], with more environment variables (a test hook, say).
+    pub fn start_with_env(config: &str, args: &[&str], env: &[(&str, &str)]) -> io::Result<Self> {
+        Self::spawn(config, args, env, answers)
     }
 
     /// Like [`BridgeProcess::start`], for a bridge serving TLS: waits only until its
     /// JSON-RPC port accepts connections.
     pub fn start_tls(config: &str, args: &[&str]) -> io::Result<Self> {
-        Self::spawn(config, args, |addr| TcpStream::connect(addr).is_ok())
+        Self::spawn(config, args, &[], |addr| TcpStream::connect(addr).is_ok())
     }
 
-    fn spawn(config: &str, args: &[&str], ready: fn(SocketAddr) -> bool) -> io::Result<Self> {
+    fn spawn(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: fn(SocketAddr) -> bool,
+    ) -> io::Result<Self> {
         let dir = tempfile::Builder::new().prefix("qga-bridge-").tempdir()?;
         let (grpc, jsonrpc) = (free_addr()?, free_addr()?);
         let path = dir.path().join("bridge.toml");
@@ -75,6 +85,7 @@ impl BridgeProcess {
                 "QGA_BRIDGE_LOG",
                 std::env::var("QGA_BRIDGE_LOG").unwrap_or_else(|_| "warn".into()),
             )
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .spawn()?;

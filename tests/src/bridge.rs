@@ -52,10 +52,21 @@ impl BridgeProcess {
 
     /// [`BridgeProcess::start`] with more command-line `args`.
     pub async fn start_with_args(vms: &[(&str, &Path)], args: Vec<String>) -> anyhow::Result<Self> {
+        Self::start_with_env(vms, args, Vec::new()).await
+    }
+
+    /// [`BridgeProcess::start_with_args`] with more environment variables.
+    pub async fn start_with_env(
+        vms: &[(&str, &Path)],
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
         let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
         let inner = tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            qga_testkit::BridgeProcess::start(&table, &args)
+            let env: Vec<(&str, &str)> =
+                env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+            qga_testkit::BridgeProcess::start_with_env(&table, &args, &env)
         })
         .await?
         .context("starting qga-bridge")?;

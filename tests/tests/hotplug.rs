@@ -56,6 +56,15 @@ async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
 
 /// [`behind_bridge`], with the journal in `state` when given (a bridge of its own else).
 async fn behind_bridge_at(guest: &Guest, state: Option<&Path>) -> (BridgeProcess, Clients) {
+    behind_bridge_env(guest, state, Vec::new()).await
+}
+
+/// [`behind_bridge_at`] with more environment variables for the bridge.
+async fn behind_bridge_env(
+    guest: &Guest,
+    state: Option<&Path>,
+    env: Vec<(String, String)>,
+) -> (BridgeProcess, Clients) {
     let mut args = vec![
         "--qmp".to_string(),
         format!("vm1={}", guest.qmp_bridge_socket().display()),
@@ -63,7 +72,7 @@ async fn behind_bridge_at(guest: &Guest, state: Option<&Path>) -> (BridgeProcess
     if let Some(state) = state {
         args.extend(["--state-dir".to_string(), state.display().to_string()]);
     }
-    let bridge = BridgeProcess::start_with_args(&[("vm1", &guest.qga_socket())], args)
+    let bridge = BridgeProcess::start_with_env(&[("vm1", &guest.qga_socket())], args, env)
         .await
         .expect("bridge");
     let c = bridge.clients().await.expect("clients");
@@ -681,4 +690,206 @@ async fn qgactl_cycle(guest: &Guest, endpoint: &str, start_kib: u64) {
     check(guest, code == 25 && err.contains("NOT_FOUND"), || {
         format!("unplugging it again is NOT_FOUND (exit 25): {code} {err}")
     });
+}
+
+/// A bridge in front of `guest` that kills itself (SIGKILL) as hotplug step `step`
+/// completes, on the journal in `state`.
+async fn bridge_dying_after(guest: &Guest, state: &Path, step: &str) -> (BridgeProcess, Clients) {
+    // qga_bridge::fault::KILL_AFTER_STEP: the bridge's test-only hook.
+    let env = vec![(
+        "QGA_BRIDGE_TEST_KILL_AFTER_STEP".to_string(),
+        step.to_string(),
+    )];
+    behind_bridge_env(guest, Some(state), env).await
+}
+
+/// Retries `method` with the same params (and request-id) until the new bridge has
+/// recovered the interrupted operation (no longer ABORTED); its answer.
+async fn outcome_after_recovery(
+    guest: &Guest,
+    c: &Clients,
+    method: &str,
+    params: &Value,
+) -> Result<Value, qga_e2e::bridge::RpcError> {
+    let since = Instant::now();
+    loop {
+        let r = c.rpc_full(method, params.clone()).await;
+        match &r {
+            Err(e) if e.code == -32011 => {}
+            _ => return r,
+        }
+        check(guest, since.elapsed() < Duration::from_secs(30), || {
+            format!("{method} {params} recovered within 30 s: {r:?}")
+        });
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// QEMU's bridge-made DIMMs and memory backends.
+fn ours_in_qemu(guest: &Guest) -> (Vec<String>, Vec<String>) {
+    let g = guest.control();
+    let dimms = ok(guest, "query-memory-devices", g.memory_devices())
+        .into_iter()
+        .map(|d| d.id)
+        .collect();
+    let memdevs = ok(guest, "query-memdev", g.memdev_ids())
+        .into_iter()
+        .filter(|m| m.starts_with("qga-mem"))
+        .collect();
+    (dimms, memdevs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
+    let guest = boot("ours", "online_movable");
+    let state = tempfile::tempdir().expect("state directory");
+    let start_kib = mem_total(&guest);
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+    let block_size = layout(&guest, &c).await["block-size"]
+        .as_u64()
+        .unwrap_or_default();
+    drop(bridge);
+
+    // Plug, killed after each step: before device_add nothing is left; from device_add on
+    // the DIMM is kept and onlined movable. A retry answers that, and again the same.
+    for (step, kept) in [
+        ("object-add", false),
+        ("device_add", true),
+        ("wait-blocks", true),
+        ("online", true),
+    ] {
+        let plug =
+            json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": format!("kill-plug-{step}")});
+        let (dying, c) = bridge_dying_after(&guest, state.path(), step).await;
+        let r = c.rpc_full("memory-plug", plug.clone()).await;
+        check(&guest, r.is_err(), || {
+            format!("the plug dies with its bridge at {step}: {r:?}")
+        });
+        drop(dying);
+        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+        let first = outcome_after_recovery(&guest, &c, "memory-plug", &plug).await;
+        eprintln!("e2e: plug killed after {step}: {first:?}");
+        let (dimms, memdevs) = ours_in_qemu(&guest);
+        if kept {
+            let Ok(done) = &first else {
+                fail(
+                    &guest,
+                    &format!("plug killed after {step} is finished"),
+                    format!("{first:?}"),
+                )
+            };
+            check(
+                &guest,
+                dimms.len() == 1 && done["dimm"]["id"] == dimms[0].as_str(),
+                || format!("after {step}: one DIMM, the answered one: {dimms:?} {done}"),
+            );
+            mem_total_becomes(&guest, start_kib + DIMM_KIB, "the kept DIMM is online").await;
+            let l = layout(&guest, &c).await;
+            check_movable_dimm(&guest, &scenario::layout_dimms(&l)[0], block_size);
+        } else {
+            let Err(e) = &first else {
+                fail(
+                    &guest,
+                    &format!("plug killed after {step} is undone"),
+                    format!("{first:?}"),
+                )
+            };
+            check(
+                &guest,
+                e.code == -32007 && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted"),
+                || format!("after {step}: FAILED_PRECONDITION at step interrupted: {e:?}"),
+            );
+            check(&guest, dimms.is_empty() && memdevs.is_empty(), || {
+                format!("after {step}: no DIMM and no backend left: {dimms:?} {memdevs:?}")
+            });
+            check(&guest, mem_total(&guest) == start_kib, || {
+                format!("MemTotal unchanged after {step}")
+            });
+        }
+        let again = c.rpc_full("memory-plug", plug.clone()).await;
+        check(&guest, format!("{again:?}") == format!("{first:?}"), || {
+            format!("the retry after {step} answers the same: {again:?} vs {first:?}")
+        });
+        check(
+            &guest,
+            ours_in_qemu(&guest).0.len() == usize::from(kept),
+            || format!("the retry after {step} plugged nothing"),
+        );
+        if kept {
+            let id = dimms[0].clone();
+            ok(
+                &guest,
+                "unplug",
+                scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
+            );
+            mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+        }
+        drop(bridge);
+    }
+
+    // Unplug, killed after each step: after offline the DIMM stays, online again; after
+    // device_del it is gone, its backend deleted.
+    for (step, gone) in [("offline", false), ("device_del", true)] {
+        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+        let plugged = ok(
+            &guest,
+            "plug",
+            scenario::call(&c, "memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES})).await,
+        );
+        let id = plugged["dimm"]["id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        drop(bridge);
+        let unplug = json!({"vm": "vm1", "dimm": id, "request-id": format!("kill-unplug-{step}")});
+        let (dying, c) = bridge_dying_after(&guest, state.path(), step).await;
+        let r = c.rpc_full("memory-unplug", unplug.clone()).await;
+        check(&guest, r.is_err(), || {
+            format!("the unplug dies with its bridge at {step}: {r:?}")
+        });
+        drop(dying);
+        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+        let first = outcome_after_recovery(&guest, &c, "memory-unplug", &unplug).await;
+        eprintln!("e2e: unplug killed after {step}: {first:?}");
+        let (dimms, memdevs) = ours_in_qemu(&guest);
+        if gone {
+            check(
+                &guest,
+                first.as_ref().is_ok_and(|d| d["dimm"]["id"] == id.as_str()),
+                || format!("unplug killed after {step} is finished: {first:?}"),
+            );
+            check(&guest, dimms.is_empty() && memdevs.is_empty(), || {
+                format!("after {step}: DIMM and backend gone: {dimms:?} {memdevs:?}")
+            });
+            mem_total_becomes(&guest, start_kib, "MemTotal back").await;
+        } else {
+            check(
+                &guest,
+                first.as_ref().is_err_and(|e| e.code == -32007),
+                || format!("unplug killed after {step} is undone: {first:?}"),
+            );
+            check(&guest, dimms == [id.clone()], || {
+                format!("after {step}: the DIMM stays: {dimms:?}")
+            });
+            mem_total_becomes(
+                &guest,
+                start_kib + DIMM_KIB,
+                "the DIMM's blocks online again",
+            )
+            .await;
+            let l = layout(&guest, &c).await;
+            check_movable_dimm(&guest, &scenario::layout_dimms(&l)[0], block_size);
+            ok(
+                &guest,
+                "unplug",
+                scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
+            );
+            mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+        }
+        let again = c.rpc_full("memory-unplug", unplug.clone()).await;
+        check(&guest, format!("{again:?}") == format!("{first:?}"), || {
+            format!("the retry after {step} answers the same: {again:?} vs {first:?}")
+        });
+        drop(bridge);
+    }
 }

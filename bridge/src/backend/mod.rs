@@ -100,6 +100,7 @@ pub struct Step {
 impl Step {
     /// A step named `name` that started at `start` and ends now.
     pub fn since(name: &'static str, start: Instant, detail: String) -> Self {
+        crate::fault::step_done(name);
         Self {
             name: name.into(),
             duration_ms: start.elapsed().as_secs_f64() * 1000.0,

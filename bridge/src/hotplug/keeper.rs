@@ -212,7 +212,13 @@ impl Hotplug {
     }
 
     /// Onlines `blocks` of `d`; how many came online. Audited either way.
-    async fn online(&self, ctx: &Ctx, can_choose: bool, d: &Desired, blocks: &[u64]) -> usize {
+    pub(super) async fn online(
+        &self,
+        ctx: &Ctx,
+        can_choose: bool,
+        d: &Desired,
+        blocks: &[u64],
+    ) -> usize {
         if blocks.is_empty() {
             return 0;
         }

@@ -151,15 +151,16 @@ impl VmMemory {
             }
             match &entry.state {
                 State::Ended(stored) => return Ok(Admitted::Replay(stored.result(vm))),
-                State::Interrupted => return Ok(Admitted::Replay(Err(interrupted(vm, key)))),
+                State::Interrupted => return Err(recovering(vm, key)),
                 State::Running if journal.live(vm, key) => {
                     return Err(BridgeError::Aborted(format!(
                         "the operation with this request-id still runs on VM '{vm}'; \
                          retry with the same request-id for its outcome"
                     )));
                 }
-                // Running, but not in this bridge: it never recorded its end.
-                State::Running => return Ok(Admitted::Replay(Err(interrupted(vm, key)))),
+                // Running, but not in this bridge: it could not record its end (the
+                // journal failed); what it did is unknown to the journal.
+                State::Running => return Ok(Admitted::Replay(Err(unrecorded(vm, key)))),
             }
         }
         match guard {
@@ -171,15 +172,24 @@ impl VmMemory {
     }
 }
 
-/// The answer to a retry of an operation a bridge stopped during.
-fn interrupted(vm: &str, key: &Key) -> BridgeError {
+/// The answer to a retry of an operation a bridge stopped during, until it is recovered
+/// (see [`super::recover`]): retryable.
+fn recovering(vm: &str, key: &Key) -> BridgeError {
+    BridgeError::Aborted(format!(
+        "the operation with request-id '{}' on VM '{vm}' was interrupted by a bridge \
+         restart and is being recovered; retry with the same request-id for its outcome",
+        key.id
+    ))
+}
+
+/// The answer to a retry of an operation whose end this bridge could not record.
+fn unrecorded(vm: &str, key: &Key) -> BridgeError {
     BridgeError::Hotplug {
         vm: vm.to_string(),
-        step: "interrupted".into(),
+        step: "journal".into(),
         reason: format!(
-            "the bridge stopped while the operation with request-id '{}' ran; it was \
-             neither finished nor undone and is not run again: memory-layout shows the VM \
-             as it is now",
+            "the operation with request-id '{}' ran, but its outcome could not be recorded; \
+             it is not run again: memory-layout shows the VM as it is now",
             key.id
         ),
         blocks: Vec::new(),

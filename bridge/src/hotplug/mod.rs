@@ -18,6 +18,7 @@ pub mod keeper;
 pub mod layout;
 pub mod memory;
 pub mod plug;
+pub mod recover;
 pub mod resize;
 pub mod unplug;
 

@@ -225,6 +225,8 @@ struct Inner {
     limits: Limits,
     /// Keys of the operations running in this process.
     live: Mutex<HashSet<String>>,
+    /// Interrupted operations not yet recovered: raw key and entry.
+    recovering: Mutex<Vec<(String, Entry)>>,
     /// Held open while the journal is: the state directory's lock.
     _lock: File,
 }
@@ -322,6 +324,7 @@ impl Journal {
                 path,
                 limits,
                 live: Mutex::new(HashSet::new()),
+                recovering: Mutex::new(Vec::new()),
                 _lock: lock,
             }),
         };
@@ -367,13 +370,14 @@ impl Journal {
             for (i, (k, mut entry)) in entries.into_iter().enumerate() {
                 if entry.at_ms < horizon || i >= self.inner.limits.max_entries {
                     table.remove(k.as_str()).map_err(|e| self.store(e))?;
-                } else if entry.state == State::Running {
+                } else if matches!(entry.state, State::Running | State::Interrupted) {
                     entry.state = State::Interrupted;
                     let bytes =
                         serde_json::to_vec(&entry).map_err(|e| self.unreadable(e.to_string()))?;
                     table
                         .insert(k.as_str(), bytes.as_slice())
                         .map_err(|e| self.store(e))?;
+                    lock(&self.inner.recovering).push((k, entry));
                 }
             }
         }
@@ -398,6 +402,35 @@ impl Journal {
             .map_err(|e| self.unreadable(format!("an entry does not decode: {e}")))?;
         let horizon = horizon(self.inner.limits.ttl);
         Ok((entry.at_ms >= horizon).then_some(entry))
+    }
+
+    /// Operations an earlier bridge stopped during and that are not recovered yet, by VM:
+    /// (VM, raw key, entry).
+    pub fn interrupted(&self) -> Vec<(String, String, Entry)> {
+        lock(&self.inner.recovering)
+            .iter()
+            .map(|(k, e)| {
+                let vm = k.split('\0').next().unwrap_or_default().to_string();
+                (vm, k.clone(), e.clone())
+            })
+            .collect()
+    }
+
+    /// Records the final outcome of interrupted operation `raw` (from
+    /// [`Journal::interrupted`]): a retry of its request-id gets it from now on.
+    pub async fn recovered(&self, raw: &str, entry: Entry) -> Result<(), JournalError> {
+        let (k, written) = (raw.to_string(), entry.clone());
+        self.write(move |j, txn| {
+            let mut table = txn.open_table(REQUESTS).map_err(|e| j.store(e))?;
+            let bytes = serde_json::to_vec(&written).map_err(|e| j.unreadable(e.to_string()))?;
+            table
+                .insert(k.as_str(), bytes.as_slice())
+                .map_err(|e| j.store(e))?;
+            Ok(())
+        })
+        .await?;
+        lock(&self.inner.recovering).retain(|(k, _)| k != raw);
+        Ok(())
     }
 
     /// Whether the operation under `key` on VM `vm` runs in this process.
