@@ -290,32 +290,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
 
     // The guest reboots: QEMU keeps the DIMM, the new kernel finds its blocks offline,
     // and the bridge onlines them again, movable, as the journal records them.
-    let boots = guest.boots();
-    let since = Instant::now();
-    ok(&guest, "system_reset", g.system_reset());
-    while guest.boots() == boots {
-        check(&guest, since.elapsed() < Duration::from_secs(120), || {
-            "the guest booted again within 120 s".to_string()
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    t.record("guest reboot to agent ready", since.elapsed());
-    let ready = Instant::now();
-    loop {
-        // The control port answers again soon after the init's READY.
-        if g.mem_total_kib().ok() == Some(start_kib + DIMM_KIB) {
-            break;
-        }
-        check(&guest, ready.elapsed() < Duration::from_secs(60), || {
-            format!(
-                "MemTotal back at {} KiB within 60 s of the reboot (it is {:?})",
-                start_kib + DIMM_KIB,
-                g.mem_total_kib().ok()
-            )
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    t.record("agent ready to the DIMM online again", ready.elapsed());
+    reboot_until_restored(&guest, start_kib + DIMM_KIB, &mut t).await;
     let rebooted = layout(&guest, &c).await;
     let dimms = scenario::layout_dimms(&rebooted);
     check(&guest, dimms.len() == 1, || {
@@ -565,7 +540,11 @@ async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reference_agent_plug_works_with_a_warning() {
-    let guest = boot("reference", "online");
+    // Rebooted at the end: QEMU must boot it again rather than exit.
+    let guest = boot_with(GuestConfig {
+        reboot: true,
+        ..GuestConfig::new("reference", "online")
+    });
     let (_bridge, c) = behind_bridge(&guest).await;
     let g = guest.control();
     let mut t = Timings::default();
@@ -631,6 +610,19 @@ async fn reference_agent_plug_works_with_a_warning() {
             start_kib + DIMM_KIB
         )
     });
+
+    // After a reboot the keeper onlines the DIMM again, through guest-set-memory-blocks
+    // (qemu-ga cannot choose the zone).
+    reboot_until_restored(&guest, start_kib + DIMM_KIB, &mut t).await;
+    let rebooted = layout(&guest, &c).await;
+    check(
+        &guest,
+        scenario::block_states(&scenario::layout_dimms(&rebooted)[0]) == ["online"; 4],
+        || format!("the DIMM's blocks online again after the reboot: {rebooted}"),
+    );
+    for (phase, d) in &t.0 {
+        eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
+    }
 }
 
 /// Runs `qgactl --endpoint endpoint args...`; its exit code, stdout and stderr.
@@ -690,6 +682,35 @@ async fn qgactl_cycle(guest: &Guest, endpoint: &str, start_kib: u64) {
     check(guest, code == 25 && err.contains("NOT_FOUND"), || {
         format!("unplugging it again is NOT_FOUND (exit 25): {code} {err}")
     });
+}
+
+/// Resets `guest` (a reboot: QEMU keeps its DIMMs, the kernel finds their blocks offline)
+/// and waits until it boots again and MemTotal is `want_kib`: the bridge's keeper onlined
+/// the DIMMs again.
+async fn reboot_until_restored(guest: &Guest, want_kib: u64, t: &mut Timings) {
+    let g = guest.control();
+    let boots = guest.boots();
+    let since = Instant::now();
+    ok(guest, "system_reset", g.system_reset());
+    while guest.boots() == boots {
+        check(guest, since.elapsed() < Duration::from_secs(120), || {
+            "the guest booted again within 120 s".to_string()
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.record("guest reboot to agent ready", since.elapsed());
+    let ready = Instant::now();
+    // The control port answers again soon after the init's READY.
+    while g.mem_total_kib().ok() != Some(want_kib) {
+        check(guest, ready.elapsed() < Duration::from_secs(60), || {
+            format!(
+                "MemTotal back at {want_kib} KiB within 60 s of the reboot (it is {:?})",
+                g.mem_total_kib().ok()
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    t.record("agent ready to the DIMMs online again", ready.elapsed());
 }
 
 /// A bridge in front of `guest` that kills itself (SIGKILL) as hotplug step `step`
