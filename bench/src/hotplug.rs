@@ -57,6 +57,10 @@ struct Figures {
     base_grow: Samples,
     /// Baseline: four `device_del` to all ejected and their backends deleted.
     base_shrink: Samples,
+    /// Baseline: a reboot with the DIMM plugged, agent ready to `MemTotal` with it.
+    base_reboot: Samples,
+    /// Bridge: the same, the bridge's keeper onlining the DIMM again.
+    reboot_usable: Samples,
     /// Bridge: `memory-plug` sent to `MemTotal` +512 MiB.
     plug_usable: Samples,
     /// Bridge: the `memory-plug` call.
@@ -106,6 +110,32 @@ fn mem_total_reaches_unless(
         }
         std::thread::sleep(POLL);
     }
+}
+
+/// Resets the guest (a reboot; QEMU keeps its DIMMs) and returns the time from its init's
+/// READY (the agent starting) to the first `MemTotal` poll that shows `want` KiB.
+fn reboot_to_usable(guest: &Guest, want: u64) -> anyhow::Result<Duration> {
+    let g = guest.control();
+    let boots = guest.boots();
+    g.system_reset()?;
+    let deadline = Instant::now() + WAIT;
+    while guest.boots() == boots {
+        ensure!(
+            Instant::now() < deadline,
+            "the guest did not boot again within {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let ready = Instant::now();
+    // The control port answers again shortly after READY.
+    while g.mem_total_kib().ok() != Some(want) {
+        ensure!(
+            ready.elapsed() < WAIT,
+            "MemTotal not {want} KiB within {WAIT:?} of the reboot"
+        );
+        std::thread::sleep(POLL);
+    }
+    Ok(ready.elapsed())
 }
 
 /// A bridge call timed twice: until it returns, and until `MemTotal` (polled on a
@@ -188,6 +218,7 @@ fn qmp_dimms(q: &mut Qmp) -> anyhow::Result<Vec<String>> {
 fn baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> anyhow::Result<()> {
     let mut config = GuestConfig::new("ours", "online_movable");
     config.extra_append = "memhp_default_state=online_movable";
+    config.reboot = true;
     let guest = Guest::boot(image, config).context("booting the baseline guest")?;
     baseline_ops(&guest, round, f).map_err(|e| with_console(&guest, e))
 }
@@ -204,6 +235,13 @@ fn baseline_ops(guest: &Guest, round: usize, f: &mut Figures) -> anyhow::Result<
     let usable = mem_total_reaches(&g, boot_kib + DIMM / 1024, since)
         .context("baseline: MemTotal +512 MiB after device_add")?;
     f.base_plug.push(usable);
+    let rebooted = reboot_to_usable(guest, boot_kib + DIMM / 1024)
+        .context("baseline: MemTotal +512 MiB after a reboot")?;
+    f.base_reboot.push(rebooted);
+    eprintln!(
+        "bench: hotplug round {round} baseline: reboot, agent ready to usable {}",
+        fmt_duration(rebooted)
+    );
     let since = Instant::now();
     qmp_unplug(&mut q, std::slice::from_ref(&id)).context("baseline: unplugging 512 MiB")?;
     let gone = since.elapsed();
@@ -302,8 +340,14 @@ struct Behind {
 }
 
 async fn behind_bridge(image: &GuestImage) -> anyhow::Result<Behind> {
-    let guest = Guest::boot(image, GuestConfig::new("ours", "online_movable"))
-        .context("booting the guest for the bridge")?;
+    let guest = Guest::boot(
+        image,
+        GuestConfig {
+            reboot: true,
+            ..GuestConfig::new("ours", "online_movable")
+        },
+    )
+    .context("booting the guest for the bridge")?;
     let bridge = BridgeProcess::start_with_qmp(
         &[(VM, &guest.qga_socket())],
         &[(VM, &guest.qmp_bridge_socket())],
@@ -389,10 +433,20 @@ async fn plug_unplug(b: &Behind, round: usize, f: &mut Figures) -> anyhow::Resul
         Ok(dimm)
     });
 
-    // memory-unplug it.
+    // A reboot with it plugged: the keeper onlines it again. Then memory-unplug it.
     match plug {
         Err(e) => record_failure(f, "memory-plug", round, &e),
         Ok(dimm) => {
+            match reboot_to_usable(&b.guest, boot_kib + DIMM / 1024) {
+                Ok(d) => {
+                    f.reboot_usable.push(d);
+                    eprintln!(
+                        "bench: hotplug round {round} bridge: reboot, agent ready to usable {}",
+                        fmt_duration(d)
+                    );
+                }
+                Err(e) => record_failure(f, "reboot", round, &e),
+            }
             let unplug = async {
                 let (reply, call, back) = timed_call(
                     c,
@@ -584,8 +638,11 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          polling load on the single vCPU. \"To gone\" ends when the backend is deleted: \
          `object-del` returned (baseline) or the bridge's call returned (it returns after its \
          own `object-del`). The baseline grows by sending four `object-add` + `device_add` back \
-         to back and shrinks with four `device_del` at once. Cells: median (min–max) over the \
-         rounds.",
+         to back and shrinks with four `device_del` at once. The reboot row: with the 512 MiB \
+         DIMM plugged, `system_reset`; from the guest init's READY line (it starts the agent) \
+         to the first `MemTotal` poll that counts the DIMM — the baseline kernel onlines it at \
+         boot, the bridge's keeper (every 2 s, `hotplug.restore_interval_ms`) onlines it \
+         through the agent. Cells: median (min–max) over the rounds.",
         POLL.as_millis()
     ));
     report.table(&[
@@ -594,7 +651,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         "through the bridge",
         "bridge / baseline (median)",
     ]);
-    let rows: [(&str, &Samples, &str, &Samples); 4] = [
+    let rows: [(&str, &Samples, &str, &Samples); 5] = [
         (
             "plug 512 MiB to usable",
             &f.base_plug,
@@ -618,6 +675,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             &f.base_shrink,
             "memory-resize down",
             &f.shrink_call,
+        ),
+        (
+            "reboot with 512 MiB plugged: agent ready to usable",
+            &f.base_reboot,
+            "reboot",
+            &f.reboot_usable,
         ),
     ];
     for (name, base, op, bridge) in rows {
