@@ -848,6 +848,36 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
         drop(bridge);
     }
 
+    // A plug sent without a request-id is journaled too: killed after wait-blocks, its
+    // DIMM is kept and onlined by the next bridge, which nobody has to ask.
+    let (dying, c) = bridge_dying_after(&guest, state.path(), "wait-blocks").await;
+    let r = c
+        .rpc_full("memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES}))
+        .await;
+    check(&guest, r.is_err(), || {
+        format!("the plug dies with its bridge: {r:?}")
+    });
+    drop(dying);
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+    mem_total_becomes(
+        &guest,
+        start_kib + DIMM_KIB,
+        "a plug without request-id is finished",
+    )
+    .await;
+    let l = layout(&guest, &c).await;
+    let dimms = scenario::layout_dimms(&l);
+    check(&guest, dimms.len() == 1, || format!("one DIMM kept: {l}"));
+    check_movable_dimm(&guest, &dimms[0], block_size);
+    let id = dimms[0]["id"].as_str().unwrap_or_default().to_string();
+    ok(
+        &guest,
+        "unplug",
+        scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
+    );
+    mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+    drop(bridge);
+
     // Unplug, killed after each step: after offline the DIMM stays, online again; after
     // device_del it is gone, its backend deleted.
     for (step, gone) in [("offline", false), ("device_del", true)] {

@@ -281,9 +281,10 @@ impl Hotplug {
                 return result;
             }
         };
-        if let Some(key) = &key
-            && let Err(e) = self.journal.begin(vm, key, &op).await
-        {
+        // Every operation's intent is durable before it acts; one without a request-id
+        // under a key of the bridge's own, forgotten when it ends.
+        let journaled = key.clone().unwrap_or_else(Journal::own_key);
+        if let Err(e) = self.journal.begin(vm, &journaled, &op).await {
             let result = Err(BridgeError::Hotplug {
                 vm: vm.to_string(),
                 step: "journal".into(),
@@ -295,6 +296,7 @@ impl Hotplug {
         }
         let running = Running {
             ctx: self.ctx(vm, &memory, target.session, deadline),
+            journaled,
             guard,
             caller: caller.clone(),
             op,
@@ -337,9 +339,11 @@ impl Hotplug {
             if let Err(e) = keeper::remember(&journal, vm, &r.op, &result).await {
                 tracing::error!(vm, method, error = %e, "cannot record the VM's desired memory");
             }
-            if let Some(key) = &r.key
-                && let Err(e) = journal.end(vm, key, &r.op, &result).await
-            {
+            let ended = match &r.key {
+                Some(key) => journal.end(vm, key, &r.op, &result).await,
+                None => journal.forget(vm, &r.journaled).await,
+            };
+            if let Err(e) = ended {
                 // The operation happened; a retry will be told it was interrupted rather
                 // than run it again.
                 tracing::error!(vm, method, error = %e, "cannot record the operation's outcome");
@@ -353,6 +357,8 @@ impl Hotplug {
 /// An operation admitted to run: everything its task needs.
 struct Running {
     ctx: Ctx,
+    /// The operation's key in the journal: its request-id's, or one of the bridge's own.
+    journaled: Key,
     /// The VM's lock, released when the operation ends.
     guard: tokio::sync::OwnedMutexGuard<()>,
     caller: Caller,

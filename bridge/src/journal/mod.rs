@@ -246,6 +246,9 @@ fn vm_range(vm: &str) -> (String, String) {
     (format!("{vm}\0"), format!("{vm}\u{1}"))
 }
 
+/// The first character of the ids of [`Journal::own_key`].
+const OWN: char = '\u{1}';
+
 /// Milliseconds since the Unix epoch.
 fn now() -> u64 {
     SystemTime::now()
@@ -420,8 +423,17 @@ impl Journal {
     /// [`Journal::interrupted`]): a retry of its request-id gets it from now on.
     pub async fn recovered(&self, raw: &str, entry: Entry) -> Result<(), JournalError> {
         let (k, written) = (raw.to_string(), entry.clone());
+        // Nobody can retry an operation sent without a request-id: it just goes.
+        let own = raw
+            .rsplit('\0')
+            .next()
+            .is_some_and(|id| id.starts_with(OWN));
         self.write(move |j, txn| {
             let mut table = txn.open_table(REQUESTS).map_err(|e| j.store(e))?;
+            if own {
+                table.remove(k.as_str()).map_err(|e| j.store(e))?;
+                return Ok(());
+            }
             let bytes = serde_json::to_vec(&written).map_err(|e| j.unreadable(e.to_string()))?;
             table
                 .insert(k.as_str(), bytes.as_slice())
@@ -451,6 +463,25 @@ impl Journal {
         if written.is_err() {
             lock(&self.inner.live).remove(&entry_key(vm, key));
         }
+        written
+    }
+
+    /// A key for an operation sent without a request-id: its intent is journaled too (a
+    /// bridge killed during it must leave a trace for recovery), under an id no caller
+    /// can send (request-ids are printable ASCII), and forgotten when it ends.
+    pub fn own_key() -> Key {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Key {
+            identity: None,
+            id: format!("{OWN}op-{}-{n}", now()),
+        }
+    }
+
+    /// Forgets the operation under `key` on VM `vm` (one without a request-id, ended).
+    pub async fn forget(&self, vm: &str, key: &Key) -> Result<(), JournalError> {
+        let written = self.put(vm, key, None).await;
+        lock(&self.inner.live).remove(&entry_key(vm, key));
         written
     }
 
