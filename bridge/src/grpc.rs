@@ -338,6 +338,7 @@ fn memory_layout(l: Layout) -> pb::MemoryLayout {
         other_blocks: l.other_blocks.into_iter().map(layout_block).collect(),
         auto_online_blocks: l.auto_online_blocks,
         zones_known: l.zones_known,
+        warnings: l.warnings,
     }
 }
 

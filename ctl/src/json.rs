@@ -107,6 +107,7 @@ pub fn layout(l: &pb::MemoryLayout) -> Value {
         "other_blocks": l.other_blocks.iter().map(layout_block).collect::<Vec<_>>(),
         "auto_online_blocks": l.auto_online_blocks,
         "zones_known": l.zones_known,
+        "warnings": l.warnings,
     })
 }
 

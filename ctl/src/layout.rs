@@ -139,6 +139,9 @@ pub fn text(l: &pb::MemoryLayout) -> String {
         states(&l.other_blocks),
         zones(&l.other_blocks)
     ));
+    for w in &l.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
     out
 }
 

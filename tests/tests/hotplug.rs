@@ -483,6 +483,15 @@ async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
     check(&guest, dimm["removable"] == all_movable, || {
         format!("removable agrees with the blocks' zones: {dimm}")
     });
+    // The layout says so in words when blocks are outside ZONE_MOVABLE.
+    let l = layout(&guest, &c).await;
+    let warned = l["warnings"].as_array().is_some_and(|w| {
+        w.iter()
+            .any(|w| w.as_str().is_some_and(|w| w.contains(&dimm_id)))
+    });
+    check(&guest, warned != all_movable, || {
+        format!("a layout warning exactly when the DIMM cannot come out: {l}")
+    });
 
     let since = Instant::now();
     let refused = c

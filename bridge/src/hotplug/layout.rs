@@ -85,6 +85,32 @@ pub struct Layout {
     pub auto_online_blocks: Option<String>,
     /// Whether the agent reports zones.
     pub zones_known: bool,
+    /// What may surprise: DIMMs with blocks online outside ZONE_MOVABLE.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub warnings: Vec<String>,
+}
+
+/// A warning for each DIMM with online blocks outside ZONE_MOVABLE: it cannot come out.
+fn zone_warnings(dimms: &[Dimm]) -> Vec<String> {
+    dimms
+        .iter()
+        .filter(|d| d.removable == Some(false))
+        .filter_map(|d| {
+            let stuck: Vec<String> = d
+                .blocks
+                .iter()
+                .filter(|b| b.state == BlockState::Online && b.movable() == Some(false))
+                .map(|b| format!("{} ({})", b.phys_index, b.valid_zones.join(" ")))
+                .collect();
+            (!stuck.is_empty()).then(|| {
+                format!(
+                    "DIMM '{}' has blocks online outside ZONE_MOVABLE: {}; it cannot be unplugged",
+                    d.device.id,
+                    stuck.join(", ")
+                )
+            })
+        })
+        .collect()
 }
 
 /// Block number -> (online, valid zones).
@@ -197,6 +223,7 @@ pub fn build(
         .filter(|(online, zones)| *online && zones == &["Movable"])
         .count() as u64;
     Layout {
+        warnings: zone_warnings(&dimms),
         block_size,
         boot_bytes,
         plugged_bytes: devices.iter().map(|d| d.size).sum(),
@@ -330,5 +357,11 @@ mod tests {
         assert_eq!(layout.movable_bytes, Some(3 * 128 * MIB));
         assert_eq!(layout.auto_online_blocks.as_deref(), Some("offline"));
         assert!(layout.zones_known);
+        assert_eq!(
+            layout.warnings,
+            [
+                "DIMM 'b' has blocks online outside ZONE_MOVABLE: 10 (Normal); it cannot be unplugged"
+            ]
+        );
     }
 }
