@@ -755,6 +755,31 @@ async fn outcome_after_recovery(
     }
 }
 
+/// Calls `method` on a bridge that dies after `step`, starts a bridge on the same journal
+/// and returns it with the recovered outcome of a retry.
+async fn killed_then_recovered(
+    guest: &Guest,
+    state: &Path,
+    step: &str,
+    method: &str,
+    params: &Value,
+) -> (
+    BridgeProcess,
+    Clients,
+    Result<Value, qga_e2e::bridge::RpcError>,
+) {
+    let (dying, c) = bridge_dying_after(guest, state, step).await;
+    let r = c.rpc_full(method, params.clone()).await;
+    check(guest, r.is_err(), || {
+        format!("{method} dies with its bridge at {step}: {r:?}")
+    });
+    drop(dying);
+    let (bridge, c) = behind_bridge_at(guest, Some(state)).await;
+    let first = outcome_after_recovery(guest, &c, method, params).await;
+    eprintln!("e2e: {method} killed after {step}: {first:?}");
+    (bridge, c, first)
+}
+
 /// QEMU's bridge-made DIMMs and memory backends.
 fn ours_in_qemu(guest: &Guest) -> (Vec<String>, Vec<String>) {
     let g = guest.control();
@@ -790,15 +815,8 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
     ] {
         let plug =
             json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": format!("kill-plug-{step}")});
-        let (dying, c) = bridge_dying_after(&guest, state.path(), step).await;
-        let r = c.rpc_full("memory-plug", plug.clone()).await;
-        check(&guest, r.is_err(), || {
-            format!("the plug dies with its bridge at {step}: {r:?}")
-        });
-        drop(dying);
-        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-        let first = outcome_after_recovery(&guest, &c, "memory-plug", &plug).await;
-        eprintln!("e2e: plug killed after {step}: {first:?}");
+        let (bridge, c, first) =
+            killed_then_recovered(&guest, state.path(), step, "memory-plug", &plug).await;
         let (dimms, memdevs) = ours_in_qemu(&guest);
         if kept {
             let Ok(done) = &first else {
@@ -902,15 +920,8 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
             .to_string();
         drop(bridge);
         let unplug = json!({"vm": "vm1", "dimm": id, "request-id": format!("kill-unplug-{step}")});
-        let (dying, c) = bridge_dying_after(&guest, state.path(), step).await;
-        let r = c.rpc_full("memory-unplug", unplug.clone()).await;
-        check(&guest, r.is_err(), || {
-            format!("the unplug dies with its bridge at {step}: {r:?}")
-        });
-        drop(dying);
-        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-        let first = outcome_after_recovery(&guest, &c, "memory-unplug", &unplug).await;
-        eprintln!("e2e: unplug killed after {step}: {first:?}");
+        let (bridge, c, first) =
+            killed_then_recovered(&guest, state.path(), step, "memory-unplug", &unplug).await;
         let (dimms, memdevs) = ours_in_qemu(&guest);
         if gone {
             check(
