@@ -374,8 +374,8 @@ async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() 
 #[tokio::test]
 async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
     use qga_bridge::{
-        hotplug::{Operation, memory::Key, plug::PlugArgs},
-        journal::{Journal, Limits},
+        hotplug::{Operation, outcome, plug::PlugArgs},
+        journal::{Journal, Key, Limits},
     };
     let state = common::state_dir();
     // A bridge wrote the intent of a plug under request-id r7 and stopped before its end.
@@ -399,8 +399,9 @@ async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
             identity: Some("trusted".into()),
             id: "r7".into(),
         };
+        let (method, args) = outcome::intent(&op);
         journal
-            .begin("vm", &key, &op)
+            .begin("vm", &key, method, args)
             .await
             .expect("intent written");
     }

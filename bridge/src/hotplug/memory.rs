@@ -10,7 +10,12 @@ use std::{
 
 use qga_qmp::QmpLimits;
 
-use super::{Done, Operation, Settings};
+pub use crate::journal::Key;
+
+use super::{
+    Done, Operation, Settings,
+    outcome::{Stored, records},
+};
 use crate::{
     backend::{MemoryBackend, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
     error::BridgeError,
@@ -30,16 +35,6 @@ pub enum MemorySource {
     },
     /// A libvirt domain run.
     Libvirt(qga_libvirt::Dom),
-}
-
-/// A request-id, scoped to the identity that sent it: one caller cannot replay
-/// another's outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Key {
-    /// The sender's identity.
-    pub identity: Option<String>,
-    /// The caller's request-id.
-    pub id: String,
 }
 
 /// Whether an operation runs, or what to answer instead.
@@ -143,14 +138,24 @@ impl VmMemory {
             None => None,
         };
         if let (Some(key), Some(entry)) = (key, &entry) {
-            if !entry.is(op) {
+            if !records(entry, op) {
                 return Err(BridgeError::InvalidRequest(format!(
                     "request-id '{}' was used for another operation ({} {})",
                     key.id, entry.method, entry.args
                 )));
             }
             match &entry.state {
-                State::Ended(stored) => return Ok(Admitted::Replay(stored.result(vm))),
+                State::Ended(outcome) => {
+                    let stored = Stored::from_json(outcome).map_err(|e| BridgeError::Hotplug {
+                        vm: vm.to_string(),
+                        step: "journal".into(),
+                        reason: format!(
+                            "the recorded outcome does not read back ({e}); nothing was done"
+                        ),
+                        blocks: Vec::new(),
+                    })?;
+                    return Ok(Admitted::Replay(stored.result(vm)));
+                }
                 State::Interrupted => return Err(recovering(vm, key)),
                 State::Running if journal.live(vm, key) => {
                     return Err(BridgeError::Aborted(format!(

@@ -17,6 +17,7 @@ pub mod ctx;
 pub mod keeper;
 pub mod layout;
 pub mod memory;
+pub mod outcome;
 pub mod plug;
 pub mod recover;
 pub mod resize;
@@ -284,7 +285,8 @@ impl Hotplug {
         // Every operation's intent is durable before it acts; one without a request-id
         // under a key of the bridge's own, forgotten when it ends.
         let journaled = key.clone().unwrap_or_else(Journal::own_key);
-        if let Err(e) = self.journal.begin(vm, &journaled, &op).await {
+        let (method, args) = outcome::intent(&op);
+        if let Err(e) = self.journal.begin(vm, &journaled, method, args).await {
             let result = Err(BridgeError::Hotplug {
                 vm: vm.to_string(),
                 step: "journal".into(),
@@ -340,7 +342,10 @@ impl Hotplug {
                 tracing::error!(vm, method, error = %e, "cannot record the VM's desired memory");
             }
             let ended = match &r.key {
-                Some(key) => journal.end(vm, key, &r.op, &result).await,
+                Some(key) => {
+                    let outcome = outcome::Stored::json_of(&result);
+                    journal.end(vm, key, outcome::intent(&r.op), outcome).await
+                }
                 None => journal.forget(vm, &r.journaled).await,
             };
             if let Err(e) = ended {

@@ -26,13 +26,14 @@ use super::{
     Done, Effect, Hotplug, Target,
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
+    outcome::Stored,
 };
 use crate::{
     audit::{Audit, Caller, Record},
     backend::{Deleted, DimmDevice, Step},
     call::hotplug_method,
     error::{BridgeError, Outcome},
-    journal::{Entry, State, Stored, desired::Desired},
+    journal::{Entry, State, desired::Desired},
 };
 
 /// Whether the bridge named DIMM `id`.
@@ -74,7 +75,7 @@ impl Hotplug {
             let stored = outcome(&ctx, entry, &found);
             let result = stored.result(&ctx.vm);
             let ended = Entry {
-                state: State::Ended(stored),
+                state: State::Ended(serde_json::to_value(&stored).unwrap_or_default()),
                 ..entry.clone()
             };
             self.journal

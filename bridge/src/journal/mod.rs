@@ -37,10 +37,15 @@ pub mod desired;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
-use crate::{
-    error::BridgeError,
-    hotplug::{Done, Operation, memory::Key},
-};
+/// A request-id, scoped to the identity that sent it: one caller cannot replay
+/// another's outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Key {
+    /// The sender's identity.
+    pub identity: Option<String>,
+    /// The caller's request-id.
+    pub id: String,
+}
 
 /// Request-id entries: key [`entry_key`], value JSON [`Entry`].
 const REQUESTS: TableDefinition<&str, &[u8]> = TableDefinition::new("request-ids");
@@ -120,75 +125,8 @@ pub enum State {
     Running,
     /// Found running by a later bridge: the one that ran it stopped during it.
     Interrupted,
-    /// Ended with this outcome.
-    Ended(Stored),
-}
-
-/// A final outcome as stored: success, or one of the failures a retry gets again.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum Stored {
-    /// It did this.
-    Done(Done),
-    /// [`BridgeError::Hotplug`].
-    Hotplug {
-        /// The step.
-        step: String,
-        /// Why.
-        reason: String,
-        /// Per-block results.
-        blocks: Vec<qga_wire::schema::GuestMemoryBlockResponse>,
-    },
-    /// [`BridgeError::DimmNotFound`].
-    DimmNotFound {
-        /// The DIMM asked for.
-        dimm: String,
-    },
-}
-
-impl Stored {
-    /// The outcome to store for `result`; `None` for a failure a retry should not get
-    /// again (transient: QEMU or the agent unreachable, a deadline).
-    pub fn of(result: &Result<Done, BridgeError>) -> Option<Self> {
-        match result {
-            Ok(done) => Some(Self::Done(done.clone())),
-            Err(BridgeError::Hotplug {
-                step,
-                reason,
-                blocks,
-                ..
-            }) => Some(Self::Hotplug {
-                step: step.clone(),
-                reason: reason.clone(),
-                blocks: blocks.clone(),
-            }),
-            Err(BridgeError::DimmNotFound { dimm, .. }) => {
-                Some(Self::DimmNotFound { dimm: dimm.clone() })
-            }
-            Err(_) => None,
-        }
-    }
-
-    /// The outcome again, for VM `vm`.
-    pub fn result(&self, vm: &str) -> Result<Done, BridgeError> {
-        match self {
-            Self::Done(done) => Ok(done.clone()),
-            Self::Hotplug {
-                step,
-                reason,
-                blocks,
-            } => Err(BridgeError::Hotplug {
-                vm: vm.to_string(),
-                step: step.clone(),
-                reason: reason.clone(),
-                blocks: blocks.clone(),
-            }),
-            Self::DimmNotFound { dimm } => Err(BridgeError::DimmNotFound {
-                vm: vm.to_string(),
-                dimm: dimm.clone(),
-            }),
-        }
-    }
+    /// Ended with this outcome (the hotplug layer's, as JSON).
+    Ended(serde_json::Value),
 }
 
 /// One request-id's entry.
@@ -203,13 +141,6 @@ pub struct Entry {
     pub args: serde_json::Value,
     /// Where it stands.
     pub state: State,
-}
-
-impl Entry {
-    /// Whether it records `op` (the same method with the same arguments).
-    pub fn is(&self, op: &Operation) -> bool {
-        self.method == op.method() && serde_json::to_value(op).ok().as_ref() == Some(&self.args)
-    }
 }
 
 /// The journal. See the module docs.
@@ -450,12 +381,19 @@ impl Journal {
         lock(&self.inner.live).contains(&entry_key(vm, key))
     }
 
-    /// Records that `op` runs now on VM `vm` under `key`: durable when this returns.
-    pub async fn begin(&self, vm: &str, key: &Key, op: &Operation) -> Result<(), JournalError> {
+    /// Records that operation `method` with `args` runs now on VM `vm` under `key`:
+    /// durable when this returns.
+    pub async fn begin(
+        &self,
+        vm: &str,
+        key: &Key,
+        method: &str,
+        args: serde_json::Value,
+    ) -> Result<(), JournalError> {
         let entry = Entry {
             at_ms: now(),
-            method: op.method().to_string(),
-            args: serde_json::to_value(op).unwrap_or_default(),
+            method: method.to_string(),
+            args,
             state: State::Running,
         };
         lock(&self.inner.live).insert(entry_key(vm, key));
@@ -485,20 +423,20 @@ impl Journal {
         written
     }
 
-    /// Records how the operation under `key` on VM `vm` ended: its outcome if final,
-    /// else its entry goes (a retry runs it again).
+    /// Records how operation `method` with `args` under `key` on VM `vm` ended: with
+    /// `outcome` if it is final, else its entry goes (a retry runs it again).
     pub async fn end(
         &self,
         vm: &str,
         key: &Key,
-        op: &Operation,
-        result: &Result<Done, BridgeError>,
+        (method, args): (&str, serde_json::Value),
+        outcome: Option<serde_json::Value>,
     ) -> Result<(), JournalError> {
-        let entry = Stored::of(result).map(|stored| Entry {
+        let entry = outcome.map(|outcome| Entry {
             at_ms: now(),
-            method: op.method().to_string(),
-            args: serde_json::to_value(op).unwrap_or_default(),
-            state: State::Ended(stored),
+            method: method.to_string(),
+            args,
+            state: State::Ended(outcome),
         });
         let written = self.put(vm, key, entry).await;
         lock(&self.inner.live).remove(&entry_key(vm, key));
@@ -590,8 +528,9 @@ fn ages<'a>(
 
 #[cfg(test)]
 mod tests {
+    use serde_json::json;
+
     use super::*;
-    use crate::hotplug::plug::PlugArgs;
 
     fn limits(per_vm: usize, max_entries: usize) -> Limits {
         Limits {
@@ -608,19 +547,12 @@ mod tests {
         }
     }
 
-    fn plug(size: u64) -> Operation {
-        Operation::Plug(PlugArgs {
-            size,
-            node: None,
-            online_type: None,
-        })
+    fn plug(size: u64) -> (&'static str, serde_json::Value) {
+        ("memory-plug", json!({ "size": size }))
     }
 
-    fn missing(dimm: &str) -> Result<Done, BridgeError> {
-        Err(BridgeError::DimmNotFound {
-            vm: "vm".into(),
-            dimm: dimm.into(),
-        })
+    fn missing(dimm: &str) -> Option<serde_json::Value> {
+        Some(json!({ "dimm-not-found": { "dimm": dimm } }))
     }
 
     #[tokio::test]
@@ -628,25 +560,25 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         {
             let j = Journal::open(dir.path(), limits(8, 64)).expect("open");
-            j.begin("vm", &key("a"), &plug(1)).await.expect("begin");
-            j.end("vm", &key("a"), &plug(1), &missing("d1"))
+            let (m, a) = plug(1);
+            j.begin("vm", &key("a"), m, a).await.expect("begin");
+            j.end("vm", &key("a"), plug(1), missing("d1"))
                 .await
                 .expect("end");
-            j.begin("vm", &key("b"), &plug(2)).await.expect("begin");
+            let (m, a) = plug(2);
+            j.begin("vm", &key("b"), m, a).await.expect("begin");
             assert!(j.live("vm", &key("b")));
-            // A transient failure is not kept: the retry runs.
-            j.begin("vm", &key("c"), &plug(3)).await.expect("begin");
-            let transient = Err(BridgeError::deadline("vm", "device_add"));
-            j.end("vm", &key("c"), &plug(3), &transient)
-                .await
-                .expect("end");
+            // An outcome that is not final is not kept: the retry runs.
+            let (m, a) = plug(3);
+            j.begin("vm", &key("c"), m, a).await.expect("begin");
+            j.end("vm", &key("c"), plug(3), None).await.expect("end");
         }
         let j = Journal::open(dir.path(), limits(8, 64)).expect("reopen");
         let a = j.lookup("vm", &key("a")).expect("read").expect("kept");
-        assert!(a.is(&plug(1)) && !a.is(&plug(2)));
+        assert_eq!((a.method.as_str(), a.args.clone()), plug(1));
         assert_eq!(
             a.state,
-            State::Ended(Stored::DimmNotFound { dimm: "d1".into() })
+            State::Ended(json!({"dimm-not-found": {"dimm": "d1"}}))
         );
         let b = j.lookup("vm", &key("b")).expect("read").expect("kept");
         assert_eq!(b.state, State::Interrupted);
@@ -667,7 +599,7 @@ mod tests {
         let j = Journal::open(dir.path(), limits(3, 5)).expect("open");
         for i in 0..5u64 {
             let id = format!("r{i}");
-            j.end("vm", &key(&id), &plug(i), &missing("x"))
+            j.end("vm", &key(&id), plug(i), missing("x"))
                 .await
                 .expect("end");
         }
@@ -682,7 +614,7 @@ mod tests {
         assert_eq!(kept.iter().filter(|k| **k).count(), 3, "{kept:?}");
         for vm in ["a", "b", "c"] {
             for i in 0..3u64 {
-                j.end(vm, &key(&format!("r{i}")), &plug(i), &missing("x"))
+                j.end(vm, &key(&format!("r{i}")), plug(i), missing("x"))
                     .await
                     .expect("end");
             }
