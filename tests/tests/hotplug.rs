@@ -780,6 +780,17 @@ async fn killed_then_recovered(
     (bridge, c, first)
 }
 
+/// Unplugs DIMM `id` through `c` and waits until MemTotal is `kib` again.
+async fn unplug_to(guest: &Guest, c: &Clients, id: &str, kib: u64) {
+    let params = json!({"vm": "vm1", "dimm": id});
+    ok(
+        guest,
+        "unplug",
+        scenario::call(c, "memory-unplug", params).await,
+    );
+    mem_total_becomes(guest, kib, "MemTotal back after the unplug").await;
+}
+
 /// QEMU's bridge-made DIMMs and memory backends.
 fn ours_in_qemu(guest: &Guest) -> (Vec<String>, Vec<String>) {
     let g = guest.control();
@@ -865,12 +876,7 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
         );
         if kept {
             let id = dimms[0].clone();
-            ok(
-                &guest,
-                "unplug",
-                scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
-            );
-            mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+            unplug_to(&guest, &c, &id, start_kib).await;
         }
         drop(bridge);
     }
@@ -897,12 +903,7 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
     check(&guest, dimms.len() == 1, || format!("one DIMM kept: {l}"));
     check_movable_dimm(&guest, &dimms[0], block_size);
     let id = dimms[0]["id"].as_str().unwrap_or_default().to_string();
-    ok(
-        &guest,
-        "unplug",
-        scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
-    );
-    mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+    unplug_to(&guest, &c, &id, start_kib).await;
     drop(bridge);
 
     // Unplug, killed after each step: after offline the DIMM stays, online again; after
@@ -950,12 +951,7 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
             .await;
             let l = layout(&guest, &c).await;
             check_movable_dimm(&guest, &scenario::layout_dimms(&l)[0], block_size);
-            ok(
-                &guest,
-                "unplug",
-                scenario::call(&c, "memory-unplug", json!({"vm": "vm1", "dimm": id})).await,
-            );
-            mem_total_becomes(&guest, start_kib, "MemTotal back after the unplug").await;
+            unplug_to(&guest, &c, &id, start_kib).await;
         }
         let again = c.rpc_full("memory-unplug", unplug.clone()).await;
         check(&guest, format!("{again:?}") == format!("{first:?}"), || {
