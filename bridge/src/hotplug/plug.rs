@@ -14,7 +14,7 @@ use super::{
     unplug::{eject, offline_all, still_plugged},
 };
 use crate::{
-    backend::{Added, Deleted, DimmDevice, NewDimm, NotAdded},
+    backend::{Added, BackendError, Deleted, DimmDevice, NewDimm, NotAdded},
     error::BridgeError,
 };
 
@@ -67,7 +67,10 @@ pub async fn plug(ctx: &mut Ctx, args: &PlugArgs) -> Result<Dimm, BridgeError> {
     };
     let devices = ctx.dimms().await?;
     check_room(ctx, &devices, args.size).await?;
-    remove_orphans(ctx, &devices).await?;
+    // Best effort here: the plug does not need them gone.
+    for (orphan, e) in remove_orphans(ctx, &devices).await? {
+        tracing::warn!(vm = %ctx.vm, backend = %orphan, error = %e, "cannot delete an unused backend");
+    }
     let new = NewDimm {
         dimms: &devices,
         size: args.size,
@@ -131,9 +134,14 @@ async fn check_room(ctx: &Ctx, dimms: &[DimmDevice], size: u64) -> Result<(), Br
 }
 
 /// Deletes memory backends this bridge made that no DIMM uses (left by a DIMM the guest
-/// ejected after its unplug had given up); best effort.
-async fn remove_orphans(ctx: &mut Ctx, devices: &[DimmDevice]) -> Result<(), BridgeError> {
+/// ejected after its unplug had given up, or by an operation a killed bridge left); the
+/// ones that could not be deleted, and why.
+pub(super) async fn remove_orphans(
+    ctx: &mut Ctx,
+    devices: &[DimmDevice],
+) -> Result<Vec<(String, BackendError)>, BridgeError> {
     let orphans = ctx.backend.unused_backends(devices, ctx.deadline).await;
+    let mut failed = Vec::new();
     for orphan in orphans.map_err(|e| ctx.backend_error(e))? {
         let start = Instant::now();
         match ctx.backend.delete_backend(&orphan, ctx.deadline).await {
@@ -143,12 +151,10 @@ async fn remove_orphans(ctx: &mut Ctx, devices: &[DimmDevice]) -> Result<(), Bri
                 format!("{orphan}, left by an earlier unplug"),
             ),
             Ok(Deleted::Absent | Deleted::NotOurs) => {}
-            Err(e) => {
-                tracing::warn!(vm = %ctx.vm, backend = %orphan, error = %e, "cannot delete an unused backend");
-            }
+            Err(e) => failed.push((orphan, e)),
         }
     }
-    Ok(())
+    Ok(failed)
 }
 
 /// Waits for the new DIMM's blocks and onlines them.

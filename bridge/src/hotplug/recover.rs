@@ -27,10 +27,11 @@ use super::{
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
     outcome::Stored,
+    plug,
 };
 use crate::{
     audit::{Audit, Caller, Record},
-    backend::{Deleted, DimmDevice, Step},
+    backend::{DimmDevice, Step},
     call::hotplug_method,
     error::{BridgeError, Outcome},
     journal::{Entry, State, desired::Desired},
@@ -106,7 +107,7 @@ impl Hotplug {
             .filter(|(vm, _)| *vm == ctx.vm)
             .map(|(_, d)| d)
             .collect();
-        let mut adopted = Vec::new();
+        let (mut adopted, mut kept) = (Vec::new(), wanted.clone());
         for d in devices.iter().filter(|d| ours(&d.id)) {
             if wanted.iter().any(|w| w.dimm == d.id) {
                 continue;
@@ -119,19 +120,22 @@ impl Hotplug {
                 online_type: Some(GuestMemoryOnlineType::OnlineMovable),
             };
             self.journal
-                .want(&ctx.vm, desired)
+                .want(&ctx.vm, desired.clone())
                 .await
                 .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
+            kept.push(desired);
             adopted.push(d.clone());
         }
-        self.delete_orphans(ctx, &devices).await?;
+        if let Some((_, e)) = plug::remove_orphans(ctx, &devices)
+            .await?
+            .into_iter()
+            .next()
+        {
+            return Err(ctx.backend_error(e));
+        }
         // Offline blocks of kept DIMMs, adopted or desired before, come online now.
         let view = ctx.guest(caps).await?;
-        let all = self
-            .journal
-            .wanted()
-            .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
-        for (_, d) in all.iter().filter(|(vm, _)| *vm == ctx.vm) {
+        for d in &kept {
             if !devices.iter().any(|x| x.id == d.dimm) {
                 continue;
             }
@@ -149,35 +153,6 @@ impl Hotplug {
             wanted,
             view,
         })
-    }
-
-    /// Deletes the memory backends the bridge made that no DIMM uses.
-    async fn delete_orphans(
-        &self,
-        ctx: &mut Ctx,
-        devices: &[DimmDevice],
-    ) -> Result<(), BridgeError> {
-        let orphans = ctx
-            .backend
-            .unused_backends(devices, ctx.deadline)
-            .await
-            .map_err(|e| ctx.backend_error(e))?;
-        for orphan in orphans {
-            let start = std::time::Instant::now();
-            match ctx.backend.delete_backend(&orphan, ctx.deadline).await {
-                Ok(Deleted::Yes) => {
-                    tracing::info!(
-                        vm = ctx.vm,
-                        backend = orphan,
-                        ms = start.elapsed().as_millis() as u64,
-                        "deleted a memory backend an interrupted operation left"
-                    );
-                }
-                Ok(Deleted::Absent | Deleted::NotOurs) => {}
-                Err(e) => return Err(ctx.backend_error(e)),
-            }
-        }
-        Ok(())
     }
 }
 

@@ -8,7 +8,7 @@ use serde::{Deserialize, Serialize};
 use super::{Journal, JournalError};
 
 /// Desired DIMMs: key `VM NUL DIMM-ID`, value JSON [`Desired`].
-const DIMMS: TableDefinition<&str, &[u8]> = TableDefinition::new("desired-dimms");
+pub(super) const DIMMS: TableDefinition<&str, &[u8]> = TableDefinition::new("desired-dimms");
 
 /// A DIMM the bridge plugged, and how its blocks are to be online.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,11 +65,7 @@ impl Journal {
     /// Every VM's desired DIMMs, by VM name.
     pub fn wanted(&self) -> Result<Vec<(String, Desired)>, JournalError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
-        let table = match txn.open_table(DIMMS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
-            Err(e) => return Err(self.store(e)),
-        };
+        let table = txn.open_table(DIMMS).map_err(|e| self.store(e))?;
         let mut out = Vec::new();
         for item in table.iter().map_err(|e| self.store(e))? {
             let (k, v) = item.map_err(|e| self.store(e))?;

@@ -7,7 +7,8 @@
 //! request-id, by the same identity, after any number of restarts, gets the recorded
 //! outcome instead of a second run. An entry still `running` when a bridge opens the
 //! journal belongs to a bridge that stopped during the operation: it becomes
-//! `interrupted`, and a retry is answered with that, never run again.
+//! `interrupted` until the hotplug layer has recovered it and recorded its final outcome
+//! ([`Journal::interrupted`], [`Journal::recovered`]); it is never run again.
 //!
 //! The store is [redb]: a pure-Rust, copy-on-write B-tree file whose commits are atomic
 //! and durable (fsync) and which recovers by itself from a crash mid-commit; no C library,
@@ -31,9 +32,9 @@ use std::{
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use qga_wire::sync::lock;
 pub mod desired;
 
+use qga_wire::sync::lock;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize};
 
@@ -266,11 +267,6 @@ impl Journal {
         Ok(journal)
     }
 
-    /// The store's file.
-    pub fn path(&self) -> &Path {
-        &self.inner.path
-    }
-
     fn store(&self, e: impl Into<redb::Error>) -> JournalError {
         JournalError::Store {
             path: self.inner.path.clone(),
@@ -285,18 +281,28 @@ impl Journal {
         }
     }
 
-    /// At open: every entry must decode; running ones become interrupted, expired ones
-    /// and those past the bound in all go.
+    /// An entry as stored.
+    fn encode(&self, entry: &Entry) -> Result<Vec<u8>, JournalError> {
+        serde_json::to_vec(entry).map_err(|e| self.unreadable(e.to_string()))
+    }
+
+    /// An entry read back; one that does not decode makes the journal unreadable.
+    fn decode(&self, key: &str, bytes: &[u8]) -> Result<Entry, JournalError> {
+        serde_json::from_slice(bytes)
+            .map_err(|e| self.unreadable(format!("entry {key:?} does not decode: {e}")))
+    }
+
+    /// At open: both tables exist from now on and every entry must decode; running ones
+    /// become interrupted, expired ones and those past the bound in all go.
     fn settle(&self) -> Result<(), JournalError> {
         let txn = self.inner.db.begin_write().map_err(|e| self.store(e))?;
         {
+            txn.open_table(desired::DIMMS).map_err(|e| self.store(e))?;
             let mut table = txn.open_table(REQUESTS).map_err(|e| self.store(e))?;
             let mut entries = Vec::new();
             for item in table.iter().map_err(|e| self.store(e))? {
                 let (k, v) = item.map_err(|e| self.store(e))?;
-                let entry: Entry = serde_json::from_slice(v.value()).map_err(|e| {
-                    self.unreadable(format!("entry {:?} does not decode: {e}", k.value()))
-                })?;
+                let entry = self.decode(k.value(), v.value())?;
                 entries.push((k.value().to_string(), entry));
             }
             let horizon = horizon(self.inner.limits.ttl);
@@ -304,36 +310,36 @@ impl Journal {
             for (i, (k, mut entry)) in entries.into_iter().enumerate() {
                 if entry.at_ms < horizon || i >= self.inner.limits.max_entries {
                     table.remove(k.as_str()).map_err(|e| self.store(e))?;
-                } else if matches!(entry.state, State::Running | State::Interrupted) {
-                    entry.state = State::Interrupted;
-                    let bytes =
-                        serde_json::to_vec(&entry).map_err(|e| self.unreadable(e.to_string()))?;
-                    table
-                        .insert(k.as_str(), bytes.as_slice())
-                        .map_err(|e| self.store(e))?;
-                    lock(&self.inner.recovering).push((k, entry));
+                    continue;
                 }
+                match entry.state {
+                    State::Running => {
+                        entry.state = State::Interrupted;
+                        let bytes = self.encode(&entry)?;
+                        table
+                            .insert(k.as_str(), bytes.as_slice())
+                            .map_err(|e| self.store(e))?;
+                    }
+                    State::Interrupted => {}
+                    State::Ended(_) => continue,
+                }
+                lock(&self.inner.recovering).push((k, entry));
             }
         }
-        txn.commit().map_err(|e| self.store(e))
+        txn.commit().map_err(|e| self.store(e))?;
+        // The desired memory must read back too.
+        self.wanted().map(drop)
     }
 
     /// The entry of `key` on VM `vm`, if it has one (and it has not expired).
     pub fn lookup(&self, vm: &str, key: &Key) -> Result<Option<Entry>, JournalError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
-        let table = match txn.open_table(REQUESTS) {
-            Ok(t) => t,
-            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(None),
-            Err(e) => return Err(self.store(e)),
-        };
-        let Some(v) = table
-            .get(entry_key(vm, key).as_str())
-            .map_err(|e| self.store(e))?
-        else {
+        let table = txn.open_table(REQUESTS).map_err(|e| self.store(e))?;
+        let k = entry_key(vm, key);
+        let Some(v) = table.get(k.as_str()).map_err(|e| self.store(e))? else {
             return Ok(None);
         };
-        let entry: Entry = serde_json::from_slice(v.value())
-            .map_err(|e| self.unreadable(format!("an entry does not decode: {e}")))?;
+        let entry = self.decode(&k, v.value())?;
         let horizon = horizon(self.inner.limits.ttl);
         Ok((entry.at_ms >= horizon).then_some(entry))
     }
@@ -353,25 +359,13 @@ impl Journal {
     /// Records the final outcome of interrupted operation `raw` (from
     /// [`Journal::interrupted`]): a retry of its request-id gets it from now on.
     pub async fn recovered(&self, raw: &str, entry: Entry) -> Result<(), JournalError> {
-        let (k, written) = (raw.to_string(), entry.clone());
         // Nobody can retry an operation sent without a request-id: it just goes.
         let own = raw
             .rsplit('\0')
             .next()
             .is_some_and(|id| id.starts_with(OWN));
-        self.write(move |j, txn| {
-            let mut table = txn.open_table(REQUESTS).map_err(|e| j.store(e))?;
-            if own {
-                table.remove(k.as_str()).map_err(|e| j.store(e))?;
-                return Ok(());
-            }
-            let bytes = serde_json::to_vec(&written).map_err(|e| j.unreadable(e.to_string()))?;
-            table
-                .insert(k.as_str(), bytes.as_slice())
-                .map_err(|e| j.store(e))?;
-            Ok(())
-        })
-        .await?;
+        self.put_raw(raw.to_string(), (!own).then_some(entry))
+            .await?;
         lock(&self.inner.recovering).retain(|(k, _)| k != raw);
         Ok(())
     }
@@ -397,7 +391,7 @@ impl Journal {
             state: State::Running,
         };
         lock(&self.inner.live).insert(entry_key(vm, key));
-        let written = self.put(vm, key, Some(entry)).await;
+        let written = self.put_raw(entry_key(vm, key), Some(entry)).await;
         if written.is_err() {
             lock(&self.inner.live).remove(&entry_key(vm, key));
         }
@@ -418,9 +412,7 @@ impl Journal {
 
     /// Forgets the operation under `key` on VM `vm` (one without a request-id, ended).
     pub async fn forget(&self, vm: &str, key: &Key) -> Result<(), JournalError> {
-        let written = self.put(vm, key, None).await;
-        lock(&self.inner.live).remove(&entry_key(vm, key));
-        written
+        self.finish(vm, key, None).await
     }
 
     /// Records how operation `method` with `args` under `key` on VM `vm` ended: with
@@ -438,7 +430,12 @@ impl Journal {
             args,
             state: State::Ended(outcome),
         });
-        let written = self.put(vm, key, entry).await;
+        self.finish(vm, key, entry).await
+    }
+
+    /// Writes (or removes) the entry of an operation that ended in this process.
+    async fn finish(&self, vm: &str, key: &Key, entry: Option<Entry>) -> Result<(), JournalError> {
+        let written = self.put_raw(entry_key(vm, key), entry).await;
         lock(&self.inner.live).remove(&entry_key(vm, key));
         written
     }
@@ -462,16 +459,15 @@ impl Journal {
         })?
     }
 
-    /// Writes (or with `None` removes) one entry and applies the bounds, in one durable
-    /// transaction.
-    async fn put(&self, vm: &str, key: &Key, entry: Option<Entry>) -> Result<(), JournalError> {
-        let (vm, k) = (vm.to_string(), entry_key(vm, key));
+    /// Writes (or with `None` removes) the entry of raw key `k` and applies the bounds of
+    /// its VM, in one durable transaction.
+    async fn put_raw(&self, k: String, entry: Option<Entry>) -> Result<(), JournalError> {
+        let vm = k.split('\0').next().unwrap_or_default().to_string();
         self.write(move |j, txn| {
             let mut table = txn.open_table(REQUESTS).map_err(|e| j.store(e))?;
             match entry {
                 Some(entry) => {
-                    let bytes =
-                        serde_json::to_vec(&entry).map_err(|e| j.unreadable(e.to_string()))?;
+                    let bytes = j.encode(&entry)?;
                     table
                         .insert(k.as_str(), bytes.as_slice())
                         .map_err(|e| j.store(e))?;
@@ -518,9 +514,7 @@ fn ages<'a>(
     let mut out = Vec::new();
     for item in range.map_err(|e| journal.store(e))? {
         let (k, v) = item.map_err(|e| journal.store(e))?;
-        let at = serde_json::from_slice::<Entry>(v.value())
-            .map(|e| e.at_ms)
-            .map_err(|e| journal.unreadable(format!("an entry does not decode: {e}")))?;
+        let at = journal.decode(k.value(), v.value())?.at_ms;
         out.push((k.value().to_string(), at));
     }
     Ok(out)
