@@ -21,6 +21,17 @@ use crate::{
     vms::Vms,
 };
 
+/// `(VM, item)` pairs grouped by VM.
+fn by_vm<T>(
+    items: impl IntoIterator<Item = (String, T)>,
+) -> std::collections::BTreeMap<String, Vec<T>> {
+    let mut out: std::collections::BTreeMap<String, Vec<T>> = Default::default();
+    for (vm, item) in items {
+        out.entry(vm).or_default().push(item);
+    }
+    out
+}
+
 /// VMs the keeper checks at once.
 const KEEPER_CONCURRENCY: usize = 8;
 
@@ -216,11 +227,7 @@ impl Service {
                 return;
             }
         };
-        let mut by_vm: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-        for (vm, d) in wanted {
-            by_vm.entry(vm).or_default().push(d);
-        }
-        let passes = by_vm.into_iter().map(|(vm, wanted)| async move {
+        let passes = by_vm(wanted).into_iter().map(|(vm, wanted)| async move {
             // A VM the bridge does not serve now (yet) keeps its desired memory.
             let Ok(target) = self.target(&vm) else {
                 return;
@@ -238,11 +245,8 @@ impl Service {
     /// Recovers the operations an earlier bridge stopped during, on the VMs served now
     /// (see [`crate::hotplug::recover`]).
     async fn recover(&self) {
-        let mut by_vm: std::collections::BTreeMap<String, Vec<_>> = Default::default();
-        for (vm, raw, entry) in self.hotplug.journal().interrupted() {
-            by_vm.entry(vm).or_default().push((raw, entry));
-        }
-        for (vm, entries) in by_vm {
+        let interrupted = self.hotplug.journal().interrupted();
+        for (vm, entries) in by_vm(interrupted.into_iter().map(|(vm, raw, e)| (vm, (raw, e)))) {
             let Ok(target) = self.target(&vm) else {
                 continue;
             };
