@@ -349,8 +349,9 @@ impl Hotplug {
                 None => journal.forget(vm, &r.journaled).await,
             };
             if let Err(e) = ended {
-                // The operation happened; a retry will be told it was interrupted rather
-                // than run it again.
+                // The operation happened; its entry stays `running`: a retry here is told
+                // the outcome was not recorded, and after a restart it is recovered. It is
+                // never run again.
                 tracing::error!(vm, method, error = %e, "cannot record the operation's outcome");
             }
             drop(r.guard);
