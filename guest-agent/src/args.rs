@@ -7,7 +7,10 @@
 use qga_wire::{QgaError, schema::GuestMemoryOnlineType};
 use serde_json::{Map, Value};
 
-use crate::sysfs::OnlineType;
+use crate::{
+    present::{MAX_COUNT, MAX_TIMEOUT_MS},
+    sysfs::OnlineType,
+};
 
 type Args = Option<Map<String, Value>>;
 
@@ -64,7 +67,8 @@ fn boolean(v: &Value, name: &str) -> Result<bool, QgaError> {
 /// The `mem-blks` member, shared by both set commands.
 const MEM_BLKS: &str = "mem-blks";
 
-/// The `online-type` member of `__org.qga-bridge_set-memory-blocks`.
+/// The `online-type` member of `__org.qga-bridge_set-memory-blocks` and
+/// `__org.qga-bridge_online-when-present`.
 const ONLINE_TYPE: &str = "online-type";
 
 /// `guest-set-memory-blocks`: `{"mem-blks": [{"phys-index": u64, "online": bool,
@@ -84,6 +88,44 @@ pub fn mem_blks_online_type(args: &Args) -> Result<(Vec<(u64, bool)>, OnlineType
     let map = args.as_ref().ok_or_else(|| missing(MEM_BLKS))?;
     let blocks = mem_blks_member(map)?;
     let word = map.get(ONLINE_TYPE).ok_or_else(|| missing(ONLINE_TYPE))?;
+    let online_type = online_type(word)?;
+    reject_unknown(map, &[MEM_BLKS, ONLINE_TYPE], "")?;
+    Ok((blocks, online_type))
+}
+
+/// `__org.qga-bridge_online-when-present`: `{"first": u64, "count": u64,
+/// "online-type"?: ..., "timeout-ms": u64}`, checked in that (schema) order; `count` from
+/// 1 to [`MAX_COUNT`], the range inside `u64`, `timeout-ms` at most [`MAX_TIMEOUT_MS`].
+/// Without `online-type` the agent's `--online-type` applies.
+pub fn online_when_present(args: &Args) -> Result<(u64, u64, Option<OnlineType>, u64), QgaError> {
+    let map = args.as_ref().ok_or_else(|| missing("first"))?;
+    let member = |name: &str| -> Result<u64, QgaError> {
+        uint64(map.get(name).ok_or_else(|| missing(name))?, name)
+    };
+    let first = member("first")?;
+    let count = member("count")?;
+    if count == 0 || count > MAX_COUNT || first.checked_add(count).is_none() {
+        return Err(QgaError::generic(format!(
+            "Parameter 'count' must be from 1 to {MAX_COUNT}, and 'first' + 'count' must \
+             not pass the largest block index"
+        )));
+    }
+    let online_type = match map.get(ONLINE_TYPE) {
+        None => None,
+        Some(word) => Some(online_type(word)?),
+    };
+    let timeout_ms = member("timeout-ms")?;
+    if timeout_ms > MAX_TIMEOUT_MS {
+        return Err(QgaError::generic(format!(
+            "Parameter 'timeout-ms' must be at most {MAX_TIMEOUT_MS}"
+        )));
+    }
+    reject_unknown(map, &["first", "count", ONLINE_TYPE, "timeout-ms"], "")?;
+    Ok((first, count, online_type, timeout_ms))
+}
+
+/// An `online-type` member's value, worded as QAPI's input visitor words a bad enum value.
+fn online_type(word: &Value) -> Result<OnlineType, QgaError> {
     let word = word
         .as_str()
         .ok_or_else(|| invalid_type(ONLINE_TYPE, "string"))?;
@@ -92,8 +134,7 @@ pub fn mem_blks_online_type(args: &Args) -> Result<(Vec<(u64, bool)>, OnlineType
             "Parameter '{ONLINE_TYPE}' does not accept value '{word}'"
         ))
     })?;
-    reject_unknown(map, &[MEM_BLKS, ONLINE_TYPE], "")?;
-    Ok((blocks, online_type.into()))
+    Ok(online_type.into())
 }
 
 /// The `mem-blks` list of `map` as `(phys-index, online)` pairs; the caller rejects
@@ -250,6 +291,66 @@ mod tests {
         assert_eq!(
             desc(none(&args(json!({"a": 1})))),
             "Parameter 'a' is unexpected"
+        );
+    }
+
+    #[test]
+    fn online_when_present_rules() {
+        let parse = |v: Value| online_when_present(&args(v));
+        assert_eq!(
+            desc(online_when_present(&None)),
+            "Parameter 'first' is missing"
+        );
+        assert_eq!(
+            desc(parse(json!({"first": 1, "timeout-ms": 5}))),
+            "Parameter 'count' is missing"
+        );
+        assert_eq!(
+            desc(parse(json!({"first": "1", "count": 1, "timeout-ms": 5}))),
+            "Parameter 'first' expects uint64"
+        );
+        let range = "Parameter 'count' must be from 1 to 65536, and 'first' + 'count' must \
+                     not pass the largest block index";
+        for bad in [
+            json!({"first": 1, "count": 0, "timeout-ms": 5}),
+            json!({"first": 1, "count": 65537, "timeout-ms": 5}),
+            json!({"first": -1, "count": 2, "timeout-ms": 5}),
+        ] {
+            assert_eq!(desc(parse(bad)), range);
+        }
+        assert_eq!(
+            desc(parse(
+                json!({"first": 1, "count": 1, "online-type": "movable"})
+            )),
+            "Parameter 'online-type' does not accept value 'movable'"
+        );
+        assert_eq!(
+            desc(parse(json!({"first": 1, "count": 1}))),
+            "Parameter 'timeout-ms' is missing"
+        );
+        assert_eq!(
+            desc(parse(
+                json!({"first": 1, "count": 1, "timeout-ms": 300_001})
+            )),
+            "Parameter 'timeout-ms' must be at most 300000"
+        );
+        assert_eq!(
+            desc(parse(
+                json!({"first": 1, "count": 1, "timeout-ms": 5, "z": 1})
+            )),
+            "Parameter 'z' is unexpected"
+        );
+        assert_eq!(
+            parse(json!({"first": 32, "count": 4, "timeout-ms": 1000})).ok(),
+            Some((32, 4, None, 1000))
+        );
+        assert_eq!(
+            parse(
+                json!({"first": 32, "count": 4, "online-type": "online_kernel",
+                         "timeout-ms": 0})
+            )
+            .ok(),
+            Some((32, 4, Some(OnlineType::OnlineKernel), 0))
         );
     }
 }

@@ -1,14 +1,14 @@
 //! Command dispatch: one request in, its encoded reply out.
 //!
-//! Besides QGA's commands the agent implements two QAPI downstream extensions (see
-//! `qga_wire::schema`): `__org.qga-bridge_get-memory-zones` and
-//! `__org.qga-bridge_set-memory-blocks`. They are listed after the standard commands in
+//! Besides QGA's commands the agent implements three QAPI downstream extensions (see
+//! `qga_wire::schema`): `__org.qga-bridge_get-memory-zones`,
+//! `__org.qga-bridge_set-memory-blocks` and `__org.qga-bridge_online-when-present`. They are listed after the standard commands in
 //! `guest-info` and `-b help`, and `--block-rpcs`/`--allow-rpcs` apply to them by name.
 //!
 //! Replies are serialised straight from the schema types into the output buffer, so a
 //! reply for tens of thousands of blocks never exists as a `serde_json::Value` tree.
 
-use std::collections::BTreeSet;
+use std::{collections::BTreeSet, time::Duration};
 
 use qga_wire::{
     FrameError, QgaError, Request,
@@ -20,7 +20,9 @@ use serde_json::{Map, Value};
 
 use crate::{
     args,
+    present::{WhenPresent, online_when_present},
     sysfs::{KernelWriter, MemoryTree, OnlineType, StateWriter},
+    uevent::{BlockEvents, Polling, UeventSocket},
 };
 
 /// The name of a command this agent implements.
@@ -44,12 +46,14 @@ pub enum CommandName {
     GetMemoryZones,
     /// `__org.qga-bridge_set-memory-blocks` (extension).
     SetMemoryBlocksOnlineType,
+    /// `__org.qga-bridge_online-when-present` (extension).
+    OnlineWhenPresent,
 }
 
 impl CommandName {
     /// Every command, in the order `guest-info` and `-b help` list them: QGA's own first,
     /// then the downstream extensions.
-    pub const ALL: [Self; 9] = [
+    pub const ALL: [Self; 10] = [
         Self::SyncDelimited,
         Self::Sync,
         Self::Ping,
@@ -59,6 +63,7 @@ impl CommandName {
         Self::GetMemoryBlockInfo,
         Self::GetMemoryZones,
         Self::SetMemoryBlocksOnlineType,
+        Self::OnlineWhenPresent,
     ];
 
     /// The name on the wire.
@@ -73,13 +78,17 @@ impl CommandName {
             Self::GetMemoryBlockInfo => command::GET_MEMORY_BLOCK_INFO,
             Self::GetMemoryZones => command::GET_MEMORY_ZONES,
             Self::SetMemoryBlocksOnlineType => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+            Self::OnlineWhenPresent => command::ONLINE_WHEN_PRESENT,
         }
     }
 
     /// Whether this is one of our QAPI downstream extensions (`__org.qga-bridge_*`), which
     /// the reference agent does not have.
     pub fn is_extension(self) -> bool {
-        matches!(self, Self::GetMemoryZones | Self::SetMemoryBlocksOnlineType)
+        matches!(
+            self,
+            Self::GetMemoryZones | Self::SetMemoryBlocksOnlineType | Self::OnlineWhenPresent
+        )
     }
 
     /// The command called `name`, if we implement it.
@@ -114,6 +123,17 @@ pub enum Command {
         blocks: Vec<(u64, bool)>,
         /// What to write to bring a block online.
         online_type: OnlineType,
+    },
+    /// `__org.qga-bridge_online-when-present`.
+    OnlineWhenPresent {
+        /// The first block.
+        first: u64,
+        /// How many blocks.
+        count: u64,
+        /// What to write to bring a block online; `None`: the configured `--online-type`.
+        online_type: Option<OnlineType>,
+        /// How long to wait for blocks to appear, milliseconds.
+        timeout_ms: u64,
     },
 }
 
@@ -151,6 +171,15 @@ impl Command {
                 Self::SetMemoryBlocksOnlineType {
                     blocks,
                     online_type,
+                }
+            }
+            CommandName::OnlineWhenPresent => {
+                let (first, count, online_type, timeout_ms) = args::online_when_present(args)?;
+                Self::OnlineWhenPresent {
+                    first,
+                    count,
+                    online_type,
+                    timeout_ms,
                 }
             }
         })
@@ -191,13 +220,40 @@ impl CommandFilter {
     }
 }
 
+/// Subscribes to news of memory blocks appearing, for one
+/// `__org.qga-bridge_online-when-present` call.
+pub type EventSource = Box<dyn Fn() -> Box<dyn BlockEvents> + Send + Sync>;
+
 /// The agent's state: where the memory tree is, how to online blocks, what is enabled.
-#[derive(Debug)]
 pub struct Agent {
     tree: MemoryTree,
     online_type: OnlineType,
     filter: CommandFilter,
     writer: Box<dyn StateWriter>,
+    events: EventSource,
+}
+
+impl std::fmt::Debug for Agent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Agent")
+            .field("tree", &self.tree)
+            .field("online_type", &self.online_type)
+            .field("filter", &self.filter)
+            .field("writer", &self.writer)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The kernel's uevent socket, or polling where it cannot be opened (a kernel without
+/// netlink, a sandbox that forbids it): slower, never wrong.
+fn kernel_events() -> Box<dyn BlockEvents> {
+    match UeventSocket::open() {
+        Ok(socket) => Box::new(socket),
+        Err(e) => {
+            tracing::warn!(error = %e, "no uevent socket: waiting for memory blocks by polling");
+            Box::new(Polling)
+        }
+    }
 }
 
 impl Agent {
@@ -208,7 +264,14 @@ impl Agent {
             online_type,
             filter,
             writer: Box::new(KernelWriter),
+            events: Box::new(kernel_events),
         }
+    }
+
+    /// Replaces where news of appearing blocks comes from (tests script it).
+    pub fn with_events(mut self, events: EventSource) -> Self {
+        self.events = events;
+        self
     }
 
     /// Replaces the `state` writer (tests inject errnos with it).
@@ -274,6 +337,24 @@ impl Agent {
                 let results = self
                     .tree
                     .set_blocks(&blocks, online_type, self.writer.as_ref());
+                encode_ok(out, &results, id);
+            }
+            Command::OnlineWhenPresent {
+                first,
+                count,
+                online_type,
+                timeout_ms,
+            } => {
+                let req = WhenPresent {
+                    first,
+                    count,
+                    online_type: online_type.unwrap_or(self.online_type),
+                    timeout: Duration::from_millis(timeout_ms),
+                };
+                // Subscribed before the first look, so nothing is missed in between.
+                let mut events = (self.events)();
+                let results =
+                    online_when_present(&self.tree, &req, self.writer.as_ref(), events.as_mut());
                 encode_ok(out, &results, id);
             }
         }
@@ -601,7 +682,10 @@ mod tests {
                 .filter_map(|c| c["name"].as_str())
                 .collect();
             assert_eq!(names.len(), CommandName::ALL.len());
-            assert_eq!(&names[names.len() - 2..], [ZONES, SET]);
+            assert_eq!(
+                &names[names.len() - 3..],
+                [ZONES, SET, command::ONLINE_WHEN_PRESENT]
+            );
             for c in CommandName::ALL {
                 assert_eq!(c.is_extension(), c.name().starts_with("__org.qga-bridge_"));
             }

@@ -9,17 +9,21 @@
 //!   unix-listen and vsock-listen.
 //! - [`server`]: the request loop, one request at a time, a fresh parser per connection.
 //! - [`commands`]: dispatch and reply encoding; [`args`]: argument validation. Besides
-//!   QGA's commands, two downstream extensions: `__org.qga-bridge_get-memory-zones` (each
-//!   block's zones and the kernel's auto-online policy) and `__org.qga-bridge_set-memory-blocks`
-//!   (onlining with a per-call `online-type`).
+//!   QGA's commands, three downstream extensions: `__org.qga-bridge_get-memory-zones` (each
+//!   block's zones and the kernel's auto-online policy), `__org.qga-bridge_set-memory-blocks`
+//!   (onlining with a per-call `online-type`) and `__org.qga-bridge_online-when-present`
+//!   ([`present`]: waiting for a DIMM's blocks on the kernel's [`uevent`]s and onlining each
+//!   as it appears).
 //! - [`sysfs`]: the memory-block tree: a fast parallel scan and ordered state writes.
 
 pub mod args;
 pub mod commands;
 pub mod config;
+pub mod present;
 pub mod server;
 pub mod sysfs;
 pub mod transport;
+pub mod uevent;
 
 pub use commands::{Agent, Command, CommandFilter, CommandName};
 pub use config::{Cli, Config};

@@ -4,14 +4,15 @@
 //! mixed spelling of `guest-info`: `supported_commands` has an underscore while
 //! `success-response` has a hyphen; both are what the reference agent sends.
 //!
-//! Besides QGA's own commands, `qga-agent` implements two QAPI downstream extensions,
+//! Besides QGA's own commands, `qga-agent` implements three QAPI downstream extensions,
 //! named by QAPI's convention `__RFQDN_name` with the reverse domain `org.qga-bridge`:
-//! [`command::GET_MEMORY_ZONES`] and [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`]. They exist
-//! because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
+//! [`command::GET_MEMORY_ZONES`], [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`] and
+//! [`command::ONLINE_WHEN_PRESENT`]. The first two exist because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
 //! block since Linux 5.7: only a block's zone tells whether it can ever be offlined and its
 //! DIMM unplugged, and only the word written to `state` decides that zone. The standard
 //! commands are unchanged, so a host that knows nothing of the extensions sees a plain QGA
-//! agent.
+//! agent. The third makes a plug one round trip: the agent waits for the blocks on the
+//! kernel's own uevents and onlines each the moment it appears.
 
 use serde::{Deserialize, Serialize};
 
@@ -40,6 +41,12 @@ pub mod command {
     /// -> `[GuestMemoryBlockResponse]`: `guest-set-memory-blocks` with the zone chosen per
     /// call instead of by the agent's configuration.
     pub const SET_MEMORY_BLOCKS_ONLINE_TYPE: &str = "__org.qga-bridge_set-memory-blocks";
+    /// Downstream extension: `__org.qga-bridge_online-when-present`
+    /// [`{"first": N, "count": N, "online-type"?: ..., "timeout-ms": N}`](super::GuestOnlineWhenPresentArgs)
+    /// -> `[GuestMemoryBlockResponse]`, one per block of the range in index order: waits
+    /// for the blocks to appear (driven by the kernel's uevents) and onlines each as it
+    /// does, so a host plugging a DIMM needs one call instead of a polling loop.
+    pub const ONLINE_WHEN_PRESENT: &str = "__org.qga-bridge_online-when-present";
 }
 
 /// One memory block: `{"phys-index": N, "online": BOOL, "can-offline": BOOL}`.
@@ -144,6 +151,24 @@ pub struct GuestSetMemoryBlocksOnlineTypeArgs {
     /// Written to `state` for entries with `online: true` (required; the agent's
     /// `--online-type` does not apply to this command).
     pub online_type: GuestMemoryOnlineType,
+}
+
+/// Arguments of `__org.qga-bridge_online-when-present`: a range of blocks, how to online
+/// them, and how long to wait for them to appear.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestOnlineWhenPresentArgs {
+    /// The first block: the `N` of `memoryN`.
+    pub first: u64,
+    /// How many blocks from `first` (at least one).
+    pub count: u64,
+    /// Written to `state` of each block found offline; absent: the agent's
+    /// `--online-type`, as for `guest-set-memory-blocks`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_type: Option<GuestMemoryOnlineType>,
+    /// How long to wait for blocks to appear, milliseconds. Blocks still absent then are
+    /// answered `not-found` (errno 2).
+    pub timeout_ms: u64,
 }
 
 /// One block in the `__org.qga-bridge_get-memory-zones` reply.
@@ -282,6 +307,7 @@ mod tests {
         for name in [
             command::GET_MEMORY_ZONES,
             command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+            command::ONLINE_WHEN_PRESENT,
         ] {
             assert!(name.starts_with("__org.qga-bridge_"), "{name}");
         }
