@@ -12,7 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use qga_wire::schema::{
     GuestAgentInfo, GuestMemoryBlock, GuestMemoryBlockInfo, GuestMemoryBlockResponse,
-    GuestMemoryOnlineType, GuestMemoryZones, GuestSetMemoryBlocksArgs, command,
+    GuestMemoryOnlineType, GuestMemoryZones, GuestOnlineWhenPresentArgs, GuestSetMemoryBlocksArgs,
+    command,
 };
 use serde::{
     Deserialize, Serialize,
@@ -44,6 +45,9 @@ pub enum Call {
     /// `__org.qga-bridge_set-memory-blocks` (our agent's extension): like
     /// [`Call::SetMemoryBlocks`], onlining with the given type rather than the agent's.
     SetMemoryBlocksOnlineType(BlockChanges, GuestMemoryOnlineType),
+    /// `__org.qga-bridge_online-when-present` (our agent's extension): waits in the guest
+    /// for a range of blocks to appear and onlines each as it does; one result per block.
+    OnlineWhenPresent(GuestOnlineWhenPresentArgs),
 }
 
 /// The QGA names of the standard calls, which are also JSON-RPC methods. The extensions
@@ -57,9 +61,10 @@ pub const NAMES: [&str; 5] = [
 ];
 
 /// Our agent's extensions, which memory hotplug sends.
-pub const EXTENSION_NAMES: [&str; 2] = [
+pub const EXTENSION_NAMES: [&str; 3] = [
     command::GET_MEMORY_ZONES,
     command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+    command::ONLINE_WHEN_PRESENT,
 ];
 
 /// The memory hotplug service's method names: JSON-RPC methods, and the method of their
@@ -200,7 +205,8 @@ pub enum Reply {
     /// [`Call::GetMemoryBlockInfo`]
     GetMemoryBlockInfo(GuestMemoryBlockInfo),
     /// [`Call::SetMemoryBlocks`] and [`Call::SetMemoryBlocksOnlineType`]: one result per
-    /// requested change, in request order.
+    /// requested change, in request order; [`Call::OnlineWhenPresent`]: one per block of
+    /// the range, in index order.
     SetMemoryBlocks(Vec<GuestMemoryBlockResponse>),
     /// [`Call::GetMemoryZones`]
     MemoryZones(GuestMemoryZones),
@@ -258,6 +264,8 @@ pub enum Arguments<'a> {
         #[serde(rename = "online-type")]
         online_type: GuestMemoryOnlineType,
     },
+    /// `{"first": N, "count": N, "online-type"?: ..., "timeout-ms": N}`.
+    WhenPresent(&'a GuestOnlineWhenPresentArgs),
 }
 
 /// A call's request on the wire.
@@ -311,6 +319,16 @@ impl Call {
             Self::SetMemoryBlocks(_) => command::SET_MEMORY_BLOCKS,
             Self::GetMemoryZones => command::GET_MEMORY_ZONES,
             Self::SetMemoryBlocksOnlineType(..) => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
+            Self::OnlineWhenPresent(_) => command::ONLINE_WHEN_PRESENT,
+        }
+    }
+
+    /// How long the agent itself may wait before it answers, beyond doing the work: a
+    /// call's configured timeout must leave it that time.
+    pub fn agent_wait(&self) -> Option<std::time::Duration> {
+        match self {
+            Self::OnlineWhenPresent(a) => Some(std::time::Duration::from_millis(a.timeout_ms)),
+            _ => None,
         }
     }
 
@@ -318,7 +336,9 @@ impl Call {
     pub fn is_read(&self) -> bool {
         !matches!(
             self,
-            Self::SetMemoryBlocks(_) | Self::SetMemoryBlocksOnlineType(..)
+            Self::SetMemoryBlocks(_)
+                | Self::SetMemoryBlocksOnlineType(..)
+                | Self::OnlineWhenPresent(_)
         )
     }
 
@@ -332,7 +352,9 @@ impl Call {
             | Self::GetMemoryBlocks
             | Self::GetMemoryBlockInfo
             | Self::GetMemoryZones => true,
-            Self::SetMemoryBlocks(_) | Self::SetMemoryBlocksOnlineType(..) => false,
+            Self::SetMemoryBlocks(_)
+            | Self::SetMemoryBlocksOnlineType(..)
+            | Self::OnlineWhenPresent(_) => false,
         }
     }
 
@@ -351,6 +373,7 @@ impl Call {
                     online_type: *online_type,
                 })
             }
+            Self::OnlineWhenPresent(args) => Some(Arguments::WhenPresent(args)),
             _ => None,
         }
     }
@@ -378,12 +401,42 @@ impl Call {
                 Reply::SetMemoryBlocks(results)
             }
             Self::GetMemoryZones => Reply::MemoryZones(parse(value)?),
+            Self::OnlineWhenPresent(args) => {
+                let results: Vec<GuestMemoryBlockResponse> = parse(value)?;
+                check_range(args, &results)?;
+                Reply::SetMemoryBlocks(results)
+            }
         })
     }
 }
 
 fn parse<T: DeserializeOwned>(value: Value) -> Result<T, String> {
     serde_json::from_value(value).map_err(|e| format!("reply does not match the schema: {e}"))
+}
+
+/// An online-when-present result is believed only if it names each block of the range
+/// once, in index order.
+fn check_range(
+    args: &GuestOnlineWhenPresentArgs,
+    results: &[GuestMemoryBlockResponse],
+) -> Result<(), String> {
+    if results.len() as u64 != args.count {
+        return Err(format!(
+            "{} results for a range of {} blocks",
+            results.len(),
+            args.count
+        ));
+    }
+    match (args.first..)
+        .zip(results)
+        .find(|(i, r)| r.phys_index != *i)
+    {
+        Some((i, r)) => Err(format!(
+            "a result is for block {}, but block {i} was expected there",
+            r.phys_index
+        )),
+        None => Ok(()),
+    }
 }
 
 /// A set result is believed only if it names the requested blocks, in request order.
@@ -542,6 +595,31 @@ mod tests {
             call.decode(json!([ok(32), ok(33), ok(34)])).is_err(),
             "long"
         );
+        assert!(call.decode(json!([ok(32), ok(34)])).is_err(), "other block");
+    }
+
+    #[test]
+    fn online_when_present_is_a_write_that_answers_its_range() {
+        let call = Call::OnlineWhenPresent(GuestOnlineWhenPresentArgs {
+            first: 32,
+            count: 2,
+            online_type: Some(GuestMemoryOnlineType::OnlineMovable),
+            timeout_ms: 9000,
+        });
+        assert_eq!(
+            serde_json::to_value(call.request(3)).expect("serialise"),
+            json!({"execute": "__org.qga-bridge_online-when-present", "id": 3, "arguments":
+                   {"first": 32, "count": 2, "online-type": "online_movable",
+                    "timeout-ms": 9000}})
+        );
+        assert!(!call.is_read() && !call.coalescable());
+        assert_eq!(call.agent_wait(), Some(std::time::Duration::from_secs(9)));
+        assert_eq!(Call::Ping.agent_wait(), None);
+        let ok = |i: u64| json!({"phys-index": i, "response": "success"});
+        let nf = json!({"phys-index": 33, "response": "not-found", "error-code": 2});
+        assert!(call.decode(json!([ok(32), nf])).is_ok());
+        assert!(call.decode(json!([ok(33), ok(32)])).is_err(), "reordered");
+        assert!(call.decode(json!([ok(32)])).is_err(), "short");
         assert!(call.decode(json!([ok(32), ok(34)])).is_err(), "other block");
     }
 

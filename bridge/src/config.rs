@@ -41,6 +41,7 @@
 //! timeout_ms = 120000                   # a whole plug, unplug or resize
 //! appear_timeout_ms = 10000             # a new DIMM's blocks show up in the guest
 //! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
+//! offline_budget_ms = 10000             # offlining a DIMM's blocks (EBUSY retries) before giving up
 //! max_request_ids = 256                 # remembered request-ids per VM
 //! request_id_ttl_s = 86400              # and for how long
 //! restore_interval_ms = 2000            # re-online plugged DIMMs' offline blocks (guest reboots)
@@ -428,6 +429,10 @@ pub struct Hotplug {
     /// How long the guest may take to eject an unplugged DIMM (`DEVICE_DELETED`),
     /// milliseconds.
     pub eject_timeout_ms: u64,
+    /// How long an unplug keeps offlining a DIMM's blocks (trying again after EBUSY)
+    /// before it gives up and gives them back, milliseconds: a DIMM whose memory the guest
+    /// will not release is answered within this, not the whole `timeout_ms`.
+    pub offline_budget_ms: u64,
     /// QMP commands, milliseconds.
     pub qmp_timeout_ms: u64,
     /// Largest QMP message accepted, bytes.
@@ -449,6 +454,7 @@ impl Default for Hotplug {
             timeout_ms: 120_000,
             appear_timeout_ms: 10_000,
             eject_timeout_ms: 10_000,
+            offline_budget_ms: 10_000,
             qmp_timeout_ms: 5_000,
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
@@ -468,6 +474,7 @@ impl Hotplug {
             ("timeout_ms", self.timeout_ms),
             ("appear_timeout_ms", self.appear_timeout_ms),
             ("eject_timeout_ms", self.eject_timeout_ms),
+            ("offline_budget_ms", self.offline_budget_ms),
             ("qmp_timeout_ms", self.qmp_timeout_ms),
             ("max_qmp_bytes", self.max_qmp_bytes as u64),
             ("max_request_ids", self.max_request_ids as u64),
@@ -484,6 +491,7 @@ impl Hotplug {
             ("timeout_ms", self.timeout_ms),
             ("appear_timeout_ms", self.appear_timeout_ms),
             ("eject_timeout_ms", self.eject_timeout_ms),
+            ("offline_budget_ms", self.offline_budget_ms),
             ("qmp_timeout_ms", self.qmp_timeout_ms),
         ] {
             if ms > MAX_HOTPLUG_MS {

@@ -26,6 +26,8 @@ pub struct Capabilities {
     pub zones: bool,
     /// `__org.qga-bridge_set-memory-blocks`.
     pub online_type: bool,
+    /// `__org.qga-bridge_online-when-present`.
+    pub online_when_present: bool,
 }
 
 /// Everything an operation works with, and what it has done so far.
@@ -174,6 +176,7 @@ impl Ctx {
         Ok(Capabilities {
             zones: has(command::GET_MEMORY_ZONES),
             online_type: has(command::SET_MEMORY_BLOCKS_ONLINE_TYPE),
+            online_when_present: has(command::ONLINE_WHEN_PRESENT),
         })
     }
 

@@ -1,12 +1,13 @@
 //! Resize: unplug DIMMs newest first while the VM has more memory than asked, then plug
-//! DIMMs of `hotplug.dimm_size` until it has what was asked.
+//! DIMMs of `hotplug.dimm_size` until it has what was asked — added together and onlined
+//! together, so the guest brings them up in parallel.
 
 use serde::{Deserialize, Serialize};
 
 use super::{
     ctx::{Ctx, with_note},
     layout::Dimm,
-    plug::{PlugArgs, plug},
+    plug::plug_dimms,
     unplug::unplug,
 };
 use crate::{
@@ -125,17 +126,23 @@ async fn shrink(
     Ok(())
 }
 
-/// Plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until the VM has `target`.
+/// Plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until the VM has `target`:
+/// all added first, then onlined together; if any fails, all of them are taken out.
 async fn grow(ctx: &mut Ctx, done: &mut Resized, target: u64) -> Result<(), BridgeError> {
-    while done.to_bytes < target {
-        let args = PlugArgs {
-            size: ctx.settings.dimm_size.min(target - done.to_bytes),
-            node: None,
-            online_type: None,
-        };
-        let dimm = plug(ctx, &args)
-            .await
-            .map_err(|e| with_note(e, &done.progress()))?;
+    let mut sizes = Vec::new();
+    let mut missing = target.saturating_sub(done.to_bytes);
+    while missing > 0 {
+        let size = ctx.settings.dimm_size.min(missing);
+        sizes.push(size);
+        missing -= size;
+    }
+    if sizes.is_empty() {
+        return Ok(());
+    }
+    let dimms = plug_dimms(ctx, &sizes, None, None)
+        .await
+        .map_err(|e| with_note(e, &done.progress()))?;
+    for dimm in dimms {
         done.to_bytes += dimm.device.size;
         done.plugged.push(dimm);
     }

@@ -41,8 +41,21 @@ pub(super) struct OfflineFailed {
 }
 
 impl OfflineFailed {
-    pub(super) fn describe(&self) -> String {
-        let mut parts: Vec<String> = self.refused.iter().map(describe).collect();
+    /// Each refused block with its errno and its zone in `view` (the blocks before
+    /// offlining), and the agent's error.
+    pub(super) fn describe(&self, view: &GuestView) -> String {
+        let mut parts: Vec<String> = self
+            .refused
+            .iter()
+            .map(|r| {
+                let zones = view.block(r.phys_index).valid_zones;
+                if zones.is_empty() {
+                    describe(r)
+                } else {
+                    format!("{} (zone {})", describe(r), zones.join(" "))
+                }
+            })
+            .collect();
         if let Some(e) = &self.error {
             parts.push(e.to_string());
         }
@@ -50,17 +63,20 @@ impl OfflineFailed {
     }
 }
 
-/// Offlines `indices`, trying again after EBUSY/EAGAIN with backoff while time is left
-/// (keeping enough to eject the DIMM or give the blocks back).
+/// Offlines `indices`, trying again after EBUSY/EAGAIN with backoff within
+/// `hotplug.offline_budget_ms` and while time is left (keeping enough to eject the DIMM or
+/// give the blocks back).
 pub(super) async fn offline_all(ctx: &mut Ctx, indices: &[u64]) -> Result<(), OfflineFailed> {
     let start = Instant::now();
     let reserve =
         Duration::from_millis(ctx.settings.eject_timeout_ms + 2 * ctx.settings.qmp_timeout_ms);
+    let budget = start + Duration::from_millis(ctx.settings.offline_budget_ms);
     let until = ctx
         .deadline
         .checked_sub(reserve)
         .unwrap_or(start)
-        .max(start + Duration::from_secs(1));
+        .max(start + Duration::from_secs(1))
+        .min(budget);
     let mut pending = indices.to_vec();
     let mut pause = Backoff::new(Duration::from_millis(100), Duration::from_secs(2));
     let mut tries = 0u32;
@@ -204,7 +220,7 @@ pub async fn unplug(ctx: &mut Ctx, dimm_id: &str) -> Result<Dimm, BridgeError> {
         .filter(|&i| view.block(i).state == BlockState::Online)
         .collect();
     if let Err(failed) = offline_all(ctx, &online).await {
-        let reason = failed.describe();
+        let reason = failed.describe(&view);
         let given_back = reonline(ctx, &view, &online, caps).await;
         let note = match given_back {
             Ok(()) => "the DIMM stays and every block is online again".to_string(),

@@ -32,7 +32,7 @@ use std::{
         Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
-    time::SystemTime,
+    time::{Duration, SystemTime},
 };
 
 use futures::{
@@ -53,6 +53,10 @@ use crate::{
     error::{BridgeError, Outcome},
     metrics::Metrics,
 };
+
+/// Time a call that makes the agent wait ([`Call::agent_wait`]) gets beyond that wait, for
+/// the work after it and the reply's trip.
+const AGENT_WAIT_GRACE: Duration = Duration::from_secs(5);
 
 /// What a session needs of the configuration.
 #[derive(Debug, Clone)]
@@ -361,7 +365,12 @@ impl Session {
     pub async fn call(self: &Arc<Self>, call: Call, deadline: Option<Instant>) -> CallResult {
         let start = Instant::now();
         let name = call.name();
-        let limit = start + self.settings.timeouts.for_command(name);
+        let mut timeout = self.settings.timeouts.for_command(name);
+        if let Some(wait) = call.agent_wait() {
+            // A call that asks the agent to wait gets that wait on top of its own time.
+            timeout = timeout.max(wait + AGENT_WAIT_GRACE);
+        }
+        let limit = start + timeout;
         let deadline = deadline.map_or(limit, |d| d.min(limit));
         let result = if self.settings.coalesce_reads && call.coalescable() {
             self.coalesced(call, deadline).await
