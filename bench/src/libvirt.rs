@@ -1,12 +1,14 @@
-//! The libvirt backend against the bridge's own socket: `Ping` and `GetMemoryBlocks`
-//! (gRPC) through a bridge with `--libvirt qemu:///system` in front of a transient
-//! libvirt domain, and through a bridge with `--vm NAME=SOCKET` in front of a plain QEMU
-//! guest booted as the hotplug section boots one. Same guest image and agent, both under
-//! TCG with one vCPU.
+//! The libvirt backend against the bridge's own socket and against libvirt's own API:
+//! `Ping` and `GetMemoryBlocks` (gRPC) through a bridge with `--libvirt qemu:///system` in
+//! front of a transient libvirt domain; the same agent commands through
+//! `virDomainQemuAgentCommand` called directly from this process on a held domain handle
+//! (what a control plane that talks to libvirt itself pays); and through a bridge with
+//! `--vm NAME=SOCKET` in front of a plain QEMU guest booted as the hotplug section boots
+//! one. Same guest image and agent, both under TCG with one vCPU.
 //!
-//! Both guests and both bridges run for the whole section; the paths take turns (libvirt,
-//! direct, libvirt, direct, ...), one block of sequential calls each, so the machine's
-//! noise falls on both alike. Only a call that fails is an error, never a timing.
+//! Both guests and both bridges run for the whole section; the paths take turns, one
+//! block of sequential calls each, so the machine's noise falls on all alike. Only a call
+//! that fails is an error, never a timing.
 
 use std::{
     process::Command,
@@ -44,15 +46,21 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 enum Path {
     /// Bridge `--libvirt`, libvirt domain, libvirtd's agent connection.
     Libvirt,
+    /// libvirt's API called directly, no bridge.
+    Api,
     /// Bridge `--vm NAME=SOCKET` on the plain QEMU guest's chardev.
     Direct,
 }
 
+/// Every path, in the order they take turns.
+const PATHS: [Path; 3] = [Path::Libvirt, Path::Api, Path::Direct];
+
 impl Path {
     fn label(self) -> &'static str {
         match self {
-            Path::Libvirt => "libvirt (`--libvirt`)",
-            Path::Direct => "direct socket (`--vm`)",
+            Path::Libvirt => "bridge, libvirt (`--libvirt`)",
+            Path::Api => "libvirt's API directly (no bridge)",
+            Path::Direct => "bridge, direct socket (`--vm`)",
         }
     }
 }
@@ -70,6 +78,55 @@ impl Method {
             Method::Ping => "Ping",
             Method::GetMemoryBlocks => "GetMemoryBlocks",
         }
+    }
+
+    /// The agent command behind the gRPC call.
+    fn qga(self) -> &'static str {
+        match self {
+            Method::Ping => r#"{"execute":"guest-ping"}"#,
+            Method::GetMemoryBlocks => r#"{"execute":"guest-get-memory-blocks"}"#,
+        }
+    }
+}
+
+/// libvirt's API on a domain handle held for the whole section, from the blocking pool.
+struct Api {
+    domain: virt::domain::Domain,
+    /// Keeps the connection open as long as the handle.
+    _conn: virt::connect::Connect,
+}
+
+impl Api {
+    fn open(name: &str) -> anyhow::Result<Self> {
+        let conn = virt::connect::Connect::open(Some(URI)).context("virConnectOpen")?;
+        let domain = conn
+            .lookup_domain_by_name(name)
+            .context("virDomainLookupByName")?;
+        Ok(Self {
+            domain,
+            _conn: conn,
+        })
+    }
+
+    /// `warm` unrecorded calls, then `n` timed ones, sequentially, on one blocking thread.
+    async fn block(self, method: Method, warm: usize, n: usize) -> anyhow::Result<(Self, Samples)> {
+        tokio::task::spawn_blocking(move || {
+            let mut s = Samples::with_capacity(n);
+            for i in 0..warm + n {
+                let t = Instant::now();
+                let reply = self
+                    .domain
+                    .qemu_agent_command(method.qga(), 10, 0)
+                    .with_context(|| format!("{} through libvirt's API", method.label()))?;
+                let d = t.elapsed();
+                ensure!(reply.contains("\"return\""), "no return value: {reply}");
+                if i >= warm {
+                    s.push(d);
+                }
+            }
+            Ok((self, s))
+        })
+        .await?
     }
 }
 
@@ -243,26 +300,33 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     drop(guest);
     drop(domain);
 
-    report.heading("libvirt backend against the direct socket");
+    report.heading("libvirt backend against libvirt's API and the direct socket");
     report.para(&format!(
         "The same gRPC calls, `Ping` and `GetMemoryBlocks` (GuestAgent / GuestMemory), through \
          two release bridges on this host, each in front of its own guest: **libvirt**, a bridge \
          started with `--libvirt {URI}` in front of a transient libvirt domain, so each call is \
          `virDomainQemuAgentCommand` and libvirtd holds the agent's socket; **direct socket**, \
          a bridge started with `--vm {DIRECT_VM}=SOCKET` in front of a plain QEMU guest (as the \
-         hotplug section boots it) whose agent chardev the bridge holds itself. Both guests: \
+         hotplug section boots it) whose agent chardev the bridge holds itself; and **libvirt's \
+         API directly**: the same agent commands (`guest-ping`, `guest-get-memory-blocks`) \
+         through `virDomainQemuAgentCommand` from the benchmark process itself (the `virt` \
+         crate, one connection and one domain handle held for the whole section, timeout \
+         10 s), which is what a control plane talking to libvirt itself pays; its time is \
+         the call's, without encoding a gRPC reply. Both guests: \
          QEMU {qemu} under TCG (no KVM; `-cpu max`, 1 vCPU, 512 MiB boot memory, 4 DIMM slots), \
          Debian's cloud kernel {kernel}, busybox init and our `qga-agent` (the `qga-e2e` \
          image; the domain's XML mirrors the plain guest's command line). libvirt \
          {libvirt} (`virsh -c {URI} version`; hypervisor {hypervisor}). Both guests and both bridges run \
          during the whole section; {rounds} round(s), and in each round, per call, the \
-         libvirt path then the direct path run a block of {warm} warm-up calls (not counted) \
+         bridge's libvirt path, libvirt's API, then the direct path run a block of {warm} warm-up calls (not counted) \
          and {calls} timed ones, sequential on one HTTP/2 connection per bridge (no \
          concurrency, so no read coalescing); the other guest idles meanwhile. Latency is the \
          tonic client's round trip. The guests have {} (libvirt) and {} (direct) memory \
-         blocks. Per call the libvirt path adds, beyond the direct one, a domain lookup, \
-         libvirt's own RPC hop (bridge to libvirtd over its unix socket, and back) and the \
-         domain's agent job lock in libvirtd (libvirt serialises agent commands per domain).",
+         blocks. Per call the libvirt path adds, beyond the direct one, libvirt's own RPC hop \
+         (bridge to libvirtd over its unix socket, and back) and the domain's agent job lock \
+         in libvirtd (libvirt serialises agent commands per domain); the bridge keeps each \
+         running domain's handle (dropped on its lifecycle events), so no domain lookup is \
+         made per call.",
         blocks.0, blocks.1
     ));
     report.table(&[
@@ -272,7 +336,8 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "p90",
         "p99",
         "p50 per round",
-        "libvirt / direct (p50)",
+        "vs libvirt's API (p50)",
+        "vs direct socket (p50)",
     ]);
     for method in [Method::Ping, Method::GetMemoryBlocks] {
         let get = |path: Path| {
@@ -281,20 +346,26 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                 .find(|(m, p, _)| *m == method && *p == path)
                 .map(|(_, _, f)| f)
         };
-        let (Some(lv), Some(direct)) = (get(Path::Libvirt), get(Path::Direct)) else {
+        let (Some(lv), Some(api), Some(direct)) =
+            (get(Path::Libvirt), get(Path::Api), get(Path::Direct))
+        else {
             bail!("no figures for {}", method.label());
         };
-        for (path, f) in [(Path::Libvirt, lv), (Path::Direct, direct)] {
+        let vs = |f: &Figures, base: &Figures| {
+            let (a, b) = (f.all.p50(), base.all.p50());
+            let sign = if a >= b { "+" } else { "-" };
+            format!("{} ({sign}{})", ratio(a, b), fmt_duration(a.abs_diff(b)))
+        };
+        for (path, f) in [
+            (Path::Libvirt, lv),
+            (Path::Api, api),
+            (Path::Direct, direct),
+        ] {
             let per_round: Vec<String> = f.rounds.iter().map(|d| fmt_duration(*d)).collect();
-            let vs = if path == Path::Libvirt {
-                let added = lv.all.p50().saturating_sub(direct.all.p50());
-                format!(
-                    "{} (+{})",
-                    ratio(lv.all.p50(), direct.all.p50()),
-                    fmt_duration(added)
-                )
-            } else {
-                "-".into()
+            let (vs_api, vs_direct) = match path {
+                Path::Libvirt => (vs(f, api), vs(f, direct)),
+                Path::Api => ("-".into(), vs(f, direct)),
+                Path::Direct => ("-".into(), "-".into()),
             };
             report.row(&[
                 method.label().to_string(),
@@ -303,7 +374,8 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                 fmt_duration(f.all.quantile(0.90)),
                 fmt_duration(f.all.p99()),
                 per_round.join(" / "),
-                vs,
+                vs_api,
+                vs_direct,
             ]);
         }
     }
@@ -344,6 +416,8 @@ async fn measure(
     .await?;
     lv.until_ready().await?;
     direct.until_ready().await?;
+    let name = domain.name().to_string();
+    let mut api = Some(tokio::task::spawn_blocking(move || Api::open(&name)).await??);
     let blocks = (
         lv.call(Method::GetMemoryBlocks).await?,
         direct.call(Method::GetMemoryBlocks).await?,
@@ -351,27 +425,35 @@ async fn measure(
 
     let mut figures: Vec<(Method, Path, Figures)> = Vec::new();
     for method in [Method::Ping, Method::GetMemoryBlocks] {
-        for path in [Path::Libvirt, Path::Direct] {
+        for path in PATHS {
             figures.push((method, path, Figures::default()));
         }
     }
     for round in 1..=rounds {
         for method in [Method::Ping, Method::GetMemoryBlocks] {
-            for target in [&mut lv, &mut direct] {
-                let s = target
-                    .block(method, warm, calls)
-                    .await
-                    .with_context(|| format!("round {round}"))?;
+            for path in PATHS {
+                let s = match path {
+                    Path::Libvirt => lv.block(method, warm, calls).await,
+                    Path::Direct => direct.block(method, warm, calls).await,
+                    Path::Api => match api.take() {
+                        Some(a) => a.block(method, warm, calls).await.map(|(a, s)| {
+                            api = Some(a);
+                            s
+                        }),
+                        None => Err(anyhow::anyhow!("the libvirt API handle was lost")),
+                    },
+                }
+                .with_context(|| format!("round {round}"))?;
                 eprintln!(
                     "bench: libvirt round {round}: {} via {}: p50 {}, p99 {}",
                     method.label(),
-                    target.path.label(),
+                    path.label(),
                     fmt_duration(s.p50()),
                     fmt_duration(s.p99())
                 );
                 if let Some((_, _, f)) = figures
                     .iter_mut()
-                    .find(|(m, p, _)| *m == method && *p == target.path)
+                    .find(|(m, p, _)| *m == method && *p == path)
                 {
                     f.rounds.push(s.p50());
                     f.all.extend(&s);

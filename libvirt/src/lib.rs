@@ -67,6 +67,25 @@ fn lookup(c: &Connect, dom: &Dom) -> Result<Domain, LibvirtError> {
     }
 }
 
+/// Domain handles by name, with the run each was looked up for.
+type Handles = Arc<Mutex<HashMap<String, (u32, Domain)>>>;
+
+/// `dom`'s handle: the one kept for this run, or looked up (and kept). A call needs no
+/// lookup round trip of its own; a handle is dropped when its domain starts or stops and
+/// when the connection closes, so a call for a run that ended looks up again and fails as
+/// not running. (Between a domain's restart and its lifecycle event — milliseconds — a
+/// kept handle would reach the new run; its agent is not up for seconds after a start.)
+fn handle(handles: &Handles, c: &Connect, dom: &Dom) -> Result<Domain, LibvirtError> {
+    if let Some((id, d)) = lock(handles).get(&dom.name)
+        && *id == dom.id
+    {
+        return Ok(d.clone());
+    }
+    let d = lookup(c, dom)?;
+    lock(handles).insert(dom.name.clone(), (dom.id, d.clone()));
+    Ok(d)
+}
+
 /// How long libvirt itself may hold an agent command beyond its timeout: up to 30 s for
 /// the domain's job lock and 5 s for its own resync with an agent that went silent.
 pub const LIBVIRT_OWN_WAIT: Duration = Duration::from_secs(36);
@@ -129,6 +148,8 @@ pub struct Libvirt {
     /// Per domain: held while an agent command runs in libvirt, even after we stopped
     /// waiting for it, so that a silent agent ties up one blocking thread, not many.
     agent_slots: Mutex<HashMap<String, Arc<Semaphore>>>,
+    /// Handles of running domains (see [`handle`]).
+    handles: Handles,
     /// An open that outlived its timeout: waited for, never started twice.
     opening: tokio::sync::Mutex<Option<JoinHandle<Result<events::Registered, LibvirtError>>>>,
 }
@@ -150,8 +171,10 @@ impl Libvirt {
             lost: Arc::new(Notify::new()),
             connected,
             agent_slots: Mutex::new(HashMap::new()),
+            handles: Arc::default(),
             opening: tokio::sync::Mutex::new(None),
         });
+        tokio::spawn(forget_handles(this.handles.clone(), this.subscribe()));
         tokio::spawn(this.clone().supervise(stop));
         Ok(this)
     }
@@ -261,6 +284,8 @@ impl Libvirt {
         let Some(registered) = lock(&self.conn).take() else {
             return;
         };
+        // Handles of the closed connection are of no use on the next one.
+        lock(&self.handles).clear();
         tracing::warn!(uri = %self.uri, reason, "libvirt disconnected");
         self.connected.send_replace(false);
         let _ = self.events.send(Event::Disconnected {
@@ -349,10 +374,10 @@ impl Libvirt {
         let seconds = i32::try_from(timeout.as_millis().div_ceil(1000))
             .unwrap_or(i32::MAX)
             .max(1);
-        let dom = dom.clone();
+        let (dom, handles) = (dom.clone(), self.handles.clone());
         self.blocking(deadline, move |c| {
             let _in_libvirt = permit;
-            Ok(lookup(c, &dom)?.qemu_agent_command(&command, seconds, 0)?)
+            Ok(handle(&handles, c, &dom)?.qemu_agent_command(&command, seconds, 0)?)
         })
         .await
     }
@@ -360,13 +385,16 @@ impl Libvirt {
     /// Forgets a domain's agent slot (it stopped).
     pub fn forget(&self, name: &str) {
         lock(&self.agent_slots).remove(name);
+        lock(&self.handles).remove(name);
     }
 
     /// The domain's live XML.
     pub async fn domain_xml(&self, dom: &Dom, deadline: Instant) -> Result<String, LibvirtError> {
-        let dom = dom.clone();
-        self.blocking(deadline, move |c| Ok(lookup(c, &dom)?.xml_desc(0)?))
-            .await
+        let (dom, handles) = (dom.clone(), self.handles.clone());
+        self.blocking(deadline, move |c| {
+            Ok(handle(&handles, c, &dom)?.xml_desc(0)?)
+        })
+        .await
     }
 
     /// Attaches the device described by `xml` to the running domain (live only: the
@@ -399,5 +427,21 @@ impl Libvirt {
             events::detach_alias(&lookup(c, &dom)?, &alias, sys::VIR_DOMAIN_AFFECT_LIVE)
         })
         .await
+    }
+}
+
+/// Drops a domain's kept handle as soon as it starts or stops, and all of them when the
+/// connection closes or opens; when events were missed (a lagging receiver), all of them.
+async fn forget_handles(handles: Handles, mut events: broadcast::Receiver<Event>) {
+    loop {
+        match events.recv().await {
+            Ok(Event::Started { domain, .. } | Event::Stopped { domain }) => {
+                lock(&handles).remove(&domain);
+            }
+            Ok(Event::Connected | Event::Disconnected { .. })
+            | Err(broadcast::error::RecvError::Lagged(_)) => lock(&handles).clear(),
+            Ok(_) => {}
+            Err(broadcast::error::RecvError::Closed) => break,
+        }
     }
 }
