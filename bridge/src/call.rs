@@ -11,9 +11,9 @@
 use std::collections::{BTreeMap, HashSet};
 
 use qga_wire::schema::{
-    GuestAgentInfo, GuestMemoryBlock, GuestMemoryBlockInfo, GuestMemoryBlockResponse,
-    GuestMemoryOnlineType, GuestMemoryZones, GuestOnlineWhenPresentArgs, GuestSetMemoryBlocksArgs,
-    command,
+    GuestAgentInfo, GuestAutoOnline, GuestMemoryBlock, GuestMemoryBlockInfo,
+    GuestMemoryBlockResponse, GuestMemoryOnlineType, GuestMemoryZones, GuestOnlineWhenPresentArgs,
+    GuestSetMemoryBlocksArgs, command,
 };
 use serde::{
     Deserialize, Serialize,
@@ -48,6 +48,9 @@ pub enum Call {
     /// `__org.qga-bridge_online-when-present` (our agent's extension): waits in the guest
     /// for a range of blocks to appear and onlines each as it does; one result per block.
     OnlineWhenPresent(GuestOnlineWhenPresentArgs),
+    /// `__org.qga-bridge_set-auto-online` (our agent's extension): the guest kernel's
+    /// `auto_online_blocks`, so that it onlines memory into the chosen zone as it adds it.
+    SetAutoOnline(GuestAutoOnline),
 }
 
 /// The QGA names of the standard calls, which are also JSON-RPC methods. The extensions
@@ -61,10 +64,11 @@ pub const NAMES: [&str; 5] = [
 ];
 
 /// Our agent's extensions, which memory hotplug sends.
-pub const EXTENSION_NAMES: [&str; 3] = [
+pub const EXTENSION_NAMES: [&str; 4] = [
     command::GET_MEMORY_ZONES,
     command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
     command::ONLINE_WHEN_PRESENT,
+    command::SET_AUTO_ONLINE,
 ];
 
 /// The memory hotplug service's method names: JSON-RPC methods, and the method of their
@@ -210,6 +214,8 @@ pub enum Reply {
     SetMemoryBlocks(Vec<GuestMemoryBlockResponse>),
     /// [`Call::GetMemoryZones`]
     MemoryZones(GuestMemoryZones),
+    /// [`Call::SetAutoOnline`]: the setting as the kernel reads it back.
+    AutoOnline(GuestAutoOnline),
 }
 
 /// A struct decoded from a JSON object only. Derived `Deserialize` impls also take a JSON
@@ -266,6 +272,8 @@ pub enum Arguments<'a> {
     },
     /// `{"first": N, "count": N, "online-type"?: ..., "timeout-ms": N}`.
     WhenPresent(&'a GuestOnlineWhenPresentArgs),
+    /// `{"auto-online-blocks": WORD}`.
+    AutoOnline(&'a GuestAutoOnline),
 }
 
 /// A call's request on the wire.
@@ -320,6 +328,7 @@ impl Call {
             Self::GetMemoryZones => command::GET_MEMORY_ZONES,
             Self::SetMemoryBlocksOnlineType(..) => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             Self::OnlineWhenPresent(_) => command::ONLINE_WHEN_PRESENT,
+            Self::SetAutoOnline(_) => command::SET_AUTO_ONLINE,
         }
     }
 
@@ -339,6 +348,7 @@ impl Call {
             Self::SetMemoryBlocks(_)
                 | Self::SetMemoryBlocksOnlineType(..)
                 | Self::OnlineWhenPresent(_)
+                | Self::SetAutoOnline(_)
         )
     }
 
@@ -354,7 +364,8 @@ impl Call {
             | Self::GetMemoryZones => true,
             Self::SetMemoryBlocks(_)
             | Self::SetMemoryBlocksOnlineType(..)
-            | Self::OnlineWhenPresent(_) => false,
+            | Self::OnlineWhenPresent(_)
+            | Self::SetAutoOnline(_) => false,
         }
     }
 
@@ -374,6 +385,7 @@ impl Call {
                 })
             }
             Self::OnlineWhenPresent(args) => Some(Arguments::WhenPresent(args)),
+            Self::SetAutoOnline(args) => Some(Arguments::AutoOnline(args)),
             _ => None,
         }
     }
@@ -406,6 +418,7 @@ impl Call {
                 check_range(args, &results)?;
                 Reply::SetMemoryBlocks(results)
             }
+            Self::SetAutoOnline(_) => Reply::AutoOnline(parse(value)?),
         })
     }
 }

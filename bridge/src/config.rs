@@ -42,6 +42,7 @@
 //! appear_timeout_ms = 10000             # a new DIMM's blocks show up in the guest
 //! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
 //! offline_budget_ms = 10000             # offlining a DIMM's blocks (EBUSY retries) before giving up
+//! auto_online = "movable"               # guest's auto_online_blocks kept online_movable; "keep": untouched
 //! max_request_ids = 256                 # remembered request-ids per VM
 //! request_id_ttl_s = 86400              # and for how long
 //! restore_interval_ms = 2000            # re-online plugged DIMMs' offline blocks (guest reboots)
@@ -429,6 +430,8 @@ pub struct Hotplug {
     /// How long the guest may take to eject an unplugged DIMM (`DEVICE_DELETED`),
     /// milliseconds.
     pub eject_timeout_ms: u64,
+    /// What the bridge does with the guest kernel's `auto_online_blocks` (our agent only).
+    pub auto_online: AutoOnline,
     /// How long an unplug keeps offlining a DIMM's blocks (trying again after EBUSY)
     /// before it gives up and gives them back, milliseconds: a DIMM whose memory the guest
     /// will not release is answered within this, not the whole `timeout_ms`.
@@ -455,6 +458,7 @@ impl Default for Hotplug {
             appear_timeout_ms: 10_000,
             eject_timeout_ms: 10_000,
             offline_budget_ms: 10_000,
+            auto_online: AutoOnline::Movable,
             qmp_timeout_ms: 5_000,
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
@@ -462,6 +466,18 @@ impl Default for Hotplug {
             restore_interval_ms: 2_000,
         }
     }
+}
+
+/// What the bridge does with a guest kernel's `auto_online_blocks` (`hotplug.auto_online`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum AutoOnline {
+    /// Keep it at `online_movable`, so the kernel onlines new memory into ZONE_MOVABLE
+    /// itself as it adds it (as fast as memory hotplug gets); a plug asking for another
+    /// online type sets it to that type for the plug, then back.
+    Movable,
+    /// Never change it: the bridge onlines new blocks as they appear.
+    Keep,
 }
 
 /// The longest hotplug timeout: one day.

@@ -124,6 +124,23 @@ pub fn online_when_present(args: &Args) -> Result<(u64, u64, Option<OnlineType>,
     Ok((first, count, online_type, timeout_ms))
 }
 
+/// `__org.qga-bridge_set-auto-online`: `{"auto-online-blocks": "offline" | "online" |
+/// "online_kernel" | "online_movable"}`, the word to write.
+pub fn auto_online(args: &Args) -> Result<&'static str, QgaError> {
+    const NAME: &str = "auto-online-blocks";
+    let map = args.as_ref().ok_or_else(|| missing(NAME))?;
+    let word = map.get(NAME).ok_or_else(|| missing(NAME))?;
+    let word = word.as_str().ok_or_else(|| invalid_type(NAME, "string"))?;
+    let word = ["offline", "online", "online_kernel", "online_movable"]
+        .into_iter()
+        .find(|w| *w == word)
+        .ok_or_else(|| {
+            QgaError::generic(format!("Parameter '{NAME}' does not accept value '{word}'"))
+        })?;
+    reject_unknown(map, &[NAME], "")?;
+    Ok(word)
+}
+
 /// An `online-type` member's value, worded as QAPI's input visitor words a bad enum value.
 fn online_type(word: &Value) -> Result<OnlineType, QgaError> {
     let word = word
@@ -352,5 +369,29 @@ mod tests {
             .ok(),
             Some((32, 4, Some(OnlineType::OnlineKernel), 0))
         );
+    }
+
+    #[test]
+    fn auto_online_rules() {
+        let parse = |v: Value| auto_online(&args(v));
+        assert_eq!(
+            desc(auto_online(&None)),
+            "Parameter 'auto-online-blocks' is missing"
+        );
+        assert_eq!(
+            desc(parse(json!({"auto-online-blocks": 1}))),
+            "Invalid parameter type for 'auto-online-blocks', expected: string"
+        );
+        assert_eq!(
+            desc(parse(json!({"auto-online-blocks": "movable"}))),
+            "Parameter 'auto-online-blocks' does not accept value 'movable'"
+        );
+        assert_eq!(
+            desc(parse(json!({"auto-online-blocks": "offline", "x": 1}))),
+            "Parameter 'x' is unexpected"
+        );
+        for word in ["offline", "online", "online_kernel", "online_movable"] {
+            assert_eq!(parse(json!({"auto-online-blocks": word})).ok(), Some(word));
+        }
     }
 }

@@ -13,7 +13,9 @@ use std::{collections::BTreeSet, time::Duration};
 use qga_wire::{
     FrameError, QgaError, Request,
     codec::{DELIMITER, Frame},
-    schema::{GuestAgentCommandInfo, GuestAgentInfo, GuestMemoryBlockInfo, command},
+    schema::{
+        GuestAgentCommandInfo, GuestAgentInfo, GuestAutoOnline, GuestMemoryBlockInfo, command,
+    },
 };
 use serde::Serialize;
 use serde_json::{Map, Value};
@@ -48,12 +50,14 @@ pub enum CommandName {
     SetMemoryBlocksOnlineType,
     /// `__org.qga-bridge_online-when-present` (extension).
     OnlineWhenPresent,
+    /// `__org.qga-bridge_set-auto-online` (extension).
+    SetAutoOnline,
 }
 
 impl CommandName {
     /// Every command, in the order `guest-info` and `-b help` list them: QGA's own first,
     /// then the downstream extensions.
-    pub const ALL: [Self; 10] = [
+    pub const ALL: [Self; 11] = [
         Self::SyncDelimited,
         Self::Sync,
         Self::Ping,
@@ -64,6 +68,7 @@ impl CommandName {
         Self::GetMemoryZones,
         Self::SetMemoryBlocksOnlineType,
         Self::OnlineWhenPresent,
+        Self::SetAutoOnline,
     ];
 
     /// The name on the wire.
@@ -79,6 +84,7 @@ impl CommandName {
             Self::GetMemoryZones => command::GET_MEMORY_ZONES,
             Self::SetMemoryBlocksOnlineType => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             Self::OnlineWhenPresent => command::ONLINE_WHEN_PRESENT,
+            Self::SetAutoOnline => command::SET_AUTO_ONLINE,
         }
     }
 
@@ -87,7 +93,10 @@ impl CommandName {
     pub fn is_extension(self) -> bool {
         matches!(
             self,
-            Self::GetMemoryZones | Self::SetMemoryBlocksOnlineType | Self::OnlineWhenPresent
+            Self::GetMemoryZones
+                | Self::SetMemoryBlocksOnlineType
+                | Self::OnlineWhenPresent
+                | Self::SetAutoOnline
         )
     }
 
@@ -135,6 +144,8 @@ pub enum Command {
         /// How long to wait for blocks to appear, milliseconds.
         timeout_ms: u64,
     },
+    /// `__org.qga-bridge_set-auto-online` with the word to write.
+    SetAutoOnline(&'static str),
 }
 
 impl Command {
@@ -173,6 +184,7 @@ impl Command {
                     online_type,
                 }
             }
+            CommandName::SetAutoOnline => Self::SetAutoOnline(args::auto_online(args)?),
             CommandName::OnlineWhenPresent => {
                 let (first, count, online_type, timeout_ms) = args::online_when_present(args)?;
                 Self::OnlineWhenPresent {
@@ -356,6 +368,10 @@ impl Agent {
                 let results =
                     online_when_present(&self.tree, &req, self.writer.as_ref(), events.as_mut());
                 encode_ok(out, &results, id);
+            }
+            Command::SetAutoOnline(word) => {
+                let auto_online_blocks = self.tree.set_auto_online(word).map_err(generic)?;
+                encode_ok(out, &GuestAutoOnline { auto_online_blocks }, id);
             }
         }
         Ok(())
@@ -672,6 +688,46 @@ mod tests {
         }
 
         #[test]
+        fn set_auto_online_writes_the_word_and_reads_it_back() {
+            let tree = FakeSysfs::with_blocks(1, "online");
+            write(
+                &tree,
+                "devices/system/memory/auto_online_blocks",
+                "offline\n",
+            );
+            let agent = agent(&tree, CommandFilter::default());
+            let set = command::SET_AUTO_ONLINE;
+            assert_eq!(
+                call(
+                    &agent,
+                    set,
+                    Some(json!({"auto-online-blocks": "online_movable"}))
+                ),
+                json!({"return": {"auto-online-blocks": "online_movable"}})
+            );
+            assert_eq!(
+                call(&agent, ZONES, None)["return"]["auto-online-blocks"],
+                "online_movable"
+            );
+            assert_eq!(
+                call(&agent, set, Some(json!({"auto-online-blocks": "movable"}))),
+                json!({"error": {"class": "GenericError",
+                    "desc": "Parameter 'auto-online-blocks' does not accept value 'movable'"}})
+            );
+            // A kernel without the file (no memory hotplug): the write's error.
+            fs::remove_file(tree.memory_dir().join("auto_online_blocks")).expect("rm");
+            fs::create_dir(tree.memory_dir().join("auto_online_blocks")).expect("mkdir");
+            let reply = call(&agent, set, Some(json!({"auto-online-blocks": "offline"})));
+            assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+            assert!(
+                reply["error"]["desc"]
+                    .as_str()
+                    .is_some_and(|d| d.starts_with("write sysfs file \"auto_online_blocks\"")),
+                "{reply}"
+            );
+        }
+
+        #[test]
         fn listed_in_guest_info_after_the_standard_commands() {
             let tree = FakeSysfs::with_blocks(1, "online");
             let reply = call(&agent(&tree, CommandFilter::default()), "guest-info", None);
@@ -683,8 +739,13 @@ mod tests {
                 .collect();
             assert_eq!(names.len(), CommandName::ALL.len());
             assert_eq!(
-                &names[names.len() - 3..],
-                [ZONES, SET, command::ONLINE_WHEN_PRESENT]
+                &names[names.len() - 4..],
+                [
+                    ZONES,
+                    SET,
+                    command::ONLINE_WHEN_PRESENT,
+                    command::SET_AUTO_ONLINE
+                ]
             );
             for c in CommandName::ALL {
                 assert_eq!(c.is_extension(), c.name().starts_with("__org.qga-bridge_"));

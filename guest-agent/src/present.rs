@@ -69,7 +69,11 @@ pub fn online_when_present(
             .map(|&i| (i, true))
             .collect();
         if !tries.is_empty() {
-            for r in tree.set_blocks(&tries, req.online_type, writer) {
+            for mut r in tree.set_blocks(&tries, req.online_type, writer) {
+                if raced(tree, &r) {
+                    r.response = GuestMemoryBlockResponseType::Success;
+                    r.error_code = None;
+                }
                 let s = &mut results[slot(req, r.phys_index)];
                 if r.response != GuestMemoryBlockResponseType::NotFound && s.is_none() {
                     *s = Some(r);
@@ -97,6 +101,16 @@ pub fn online_when_present(
             })
         })
         .collect()
+}
+
+/// Whether a failed online lost a race with the kernel onlining the block itself
+/// (`auto_online_blocks`): it read offline, the kernel onlined it, and the write of an
+/// online word to an online block fails with EINVAL. The block is online: that is
+/// success.
+fn raced(tree: &MemoryTree, r: &GuestMemoryBlockResponse) -> bool {
+    r.response == GuestMemoryBlockResponseType::OperationFailed
+        && r.error_code == Some(i64::from(rustix::io::Errno::INVAL.raw_os_error()))
+        && tree.is_online(r.phys_index) == Some(true)
 }
 
 /// Where block `i` (in the range) keeps its result.
@@ -276,5 +290,31 @@ mod tests {
             events.waits, 0,
             "a refusal is an answer, not a reason to wait"
         );
+    }
+
+    #[test]
+    fn losing_a_race_with_the_kernels_own_onlining_is_success() {
+        /// The kernel onlines the block itself between the agent's read and its write,
+        /// which then fails with EINVAL (an online word to an online block).
+        #[derive(Debug)]
+        struct KernelFirst;
+        impl StateWriter for KernelFirst {
+            fn write_state(
+                &self,
+                block: std::os::fd::BorrowedFd<'_>,
+                _index: u64,
+                _value: &str,
+            ) -> Result<(), rustix::io::Errno> {
+                KernelWriter.write_state(block, 0, "online_movable")?;
+                Err(rustix::io::Errno::INVAL)
+            }
+        }
+        let tree = FakeSysfs::with_blocks(1, "online");
+        tree.block(6, Some("offline"), Some("1"));
+        let mem = MemoryTree::new(tree.root());
+        let mut events = Script::new(Vec::new());
+        let results = online_when_present(&mem, &req(6, 1), &KernelFirst, &mut events);
+        assert_eq!(summary(&results), [(6, "success")]);
+        assert_eq!(results[0].error_code, None);
     }
 }

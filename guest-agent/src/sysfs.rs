@@ -152,6 +152,13 @@ pub enum SysfsError {
         /// How.
         err: ReadError,
     },
+    /// Writing a setting (`auto_online_blocks`) failed.
+    Write {
+        /// The file's name.
+        file: &'static str,
+        /// Why.
+        errno: Errno,
+    },
     /// The memory directory holds no block at all.
     NoBlocks,
     /// A scanner thread panicked (a bug, not an OS error).
@@ -170,6 +177,9 @@ impl std::fmt::Display for SysfsError {
                 ReadError::Pread(e) => write!(f, "pread sysfs file \"{file}\": {}", strerror(*e)),
                 ReadError::Eof => write!(f, "pread sysfs file \"{file}\": unexpected EOF"),
             },
+            Self::Write { file, errno } => {
+                write!(f, "write sysfs file \"{file}\": {}", strerror(*errno))
+            }
             Self::NoBlocks => f.write_str("guest reported zero memory blocks!"),
             Self::ScanPanicked => f.write_str("internal error: memory block scan failed"),
         }
@@ -327,6 +337,46 @@ impl MemoryTree {
                 .and_then(|t| t.trim().parse().ok());
         }
         Ok(zones)
+    }
+
+    /// Whether block `index` is online now (`None`: it cannot be read).
+    pub fn is_online(&self, index: u64) -> Option<bool> {
+        let dirfd = self.open_dir().ok()?;
+        read_online(dirfd.as_fd(), index, &mut NameBuf::new())
+            .ok()
+            .map(|o| o.unwrap_or(true))
+    }
+
+    /// Writes `word` to `auto_online_blocks` (one `write`, as the kernel ABI expects) and
+    /// returns what the kernel reads back.
+    pub fn set_auto_online(&self, word: &str) -> Result<String, SysfsError> {
+        let dirfd = self.open_dir().map_err(|errno| SysfsError::OpenDir {
+            name: String::new(),
+            errno,
+        })?;
+        let write = || -> Result<(), Errno> {
+            let fd = rustix::fs::openat(
+                &dirfd,
+                "auto_online_blocks",
+                OFlags::WRONLY | OFlags::TRUNC | OFlags::CLOEXEC,
+                Mode::empty(),
+            )?;
+            if rustix::io::write(&fd, word.as_bytes())? != word.len() {
+                return Err(Errno::IO);
+            }
+            Ok(())
+        };
+        write().map_err(|errno| SysfsError::Write {
+            file: "auto_online_blocks",
+            errno,
+        })?;
+        let mut buf = [0u8; WORD_BUF];
+        read_attr(dirfd.as_fd(), "auto_online_blocks", &mut buf)
+            .map(|t| String::from_utf8_lossy(t).trim().to_string())
+            .map_err(|err| SysfsError::Read {
+                file: "auto_online_blocks",
+                err,
+            })
     }
 
     /// Brings each requested block online or offline, in order, one result per entry.

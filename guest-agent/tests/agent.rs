@@ -565,7 +565,15 @@ fn zone_extensions() {
         .iter()
         .filter_map(|c| c["name"].as_str())
         .collect();
-    assert_eq!(&names[names.len() - 2..], [ZONES, SET]);
+    assert_eq!(
+        &names[names.len() - 4..],
+        [
+            ZONES,
+            SET,
+            "__org.qga-bridge_online-when-present",
+            "__org.qga-bridge_set-auto-online"
+        ]
+    );
     let (_agent2, mut c2) = start(&tree, &["-b", &format!("{ZONES},{SET}")]);
     for name in [ZONES, SET] {
         assert_eq!(
@@ -581,7 +589,15 @@ fn zone_extensions() {
         .output()
         .expect("run");
     let list = String::from_utf8_lossy(&out.stdout);
-    assert!(list.lines().rev().take(2).eq([SET, ZONES]), "{list}");
+    assert!(
+        list.lines().rev().take(4).eq([
+            "__org.qga-bridge_set-auto-online",
+            "__org.qga-bridge_online-when-present",
+            SET,
+            ZONES
+        ]),
+        "{list}"
+    );
 }
 
 #[test]

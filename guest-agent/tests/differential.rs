@@ -209,7 +209,7 @@ fn queries_and_housekeeping_match() {
             .as_str()
             .is_some_and(|n| n.starts_with("__org.qga-bridge_"))
     });
-    assert_eq!(extensions.len(), 2, "{oi}");
+    assert_eq!(extensions.len(), 4, "{oi}");
     for cmd in extensions {
         let name = cmd["name"].as_str().unwrap_or_default();
         let reply = r.execute(name, None).expect("reply");

@@ -208,18 +208,26 @@ async fn plug_unplug_and_resize_through_the_bridge() {
         || format!("no warnings when our agent onlines movable: {plugged}"),
     );
     check_movable_dimm(&guest, &plugged["dimm"], block_size);
+    // The guest booted with auto_online_blocks = offline: the bridge has its kernel
+    // online movable by itself from now on, then the agent confirms in one call.
     let names = step_names(&plugged["steps"]);
     check(
         &guest,
-        names == ["object-add", "device_add", "online"]
-            && plugged["steps"][2]["detail"]
+        names == ["auto-online", "object-add", "device_add", "online"]
+            && plugged["steps"][0]["detail"] == "offline -> online_movable"
+            && plugged["steps"][3]["detail"]
                 .as_str()
                 .is_some_and(|d| d.contains("as it appeared")),
-        || format!("our agent onlines the blocks as they appear, in one call: {plugged}"),
+        || format!("movable auto-onlining, then one online call: {plugged}"),
     );
 
     let after = layout(&guest, &c).await;
     eprintln!("e2e: layout after plug: {after}");
+    check(
+        &guest,
+        after["auto-online-blocks"] == "online_movable",
+        || format!("the guest kernel onlines movable now: {after}"),
+    );
     let dimms = scenario::layout_dimms(&after);
     check(
         &guest,
@@ -492,6 +500,19 @@ async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
         .unwrap_or_default()
         .to_string();
     eprintln!("e2e: plain-online DIMM: {}", plugged["dimm"]);
+    // The kernel onlined it as asked, then went back to onlining movable.
+    let names = step_names(&plugged["steps"]);
+    check(
+        &guest,
+        names.first() == Some(&"auto-online")
+            && names.last() == Some(&"auto-online")
+            && plugged["steps"][0]["detail"] == "offline -> online",
+        || format!("auto_online_blocks online for the plug, then back: {plugged}"),
+    );
+    let policy = layout(&guest, &c).await["auto-online-blocks"].clone();
+    check(&guest, policy == "online_movable", || {
+        format!("auto_online_blocks back at online_movable: {policy}")
+    });
     // With zones known, `removable` says whether every block is in Movable.
     let dimm = &plugged["dimm"];
     let all_movable = dimm["blocks"]

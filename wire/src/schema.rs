@@ -4,15 +4,16 @@
 //! mixed spelling of `guest-info`: `supported_commands` has an underscore while
 //! `success-response` has a hyphen; both are what the reference agent sends.
 //!
-//! Besides QGA's own commands, `qga-agent` implements three QAPI downstream extensions,
+//! Besides QGA's own commands, `qga-agent` implements four QAPI downstream extensions,
 //! named by QAPI's convention `__RFQDN_name` with the reverse domain `org.qga-bridge`:
-//! [`command::GET_MEMORY_ZONES`], [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`] and
-//! [`command::ONLINE_WHEN_PRESENT`]. The first two exist because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
+//! [`command::GET_MEMORY_ZONES`], [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`],
+//! [`command::ONLINE_WHEN_PRESENT`] and [`command::SET_AUTO_ONLINE`]. The first two exist because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
 //! block since Linux 5.7: only a block's zone tells whether it can ever be offlined and its
 //! DIMM unplugged, and only the word written to `state` decides that zone. The standard
 //! commands are unchanged, so a host that knows nothing of the extensions sees a plain QGA
 //! agent. The third makes a plug one round trip: the agent waits for the blocks on the
-//! kernel's own uevents and onlines each the moment it appears.
+//! kernel's own uevents and onlines each the moment it appears. The fourth lets the host
+//! have the kernel online new memory itself, into the chosen zone, as it adds it.
 
 use serde::{Deserialize, Serialize};
 
@@ -47,6 +48,11 @@ pub mod command {
     /// for the blocks to appear (driven by the kernel's uevents) and onlines each as it
     /// does, so a host plugging a DIMM needs one call instead of a polling loop.
     pub const ONLINE_WHEN_PRESENT: &str = "__org.qga-bridge_online-when-present";
+    /// Downstream extension: `__org.qga-bridge_set-auto-online`
+    /// [`{"auto-online-blocks": WORD}`](super::GuestAutoOnline) -> the same, as the kernel
+    /// reads it back: sets the guest kernel's `auto_online_blocks`, so that memory it adds
+    /// is onlined at once, into the zone the host chose, as the kernel adds it.
+    pub const SET_AUTO_ONLINE: &str = "__org.qga-bridge_set-auto-online";
 }
 
 /// One memory block: `{"phys-index": N, "online": BOOL, "can-offline": BOOL}`.
@@ -169,6 +175,15 @@ pub struct GuestOnlineWhenPresentArgs {
     /// How long to wait for blocks to appear, milliseconds. Blocks still absent then are
     /// answered `not-found` (errno 2).
     pub timeout_ms: u64,
+}
+
+/// The guest kernel's `auto_online_blocks`: `offline`, `online`, `online_kernel` or
+/// `online_movable` — what the kernel does with memory blocks as it adds them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GuestAutoOnline {
+    /// The kernel's word.
+    pub auto_online_blocks: String,
 }
 
 /// One block in the `__org.qga-bridge_get-memory-zones` reply.
@@ -308,6 +323,7 @@ mod tests {
             command::GET_MEMORY_ZONES,
             command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             command::ONLINE_WHEN_PRESENT,
+            command::SET_AUTO_ONLINE,
         ] {
             assert!(name.starts_with("__org.qga-bridge_"), "{name}");
         }

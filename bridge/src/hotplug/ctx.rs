@@ -28,6 +28,8 @@ pub struct Capabilities {
     pub online_type: bool,
     /// `__org.qga-bridge_online-when-present`.
     pub online_when_present: bool,
+    /// `__org.qga-bridge_set-auto-online`.
+    pub auto_online: bool,
 }
 
 /// Everything an operation works with, and what it has done so far.
@@ -177,6 +179,7 @@ impl Ctx {
             zones: has(command::GET_MEMORY_ZONES),
             online_type: has(command::SET_MEMORY_BLOCKS_ONLINE_TYPE),
             online_when_present: has(command::ONLINE_WHEN_PRESENT),
+            auto_online: has(command::SET_AUTO_ONLINE) && has(command::GET_MEMORY_ZONES),
         })
     }
 

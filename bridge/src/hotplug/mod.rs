@@ -19,6 +19,7 @@ pub mod layout;
 pub mod memory;
 pub mod outcome;
 pub mod plug;
+pub mod policy;
 pub mod recover;
 pub mod resize;
 pub mod unplug;

@@ -18,6 +18,7 @@ use tokio::time::Instant;
 use super::{
     ctx::{Capabilities, Ctx, describe, undo_budget, with_undo},
     layout::{self, BlockState, Dimm},
+    policy,
     unplug::{eject, offline_all, still_plugged},
 };
 use crate::{
@@ -87,11 +88,13 @@ pub(super) async fn plug_dimms(
     for (orphan, e) in remove_orphans(ctx, &devices).await? {
         tracing::warn!(vm = %ctx.vm, backend = %orphan, error = %e, "cannot delete an unused backend");
     }
+    let restore = policy::prepare(ctx, caps, how.online_type).await?;
     let mut added = Vec::new();
     let result = match add_all(ctx, devices, sizes, node, &mut added).await {
         Ok(()) => online_new(ctx, &added, how).await,
         Err(e) => Err(e),
     };
+    policy::restore(ctx, restore).await;
     match result {
         Ok(dimms) => Ok(dimms),
         Err(e) if added.is_empty() => Err(e),
