@@ -145,11 +145,7 @@ async fn add_all(
     node: Option<u32>,
     added: &mut Vec<(String, String)>,
 ) -> Result<(), BridgeError> {
-    for (n, &size) in sizes.iter().enumerate() {
-        if n > 0 {
-            // The next DIMM's ids must not be those just taken.
-            devices = ctx.dimms().await?;
-        }
+    for &size in sizes {
         let new = NewDimm {
             dimms: &devices,
             size,
@@ -157,7 +153,22 @@ async fn add_all(
             until: ctx.deadline,
         };
         match ctx.backend.add_dimm(new, &mut ctx.steps).await {
-            Ok(Added { dimm, memdev }) => added.push((dimm, memdev)),
+            Ok(Added { dimm, memdev }) => {
+                // The next DIMM's ids must not be these: reserved here rather than asked
+                // of the hypervisor again, so the DIMMs go in back to back and the guest
+                // takes them in as few ACPI scans as it can.
+                devices.push(DimmDevice {
+                    id: dimm.clone(),
+                    memdev: memdev.clone(),
+                    size,
+                    addr: 0,
+                    node: node.unwrap_or_default(),
+                    slot: u32::MAX,
+                    hotplugged: true,
+                    hotpluggable: true,
+                });
+                added.push((dimm, memdev));
+            }
             Err(NotAdded::Refused(e)) => return Err(ctx.backend_error(e)),
             Err(NotAdded::Unknown {
                 error,
