@@ -339,6 +339,21 @@ fn memory_layout(l: Layout) -> pb::MemoryLayout {
         auto_online_blocks: l.auto_online_blocks,
         zones_known: l.zones_known,
         warnings: l.warnings,
+        virtio_mem: l.virtio_mem.into_iter().map(virtio_mem).collect(),
+    }
+}
+
+fn virtio_mem(v: layout::VirtioMem) -> pb::VirtioMem {
+    let d = v.device;
+    pb::VirtioMem {
+        id: d.id,
+        addr: d.addr,
+        node: d.node,
+        block_size: d.block_size,
+        max_size: d.max_size,
+        requested_size: d.requested_size,
+        plugged_size: d.plugged_size,
+        blocks: v.blocks.into_iter().map(layout_block).collect(),
     }
 }
 
@@ -465,6 +480,15 @@ impl MemoryHotplug for Api {
             unplugged: resized.unplugged.into_iter().map(dimm).collect(),
             steps: steps(done.steps),
             warnings: done.warnings,
+            virtio_mem: resized
+                .virtio_mem
+                .into_iter()
+                .map(|c| pb::VirtioMemChange {
+                    id: c.id,
+                    from_bytes: c.from_bytes,
+                    to_bytes: c.to_bytes,
+                })
+                .collect(),
         }))
     }
 }

@@ -333,18 +333,29 @@ async fn resize(
                 .join(", ")
         }
     };
-    let text = format!(
+    let mut text = format!(
         "resized {vm} from {} to {}: plugged {}; unplugged {}\n",
         size(r.from_bytes),
         size(r.to_bytes),
         ids(&r.plugged),
         ids(&r.unplugged)
     );
+    for c in &r.virtio_mem {
+        text.push_str(&format!(
+            "virtio-mem {}: {} -> {}\n",
+            c.id,
+            size(c.from_bytes),
+            size(c.to_bytes)
+        ));
+    }
     let what = json!({
         "from_bytes": r.from_bytes,
         "to_bytes": r.to_bytes,
         "plugged": r.plugged.iter().map(json::dimm).collect::<Vec<_>>(),
         "unplugged": r.unplugged.iter().map(json::dimm).collect::<Vec<_>>(),
+        "virtio_mem": r.virtio_mem.iter().map(|c| json!({
+            "id": c.id, "from_bytes": c.from_bytes, "to_bytes": c.to_bytes,
+        })).collect::<Vec<_>>(),
     });
     Ok(Printed {
         text,

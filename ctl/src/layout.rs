@@ -102,13 +102,32 @@ pub fn text(l: &pb::MemoryLayout) -> String {
                 yes_no(d.removable),
             ]
         })
+        .chain(l.virtio_mem.iter().map(|v| {
+            vec![
+                v.id.clone(),
+                "virtio-mem".into(),
+                v.node.to_string(),
+                "-".into(),
+                v.addr.map_or("-".into(), |a| format!("{a:#x}")),
+                format!(
+                    "{} of {} (asked {})",
+                    size(v.plugged_size),
+                    size(v.max_size),
+                    size(v.requested_size)
+                ),
+                ranges(&v.blocks),
+                states(&v.blocks),
+                zones(&v.blocks),
+                "-".into(),
+            ]
+        }))
         .collect();
     let mut out = format!(
         "block size  {}\nboot        {}\nplugged     {} in {} device(s)\ntotal       {}\nonline      {}",
         size(l.block_size),
         size(l.boot_bytes),
         size(l.plugged_bytes),
-        l.dimms.len(),
+        l.dimms.len() + l.virtio_mem.len(),
         size(l.boot_bytes + l.plugged_bytes),
         size(l.online_bytes),
     );

@@ -22,7 +22,10 @@ use std::{os::fd::BorrowedFd, path::Path};
 
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
-use qga_agent::{Agent, Command, CommandFilter, MemoryTree, OnlineType, StateWriter};
+use qga_agent::{
+    Agent, Command, CommandFilter, MemoryTree, OnlineType, StateWriter,
+    uevent::{BlockEvents, News},
+};
 use qga_fuzz::same_json;
 use qga_wire::{
     ErrorClass, Frame, QgaCodec, QgaError, Request,
@@ -38,6 +41,15 @@ const ROOT: &str = "/nonexistent/qga-fuzz-sysfs";
 
 #[derive(Debug)]
 struct NoWrites;
+
+/// No uevents ever: `__org.qga-bridge_online-when-present` looks once and answers.
+struct NoEvents;
+
+impl BlockEvents for NoEvents {
+    fn wait(&mut self, _until: std::time::Instant) -> News {
+        News::TimedOut
+    }
+}
 
 impl StateWriter for NoWrites {
     fn write_state(&self, _: BorrowedFd<'_>, index: u64, value: &str) -> Result<(), Errno> {
@@ -81,19 +93,30 @@ fn expected(frame: &Frame) -> (bool, Option<Outcome>, Option<Value>, Option<Comm
     let outcome = match &cmd {
         Command::Sync(n) | Command::SyncDelimited(n) => Some(Outcome::Return(json!(n))),
         Command::Ping => Some(Outcome::Return(json!({}))),
-        Command::SetMemoryBlocks(blocks) | Command::SetMemoryBlocksOnlineType { blocks, .. } => Some(Outcome::Return(Value::Array(
-            blocks
-                .iter()
-                .map(|&(index, _)| {
+        Command::SetMemoryBlocks(blocks) | Command::SetMemoryBlocksOnlineType { blocks, .. } => {
+            Some(Outcome::Return(Value::Array(
+                blocks
+                    .iter()
+                    .map(|&(index, _)| {
+                        json!({"phys-index": index, "response": "operation-not-supported",
+                           "error-code": 2})
+                    })
+                    .collect(),
+            )))
+        }
+        // Like qemu-ga: no memory directory at all lists no blocks.
+        Command::GetMemoryBlocks => Some(Outcome::Return(json!([]))),
+        Command::GetMemoryZones => Some(Outcome::Return(json!({"blocks": []}))),
+        // No tree: every block of the range is answered at once, as the set does.
+        Command::OnlineWhenPresent { first, count, .. } => Some(Outcome::Return(Value::Array(
+            (*first..first + count)
+                .map(|index| {
                     json!({"phys-index": index, "response": "operation-not-supported",
                            "error-code": 2})
                 })
                 .collect(),
         ))),
-        // Like qemu-ga: no memory directory at all lists no blocks.
-        Command::GetMemoryBlocks => Some(Outcome::Return(json!([]))),
-        Command::GetMemoryZones => Some(Outcome::Return(json!({"blocks": []}))),
-        Command::Info | Command::GetMemoryBlockInfo => None,
+        Command::Info | Command::GetMemoryBlockInfo | Command::SetAutoOnline(_) => None,
     };
     let delimited = matches!(cmd, Command::SyncDelimited(_));
     (delimited, outcome, id, Some(cmd))
@@ -105,7 +128,8 @@ fuzz_target!(|data: &[u8]| {
         OnlineType::OnlineMovable,
         CommandFilter::default(),
     )
-    .with_writer(Box::new(NoWrites));
+    .with_writer(Box::new(NoWrites))
+    .with_events(Box::new(|| Box::new(NoEvents)));
 
     let input = frames(data, &mut QgaCodec::new(4096));
     let mut stream = Vec::new();

@@ -532,6 +532,11 @@ mod tests {
                 "Normal Movable\n",
             );
             write(&tree, &format!("{mem}/memory33/valid_zones"), "Movable\n");
+            // A block the kernel is still adding: no node yet, so its zones are not read
+            // (reading them then oopses Linux 6.1).
+            tree.block(34, Some("offline"), Some("1"));
+            write(&tree, &format!("{mem}/memory34/valid_zones"), "Normal\n");
+            fs::remove_dir(tree.memory_dir().join("memory34/node0")).expect("rm node");
             write(&tree, &format!("{mem}/auto_online_blocks"), "offline\n");
             let params = "module/memory_hotplug/parameters";
             write(&tree, &format!("{params}/online_policy"), "auto-movable\n");
@@ -551,12 +556,13 @@ mod tests {
                            "valid-zones": ["Normal", "Movable"], "removable": true}),
                     json!({"phys-index": 33, "online": false, "valid-zones": ["Movable"],
                            "removable": false}),
+                    json!({"phys-index": 34, "online": false, "removable": true}),
                 ]
             );
             // The reply decodes as the schema type the bridge uses.
             let typed: qga_wire::schema::GuestMemoryZones =
                 serde_json::from_value(reply["return"].clone()).expect("schema type");
-            assert_eq!(typed.blocks.len(), 4);
+            assert_eq!(typed.blocks.len(), 5);
         }
 
         #[test]

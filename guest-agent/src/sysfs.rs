@@ -579,10 +579,31 @@ fn read_block_zones(
     slot.removable = read_attr(dirfd, name.block(index, "/removable"), &mut byte)
         .ok()
         .map(|r| r != b"0");
+    // An offline block's candidate zones are worked out for its NUMA node; a block the
+    // kernel is still adding has none yet, and reading its valid_zones then oopses Linux
+    // 6.1 (zone_for_pfn_range on NUMA_NO_NODE; seen with virtio-mem). The `nodeN` link
+    // comes once the node is set: without it, the zones are not known yet.
+    if !slot.online && !has_node(dirfd, index) {
+        slot.valid_zones = None;
+        return Ok(());
+    }
     let mut buf = [0u8; ZONES_BUF];
     slot.valid_zones = read_text(dirfd, name.block(index, "/valid_zones"), &mut buf)
         .map(|text| text.split_ascii_whitespace().map(String::from).collect());
     Ok(())
+}
+
+/// Whether block `index`'s directory has its `nodeN` link, which the kernel makes once it
+/// has put the block under a NUMA node.
+fn has_node(dirfd: BorrowedFd<'_>, index: u64) -> bool {
+    let Ok(block) = open_block(dirfd, index) else {
+        return false;
+    };
+    let Ok(dir) = Dir::read_from(&block) else {
+        return false;
+    };
+    dir.filter_map(Result::ok)
+        .any(|e| e.file_name().to_bytes().starts_with(b"node"))
 }
 
 /// Whether block `index` is online, from its `state`; `None` when the kernel has no

@@ -30,6 +30,8 @@ pub enum MemoryDevice {
     Dimm(PcDimmDeviceInfo),
     /// `"type": "nvdimm"`: an NVDIMM (same information as a DIMM). It takes a slot too.
     Nvdimm(PcDimmDeviceInfo),
+    /// `"type": "virtio-mem"`: memory the guest's driver plugs and unplugs in blocks.
+    VirtioMem(VirtioMemDeviceInfo),
     /// Any other kind.
     Other {
         /// QEMU's `type`.
@@ -55,6 +57,14 @@ impl TryFrom<RawMemoryDevice> for MemoryDevice {
         Ok(match raw.kind.as_str() {
             "dimm" => Self::Dimm(serde_json::from_value(raw.data)?),
             "nvdimm" => Self::Nvdimm(serde_json::from_value(raw.data)?),
+            // A shape this code does not know (an older or newer QEMU) is kept as it came.
+            "virtio-mem" => match serde_json::from_value(raw.data.clone()) {
+                Ok(info) => Self::VirtioMem(info),
+                Err(_) => Self::Other {
+                    kind: raw.kind,
+                    data: raw.data,
+                },
+            },
             _ => Self::Other {
                 kind: raw.kind,
                 data: raw.data,
@@ -69,6 +79,7 @@ impl MemoryDevice {
         match self {
             Self::Dimm(_) => "dimm",
             Self::Nvdimm(_) => "nvdimm",
+            Self::VirtioMem(_) => "virtio-mem",
             Self::Other { kind, .. } => kind,
         }
     }
@@ -85,9 +96,40 @@ impl MemoryDevice {
     pub fn slotted(&self) -> Option<&PcDimmDeviceInfo> {
         match self {
             Self::Dimm(d) | Self::Nvdimm(d) => Some(d),
-            Self::Other { .. } => None,
+            Self::VirtioMem(_) | Self::Other { .. } => None,
         }
     }
+
+    /// The device's information, if it is a `virtio-mem` device.
+    pub fn as_virtio_mem(&self) -> Option<&VirtioMemDeviceInfo> {
+        match self {
+            Self::VirtioMem(d) => Some(d),
+            _ => None,
+        }
+    }
+}
+
+/// QEMU's `VirtioMEMDeviceInfo`: a virtio-mem device's range, sizes and backend.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VirtioMemDeviceInfo {
+    /// The device's id, if it was given one.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Guest-physical start of its range (`max-size` bytes).
+    pub memaddr: u64,
+    /// What the host asks the guest to have plugged, bytes.
+    pub requested_size: u64,
+    /// What the guest has plugged, bytes.
+    pub size: u64,
+    /// The most it can plug, bytes.
+    pub max_size: u64,
+    /// Its granularity, bytes.
+    pub block_size: u64,
+    /// The guest NUMA node.
+    pub node: i64,
+    /// The backend's QOM path, e.g. `/objects/vmem0`.
+    pub memdev: String,
 }
 
 /// QEMU's `PCDIMMDeviceInfo`: where a DIMM lives and what backs it.
@@ -262,6 +304,20 @@ impl Qmp {
     ) -> Result<MemorySizeConfiguration, QmpError> {
         let arguments = args(json!({"path": "/machine", "property": "memory"}));
         self.execute_as("qom-get", arguments, deadline).await
+    }
+
+    /// `qom-set ID requested-size BYTES`: asks the guest's virtio-mem driver behind device
+    /// `id` to have `bytes` plugged. QEMU answers at once; the device's `size` follows as
+    /// the guest plugs or unplugs.
+    pub async fn set_requested_size(
+        &self,
+        id: &str,
+        bytes: u64,
+        deadline: Instant,
+    ) -> Result<(), QmpError> {
+        let arguments = args(json!({"path": id, "property": "requested-size", "value": bytes}));
+        self.execute("qom-set", arguments, deadline).await?;
+        Ok(())
     }
 
     /// `object-add` of a `memory-backend-ram` named `id` of `size` bytes.

@@ -681,7 +681,10 @@ async fn memory_helpers_send_what_qemu_expects() {
             json!([{"type": "dimm", "data": {
             "memdev": "/objects/mem1", "hotplugged": true, "addr": 4294967296u64,
             "hotpluggable": true, "size": 536870912, "slot": 0, "node": 0, "id": "dimm1"}},
-            {"type": "virtio-mem", "data": {"id": "vmem0", "size": 0}}]),
+            {"type": "virtio-mem", "data": {"id": "vmem0", "memaddr": 4294967296u64,
+                "requested-size": 0, "size": 0, "max-size": 2147483648u64,
+                "block-size": 2097152, "node": 0, "memdev": "/objects/vm0"}},
+            {"type": "virtio-mem", "data": {"id": "vmem1", "size": 0}}]),
         ),
         (
             "qom-get",
@@ -711,7 +714,15 @@ async fn memory_helpers_send_what_qemu_expects() {
     }
     let (devices, config, memdevs, version) = script.await.expect("joined").expect("ran");
     assert_eq!(devices[0].as_dimm().map(|d| d.addr), Some(1 << 32));
-    assert!(matches!(&devices[1], MemoryDevice::Other { kind, .. } if kind == "virtio-mem"));
+    let vmem = devices[1].as_virtio_mem();
+    assert_eq!(
+        vmem.map(|v| (v.memaddr, v.max_size, v.block_size)),
+        Some((1 << 32, 2 << 30, 2 << 20))
+    );
+    assert!(
+        matches!(&devices[2], MemoryDevice::Other { kind, .. } if kind == "virtio-mem"),
+        "a shape this code does not know is kept as it came"
+    );
     assert_eq!((config.slots, config.max_size), (Some(4), Some(2 << 30)));
     assert_eq!(memdevs[0].id.as_deref(), Some("mem2"));
     assert_eq!(version.to_string(), "10.0.2");

@@ -114,6 +114,8 @@ impl FakeSysfs {
             fs::write(dir.join("removable"), format!("{r}\n")).expect("write removable");
         }
         fs::write(dir.join("phys_index"), format!("{index:08x}\n")).expect("write phys_index");
+        // The kernel's link to the block's NUMA node (a directory stands in for it).
+        fs::create_dir_all(dir.join("node0")).expect("create node link");
         self
     }
 

@@ -55,6 +55,25 @@ impl BridgeProcess {
         Self::start_with_env(vms, args, Vec::new()).await
     }
 
+    /// [`BridgeProcess::start_with_args`] with more configuration (TOML after the `[vms]`
+    /// table, e.g. a `[hotplug]` table).
+    pub async fn start_with_config(
+        vms: &[(&str, &Path)],
+        config: &str,
+        args: Vec<String>,
+    ) -> anyhow::Result<Self> {
+        let table = format!(
+            "{}\n{config}\n",
+            qga_testkit::BridgeProcess::vms_table(vms.iter().copied())
+        );
+        let inner = tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            qga_testkit::BridgeProcess::start_with_env(&table, &args, &[])
+        })
+        .await??;
+        Ok(Self { inner })
+    }
+
     /// [`BridgeProcess::start_with_args`] with more environment variables.
     pub async fn start_with_env(
         vms: &[(&str, &Path)],

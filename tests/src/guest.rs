@@ -30,6 +30,9 @@ pub struct GuestConfig {
     /// A reset or a guest reboot boots the guest again; otherwise (`-no-reboot`) QEMU
     /// exits, so that a guest that panics ends the test instead of looping.
     pub reboot: bool,
+    /// A `virtio-mem-pci` device `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at
+    /// boot) on a RAM backend of its own; the guest loads `virtio_mem`.
+    pub virtio_mem: bool,
 }
 
 impl GuestConfig {
@@ -40,6 +43,7 @@ impl GuestConfig {
             online_type,
             extra_append: "",
             reboot: false,
+            virtio_mem: false,
         }
     }
 }
@@ -215,6 +219,24 @@ impl GuestControl {
             .collect())
     }
 
+    /// QEMU's virtio-mem device `id`: its `(requested-size, size)` in bytes.
+    pub fn virtio_mem_sizes(&self, id: &str) -> anyhow::Result<(u64, u64)> {
+        let devices = self.qmp()?.execute("query-memory-devices", None)?;
+        let data = devices
+            .as_array()
+            .context("query-memory-devices returned no list")?
+            .iter()
+            .find(|d| d["type"] == "virtio-mem" && d["data"]["id"] == id)
+            .map(|d| d["data"].clone())
+            .with_context(|| format!("QEMU lists no virtio-mem device {id}: {devices}"))?;
+        let get = |k: &str| {
+            data[k]
+                .as_u64()
+                .with_context(|| format!("no {k} in {data}"))
+        };
+        Ok((get("requested-size")?, get("size")?))
+    }
+
     /// Resets the guest (`system_reset`), as a guest reboot does: QEMU keeps its devices,
     /// hot-plugged DIMMs included, and the guest kernel boots again.
     pub fn system_reset(&self) -> anyhow::Result<()> {
@@ -331,6 +353,16 @@ impl Guest {
             .arg(&self.image.initrd)
             .args(["-append", &append])
             .args(["-display", "none", "-monitor", "none"])
+            .args(if self.config.virtio_mem {
+                &[
+                    "-object",
+                    "memory-backend-ram,id=vmem0-ram,size=2G",
+                    "-device",
+                    "virtio-mem-pci,id=vmem0,memdev=vmem0-ram,node=0,block-size=2M,requested-size=0",
+                ][..]
+            } else {
+                &[][..]
+            })
             .args(if self.config.reboot {
                 &[][..]
             } else {

@@ -1070,3 +1070,213 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
         drop(bridge);
     }
 }
+
+/// A bridge in front of `guest` with `config` (TOML) after its `[vms]` table.
+async fn behind_bridge_config(guest: &Guest, config: &str) -> (BridgeProcess, Clients) {
+    let args = vec![
+        "--qmp".to_string(),
+        format!("vm1={}", guest.qmp_bridge_socket().display()),
+    ];
+    let bridge = BridgeProcess::start_with_config(&[("vm1", &guest.qga_socket())], config, args)
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| fail(guest, "agent answers through the bridge", format!("{e:#}")));
+    (bridge, c)
+}
+
+/// The layout's virtio-mem device `vmem0`.
+async fn vmem0(guest: &Guest, c: &Clients) -> Value {
+    let l = layout(guest, c).await;
+    let d = l["virtio-mem"]
+        .as_array()
+        .and_then(|v| v.iter().find(|d| d["id"] == "vmem0"))
+        .cloned();
+    d.unwrap_or_else(|| fail(guest, "the layout lists virtio-mem device vmem0", &l))
+}
+
+/// Resizes through JSON-RPC and waits for MemTotal; the reply.
+async fn resize_to(guest: &Guest, c: &Clients, size: u64, want_kib: u64, what: &str) -> Value {
+    let r = ok(
+        guest,
+        what,
+        scenario::call(c, "memory-resize", json!({"vm": "vm1", "size": size})).await,
+    );
+    scenario::print_steps(what, &r);
+    mem_total_becomes(guest, want_kib, what).await;
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtio_mem_resize_through_the_bridge() {
+    let guest = boot_with(GuestConfig {
+        virtio_mem: true,
+        ..GuestConfig::new("ours", "online_movable")
+    });
+    let (bridge, c) = behind_bridge(&guest).await;
+    let g = guest.control();
+    let start_kib = mem_total(&guest);
+    let before = layout(&guest, &c).await;
+    let boot = before["boot-bytes"].as_u64().unwrap_or_default();
+    let d = vmem0(&guest, &c).await;
+    check(
+        &guest,
+        d["max-size"] == 2 * GIB
+            && d["block-size"] == 2 << 20
+            && d["plugged-size"] == 0
+            && d["blocks"].as_array().is_some_and(Vec::is_empty),
+        || format!("vmem0 in the layout: 2 GiB at most, 2 MiB blocks, nothing plugged: {d}"),
+    );
+
+    // Grow by 1 GiB: QEMU's size reaches it and the guest has it online, movable.
+    let up = resize_to(
+        &guest,
+        &c,
+        boot + GIB,
+        start_kib + GIB / 1024,
+        "resize +1 GiB",
+    )
+    .await;
+    check(
+        &guest,
+        up["to-bytes"] == boot + GIB
+            && up["virtio-mem"] == json!([{"id": "vmem0", "from-bytes": 0, "to-bytes": GIB}])
+            && up["plugged"].as_array().is_some_and(Vec::is_empty),
+        || format!("the resize changed vmem0 alone, 0 -> 1 GiB: {up}"),
+    );
+    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(&guest, sizes == (GIB, GIB), || {
+        format!("QEMU: requested-size and size 1 GiB: {sizes:?}")
+    });
+    let d = vmem0(&guest, &c).await;
+    let blocks = d["blocks"].as_array().cloned().unwrap_or_default();
+    check(
+        &guest,
+        blocks.len() == 8
+            && blocks
+                .iter()
+                .all(|b| b["state"] == "online" && b["valid-zones"] == json!(["Movable"])),
+        || format!("vmem0's 8 blocks online in Movable: {d}"),
+    );
+
+    // Shrink by 512 MiB: the guest gives it back.
+    let down = resize_to(
+        &guest,
+        &c,
+        boot + GIB / 2,
+        start_kib + GIB / 2048,
+        "resize -512 MiB",
+    )
+    .await;
+    check(&guest, down["to-bytes"] == boot + GIB / 2, || {
+        format!("the VM has boot + 512 MiB: {down}")
+    });
+    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(&guest, sizes == (GIB / 2, GIB / 2), || {
+        format!("QEMU: requested-size and size 512 MiB: {sizes:?}")
+    });
+
+    // Past max-size: refused, nothing changed.
+    let refused = c
+        .rpc_full(
+            "memory-resize",
+            json!({"vm": "vm1", "size": boot + 3 * GIB}),
+        )
+        .await;
+    check(
+        &guest,
+        matches!(&refused, Err(e) if e.code == -32007 && e.message.contains("past what")),
+        || format!("a resize past max-size is FAILED_PRECONDITION: {refused:?}"),
+    );
+    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(&guest, sizes == (GIB / 2, GIB / 2), || {
+        format!("nothing changed after the refusal: {sizes:?}")
+    });
+    let odd = c
+        .rpc_full(
+            "memory-resize",
+            json!({"vm": "vm1", "size": boot + (1 << 20)}),
+        )
+        .await;
+    check(&guest, matches!(&odd, Err(e) if e.code == -32602), || {
+        format!("a size off the 2 MiB block size is invalid: {odd:?}")
+    });
+
+    // Back to the boot size.
+    resize_to(&guest, &c, boot, start_kib, "resize back to the boot size").await;
+    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(&guest, sizes == (0, 0), || {
+        format!("QEMU: nothing plugged: {sizes:?}")
+    });
+
+    // Memory the guest onlines into the kernel zone (a bridge that leaves the guest's
+    // policy alone, and a guest that onlines online_kernel) cannot all be given back: the
+    // shrink ends where the guest got, with requested-size set back to it.
+    drop(c);
+    drop(bridge);
+    let mut agent = ok(
+        &guest,
+        "the agent's socket",
+        qga_testkit::QgaClient::connect(&guest.qga_socket()),
+    );
+    let set = ok(
+        &guest,
+        "set-auto-online",
+        agent.execute(
+            "__org.qga-bridge_set-auto-online",
+            Some(json!({"auto-online-blocks": "online_kernel"})),
+        ),
+    );
+    check(
+        &guest,
+        set["return"]["auto-online-blocks"] == "online_kernel",
+        || format!("the guest onlines online_kernel: {set}"),
+    );
+    drop(agent);
+    let (_bridge, c) = behind_bridge_config(
+        &guest,
+        "[hotplug]\nauto_online = \"keep\"\noffline_budget_ms = 300\n",
+    )
+    .await;
+    resize_to(
+        &guest,
+        &c,
+        boot + GIB,
+        start_kib + GIB / 1024,
+        "resize +1 GiB into the kernel zone",
+    )
+    .await;
+    let stuck = c
+        .rpc_full("memory-resize", json!({"vm": "vm1", "size": boot}))
+        .await;
+    eprintln!("e2e: shrinking kernel-zone virtio-mem memory: {stuck:?}");
+    let e = match stuck {
+        Err(e) => e,
+        Ok(v) => fail(
+            &guest,
+            "a shrink of kernel-zone memory within 300 ms without progress",
+            format!("the guest gave all of it back: {v}"),
+        ),
+    };
+    let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(
+        &guest,
+        e.code == -32007
+            && e.message.contains("set back")
+            && e.message.contains(&format!("hold {size} bytes"))
+            && requested == size
+            && size > 0,
+        || {
+            format!(
+                "FAILED_PRECONDITION naming the size reached ({size}), requested-size set \
+                 back to it ({requested}): {e}"
+            )
+        },
+    );
+    let l = layout(&guest, &c).await;
+    check(&guest, l["plugged-bytes"] == size, || {
+        format!("the layout agrees with QEMU: {l}")
+    });
+}

@@ -54,12 +54,51 @@ impl DimmDevice {
     }
 }
 
-/// Memory the VM booted with and memory in DIMMs, bytes.
+/// A virtio-mem device: a range of guest memory whose guest driver plugs and unplugs
+/// `block_size` pieces of it until `plugged_size` is `requested_size`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VirtioMemDevice {
+    /// QEMU's device id, libvirt's alias.
+    pub id: String,
+    /// Guest physical address of its range, where the hypervisor tells it (libvirt 9.0
+    /// does not).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub addr: Option<u64>,
+    /// NUMA node.
+    pub node: u32,
+    /// Its granularity, bytes (QEMU's `block-size`, libvirt's `<block>`).
+    pub block_size: u64,
+    /// The most it can plug, bytes (the range's length).
+    pub max_size: u64,
+    /// What the host asks the guest to have plugged, bytes.
+    pub requested_size: u64,
+    /// What the guest has plugged, bytes (QEMU's `size`, libvirt's `<current>`).
+    pub plugged_size: u64,
+    /// The id of the memory backend that holds its RAM (empty where libvirt manages it).
+    pub memdev: String,
+}
+
+impl VirtioMemDevice {
+    /// The guest's memory blocks its range covers (the guest adds them as it plugs);
+    /// empty where its address is not known.
+    pub fn block_range(&self, block_size: u64) -> std::ops::Range<u64> {
+        match self.addr {
+            Some(addr) if block_size > 0 => {
+                let first = addr / block_size;
+                first..first + self.max_size.div_ceil(block_size)
+            }
+            _ => 0..0,
+        }
+    }
+}
+
+/// Memory the VM booted with and memory plugged since, bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct MemorySize {
     /// Boot memory.
     pub boot: u64,
-    /// In DIMMs.
+    /// In DIMMs, and what virtio-mem devices have plugged.
     pub plugged: u64,
 }
 
@@ -244,4 +283,16 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
 
     /// Starts listening for how DIMM `id`'s eject ends.
     fn watch(&self, id: &str) -> Box<dyn EjectWatch>;
+
+    /// The VM's virtio-mem devices.
+    async fn virtio_mem(&self, until: Instant) -> Result<Vec<VirtioMemDevice>, BackendError>;
+
+    /// Asks the guest's driver behind virtio-mem device `id` to have `bytes` plugged; the
+    /// device's plugged size follows as the guest plugs or unplugs.
+    async fn set_requested_size(
+        &self,
+        id: &str,
+        bytes: u64,
+        until: Instant,
+    ) -> Result<(), BackendError>;
 }

@@ -11,7 +11,7 @@ use tokio::{sync::broadcast, time::Instant};
 
 use super::{
     Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
-    MemorySize, NewDimm, NotAdded, Step, Timeouts,
+    MemorySize, NewDimm, NotAdded, Step, Timeouts, VirtioMemDevice,
 };
 
 /// Prefix of the memory backends this bridge makes.
@@ -236,6 +236,40 @@ impl MemoryBackend for QmpBackend {
             events: self.qmp.events(),
             dimm: id.to_string(),
         })
+    }
+
+    async fn virtio_mem(&self, until: Instant) -> Result<Vec<VirtioMemDevice>, BackendError> {
+        let devices = self
+            .qmp
+            .query_memory_devices(self.timeouts.command_until(until))
+            .await
+            .map_err(|e| error("query-memory-devices", e))?;
+        Ok(devices
+            .iter()
+            .filter_map(|d| d.as_virtio_mem())
+            .map(|d| VirtioMemDevice {
+                id: d.id.clone().unwrap_or_default(),
+                addr: Some(d.memaddr),
+                node: u32::try_from(d.node).unwrap_or_default(),
+                block_size: d.block_size,
+                max_size: d.max_size,
+                requested_size: d.requested_size,
+                plugged_size: d.size,
+                memdev: d.memdev.rsplit('/').next().unwrap_or_default().to_string(),
+            })
+            .collect())
+    }
+
+    async fn set_requested_size(
+        &self,
+        id: &str,
+        bytes: u64,
+        until: Instant,
+    ) -> Result<(), BackendError> {
+        self.qmp
+            .set_requested_size(id, bytes, self.timeouts.command_until(until))
+            .await
+            .map_err(|e| error("qom-set", e))
     }
 }
 

@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use super::layout::GuestView;
 use crate::{
-    backend::{BackendError, DimmDevice, MemoryBackend, MemorySize, Step},
+    backend::{BackendError, DimmDevice, MemoryBackend, MemorySize, Step, VirtioMemDevice},
     call::{BlockChanges, Call, Reply},
     config,
     error::BridgeError,
@@ -130,6 +130,12 @@ impl Ctx {
     pub async fn dimms(&self) -> Result<Vec<DimmDevice>, BridgeError> {
         let dimms = self.backend.dimms(self.deadline).await;
         dimms.map_err(|e| self.backend_error(e))
+    }
+
+    /// The VM's virtio-mem devices, from its hypervisor.
+    pub async fn virtio_mem(&self) -> Result<Vec<VirtioMemDevice>, BridgeError> {
+        let devices = self.backend.virtio_mem(self.deadline).await;
+        devices.map_err(|e| self.backend_error(e))
     }
 
     /// The VM's boot and plugged memory, from its hypervisor.

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use qga_wire::schema::{GuestMemoryBlock, GuestMemoryZones};
 use serde::{Deserialize, Serialize};
 
-use crate::backend::DimmDevice;
+use crate::backend::{DimmDevice, VirtioMemDevice};
 
 /// What the guest does with one memory block.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -61,6 +61,18 @@ pub struct Dimm {
     pub removable: Option<bool>,
 }
 
+/// A virtio-mem device and the blocks of its range the guest has added.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct VirtioMem {
+    /// The device as the hypervisor reports it.
+    #[serde(flatten)]
+    pub device: VirtioMemDevice,
+    /// The guest's blocks in its range, lowest first (the guest adds a block when it
+    /// plugs memory in it).
+    pub blocks: Vec<LayoutBlock>,
+}
+
 /// The whole picture.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -69,7 +81,7 @@ pub struct Layout {
     pub block_size: u64,
     /// Memory the VM booted with.
     pub boot_bytes: u64,
-    /// Memory in DIMMs.
+    /// Memory in DIMMs and plugged by virtio-mem devices.
     pub plugged_bytes: u64,
     /// Bytes in online blocks.
     pub online_bytes: u64,
@@ -78,14 +90,18 @@ pub struct Layout {
     pub movable_bytes: Option<u64>,
     /// The DIMMs, by address.
     pub dimms: Vec<Dimm>,
-    /// Blocks of no DIMM.
+    /// The virtio-mem devices, by address.
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub virtio_mem: Vec<VirtioMem>,
+    /// Blocks of no DIMM and no virtio-mem device.
     pub other_blocks: Vec<LayoutBlock>,
     /// The kernel's `auto_online_blocks`, when reported.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub auto_online_blocks: Option<String>,
     /// Whether the agent reports zones.
     pub zones_known: bool,
-    /// What may surprise: DIMMs with blocks online outside ZONE_MOVABLE.
+    /// What may surprise: DIMMs or virtio-mem devices with blocks online outside
+    /// ZONE_MOVABLE.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub warnings: Vec<String>,
 }
@@ -198,11 +214,54 @@ fn dimm_with(device: &DimmDevice, block_size: u64, index: &BlockIndex) -> Dimm {
     }
 }
 
-/// Joins QEMU's DIMMs and boot memory size with the guest's blocks.
+/// Warnings for virtio-mem devices with blocks online outside ZONE_MOVABLE: the guest
+/// may not be able to give that memory back.
+fn virtio_mem_warnings(devices: &[VirtioMem]) -> impl Iterator<Item = String> + '_ {
+    devices.iter().filter_map(|v| {
+        let stuck: Vec<String> = v
+            .blocks
+            .iter()
+            .filter(|b| b.state == BlockState::Online && b.movable() == Some(false))
+            .map(|b| format!("{} ({})", b.phys_index, b.valid_zones.join(" ")))
+            .collect();
+        (!stuck.is_empty()).then(|| {
+            format!(
+                "virtio-mem device '{}' has blocks online outside ZONE_MOVABLE: {}; the guest \
+                 may not be able to give that memory back",
+                v.device.id,
+                stuck.join(", ")
+            )
+        })
+    })
+}
+
+/// The virtio-mem devices, by address, with the guest's blocks of each range.
+pub fn virtio_mem(
+    block_size: u64,
+    devices: &[VirtioMemDevice],
+    guest: &GuestView,
+) -> Vec<VirtioMem> {
+    let mut devices = devices.to_vec();
+    devices.sort_by_key(|d| d.addr);
+    devices
+        .into_iter()
+        .map(|device| VirtioMem {
+            blocks: device
+                .block_range(block_size)
+                .filter(|i| guest.index.contains_key(i))
+                .map(|i| block_of(&guest.index, i))
+                .collect(),
+            device,
+        })
+        .collect()
+}
+
+/// Joins QEMU's DIMMs, virtio-mem devices and boot memory size with the guest's blocks.
 pub fn build(
     block_size: u64,
     boot_bytes: u64,
     devices: &[DimmDevice],
+    vmem: &[VirtioMemDevice],
     guest: &GuestView,
 ) -> Layout {
     let index = &guest.index;
@@ -212,9 +271,15 @@ pub fn build(
         .iter()
         .map(|d| dimm_with(d, block_size, index))
         .collect();
+    let virtio_mem = virtio_mem(block_size, vmem, guest);
     let in_dimms: std::collections::BTreeSet<u64> = dimms
         .iter()
         .flat_map(|d| d.blocks.iter().map(|b| b.phys_index))
+        .chain(
+            virtio_mem
+                .iter()
+                .flat_map(|v| v.blocks.iter().map(|b| b.phys_index)),
+        )
         .collect();
     let other_blocks: Vec<LayoutBlock> = index
         .keys()
@@ -228,10 +293,15 @@ pub fn build(
         .filter(|(online, zones)| *online && zones == &["Movable"])
         .count() as u64;
     Layout {
-        warnings: zone_warnings(&dimms),
+        warnings: zone_warnings(&dimms)
+            .into_iter()
+            .chain(virtio_mem_warnings(&virtio_mem))
+            .collect(),
+        virtio_mem,
         block_size,
         boot_bytes,
-        plugged_bytes: devices.iter().map(|d| d.size).sum(),
+        plugged_bytes: devices.iter().map(|d| d.size).sum::<u64>()
+            + vmem.iter().map(|v| v.plugged_size).sum::<u64>(),
         online_bytes: online_blocks * block_size,
         movable_bytes: zones_known.then_some(movable_blocks * block_size),
         dimms,
@@ -286,6 +356,7 @@ mod tests {
             128 * MIB,
             512 * MIB,
             &[device("d1", 4096 * MIB, 512 * MIB)],
+            &[],
             &guest,
         );
         assert_eq!(layout.plugged_bytes, 512 * MIB);
@@ -321,6 +392,8 @@ mod tests {
             block(9, true),
             block(10, true),
             block(11, true),
+            block(16, true),
+            block(17, true),
         ];
         let guest = GuestView::new(
             &blocks,
@@ -334,6 +407,8 @@ mod tests {
                     zone(9, "Movable"),
                     zone(10, "Normal"),
                     zone(11, "Movable"),
+                    zone(16, "Movable"),
+                    zone(17, "Normal"),
                 ],
             }),
         );
@@ -344,8 +419,25 @@ mod tests {
                 device("b", 1280 * MIB, 256 * MIB),
                 device("a", 1024 * MIB, 256 * MIB),
             ],
+            &[VirtioMemDevice {
+                id: "vm0".into(),
+                addr: Some(2048 * MIB),
+                node: 0,
+                block_size: 2 * MIB,
+                max_size: 1024 * MIB,
+                requested_size: 256 * MIB,
+                plugged_size: 256 * MIB,
+                memdev: "vmem0".into(),
+            }],
             &guest,
         );
+        let vmem = &layout.virtio_mem[0];
+        assert_eq!(
+            vmem.blocks.iter().map(|b| b.phys_index).collect::<Vec<_>>(),
+            [16, 17],
+            "the blocks the guest added in its range"
+        );
+        assert_eq!(layout.other_blocks.len(), 1, "block 0 only");
         assert_eq!(layout.dimms[0].device.id, "a", "sorted by address");
         assert_eq!(layout.dimms[0].removable, Some(true));
         assert_eq!(layout.dimms[0].blocks[0].can_offline, Some(true));
@@ -359,13 +451,15 @@ mod tests {
             Some(false),
             "block 10 is in Normal"
         );
-        assert_eq!(layout.movable_bytes, Some(3 * 128 * MIB));
+        assert_eq!(layout.movable_bytes, Some(4 * 128 * MIB));
         assert_eq!(layout.auto_online_blocks.as_deref(), Some("offline"));
         assert!(layout.zones_known);
         assert_eq!(
             layout.warnings,
             [
-                "DIMM 'b' has blocks online outside ZONE_MOVABLE: 10 (Normal); it cannot be unplugged"
+                "DIMM 'b' has blocks online outside ZONE_MOVABLE: 10 (Normal); it cannot be unplugged",
+                "virtio-mem device 'vm0' has blocks online outside ZONE_MOVABLE: 17 (Normal); \
+                 the guest may not be able to give that memory back"
             ]
         );
     }

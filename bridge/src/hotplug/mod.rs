@@ -23,6 +23,7 @@ pub mod policy;
 pub mod recover;
 pub mod resize;
 pub mod unplug;
+pub mod virtio_mem;
 
 use std::{sync::Arc, time::Duration};
 
@@ -237,8 +238,9 @@ impl Hotplug {
         let caps = ctx.capabilities().await?;
         let boot = ctx.memory().await?.boot;
         let devices = ctx.dimms().await?;
+        let vmem = ctx.virtio_mem().await?;
         let guest = ctx.guest(caps).await?;
-        Ok(layout::build(block_size, boot, &devices, &guest))
+        Ok(layout::build(block_size, boot, &devices, &vmem, &guest))
     }
 
     /// Runs `op` on `target` for `caller` (already authorized). With `request_id`, a

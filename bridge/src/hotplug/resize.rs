@@ -1,4 +1,5 @@
-//! Resize: unplug DIMMs newest first while the VM has more memory than asked, then plug
+//! Resize: on a VM with virtio-mem devices, by changing their requested size alone
+//! (`virtio_mem.rs`); otherwise unplug DIMMs newest first while the VM has more memory than asked, then plug
 //! DIMMs of `hotplug.dimm_size` until it has what was asked — added together and onlined
 //! together, so the guest brings them up in parallel.
 
@@ -9,6 +10,7 @@ use super::{
     layout::Dimm,
     plug::plug_dimms,
     unplug::unplug,
+    virtio_mem::{self, VirtioMemChange},
 };
 use crate::{
     backend::{DimmDevice, MemorySize},
@@ -27,6 +29,9 @@ pub struct Resized {
     pub plugged: Vec<Dimm>,
     /// DIMMs unplugged, in order.
     pub unplugged: Vec<Dimm>,
+    /// virtio-mem devices resized (a VM with virtio-mem is resized with it alone).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtio_mem: Vec<VirtioMemChange>,
 }
 
 impl Resized {
@@ -45,6 +50,12 @@ impl Resized {
 /// bytes, then plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until it has
 /// `target`.
 pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> {
+    let vmem = ctx.virtio_mem().await?;
+    if !vmem.is_empty() {
+        let MemorySize { boot, .. } = ctx.memory().await?;
+        let dimms: u64 = ctx.dimms().await?.iter().map(|d| d.size).sum();
+        return virtio_mem::resize(ctx, target, boot + dimms, vmem).await;
+    }
     let block_size = ctx.block_size().await?;
     let MemorySize { boot, plugged } = ctx.memory().await?;
     check_target(ctx, target, boot, block_size)?;
@@ -54,6 +65,7 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
         to_bytes: from,
         plugged: Vec::new(),
         unplugged: Vec::new(),
+        virtio_mem: Vec::new(),
     };
     let mut devices = ctx.dimms().await?;
     devices.retain(|d| !d.id.is_empty() && d.hotpluggable);

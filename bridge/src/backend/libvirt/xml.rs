@@ -1,12 +1,12 @@
 //! The memory part of a libvirt domain's live XML: boot memory, DIMM slots, maximum
 //! memory and the DIMMs, with libvirt's units.
 
-use crate::backend::DimmDevice;
+use crate::backend::{DimmDevice, VirtioMemDevice};
 
 /// A domain's memory, from its live XML.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DomainMemory {
-    /// Memory at boot, bytes: `<memory>` less the DIMMs.
+    /// Memory at boot, bytes: `<memory>` less the DIMMs and virtio-mem devices.
     pub boot: u64,
     /// DIMM slots (`<maxMemory slots=...>`).
     pub slots: Option<u64>,
@@ -14,6 +14,8 @@ pub struct DomainMemory {
     pub max: Option<u64>,
     /// Its DIMMs.
     pub dimms: Vec<DimmDevice>,
+    /// Its virtio-mem devices.
+    pub virtio_mem: Vec<VirtioMemDevice>,
 }
 
 /// Largest domain XML read; libvirt's are a few KiB.
@@ -69,7 +71,14 @@ pub fn parse(xml: &str) -> Result<DomainMemory, String> {
         .and_then(number);
     let max = max_memory.map(size_of).transpose()?;
     let mut dimms = Vec::new();
+    let mut virtio_mem = Vec::new();
     if let Some(devices) = child(domain, "devices") {
+        for memory in devices
+            .children()
+            .filter(|c| c.has_tag_name("memory") && c.attribute("model") == Some("virtio-mem"))
+        {
+            virtio_mem.push(virtio_mem_device(memory)?);
+        }
         for memory in devices
             .children()
             .filter(|c| c.has_tag_name("memory") && c.attribute("model") == Some("dimm"))
@@ -101,12 +110,49 @@ pub fn parse(xml: &str) -> Result<DomainMemory, String> {
             });
         }
     }
+    // libvirt's <memory> counts every memory device at its full size.
     let plugged: u64 = dimms.iter().map(|d| d.size).sum();
+    let virtio: u64 = virtio_mem.iter().map(|v| v.max_size).sum();
     Ok(DomainMemory {
-        boot: total.saturating_sub(plugged),
+        boot: total.saturating_sub(plugged).saturating_sub(virtio),
         slots,
         max,
         dimms,
+        virtio_mem,
+    })
+}
+
+/// A `<memory model='virtio-mem'>` device: `<target>` with `<size>` (the most it can
+/// plug), `<node>`, `<block>`, `<requested>`, `<current>` (what the guest plugged) and,
+/// where libvirt tells it, `<address base=...>`.
+fn virtio_mem_device(memory: roxmltree::Node) -> Result<VirtioMemDevice, String> {
+    let target = child(memory, "target").ok_or("a virtio-mem device has no <target>")?;
+    let sized = |name: &str| -> Result<u64, String> {
+        child(target, name)
+            .ok_or_else(|| format!("a virtio-mem device has no <{name}>"))
+            .map(size_of)?
+    };
+    let node = child(target, "node")
+        .and_then(|n| n.text())
+        .and_then(number)
+        .unwrap_or(0);
+    Ok(VirtioMemDevice {
+        id: child(memory, "alias")
+            .and_then(|a| a.attribute("name"))
+            .unwrap_or_default()
+            .to_string(),
+        addr: child(target, "address")
+            .and_then(|a| a.attribute("base"))
+            .and_then(number),
+        node: u32::try_from(node).unwrap_or(u32::MAX),
+        block_size: sized("block")?,
+        max_size: sized("size")?,
+        requested_size: sized("requested")?,
+        plugged_size: child(target, "current")
+            .map(size_of)
+            .transpose()?
+            .unwrap_or(0),
+        memdev: String::new(),
     })
 }
 
