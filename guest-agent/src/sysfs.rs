@@ -306,7 +306,9 @@ impl MemoryTree {
     /// `valid_zones` and `removable`, plus the kernel's auto-online policy.
     ///
     /// Everything beyond `state` is informational: a missing or unreadable attribute
-    /// leaves its member absent instead of failing the command.
+    /// leaves its member absent instead of failing the command. A block that vanishes
+    /// between the listing and its reading (the kernel removed it: virtio-mem unplugs
+    /// while the host watches) is left out rather than failing the command.
     pub fn zones(&self) -> Result<GuestMemoryZones, SysfsError> {
         let mut zones = GuestMemoryZones {
             auto_online_blocks: None,
@@ -315,16 +317,27 @@ impl MemoryTree {
             blocks: Vec::new(),
         };
         if let Some((dirfd, indices)) = self.list()? {
-            zones.blocks = vec![
-                GuestMemoryBlockZones {
-                    phys_index: 0,
-                    online: false,
-                    valid_zones: None,
-                    removable: None,
-                };
-                indices.len()
-            ];
-            scan(dirfd.as_fd(), &indices, &mut zones.blocks, read_block_zones)?;
+            let mut blocks: Vec<Option<GuestMemoryBlockZones>> = vec![None; indices.len()];
+            scan(
+                dirfd.as_fd(),
+                &indices,
+                &mut blocks,
+                |dirfd, index, slot| {
+                    let mut block = GuestMemoryBlockZones {
+                        phys_index: index,
+                        online: false,
+                        valid_zones: None,
+                        removable: None,
+                    };
+                    match read_block_zones(dirfd, index, &mut block) {
+                        Ok(()) => *slot = Some(block),
+                        Err(SysfsError::OpenDir { errno, .. }) if errno == Errno::NOENT => {}
+                        Err(e) => return Err(e),
+                    }
+                    Ok(())
+                },
+            )?;
+            zones.blocks = blocks.into_iter().flatten().collect();
             let mut buf = [0u8; WORD_BUF];
             zones.auto_online_blocks = read_text(dirfd.as_fd(), "auto_online_blocks", &mut buf)
                 .map(|t| t.trim().to_string());

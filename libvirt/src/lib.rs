@@ -413,6 +413,39 @@ impl Libvirt {
         .await
     }
 
+    /// Changes the running domain's device described by `xml` (live only); libvirt finds
+    /// the device by what the XML says of it.
+    pub async fn update_device(
+        &self,
+        dom: &Dom,
+        xml: &str,
+        deadline: Instant,
+    ) -> Result<(), LibvirtError> {
+        let (dom, xml) = (dom.clone(), xml.to_string());
+        self.blocking(deadline, move |c| {
+            lookup(c, &dom)?.update_device_flags(&xml, sys::VIR_DOMAIN_AFFECT_LIVE)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Runs QMP `command` (a JSON object) on the domain's QEMU through libvirt's monitor
+    /// passthrough (`virDomainQemuMonitorCommand`) and returns QEMU's reply. libvirt notes
+    /// the domain as tainted (`custom-monitor`) the first time: use it only to read what
+    /// libvirt's XML does not tell.
+    pub async fn qemu_monitor(
+        &self,
+        dom: &Dom,
+        command: &str,
+        deadline: Instant,
+    ) -> Result<String, LibvirtError> {
+        let (dom, command) = (dom.clone(), command.to_string());
+        self.blocking(deadline, move |c| {
+            Ok(lookup(c, &dom)?.qemu_monitor_command(&command, 0)?)
+        })
+        .await
+    }
+
     /// Asks for the removal of the running domain's device `alias`
     /// (`virDomainDetachDeviceAlias`: libvirt returns once the request is sent); the
     /// outcome is told by [`Event::DeviceRemoved`] or [`Event::DeviceRemovalFailed`].

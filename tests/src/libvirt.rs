@@ -204,6 +204,21 @@ impl Domain {
     /// [`Domain::start`] with our agent's `--online-type` (`online`, `online_kernel`,
     /// `online_movable`).
     pub fn start_with(name_prefix: &str, agent: &str, online_type: &str) -> anyhow::Result<Self> {
+        Self::start_full(name_prefix, agent, online_type, false)
+    }
+
+    /// [`Domain::start`] with a `<memory model='virtio-mem'>` device (2 GiB at most, 2 MiB
+    /// blocks, nothing requested at boot), alias `virtiomem0`.
+    pub fn start_virtio_mem(name_prefix: &str) -> anyhow::Result<Self> {
+        Self::start_full(name_prefix, "ours", "online_movable", true)
+    }
+
+    fn start_full(
+        name_prefix: &str,
+        agent: &str,
+        online_type: &str,
+        virtio_mem: bool,
+    ) -> anyhow::Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         ensure!(
             matches!(agent, "ours" | "reference"),
@@ -241,7 +256,7 @@ impl Domain {
             boot_time: Duration::ZERO,
         };
         let xml = domain.path("domain.xml");
-        fs::write(&xml, domain.xml(agent, online_type))?;
+        fs::write(&xml, domain.xml(agent, online_type, virtio_mem))?;
         domain.create()?;
         eprintln!(
             "e2e: libvirt domain {} booted ({agent} agent) in {:.1} s",
@@ -291,7 +306,13 @@ impl Domain {
         self.dir.path().join(file)
     }
 
-    fn xml(&self, agent: &str, online_type: &str) -> String {
+    fn xml(&self, agent: &str, online_type: &str, virtio_mem: bool) -> String {
+        let vmem = if virtio_mem {
+            "<memory model='virtio-mem'><target><size unit='MiB'>2048</size><node>0</node>\
+             <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>"
+        } else {
+            ""
+        };
         let (name, kernel, initrd, console, control) = (
             &self.name,
             self.path("vmlinuz").display().to_string(),
@@ -326,6 +347,7 @@ impl Domain {
     <serial type='unix'><source mode='bind' path='{control}'/><target port='1'/></serial>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
     <memballoon model='none'/>
+    {vmem}
   </devices>
 </domain>
 "

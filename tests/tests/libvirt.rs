@@ -344,3 +344,80 @@ async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
     let gone = c.rpc("guest-ping", json!({"vm": vm})).await;
     assert!(matches!(gone, Err((code, _)) if code != 0), "{gone:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtio_mem_resize_through_libvirt() {
+    let d = Domain::start_virtio_mem("qga-lv-vmem").expect("libvirt domain boots");
+    d.wait_for_agent(Duration::from_secs(60))
+        .unwrap_or_else(|e| panic!("agent through virsh: {e:#}\nconsole:\n{}", d.console_text()));
+    let (_bridge, c) = bridge().await;
+    let vm = d.name().to_string();
+    wait_listed(&c, &vm, true).await;
+    scenario::ping_until_ok(&c, &vm, Duration::from_secs(30))
+        .await
+        .expect("agent through the bridge");
+    let before = d.control().mem_total_kib().expect("MemTotal");
+    let layout = scenario::memory_layout(&c, &vm).await.expect("layout");
+    let boot = layout["boot-bytes"].as_u64().unwrap_or_default();
+    let vmem = &layout["virtio-mem"][0];
+    assert_eq!(
+        boot,
+        512 << 20,
+        "libvirt's <memory> less the device: {layout}"
+    );
+    assert_eq!(vmem["id"], "virtiomem0", "{layout}");
+    assert_eq!(vmem["max-size"], 2u64 << 30, "{layout}");
+    assert!(
+        vmem["addr"].as_u64().is_some(),
+        "the address, from QEMU: {layout}"
+    );
+    let current = |xml: &str| {
+        let at = xml.find("model='virtio-mem'").unwrap_or_default();
+        let rest = &xml[at..];
+        rest.find("<current unit='KiB'>")
+            .and_then(|i| rest[i + 20..].split('<').next())
+            .and_then(|n| n.parse::<u64>().ok())
+    };
+
+    // Grow by 1 GiB: libvirt's <current> and the guest's MemTotal follow.
+    let grown = c
+        .rpc("memory-resize", json!({"vm": vm, "size": boot + (1 << 30)}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-resize up: {e:?}\nconsole:\n{}", d.console_text()));
+    scenario::print_steps("libvirt virtio-mem resize up", &grown);
+    assert_eq!(
+        grown["virtio-mem"],
+        json!([{"id": "virtiomem0", "from-bytes": 0, "to-bytes": 1u64 << 30}]),
+        "{grown}"
+    );
+    mem_total_becomes(&d, before + (1 << 30) / 1024).await;
+    let xml = d.dumpxml().expect("dumpxml");
+    assert_eq!(
+        current(&xml),
+        Some(1 << 20),
+        "<current> is 1 GiB (in KiB): {xml}"
+    );
+    let layout = scenario::memory_layout(&c, &vm).await.expect("layout");
+    let blocks = layout["virtio-mem"][0]["blocks"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        blocks.len() == 8
+            && blocks
+                .iter()
+                .all(|b| b["state"] == "online" && b["valid-zones"] == json!(["Movable"])),
+        "8 blocks online in Movable: {layout}"
+    );
+
+    // And back.
+    let shrunk = c
+        .rpc("memory-resize", json!({"vm": vm, "size": boot}))
+        .await
+        .unwrap_or_else(|e| panic!("memory-resize down: {e:?}\nconsole:\n{}", d.console_text()));
+    scenario::print_steps("libvirt virtio-mem resize down", &shrunk);
+    assert_eq!(shrunk["to-bytes"], boot, "{shrunk}");
+    mem_total_becomes(&d, before).await;
+    assert_eq!(current(&d.dumpxml().expect("dumpxml")), Some(0));
+    virsh_ping(&d);
+}

@@ -1,14 +1,21 @@
 //! [`MemoryBackend`] through libvirt, for domains it runs: a DIMM is a
 //! `<memory model='dimm'>` device attached and detached live, so libvirt's view of the
 //! domain (its live XML) stays true. libvirt makes and deletes a DIMM's memory backend
-//! itself, and tells of additions and removals with events.
+//! itself, and tells of additions and removals with events. A virtio-mem device is
+//! resized with a live update of its `<requested>`; libvirt's `<current>` says what the
+//! guest plugged.
 
 pub mod xml;
 
-use std::{sync::Arc, time::Duration};
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
 
 use async_trait::async_trait;
 use qga_libvirt::{Dom, Event, LIBVIRT_OWN_WAIT, Libvirt, LibvirtError};
+use qga_wire::sync::lock;
 use tokio::{sync::broadcast, time::Instant};
 
 use self::xml::{DomainMemory, MAX_XML_BYTES};
@@ -23,6 +30,9 @@ pub struct LibvirtBackend {
     libvirt: Arc<Libvirt>,
     dom: Dom,
     timeouts: Timeouts,
+    /// Where this run's virtio-mem devices live, once asked (see
+    /// [`Self::virtio_mem_addresses`]).
+    addresses: Arc<Mutex<Option<HashMap<String, u64>>>>,
 }
 
 impl LibvirtBackend {
@@ -32,6 +42,7 @@ impl LibvirtBackend {
             libvirt,
             dom,
             timeouts,
+            addresses: Arc::default(),
         }
     }
 
@@ -83,6 +94,45 @@ impl LibvirtBackend {
                 reason: format!("libvirt accepted DIMM {alias} but does not list it"),
             })
         }
+    }
+}
+
+impl LibvirtBackend {
+    /// Where each virtio-mem device lives, by id. libvirt 9.0's XML does not say; QEMU
+    /// does (`query-memory-devices`, through libvirt's monitor passthrough, which libvirt
+    /// notes as a `custom-monitor` taint). Asked once per domain run: it never changes.
+    async fn virtio_mem_addresses(
+        &self,
+        until: Instant,
+    ) -> Result<HashMap<String, u64>, BackendError> {
+        if let Some(known) = lock(&self.addresses).clone() {
+            return Ok(known);
+        }
+        let reply = self
+            .libvirt
+            .qemu_monitor(
+                &self.dom,
+                r#"{"execute":"query-memory-devices"}"#,
+                self.timeouts.command_until(until),
+            )
+            .await
+            .map_err(|e| error("query-memory-devices", e))?;
+        let reply: serde_json::Value = serde_json::from_str(&reply)
+            .map_err(|e| BackendError::BadReply(format!("QEMU through libvirt: {e}")))?;
+        let known: HashMap<String, u64> = reply["return"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["type"] == "virtio-mem")
+            .filter_map(|d| {
+                Some((
+                    d["data"]["id"].as_str()?.to_string(),
+                    d["data"]["memaddr"].as_u64()?,
+                ))
+            })
+            .collect();
+        *lock(&self.addresses) = Some(known.clone());
+        Ok(known)
     }
 }
 
@@ -233,24 +283,37 @@ impl MemoryBackend for LibvirtBackend {
     }
 
     async fn virtio_mem(&self, until: Instant) -> Result<Vec<VirtioMemDevice>, BackendError> {
-        Ok(self.domain_memory(until).await?.virtio_mem)
+        let mut devices = self.domain_memory(until).await?.virtio_mem;
+        if devices.iter().any(|d| d.addr.is_none()) {
+            let known = self.virtio_mem_addresses(until).await?;
+            for d in &mut devices {
+                d.addr = d.addr.or_else(|| known.get(&d.id).copied());
+            }
+        }
+        Ok(devices)
     }
 
-    /// Not through libvirt yet: libvirt 9.0's XML does not say where a virtio-mem device
-    /// lives in the guest, so the bridge could not check the guest's side of a resize.
     async fn set_requested_size(
         &self,
         id: &str,
-        _bytes: u64,
-        _until: Instant,
+        bytes: u64,
+        until: Instant,
     ) -> Result<(), BackendError> {
-        Err(BackendError::Refused {
-            step: "update-device".into(),
-            reason: format!(
-                "resizing virtio-mem device '{id}' through libvirt is not supported by this \
-                 bridge yet (libvirt does not tell where its memory lives in the guest)"
-            ),
-        })
+        let deadline = self.timeouts.command_until(until);
+        let xml = self
+            .libvirt
+            .domain_xml(&self.dom, deadline)
+            .await
+            .map_err(|e| error("dumpxml", e))?;
+        let device =
+            xml::virtio_mem_requested(&xml, id, bytes).map_err(|reason| BackendError::Refused {
+                step: "update-device".into(),
+                reason,
+            })?;
+        self.libvirt
+            .update_device(&self.dom, &device, deadline)
+            .await
+            .map_err(|e| error("update-device", e))
     }
 }
 

@@ -122,6 +122,27 @@ pub fn parse(xml: &str) -> Result<DomainMemory, String> {
     })
 }
 
+/// The live XML of virtio-mem device `alias` from the domain's `xml`, with `<requested>`
+/// set to `bytes`: what `virDomainUpdateDeviceFlags` takes (libvirt finds the device by
+/// all of it, its PCI address included, so it is kept as libvirt wrote it).
+pub fn virtio_mem_requested(xml: &str, alias: &str, bytes: u64) -> Result<String, String> {
+    let doc = roxmltree::Document::parse(xml).map_err(|e| format!("domain XML: {e}"))?;
+    let device = doc
+        .descendants()
+        .filter(|n| n.has_tag_name("memory") && n.attribute("model") == Some("virtio-mem"))
+        .find(|n| child(*n, "alias").and_then(|a| a.attribute("name")) == Some(alias))
+        .ok_or_else(|| format!("the domain has no virtio-mem device '{alias}'"))?;
+    let requested = child(device, "target")
+        .and_then(|t| child(t, "requested"))
+        .ok_or_else(|| format!("virtio-mem device '{alias}' has no <requested>"))?;
+    let (d, r) = (device.range(), requested.range());
+    Ok(format!(
+        "{}<requested unit='b'>{bytes}</requested>{}",
+        &xml[d.start..r.start],
+        &xml[r.end..d.end]
+    ))
+}
+
 /// A `<memory model='virtio-mem'>` device: `<target>` with `<size>` (the most it can
 /// plug), `<node>`, `<block>`, `<requested>`, `<current>` (what the guest plugged) and,
 /// where libvirt tells it, `<address base=...>`.
@@ -213,5 +234,64 @@ mod tests {
         let no_size = "<domain><memory>1</memory><devices><memory model='dimm'><target/>\
                        </memory></devices></domain>";
         assert!(parse(no_size).is_err());
+    }
+
+    /// A virtio-mem device as libvirt 9.0 writes it in the live XML.
+    const VIRTIO_MEM: &str = r#"<domain type='qemu' id='7'>
+  <memory unit='KiB'>2621440</memory>
+  <devices>
+    <memory model='virtio-mem'>
+      <target>
+        <size unit='KiB'>2097152</size>
+        <node>0</node>
+        <block unit='KiB'>2048</block>
+        <requested unit='KiB'>1048576</requested>
+        <current unit='KiB'>524288</current>
+      </target>
+      <alias name='virtiomem0'/>
+      <address type='pci' domain='0x0000' bus='0x00' slot='0x03' function='0x0'/>
+    </memory>
+  </devices>
+</domain>"#;
+
+    #[test]
+    fn virtio_mem_devices_are_read_and_their_requested_size_rewritten() {
+        let m = parse(VIRTIO_MEM).expect("parse");
+        assert_eq!(
+            m.boot,
+            512 << 20,
+            "<memory> counts the device at its full size"
+        );
+        let v = &m.virtio_mem[0];
+        assert_eq!(
+            (
+                v.id.as_str(),
+                v.addr,
+                v.max_size,
+                v.block_size,
+                v.requested_size,
+                v.plugged_size
+            ),
+            ("virtiomem0", None, 2 << 30, 2 << 20, 1 << 30, 512 << 20)
+        );
+        let update = virtio_mem_requested(VIRTIO_MEM, "virtiomem0", 0).expect("found");
+        assert!(
+            update.starts_with("<memory model='virtio-mem'>"),
+            "{update}"
+        );
+        assert!(update.ends_with("</memory>"), "{update}");
+        assert!(
+            update.contains("<requested unit='b'>0</requested>"),
+            "{update}"
+        );
+        assert!(
+            update.contains("slot='0x03'"),
+            "the PCI address is kept: {update}"
+        );
+        let again = parse(&format!(
+            "<domain><memory>1</memory><devices>{update}</devices></domain>"
+        ));
+        assert_eq!(again.map(|m| m.virtio_mem[0].requested_size), Ok(0));
+        assert!(virtio_mem_requested(VIRTIO_MEM, "virtiomem9", 0).is_err());
     }
 }
