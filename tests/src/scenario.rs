@@ -12,7 +12,7 @@ use anyhow::{Context, anyhow, bail, ensure};
 use qga_proto::v1::{
     BlockState, GetLayoutRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock,
     MemoryBlockChange, MemoryBlockResponseType, MemoryBlockResult, OnlineType, PingRequest,
-    PlugRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
+    PlugRequest, ResizeRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
 };
 use serde_json::{Value, json};
 
@@ -488,6 +488,104 @@ pub async fn bridge_hotplug_cycle(
     ensure!(
         !g.memdev_ids()?.contains(&memdev),
         "QEMU still has the DIMM's backend {memdev} (object-del not done)"
+    );
+    Ok(())
+}
+
+/// The compose guest's virtio-mem device: `Resize` by 1 GiB and back, checked in the
+/// reply, the layout, QEMU and the guest's MemTotal.
+pub async fn virtio_mem_cycle(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<()> {
+    let mem_before = g.mem_total_kib()?;
+    let layout = c
+        .hotplug
+        .clone()
+        .get_layout(GetLayoutRequest { vm: vm.into() })
+        .await
+        .context("GetLayout")?
+        .into_inner();
+    let device = layout
+        .virtio_mem
+        .first()
+        .with_context(|| format!("the layout lists no virtio-mem device: {layout:?}"))?
+        .clone();
+    ensure!(
+        device.plugged_size == 0,
+        "virtio-mem device {} has memory plugged already: {device:?}",
+        device.id
+    );
+    let base = layout.boot_bytes + layout.plugged_bytes;
+    let start = Instant::now();
+    let up = c
+        .hotplug
+        .clone()
+        .resize(ResizeRequest {
+            vm: vm.into(),
+            size: base + GIB,
+            request_id: None,
+        })
+        .await
+        .context("Resize +1 GiB with virtio-mem")?
+        .into_inner();
+    print_grpc_steps("Resize (virtio-mem)", &up.steps, &up.warnings);
+    ensure!(
+        up.to_bytes == base + GIB
+            && up.plugged.is_empty()
+            && up.virtio_mem.len() == 1
+            && up.virtio_mem[0].to_bytes == GIB,
+        "Resize +1 GiB did not go to the virtio-mem device: {up:?}"
+    );
+    wait_mem_total(g, mem_before + GIB / 1024, Duration::from_secs(30)).await?;
+    t.record("virtio-mem Resize +1 GiB to usable", start.elapsed());
+    let (requested, size) = g.virtio_mem_sizes(&device.id)?;
+    ensure!(
+        requested == GIB && size == GIB,
+        "QEMU's {}: requested-size {requested}, size {size}",
+        device.id
+    );
+    let layout = c
+        .hotplug
+        .clone()
+        .get_layout(GetLayoutRequest { vm: vm.into() })
+        .await
+        .context("GetLayout")?
+        .into_inner();
+    let grown = layout
+        .virtio_mem
+        .iter()
+        .find(|v| v.id == device.id)
+        .with_context(|| format!("{} gone from the layout", device.id))?;
+    ensure!(
+        grown.plugged_size == GIB
+            && !grown.blocks.is_empty()
+            && grown.blocks.iter().all(|b| b.state() == BlockState::Online),
+        "the guest's blocks of {} are not all online: {grown:?}",
+        device.id
+    );
+    let start = Instant::now();
+    let down = c
+        .hotplug
+        .clone()
+        .resize(ResizeRequest {
+            vm: vm.into(),
+            size: base,
+            request_id: None,
+        })
+        .await
+        .context("Resize back with virtio-mem")?
+        .into_inner();
+    print_grpc_steps("Resize back (virtio-mem)", &down.steps, &down.warnings);
+    wait_mem_total(g, mem_before, Duration::from_secs(60)).await?;
+    t.record("virtio-mem Resize back to MemTotal back", start.elapsed());
+    let (requested, size) = g.virtio_mem_sizes(&device.id)?;
+    ensure!(
+        requested == 0 && size == 0,
+        "QEMU's {} after the shrink: requested-size {requested}, size {size}",
+        device.id
     );
     Ok(())
 }

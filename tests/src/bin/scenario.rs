@@ -83,6 +83,8 @@ async fn main() -> anyhow::Result<()> {
     scenario::unplug_cycle(&c, &cli.vm, &g, &mut t).await?;
     scenario::bridge_hotplug_cycle(&c, &cli.vm, &g, &mut t).await?;
     eprintln!("e2e: memory-plug and Unplug of a 512 MiB DIMM through the bridge");
+    scenario::virtio_mem_cycle(&c, &cli.vm, &g, &mut t).await?;
+    eprintln!("e2e: Resize by 1 GiB and back through the guest's virtio-mem device");
     let start = std::time::Instant::now();
     g.restart_agent()?;
     let failed = scenario::ping_until_ok(&c, &cli.vm, Duration::from_secs(60)).await?;
