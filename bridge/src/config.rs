@@ -35,6 +35,7 @@
 //! vm1 = "/run/qemu/vm1/qga.sock"         # the agent only
 //! vm2 = { qga = "/run/qemu/vm2/qga.sock", qmp = "/run/qemu/vm2/qmp-bridge.sock" }
 //! vm3 = { qga = "/var/run/qemu-server/103.qga", mode = "shared" }  # released when idle
+//! vm4 = { qga = "/run/qemu/vm4/qga.sock", qmp = "/run/qemu/vm4/qmp-bridge.sock", auto_online = "keep" }
 //!
 //! [hotplug]                             # DIMMs over QMP (VMs with a qmp socket)
 //! dimm_size = 536870912                 # bytes per DIMM that memory-resize plugs
@@ -399,6 +400,9 @@ struct VmSockets {
     qmp: Option<PathBuf>,
     #[serde(default)]
     mode: SocketMode,
+    /// This VM's `hotplug.auto_online`, when it differs.
+    #[serde(default)]
+    auto_online: Option<AutoOnline>,
 }
 
 /// How the bridge holds a VM's agent socket.
@@ -432,6 +436,9 @@ pub struct Hotplug {
     pub eject_timeout_ms: u64,
     /// What the bridge does with the guest kernel's `auto_online_blocks` (our agent only).
     pub auto_online: AutoOnline,
+    /// Per-VM `auto_online` (`[vms] NAME = { ..., auto_online = "keep" }`).
+    #[serde(skip)]
+    pub auto_online_of: BTreeMap<String, AutoOnline>,
     /// How long an unplug keeps offlining a DIMM's blocks (trying again after EBUSY)
     /// before it gives up and gives them back, milliseconds: a DIMM whose memory the guest
     /// will not release is answered within this, not the whole `timeout_ms`.
@@ -459,6 +466,7 @@ impl Default for Hotplug {
             eject_timeout_ms: 10_000,
             offline_budget_ms: 10_000,
             auto_online: AutoOnline::Movable,
+            auto_online_of: BTreeMap::new(),
             qmp_timeout_ms: 5_000,
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
@@ -937,8 +945,9 @@ impl Config {
             self.auth = file.auth;
         }
         self.discover = file.discover;
-        self.set_vms(file.vms);
+        // `[hotplug]` first: `[vms]` entries may override its `auto_online` per VM.
         self.hotplug = file.hotplug;
+        self.set_vms(file.vms);
         // Per-command entries add to the defaults rather than replacing them all.
         let mut commands = self.timeouts.commands.clone();
         commands.extend(file.timeouts.commands.clone());
@@ -955,12 +964,21 @@ impl Config {
         self.vms.clear();
         self.qmp.clear();
         self.shared.clear();
+        self.hotplug.auto_online_of.clear();
         for (name, entry) in vms {
             let (qga, qmp) = match entry {
                 VmEntry::Qga(qga) => (qga, None),
-                VmEntry::Full(VmSockets { qga, qmp, mode }) => {
+                VmEntry::Full(VmSockets {
+                    qga,
+                    qmp,
+                    mode,
+                    auto_online,
+                }) => {
                     if mode == SocketMode::Shared {
                         self.shared.insert(name.clone());
+                    }
+                    if let Some(a) = auto_online {
+                        self.hotplug.auto_online_of.insert(name.clone(), a);
                     }
                     (qga, qmp)
                 }
@@ -1191,9 +1209,24 @@ mod tests {
         let mut c = Config::default();
         c.apply_toml(
             Path::new("t.toml"),
-            "[vms]\na = \"/a.sock\"\nb = { qga = \"/b.sock\", qmp = \"/b.qmp\" }\nc = { qga = \"/c.sock\" }\n[hotplug]\ndimm_size = 1073741824\n",
+            "[vms]\na = \"/a.sock\"\nb = { qga = \"/b.sock\", qmp = \"/b.qmp\" }\nc = { qga = \"/c.sock\", auto_online = \"keep\" }\n[hotplug]\ndimm_size = 1073741824\n",
         )
         .expect("valid");
+        assert_eq!(c.hotplug.auto_online, AutoOnline::Movable);
+        assert_eq!(
+            c.hotplug.auto_online_of.get("c"),
+            Some(&AutoOnline::Keep),
+            "a VM's own auto_online"
+        );
+        assert!(
+            Config::default()
+                .apply_toml(
+                    Path::new("t.toml"),
+                    "[vms]\nc = { qga = \"/c\", auto_online = \"off\" }\n"
+                )
+                .is_err(),
+            "an unknown auto_online is refused"
+        );
         assert_eq!(c.vms.len(), 3);
         assert_eq!(c.vms["b"], PathBuf::from("/b.sock"));
         assert_eq!(c.qmp.len(), 1);

@@ -218,7 +218,13 @@ impl Hotplug {
             vm: vm.to_string(),
             session,
             backend: memory.backend(),
-            settings: self.settings.hotplug.clone(),
+            settings: {
+                let mut s = self.settings.hotplug.clone();
+                if let Some(&a) = s.auto_online_of.get(vm) {
+                    s.auto_online = a;
+                }
+                s
+            },
             max_set_entries: self.settings.max_set_entries,
             deadline: deadline.map_or(own, |d| d.min(own)),
             steps: Vec::new(),
