@@ -26,8 +26,12 @@ use super::{
 };
 use crate::{backend::VirtioMemDevice, error::BridgeError};
 
-/// How often QEMU's plugged size and the guest's blocks are looked at while waiting.
+/// How often QEMU's plugged size is looked at while waiting.
 const POLL: Duration = Duration::from_millis(20);
+
+/// How long QEMU's plugged size may stand still before the guest is looked at (and how
+/// often it is, while it stands still).
+const STALL: Duration = Duration::from_millis(200);
 
 /// One device's part in a resize.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,44 +190,29 @@ async fn settle(
     let grow_until = ctx.phase(ctx.settings.appear_timeout_ms);
     let budget = Duration::from_millis(ctx.settings.offline_budget_ms);
     let mut progress = (Instant::now(), plugged_of(before));
+    let mut looked = start;
     loop {
         let now = current(ctx, before).await?;
         let plugged = plugged_of(&now);
-        // The reference agent fails the whole block list when a block vanishes while it
-        // reads (the driver removing it): that pass learns nothing from the guest.
-        let view = match ctx.guest(caps).await {
-            Ok(view) => view,
-            Err(BridgeError::Agent(_)) => GuestView::default(),
-            Err(e) => return Err(e),
-        };
-        // Only where memory is being added: while shrinking, the driver offlines blocks
-        // itself on their way out.
-        let growing: Vec<VirtioMemDevice> = now
-            .iter()
-            .zip(before.iter().zip(wanted))
-            .filter(|(_, (b, w))| **w > b.plugged_size)
-            .map(|(d, _)| d.clone())
-            .collect();
-        let offline = offline_blocks(&growing, &view, block_size);
-        if !offline.is_empty() {
-            // Looked at again at the next pass (the view is from before).
-            online(ctx, &offline, online_type).await?;
-        }
-        let guest_ok = now
-            .iter()
-            .zip(wanted)
-            .all(|(d, &w)| online_bytes(d, &view, block_size) >= w.min(d.plugged_size));
-        if plugged == wanted && guest_ok && offline.is_empty() {
-            ctx.step(
-                "settle",
-                start,
-                format!("{} bytes plugged, online", plugged.iter().sum::<u64>()),
-            );
-            zone_warnings(ctx, &now, &view, block_size, online_type);
-            return Ok(plugged);
-        }
         if plugged != progress.1 {
             progress = (Instant::now(), plugged.clone());
+        }
+        // The guest is asked only once QEMU's side is there, or while it has not moved for
+        // STALL (the driver may wait for blocks to be onlined), at most every STALL: each
+        // look at the guest takes its CPU from the plugging or unplugging itself.
+        let done_in_qemu = plugged == wanted;
+        if done_in_qemu || (progress.0.elapsed() >= STALL && looked.elapsed() >= STALL) {
+            looked = Instant::now();
+            if let Some(plugged) =
+                look(ctx, before, &now, wanted, block_size, online_type, caps).await?
+            {
+                ctx.step(
+                    "settle",
+                    start,
+                    format!("{} bytes plugged, online", plugged.iter().sum::<u64>()),
+                );
+                return Ok(plugged);
+            }
         }
         let shrinking = plugged.iter().zip(wanted).any(|(p, w)| p > w);
         let stuck = if shrinking {
@@ -236,6 +225,51 @@ async fn settle(
         }
         tokio::time::sleep(POLL).await;
     }
+}
+
+/// One look at the guest: onlines blocks it left offline where memory is being added,
+/// and, when QEMU's side is done and the guest has that memory online, the plugged
+/// sizes (with a warning for memory outside ZONE_MOVABLE).
+async fn look(
+    ctx: &mut Ctx,
+    before: &[VirtioMemDevice],
+    now: &[VirtioMemDevice],
+    wanted: &[u64],
+    block_size: u64,
+    online_type: Option<GuestMemoryOnlineType>,
+    caps: Capabilities,
+) -> Result<Option<Vec<u64>>, BridgeError> {
+    // The reference agent fails the whole block list when a block vanishes while it
+    // reads (the driver removing it): that look learns nothing from the guest.
+    let view = match ctx.guest(caps).await {
+        Ok(view) => view,
+        Err(BridgeError::Agent(_)) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    // Only where memory is being added: while shrinking, the driver offlines blocks
+    // itself on their way out.
+    let growing: Vec<VirtioMemDevice> = now
+        .iter()
+        .zip(before.iter().zip(wanted))
+        .filter(|(_, (b, w))| **w > b.plugged_size)
+        .map(|(d, _)| d.clone())
+        .collect();
+    let offline = offline_blocks(&growing, &view, block_size);
+    if !offline.is_empty() {
+        // Seen again at the next look (this view is from before).
+        online(ctx, &offline, online_type).await?;
+        return Ok(None);
+    }
+    let plugged = plugged_of(now);
+    let guest_ok = now
+        .iter()
+        .zip(wanted)
+        .all(|(d, &w)| online_bytes(d, &view, block_size) >= w.min(d.plugged_size));
+    if plugged != wanted || !guest_ok {
+        return Ok(None);
+    }
+    zone_warnings(ctx, now, &view, block_size, online_type);
+    Ok(Some(plugged))
 }
 
 /// The devices of `before` as the hypervisor lists them now.
