@@ -346,6 +346,12 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
         f.base_vgrow.push(usable);
         let since = Instant::now();
         set(&mut q, 0)?;
+        // The same MemTotal poller as during the bridge's call, so both sides carry the
+        // same load on the guest's vCPU.
+        let watcher = {
+            let g = g.clone();
+            std::thread::spawn(move || mem_total_reaches(&g, boot_kib, since))
+        };
         let deadline = since + WAIT;
         while vmem_size(&mut q)? != 0 {
             ensure!(
@@ -355,6 +361,7 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
             std::thread::sleep(Duration::from_millis(10));
         }
         let gone = since.elapsed();
+        let _ = watcher.join();
         f.base_vshrink.push(gone);
         eprintln!(
             "bench: hotplug round {round} virtio-mem baseline: +2 GiB to usable {}, back to \
@@ -819,7 +826,8 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          satisfy. **virtio-mem**, on two more guests per round with a `virtio-mem-pci` device \
          `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at boot): the baseline guest \
          boots with `memhp_default_state=online_movable` and the bench sends `qom-set vmem0 \
-         requested-size` 2 GiB, then 0, waiting for QEMU's `size` to reach 0; the bridge's \
+         requested-size` 2 GiB, then 0, waiting for QEMU's `size` to reach 0 (with the same \
+         `MemTotal` poller running as during the bridge's call); the bridge's \
          guest gets `memory-resize` to boot + 2 GiB and back (the bridge makes the guest \
          kernel online movable, sets `requested-size`, and answers when QEMU's `size` and \
          the guest's online blocks agree). Compare its rows with the DIMM rows of the same \

@@ -370,8 +370,13 @@ impl Agent {
                 encode_ok(out, &results, id);
             }
             Command::SetAutoOnline(word) => {
-                let auto_online_blocks = self.tree.set_auto_online(word).map_err(generic)?;
-                encode_ok(out, &GuestAutoOnline { auto_online_blocks }, id);
+                let (auto_online_blocks, previous) =
+                    self.tree.set_auto_online(word).map_err(generic)?;
+                let reply = GuestAutoOnline {
+                    auto_online_blocks,
+                    previous,
+                };
+                encode_ok(out, &reply, id);
             }
         }
         Ok(())
@@ -709,7 +714,8 @@ mod tests {
                     set,
                     Some(json!({"auto-online-blocks": "online_movable"}))
                 ),
-                json!({"return": {"auto-online-blocks": "online_movable"}})
+                json!({"return": {"auto-online-blocks": "online_movable",
+                                  "previous": "offline"}})
             );
             assert_eq!(
                 call(&agent, ZONES, None)["return"]["auto-online-blocks"],

@@ -361,12 +361,15 @@ impl MemoryTree {
     }
 
     /// Writes `word` to `auto_online_blocks` (one `write`, as the kernel ABI expects) and
-    /// returns what the kernel reads back.
-    pub fn set_auto_online(&self, word: &str) -> Result<String, SysfsError> {
+    /// returns what the kernel reads back, and what it read before (when it could).
+    pub fn set_auto_online(&self, word: &str) -> Result<(String, Option<String>), SysfsError> {
         let dirfd = self.open_dir().map_err(|errno| SysfsError::OpenDir {
             name: String::new(),
             errno,
         })?;
+        let mut buf = [0u8; WORD_BUF];
+        let previous =
+            read_text(dirfd.as_fd(), "auto_online_blocks", &mut buf).map(|t| t.trim().to_string());
         let write = || -> Result<(), Errno> {
             let fd = rustix::fs::openat(
                 &dirfd,
@@ -384,12 +387,13 @@ impl MemoryTree {
             errno,
         })?;
         let mut buf = [0u8; WORD_BUF];
-        read_attr(dirfd.as_fd(), "auto_online_blocks", &mut buf)
+        let now = read_attr(dirfd.as_fd(), "auto_online_blocks", &mut buf)
             .map(|t| String::from_utf8_lossy(t).trim().to_string())
             .map_err(|err| SysfsError::Read {
                 file: "auto_online_blocks",
                 err,
-            })
+            })?;
+        Ok((now, previous))
     }
 
     /// Brings each requested block online or offline, in order, one result per entry.

@@ -50,7 +50,7 @@ pub mod command {
     pub const ONLINE_WHEN_PRESENT: &str = "__org.qga-bridge_online-when-present";
     /// Downstream extension: `__org.qga-bridge_set-auto-online`
     /// [`{"auto-online-blocks": WORD}`](super::GuestAutoOnline) -> the same, as the kernel
-    /// reads it back: sets the guest kernel's `auto_online_blocks`, so that memory it adds
+    /// reads it back (and the word before it as `previous`): sets the guest kernel's `auto_online_blocks`, so that memory it adds
     /// is onlined at once, into the zone the host chose, as the kernel adds it.
     pub const SET_AUTO_ONLINE: &str = "__org.qga-bridge_set-auto-online";
 }
@@ -184,6 +184,10 @@ pub struct GuestOnlineWhenPresentArgs {
 pub struct GuestAutoOnline {
     /// The kernel's word.
     pub auto_online_blocks: String,
+    /// In `__org.qga-bridge_set-auto-online`'s reply: the word before the write, when it
+    /// could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
 }
 
 /// One block in the `__org.qga-bridge_get-memory-zones` reply.

@@ -35,12 +35,8 @@ pub(super) async fn prepare(
     else {
         return Ok(None);
     };
-    let now = ctx.guest(caps).await?;
     let want = t.as_str();
-    if now.auto_online_blocks() != Some(want) {
-        let before = now.auto_online_blocks().unwrap_or("unknown").to_string();
-        set(ctx, want, &format!("{before} -> {want}")).await?;
-    }
+    set(ctx, want).await?;
     Ok((want != MOVABLE).then_some(Restore(MOVABLE)))
 }
 
@@ -49,22 +45,27 @@ pub(super) async fn restore(ctx: &mut Ctx, restore: Option<Restore>) {
     let Some(Restore(word)) = restore else {
         return;
     };
-    if let Err(e) = set(ctx, word, &format!("back to {word}")).await {
+    if let Err(e) = set(ctx, word).await {
         ctx.warnings.push(format!(
             "the guest's auto_online_blocks could not be set back to {word}: {e}"
         ));
     }
 }
 
-/// Writes `word` and checks the kernel took it.
-async fn set(ctx: &mut Ctx, word: &str, detail: &str) -> Result<(), BridgeError> {
+/// Writes `word` (one agent call, no scan of the guest's blocks) and checks the kernel
+/// took it; a step is recorded when it changed.
+async fn set(ctx: &mut Ctx, word: &str) -> Result<(), BridgeError> {
     let start = Instant::now();
     let call = Call::SetAutoOnline(GuestAutoOnline {
         auto_online_blocks: word.to_string(),
+        previous: None,
     });
     match ctx.agent(call).await? {
         Reply::AutoOnline(now) if now.auto_online_blocks == word => {
-            ctx.step("auto-online", start, detail.to_string());
+            if now.previous.as_deref() != Some(word) {
+                let before = now.previous.as_deref().unwrap_or("unknown");
+                ctx.step("auto-online", start, format!("{before} -> {word}"));
+            }
             Ok(())
         }
         other => Err(ctx.hotplug_error(
