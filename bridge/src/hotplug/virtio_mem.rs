@@ -191,17 +191,21 @@ async fn settle(
     let budget = Duration::from_millis(ctx.settings.offline_budget_ms);
     let mut progress = (Instant::now(), plugged_of(before));
     let mut looked = start;
+    // Only a growth can wait on the guest (for blocks to be onlined); a shrink is the
+    // driver's alone, and QEMU's size tells how it goes.
+    let growing = before.iter().zip(wanted).any(|(b, &w)| w > b.plugged_size);
     loop {
         let now = current(ctx, before).await?;
         let plugged = plugged_of(&now);
         if plugged != progress.1 {
             progress = (Instant::now(), plugged.clone());
         }
-        // The guest is asked only once QEMU's side is there, or while it has not moved for
-        // STALL (the driver may wait for blocks to be onlined), at most every STALL: each
-        // look at the guest takes its CPU from the plugging or unplugging itself.
+        // The guest is asked only once QEMU's side is there, or, growing, while it has not
+        // moved for STALL (the driver may wait for blocks to be onlined), at most every
+        // STALL: each look at the guest takes its CPU from the plugging or unplugging.
         let done_in_qemu = plugged == wanted;
-        if done_in_qemu || (progress.0.elapsed() >= STALL && looked.elapsed() >= STALL) {
+        let stalled = growing && progress.0.elapsed() >= STALL && looked.elapsed() >= STALL;
+        if done_in_qemu || stalled {
             looked = Instant::now();
             if let Some(plugged) =
                 look(ctx, before, &now, wanted, block_size, online_type, caps).await?
