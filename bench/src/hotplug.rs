@@ -92,6 +92,10 @@ struct Figures {
     /// Bridge: `memory-resize` back on the virtio-mem guest: the call (it returns once
     /// QEMU's size is 0).
     vshrink_call: Samples,
+    /// `qom-set` alone (+2 GiB to usable, back to size 0) on the bridge's own guest,
+    /// the bridge idle: the guest booted as the bridge's, without `memhp_default_state`.
+    same_vgrow: Samples,
+    same_vshrink: Samples,
     /// The bridge's own step timings (from its replies), per operation and step.
     steps: BTreeMap<(&'static str, String), Samples>,
     /// Bridge operations that did not work: operation, then each error and its rounds.
@@ -328,7 +332,22 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
     config.extra_append = "memhp_default_state=online_movable";
     config.virtio_mem = true;
     let guest = Guest::boot(image, config).context("booting the virtio-mem baseline guest")?;
-    let mut run = || -> anyhow::Result<()> {
+    let (grow, shrink) = qom_set_cycle(&guest).map_err(|e| with_console(&guest, e))?;
+    f.base_vgrow.push(grow);
+    f.base_vshrink.push(shrink);
+    eprintln!(
+        "bench: hotplug round {round} virtio-mem baseline: +2 GiB to usable {}, back to \
+         size 0 {}",
+        fmt_duration(grow),
+        fmt_duration(shrink)
+    );
+    Ok(())
+}
+
+/// `qom-set vmem0 requested-size` 2 GiB to `MemTotal` +2 GiB, then 0 until QEMU's size is
+/// 0 (with a `MemTotal` poller running, as during the bridge's calls).
+fn qom_set_cycle(guest: &Guest) -> anyhow::Result<(Duration, Duration)> {
+    {
         let g = guest.control();
         let mut q = Qmp::connect(&g.qmp, Duration::from_secs(10))?;
         let boot_kib = g.mem_total_kib()?;
@@ -342,8 +361,7 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
         let since = Instant::now();
         set(&mut q, GROW)?;
         let usable = mem_total_reaches(&g, boot_kib + GROW / 1024, since)
-            .context("virtio-mem baseline: MemTotal +2 GiB")?;
-        f.base_vgrow.push(usable);
+            .context("qom-set: MemTotal +2 GiB")?;
         let since = Instant::now();
         set(&mut q, 0)?;
         // The same MemTotal poller as during the bridge's call, so both sides carry the
@@ -362,16 +380,8 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
         }
         let gone = since.elapsed();
         let _ = watcher.join();
-        f.base_vshrink.push(gone);
-        eprintln!(
-            "bench: hotplug round {round} virtio-mem baseline: +2 GiB to usable {}, back to \
-             size 0 {}",
-            fmt_duration(usable),
-            fmt_duration(gone)
-        );
-        Ok(())
-    };
-    run().map_err(|e| with_console(&guest, e))
+        Ok((usable, gone))
+    }
 }
 
 /// The bridge's `memory-resize` +2 GiB and back on a guest with a virtio-mem device.
@@ -421,6 +431,22 @@ async fn vmem_bridge_round(
                 fmt_duration(call)
             );
         }
+    }
+    // The same guest with qom-set alone (the bridge idle): what this guest itself takes.
+    let guest = &b.guest;
+    let same = tokio::task::block_in_place(|| qom_set_cycle(guest));
+    match same {
+        Ok((grow, shrink)) => {
+            f.same_vgrow.push(grow);
+            f.same_vshrink.push(shrink);
+            eprintln!(
+                "bench: hotplug round {round} qom-set on the bridge's guest: +2 GiB to usable {}, \
+                 back to size 0 {}",
+                fmt_duration(grow),
+                fmt_duration(shrink)
+            );
+        }
+        Err(e) => record_failure(f, "qom-set on the bridge's guest", round, &e),
     }
     Ok(())
 }
@@ -830,8 +856,11 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          `MemTotal` poller running as during the bridge's call); the bridge's \
          guest gets `memory-resize` to boot + 2 GiB and back (the bridge makes the guest \
          kernel online movable, sets `requested-size`, and answers when QEMU's `size` and \
-         the guest's online blocks agree). Compare its rows with the DIMM rows of the same \
-         sizes above. \"To usable\" ends at the first `MemTotal` poll \
+         the guest's online blocks agree), and then, on that same guest with the bridge idle, \
+         `qom-set` alone the same way (that guest boots without `memhp_default_state`; the \
+         bridge set `auto_online_blocks` at run time, which this kernel's virtio-mem driver \
+         unplugs from more slowly than memory onlined under the boot parameter). Compare its \
+         rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
          (the guest's `/proc/meminfo` over its control port, every {} ms) that shows the new \
          memory; the same poller runs during the bridge's calls, so both sides carry the same \
          polling load on the single vCPU. \"To gone\" ends when the backend is deleted: \
@@ -902,6 +931,18 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         spread(&f.base_vshrink),
         bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
         median_ratio(&f.vshrink_call, &f.base_vshrink),
+    ]);
+    report.row(&[
+        "virtio-mem: grow by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
+        spread(&f.same_vgrow),
+        bridge_cell(&f, "virtio-mem resize up", &f.vgrow_usable, rounds),
+        median_ratio(&f.vgrow_usable, &f.same_vgrow),
+    ]);
+    report.row(&[
+        "virtio-mem: shrink by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
+        spread(&f.same_vshrink),
+        bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
+        median_ratio(&f.vshrink_call, &f.same_vshrink),
     ]);
     report.row(&[
         "unplug of 512 MiB onlined `online_kernel`: answered (refused)".to_string(),
