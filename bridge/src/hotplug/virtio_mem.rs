@@ -33,6 +33,10 @@ const POLL: Duration = Duration::from_millis(20);
 /// often it is, while it stands still).
 const STALL: Duration = Duration::from_millis(200);
 
+/// How often the guest is looked at once QEMU's size is there but the guest is still
+/// onlining what was plugged.
+const GUEST_LOOK: Duration = Duration::from_millis(100);
+
 /// One device's part in a resize.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -201,11 +205,12 @@ async fn settle(
             progress = (Instant::now(), plugged.clone());
         }
         // The guest is asked only once QEMU's side is there, or, growing, while it has not
-        // moved for STALL (the driver may wait for blocks to be onlined), at most every
-        // STALL: each look at the guest takes its CPU from the plugging or unplugging.
+        // moved for STALL (the driver may wait for blocks to be onlined); and at most every
+        // GUEST_LOOK after the first: each look takes the guest's CPU from the plugging.
         let done_in_qemu = plugged == wanted;
         let stalled = growing && progress.0.elapsed() >= STALL && looked.elapsed() >= STALL;
-        if done_in_qemu || stalled {
+        let first = looked == start;
+        if (done_in_qemu && (first || looked.elapsed() >= GUEST_LOOK)) || stalled {
             looked = Instant::now();
             if let Some(plugged) =
                 look(ctx, before, &now, wanted, block_size, online_type, caps).await?
