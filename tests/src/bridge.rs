@@ -62,16 +62,7 @@ impl BridgeProcess {
         config: &str,
         args: Vec<String>,
     ) -> anyhow::Result<Self> {
-        let table = format!(
-            "{}\n{config}\n",
-            qga_testkit::BridgeProcess::vms_table(vms.iter().copied())
-        );
-        let inner = tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            qga_testkit::BridgeProcess::start_with_env(&table, &args, &[])
-        })
-        .await??;
-        Ok(Self { inner })
+        Self::start_full(vms, config, args, Vec::new()).await
     }
 
     /// [`BridgeProcess::start_with_args`] with more environment variables.
@@ -80,7 +71,20 @@ impl BridgeProcess {
         args: Vec<String>,
         env: Vec<(String, String)>,
     ) -> anyhow::Result<Self> {
-        let table = qga_testkit::BridgeProcess::vms_table(vms.iter().copied());
+        Self::start_full(vms, "", args, env).await
+    }
+
+    /// A bridge serving `vms`, with `config` after its `[vms]` table, `args` and `env`.
+    async fn start_full(
+        vms: &[(&str, &Path)],
+        config: &str,
+        args: Vec<String>,
+        env: Vec<(String, String)>,
+    ) -> anyhow::Result<Self> {
+        let table = format!(
+            "{}\n{config}\n",
+            qga_testkit::BridgeProcess::vms_table(vms.iter().copied())
+        );
         let inner = tokio::task::spawn_blocking(move || {
             let args: Vec<&str> = args.iter().map(String::as_str).collect();
             let env: Vec<(&str, &str)> =

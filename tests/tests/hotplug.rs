@@ -65,16 +65,26 @@ async fn behind_bridge_env(
     state: Option<&Path>,
     env: Vec<(String, String)>,
 ) -> (BridgeProcess, Clients) {
-    let mut args = vec![
-        "--qmp".to_string(),
-        format!("vm1={}", guest.qmp_bridge_socket().display()),
-    ];
+    let mut args = qmp_args(guest);
     if let Some(state) = state {
         args.extend(["--state-dir".to_string(), state.display().to_string()]);
     }
     let bridge = BridgeProcess::start_with_env(&[("vm1", &guest.qga_socket())], args, env)
         .await
         .expect("bridge");
+    answering(guest, bridge).await
+}
+
+/// `--qmp vm1=` the guest's bridge QMP socket.
+fn qmp_args(guest: &Guest) -> Vec<String> {
+    vec![
+        "--qmp".to_string(),
+        format!("vm1={}", guest.qmp_bridge_socket().display()),
+    ]
+}
+
+/// `bridge` and its clients, once the guest's agent answers through it.
+async fn answering(guest: &Guest, bridge: BridgeProcess) -> (BridgeProcess, Clients) {
     let c = bridge.clients().await.expect("clients");
     scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
         .await
@@ -1073,18 +1083,11 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
 
 /// A bridge in front of `guest` with `config` (TOML) after its `[vms]` table.
 async fn behind_bridge_config(guest: &Guest, config: &str) -> (BridgeProcess, Clients) {
-    let args = vec![
-        "--qmp".to_string(),
-        format!("vm1={}", guest.qmp_bridge_socket().display()),
-    ];
-    let bridge = BridgeProcess::start_with_config(&[("vm1", &guest.qga_socket())], config, args)
-        .await
-        .expect("bridge");
-    let c = bridge.clients().await.expect("clients");
-    scenario::ping_until_ok(&c, "vm1", Duration::from_secs(30))
-        .await
-        .unwrap_or_else(|e| fail(guest, "agent answers through the bridge", format!("{e:#}")));
-    (bridge, c)
+    let bridge =
+        BridgeProcess::start_with_config(&[("vm1", &guest.qga_socket())], config, qmp_args(guest))
+            .await
+            .expect("bridge");
+    answering(guest, bridge).await
 }
 
 /// The layout's virtio-mem device `vmem0`.

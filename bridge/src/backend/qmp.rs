@@ -102,6 +102,19 @@ fn error(step: &str, e: QmpError) -> BackendError {
 }
 
 /// The first `qga-dimmN` / `qga-memN` pair of ids that neither QEMU object uses.
+impl QmpBackend {
+    /// `query-memory-devices`: DIMMs, virtio-mem devices and the rest.
+    async fn memory_devices(
+        &self,
+        until: Instant,
+    ) -> Result<Vec<qga_qmp::MemoryDevice>, BackendError> {
+        self.qmp
+            .query_memory_devices(self.timeouts.command_until(until))
+            .await
+            .map_err(|e| error("query-memory-devices", e))
+    }
+}
+
 fn free_ids(devices: &[DimmDevice], memdevs: &[String]) -> (String, String) {
     (0..)
         .map(|n| (format!("qga-dimm{n}"), format!("{MEMDEV_PREFIX}{n}")))
@@ -114,11 +127,7 @@ fn free_ids(devices: &[DimmDevice], memdevs: &[String]) -> (String, String) {
 #[async_trait]
 impl MemoryBackend for QmpBackend {
     async fn dimms(&self, until: Instant) -> Result<Vec<DimmDevice>, BackendError> {
-        let devices = self
-            .qmp
-            .query_memory_devices(self.timeouts.command_until(until))
-            .await
-            .map_err(|e| error("query-memory-devices", e))?;
+        let devices = self.memory_devices(until).await?;
         Ok(devices
             .iter()
             .filter_map(|d| d.as_dimm())
@@ -239,11 +248,7 @@ impl MemoryBackend for QmpBackend {
     }
 
     async fn virtio_mem(&self, until: Instant) -> Result<Vec<VirtioMemDevice>, BackendError> {
-        let devices = self
-            .qmp
-            .query_memory_devices(self.timeouts.command_until(until))
-            .await
-            .map_err(|e| error("query-memory-devices", e))?;
+        let devices = self.memory_devices(until).await?;
         Ok(devices
             .iter()
             .filter_map(|d| d.as_virtio_mem())

@@ -106,18 +106,22 @@ pub struct Layout {
     pub warnings: Vec<String>,
 }
 
+/// The online blocks of `blocks` outside ZONE_MOVABLE, as `N (Zone)`.
+fn outside_movable(blocks: &[LayoutBlock]) -> Vec<String> {
+    blocks
+        .iter()
+        .filter(|b| b.state == BlockState::Online && b.movable() == Some(false))
+        .map(|b| format!("{} ({})", b.phys_index, b.valid_zones.join(" ")))
+        .collect()
+}
+
 /// A warning for each DIMM with online blocks outside ZONE_MOVABLE: it cannot come out.
 fn zone_warnings(dimms: &[Dimm]) -> Vec<String> {
     dimms
         .iter()
         .filter(|d| d.removable == Some(false))
         .filter_map(|d| {
-            let stuck: Vec<String> = d
-                .blocks
-                .iter()
-                .filter(|b| b.state == BlockState::Online && b.movable() == Some(false))
-                .map(|b| format!("{} ({})", b.phys_index, b.valid_zones.join(" ")))
-                .collect();
+            let stuck = outside_movable(&d.blocks);
             (!stuck.is_empty()).then(|| {
                 format!(
                     "DIMM '{}' has blocks online outside ZONE_MOVABLE: {}; it cannot be unplugged",
@@ -218,12 +222,7 @@ fn dimm_with(device: &DimmDevice, block_size: u64, index: &BlockIndex) -> Dimm {
 /// may not be able to give that memory back.
 fn virtio_mem_warnings(devices: &[VirtioMem]) -> impl Iterator<Item = String> + '_ {
     devices.iter().filter_map(|v| {
-        let stuck: Vec<String> = v
-            .blocks
-            .iter()
-            .filter(|b| b.state == BlockState::Online && b.movable() == Some(false))
-            .map(|b| format!("{} ({})", b.phys_index, b.valid_zones.join(" ")))
-            .collect();
+        let stuck = outside_movable(&v.blocks);
         (!stuck.is_empty()).then(|| {
             format!(
                 "virtio-mem device '{}' has blocks online outside ZONE_MOVABLE: {}; the guest \

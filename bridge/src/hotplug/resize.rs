@@ -54,7 +54,14 @@ pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> 
     if !vmem.is_empty() {
         let MemorySize { boot, .. } = ctx.memory().await?;
         let dimms: u64 = ctx.dimms().await?.iter().map(|d| d.size).sum();
-        return virtio_mem::resize(ctx, target, boot + dimms, vmem).await;
+        let changed = virtio_mem::resize(ctx, target, boot + dimms, vmem).await?;
+        return Ok(Resized {
+            from_bytes: changed.from_bytes,
+            to_bytes: changed.to_bytes,
+            plugged: Vec::new(),
+            unplugged: Vec::new(),
+            virtio_mem: changed.devices,
+        });
     }
     let block_size = ctx.block_size().await?;
     let MemorySize { boot, plugged } = ctx.memory().await?;

@@ -22,7 +22,6 @@ use super::{
     ctx::{Capabilities, Ctx, describe},
     layout::{BlockState, GuestView},
     policy,
-    resize::Resized,
 };
 use crate::{backend::VirtioMemDevice, error::BridgeError};
 
@@ -63,6 +62,17 @@ pub fn spread(devices: &[VirtioMemDevice], total: u64) -> Vec<u64> {
         .collect()
 }
 
+/// What a virtio-mem resize did: the VM's memory before and after, and each device's part.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Changed {
+    /// Memory before, bytes.
+    pub from_bytes: u64,
+    /// Memory after, bytes.
+    pub to_bytes: u64,
+    /// The devices whose plugged size changed.
+    pub devices: Vec<VirtioMemChange>,
+}
+
 /// Resizes the VM to `target` bytes in all by changing its virtio-mem devices; boot
 /// memory and DIMMs (`fixed` bytes) stay as they are.
 pub async fn resize(
@@ -70,16 +80,14 @@ pub async fn resize(
     target: u64,
     fixed: u64,
     mut devices: Vec<VirtioMemDevice>,
-) -> Result<Resized, BridgeError> {
+) -> Result<Changed, BridgeError> {
     devices.sort_by(|a, b| (a.node, &a.id).cmp(&(b.node, &b.id)));
     let wanted = check(ctx, target, fixed, &devices)?;
     let plugged: u64 = devices.iter().map(|d| d.plugged_size).sum();
-    let mut done = Resized {
+    let mut done = Changed {
         from_bytes: fixed + plugged,
         to_bytes: fixed + plugged,
-        plugged: Vec::new(),
-        unplugged: Vec::new(),
-        virtio_mem: Vec::new(),
+        devices: Vec::new(),
     };
     let block_size = ctx.block_size().await?;
     let caps = ctx.capabilities().await?;
@@ -116,7 +124,7 @@ pub async fn resize(
     let reached = reached?;
     for (device, now) in devices.iter().zip(&reached) {
         if *now != device.plugged_size {
-            done.virtio_mem.push(VirtioMemChange {
+            done.devices.push(VirtioMemChange {
                 id: device.id.clone(),
                 from_bytes: device.plugged_size,
                 to_bytes: *now,
