@@ -347,41 +347,39 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
 /// `qom-set vmem0 requested-size` 2 GiB to `MemTotal` +2 GiB, then 0 until QEMU's size is
 /// 0 (with a `MemTotal` poller running, as during the bridge's calls).
 fn qom_set_cycle(guest: &Guest) -> anyhow::Result<(Duration, Duration)> {
-    {
-        let g = guest.control();
-        let mut q = Qmp::connect(&g.qmp, Duration::from_secs(10))?;
-        let boot_kib = g.mem_total_kib()?;
-        let set = |q: &mut Qmp, bytes: u64| {
-            q.execute(
-                "qom-set",
-                Some(json!({"path": "vmem0", "property": "requested-size", "value": bytes})),
-            )
-            .map(drop)
-        };
-        let since = Instant::now();
-        set(&mut q, GROW)?;
-        let usable = mem_total_reaches(&g, boot_kib + GROW / 1024, since)
-            .context("qom-set: MemTotal +2 GiB")?;
-        let since = Instant::now();
-        set(&mut q, 0)?;
-        // The same MemTotal poller as during the bridge's call, so both sides carry the
-        // same load on the guest's vCPU.
-        let watcher = {
-            let g = g.clone();
-            std::thread::spawn(move || mem_total_reaches(&g, boot_kib, since))
-        };
-        let deadline = since + WAIT;
-        while vmem_size(&mut q)? != 0 {
-            ensure!(
-                Instant::now() < deadline,
-                "virtio-mem baseline: size not 0 after {WAIT:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        let gone = since.elapsed();
-        let _ = watcher.join();
-        Ok((usable, gone))
+    let g = guest.control();
+    let mut q = Qmp::connect(&g.qmp, Duration::from_secs(10))?;
+    let boot_kib = g.mem_total_kib()?;
+    let set = |q: &mut Qmp, bytes: u64| {
+        q.execute(
+            "qom-set",
+            Some(json!({"path": "vmem0", "property": "requested-size", "value": bytes})),
+        )
+        .map(drop)
+    };
+    let since = Instant::now();
+    set(&mut q, GROW)?;
+    let usable =
+        mem_total_reaches(&g, boot_kib + GROW / 1024, since).context("qom-set: MemTotal +2 GiB")?;
+    let since = Instant::now();
+    set(&mut q, 0)?;
+    // The same MemTotal poller as during the bridge's call, so both sides carry the
+    // same load on the guest's vCPU.
+    let watcher = {
+        let g = g.clone();
+        std::thread::spawn(move || mem_total_reaches(&g, boot_kib, since))
+    };
+    let deadline = since + WAIT;
+    while vmem_size(&mut q)? != 0 {
+        ensure!(
+            Instant::now() < deadline,
+            "virtio-mem baseline: size not 0 after {WAIT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
     }
+    let gone = since.elapsed();
+    let _ = watcher.join();
+    Ok((usable, gone))
 }
 
 /// The bridge's `memory-resize` +2 GiB and back on a guest with a virtio-mem device.

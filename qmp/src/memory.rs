@@ -158,8 +158,20 @@ pub struct PcDimmDeviceInfo {
 impl PcDimmDeviceInfo {
     /// The backend's id: the last component of [`Self::memdev`] (`/objects/mem1` → `mem1`).
     pub fn memdev_id(&self) -> &str {
-        self.memdev.rsplit('/').next().unwrap_or(&self.memdev)
+        object_id(&self.memdev)
     }
+}
+
+impl VirtioMemDeviceInfo {
+    /// The backend's id: the last component of [`Self::memdev`] (`/objects/vmem0` → `vmem0`).
+    pub fn memdev_id(&self) -> &str {
+        object_id(&self.memdev)
+    }
+}
+
+/// The id of the object at QOM path `path`: its last component.
+fn object_id(path: &str) -> &str {
+    path.rsplit('/').next().unwrap_or(path)
 }
 
 /// `query-memory-size-summary`: RAM given at start and RAM plugged since.

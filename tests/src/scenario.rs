@@ -11,8 +11,8 @@ use std::{
 use anyhow::{Context, anyhow, bail, ensure};
 use qga_proto::v1::{
     BlockState, GetLayoutRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock,
-    MemoryBlockChange, MemoryBlockResponseType, MemoryBlockResult, OnlineType, PingRequest,
-    PlugRequest, ResizeRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
+    MemoryBlockChange, MemoryBlockResponseType, MemoryBlockResult, MemoryLayout, OnlineType,
+    PingRequest, PlugRequest, ResizeRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
 };
 use serde_json::{Value, json};
 
@@ -435,13 +435,7 @@ pub async fn bridge_hotplug_cycle(
     wait_mem_total(g, mem_before + DIMM_BYTES / 1024, Duration::from_secs(30)).await?;
     t.record("memory-plug to usable (MemTotal +512 MiB)", start.elapsed());
 
-    let layout = c
-        .hotplug
-        .clone()
-        .get_layout(GetLayoutRequest { vm: vm.into() })
-        .await
-        .context("GetLayout")?
-        .into_inner();
+    let layout = grpc_layout(c, vm).await?;
     let dimm = layout
         .dimms
         .iter()
@@ -492,6 +486,16 @@ pub async fn bridge_hotplug_cycle(
     Ok(())
 }
 
+/// The VM's memory layout over gRPC (`GetLayout`).
+pub async fn grpc_layout(c: &Clients, vm: &str) -> anyhow::Result<MemoryLayout> {
+    Ok(c.hotplug
+        .clone()
+        .get_layout(GetLayoutRequest { vm: vm.into() })
+        .await
+        .context("GetLayout")?
+        .into_inner())
+}
+
 /// The compose guest's virtio-mem device: `Resize` by 1 GiB and back, checked in the
 /// reply, the layout, QEMU and the guest's MemTotal.
 pub async fn virtio_mem_cycle(
@@ -501,13 +505,7 @@ pub async fn virtio_mem_cycle(
     t: &mut Timings,
 ) -> anyhow::Result<()> {
     let mem_before = g.mem_total_kib()?;
-    let layout = c
-        .hotplug
-        .clone()
-        .get_layout(GetLayoutRequest { vm: vm.into() })
-        .await
-        .context("GetLayout")?
-        .into_inner();
+    let layout = grpc_layout(c, vm).await?;
     let device = layout
         .virtio_mem
         .first()
@@ -547,13 +545,7 @@ pub async fn virtio_mem_cycle(
         "QEMU's {}: requested-size {requested}, size {size}",
         device.id
     );
-    let layout = c
-        .hotplug
-        .clone()
-        .get_layout(GetLayoutRequest { vm: vm.into() })
-        .await
-        .context("GetLayout")?
-        .into_inner();
+    let layout = grpc_layout(c, vm).await?;
     let grown = layout
         .virtio_mem
         .iter()

@@ -29,7 +29,12 @@ use tonic::Code;
 const URI: &str = "qemu:///system";
 
 fn domain(prefix: &str) -> Domain {
-    let d = Domain::start(prefix, "ours").expect("libvirt domain boots");
+    answering(Domain::start(prefix, "ours"))
+}
+
+/// The domain just started, once its agent answers through virsh.
+fn answering(started: anyhow::Result<Domain>) -> Domain {
+    let d = started.expect("libvirt domain boots");
     d.wait_for_agent(Duration::from_secs(60))
         .unwrap_or_else(|e| panic!("agent through virsh: {e:#}\nconsole:\n{}", d.console_text()));
     d
@@ -347,9 +352,7 @@ async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtio_mem_resize_through_libvirt() {
-    let d = Domain::start_virtio_mem("qga-lv-vmem").expect("libvirt domain boots");
-    d.wait_for_agent(Duration::from_secs(60))
-        .unwrap_or_else(|e| panic!("agent through virsh: {e:#}\nconsole:\n{}", d.console_text()));
+    let d = answering(Domain::start_virtio_mem("qga-lv-vmem"));
     let (_bridge, c) = bridge().await;
     let vm = d.name().to_string();
     wait_listed(&c, &vm, true).await;

@@ -260,7 +260,7 @@ impl MemoryBackend for QmpBackend {
                 max_size: d.max_size,
                 requested_size: d.requested_size,
                 plugged_size: d.size,
-                memdev: d.memdev.rsplit('/').next().unwrap_or_default().to_string(),
+                memdev: d.memdev_id().to_string(),
             })
             .collect())
     }
