@@ -60,12 +60,38 @@ impl BridgeProcess {
         Self::spawn(config, args, &[], |addr| TcpStream::connect(addr).is_ok())
     }
 
+    /// Starts the bridge on two free ports. A port is free when it is picked, and the
+    /// bridge binds it a moment later: another process can take it first, so a bridge
+    /// that exits before it answers is started again on other ports (twice at most; a
+    /// bridge that exits for another reason exits again and the last exit is returned).
     fn spawn(
         config: &str,
         args: &[&str],
         env: &[(&str, &str)],
         ready: fn(SocketAddr) -> bool,
     ) -> io::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            match Self::spawn_once(config, args, env, ready)? {
+                Ok(bridge) => return Ok(bridge),
+                Err(status) if attempt < 2 => {
+                    attempt += 1;
+                    eprintln!("qga-bridge exited before serving ({status}); again on other ports");
+                }
+                Err(status) => {
+                    return Err(io::Error::other(format!("qga-bridge exited: {status}")));
+                }
+            }
+        }
+    }
+
+    /// One start: the running bridge, or how it exited before it answered.
+    fn spawn_once(
+        config: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        ready: fn(SocketAddr) -> bool,
+    ) -> io::Result<Result<Self, std::process::ExitStatus>> {
         let dir = tempfile::Builder::new().prefix("qga-bridge-").tempdir()?;
         let (grpc, jsonrpc) = (free_addr()?, free_addr()?);
         let path = dir.path().join("bridge.toml");
@@ -98,7 +124,7 @@ impl BridgeProcess {
         let deadline = Instant::now() + Duration::from_secs(30);
         while !ready(jsonrpc) {
             if let Some(status) = bridge.child.try_wait()? {
-                return Err(io::Error::other(format!("qga-bridge exited: {status}")));
+                return Ok(Err(status));
             }
             if Instant::now() > deadline {
                 return Err(io::Error::new(
@@ -108,7 +134,7 @@ impl BridgeProcess {
             }
             thread::sleep(Duration::from_millis(50));
         }
-        Ok(bridge)
+        Ok(Ok(bridge))
     }
 
     /// A `[vms]` TOML table for `(name, socket)` pairs.

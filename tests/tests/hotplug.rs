@@ -1112,17 +1112,35 @@ async fn resize_to(guest: &Guest, c: &Clients, size: u64, want_kib: u64, what: &
     r
 }
 
+/// Checks that vmem0 covers `blocks` guest blocks, all online in ZONE_MOVABLE.
+async fn vmem0_online_movable(guest: &Guest, c: &Clients, blocks: usize, when: &str) {
+    let d = vmem0(guest, c).await;
+    let listed = d["blocks"].as_array().cloned().unwrap_or_default();
+    check(
+        guest,
+        listed.len() == blocks
+            && listed
+                .iter()
+                .all(|b| b["state"] == "online" && b["valid-zones"] == json!(["Movable"])),
+        || format!("{when}: vmem0's {blocks} blocks online in Movable: {d}"),
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtio_mem_resize_through_the_bridge() {
     let guest = boot_with(GuestConfig {
         virtio_mem: true,
+        reboot: true,
         ..GuestConfig::new("ours", "online_movable")
     });
-    let (bridge, c) = behind_bridge(&guest).await;
+    let mut t = Timings::default();
+    let state = tempfile::tempdir().expect("state directory");
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
     let g = guest.control();
     let start_kib = mem_total(&guest);
     let before = layout(&guest, &c).await;
     let boot = before["boot-bytes"].as_u64().unwrap_or_default();
+    let block_size = before["block-size"].as_u64().unwrap_or(128 << 20);
     let d = vmem0(&guest, &c).await;
     check(
         &guest,
@@ -1153,16 +1171,13 @@ async fn virtio_mem_resize_through_the_bridge() {
     check(&guest, sizes == (GIB, GIB), || {
         format!("QEMU: requested-size and size 1 GiB: {sizes:?}")
     });
-    let d = vmem0(&guest, &c).await;
-    let blocks = d["blocks"].as_array().cloned().unwrap_or_default();
-    check(
-        &guest,
-        blocks.len() == 8
-            && blocks
-                .iter()
-                .all(|b| b["state"] == "online" && b["valid-zones"] == json!(["Movable"])),
-        || format!("vmem0's 8 blocks online in Movable: {d}"),
-    );
+    vmem0_online_movable(&guest, &c, 8, "after +1 GiB").await;
+
+    // A reboot: QEMU keeps requested-size, the guest's driver plugs it again at boot and
+    // leaves it offline (the guest's auto_online_blocks is back at `offline`); the keeper
+    // onlines it, Movable.
+    reboot_until_restored(&guest, start_kib + GIB / 1024, &mut t).await;
+    vmem0_online_movable(&guest, &c, 8, "after the reboot").await;
 
     // Shrink by 512 MiB: the guest gives it back.
     let down = resize_to(
@@ -1213,6 +1228,61 @@ async fn virtio_mem_resize_through_the_bridge() {
     check(&guest, sizes == (0, 0), || {
         format!("QEMU: nothing plugged: {sizes:?}")
     });
+
+    // A bridge killed once requested-size is set: the next one stops QEMU and the guest
+    // at one size (requested-size = what the guest holds), onlines it, and answers a
+    // retry `interrupted`, naming that size; the retry changes nothing.
+    drop(c);
+    drop(bridge);
+    let grow = json!({"vm": "vm1", "size": boot + GIB, "request-id": "kill-vmem-grow"});
+    let (bridge, c, first) = killed_then_recovered(
+        &guest,
+        state.path(),
+        "requested-size",
+        "memory-resize",
+        &grow,
+    )
+    .await;
+    // A plug the guest had under way as the request was withdrawn is given back at once.
+    let since = Instant::now();
+    let (requested, size) = loop {
+        let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+        if requested == size || since.elapsed() > Duration::from_secs(10) {
+            break (requested, size);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    check(
+        &guest,
+        matches!(&first, Err(e) if e.code == -32007
+            && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted")
+            && e.message.contains(&format!("'vmem0' at {size} bytes")))
+            && requested == size,
+        || {
+            format!(
+                "the killed resize is FAILED_PRECONDITION at step interrupted naming vmem0's \
+                 size, and QEMU's request is what the guest holds ({requested}, {size}): {first:?}"
+            )
+        },
+    );
+    mem_total_becomes(
+        &guest,
+        start_kib + size / 1024,
+        "the recovered virtio-mem memory online",
+    )
+    .await;
+    let blocks = size.div_ceil(block_size) as usize;
+    vmem0_online_movable(&guest, &c, blocks, "after recovery").await;
+    let again = c.rpc_full("memory-resize", grow.clone()).await;
+    check(&guest, format!("{again:?}") == format!("{first:?}"), || {
+        format!("the retry answers the same: {again:?} vs {first:?}")
+    });
+    check(
+        &guest,
+        g.virtio_mem_sizes("vmem0").ok() == Some((requested, size)),
+        || "the retry changed nothing".to_string(),
+    );
+    resize_to(&guest, &c, boot, start_kib, "resize back after recovery").await;
 
     // Memory the guest onlines into the kernel zone (a bridge that leaves the guest's
     // policy alone, and a guest that onlines online_kernel) cannot all be given back: the
@@ -1282,4 +1352,32 @@ async fn virtio_mem_resize_through_the_bridge() {
     check(&guest, l["plugged-bytes"] == size, || {
         format!("the layout agrees with QEMU: {l}")
     });
+
+    // The same shrink on a bridge killed once requested-size is set: the guest cannot get
+    // there, so the next bridge finds QEMU's request unmet and withdraws it.
+    drop(c);
+    drop(_bridge);
+    let shrink = json!({"vm": "vm1", "size": boot, "request-id": "kill-vmem-shrink"});
+    let (_bridge, _c, first) = killed_then_recovered(
+        &guest,
+        state.path(),
+        "requested-size",
+        "memory-resize",
+        &shrink,
+    )
+    .await;
+    let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    check(
+        &guest,
+        matches!(&first, Err(e) if e.code == -32007
+            && e.message.contains(&format!("'vmem0' at {size} bytes (its request for 0 withdrawn)")))
+            && requested == size
+            && size > 0,
+        || {
+            format!(
+                "the killed shrink's request is withdrawn: requested-size is what the guest \
+                 holds ({requested}, {size}): {first:?}"
+            )
+        },
+    );
 }

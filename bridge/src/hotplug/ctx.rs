@@ -16,6 +16,7 @@ use crate::{
     call::{BlockChanges, Call, Reply},
     config,
     error::BridgeError,
+    journal::{Journal, desired::Desired},
     session::Session,
 };
 
@@ -41,6 +42,8 @@ pub struct Ctx {
     pub session: Arc<Session>,
     /// Its hypervisor.
     pub backend: Arc<dyn MemoryBackend>,
+    /// Where desired memory is recorded.
+    pub journal: Journal,
     /// Timeouts and sizes.
     pub settings: config::Hotplug,
     /// Largest set the bridge sends.
@@ -94,6 +97,14 @@ pub fn transient(r: &GuestMemoryBlockResponse) -> bool {
 }
 
 impl Ctx {
+    /// Records `desired` as this VM's desired memory, durably.
+    pub async fn want(&self, desired: Desired) -> Result<(), BridgeError> {
+        self.journal
+            .want(&self.vm, desired)
+            .await
+            .map_err(|e| self.hotplug_error("journal", e.to_string()))
+    }
+
     /// A failed `step` of this operation.
     pub fn hotplug_error(&self, step: &str, reason: String) -> BridgeError {
         BridgeError::Hotplug {

@@ -1,16 +1,20 @@
 //! The keeper of each VM's desired memory. A guest reboot leaves the blocks of the DIMMs
 //! QEMU still holds offline (or, with a distribution's udev rule, online in the kernel
-//! zone); so does an agent or anyone else offlining them. Every
-//! `hotplug.restore_interval_ms` the keeper reads the blocks of each VM whose DIMMs the
-//! bridge plugged ([`Desired`], in the journal) and onlines the offline ones with their
-//! recorded online type, Movable by default. It works the same with our agent and
-//! qemu-ga (through `guest-set-memory-blocks`) and over QMP or libvirt, and notices a
-//! reboot within one interval of the agent answering again.
+//! zone), and the blocks a virtio-mem driver plugs again at boot offline too (the guest's
+//! `auto_online_blocks` is back at its boot value); so does an agent or anyone else
+//! offlining them. Every `hotplug.restore_interval_ms` the keeper reads the blocks of each
+//! VM whose memory the bridge plugged or resized ([`Desired`], in the journal) and onlines
+//! the offline ones with their recorded online type, Movable by default. It works the
+//! same with our agent and qemu-ga (through `guest-set-memory-blocks`) and over QMP or
+//! libvirt, and notices a reboot within one interval of the agent answering again.
+//!
+//! A DIMM's blocks are all expected; a virtio-mem device's range is sparse (the blocks
+//! its driver has not plugged are absent), so only its offline blocks count.
 //!
 //! Blocks online outside ZONE_MOVABLE when Movable was recorded are never silently
 //! accepted: they are counted in `qga_bridge_memory_wrong_zone_blocks` and logged (the
-//! layout shows them as not removable). A desired DIMM QEMU no longer has is dropped from
-//! the journal.
+//! layout shows them as not removable). A desired device QEMU no longer has (at that
+//! address) is dropped from the journal.
 
 use std::{
     collections::{BTreeMap, HashMap},
@@ -29,7 +33,10 @@ use super::{
 use crate::{
     audit::{Audit, Caller, Record},
     error::{BridgeError, Outcome},
-    journal::{Journal, JournalError, desired::Desired},
+    journal::{
+        Journal, JournalError,
+        desired::{Desired, Kind},
+    },
 };
 
 /// When each VM's desired memory was first seen not all online, for the restore time.
@@ -51,7 +58,8 @@ pub struct Pass {
 fn desired(dimm: &Dimm, online_type: Option<GuestMemoryOnlineType>) -> Option<Desired> {
     let first = dimm.blocks.first()?.phys_index;
     Some(Desired {
-        dimm: dimm.device.id.clone(),
+        device: dimm.device.id.clone(),
+        kind: Kind::Dimm,
         first_block: first,
         blocks: dimm.blocks.len() as u64,
         online_type: online_type.or(Some(GuestMemoryOnlineType::OnlineMovable)),
@@ -104,7 +112,8 @@ fn record(audit: &Audit, vm: &str, d: &Desired, blocks: &[u64], error: Option<St
         vm: Some(vm),
         method: Some("memory-restore"),
         arguments: Some(serde_json::json!({
-            "dimm": d.dimm,
+            "device": d.device,
+            "kind": d.kind,
             "blocks": blocks,
             "online-type": d.online_type.map(GuestMemoryOnlineType::as_str),
         })),
@@ -139,26 +148,32 @@ impl Hotplug {
         let (mut missing, mut present) = (false, None);
         for d in wanted {
             let offline = self.check(&ctx, &view, d, &mut pass);
-            let absent = d
-                .range()
-                .filter(|&i| view.block(i).state == BlockState::Absent)
-                .count();
+            let absent = match d.kind {
+                Kind::Dimm => d
+                    .range()
+                    .filter(|&i| view.block(i).state == BlockState::Absent)
+                    .count(),
+                Kind::VirtioMem => 0,
+            };
             if offline.is_empty() && absent == 0 {
                 continue;
             }
             missing = true;
-            // Only blocks of a DIMM QEMU still has, where the journal says, are touched.
+            // Only blocks of a device QEMU still has, where the journal says, are touched.
             if present.is_none() {
                 present = Some(self.present(&ctx).await?);
             }
-            if present.as_ref().and_then(|p| p.get(&d.dimm)) != Some(&d.first_block) {
+            let here = present.as_ref().and_then(|p| p.get(&d.device));
+            if !matches!(here, Some(Some(first)) if *first == d.first_block)
+                && !matches!(here, Some(None) if d.kind == Kind::VirtioMem)
+            {
                 tracing::info!(
                     vm = ctx.vm,
-                    dimm = d.dimm,
-                    "a DIMM the bridge plugged is gone: no longer kept"
+                    device = d.device,
+                    "a memory device the bridge plugged or resized is gone: no longer kept"
                 );
                 self.journal
-                    .unwant(&ctx.vm, &d.dimm)
+                    .unwant(&ctx.vm, &d.device)
                     .await
                     .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
                 continue;
@@ -188,10 +203,10 @@ impl Hotplug {
                     pass.wrong_zone += 1;
                     tracing::warn!(
                         vm = ctx.vm,
-                        dimm = d.dimm,
+                        device = d.device,
                         block = i,
                         zones = b.valid_zones.join(" "),
-                        "a block of a DIMM the bridge plugged is online outside ZONE_MOVABLE: the DIMM cannot come out"
+                        "a block of memory the bridge plugged is online outside ZONE_MOVABLE: the guest cannot give it back"
                     );
                 }
                 _ => {}
@@ -200,15 +215,20 @@ impl Hotplug {
         offline
     }
 
-    /// QEMU's DIMMs: id -> first block.
-    async fn present(&self, ctx: &Ctx) -> Result<BTreeMap<String, u64>, BridgeError> {
+    /// QEMU's DIMMs and virtio-mem devices: id -> first block (`None`: a virtio-mem
+    /// device whose address the hypervisor does not tell).
+    async fn present(&self, ctx: &Ctx) -> Result<BTreeMap<String, Option<u64>>, BridgeError> {
         let block_size = ctx.block_size().await?;
-        Ok(ctx
+        let dimms = ctx
             .dimms()
             .await?
             .into_iter()
-            .map(|d| (d.id.clone(), d.block_range(block_size).start))
-            .collect())
+            .map(|d| (d.id.clone(), Some(d.block_range(block_size).start)));
+        let vmem = ctx.virtio_mem().await?.into_iter().map(|d| {
+            let range = d.block_range(block_size);
+            (d.id, (!range.is_empty()).then_some(range.start))
+        });
+        Ok(dimms.chain(vmem).collect())
     }
 
     /// Onlines `blocks` of `d`; how many came online. Audited either way.
@@ -230,10 +250,10 @@ impl Hotplug {
                 record(&self.audit, &ctx.vm, d, blocks, error);
                 tracing::info!(
                     vm = ctx.vm,
-                    dimm = d.dimm,
+                    device = d.device,
                     blocks = blocks.len(),
                     failed = failures.len(),
-                    "onlined the offline blocks of a DIMM the bridge plugged"
+                    "onlined the offline blocks of memory the bridge plugged"
                 );
                 blocks.len() - failures.len()
             }

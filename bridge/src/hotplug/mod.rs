@@ -218,6 +218,7 @@ impl Hotplug {
             vm: vm.to_string(),
             session,
             backend: memory.backend(),
+            journal: self.journal.clone(),
             settings: {
                 let mut s = self.settings.hotplug.clone();
                 if let Some(&a) = s.auto_online_of.get(vm) {

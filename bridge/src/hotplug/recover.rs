@@ -12,12 +12,16 @@
 //!   deleted.
 //! - A DIMM an interrupted unplug named that QEMU still has stays, its blocks online again
 //!   (undone); one QEMU no longer has is gone (finished).
+//! - A virtio-mem device whose plugged size has not reached its requested size (a resize
+//!   stopped while the guest was plugging or unplugging) gets its `requested-size` set to
+//!   what the guest holds when recovery looks, so QEMU and the guest stop there; every
+//!   virtio-mem device becomes desired memory and its offline blocks come online, Movable.
 //!
 //! Each interrupted operation then gets its final outcome in the journal, audited as
 //! `recover`, and a retry of its request-id is answered with it: a plug whose DIMM was
 //! kept succeeds with that DIMM; one that left none fails at step `interrupted`, nothing
 //! plugged; an unplug succeeds (DIMM gone) or fails at `interrupted` (DIMM kept); a resize
-//! fails at `interrupted`, the VM as `memory-layout` shows it.
+//! fails at `interrupted`, naming the size the VM was left at (`memory-layout` shows it).
 
 use qga_wire::schema::GuestMemoryOnlineType;
 use tokio::time::Instant;
@@ -27,14 +31,17 @@ use super::{
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
     outcome::Stored,
-    plug,
+    plug, virtio_mem,
 };
 use crate::{
     audit::{Audit, Caller, Record},
-    backend::{DimmDevice, Step},
+    backend::{DimmDevice, Step, VirtioMemDevice},
     call::hotplug_method,
     error::{BridgeError, Outcome},
-    journal::{Entry, State, desired::Desired},
+    journal::{
+        Entry, State,
+        desired::{Desired, Kind},
+    },
 };
 
 /// Whether the bridge named DIMM `id`.
@@ -50,6 +57,8 @@ struct Found {
     adopted: Vec<DimmDevice>,
     /// The desired memory before recovery.
     wanted: Vec<Desired>,
+    /// The VM's virtio-mem devices before recovery.
+    virtio_mem: Vec<VirtioMemDevice>,
     view: GuestView,
 }
 
@@ -109,12 +118,13 @@ impl Hotplug {
             .collect();
         let (mut adopted, mut kept) = (Vec::new(), wanted.clone());
         for d in devices.iter().filter(|d| ours(&d.id)) {
-            if wanted.iter().any(|w| w.dimm == d.id) {
+            if wanted.iter().any(|w| w.device == d.id) {
                 continue;
             }
             let range = d.block_range(block_size);
             let desired = Desired {
-                dimm: d.id.clone(),
+                device: d.id.clone(),
+                kind: Kind::Dimm,
                 first_block: range.start,
                 blocks: range.end - range.start,
                 online_type: Some(GuestMemoryOnlineType::OnlineMovable),
@@ -133,10 +143,16 @@ impl Hotplug {
         {
             return Err(ctx.backend_error(e));
         }
-        // Offline blocks of kept DIMMs, adopted or desired before, come online now.
+        let vmem = ctx.virtio_mem().await?;
+        kept.extend(settle_virtio_mem(ctx, &vmem, block_size).await?);
+        // Offline blocks of kept devices, adopted or desired before, come online now.
         let view = ctx.guest(caps).await?;
         for d in &kept {
-            if !devices.iter().any(|x| x.id == d.dimm) {
+            let here = match d.kind {
+                Kind::Dimm => devices.iter().any(|x| x.id == d.device),
+                Kind::VirtioMem => vmem.iter().any(|x| x.id == d.device),
+            };
+            if !here {
                 continue;
             }
             let offline: Vec<u64> = d
@@ -151,9 +167,41 @@ impl Hotplug {
             devices,
             adopted,
             wanted,
+            virtio_mem: vmem,
             view,
         })
     }
+}
+
+/// Sets each of `devices` whose plugged size is not its requested size to the plugged
+/// size (see the module docs), and records every one as desired memory; those records.
+async fn settle_virtio_mem(
+    ctx: &Ctx,
+    devices: &[VirtioMemDevice],
+    block_size: u64,
+) -> Result<Vec<Desired>, BridgeError> {
+    let mut kept = Vec::new();
+    for d in devices {
+        if d.requested_size != d.plugged_size {
+            ctx.backend
+                .set_requested_size(&d.id, d.plugged_size, ctx.deadline)
+                .await
+                .map_err(|e| ctx.backend_error(e))?;
+            tracing::warn!(
+                vm = ctx.vm,
+                device = d.id,
+                requested = d.requested_size,
+                plugged = d.plugged_size,
+                "a virtio-mem request left by a stopped bridge is withdrawn: requested-size set to what the guest holds"
+            );
+        }
+        let movable = Some(GuestMemoryOnlineType::OnlineMovable);
+        if let Some(desired) = virtio_mem::desired(d, block_size, movable) {
+            ctx.want(desired.clone()).await?;
+            kept.push(desired);
+        }
+    }
+    Ok(kept)
 }
 
 /// The failure an interrupted operation ends with.
@@ -210,6 +258,28 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
                 ),
             }
         }
+        _ if !found.virtio_mem.is_empty() => interrupted(format!(
+            "the bridge stopped during this {}; the next one left VM '{}' with {} and \
+             onlined that memory: memory-layout shows the VM",
+            entry.method,
+            ctx.vm,
+            found
+                .virtio_mem
+                .iter()
+                .map(|d| {
+                    let was = if d.requested_size == d.plugged_size {
+                        String::new()
+                    } else {
+                        format!(" (its request for {} withdrawn)", d.requested_size)
+                    };
+                    format!(
+                        "virtio-mem device '{}' at {} bytes{was}",
+                        d.id, d.plugged_size
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ")
+        )),
         _ => interrupted(format!(
             "the bridge stopped during this {}; the next one kept the DIMMs VM '{}' has \
              ({} of them plugged by it) and onlined them: memory-layout shows the VM",
@@ -222,7 +292,7 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
 
 /// DIMM `id`, gone from the VM, as the desired memory knew it: where it was, how big.
 fn gone(id: &str, found: &Found) -> Dimm {
-    let was = found.wanted.iter().find(|w| w.dimm == id);
+    let was = found.wanted.iter().find(|w| w.device == id);
     let (addr, size) = was.map_or((0, 0), |w| {
         (
             w.first_block * found.block_size,

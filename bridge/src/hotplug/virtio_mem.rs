@@ -7,6 +7,10 @@
 //! maximum one after the other, and emptied from the last: a resize changes as few
 //! devices as it can.
 //!
+//! Before anything changes, each device is recorded as desired memory (the journal's
+//! [`Desired`], kind virtio-mem, its whole range): the keeper then onlines what a guest
+//! reboot leaves offline, and recovery after a crash knows the device.
+//!
 //! A growth the guest does not complete within `hotplug.appear_timeout_ms`, and a shrink
 //! that stops making progress for `hotplug.offline_budget_ms`, end with `requested-size`
 //! set back to what the guest holds, so QEMU and the guest stop pulling against each
@@ -23,7 +27,11 @@ use super::{
     layout::{BlockState, GuestView},
     policy,
 };
-use crate::{backend::VirtioMemDevice, error::BridgeError};
+use crate::{
+    backend::VirtioMemDevice,
+    error::BridgeError,
+    journal::desired::{Desired, Kind},
+};
 
 /// How often QEMU's plugged size is looked at while waiting.
 const POLL: Duration = Duration::from_millis(20);
@@ -98,6 +106,7 @@ pub async fn resize(
         .iter()
         .zip(&wanted)
         .any(|(d, &w)| w > d.plugged_size);
+    keep(ctx, &devices, block_size).await?;
     let restore = if growing {
         policy::prepare(ctx, caps, online_type).await?
     } else {
@@ -133,6 +142,35 @@ pub async fn resize(
     }
     done.to_bytes = fixed + reached.iter().sum::<u64>();
     Ok(done)
+}
+
+/// The desired memory `device` stands for: its whole range (blocks it has not plugged are
+/// simply absent), onlined `online_type`; `None` where its address is not known.
+pub fn desired(
+    device: &VirtioMemDevice,
+    block_size: u64,
+    online_type: Option<GuestMemoryOnlineType>,
+) -> Option<Desired> {
+    let range = device.block_range(block_size);
+    (!range.is_empty()).then(|| Desired {
+        device: device.id.clone(),
+        kind: Kind::VirtioMem,
+        first_block: range.start,
+        blocks: range.end - range.start,
+        online_type,
+    })
+}
+
+/// Records `devices` as desired memory, Movable like the DIMMs the bridge plugs, before
+/// they change (see the module docs).
+async fn keep(ctx: &Ctx, devices: &[VirtioMemDevice], block_size: u64) -> Result<(), BridgeError> {
+    for d in devices {
+        let movable = Some(GuestMemoryOnlineType::OnlineMovable);
+        if let Some(desired) = desired(d, block_size, movable) {
+            ctx.want(desired).await?;
+        }
+    }
+    Ok(())
 }
 
 /// The requested size per device for `target`, or why it cannot be had; nothing has

@@ -1,5 +1,6 @@
-//! Each VM's desired memory: the DIMMs the bridge plugged and how their blocks are to be
-//! online, so that what a guest reboot (or anything else) leaves offline is onlined again.
+//! Each VM's desired memory: the DIMMs the bridge plugged and the virtio-mem devices it
+//! resized, and how their blocks are to be online, so that what a guest reboot (or
+//! anything else) leaves offline is onlined again.
 
 use qga_wire::schema::GuestMemoryOnlineType;
 use redb::{ReadableDatabase, ReadableTable, TableDefinition};
@@ -7,18 +8,35 @@ use serde::{Deserialize, Serialize};
 
 use super::{Journal, JournalError};
 
-/// Desired DIMMs: key `VM NUL DIMM-ID`, value JSON [`Desired`].
+/// Desired memory devices: key `VM NUL DEVICE-ID`, value JSON [`Desired`]. (The name is
+/// from when it held DIMMs only.)
 pub(super) const DIMMS: TableDefinition<&str, &[u8]> = TableDefinition::new("desired-dimms");
 
-/// A DIMM the bridge plugged, and how its blocks are to be online.
+/// What kind of memory device a [`Desired`] is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Kind {
+    /// An ACPI DIMM: every block of its range is there while QEMU has it.
+    #[default]
+    Dimm,
+    /// A virtio-mem device: the guest's driver adds the blocks of its range it plugs, so
+    /// blocks of the range may be absent.
+    VirtioMem,
+}
+
+/// A memory device the bridge plugged or resized, and how its blocks are to be online.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Desired {
-    /// The DIMM's id.
-    pub dimm: String,
-    /// Its first block.
+    /// The device's id (stored as `dimm` before virtio-mem).
+    #[serde(alias = "dimm")]
+    pub device: String,
+    /// What kind of device it is.
+    #[serde(default)]
+    pub kind: Kind,
+    /// The first block of its range.
     pub first_block: u64,
-    /// Its blocks.
+    /// The blocks of its range.
     pub blocks: u64,
     /// How they are onlined (`None`: as the agent is configured, for agents that cannot
     /// choose the zone).
@@ -32,15 +50,15 @@ impl Desired {
     }
 }
 
-fn dimm_key(vm: &str, dimm: &str) -> String {
-    format!("{vm}\0{dimm}")
+fn key(vm: &str, device: &str) -> String {
+    format!("{vm}\0{device}")
 }
 
 impl Journal {
     /// Records that VM `vm` should have `desired` (after it was plugged); durable when
     /// this returns.
     pub async fn want(&self, vm: &str, desired: Desired) -> Result<(), JournalError> {
-        let key = dimm_key(vm, &desired.dimm);
+        let key = key(vm, &desired.device);
         let bytes = serde_json::to_vec(&desired).map_err(|e| self.unreadable(e.to_string()))?;
         self.write(move |j, txn| {
             let mut t = txn.open_table(DIMMS).map_err(|e| j.store(e))?;
@@ -51,9 +69,9 @@ impl Journal {
         .await
     }
 
-    /// Records that VM `vm` no longer has DIMM `dimm` (unplugged, or gone).
-    pub async fn unwant(&self, vm: &str, dimm: &str) -> Result<(), JournalError> {
-        let key = dimm_key(vm, dimm);
+    /// Records that VM `vm` no longer has device `device` (unplugged, or gone).
+    pub async fn unwant(&self, vm: &str, device: &str) -> Result<(), JournalError> {
+        let key = key(vm, device);
         self.write(move |j, txn| {
             let mut t = txn.open_table(DIMMS).map_err(|e| j.store(e))?;
             t.remove(key.as_str()).map_err(|e| j.store(e))?;
@@ -62,7 +80,7 @@ impl Journal {
         .await
     }
 
-    /// Every VM's desired DIMMs, by VM name.
+    /// Every VM's desired devices, by VM name.
     pub fn wanted(&self) -> Result<Vec<(String, Desired)>, JournalError> {
         let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
         let table = txn.open_table(DIMMS).map_err(|e| self.store(e))?;
@@ -71,7 +89,7 @@ impl Journal {
             let (k, v) = item.map_err(|e| self.store(e))?;
             let vm = k.value().split('\0').next().unwrap_or_default().to_string();
             let desired: Desired = serde_json::from_slice(v.value())
-                .map_err(|e| self.unreadable(format!("a desired DIMM does not decode: {e}")))?;
+                .map_err(|e| self.unreadable(format!("a desired device does not decode: {e}")))?;
             out.push((vm, desired));
         }
         Ok(out)
@@ -92,7 +110,8 @@ mod tests {
             max_entries: 64,
         };
         let d = |dimm: &str, first| Desired {
-            dimm: dimm.into(),
+            device: dimm.into(),
+            kind: Kind::Dimm,
             first_block: first,
             blocks: 4,
             online_type: Some(GuestMemoryOnlineType::OnlineMovable),
@@ -115,5 +134,26 @@ mod tests {
             ]
         );
         assert_eq!(wanted[0].1.range(), 36..40);
+    }
+
+    #[test]
+    fn entries_stored_before_virtio_mem_still_decode_as_dimms() {
+        let old =
+            br#"{"dimm":"qga-dimm0","first-block":32,"blocks":4,"online-type":"online_movable"}"#;
+        let d: Desired = serde_json::from_slice(old).expect("decodes");
+        assert_eq!((d.device.as_str(), d.kind), ("qga-dimm0", Kind::Dimm));
+        let vmem = Desired {
+            device: "vmem0".into(),
+            kind: Kind::VirtioMem,
+            first_block: 32,
+            blocks: 16,
+            online_type: None,
+        };
+        let json = serde_json::to_value(&vmem).expect("encodes");
+        assert_eq!(json["kind"], "virtio-mem");
+        assert_eq!(
+            serde_json::from_value::<Desired>(json).expect("decodes"),
+            vmem
+        );
     }
 }
