@@ -41,7 +41,7 @@ pub use error::QmpError;
 pub use event::{AcpiOstInfo, DeviceDeleted, Event, wait_for_event};
 pub use memory::{
     Memdev, MemoryDevice, MemorySizeConfiguration, MemorySizeSummary, PcDimmDeviceInfo,
-    VersionInfo, VersionTriple,
+    VersionInfo, VersionTriple, VirtioMemDeviceInfo,
 };
 
 use qga_wire::sync::lock;

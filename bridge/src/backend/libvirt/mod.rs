@@ -2,20 +2,16 @@
 //! `<memory model='dimm'>` device attached and detached live, so libvirt's view of the
 //! domain (its live XML) stays true. libvirt makes and deletes a DIMM's memory backend
 //! itself, and tells of additions and removals with events. A virtio-mem device is
-//! resized with a live update of its `<requested>`; libvirt's `<current>` says what the
-//! guest plugged.
+//! resized with a live update of its `<requested>`; what the guest plugged, and where the
+//! device lives, are read from QEMU (see [`LibvirtBackend::qemu_virtio_mem`]).
 
 pub mod xml;
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{collections::HashMap, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use qga_libvirt::{Dom, Event, LIBVIRT_OWN_WAIT, Libvirt, LibvirtError};
-use qga_wire::sync::lock;
+use qga_qmp::{MemoryDevice, VirtioMemDeviceInfo};
 use tokio::{sync::broadcast, time::Instant};
 
 use self::xml::{DomainMemory, MAX_XML_BYTES};
@@ -30,9 +26,6 @@ pub struct LibvirtBackend {
     libvirt: Arc<Libvirt>,
     dom: Dom,
     timeouts: Timeouts,
-    /// Where this run's virtio-mem devices live, once asked (see
-    /// [`Self::virtio_mem_addresses`]).
-    addresses: Arc<Mutex<Option<HashMap<String, u64>>>>,
 }
 
 impl LibvirtBackend {
@@ -42,7 +35,6 @@ impl LibvirtBackend {
             libvirt,
             dom,
             timeouts,
-            addresses: Arc::default(),
         }
     }
 
@@ -98,16 +90,15 @@ impl LibvirtBackend {
 }
 
 impl LibvirtBackend {
-    /// Where each virtio-mem device lives, by id. libvirt 9.0's XML does not say; QEMU
-    /// does (`query-memory-devices`, through libvirt's monitor passthrough, which libvirt
-    /// notes as a `custom-monitor` taint). Asked once per domain run: it never changes.
-    async fn virtio_mem_addresses(
+    /// QEMU's own view of the domain's virtio-mem devices, by id (libvirt's alias):
+    /// `query-memory-devices` through libvirt's monitor passthrough, which libvirt notes
+    /// as a `custom-monitor` taint. libvirt 9.0's XML does not tell a device's address,
+    /// and its `<current>` follows QEMU's size-change event, which QEMU sends at most once
+    /// a second: a growth would be seen up to a second late.
+    async fn qemu_virtio_mem(
         &self,
         until: Instant,
-    ) -> Result<HashMap<String, u64>, BackendError> {
-        if let Some(known) = lock(&self.addresses).clone() {
-            return Ok(known);
-        }
+    ) -> Result<HashMap<String, VirtioMemDeviceInfo>, BackendError> {
         let reply = self
             .libvirt
             .qemu_monitor(
@@ -117,22 +108,21 @@ impl LibvirtBackend {
             )
             .await
             .map_err(|e| error("query-memory-devices", e))?;
-        let reply: serde_json::Value = serde_json::from_str(&reply)
+        #[derive(serde::Deserialize)]
+        struct Reply {
+            #[serde(rename = "return")]
+            devices: Vec<MemoryDevice>,
+        }
+        let reply: Reply = serde_json::from_str(&reply)
             .map_err(|e| BackendError::BadReply(format!("QEMU through libvirt: {e}")))?;
-        let known: HashMap<String, u64> = reply["return"]
-            .as_array()
+        Ok(reply
+            .devices
             .into_iter()
-            .flatten()
-            .filter(|d| d["type"] == "virtio-mem")
-            .filter_map(|d| {
-                Some((
-                    d["data"]["id"].as_str()?.to_string(),
-                    d["data"]["memaddr"].as_u64()?,
-                ))
+            .filter_map(|d| match d {
+                MemoryDevice::VirtioMem(v) => Some((v.id.clone()?, v)),
+                _ => None,
             })
-            .collect();
-        *lock(&self.addresses) = Some(known.clone());
-        Ok(known)
+            .collect())
     }
 }
 
@@ -284,10 +274,16 @@ impl MemoryBackend for LibvirtBackend {
 
     async fn virtio_mem(&self, until: Instant) -> Result<Vec<VirtioMemDevice>, BackendError> {
         let mut devices = self.domain_memory(until).await?.virtio_mem;
-        if devices.iter().any(|d| d.addr.is_none()) {
-            let known = self.virtio_mem_addresses(until).await?;
-            for d in &mut devices {
-                d.addr = d.addr.or_else(|| known.get(&d.id).copied());
+        if devices.is_empty() {
+            return Ok(devices);
+        }
+        // QEMU's address and sizes; libvirt's word where QEMU does not list the device.
+        let live = self.qemu_virtio_mem(until).await?;
+        for d in &mut devices {
+            if let Some(q) = live.get(&d.id) {
+                d.addr = Some(q.memaddr);
+                d.requested_size = q.requested_size;
+                d.plugged_size = q.size;
             }
         }
         Ok(devices)
