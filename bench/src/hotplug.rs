@@ -81,11 +81,17 @@ struct Figures {
     shrink_mem: Samples,
     /// Bridge: `memory-unplug` of a DIMM onlined `online_kernel`, sent to its refusal.
     refused_unplug: Samples,
-    /// Baseline: virtio-mem `requested-size` +2 GiB (`qom-set`) to `MemTotal` +2 GiB.
+    /// Baseline: the first virtio-mem growth after boot, +2 GiB to usable.
+    base_vgrow_first: Samples,
+    /// Baseline: virtio-mem `requested-size` +2 GiB (`qom-set`) to `MemTotal` +2 GiB, the
+    /// guest's second growth.
     base_vgrow: Samples,
     /// Baseline: virtio-mem `requested-size` back to 0 until QEMU's `size` is 0.
     base_vshrink: Samples,
-    /// Bridge: `memory-resize` +2 GiB on a virtio-mem guest, sent to `MemTotal` +2 GiB.
+    /// Bridge: the first `memory-resize` +2 GiB after boot, sent to usable.
+    vgrow_first_usable: Samples,
+    /// Bridge: `memory-resize` +2 GiB on a virtio-mem guest, sent to `MemTotal` +2 GiB,
+    /// the guest's second growth.
     vgrow_usable: Samples,
     /// Bridge: that call.
     vgrow_call: Samples,
@@ -332,12 +338,15 @@ fn vmem_baseline_round(image: &GuestImage, round: usize, f: &mut Figures) -> any
     config.extra_append = "memhp_default_state=online_movable";
     config.virtio_mem = true;
     let guest = Guest::boot(image, config).context("booting the virtio-mem baseline guest")?;
+    let (first, _) = qom_set_cycle(&guest).map_err(|e| with_console(&guest, e))?;
+    f.base_vgrow_first.push(first);
     let (grow, shrink) = qom_set_cycle(&guest).map_err(|e| with_console(&guest, e))?;
     f.base_vgrow.push(grow);
     f.base_vshrink.push(shrink);
     eprintln!(
-        "bench: hotplug round {round} virtio-mem baseline: +2 GiB to usable {}, back to \
-         size 0 {}",
+        "bench: hotplug round {round} virtio-mem baseline: first +2 GiB to usable {}; \
+         second +2 GiB to usable {}, back to size 0 {}",
+        fmt_duration(first),
         fmt_duration(grow),
         fmt_duration(shrink)
     );
@@ -390,6 +399,25 @@ async fn vmem_bridge_round(
 ) -> anyhow::Result<()> {
     let b = behind_bridge_with(image, true).await?;
     let (c, g) = (&b.c, b.guest.control());
+    // The guest's first growth after boot, then back: measured apart (a freshly booted
+    // guest's first growth is slower, see the report).
+    let up = json!({"vm": VM, "size": b.boot_bytes + GROW});
+    match timed_call(c, &g, "memory-resize", up, b.boot_kib + GROW / 1024).await {
+        Err(e) => record_failure(f, "virtio-mem first resize up", round, &e),
+        Ok((_, call, usable)) => {
+            f.vgrow_first_usable.push(usable);
+            eprintln!(
+                "bench: hotplug round {round} bridge: first virtio-mem resize +2 GiB call {}, \
+                 to usable {}",
+                fmt_duration(call),
+                fmt_duration(usable)
+            );
+        }
+    }
+    let back = json!({"vm": VM, "size": b.boot_bytes});
+    if let Err(e) = timed_call(c, &g, "memory-resize", back, b.boot_kib).await {
+        record_failure(f, "virtio-mem first resize down", round, &e);
+    }
     let grow = timed_call(
         c,
         &g,
@@ -857,8 +885,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          the guest's online blocks agree), and then, on that same guest with the bridge idle, \
          `qom-set` alone the same way (that guest boots without `memhp_default_state`; the \
          bridge set `auto_online_blocks` at run time, which this kernel's virtio-mem driver \
-         unplugs from more slowly than memory onlined under the boot parameter). Compare its \
-         rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
+         unplugs from more slowly than memory onlined under the boot parameter). Each \
+         virtio-mem guest grows and shrinks twice: the first growth after boot has a row of \
+         its own, the other virtio-mem rows are the second cycle. On the bridge's guest (booted \
+         without the parameter) the first growth takes ~150 ms longer than the second, for \
+         the same bridge steps; what the guest does differently the first time was not traced. \
+         Compare the rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
          (the guest's `/proc/meminfo` over its control port, every {} ms) that shows the new \
          memory; the same poller runs during the bridge's calls, so both sides carry the same \
          polling load on the single vCPU. \"To gone\" ends when the backend is deleted: \
@@ -918,6 +950,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             median_ratio(bridge, base),
         ]);
     }
+    report.row(&[
+        "virtio-mem: first growth after boot, +2 GiB to usable".to_string(),
+        spread(&f.base_vgrow_first),
+        spread(&f.vgrow_first_usable),
+        median_ratio(&f.vgrow_first_usable, &f.base_vgrow_first),
+    ]);
     report.row(&[
         "virtio-mem: grow by 2 GiB to usable".to_string(),
         spread(&f.base_vgrow),
@@ -1061,9 +1099,11 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
     } else {
         let r = f.vgrow_usable.p50().as_secs_f64() / f.base_vgrow.p50().as_secs_f64();
         let s = f.vshrink_call.p50().as_secs_f64() / f.base_vshrink.p50().as_secs_f64();
+        let first = median_ratio(&f.vgrow_first_usable, &f.base_vgrow_first);
         format!(
             "**virtio-mem: {}** — 2 GiB usable after {r:.2}x the baseline's `qom-set` with \
-             the kernel onlining by itself, and back to size 0 after {s:.2}x (medians).",
+             the kernel onlining by itself, and back to size 0 after {s:.2}x (medians; each \
+             guest's second cycle); the first growth after boot took {first} the baseline's.",
             if r <= 1.2 && s <= 1.2 {
                 "met"
             } else {

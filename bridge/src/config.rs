@@ -46,7 +46,7 @@
 //! auto_online = "movable"               # guest's auto_online_blocks kept online_movable; "keep": untouched
 //! max_request_ids = 256                 # remembered request-ids per VM
 //! request_id_ttl_s = 86400              # and for how long
-//! restore_interval_ms = 2000            # re-online plugged DIMMs' offline blocks (guest reboots)
+//! restore_interval_ms = 2000            # re-online plugged memory's offline blocks (guest reboots)
 //!
 //! [timeouts]                            # milliseconds
 //! default_ms = 10000
