@@ -102,6 +102,11 @@ struct Figures {
     /// the bridge idle: the guest booted as the bridge's, without `memhp_default_state`.
     same_vgrow: Samples,
     same_vshrink: Samples,
+    /// Bridge: the second `memory-resize` +2 GiB, sent to usable, on a guest booted like
+    /// the baseline's (`memhp_default_state=online_movable`).
+    like_vgrow_usable: Samples,
+    /// Bridge: that guest's second `memory-resize` back: the call.
+    like_vshrink_call: Samples,
     /// The bridge's own step timings (from its replies), per operation and step.
     steps: BTreeMap<(&'static str, String), Samples>,
     /// Bridge operations that did not work: operation, then each error and its rounds.
@@ -391,72 +396,71 @@ fn qom_set_cycle(guest: &Guest) -> anyhow::Result<(Duration, Duration)> {
     Ok((usable, gone))
 }
 
-/// The bridge's `memory-resize` +2 GiB and back on a guest with a virtio-mem device.
+/// One virtio-mem cycle through the bridge: `memory-resize` +2 GiB, then back. The grow's
+/// call and time to usable, and the shrink's call; `None` where one failed (recorded
+/// under `up` / `down`).
+async fn vmem_bridge_cycle(
+    b: &Behind,
+    round: usize,
+    f: &mut Figures,
+    (up, down): (&'static str, &'static str),
+) -> (Option<(Duration, Duration)>, Option<Duration>) {
+    let (c, g) = (&b.c, b.guest.control());
+    let grow = json!({"vm": VM, "size": b.boot_bytes + GROW});
+    let grown = match timed_call(c, &g, "memory-resize", grow, b.boot_kib + GROW / 1024).await {
+        Err(e) => {
+            record_failure(f, up, round, &e);
+            None
+        }
+        Ok((reply, call, usable)) => {
+            record_steps(f, up, &reply);
+            eprintln!(
+                "bench: hotplug round {round} bridge: {up} +2 GiB call {}, to usable {}",
+                fmt_duration(call),
+                fmt_duration(usable)
+            );
+            Some((call, usable))
+        }
+    };
+    let back = json!({"vm": VM, "size": b.boot_bytes});
+    let shrunk = match timed_call(c, &g, "memory-resize", back, b.boot_kib).await {
+        Err(e) => {
+            record_failure(f, down, round, &e);
+            None
+        }
+        Ok((reply, call, _)) => {
+            record_steps(f, down, &reply);
+            eprintln!(
+                "bench: hotplug round {round} bridge: {down} call {}",
+                fmt_duration(call)
+            );
+            Some(call)
+        }
+    };
+    (grown, shrunk)
+}
+
+/// The bridge's `memory-resize` +2 GiB and back, twice, on a guest with a virtio-mem
+/// device booted without `memhp_default_state` (the first growth after boot measured
+/// apart), then `qom-set` alone on that guest.
 async fn vmem_bridge_round(
     image: &GuestImage,
     round: usize,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let b = behind_bridge_with(image, true).await?;
-    let (c, g) = (&b.c, b.guest.control());
-    // The guest's first growth after boot, then back: measured apart (a freshly booted
-    // guest's first growth is slower, see the report).
-    let up = json!({"vm": VM, "size": b.boot_bytes + GROW});
-    match timed_call(c, &g, "memory-resize", up, b.boot_kib + GROW / 1024).await {
-        Err(e) => record_failure(f, "virtio-mem first resize up", round, &e),
-        Ok((_, call, usable)) => {
-            f.vgrow_first_usable.push(usable);
-            eprintln!(
-                "bench: hotplug round {round} bridge: first virtio-mem resize +2 GiB call {}, \
-                 to usable {}",
-                fmt_duration(call),
-                fmt_duration(usable)
-            );
-        }
+    let b = behind_bridge_with(image, true, "").await?;
+    let names = ("virtio-mem first resize up", "virtio-mem first resize down");
+    if let (Some((_, usable)), _) = vmem_bridge_cycle(&b, round, f, names).await {
+        f.vgrow_first_usable.push(usable);
     }
-    let back = json!({"vm": VM, "size": b.boot_bytes});
-    if let Err(e) = timed_call(c, &g, "memory-resize", back, b.boot_kib).await {
-        record_failure(f, "virtio-mem first resize down", round, &e);
+    let names = ("virtio-mem resize up", "virtio-mem resize down");
+    let (grown, shrunk) = vmem_bridge_cycle(&b, round, f, names).await;
+    if let Some((call, usable)) = grown {
+        f.vgrow_call.push(call);
+        f.vgrow_usable.push(usable);
     }
-    let grow = timed_call(
-        c,
-        &g,
-        "memory-resize",
-        json!({"vm": VM, "size": b.boot_bytes + GROW}),
-        b.boot_kib + GROW / 1024,
-    )
-    .await;
-    match grow {
-        Err(e) => record_failure(f, "virtio-mem resize up", round, &e),
-        Ok((reply, call, usable)) => {
-            record_steps(f, "virtio-mem resize up", &reply);
-            f.vgrow_call.push(call);
-            f.vgrow_usable.push(usable);
-            eprintln!(
-                "bench: hotplug round {round} bridge: virtio-mem resize +2 GiB call {}, to usable {}",
-                fmt_duration(call),
-                fmt_duration(usable)
-            );
-        }
-    }
-    let shrink = timed_call(
-        c,
-        &g,
-        "memory-resize",
-        json!({"vm": VM, "size": b.boot_bytes}),
-        b.boot_kib,
-    )
-    .await;
-    match shrink {
-        Err(e) => record_failure(f, "virtio-mem resize down", round, &e),
-        Ok((reply, call, _)) => {
-            record_steps(f, "virtio-mem resize down", &reply);
-            f.vshrink_call.push(call);
-            eprintln!(
-                "bench: hotplug round {round} bridge: virtio-mem resize back call {}",
-                fmt_duration(call)
-            );
-        }
+    if let Some(call) = shrunk {
+        f.vshrink_call.push(call);
     }
     // The same guest with qom-set alone (the bridge idle): what this guest itself takes.
     let guest = &b.guest;
@@ -473,6 +477,33 @@ async fn vmem_bridge_round(
             );
         }
         Err(e) => record_failure(f, "qom-set on the bridge's guest", round, &e),
+    }
+    Ok(())
+}
+
+/// The bridge's `memory-resize` +2 GiB and back on a guest booted like the baseline's
+/// (`memhp_default_state=online_movable`): a first cycle, then the measured second.
+async fn vmem_bridge_like_baseline_round(
+    image: &GuestImage,
+    round: usize,
+    f: &mut Figures,
+) -> anyhow::Result<()> {
+    let b = behind_bridge_with(image, true, "memhp_default_state=online_movable").await?;
+    let names = (
+        "virtio-mem, guest as baseline: first up",
+        "virtio-mem, guest as baseline: first down",
+    );
+    vmem_bridge_cycle(&b, round, f, names).await;
+    let names = (
+        "virtio-mem, guest as baseline: up",
+        "virtio-mem, guest as baseline: down",
+    );
+    let (grown, shrunk) = vmem_bridge_cycle(&b, round, f, names).await;
+    if let Some((_, usable)) = grown {
+        f.like_vgrow_usable.push(usable);
+    }
+    if let Some(call) = shrunk {
+        f.like_vshrink_call.push(call);
     }
     Ok(())
 }
@@ -528,16 +559,21 @@ struct Behind {
 }
 
 async fn behind_bridge(image: &GuestImage) -> anyhow::Result<Behind> {
-    behind_bridge_with(image, false).await
+    behind_bridge_with(image, false, "").await
 }
 
 /// [`behind_bridge`], the guest with a virtio-mem device when `virtio_mem`.
-async fn behind_bridge_with(image: &GuestImage, virtio_mem: bool) -> anyhow::Result<Behind> {
+async fn behind_bridge_with(
+    image: &GuestImage,
+    virtio_mem: bool,
+    extra_append: &'static str,
+) -> anyhow::Result<Behind> {
     let guest = Guest::boot(
         image,
         GuestConfig {
             reboot: true,
             virtio_mem,
+            extra_append,
             ..GuestConfig::new("ours", "online_movable")
         },
     )
@@ -855,6 +891,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         bridge_round(&image, round, &mut f).await?;
         vmem_baseline_round(&image, round, &mut f)?;
         vmem_bridge_round(&image, round, &mut f).await?;
+        vmem_bridge_like_baseline_round(&image, round, &mut f).await?;
     }
 
     report.heading("Memory hotplug on a real guest");
@@ -875,7 +912,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          the agent, `device_del`, `DEVICE_DELETED`, `object-del`), and `memory-resize` to boot + \
          2 GiB and back (four 512 MiB DIMMs, all added, then onlined together); last, a 512 MiB \
          DIMM plugged `online_kernel` and a `memory-unplug` of it, which the guest cannot \
-         satisfy. **virtio-mem**, on two more guests per round with a `virtio-mem-pci` device \
+         satisfy. **virtio-mem**, on three more guests per round with a `virtio-mem-pci` device \
          `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at boot): the baseline guest \
          boots with `memhp_default_state=online_movable` and the bench sends `qom-set vmem0 \
          requested-size` 2 GiB, then 0, waiting for QEMU's `size` to reach 0 (with the same \
@@ -887,7 +924,9 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          bridge set `auto_online_blocks` at run time, which this kernel's virtio-mem driver \
          unplugs from more slowly than memory onlined under the boot parameter). Each \
          virtio-mem guest grows and shrinks twice: the first growth after boot has a row of \
-         its own, the other virtio-mem rows are the second cycle. On the bridge's guest (booted \
+         its own, the other virtio-mem rows are the second cycle. A third virtio-mem guest, \
+         booted with `memhp_default_state=online_movable` like the baseline's, gets the \
+         bridge's two cycles too: its rows compare like for like. On the bridge's guest (booted \
          without the parameter) the first growth takes ~150 ms longer than the second, for \
          the same bridge steps; what the guest does differently the first time was not traced. \
          Compare the rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
@@ -967,6 +1006,30 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         spread(&f.base_vshrink),
         bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
         median_ratio(&f.vshrink_call, &f.base_vshrink),
+    ]);
+    report.row(&[
+        "virtio-mem: grow by 2 GiB to usable, the bridge's guest booted as the baseline's"
+            .to_string(),
+        spread(&f.base_vgrow),
+        bridge_cell(
+            &f,
+            "virtio-mem, guest as baseline: up",
+            &f.like_vgrow_usable,
+            rounds,
+        ),
+        median_ratio(&f.like_vgrow_usable, &f.base_vgrow),
+    ]);
+    report.row(&[
+        "virtio-mem: shrink by 2 GiB to size 0, the bridge's guest booted as the baseline's"
+            .to_string(),
+        spread(&f.base_vshrink),
+        bridge_cell(
+            &f,
+            "virtio-mem, guest as baseline: down",
+            &f.like_vshrink_call,
+            rounds,
+        ),
+        median_ratio(&f.like_vshrink_call, &f.base_vshrink),
     ]);
     report.row(&[
         "virtio-mem: grow by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
@@ -1100,15 +1163,34 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         let r = f.vgrow_usable.p50().as_secs_f64() / f.base_vgrow.p50().as_secs_f64();
         let s = f.vshrink_call.p50().as_secs_f64() / f.base_vshrink.p50().as_secs_f64();
         let first = median_ratio(&f.vgrow_first_usable, &f.base_vgrow_first);
+        let ratio_of = |a: &Samples, b: &Samples| {
+            (!a.is_empty() && !b.is_empty()).then(|| a.p50().as_secs_f64() / b.p50().as_secs_f64())
+        };
+        let like = ratio_of(&f.like_vgrow_usable, &f.base_vgrow)
+            .zip(ratio_of(&f.like_vshrink_call, &f.base_vshrink));
+        let (verdict, like) = match like {
+            Some((lr, ls)) => (
+                if lr <= 1.2 && ls <= 1.2 {
+                    "met"
+                } else {
+                    "not met"
+                },
+                format!(
+                    "with the bridge's guest booted as the baseline's (like for like), 2 GiB \
+                     were usable after {lr:.2}x the baseline's `qom-set` and back to size 0 \
+                     after {ls:.2}x"
+                ),
+            ),
+            None => (
+                "not measured",
+                "the like-for-like rows were not measured".to_string(),
+            ),
+        };
         format!(
-            "**virtio-mem: {}** — 2 GiB usable after {r:.2}x the baseline's `qom-set` with \
-             the kernel onlining by itself, and back to size 0 after {s:.2}x (medians; each \
-             guest's second cycle); the first growth after boot took {first} the baseline's.",
-            if r <= 1.2 && s <= 1.2 {
-                "met"
-            } else {
-                "not met"
-            }
+            "**virtio-mem: {verdict}** — {like}; on a guest booted without \
+             `memhp_default_state` (the bridge sets `auto_online_blocks` at run time) 2 GiB \
+             were usable after {r:.2}x and back to size 0 after {s:.2}x (medians; each \
+             guest's second cycle), the first growth after boot after {first} the baseline's."
         )
     };
     let refused = if f.refused_unplug.is_empty() {
