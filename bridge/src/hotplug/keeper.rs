@@ -163,10 +163,13 @@ impl Hotplug {
             if present.is_none() {
                 present = Some(self.present(&ctx).await?);
             }
-            let here = present.as_ref().and_then(|p| p.get(&d.device));
-            if !matches!(here, Some(Some(first)) if *first == d.first_block)
-                && !matches!(here, Some(None) if d.kind == Kind::VirtioMem)
-            {
+            // A device listed without an address (only virtio-mem) cannot be checked there.
+            let here = match present.as_ref().and_then(|p| p.get(&d.device)) {
+                Some(Some(first)) => *first == d.first_block,
+                Some(None) => true,
+                None => false,
+            };
+            if !here {
                 tracing::info!(
                     vm = ctx.vm,
                     device = d.device,

@@ -129,10 +129,7 @@ impl Hotplug {
                 blocks: range.end - range.start,
                 online_type: Some(GuestMemoryOnlineType::OnlineMovable),
             };
-            self.journal
-                .want(&ctx.vm, desired.clone())
-                .await
-                .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
+            ctx.want(desired.clone()).await?;
             kept.push(desired);
             adopted.push(d.clone());
         }
@@ -180,7 +177,6 @@ async fn settle_virtio_mem(
     devices: &[VirtioMemDevice],
     block_size: u64,
 ) -> Result<Vec<Desired>, BridgeError> {
-    let mut kept = Vec::new();
     for d in devices {
         if d.requested_size != d.plugged_size {
             ctx.backend
@@ -195,13 +191,8 @@ async fn settle_virtio_mem(
                 "a virtio-mem request left by a stopped bridge is withdrawn: requested-size set to what the guest holds"
             );
         }
-        let movable = Some(GuestMemoryOnlineType::OnlineMovable);
-        if let Some(desired) = virtio_mem::desired(d, block_size, movable) {
-            ctx.want(desired.clone()).await?;
-            kept.push(desired);
-        }
     }
-    Ok(kept)
+    virtio_mem::keep(ctx, devices, block_size).await
 }
 
 /// The failure an interrupted operation ends with.

@@ -145,32 +145,31 @@ pub async fn resize(
 }
 
 /// The desired memory `device` stands for: its whole range (blocks it has not plugged are
-/// simply absent), onlined `online_type`; `None` where its address is not known.
-pub fn desired(
-    device: &VirtioMemDevice,
-    block_size: u64,
-    online_type: Option<GuestMemoryOnlineType>,
-) -> Option<Desired> {
+/// simply absent), onlined Movable like the DIMMs the bridge plugs; `None` where its
+/// address is not known.
+fn desired(device: &VirtioMemDevice, block_size: u64) -> Option<Desired> {
     let range = device.block_range(block_size);
     (!range.is_empty()).then(|| Desired {
         device: device.id.clone(),
         kind: Kind::VirtioMem,
         first_block: range.start,
         blocks: range.end - range.start,
-        online_type,
+        online_type: Some(GuestMemoryOnlineType::OnlineMovable),
     })
 }
 
-/// Records `devices` as desired memory, Movable like the DIMMs the bridge plugs, before
-/// they change (see the module docs).
-async fn keep(ctx: &Ctx, devices: &[VirtioMemDevice], block_size: u64) -> Result<(), BridgeError> {
-    for d in devices {
-        let movable = Some(GuestMemoryOnlineType::OnlineMovable);
-        if let Some(desired) = desired(d, block_size, movable) {
-            ctx.want(desired).await?;
-        }
+/// Records `devices` as desired memory (see the module docs); what it recorded.
+pub(super) async fn keep(
+    ctx: &Ctx,
+    devices: &[VirtioMemDevice],
+    block_size: u64,
+) -> Result<Vec<Desired>, BridgeError> {
+    let mut kept = Vec::new();
+    for desired in devices.iter().filter_map(|d| desired(d, block_size)) {
+        ctx.want(desired.clone()).await?;
+        kept.push(desired);
     }
-    Ok(())
+    Ok(kept)
 }
 
 /// The requested size per device for `target`, or why it cannot be had; nothing has
