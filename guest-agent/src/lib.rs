@@ -6,7 +6,8 @@
 //!
 //! - [`config`]: qemu-ga's command line and config file, plus `--online-type`.
 //! - [`transport`]: virtio-serial (no spinning while no host is connected), isa-serial,
-//!   unix-listen and vsock-listen.
+//!   unix-listen and vsock-listen; [`fd_stream`]: a descriptor as a tokio stream that
+//!   waits, not spins, once a hung-up virtio port has a host again.
 //! - [`server`]: the request loop, one request at a time, a fresh parser per connection.
 //! - [`commands`]: dispatch and reply encoding; [`args`]: argument validation. Besides
 //!   QGA's commands, three downstream extensions: `__org.qga-bridge_get-memory-zones` (each
@@ -19,6 +20,7 @@
 pub mod args;
 pub mod commands;
 pub mod config;
+pub mod fd_stream;
 pub mod present;
 pub mod server;
 pub mod sysfs;

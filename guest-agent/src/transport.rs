@@ -11,21 +11,22 @@
 
 use std::{
     io,
-    os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd},
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     path::{Path, PathBuf},
-    pin::Pin,
-    task::{Context, Poll, ready},
     time::Duration,
 };
 
 use rustix::fs::{Mode, OFlags};
 use tokio::{
-    io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd},
     net::UnixListener,
     signal::unix::{SignalKind, signal},
 };
 
-use crate::{commands::Agent, server::serve};
+use crate::{
+    commands::Agent,
+    fd_stream::{FdStream, register},
+    server::serve,
+};
 
 /// Where the virtio-serial port usually is (a udev symlink).
 pub const VIRTIO_SERIAL_DEFAULT: &str = "/dev/virtio-ports/org.qemu.guest_agent.0";
@@ -195,8 +196,13 @@ async fn serial(channel: &Channel, agent: &Agent) -> io::Result<()> {
     tracing::info!(path = %path.display(), method = channel.method.as_str(), "channel open");
     let port = FdStream::new(fd)?;
     loop {
-        serve(&port, &port, agent, channel.max_message).await?;
-        // End of file: no host connected. Sleep until the driver signals a change.
+        match serve(&port, &port, agent, channel.max_message).await {
+            // End of file, or a reply with nobody to take it: no host connected.
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
+            Err(e) => return Err(e),
+        }
+        // Sleep until the driver signals a change.
         tracing::debug!("no host connected; waiting");
         let _ = tokio::time::timeout(IDLE_RECHECK, sigio.recv()).await;
     }
@@ -298,74 +304,6 @@ fn vsock_socket(cid: u32, port: u32) -> io::Result<OwnedFd> {
         return Err(io::Error::last_os_error());
     }
     Ok(fd)
-}
-
-/// Registers a descriptor we own with the runtime's reactor.
-fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
-    // SAFETY: the `OwnedFd` moves into the `AsyncFd`, which is its only owner from then on:
-    // nothing else can close or replace the descriptor while it is registered.
-    unsafe { AsyncFd::register(fd) }.map_err(io::Error::from)
-}
-
-/// A non-blocking file descriptor (serial port, vsock connection) as a tokio stream.
-/// Reading and writing go through `&FdStream`, so one value serves both halves.
-#[derive(Debug)]
-pub struct FdStream {
-    inner: AsyncFd<OwnedFd>,
-}
-
-impl FdStream {
-    /// Wraps a descriptor already in non-blocking mode.
-    pub fn new(fd: OwnedFd) -> io::Result<Self> {
-        Ok(Self {
-            inner: register(fd)?,
-        })
-    }
-}
-
-impl AsyncRead for &FdStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        loop {
-            let mut guard = ready!(self.inner.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| Ok(rustix::io::read(fd.get_ref().as_fd(), &mut *unfilled)?)) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-}
-
-impl AsyncWrite for &FdStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        data: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        loop {
-            let mut guard = ready!(self.inner.poll_write_ready(cx))?;
-            match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref().as_fd(), data)?)) {
-                Ok(res) => return Poll::Ready(res),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
 }
 
 #[cfg(test)]
