@@ -99,14 +99,9 @@ struct Figures {
     /// QEMU's size is 0).
     vshrink_call: Samples,
     /// `qom-set` alone (+2 GiB to usable, back to size 0) on the bridge's own guest,
-    /// the bridge idle: the guest booted as the bridge's, without `memhp_default_state`.
+    /// the bridge connected and idle: what that guest itself takes.
     same_vgrow: Samples,
     same_vshrink: Samples,
-    /// Bridge: the second `memory-resize` +2 GiB, sent to usable, on a guest booted like
-    /// the baseline's (`memhp_default_state=online_movable`).
-    like_vgrow_usable: Samples,
-    /// Bridge: that guest's second `memory-resize` back: the call.
-    like_vshrink_call: Samples,
     /// The bridge's own step timings (from its replies), per operation and step.
     steps: BTreeMap<(&'static str, String), Samples>,
     /// Bridge operations that did not work: operation, then each error and its rounds.
@@ -477,33 +472,6 @@ async fn vmem_bridge_round(
             );
         }
         Err(e) => record_failure(f, "qom-set on the bridge's guest", round, &e),
-    }
-    Ok(())
-}
-
-/// The bridge's `memory-resize` +2 GiB and back on a guest booted like the baseline's
-/// (`memhp_default_state=online_movable`): a first cycle, then the measured second.
-async fn vmem_bridge_like_baseline_round(
-    image: &GuestImage,
-    round: usize,
-    f: &mut Figures,
-) -> anyhow::Result<()> {
-    let b = behind_bridge_with(image, true, "memhp_default_state=online_movable").await?;
-    let names = (
-        "virtio-mem, guest as baseline: first up",
-        "virtio-mem, guest as baseline: first down",
-    );
-    vmem_bridge_cycle(&b, round, f, names).await;
-    let names = (
-        "virtio-mem, guest as baseline: up",
-        "virtio-mem, guest as baseline: down",
-    );
-    let (grown, shrunk) = vmem_bridge_cycle(&b, round, f, names).await;
-    if let Some((_, usable)) = grown {
-        f.like_vgrow_usable.push(usable);
-    }
-    if let Some(call) = shrunk {
-        f.like_vshrink_call.push(call);
     }
     Ok(())
 }
@@ -891,7 +859,6 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         bridge_round(&image, round, &mut f).await?;
         vmem_baseline_round(&image, round, &mut f)?;
         vmem_bridge_round(&image, round, &mut f).await?;
-        vmem_bridge_like_baseline_round(&image, round, &mut f).await?;
     }
 
     report.heading("Memory hotplug on a real guest");
@@ -912,24 +879,18 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          the agent, `device_del`, `DEVICE_DELETED`, `object-del`), and `memory-resize` to boot + \
          2 GiB and back (four 512 MiB DIMMs, all added, then onlined together); last, a 512 MiB \
          DIMM plugged `online_kernel` and a `memory-unplug` of it, which the guest cannot \
-         satisfy. **virtio-mem**, on three more guests per round with a `virtio-mem-pci` device \
+         satisfy. **virtio-mem**, on two more guests per round with a `virtio-mem-pci` device \
          `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at boot): the baseline guest \
          boots with `memhp_default_state=online_movable` and the bench sends `qom-set vmem0 \
          requested-size` 2 GiB, then 0, waiting for QEMU's `size` to reach 0 (with the same \
-         `MemTotal` poller running as during the bridge's call); the bridge's \
-         guest gets `memory-resize` to boot + 2 GiB and back (the bridge makes the guest \
-         kernel online movable, sets `requested-size`, and answers when QEMU's `size` and \
-         the guest's online blocks agree), and then, on that same guest with the bridge idle, \
-         `qom-set` alone the same way (that guest boots without `memhp_default_state`; the \
-         bridge set `auto_online_blocks` at run time, which this kernel's virtio-mem driver \
-         unplugs from more slowly than memory onlined under the boot parameter). Each \
-         virtio-mem guest grows and shrinks twice: the first growth after boot has a row of \
-         its own, the other virtio-mem rows are the second cycle. A third virtio-mem guest, \
-         booted with `memhp_default_state=online_movable` like the baseline's, gets the \
-         bridge's two cycles too: its rows compare like for like. On the bridge's guest (booted \
-         without the parameter) the first growth takes ~150 ms longer than the second, for \
-         the same bridge steps; what the guest does differently the first time was not traced. \
-         Compare the rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
+         `MemTotal` poller running as during the bridge's call); the bridge's guest boots \
+         without that parameter and gets `memory-resize` to boot + 2 GiB and back (the bridge \
+         has the guest kernel online new memory movable through the agent, sets \
+         `requested-size`, and answers when QEMU's `size` and the guest's online blocks \
+         agree), and then, on that same guest with the bridge connected and idle, `qom-set` \
+         alone the same way. Each virtio-mem guest grows and shrinks twice: the first \
+         growth after boot has a row of its own, the other virtio-mem rows are the second \
+         cycle. Compare the rows with the DIMM rows of the same sizes above. \"To usable\" ends at the first `MemTotal` poll \
          (the guest's `/proc/meminfo` over its control port, every {} ms) that shows the new \
          memory; the same poller runs during the bridge's calls, so both sides carry the same \
          polling load on the single vCPU. \"To gone\" ends when the backend is deleted: \
@@ -1006,30 +967,6 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         spread(&f.base_vshrink),
         bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
         median_ratio(&f.vshrink_call, &f.base_vshrink),
-    ]);
-    report.row(&[
-        "virtio-mem: grow by 2 GiB to usable, the bridge's guest booted as the baseline's"
-            .to_string(),
-        spread(&f.base_vgrow),
-        bridge_cell(
-            &f,
-            "virtio-mem, guest as baseline: up",
-            &f.like_vgrow_usable,
-            rounds,
-        ),
-        median_ratio(&f.like_vgrow_usable, &f.base_vgrow),
-    ]);
-    report.row(&[
-        "virtio-mem: shrink by 2 GiB to size 0, the bridge's guest booted as the baseline's"
-            .to_string(),
-        spread(&f.base_vshrink),
-        bridge_cell(
-            &f,
-            "virtio-mem, guest as baseline: down",
-            &f.like_vshrink_call,
-            rounds,
-        ),
-        median_ratio(&f.like_vshrink_call, &f.base_vshrink),
     ]);
     report.row(&[
         "virtio-mem: grow by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
@@ -1163,34 +1100,15 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         let r = f.vgrow_usable.p50().as_secs_f64() / f.base_vgrow.p50().as_secs_f64();
         let s = f.vshrink_call.p50().as_secs_f64() / f.base_vshrink.p50().as_secs_f64();
         let first = median_ratio(&f.vgrow_first_usable, &f.base_vgrow_first);
-        let ratio_of = |a: &Samples, b: &Samples| {
-            (!a.is_empty() && !b.is_empty()).then(|| a.p50().as_secs_f64() / b.p50().as_secs_f64())
-        };
-        let like = ratio_of(&f.like_vgrow_usable, &f.base_vgrow)
-            .zip(ratio_of(&f.like_vshrink_call, &f.base_vshrink));
-        let (verdict, like) = match like {
-            Some((lr, ls)) => (
-                if lr <= 1.2 && ls <= 1.2 {
-                    "met"
-                } else {
-                    "not met"
-                },
-                format!(
-                    "with the bridge's guest booted as the baseline's (like for like), 2 GiB \
-                     were usable after {lr:.2}x the baseline's `qom-set` and back to size 0 \
-                     after {ls:.2}x"
-                ),
-            ),
-            None => (
-                "not measured",
-                "the like-for-like rows were not measured".to_string(),
-            ),
-        };
         format!(
-            "**virtio-mem: {verdict}** — {like}; on a guest booted without \
-             `memhp_default_state` (the bridge sets `auto_online_blocks` at run time) 2 GiB \
-             were usable after {r:.2}x and back to size 0 after {s:.2}x (medians; each \
-             guest's second cycle), the first growth after boot after {first} the baseline's."
+            "**virtio-mem: {}** — 2 GiB were usable after {r:.2}x the baseline's `qom-set` \
+             and back to size 0 after {s:.2}x (medians; the second cycle after boot), the \
+             first growth after boot after {first} the baseline's.",
+            if r <= 1.2 && s <= 1.2 {
+                "met"
+            } else {
+                "not met"
+            }
         )
     };
     let refused = if f.refused_unplug.is_empty() {
