@@ -10,6 +10,13 @@
 //! does, memory hotplug included). On a would-block with a closed readiness, the stream
 //! registers the descriptor with the reactor again, which starts from the port's state as
 //! it is now.
+//!
+//! A reply to a port with no host waits for one: the driver can hand over a new host's
+//! request before it learns that the host connected (data and the connection message
+//! travel on different virtqueues), and a port with no host takes no bytes. The wait ends
+//! on `SIGIO`, which the driver raises when the host connects or goes
+//! ([`FdStream::with_host_signal`]); a later host gets the reply as a stale one, which QGA
+//! hosts discard (`guest-sync`), as with qemu-ga.
 
 use std::{
     io,
@@ -17,18 +24,29 @@ use std::{
     pin::Pin,
     sync::Mutex,
     task::{Context, Poll, ready},
+    time::Duration,
 };
 
 use qga_wire::sync::lock;
 use rustix::event::{PollFd, PollFlags};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd};
+use tokio::{
+    io::{AsyncRead, AsyncWrite, ReadBuf, unix::AsyncFd},
+    signal::unix::Signal,
+};
 
 /// A non-blocking descriptor as a tokio stream. Reading and writing go through
 /// `&FdStream`, so one value serves both halves.
 #[derive(Debug)]
 pub struct FdStream {
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
     /// `None` only after registering again failed; every call then fails.
-    inner: Mutex<Option<AsyncFd<OwnedFd>>>,
+    fd: Option<AsyncFd<OwnedFd>>,
+    /// `SIGIO`, for a port that raises it when its host connects or goes.
+    host_change: Option<Signal>,
 }
 
 /// Registers a descriptor we own with the runtime's reactor.
@@ -41,9 +59,32 @@ pub(crate) fn register(fd: OwnedFd) -> io::Result<AsyncFd<OwnedFd>> {
 impl FdStream {
     /// Wraps a descriptor already in non-blocking mode.
     pub fn new(fd: OwnedFd) -> io::Result<Self> {
+        Self::with(fd, None)
+    }
+
+    /// Wraps a virtio-serial port (non-blocking) whose driver raises `host_change`
+    /// (`SIGIO`, asked for with `O_ASYNC` and `F_SETOWN`) when its host connects or goes.
+    pub fn with_host_signal(fd: OwnedFd, host_change: Signal) -> io::Result<Self> {
+        Self::with(fd, Some(host_change))
+    }
+
+    fn with(fd: OwnedFd, host_change: Option<Signal>) -> io::Result<Self> {
         Ok(Self {
-            inner: Mutex::new(Some(register(fd)?)),
+            inner: Mutex::new(Inner {
+                fd: Some(register(fd)?),
+                host_change,
+            }),
         })
+    }
+
+    /// Waits until the host connects or goes (at most `limit`; at once when it has since
+    /// the last wait), or for `limit` on a descriptor without that signal.
+    pub async fn host_change(&self, limit: Duration) {
+        let changed = std::future::poll_fn(|cx| match lock(&self.inner).host_change.as_mut() {
+            Some(signal) => signal.poll_recv(cx).map(drop),
+            None => Poll::Pending,
+        });
+        let _ = tokio::time::timeout(limit, changed).await;
     }
 }
 
@@ -76,9 +117,9 @@ impl AsyncRead for &FdStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let mut slot = lock(&self.inner);
+        let mut inner = lock(&self.inner);
         loop {
-            let registered = slot.as_ref().ok_or_else(gone)?;
+            let registered = inner.fd.as_ref().ok_or_else(gone)?;
             let mut guard = ready!(registered.poll_read_ready(cx))?;
             let closed = guard.ready().is_read_closed();
             let unfilled = buf.initialize_unfilled();
@@ -90,7 +131,7 @@ impl AsyncRead for &FdStream {
                 Ok(Err(e)) => return Poll::Ready(Err(e)),
                 // Nothing to read although the last hang-up said "ready": the other end is
                 // back (a hung-up port reads end-of-file, not would-block).
-                Err(_would_block) if closed => register_again(&mut slot)?,
+                Err(_would_block) if closed => register_again(&mut inner.fd)?,
                 Err(_would_block) => {}
             }
         }
@@ -103,22 +144,27 @@ impl AsyncWrite for &FdStream {
         cx: &mut Context<'_>,
         data: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let mut slot = lock(&self.inner);
+        let mut inner = lock(&self.inner);
         loop {
-            let registered = slot.as_ref().ok_or_else(gone)?;
+            let registered = inner.fd.as_ref().ok_or_else(gone)?;
             let mut guard = ready!(registered.poll_write_ready(cx))?;
             let closed = guard.ready().is_write_closed();
             match guard.try_io(|fd| Ok(rustix::io::write(fd.get_ref().as_fd(), data)?)) {
                 Ok(res) => return Poll::Ready(res),
                 // A port with no host takes no bytes (would-block) and reports a hang-up:
-                // the reply has nobody to go to.
+                // wait for the host to connect (or a pending signal of an earlier change).
                 Err(_would_block) if closed && hung_up(registered.get_ref()) => {
-                    return Poll::Ready(Err(io::Error::new(
-                        io::ErrorKind::NotConnected,
-                        "the host went away",
-                    )));
+                    let Some(signal) = inner.host_change.as_mut() else {
+                        return Poll::Ready(Err(io::Error::new(
+                            io::ErrorKind::NotConnected,
+                            "the other end hung up",
+                        )));
+                    };
+                    if ready!(signal.poll_recv(cx)).is_none() {
+                        return Poll::Ready(Err(io::Error::other("SIGIO stream ended")));
+                    }
                 }
-                Err(_would_block) if closed => register_again(&mut slot)?,
+                Err(_would_block) if closed => register_again(&mut inner.fd)?,
                 Err(_would_block) => {}
             }
         }

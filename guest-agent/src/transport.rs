@@ -180,7 +180,7 @@ fn serial_path(channel: &Channel) -> io::Result<PathBuf> {
 async fn serial(channel: &Channel, agent: &Agent) -> io::Result<()> {
     let path = serial_path(channel)?;
     // Listen for SIGIO before opening, so a host connecting in between is not missed.
-    let mut sigio = signal(SignalKind::io())?;
+    let sigio = signal(SignalKind::io())?;
     let fd = rustix::fs::open(
         &path,
         OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
@@ -194,17 +194,12 @@ async fn serial(channel: &Channel, agent: &Agent) -> io::Result<()> {
         request_sigio(&fd)?;
     }
     tracing::info!(path = %path.display(), method = channel.method.as_str(), "channel open");
-    let port = FdStream::new(fd)?;
+    let port = FdStream::with_host_signal(fd, sigio)?;
     loop {
-        match serve(&port, &port, agent, channel.max_message).await {
-            // End of file, or a reply with nobody to take it: no host connected.
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotConnected => {}
-            Err(e) => return Err(e),
-        }
-        // Sleep until the driver signals a change.
+        serve(&port, &port, agent, channel.max_message).await?;
+        // End of file: no host connected. Sleep until the driver signals a change.
         tracing::debug!("no host connected; waiting");
-        let _ = tokio::time::timeout(IDLE_RECHECK, sigio.recv()).await;
+        port.host_change(IDLE_RECHECK).await;
     }
 }
 

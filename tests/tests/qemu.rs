@@ -119,8 +119,7 @@ async fn bridge_recovers_from_agent_and_qemu_restarts() {
     // No host is connected yet: the virtio port reads EOF, and the agent must sleep, not
     // spin.
     agent_idles(&guest, "while no host is connected").await;
-    // The host connects to a port that has reported a hang-up (no host at boot): the
-    // agent must wait for requests, not spin on the stale hang-up.
+    hosts_replace_one_another(&guest);
     let (_bridge, c) = behind_bridge(&guest).await;
     agent_idles(&guest, "with the bridge connected and idle").await;
 
@@ -137,6 +136,41 @@ async fn bridge_recovers_from_agent_and_qemu_restarts() {
     guest.restart_qemu().expect("QEMU restarts");
     recovers(&c, &mut t, "QEMU restart", since, Duration::from_secs(120)).await;
     agent_idles(&guest, "after a QEMU restart, the bridge connected again").await;
+}
+
+/// Hosts that replace one another while the agent works: host A asks for the memory
+/// blocks and goes without reading the answer; host B connects a few ms later and
+/// synchronises (`guest-sync-delimited`). The guest may read B's request before its
+/// driver learns that B connected (the connection message is handled later than data),
+/// and a port with no host takes no bytes: the replies must wait for the host, not be
+/// lost. B skips A's stale answer, as a QGA host does.
+fn hosts_replace_one_another(guest: &Guest) {
+    let connect = || {
+        let mut host = qga_testkit::QgaClient::connect(&guest.qga_socket()).expect("connect");
+        host.set_timeout(Duration::from_secs(10)).expect("timeout");
+        host
+    };
+    for i in 0..20u64 {
+        let mut a = connect();
+        a.send_raw(br#"{"execute":"guest-get-memory-blocks"}"#)
+            .expect("host A sends");
+        drop(a);
+        std::thread::sleep(Duration::from_millis(2 * i));
+        let mut b = connect();
+        let id = 1000 + i;
+        let sync = serde_json::json!({"execute": "guest-sync-delimited", "arguments": {"id": id}});
+        b.send_raw(sync.to_string().as_bytes())
+            .expect("host B sends");
+        loop {
+            match b.read_reply() {
+                Ok(v) if v["return"] == id => break,
+                Ok(_stale) => {}
+                Err(e) => panic!("host B (round {i}) got no answer to its sync: {e}"),
+            }
+        }
+        let reply = b.execute("guest-ping", None).expect("host B pings");
+        assert_eq!(reply["return"], serde_json::json!({}), "round {i}: {reply}");
+    }
 }
 
 /// Fails if the guest's agent uses CPU while nobody asks it anything for 3 s: a spinning
