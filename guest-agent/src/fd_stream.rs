@@ -14,9 +14,13 @@
 //! A reply to a port with no host waits for one: the driver can hand over a new host's
 //! request before it learns that the host connected (data and the connection message
 //! travel on different virtqueues), and a port with no host takes no bytes. The wait ends
-//! on `SIGIO`, which the driver raises when the host connects or goes
-//! ([`FdStream::with_host_signal`]); a later host gets the reply as a stale one, which QGA
-//! hosts discard (`guest-sync`), as with qemu-ga.
+//! on `SIGIO`, which the driver raises when the host connects or goes (and for incoming
+//! data: a wake-up then only means "look again") ([`FdStream::with_host_signal`]); a later
+//! host gets the reply as a stale one, which QGA hosts discard (`guest-sync`), as with
+//! qemu-ga.
+//!
+//! Read and write from one task, one after the other, as [`crate::server::serve`] does:
+//! registering again drops the other direction's waiting task without waking it.
 
 use std::{
     io,
@@ -63,7 +67,9 @@ impl FdStream {
     }
 
     /// Wraps a virtio-serial port (non-blocking) whose driver raises `host_change`
-    /// (`SIGIO`, asked for with `O_ASYNC` and `F_SETOWN`) when its host connects or goes.
+    /// (`SIGIO`, asked for with `O_ASYNC` and `F_SETOWN`) when its host connects or goes;
+    /// the idle wait ([`FdStream::host_change`]) and a reply waiting for a host both
+    /// wait on it.
     pub fn with_host_signal(fd: OwnedFd, host_change: Signal) -> io::Result<Self> {
         Self::with(fd, Some(host_change))
     }
@@ -77,8 +83,9 @@ impl FdStream {
         })
     }
 
-    /// Waits until the host connects or goes (at most `limit`; at once when it has since
-    /// the last wait), or for `limit` on a descriptor without that signal.
+    /// Waits for the port's next `SIGIO` (the host connected or went, or data came; at
+    /// once when one came since the last wait), at most `limit`; for `limit` on a
+    /// descriptor without that signal.
     pub async fn host_change(&self, limit: Duration) {
         let changed = std::future::poll_fn(|cx| match lock(&self.inner).host_change.as_mut() {
             Some(signal) => signal.poll_recv(cx).map(drop),
@@ -160,9 +167,8 @@ impl AsyncWrite for &FdStream {
                             "the other end hung up",
                         )));
                     };
-                    if ready!(signal.poll_recv(cx)).is_none() {
-                        return Poll::Ready(Err(io::Error::other("SIGIO stream ended")));
-                    }
+                    // tokio's signal streams never end: only "a signal came" matters.
+                    let _signalled = ready!(signal.poll_recv(cx));
                 }
                 Err(_would_block) if closed => register_again(&mut inner.fd)?,
                 Err(_would_block) => {}

@@ -186,15 +186,16 @@ async fn serial(channel: &Channel, agent: &Agent) -> io::Result<()> {
         OFlags::RDWR | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    if channel.method == Method::IsaSerial {
+    let port = if channel.method == Method::IsaSerial {
         let mut tio = rustix::termios::tcgetattr(&fd)?;
         tio.make_raw();
         rustix::termios::tcsetattr(&fd, rustix::termios::OptionalActions::Now, &tio)?;
+        FdStream::new(fd)?
     } else {
         request_sigio(&fd)?;
-    }
+        FdStream::with_host_signal(fd, sigio)?
+    };
     tracing::info!(path = %path.display(), method = channel.method.as_str(), "channel open");
-    let port = FdStream::with_host_signal(fd, sigio)?;
     loop {
         serve(&port, &port, agent, channel.max_message).await?;
         // End of file: no host connected. Sleep until the driver signals a change.
