@@ -93,8 +93,6 @@ struct Figures {
     /// Bridge: `memory-resize` +2 GiB on a virtio-mem guest, sent to `MemTotal` +2 GiB,
     /// the guest's second growth.
     vgrow_usable: Samples,
-    /// Bridge: that call.
-    vgrow_call: Samples,
     /// Bridge: `memory-resize` back on the virtio-mem guest: the call (it returns once
     /// QEMU's size is 0).
     vshrink_call: Samples,
@@ -392,14 +390,14 @@ fn qom_set_cycle(guest: &Guest) -> anyhow::Result<(Duration, Duration)> {
 }
 
 /// One virtio-mem cycle through the bridge: `memory-resize` +2 GiB, then back. The grow's
-/// call and time to usable, and the shrink's call; `None` where one failed (recorded
-/// under `up` / `down`).
+/// time to usable and the shrink's call; `None` where one failed (recorded under `up` /
+/// `down`).
 async fn vmem_bridge_cycle(
     b: &Behind,
     round: usize,
     f: &mut Figures,
     (up, down): (&'static str, &'static str),
-) -> (Option<(Duration, Duration)>, Option<Duration>) {
+) -> (Option<Duration>, Option<Duration>) {
     let (c, g) = (&b.c, b.guest.control());
     let grow = json!({"vm": VM, "size": b.boot_bytes + GROW});
     let grown = match timed_call(c, &g, "memory-resize", grow, b.boot_kib + GROW / 1024).await {
@@ -414,7 +412,7 @@ async fn vmem_bridge_cycle(
                 fmt_duration(call),
                 fmt_duration(usable)
             );
-            Some((call, usable))
+            Some(usable)
         }
     };
     let back = json!({"vm": VM, "size": b.boot_bytes});
@@ -443,15 +441,14 @@ async fn vmem_bridge_round(
     round: usize,
     f: &mut Figures,
 ) -> anyhow::Result<()> {
-    let b = behind_bridge_with(image, true, "").await?;
+    let b = behind_bridge_with(image, true).await?;
     let names = ("virtio-mem first resize up", "virtio-mem first resize down");
-    if let (Some((_, usable)), _) = vmem_bridge_cycle(&b, round, f, names).await {
+    if let (Some(usable), _) = vmem_bridge_cycle(&b, round, f, names).await {
         f.vgrow_first_usable.push(usable);
     }
     let names = ("virtio-mem resize up", "virtio-mem resize down");
     let (grown, shrunk) = vmem_bridge_cycle(&b, round, f, names).await;
-    if let Some((call, usable)) = grown {
-        f.vgrow_call.push(call);
+    if let Some(usable) = grown {
         f.vgrow_usable.push(usable);
     }
     if let Some(call) = shrunk {
@@ -527,21 +524,16 @@ struct Behind {
 }
 
 async fn behind_bridge(image: &GuestImage) -> anyhow::Result<Behind> {
-    behind_bridge_with(image, false, "").await
+    behind_bridge_with(image, false).await
 }
 
 /// [`behind_bridge`], the guest with a virtio-mem device when `virtio_mem`.
-async fn behind_bridge_with(
-    image: &GuestImage,
-    virtio_mem: bool,
-    extra_append: &'static str,
-) -> anyhow::Result<Behind> {
+async fn behind_bridge_with(image: &GuestImage, virtio_mem: bool) -> anyhow::Result<Behind> {
     let guest = Guest::boot(
         image,
         GuestConfig {
             reboot: true,
             virtio_mem,
-            extra_append,
             ..GuestConfig::new("ours", "online_movable")
         },
     )
