@@ -284,21 +284,38 @@ impl MemoryTree {
     /// blocks is an error.
     ///
     /// Directory names whose suffix is not a decimal number are skipped (the reference
-    /// reports them as phys-index 0).
+    /// reports them as phys-index 0). A block the kernel removes while it is read (a DIMM
+    /// or virtio-mem memory being unplugged) is left out: it is gone. The reference fails
+    /// the whole listing then ("open(...memoryN/): No such file or directory", or a
+    /// `pread` ENODEV), which a host watching an unplug cannot tell from a broken guest.
     pub fn blocks(&self) -> Result<Vec<GuestMemoryBlock>, SysfsError> {
+        self.blocks_read_by(read_block)
+    }
+
+    /// [`Self::blocks`], each block read by `read` (tests interpose on it).
+    fn blocks_read_by<F>(&self, read: F) -> Result<Vec<GuestMemoryBlock>, SysfsError>
+    where
+        F: Fn(BorrowedFd<'_>, u64, &mut GuestMemoryBlock) -> Result<Read, SysfsError> + Sync,
+    {
         let Some((dirfd, indices)) = self.list()? else {
             return Ok(Vec::new());
         };
-        let mut out = vec![
-            GuestMemoryBlock {
-                phys_index: 0,
+        let mut out: Vec<Option<GuestMemoryBlock>> = vec![None; indices.len()];
+        scan(dirfd.as_fd(), &indices, &mut out, |dirfd, index, slot| {
+            let mut block = GuestMemoryBlock {
+                phys_index: index,
                 online: false,
                 can_offline: Some(false),
             };
-            indices.len()
-        ];
-        scan(dirfd.as_fd(), &indices, &mut out, read_block)?;
-        Ok(out)
+            match read(dirfd, index, &mut block) {
+                Ok(Read::Block) => *slot = Some(block),
+                Ok(Read::Gone) => {}
+                Err(_) if gone(dirfd, index) => {}
+                Err(e) => return Err(e),
+            }
+            Ok(())
+        })?;
+        Ok(out.into_iter().flatten().collect())
     }
 
     /// The `__org.qga-bridge_get-memory-zones` reply: every block of [`Self::blocks`]
@@ -331,7 +348,7 @@ impl MemoryTree {
                     };
                     match read_block_zones(dirfd, index, &mut block) {
                         Ok(()) => *slot = Some(block),
-                        Err(SysfsError::OpenDir { errno, .. }) if errno == Errno::NOENT => {}
+                        Err(_) if gone(dirfd, index) => {}
                         Err(e) => return Err(e),
                     }
                     Ok(())
@@ -547,6 +564,22 @@ fn set_block(
     }
 }
 
+/// What reading one block found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Read {
+    /// The block, read.
+    Block,
+    /// The block's directory is gone: the kernel removed it while it was read.
+    Gone,
+}
+
+/// Whether block `index`'s directory is gone from the tree. Asked only after reading the
+/// block failed, to tell a block being removed (leave it out) from a broken one (fail as
+/// the reference does).
+fn gone(dirfd: BorrowedFd<'_>, index: u64) -> bool {
+    matches!(open_block(dirfd, index), Err(Errno::NOENT))
+}
+
 /// Reads block `index`'s `state` and `removable` into `slot`, as `guest-get-memory-blocks`
 /// reports them.
 ///
@@ -556,19 +589,22 @@ fn read_block(
     dirfd: BorrowedFd<'_>,
     index: u64,
     slot: &mut GuestMemoryBlock,
-) -> Result<(), SysfsError> {
+) -> Result<Read, SysfsError> {
     slot.phys_index = index;
     let mut name = NameBuf::new();
     let Some(online) = read_online(dirfd, index, &mut name)? else {
         // Old kernels without `state`: always online and never removable.
         slot.online = true;
         slot.can_offline = Some(false);
-        return Ok(());
+        return Ok(Read::Block);
     };
     slot.online = online;
     let mut byte = [0u8; 1];
     slot.can_offline = match read_attr(dirfd, name.block(index, "/removable"), &mut byte) {
         Ok(r) => Some(r != b"0"),
+        // A block removed between its `state` and its `removable` is not a block
+        // without `removable`.
+        Err(err) if err.is_missing() && gone(dirfd, index) => return Ok(Read::Gone),
         Err(err) if err.is_missing() => Some(false),
         Err(err) => {
             return Err(SysfsError::Read {
@@ -577,7 +613,7 @@ fn read_block(
             });
         }
     };
-    Ok(())
+    Ok(Read::Block)
 }
 
 /// Reads block `index`'s `state`, `removable` and `valid_zones` into `slot`. `state` is
@@ -768,6 +804,78 @@ pub fn parse_block_name(name: &[u8]) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use qga_testkit::{FakeSysfs, Node};
+
+    #[test]
+    fn blocks_removed_while_the_listing_reads_them_are_left_out() {
+        let tree = FakeSysfs::with_blocks(6, "online");
+        let memory = MemoryTree::new(tree.root());
+        let remove = |index: u64| {
+            std::fs::remove_dir_all(tree.memory_dir().join(format!("memory{index}")))
+                .expect("remove block");
+        };
+        let listed = memory
+            .blocks_read_by(|dirfd, index, slot| match index {
+                // Gone between the directory read and the block's own files.
+                2 => {
+                    remove(2);
+                    read_block(dirfd, index, slot)
+                }
+                // Gone while its files were read: the kernel answers a read of a removed
+                // attribute with ENODEV.
+                4 => {
+                    read_block(dirfd, index, slot)?;
+                    remove(4);
+                    Err(SysfsError::Read {
+                        file: "removable",
+                        err: ReadError::Pread(Errno::NODEV),
+                    })
+                }
+                _ => read_block(dirfd, index, slot),
+            })
+            .expect("the listing survives the removals");
+        let mut indices: Vec<u64> = listed.iter().map(|b| b.phys_index).collect();
+        indices.sort_unstable();
+        assert_eq!(indices, [0, 1, 3, 5]);
+        assert!(
+            listed
+                .iter()
+                .all(|b| b.online && b.can_offline == Some(true))
+        );
+    }
+
+    #[test]
+    fn a_block_that_is_there_but_unreadable_still_fails_the_listing() {
+        let tree = FakeSysfs::with_blocks(4, "online");
+        tree.replace("memory2/state", Node::Dir);
+        let err = MemoryTree::new(tree.root())
+            .blocks()
+            .expect_err("like the reference");
+        assert!(
+            matches!(err, SysfsError::Read { file: "state", .. }),
+            "{err:?}"
+        );
+        let err = MemoryTree::new(tree.root())
+            .blocks_read_by(|_, index, slot| {
+                slot.phys_index = index;
+                Err(SysfsError::Read {
+                    file: "removable",
+                    err: ReadError::Pread(Errno::NODEV),
+                })
+            })
+            .expect_err("an error of a block still there is not a removal");
+        assert!(
+            matches!(
+                err,
+                SysfsError::Read {
+                    file: "removable",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
 
     #[test]
     fn block_names() {
