@@ -5,7 +5,7 @@
 //! | bad request (checked before the guest) | INVALID_ARGUMENT | -32602 |
 //! | unknown VM | NOT_FOUND | -32001 |
 //! | agent not connected, socket gone, handshake unanswered, backoff | UNAVAILABLE | -32002 |
-//! | the caller's deadline passed (reply, handshake or send) | DEADLINE_EXCEEDED | -32003 |
+//! | the caller's deadline passed (reply, handshake or send; or, for memory hotplug, while the bridge's own work on the VM finished) | DEADLINE_EXCEEDED | -32003 |
 //! | too many calls queued for the VM, the VM busy with a write whose caller left, or a bridge-wide or per-connection in-flight limit hit | RESOURCE_EXHAUSTED | -32004 |
 //! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
 //! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
@@ -15,7 +15,7 @@
 //! | reply the bridge cannot accept (malformed, too large, set results not answering the request) | INTERNAL | -32008 |
 //! | memory hotplug: a step QEMU or the guest refused, the guest could not give memory back, no QMP socket, no slot left | FAILED_PRECONDITION | -32007 |
 //! | memory hotplug: no DIMM of that id | NOT_FOUND | -32012 |
-//! | memory hotplug: another operation runs on the VM | ABORTED | -32011 |
+//! | memory hotplug: another caller's operation runs on the VM, or a retried request-id's operation still runs or awaits recovery | ABORTED | -32011 |
 //!
 //! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`; hotplug
 //! failures carry `data: {"step": ..., "blocks": [per-block results]}`.
@@ -80,6 +80,15 @@ pub enum BridgeError {
         /// The QGA (or QMP, libvirt) command that was not answered.
         command: String,
     },
+    /// The caller's deadline passed while its hotplug operation waited for the bridge's
+    /// own work on the VM (a keeper pass, recovery); nothing was done.
+    #[error("VM '{vm}': {reason}")]
+    Waited {
+        /// The VM.
+        vm: String,
+        /// What it waited for.
+        reason: String,
+    },
     /// The VM's queue is full.
     #[error("too many calls queued for VM '{0}'")]
     QueueFull(String),
@@ -134,7 +143,8 @@ pub enum BridgeError {
         /// The DIMM id asked for.
         dimm: String,
     },
-    /// Another hotplug operation runs on the VM; nothing was done.
+    /// Another caller's hotplug operation runs on the VM (or the retried request-id's
+    /// own operation still runs or awaits recovery); nothing was done.
     #[error("{0}")]
     Aborted(String),
 }
@@ -160,7 +170,7 @@ impl BridgeError {
             Self::InvalidRequest(_) => Code::InvalidArgument,
             Self::VmNotFound(_) => Code::NotFound,
             Self::Unavailable { .. } => Code::Unavailable,
-            Self::DeadlineExceeded { .. } => Code::DeadlineExceeded,
+            Self::DeadlineExceeded { .. } | Self::Waited { .. } => Code::DeadlineExceeded,
             Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => Code::ResourceExhausted,
             Self::Agent(e) if e.class == ErrorClass::CommandNotFound => Code::Unimplemented,
             Self::Agent(e) if is_argument_error(e) => Code::InvalidArgument,
@@ -180,7 +190,7 @@ impl BridgeError {
             Self::InvalidRequest(_) => code::INVALID_PARAMS,
             Self::VmNotFound(_) => code::VM_NOT_FOUND,
             Self::Unavailable { .. } => code::UNAVAILABLE,
-            Self::DeadlineExceeded { .. } => code::DEADLINE_EXCEEDED,
+            Self::DeadlineExceeded { .. } | Self::Waited { .. } => code::DEADLINE_EXCEEDED,
             Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => {
                 code::RESOURCE_EXHAUSTED
             }
@@ -202,7 +212,7 @@ impl BridgeError {
             Self::InvalidRequest(_) => Outcome::InvalidRequest,
             Self::VmNotFound(_) => Outcome::VmNotFound,
             Self::Unavailable { .. } => Outcome::Unavailable,
-            Self::DeadlineExceeded { .. } => Outcome::DeadlineExceeded,
+            Self::DeadlineExceeded { .. } | Self::Waited { .. } => Outcome::DeadlineExceeded,
             Self::QueueFull(_) => Outcome::QueueFull,
             Self::Busy { .. } => Outcome::Busy,
             Self::Overloaded(_) => Outcome::Overloaded,
@@ -218,7 +228,7 @@ impl BridgeError {
 }
 
 /// How a call ended, as metrics and the audit trail label it: success, or one label per
-/// [`BridgeError`] variant. The one list of outcome labels.
+/// kind of [`BridgeError`]. The one list of outcome labels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {
     /// Success.
@@ -229,7 +239,7 @@ pub enum Outcome {
     VmNotFound,
     /// [`BridgeError::Unavailable`].
     Unavailable,
-    /// [`BridgeError::DeadlineExceeded`].
+    /// [`BridgeError::DeadlineExceeded`] and [`BridgeError::Waited`].
     DeadlineExceeded,
     /// [`BridgeError::QueueFull`].
     QueueFull,

@@ -19,18 +19,22 @@ use tokio::net::UnixListener;
 use tokio_util::codec::Framed;
 
 /// A QEMU monitor that answers what the bridge asks from a script: it refuses `object-add`
-/// (so no operation gets past it), answers `query-memory-devices` after `slow`, and
-/// records every command.
+/// (so no operation gets past it), answers `query-memory-devices` (with no DIMM) only
+/// while its gate is open, and records every command.
 struct FakeQmp {
     commands: Arc<Mutex<Vec<String>>>,
+    gate: tokio::sync::watch::Sender<bool>,
     _task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeQmp {
-    fn start(path: &Path, slow: Duration) -> Self {
+    /// A monitor on `path`, its gate `open` or not.
+    fn start(path: &Path, open: bool) -> Self {
         let listener = UnixListener::bind(path).expect("bind QMP socket");
         let commands = Arc::new(Mutex::new(Vec::new()));
         let seen = commands.clone();
+        let (gate, _) = tokio::sync::watch::channel(open);
+        let opened = gate.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
                 let mut framed = Framed::new(stream, QgaCodec::default());
@@ -45,7 +49,7 @@ impl FakeQmp {
                     let result = match command.as_str() {
                         "qmp_capabilities" | "query-memdev" => json!({"return": {}}),
                         "query-memory-devices" => {
-                            tokio::time::sleep(slow).await;
+                            let _ = opened.subscribe().wait_for(|open| *open).await;
                             json!({"return": []})
                         }
                         "query-memory-size-summary" => {
@@ -69,6 +73,7 @@ impl FakeQmp {
         });
         Self {
             commands,
+            gate,
             _task: task,
         }
     }
@@ -81,6 +86,25 @@ impl FakeQmp {
             .filter(|c| *c == command)
             .count()
     }
+
+    /// Waits until `command` has been asked `n` times in all.
+    async fn asked(&self, command: &str, n: usize) {
+        let since = std::time::Instant::now();
+        while self.count(command) < n {
+            assert!(
+                since.elapsed() < Duration::from_secs(30),
+                "{command} asked {n} times within 30 s: {} so far",
+                self.count(command)
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Opens the gate: `query-memory-devices` is answered from now on, and the ones
+    /// waiting are answered at once.
+    fn open(&self) {
+        self.gate.send_replace(true);
+    }
 }
 
 struct Setup {
@@ -90,13 +114,13 @@ struct Setup {
     bridge: qga_bridge::Bridge,
 }
 
-/// VM `plain` has no QMP socket; VM `vm` has the scripted one.
-async fn setup(slow: Duration) -> Setup {
-    setup_with(slow, |_| {}).await
+/// VM `plain` has no QMP socket; VM `vm` has the scripted one, its gate `open` or not.
+async fn setup(open: bool) -> Setup {
+    setup_with(open, |_| {}).await
 }
 
 /// [`setup`] with the configuration changed by `tweak`.
-async fn setup_with(slow: Duration, tweak: impl FnOnce(&mut qga_bridge::Config)) -> Setup {
+async fn setup_with(open: bool, tweak: impl FnOnce(&mut qga_bridge::Config)) -> Setup {
     let dir = tempfile::tempdir().expect("tempdir");
     let (a, b) = (dir.path().join("a.sock"), dir.path().join("b.sock"));
     let agents = vec![
@@ -104,7 +128,7 @@ async fn setup_with(slow: Duration, tweak: impl FnOnce(&mut qga_bridge::Config))
         FakeAgent::start(&b, 8).expect("agent"),
     ];
     let qmp_path = dir.path().join("qmp.sock");
-    let qmp = FakeQmp::start(&qmp_path, slow);
+    let qmp = FakeQmp::start(&qmp_path, open);
     let mut c = config(&[("plain", &a), ("vm", &b)]);
     c.qmp.insert("vm".into(), qmp_path);
     tweak(&mut c);
@@ -123,7 +147,7 @@ fn code(r: &Result<Value, (i32, String, Option<Value>)>) -> i32 {
 
 #[tokio::test]
 async fn checks_come_before_qemu_and_failures_name_their_step() {
-    let s = setup(Duration::ZERO).await;
+    let s = setup(true).await;
     let c = clients(&s.bridge).await;
 
     let no_qmp = rpc(&c.http, "memory-layout", json!({"vm": "plain"})).await;
@@ -189,7 +213,7 @@ async fn checks_come_before_qemu_and_failures_name_their_step() {
 
 #[tokio::test]
 async fn one_operation_per_vm_the_second_is_aborted() {
-    let s = setup(Duration::from_millis(1500)).await;
+    let s = setup(false).await;
     let c = clients(&s.bridge).await;
     let http = c.http.clone();
     let first = tokio::spawn(async move {
@@ -200,8 +224,8 @@ async fn one_operation_per_vm_the_second_is_aborted() {
         )
         .await
     });
-    // The first is now waiting on QEMU's slow query-memory-devices.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The first is now waiting on QEMU's query-memory-devices.
+    s.qmp.asked("query-memory-devices", 1).await;
     let second = rpc(
         &c.http,
         "memory-resize",
@@ -209,12 +233,17 @@ async fn one_operation_per_vm_the_second_is_aborted() {
     )
     .await;
     assert_eq!(code(&second), -32011, "{second:?}");
+    assert!(
+        format!("{second:?}").contains("another caller's"),
+        "{second:?}"
+    );
     // The QGA methods are not held up meanwhile.
     assert!(
         rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
             .await
             .is_ok()
     );
+    s.qmp.open();
     let first = first.await.expect("first call");
     assert_eq!(
         code(&first),
@@ -231,15 +260,86 @@ async fn one_operation_per_vm_the_second_is_aborted() {
     assert_eq!(code(&third), -32007, "{third:?}");
 }
 
+/// A journal in `state` in which VM `vm` has a bridge-plugged DIMM `qga-dimm0` on blocks
+/// 100-103, which the fake agent does not list: the keeper's pass asks QEMU whether it
+/// still has the DIMM.
+async fn journal_with_a_plugged_dimm(state: &Path) {
+    use qga_bridge::journal::{
+        Journal, Limits,
+        desired::{Desired, Kind},
+    };
+    let journal = Journal::open(
+        state,
+        Limits {
+            per_vm: 8,
+            ttl: Duration::from_secs(3600),
+            max_entries: 64,
+        },
+    )
+    .expect("journal");
+    let dimm = Desired {
+        device: "qga-dimm0".into(),
+        kind: Kind::Dimm,
+        first_block: 100,
+        blocks: 4,
+        online_type: Some(qga_wire::schema::GuestMemoryOnlineType::OnlineMovable),
+    };
+    journal
+        .want("vm", dimm)
+        .await
+        .expect("desired memory written");
+}
+
+#[tokio::test]
+async fn a_caller_waits_for_the_keepers_pass_instead_of_being_refused() {
+    let state = common::state_dir();
+    journal_with_a_plugged_dimm(&state).await;
+    let s = setup_with(false, |c| c.state_dir = state.clone()).await;
+    let c = clients(&s.bridge).await;
+    // The keeper's first pass, at start, finds the DIMM's blocks missing and asks QEMU
+    // whether it still has the DIMM: it holds the VM until QEMU answers.
+    s.qmp.asked("query-memory-devices", 1).await;
+    let http = c.http.clone();
+    let mut resize = tokio::spawn(async move {
+        rpc(
+            &http,
+            "memory-resize",
+            json!({"vm": "vm", "size": 1u64 << 30}),
+        )
+        .await
+    });
+    // Before callers came first, the resize was refused at once (ABORTED) here. The pass
+    // is held for as long as the resize takes to answer, or 2 s.
+    let early = tokio::select! {
+        r = &mut resize => Some(r.expect("joins")),
+        () = tokio::time::sleep(Duration::from_secs(2)) => None,
+    };
+    s.qmp.open();
+    let resized = match early {
+        Some(r) => r,
+        None => resize.await.expect("joins"),
+    };
+    // It ran once the pass was over: QEMU refused its object-add.
+    let Err((-32007, message, Some(data))) = &resized else {
+        panic!("the resize waited for the keeper's pass and ran: {resized:?}");
+    };
+    assert_eq!(data["step"], "object-add", "{data}");
+    assert!(
+        message.contains("this QEMU refuses object-add"),
+        "{message}"
+    );
+    assert_eq!(s.qmp.count("object-add"), 1);
+}
+
 #[tokio::test]
 async fn hotplug_calls_count_against_the_bridge_wide_in_flight_limit() {
-    let s = setup_with(Duration::from_millis(1500), |c| c.limits.max_in_flight = 1).await;
+    let s = setup_with(false, |c| c.limits.max_in_flight = 1).await;
     let c = clients(&s.bridge).await;
     let http = c.http.clone();
-    // memory-layout waits on QEMU's slow query-memory-devices, holding the only slot.
+    // memory-layout waits on QEMU's query-memory-devices, holding the only slot.
     let layout =
         tokio::spawn(async move { rpc(&http, "memory-layout", json!({"vm": "vm"})).await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.qmp.asked("query-memory-devices", 1).await;
     let ping = rpc(&c.http, "guest-ping", json!({"vm": "plain"})).await;
     assert_eq!(code(&ping), -32004, "a QGA call over the limit: {ping:?}");
     let plug = rpc(
@@ -254,6 +354,7 @@ async fn hotplug_calls_count_against_the_bridge_wide_in_flight_limit() {
         "a hotplug call over the limit: {plug:?}"
     );
     assert!(format!("{plug:?}").contains("bridge-wide"), "{plug:?}");
+    s.qmp.open();
     assert!(layout.await.expect("joins").is_ok());
     assert_eq!(
         s.qmp.count("object-add"),
@@ -272,7 +373,7 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
     use jsonrpsee::{
         core::client::ClientT, core::params::ObjectParams, ws_client::WsClientBuilder,
     };
-    let s = setup_with(Duration::from_millis(1500), |c| {
+    let s = setup_with(false, |c| {
         c.limits.max_connection_calls = 1;
     })
     .await;
@@ -289,7 +390,7 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
             .request::<Value, _>("memory-layout", params("vm"))
             .await
     });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    s.qmp.asked("query-memory-devices", 1).await;
     for method in ["memory-layout", "guest-ping"] {
         let vm = if method == "guest-ping" {
             "plain"
@@ -311,13 +412,14 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
             .await
             .is_ok()
     );
+    s.qmp.open();
     assert!(layout.await.expect("joins").is_ok());
 }
 
 #[tokio::test]
 async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() {
     let state = common::state_dir();
-    let s = setup_with(Duration::ZERO, |c| c.state_dir = state.clone()).await;
+    let s = setup_with(true, |c| c.state_dir = state.clone()).await;
     let c = clients(&s.bridge).await;
     let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r1"});
     let first = rpc(&c.http, "memory-plug", plug.clone()).await;
@@ -405,18 +507,13 @@ async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
             .await
             .expect("intent written");
     }
-    let s = setup_with(Duration::ZERO, |c| c.state_dir = state.clone()).await;
+    let s = setup_with(true, |c| c.state_dir = state.clone()).await;
     let c = clients(&s.bridge).await;
     let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r7"});
-    // Until the new bridge has recovered it, a retry is told to come back (ABORTED).
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    let retry = loop {
-        let r = rpc(&c.http, "memory-plug", plug.clone()).await;
-        if code(&r) != -32011 || std::time::Instant::now() > deadline {
-            break r;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    // The first retry is answered with the recovered outcome: whether the keeper's first
+    // pass recovered the VM already, is recovering it (the retry waits for it) or has not
+    // come yet (the retry recovers the VM itself), never told to come back.
+    let retry = rpc(&c.http, "memory-plug", plug.clone()).await;
     // QEMU has no DIMM of it: the plug stopped before adding one, nothing is left.
     let Err((-32007, message, Some(data))) = &retry else {
         panic!("recovered as interrupted: {retry:?}");

@@ -123,8 +123,9 @@ fn record(audit: &Audit, vm: &str, d: &Desired, blocks: &[u64], error: Option<St
 }
 
 impl Hotplug {
-    /// One pass of the keeper over `target`, whose desired DIMMs are `wanted`. Skipped
-    /// (an empty pass) while an operation runs on the VM.
+    /// One pass of the keeper over `target`, whose desired DIMMs are `wanted`: a
+    /// background pass, skipped (empty) while a caller's operation holds or waits for the
+    /// VM, and ended at the next device once one waits (the next pass does the rest).
     pub async fn restore(
         &self,
         target: Target<'_>,
@@ -133,7 +134,7 @@ impl Hotplug {
         let Some(memory) = target.memory else {
             return Ok(Pass::default());
         };
-        let Some(_guard) = memory.try_hold() else {
+        let Some(background) = memory.background() else {
             return Ok(Pass::default());
         };
         let started = Instant::now();
@@ -147,6 +148,10 @@ impl Hotplug {
         };
         let (mut missing, mut present) = (false, None);
         for d in wanted {
+            if background.caller_waits() {
+                pass.complete = false;
+                break;
+            }
             let offline = self.check(&ctx, &view, d, &mut pass);
             let absent = match d.kind {
                 Kind::Dimm => d

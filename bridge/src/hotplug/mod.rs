@@ -7,8 +7,10 @@
 //! - [`ctx`]: what an operation works with: its agent and backend calls.
 //! - [`plug`], [`unplug`], [`resize`]: the operations, step by step, with their undo paths.
 //!
-//! One operation runs per VM at a time; a second one is refused as ABORTED rather than
-//! queued, since a control plane that sent it has a stale view of the VM. An operation runs
+//! One operation runs per VM at a time ([`lock`]): a second caller's operation is refused
+//! as ABORTED rather than queued, since a control plane that sent it has a stale view of
+//! the VM; the bridge's own work on the VM (the [`keeper`]'s passes, [`recover`]y) never
+//! refuses a caller: the caller's operation waits for it, within its deadline. An operation runs
 //! in a task of its own: a caller that leaves does not cut it half-way, and its outcome is
 //! audited and, with a `request-id`, recorded in the [`Journal`] for the caller's retry —
 //! its intent before it acts, its outcome before the VM is released.
@@ -16,6 +18,7 @@
 pub mod ctx;
 pub mod keeper;
 pub mod layout;
+pub mod lock;
 pub mod memory;
 pub mod outcome;
 pub mod plug;
@@ -33,6 +36,7 @@ use tokio::time::Instant;
 use self::{
     ctx::Ctx,
     layout::{Dimm, Layout},
+    lock::Held,
     memory::{Admitted, Key, VmMemory},
     plug::PlugArgs,
     resize::Resized,
@@ -139,15 +143,16 @@ impl Settings {
     }
 }
 
-/// Memory hotplug: runs operations on VMs' [`VmMemory`], audited and counted.
-#[derive(Debug)]
+/// Memory hotplug: runs operations on VMs' [`VmMemory`], audited and counted. Cheap to
+/// clone: a task that must run to its end gets its own.
+#[derive(Debug, Clone)]
 pub struct Hotplug {
     settings: Arc<Settings>,
     audit: Arc<Audit>,
     metrics: Arc<Metrics>,
     journal: Journal,
     /// The keeper's restores under way.
-    pending: keeper::Pending,
+    pending: Arc<keeper::Pending>,
 }
 
 /// The refusal for a VM without a memory backend.
@@ -197,7 +202,7 @@ impl Hotplug {
             audit,
             metrics,
             journal,
-            pending: keeper::Pending::default(),
+            pending: Arc::default(),
         }
     }
 
@@ -274,15 +279,27 @@ impl Hotplug {
             key: key.as_ref(),
             start,
         };
+        // The whole call, waiting for the VM included, ends by the caller's deadline or
+        // the operation's own timeout.
+        let own = Instant::now() + Duration::from_millis(self.settings.hotplug.timeout_ms);
+        let until = deadline.map_or(own, |d| d.min(own));
         let admitted = match &target.memory {
             Some(m) => m
-                .admit(vm, &op, key.as_ref(), &self.journal)
+                .admit(vm, &op, key.as_ref(), &self.journal, until)
+                .await
                 .map(|a| (a, m.clone())),
             None => Err(no_backend(vm)),
         };
         let (guard, memory) = match admitted {
             Ok((Admitted::Run(guard), memory)) => (guard, memory),
             Ok((Admitted::Replay(result), _)) => {
+                record(&self.audit, &ticket, &result, true);
+                return result;
+            }
+            Ok((Admitted::Recover(held), memory)) => {
+                let result = self
+                    .recover_now(vm, memory, target.session, held, &op, key.as_ref())
+                    .await;
                 record(&self.audit, &ticket, &result, true);
                 return result;
             }
@@ -307,7 +324,7 @@ impl Hotplug {
             return result;
         }
         let running = Running {
-            ctx: self.ctx(vm, &memory, target.session, deadline),
+            ctx: self.ctx(vm, &memory, target.session, Some(until)),
             journaled,
             guard,
             caller: caller.clone(),
@@ -375,8 +392,8 @@ struct Running {
     ctx: Ctx,
     /// The operation's key in the journal: its request-id's, or one of the bridge's own.
     journaled: Key,
-    /// The VM's lock, released when the operation ends.
-    guard: tokio::sync::OwnedMutexGuard<()>,
+    /// The VM, released when the operation ends.
+    guard: Held,
     caller: Caller,
     op: Operation,
     key: Option<Key>,

@@ -14,22 +14,34 @@
 //!   (undone); one QEMU no longer has is gone (finished).
 //! - A virtio-mem device whose plugged size has not reached its requested size (a resize
 //!   stopped while the guest was plugging or unplugging) gets its `requested-size` set to
-//!   what the guest holds when recovery looks, so QEMU and the guest stop there; every
+//!   what the guest holds when recovery looks, so QEMU and the guest stop there. Recovery
+//!   then waits until QEMU's size stands at that request — the guest's driver may finish
+//!   a piece it had under way and plug back up to it — for at most
+//!   [`virtio_mem::WITHDRAW_WAIT`] (10 s; a size still moving then is taken as it is), so
+//!   that the answer names the state the VM stays in, however fast the guest is. Every
 //!   virtio-mem device becomes desired memory and its offline blocks come online, Movable.
 //!
-//! Each interrupted operation then gets its final outcome in the journal, audited as
-//! `recover`, and a retry of its request-id is answered with it: a plug whose DIMM was
+//! Recovery is the bridge's own work: the keeper's first pass after a restart runs it,
+//! and a retry of an interrupted request-id that comes before that pass runs it at once
+//! (a retry that comes during it waits for it). Either way the retry is answered with the
+//! recovered outcome, never with a second run. Each interrupted operation gets its final
+//! outcome in the journal, audited as `recover`, and a retry of its request-id is
+//! answered with it from then on: a plug whose DIMM was
 //! kept succeeds with that DIMM; one that left none fails at step `interrupted`, nothing
 //! plugged; an unplug succeeds (DIMM gone) or fails at `interrupted` (DIMM kept); a resize
 //! fails at `interrupted`, naming the size the VM was left at (`memory-layout` shows it).
+
+use std::sync::Arc;
 
 use qga_wire::schema::GuestMemoryOnlineType;
 use tokio::time::Instant;
 
 use super::{
-    Done, Effect, Hotplug, Target,
+    Done, Effect, Hotplug, Operation, Target,
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
+    lock::Held,
+    memory::{self, Key, VmMemory},
     outcome::Stored,
     plug, virtio_mem,
 };
@@ -42,7 +54,18 @@ use crate::{
         Entry, State,
         desired::{Desired, Kind},
     },
+    session::Session,
 };
+
+/// A recovery that failed outside its steps (its task).
+fn recovery_failed(vm: &str, reason: String) -> BridgeError {
+    BridgeError::Hotplug {
+        vm: vm.to_string(),
+        step: "recover".into(),
+        reason,
+        blocks: Vec::new(),
+    }
+}
 
 /// Whether the bridge named DIMM `id`.
 fn ours(id: &str) -> bool {
@@ -57,15 +80,18 @@ struct Found {
     adopted: Vec<DimmDevice>,
     /// The desired memory before recovery.
     wanted: Vec<Desired>,
-    /// The VM's virtio-mem devices before recovery.
+    /// The VM's virtio-mem devices after recovery.
     virtio_mem: Vec<VirtioMemDevice>,
+    /// The requests recovery withdrew.
+    withdrawn: Vec<virtio_mem::Withdrawn>,
     view: GuestView,
 }
 
 impl Hotplug {
     /// Recovers the interrupted operations `entries` (raw journal key, entry) of
-    /// `target`. Nothing happens while an operation runs on the VM or without a memory
-    /// backend: they stay pending for the next pass.
+    /// `target`, as a background pass: nothing happens while a caller's operation holds or
+    /// waits for the VM, or without a memory backend; they stay pending for the next pass
+    /// (or the retry of one of their request-ids recovers them).
     pub async fn recover(
         &self,
         target: Target<'_>,
@@ -74,12 +100,68 @@ impl Hotplug {
         let Some(memory) = target.memory else {
             return Ok(());
         };
-        let Some(_guard) = memory.try_hold() else {
+        let Some(_pass) = memory.background() else {
             return Ok(());
         };
+        self.recover_held(target.vm, &memory, target.session, entries)
+            .await
+    }
+
+    /// Recovers VM `vm`, which the retry of `op` under `key` holds (its request-id is of
+    /// an interrupted operation), and answers the retry with the recovered outcome. The
+    /// recovery runs in a task of its own, so a caller that leaves does not cut it.
+    pub(super) async fn recover_now(
+        &self,
+        vm: &str,
+        memory: Arc<VmMemory>,
+        session: Arc<Session>,
+        held: Held,
+        op: &Operation,
+        key: Option<&Key>,
+    ) -> Result<Done, BridgeError> {
+        let this = self.clone();
+        let name = vm.to_string();
+        let recovered = tokio::spawn(async move {
+            let entries: Vec<(String, Entry)> = this
+                .journal
+                .interrupted()
+                .into_iter()
+                .filter(|(v, _, _)| *v == name)
+                .map(|(_, raw, entry)| (raw, entry))
+                .collect();
+            let r = this.recover_held(&name, &memory, session, &entries).await;
+            drop(held);
+            r
+        })
+        .await
+        .unwrap_or_else(|e| {
+            Err(recovery_failed(
+                vm,
+                format!("the recovery's task failed: {e}"),
+            ))
+        });
+        if let Err(e) = recovered {
+            tracing::warn!(vm, error = %e, "cannot recover an interrupted operation yet");
+            return Err(BridgeError::Aborted(format!(
+                "the operation with this request-id on VM '{vm}' was interrupted by a bridge \
+                 restart and cannot be recovered yet ({e}); retry with the same request-id \
+                 for its outcome"
+            )));
+        }
+        memory::after_recovery(vm, op, key, &self.journal)
+    }
+
+    /// Recovers the interrupted operations `entries` of VM `vm`, which the caller holds.
+    async fn recover_held(
+        &self,
+        vm: &str,
+        memory: &VmMemory,
+        session: Arc<Session>,
+        entries: &[(String, Entry)],
+    ) -> Result<(), BridgeError> {
         let deadline =
             Instant::now() + std::time::Duration::from_millis(self.settings.hotplug.timeout_ms);
-        let mut ctx = self.ctx(target.vm, &memory, target.session, Some(deadline));
+        let mut ctx = self.ctx(vm, memory, session, Some(deadline));
         let found = self.converge(&mut ctx).await?;
         for (raw, entry) in entries {
             let stored = outcome(&ctx, entry, &found);
@@ -140,8 +222,7 @@ impl Hotplug {
         {
             return Err(ctx.backend_error(e));
         }
-        let vmem = ctx.virtio_mem().await?;
-        kept.extend(settle_virtio_mem(ctx, &vmem, block_size).await?);
+        let (vmem, withdrawn) = settle_virtio_mem(ctx, block_size, &mut kept).await?;
         // Offline blocks of kept devices, adopted or desired before, come online now.
         let view = ctx.guest(caps).await?;
         for d in &kept {
@@ -165,34 +246,47 @@ impl Hotplug {
             adopted,
             wanted,
             virtio_mem: vmem,
+            withdrawn,
             view,
         })
     }
 }
 
-/// Sets each of `devices` whose plugged size is not its requested size to the plugged
-/// size (see the module docs), and records every one as desired memory; those records.
+/// Withdraws the requests of the VM's virtio-mem devices that the guest has not met (see
+/// the module docs and [`virtio_mem::withdraw`]: bounded by
+/// [`virtio_mem::WITHDRAW_WAIT`]), and records every device in `kept` as desired memory;
+/// the devices as they are then, and the requests withdrawn.
 async fn settle_virtio_mem(
-    ctx: &Ctx,
-    devices: &[VirtioMemDevice],
+    ctx: &mut Ctx,
     block_size: u64,
-) -> Result<Vec<Desired>, BridgeError> {
-    for d in devices {
-        if d.requested_size != d.plugged_size {
-            ctx.backend
-                .set_requested_size(&d.id, d.plugged_size, ctx.deadline)
-                .await
-                .map_err(|e| ctx.backend_error(e))?;
-            tracing::warn!(
-                vm = ctx.vm,
-                device = d.id,
-                requested = d.requested_size,
-                plugged = d.plugged_size,
-                "a virtio-mem request left by a stopped bridge is withdrawn: requested-size set to what the guest holds"
-            );
+    kept: &mut Vec<Desired>,
+) -> Result<(Vec<VirtioMemDevice>, Vec<virtio_mem::Withdrawn>), BridgeError> {
+    let before = ctx.virtio_mem().await?;
+    let (now, withdrawn) = virtio_mem::withdraw(ctx, &before).await?;
+    for w in &withdrawn {
+        if let Some(e) = &w.failed {
+            return Err(ctx.hotplug_error(
+                "recover",
+                format!(
+                    "cannot withdraw the request of virtio-mem device '{}': {e}",
+                    w.id
+                ),
+            ));
         }
+        let size = now
+            .iter()
+            .find(|d| d.id == w.id)
+            .map_or(0, |d| d.plugged_size);
+        tracing::warn!(
+            vm = ctx.vm,
+            device = w.id,
+            requested = w.requested,
+            plugged = size,
+            "a virtio-mem request left by a stopped bridge is withdrawn: requested-size set to what the guest holds"
+        );
     }
-    virtio_mem::keep(ctx, devices, block_size).await
+    kept.extend(virtio_mem::keep(ctx, &now, block_size).await?);
+    Ok((now, withdrawn))
 }
 
 /// The failure an interrupted operation ends with.
@@ -258,10 +352,9 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
                 .virtio_mem
                 .iter()
                 .map(|d| {
-                    let was = if d.requested_size == d.plugged_size {
-                        String::new()
-                    } else {
-                        format!(" (its request for {} withdrawn)", d.requested_size)
+                    let was = match found.withdrawn.iter().find(|w| w.id == d.id) {
+                        Some(w) => format!(" (its request for {} withdrawn)", w.requested),
+                        None => String::new(),
                     };
                     format!(
                         "virtio-mem device '{}' at {} bytes{was}",

@@ -12,9 +12,10 @@
 //! reboot leaves offline, and recovery after a crash knows the device.
 //!
 //! A growth the guest does not complete within `hotplug.appear_timeout_ms`, and a shrink
-//! that stops making progress for `hotplug.offline_budget_ms`, end with `requested-size`
-//! set back to what the guest holds, so QEMU and the guest stop pulling against each
-//! other, and a FAILED_PRECONDITION naming the size reached.
+//! that stops making progress for `hotplug.offline_budget_ms`, end with the request
+//! withdrawn ([`withdraw`]: `requested-size` set back to what the guest holds, so QEMU and
+//! the guest stop pulling against each other, and QEMU's size waited for until it stands
+//! there) and a FAILED_PRECONDITION naming the size reached.
 
 use std::time::Duration;
 
@@ -43,6 +44,10 @@ const STALL: Duration = Duration::from_millis(200);
 /// How often the guest is looked at once QEMU's size is there but the guest is still
 /// onlining what was plugged.
 const GUEST_LOOK: Duration = Duration::from_millis(100);
+
+/// How long a withdrawn request may take to stand: the guest's driver finishing a piece
+/// it had under way when the request changed, then plugging back up to the request.
+pub const WITHDRAW_WAIT: Duration = Duration::from_secs(10);
 
 /// One device's part in a resize.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -432,37 +437,124 @@ fn zone_warnings(
     }
 }
 
-/// Sets every device's `requested-size` to what the guest holds now, and the error that
-/// says where the resize got.
+/// A device's request, withdrawn: what was asked before, and why setting it back failed
+/// (if it did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Withdrawn {
+    /// The device.
+    pub id: String,
+    /// Its `requested-size` before.
+    pub requested: u64,
+    /// Setting it to the plugged size failed: why.
+    pub failed: Option<String>,
+}
+
+/// Withdraws every request in `devices` that the guest has not met: sets such a device's
+/// `requested-size` to the size it has plugged, then waits until QEMU's plugged size has
+/// stood at the request for a moment — the driver may finish a piece it had under way when
+/// the request changed, then plugs back up to the request. A size still not there after
+/// [`WITHDRAW_WAIT`] is taken as it is, the request set to it once more. The devices as
+/// they are then, and each request withdrawn.
+pub(super) async fn withdraw(
+    ctx: &mut Ctx,
+    devices: &[VirtioMemDevice],
+) -> Result<(Vec<VirtioMemDevice>, Vec<Withdrawn>), BridgeError> {
+    let until = Instant::now() + WITHDRAW_WAIT;
+    // The operation's own deadline may be what ended it.
+    ctx.deadline = ctx
+        .deadline
+        .max(until + Duration::from_millis(ctx.settings.qmp_timeout_ms));
+    let mut now = devices.to_vec();
+    let mut withdrawn = Vec::new();
+    for d in &mut now {
+        if d.requested_size != d.plugged_size {
+            withdrawn.push(Withdrawn {
+                id: d.id.clone(),
+                requested: d.requested_size,
+                failed: set_to_plugged(ctx, d).await,
+            });
+        }
+    }
+    if withdrawn.is_empty() || withdrawn.iter().any(|w| w.failed.is_some()) {
+        return Ok((now, withdrawn));
+    }
+    let mut met_since: Option<Instant> = None;
+    loop {
+        tokio::time::sleep(POLL).await;
+        now = current(ctx, &now).await?;
+        if now.iter().all(|d| d.requested_size == d.plugged_size) {
+            let since = *met_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= STALL {
+                return Ok((now, withdrawn));
+            }
+        } else {
+            met_since = None;
+        }
+        if Instant::now() >= until {
+            for d in now.iter_mut() {
+                if d.requested_size != d.plugged_size {
+                    let failed = set_to_plugged(ctx, d).await;
+                    if let Some(w) = withdrawn.iter_mut().find(|w| w.id == d.id) {
+                        w.failed = failed;
+                    }
+                }
+            }
+            return Ok((now, withdrawn));
+        }
+    }
+}
+
+/// Sets `device`'s `requested-size` to its plugged size (and so its copy); why it failed.
+async fn set_to_plugged(ctx: &Ctx, device: &mut VirtioMemDevice) -> Option<String> {
+    let set = ctx
+        .backend
+        .set_requested_size(&device.id, device.plugged_size, ctx.deadline)
+        .await;
+    match set {
+        Ok(()) => {
+            device.requested_size = device.plugged_size;
+            None
+        }
+        Err(e) => Some(e.to_string()),
+    }
+}
+
+/// Withdraws the requests the guest did not meet ([`withdraw`]), and the error that says
+/// where the resize got.
 async fn give_up(
     ctx: &mut Ctx,
     now: &[VirtioMemDevice],
     wanted: &[u64],
     start: Instant,
 ) -> BridgeError {
-    let mut parts = Vec::new();
-    let mut reset = Vec::new();
-    for (d, &w) in now.iter().zip(wanted) {
-        if d.plugged_size == w {
-            continue;
-        }
-        parts.push(format!(
-            "device '{}' holds {} bytes, {w} were asked",
-            d.id, d.plugged_size
-        ));
-        ctx.deadline = ctx
-            .deadline
-            .max(Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms));
-        match ctx
-            .backend
-            .set_requested_size(&d.id, d.plugged_size, ctx.deadline)
-            .await
-        {
-            Ok(()) => reset.push(format!("{} to {}", d.id, d.plugged_size)),
-            Err(e) => parts.push(format!(
-                "setting '{}' back to {} failed too: {e}",
+    let mut parts: Vec<String> = now
+        .iter()
+        .zip(wanted)
+        .filter(|(d, w)| d.plugged_size != **w)
+        .map(|(d, w)| {
+            format!(
+                "device '{}' holds {} bytes, {w} were asked",
                 d.id, d.plugged_size
-            )),
+            )
+        })
+        .collect();
+    let elapsed = start.elapsed();
+    let (now, withdrawn) = match withdraw(ctx, now).await {
+        Ok(w) => w,
+        Err(e) => {
+            parts.push(format!("looking at the devices again failed: {e}"));
+            (now.to_vec(), Vec::new())
+        }
+    };
+    let mut reset = Vec::new();
+    for w in &withdrawn {
+        let size = now
+            .iter()
+            .find(|d| d.id == w.id)
+            .map_or(0, |d| d.plugged_size);
+        match &w.failed {
+            None => reset.push(format!("{} to {size}", w.id)),
+            Some(e) => parts.push(format!("setting '{}' back to {size} failed too: {e}", w.id)),
         }
     }
     let total: u64 = now.iter().map(|d| d.plugged_size).sum();
@@ -480,7 +572,7 @@ async fn give_up(
         format!(
             "the guest did not get there within {} ms: {}{reset}; its virtio-mem devices \
              hold {total} bytes",
-            start.elapsed().as_millis(),
+            elapsed.as_millis(),
             parts.join("; ")
         ),
     )
