@@ -3,13 +3,9 @@
 
 mod common;
 
-use std::{
-    net::SocketAddr,
-    path::Path,
-    time::{Duration, Instant},
-};
+use std::{net::SocketAddr, ops::ControlFlow, path::Path, time::Duration};
 
-use common::{clients, config, rpc, start, until_listed};
+use common::{clients, config, eventually, rpc, start, until_listed};
 use jsonrpsee::{
     core::{
         client::ClientT,
@@ -275,11 +271,15 @@ async fn discovered_vms_appear_and_go() {
         .expect("beta answers");
     assert_eq!(blocks.as_array().map(Vec::len), Some(3));
     // The departed VM's metric series go with it (once its session has wound down).
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while bridge.metrics().encode().contains("vm=\"alpha\"") {
-        assert!(Instant::now() < deadline, "{}", bridge.metrics().encode());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually("alpha's metric series gone", || async {
+        let text = bridge.metrics().encode();
+        if text.contains("vm=\"alpha\"") {
+            ControlFlow::Continue(text)
+        } else {
+            ControlFlow::Break(())
+        }
+    })
+    .await;
     assert!(bridge.metrics().encode().contains("vm=\"beta\""));
     bridge.shutdown().await;
 }

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::{path::Path, time::Duration};
+use std::{ops::ControlFlow, path::Path, time::Duration};
 
-use common::{clients, config, rpc, start};
+use common::{audit_lines, clients, config, eventually, rpc, start};
 use qga_fake_agent::{FakeAgent, Fault};
 use qga_proto::v1::{MemoryBlockChange, PingRequest, SetMemoryBlocksRequest};
 use serde_json::{Value, json};
@@ -16,21 +16,7 @@ use tokio::{
 
 /// The audit file's lines once there are `n` of them.
 async fn lines(path: &Path, n: usize) -> Vec<Value> {
-    for _ in 0..200 {
-        let text = std::fs::read_to_string(path).unwrap_or_default();
-        let lines: Vec<Value> = text
-            .lines()
-            .map(|l| serde_json::from_str(l).expect("each line is JSON"))
-            .collect();
-        if lines.len() >= n {
-            return lines;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!(
-        "fewer than {n} audit lines: {:?}",
-        std::fs::read_to_string(path)
-    );
+    audit_lines(path, |l| l.len() >= n).await
 }
 
 fn set(vm: &str, blocks: &[(u64, bool)]) -> SetMemoryBlocksRequest {
@@ -75,14 +61,20 @@ async fn every_write_and_denial_is_one_line_and_reads_are_not_audited() {
         .await
         .expect_err("no VM");
     assert_eq!(err.code(), tonic::Code::NotFound);
-    // A caller that leaves while the guest works.
-    agent
-        .control()
-        .push(Fault::Delay(Duration::from_millis(600)));
+    // A caller that leaves while the guest works: it goes once the guest has its set (the
+    // guest's answer is far off, and nothing here waits for it).
+    agent.control().push(Fault::Delay(Duration::from_secs(60)));
     let mut leaving = c.memory.clone();
     let gone =
         tokio::spawn(async move { leaving.set_memory_blocks(set("vm", &[(0, false)])).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    eventually("the guest has the leaving caller's set", || async {
+        // Answered already (it cannot be, the guest is slow): the audit checks below say how.
+        match agent.control().calls("guest-set-memory-blocks") {
+            n if n >= 3 || gone.is_finished() => ControlFlow::Break(()),
+            n => ControlFlow::Continue(format!("{n} sets at the guest")),
+        }
+    })
+    .await;
     gone.abort();
     // A forged Host.
     let mut s = TcpStream::connect(bridge.jsonrpc_addr.expect("TCP listener"))

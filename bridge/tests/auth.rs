@@ -4,9 +4,9 @@
 
 mod common;
 
-use std::{net::SocketAddr, path::Path, process::Command, time::Duration};
+use std::{net::SocketAddr, path::Path, process::Command};
 
-use common::{config, start};
+use common::{audit_lines, config, start};
 use qga_bridge::{
     Config,
     config::{AuthConfig, GrantConfig, Role, TlsFiles, TokenConfig},
@@ -246,18 +246,10 @@ async fn tokens_prove_identities_and_grants_limit_them() {
     assert_eq!(web.control().calls("guest-set-memory-blocks"), 1);
     assert_eq!(db.control().calls("guest-set-memory-blocks"), 0);
 
-    // Audit: the write, and every refusal, with who.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let lines: Vec<Value> = std::fs::read_to_string(&log)
-        .expect("audit log")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
-    let writes: Vec<_> = lines.iter().filter(|l| l["kind"] == "call").collect();
-    assert_eq!(writes.len(), 1, "{lines:#?}");
-    assert_eq!(writes[0]["identity"], "robot");
-    assert_eq!(writes[0]["vm"], "web-1");
-    let denied = |outcome: &str| {
+    // Audit: the write, and every refusal, with who. The trail is written by a thread of
+    // its own: wait until every expected line is there, then count them.
+    let writes = |lines: &[Value]| lines.iter().filter(|l| l["kind"] == "call").count();
+    let denied = |lines: &[Value], outcome: &str| {
         lines
             .iter()
             .filter(|l| {
@@ -268,8 +260,16 @@ async fn tokens_prove_identities_and_grants_limit_them() {
             })
             .count()
     };
-    assert_eq!(denied("permission_denied"), 4, "{lines:#?}");
-    assert_eq!(denied("unauthenticated"), 7, "{lines:#?}");
+    let lines = audit_lines(&log, |l| {
+        writes(l) >= 1 && denied(l, "permission_denied") >= 4 && denied(l, "unauthenticated") >= 7
+    })
+    .await;
+    let calls: Vec<_> = lines.iter().filter(|l| l["kind"] == "call").collect();
+    assert_eq!(calls.len(), 1, "{lines:#?}");
+    assert_eq!(calls[0]["identity"], "robot");
+    assert_eq!(calls[0]["vm"], "web-1");
+    assert_eq!(denied(&lines, "permission_denied"), 4, "{lines:#?}");
+    assert_eq!(denied(&lines, "unauthenticated"), 7, "{lines:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -337,7 +337,7 @@ async fn client_certificates_prove_identities() {
             .args([
                 "-sS",
                 "--max-time",
-                "10",
+                "60",
                 "-H",
                 "content-type: application/json",
             ])

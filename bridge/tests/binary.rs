@@ -45,7 +45,7 @@ async fn binary_with_toml_config_serves_and_stops_on_sigterm() {
     let http = HttpClientBuilder::default()
         .build(format!("http://127.0.0.1:{rpc_port}"))
         .expect("client");
-    let deadline = Instant::now() + Duration::from_secs(20);
+    let deadline = Instant::now() + common::PATIENCE;
     let blocks = loop {
         match rpc(&http, "guest-get-memory-blocks", json!({"vm": "vm1"})).await {
             Ok(v) => break v,
@@ -68,7 +68,7 @@ async fn binary_with_toml_config_serves_and_stops_on_sigterm() {
         .arg("-TERM")
         .arg(pid.to_string())
         .status();
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let deadline = Instant::now() + common::PATIENCE;
     let status = loop {
         if let Some(s) = child.try_wait().expect("wait") {
             break s;

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::time::Duration;
+use std::{ops::ControlFlow, time::Duration};
 
-use common::{clients, config, start, with_timeout};
+use common::{clients, config, eventually, start, with_timeout};
 use qga_fake_agent::{FakeAgent, Fault};
 use qga_proto::v1::{
     GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlockChange, SetMemoryBlocksRequest,
@@ -93,24 +93,23 @@ async fn many_vms_many_callers_never_mix_answers() {
     }
 }
 
+/// How long the guest takes over the first of the ten sets below. The other nine are sent
+/// once it has the set; they all reach the bridge's queue long before this on any machine.
+const HELD: Duration = Duration::from_secs(5);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_queue_is_resource_exhausted() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("vm.sock");
     let agent = FakeAgent::start(&path, 8).expect("fake agent");
-    for _ in 0..20 {
-        agent
-            .control()
-            .push(Fault::Delay(Duration::from_millis(300)));
-    }
+    agent.control().push(Fault::Delay(HELD));
     let mut cfg = config(&[("vm", &path)]);
     cfg.limits.queue_depth = 2;
     let bridge = start(cfg).await;
     let c = clients(&bridge).await;
-    let mut tasks = Vec::new();
-    for i in 0..10u64 {
+    let set = |i: u64| {
         let mut memory = c.memory.clone();
-        tasks.push(tokio::spawn(async move {
+        tokio::spawn(async move {
             memory
                 .set_memory_blocks(SetMemoryBlocksRequest {
                     vm: "vm".into(),
@@ -122,8 +121,18 @@ async fn full_queue_is_resource_exhausted() {
                 .await
                 .map(|_| ())
                 .map_err(|e| e.code())
-        }));
-    }
+        })
+    };
+    // The first set is at the guest (the queue is empty again) before the others come.
+    let mut tasks = vec![set(0)];
+    eventually("the first set at the guest", || async {
+        match agent.control().calls("guest-set-memory-blocks") {
+            0 if !tasks[0].is_finished() => ControlFlow::Continue("no set at the guest yet"),
+            _ => ControlFlow::Break(()),
+        }
+    })
+    .await;
+    tasks.extend((1..10u64).map(set));
     let mut ok = 0;
     let mut exhausted = 0;
     for t in tasks {
@@ -182,7 +191,8 @@ async fn a_joined_read_is_not_cut_short_by_the_starters_deadline() {
         .push(Fault::Delay(Duration::from_millis(600)));
     let bridge = start(config(&[("vm", &path)])).await;
     let c = clients(&bridge).await;
-    // A short-deadline caller starts the agent call; a patient one joins it.
+    // A short-deadline caller starts the agent call; a patient one joins it once the agent
+    // has it (or the short one is over: then the patient one starts afresh).
     let mut impatient = c.memory.clone();
     let short = tokio::spawn(async move {
         impatient
@@ -194,7 +204,14 @@ async fn a_joined_read_is_not_cut_short_by_the_starters_deadline() {
             .map(|r| r.into_inner().blocks.len())
             .map_err(|e| e.code())
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    eventually("the short call at the agent", || async {
+        if agent.control().calls("guest-get-memory-blocks") > 0 || short.is_finished() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue("not yet")
+        }
+    })
+    .await;
     let mut patient = c.memory.clone();
     let long = patient
         .get_memory_blocks(with_timeout(
@@ -222,16 +239,23 @@ async fn a_caller_that_goes_away_frees_the_vm() {
     agent.control().push(Fault::NoReply);
     let bridge = start(config(&[("vm", &path)])).await;
     let c = clients(&bridge).await;
-    // A read that would wait for its (never coming) reply; its caller gives up after a
-    // moment, which cancels the gRPC call. (A write is different: its outcome is awaited
-    // even without a caller, see faults.rs.)
+    // A read that would wait for its (never coming) reply; its caller gives up once the
+    // agent has it, which cancels the gRPC call. (A write is different: its outcome is
+    // awaited even without a caller, see faults.rs.)
     let mut memory = c.memory.clone();
-    let gave_up = tokio::time::timeout(
-        Duration::from_millis(300),
-        memory.get_memory_block_info(GetMemoryBlockInfoRequest { vm: "vm".into() }),
-    )
-    .await;
-    assert!(gave_up.is_err(), "the agent never replies");
+    let mut waiting = c.memory.clone();
+    let call = tokio::spawn(async move {
+        waiting
+            .get_memory_block_info(GetMemoryBlockInfoRequest { vm: "vm".into() })
+            .await
+    });
+    at_the_agent(&agent, "guest-get-memory-block-info", &call).await;
+    call.abort();
+    let gave_up = call.await;
+    assert!(
+        gave_up.as_ref().is_err_and(|e| e.is_cancelled()),
+        "the agent never replies: {gave_up:?}"
+    );
     // The next call is served well before the abandoned call's own deadline.
     let blocks = memory
         .get_memory_blocks(with_timeout(
@@ -250,19 +274,26 @@ async fn a_read_nobody_waits_for_is_never_served_later() {
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("vm.sock");
     let agent = FakeAgent::start(&path, 4).expect("fake agent");
-    agent
-        .control()
-        .push(Fault::Delay(Duration::from_millis(400)));
-    let bridge = start(config(&[("vm", &path)])).await;
+    // The reply comes late enough for the caller to be gone; the bridge's next handshake
+    // waits for the agent to be done with it (a budget, not a timing).
+    agent.control().push(Fault::Delay(Duration::from_secs(2)));
+    let mut cfg = config(&[("vm", &path)]);
+    cfg.timeouts.resync_ms = 60_000;
+    let bridge = start(cfg).await;
     let c = clients(&bridge).await;
-    // A read whose only caller gives up (the gRPC call is cancelled) before the reply.
+    // A read whose only caller gives up (the gRPC call is cancelled) once the agent has it,
+    // before the reply.
     let mut memory = c.memory.clone();
-    let gave_up = tokio::time::timeout(
-        Duration::from_millis(100),
-        memory.get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() }),
-    )
-    .await;
-    assert!(gave_up.is_err());
+    let mut leaving = c.memory.clone();
+    let call = tokio::spawn(async move {
+        leaving
+            .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm".into() })
+            .await
+    });
+    at_the_agent(&agent, "guest-get-memory-blocks", &call).await;
+    call.abort();
+    let gave_up = call.await;
+    assert!(gave_up.is_err_and(|e| e.is_cancelled()));
     // The table changes...
     memory
         .set_memory_blocks(with_timeout(
@@ -290,4 +321,17 @@ async fn a_read_nobody_waits_for_is_never_served_later() {
     let block1 = blocks.iter().find(|b| b.phys_index == 1).expect("block 1");
     assert!(block1.online, "the read reflects the write before it");
     assert_eq!(agent.control().calls("guest-get-memory-blocks"), 2);
+}
+
+/// Waits until the agent has received `command` (or `call` is over, for its caller to say
+/// how).
+async fn at_the_agent<T>(agent: &FakeAgent, command: &str, call: &tokio::task::JoinHandle<T>) {
+    eventually(&format!("{command} at the agent"), || async {
+        if agent.control().calls(command) > 0 || call.is_finished() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue("not yet")
+        }
+    })
+    .await;
 }

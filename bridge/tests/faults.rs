@@ -55,12 +55,19 @@ async fn setup(
 
 #[tokio::test]
 async fn slow_reply_times_out_and_the_late_reply_is_discarded() {
-    let (_d, agent, _b, mut c) = setup(&[Fault::Delay(Duration::from_millis(800))], |_| {}).await;
+    // The caller's deadline must pass while the agent works on the call: the call has a
+    // second to get there, over a channel already connected and synchronised, and the
+    // agent answers well after that.
+    let (deadline, late) = (Duration::from_secs(1), Duration::from_millis(2500));
+    let (_d, agent, _b, mut c) = setup(&[], |_| {}).await;
+    next_call_is_right(&mut c).await;
+    let synced = agent.control().calls("guest-sync-delimited");
+    agent.control().push(Fault::Delay(late));
     let err = c
         .memory
         .get_memory_block_info(with_timeout(
             GetMemoryBlockInfoRequest { vm: "vm".into() },
-            Duration::from_millis(200),
+            deadline,
         ))
         .await
         .expect_err("deadline");
@@ -70,21 +77,27 @@ async fn slow_reply_times_out_and_the_late_reply_is_discarded() {
         matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{err}"
     );
-    // Let the late reply arrive on the channel; it must not reach the next caller.
-    tokio::time::sleep(Duration::from_millis(900)).await;
+    // Let the late reply arrive on the channel; it must not reach the next caller. (On a
+    // machine too slow for it to be there yet, the next call's handshake meets it instead,
+    // which must go as well.)
+    tokio::time::sleep(late - deadline).await;
     next_call_is_right(&mut c).await;
     assert!(
-        agent.control().calls("guest-sync-delimited") >= 2,
+        agent.control().calls("guest-sync-delimited") > synced,
         "resynced after the timeout"
     );
 }
 
 #[tokio::test]
 async fn never_replying_times_out_via_jsonrpc_default_deadline() {
-    let (_d, _agent, _b, mut c) = setup(&[Fault::NoReply], |cfg| {
-        cfg.timeouts.commands.insert("guest-ping".into(), 300);
+    // The ping must reach the agent (and meet its fault) before its deadline: a connected,
+    // synchronised channel and two seconds.
+    let (_d, agent, _b, mut c) = setup(&[], |cfg| {
+        cfg.timeouts.commands.insert("guest-ping".into(), 2000);
     })
     .await;
+    next_call_is_right(&mut c).await;
+    agent.control().push(Fault::NoReply);
     let err = rpc(&c.http, "guest-ping", json!({"vm": "vm"}))
         .await
         .expect_err("timeout");
@@ -181,7 +194,7 @@ async fn agent_restart_is_transparent() {
     assert_eq!(err.code(), Code::Unavailable);
     let _agent = FakeAgent::start_with(&path, control).expect("restart");
     // Wait out the reconnect backoff, bounded.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + common::PATIENCE;
     loop {
         match c.agent.ping(PingRequest { vm: "vm".into() }).await {
             Ok(_) => break,
@@ -346,10 +359,12 @@ async fn missing_socket_is_unavailable_and_listed() {
 
 #[tokio::test]
 async fn a_guest_that_stops_reading_costs_one_call_not_the_channel() {
+    // The deadline must pass while the write is blocked, not in the handshake before it:
+    // two seconds for a handshake the agent answers at once.
     let (_d, agent, _b, mut c) = setup(&[], |cfg| {
         cfg.timeouts
             .commands
-            .insert("guest-set-memory-blocks".into(), 500);
+            .insert("guest-set-memory-blocks".into(), 2000);
         cfg.limits.max_set_entries = 60_000;
     })
     .await;
@@ -602,11 +617,15 @@ async fn jsonrpc_callers_bound_a_call_with_timeout_ms() {
 
 #[tokio::test]
 async fn a_set_that_outlives_its_caller_is_recorded_and_applied_once() {
-    let (_d, agent, b, mut c) = setup(&[Fault::Delay(Duration::from_millis(1500))], |_| {}).await;
+    // The caller gives up after a second, over a channel already connected and
+    // synchronised, while the guest works for five: time to see the VM busy meanwhile.
+    let (_d, agent, b, mut c) = setup(&[], |_| {}).await;
+    next_call_is_right(&mut c).await;
+    agent.control().push(Fault::Delay(Duration::from_secs(5)));
     let err = rpc(
         &c.http,
         "guest-set-memory-blocks",
-        json!({"vm": "vm", "timeout-ms": 300, "mem-blks": [{"phys-index": 1, "online": true}]}),
+        json!({"vm": "vm", "timeout-ms": 1000, "mem-blks": [{"phys-index": 1, "online": true}]}),
     )
     .await
     .expect_err("the caller gives up first");
@@ -620,7 +639,7 @@ async fn a_set_that_outlives_its_caller_is_recorded_and_applied_once() {
     assert_eq!(listed[0]["state"], "busy");
     assert_eq!(listed[0]["last-write"]["outcome"], "pending");
     // Within the command's timeout the late outcome is recorded with its results.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let deadline = std::time::Instant::now() + common::PATIENCE;
     let write = loop {
         let listed = rpc(&c.http, "vm-list", json!({})).await.expect("listed");
         if listed[0]["last-write"]["late"] == true {

@@ -5,6 +5,7 @@
 mod common;
 
 use std::{
+    ops::ControlFlow,
     path::Path,
     sync::{Arc, Mutex},
     time::Duration,
@@ -89,15 +90,13 @@ impl FakeQmp {
 
     /// Waits until `command` has been asked `n` times in all.
     async fn asked(&self, command: &str, n: usize) {
-        let since = std::time::Instant::now();
-        while self.count(command) < n {
-            assert!(
-                since.elapsed() < Duration::from_secs(30),
-                "{command} asked {n} times within 30 s: {} so far",
-                self.count(command)
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        common::eventually(&format!("{command} asked {n} times"), || async {
+            match self.count(command) {
+                seen if seen >= n => ControlFlow::Break(()),
+                seen => ControlFlow::Continue(format!("{seen} so far")),
+            }
+        })
+        .await;
     }
 
     /// Opens the gate: `query-memory-devices` is answered from now on, and the ones

@@ -3,7 +3,7 @@
 
 mod common;
 
-use std::{net::SocketAddr, process::Command, time::Duration};
+use std::{net::SocketAddr, process::Command};
 
 use common::{config, start};
 use qga_fake_agent::FakeAgent;
@@ -33,7 +33,7 @@ async fn exchange(addr: SocketAddr, head: &str, body: &str) -> (String, String) 
             }
         }
     };
-    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    let _ = tokio::time::timeout(common::PATIENCE, read).await;
     let text = String::from_utf8_lossy(&out[..len]).into_owned();
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     (

@@ -3,9 +3,9 @@
 
 mod common;
 
-use std::{path::PathBuf, time::Duration};
+use std::{ops::ControlFlow, path::PathBuf, time::Duration};
 
-use common::{clients, config, rpc, start};
+use common::{clients, config, eventually, rpc, start};
 use jsonrpsee::{core::client::ClientT, ws_client::WsClientBuilder};
 use qga_bridge::Config;
 use qga_fake_agent::{FakeAgent, Fault};
@@ -21,7 +21,7 @@ use tokio::{
 use tonic::{Code, transport::Channel};
 
 /// Generous bound for anything that must happen "soon"; never a measured timing.
-const SOON: Duration = Duration::from_secs(20);
+const SOON: Duration = common::PATIENCE;
 
 async fn setup(
     tweak: impl FnOnce(&mut Config),
@@ -238,24 +238,41 @@ async fn a_websocket_gets_only_its_share_of_calls_in_flight() {
 
 #[tokio::test]
 async fn calls_over_the_bridge_wide_limit_are_refused_at_once() {
-    let (_d, agent, bridge) = setup(|c| c.limits.max_in_flight = 2).await;
-    agent
-        .control()
-        .push(Fault::Delay(Duration::from_millis(1500)));
+    // Two VMs, so that both calls in flight can be seen at their guests.
+    let other_dir = tempfile::tempdir().expect("tempdir");
+    let other_path = other_dir.path().join("vm2.sock");
+    let other = FakeAgent::start(&other_path, 4).expect("fake agent");
+    let (_d, agent, bridge) = setup(|c| {
+        c.limits.max_in_flight = 2;
+        c.vms.insert("vm2".into(), other_path.clone());
+    })
+    .await;
+    // Long enough for the two refusals below to come while both calls are at their guests.
+    for guest in [&agent, &other] {
+        guest.control().push(Fault::Delay(Duration::from_secs(5)));
+    }
     let c = clients(&bridge).await;
-    let set = |i: u64| SetMemoryBlocksRequest {
-        vm: "vm".into(),
+    let set = |vm: &str| SetMemoryBlocksRequest {
+        vm: vm.into(),
         blocks: vec![MemoryBlockChange {
-            phys_index: i,
+            phys_index: 0,
             online: true,
         }],
     };
     let mut first = c.memory.clone();
     let mut second = c.memory.clone();
-    let a = tokio::spawn(async move { first.set_memory_blocks(set(0)).await });
-    let b = tokio::spawn(async move { second.set_memory_blocks(set(1)).await });
-    // Both are in flight (one at the guest, one queued behind it) before the third.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let a = tokio::spawn(async move { first.set_memory_blocks(set("vm")).await });
+    let b = tokio::spawn(async move { second.set_memory_blocks(set("vm2")).await });
+    // Both are in flight (each at its guest) before the third.
+    eventually("both sets at their guests", || async {
+        let at = [&agent, &other].map(|g| g.control().calls("guest-set-memory-blocks"));
+        if at == [1, 1] || a.is_finished() || b.is_finished() {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(format!("sets at the guests: {at:?}"))
+        }
+    })
+    .await;
     let err = c
         .agent
         .clone()

@@ -39,7 +39,7 @@ impl Bridge {
     }
 
     fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let deadline = Instant::now() + Duration::from_secs(20);
+        let deadline = Instant::now() + common::PATIENCE;
         loop {
             if let Some(s) = self.0.try_wait().expect("wait") {
                 return s;
@@ -50,10 +50,10 @@ impl Bridge {
     }
 }
 
-/// Next notification datagram, as text; panics after 20 s.
+/// Next notification datagram, as text; panics after [`common::PATIENCE`].
 fn next(socket: &UnixDatagram) -> String {
     let mut buf = [0u8; 4096];
-    let len = socket.recv(&mut buf).expect("a notification within 20 s");
+    let len = socket.recv(&mut buf).expect("a notification in time");
     String::from_utf8(buf[..len].to_vec()).expect("UTF-8 notification")
 }
 
@@ -85,7 +85,7 @@ fn start(notify_socket: &str, conf_dir: &Path, agent: &AgentProcess) -> (Bridge,
 /// The whole life cycle on `socket`, which `notify_socket` names.
 fn lifecycle(socket: &UnixDatagram, notify_socket: &str) {
     socket
-        .set_read_timeout(Some(Duration::from_secs(20)))
+        .set_read_timeout(Some(common::PATIENCE))
         .expect("timeout");
     let tree = FakeSysfs::with_blocks(2, "offline");
     let agent = AgentProcess::start(AgentKind::Ours, &tree, &[]).expect("agent");

@@ -40,7 +40,7 @@ async fn a_shared_socket_serves_other_clients_between_the_bridges_calls() {
     let agent = AgentProcess::start(AgentKind::Ours, &tree, &[]).expect("agent");
     let (_bridge, c) = bridge_for(&agent, true).await;
     ping(&c).await;
-    let waited = other_client_ping(&agent, Duration::from_secs(5))
+    let waited = other_client_ping(&agent, common::PATIENCE)
         .await
         .expect("served once the bridge let go");
     eprintln!("shared: another client was served after {waited:?} (idle time 200 ms)");

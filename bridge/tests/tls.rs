@@ -5,6 +5,7 @@ mod common;
 
 use std::{
     net::{SocketAddr, TcpListener},
+    os::unix::net::UnixDatagram,
     path::Path,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -39,7 +40,7 @@ async fn tls_channel(
     Channel::from_shared(format!("https://{addr}"))
         .expect("uri")
         .tls_config(tls)?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(common::PATIENCE)
         .connect()
         .await
 }
@@ -57,7 +58,7 @@ fn curl(addr: SocketAddr, certs: &Certs, ca: &str, client: Option<&str>) -> Resu
     cmd.args([
         "-sS",
         "--max-time",
-        "10",
+        "60",
         "-H",
         "content-type: application/json",
         "-d",
@@ -200,9 +201,9 @@ impl Drop for Killed {
     }
 }
 
-/// Polls `f` until it returns true, for at most 20 s.
+/// Polls `f` until it returns true, for at most [`common::PATIENCE`].
 fn eventually(mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + Duration::from_secs(20);
+    let end = Instant::now() + common::PATIENCE;
     while Instant::now() < end {
         if f() {
             return true;
@@ -210,6 +211,43 @@ fn eventually(mut f: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(100));
     }
     false
+}
+
+/// The bridge's systemd notifications (`$NOTIFY_SOCKET`): they say when a SIGHUP has been
+/// dealt with.
+struct Notifications(UnixDatagram);
+
+impl Notifications {
+    fn bind(path: &Path) -> Self {
+        let socket = UnixDatagram::bind(path).expect("bind the notify socket");
+        socket
+            .set_read_timeout(Some(common::PATIENCE))
+            .expect("timeout");
+        Self(socket)
+    }
+
+    /// Waits for a notification with the line `line` (earlier ones are passed over).
+    fn until(&self, line: &str) {
+        let mut buf = [0u8; 4096];
+        loop {
+            let len = self
+                .0
+                .recv(&mut buf)
+                .unwrap_or_else(|e| panic!("no {line} notification: {e}"));
+            if String::from_utf8_lossy(&buf[..len])
+                .lines()
+                .any(|l| l == line)
+            {
+                return;
+            }
+        }
+    }
+
+    /// Waits until the bridge has dealt with a SIGHUP: `RELOADING=1`, then `READY=1`.
+    fn reloaded(&self) {
+        self.until("RELOADING=1");
+        self.until("READY=1");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,6 +258,8 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
     let _agent = FakeAgent::start(&socket, 4).expect("fake agent");
     let (grpc, rpc) = (free_addr(), free_addr());
     let path = |p: &Path| p.display().to_string();
+    let notify = dir.path().join("notify");
+    let notifications = Notifications::bind(&notify);
     let bridge = Killed(
         Command::new(bin_path("qga-bridge"))
             .args([
@@ -233,6 +273,7 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
             .args(["--tls-cert", &path(&certs.path("server.pem"))])
             .args(["--tls-key", &path(&certs.path("server.key"))])
             .env("QGA_BRIDGE_LOG", "warn")
+            .env("NOTIFY_SOCKET", &notify)
             .stdout(Stdio::null())
             .spawn()
             .expect("bridge starts"),
@@ -258,6 +299,7 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
         .status()
         .expect("kill");
     assert!(hup.success());
+    notifications.reloaded();
     let c = certs.clone();
     assert!(
         tokio::task::spawn_blocking(move || eventually(|| curl(rpc, &c, "ca2", None).is_ok()))
@@ -283,7 +325,8 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
         .status()
         .expect("kill");
     assert!(hup.success());
-    std::thread::sleep(Duration::from_millis(500));
+    // The reload has been tried (and has failed) once the bridge says it is ready again.
+    notifications.reloaded();
     let c = certs.clone();
     let still = tokio::task::spawn_blocking(move || curl(rpc, &c, "ca2", None))
         .await

@@ -8,10 +8,9 @@ use std::{
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
     process::Command,
-    time::Duration,
 };
 
-use common::config;
+use common::{audit_lines, config};
 use hyper_util::rt::TokioIo;
 use qga_bridge::{
     Bridge, Config,
@@ -75,7 +74,7 @@ fn curl(socket: &Path, uid: Option<u32>) -> Result<String, String> {
         .args([
             "-sS",
             "--max-time",
-            "10",
+            "60",
             "-H",
             "content-type: application/json",
             "-d",
@@ -149,15 +148,11 @@ async fn both_front_ends_serve_on_unix_sockets_to_permitted_peers_only() {
         })
         .await
         .expect("set");
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let line: Value = std::fs::read_to_string(&log)
-        .expect("audit")
-        .lines()
-        .find_map(|l| {
-            serde_json::from_str::<Value>(l)
-                .ok()
-                .filter(|v| v["kind"] == "call")
-        })
+    let is_call = |l: &Value| l["kind"] == "call";
+    let line: Value = audit_lines(&log, |l| l.iter().any(is_call))
+        .await
+        .into_iter()
+        .find(is_call)
         .expect("the set is audited");
     assert!(
         line["peer"]

@@ -21,6 +21,10 @@ use serde_json::{Value, json};
 /// The host's first memory block, which every Linux machine has.
 const REAL_BLOCK: &str = "/sys/devices/system/memory/memory0/uevent";
 
+/// A bound for what the kernel and the agent do at once, on a loaded machine; never a
+/// measured timing.
+const PATIENCE: Duration = Duration::from_secs(60);
+
 /// Makes the kernel announce memory block 0 again.
 fn replay_block0_add() {
     fs::write(REAL_BLOCK, "add").expect("writing 'add' to memory0/uevent (needs root)");
@@ -30,12 +34,12 @@ fn replay_block0_add() {
 fn the_kernel_announces_a_memory_block_on_the_socket() {
     let mut socket = UeventSocket::open().expect("open the uevent socket (needs root)");
     replay_block0_add();
-    let until = Instant::now() + Duration::from_secs(10);
+    let until = Instant::now() + PATIENCE;
     loop {
         match socket.wait(until) {
             News::Added(blocks) if blocks.contains(&0) => break,
             News::Added(_) | News::Rescan => {}
-            News::TimedOut => panic!("no add event for memory0 within 10 s"),
+            News::TimedOut => panic!("no add event for memory0 within {PATIENCE:?}"),
         }
     }
 }
@@ -76,7 +80,7 @@ fn a_block_appearing_after_the_first_look_is_onlined_on_the_kernels_event() {
     let request = Request::from_value(json!({
         "execute": "__org.qga-bridge_online-when-present",
         "arguments": {"first": 0, "count": 1, "online-type": "online_movable",
-                      "timeout-ms": 20_000},
+                      "timeout-ms": 120_000},
     }))
     .expect("valid request");
     let reply = std::thread::scope(|s| {
@@ -85,7 +89,7 @@ fn a_block_appearing_after_the_first_look_is_onlined_on_the_kernels_event() {
             agent.handle(request, &mut out);
             out
         });
-        rx.recv_timeout(Duration::from_secs(10))
+        rx.recv_timeout(PATIENCE)
             .expect("the agent waits for events");
         tree.block(0, Some("offline"), Some("1"));
         replay_block0_add();

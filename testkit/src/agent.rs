@@ -15,8 +15,9 @@ use crate::{FakeSysfs, QgaClient};
 /// Where Debian installs the reference agent.
 pub const QEMU_GA: &str = "/usr/sbin/qemu-ga";
 
-/// How long an agent may take to create its socket.
-const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long an agent may take to create its socket: a bound for a loaded machine, not a
+/// timing.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Which agent to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

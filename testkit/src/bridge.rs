@@ -25,6 +25,10 @@ fn free_addr() -> io::Result<SocketAddr> {
     TcpListener::bind("127.0.0.1:0")?.local_addr()
 }
 
+/// How long a bridge may take to serve after it was started: a bound for a loaded machine,
+/// not a timing.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// POSTs `vm-list` and reports whether the bridge answered with HTTP 200.
 fn answers(addr: SocketAddr) -> bool {
     let body = r#"{"jsonrpc":"2.0","id":0,"method":"vm-list"}"#;
@@ -121,7 +125,7 @@ impl BridgeProcess {
             jsonrpc,
             _dir: dir,
         };
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + START_TIMEOUT;
         while !ready(jsonrpc) {
             if let Some(status) = bridge.child.try_wait()? {
                 return Ok(Err(status));

@@ -17,6 +17,10 @@ use crate::{image::GuestImage, qmp::Qmp};
 /// How long a TCG boot may take before we give up.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
+/// How long the guest's init may take to answer on its control port: first a `PONG`, then
+/// the answer to a command. Generous: a TCG guest on a loaded machine is slow to schedule.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// Which agent the guest runs, and how it onlines memory.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -87,7 +91,7 @@ impl ControlPort {
         let mut stream = UnixStream::connect(&self.path)
             .with_context(|| format!("connecting {}", self.path.display()))?;
         let mut reader = BufReader::new(stream.try_clone()?);
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + CONTROL_TIMEOUT;
         let mut line = String::new();
         let mut read_until = |reader: &mut BufReader<UnixStream>,
                               want: &str,
@@ -126,7 +130,7 @@ impl ControlPort {
             }
         }
         writeln!(stream, "{command}")?;
-        read_until(&mut reader, expect, Duration::from_secs(20))?
+        read_until(&mut reader, expect, CONTROL_TIMEOUT)?
             .with_context(|| format!("no '{expect}' answer to '{command}'"))
     }
 

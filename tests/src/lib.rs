@@ -9,6 +9,7 @@
 //!   domain.
 //! - [`bridge`]: the `qga-bridge` binary as a process, and clients for both APIs.
 //! - [`scenario`]: the memory hotplug scenario, step by step, with timings.
+//! - [`wait`]: polling a condition within a generous bound instead of sleeping.
 
 pub mod bridge;
 pub mod guest;
@@ -16,3 +17,4 @@ pub mod image;
 pub mod libvirt;
 pub mod qmp;
 pub mod scenario;
+pub mod wait;

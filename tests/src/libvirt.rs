@@ -28,10 +28,14 @@ use crate::{guest::ControlPort, image};
 pub const URI: &str = "qemu:///system";
 
 /// How long the daemon may take to answer after being started, or to exit when stopped.
-const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
+const DAEMON_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long a TCG boot may take under libvirt (about 5 s when the machine is idle).
-const BOOT_TIMEOUT: Duration = Duration::from_secs(90);
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long one `guest-ping` through libvirt may wait for the agent's answer, in seconds:
+/// a TCG guest on a loaded machine may take seconds to answer.
+const PING_TIMEOUT_S: u32 = 10;
 
 /// Serialises starting and stopping the daemon between threads and test processes (nextest
 /// runs each test in its own process). `flock` locks belong to the open file, so two
@@ -391,7 +395,10 @@ impl Domain {
     pub fn wait_for_agent(&self, timeout: Duration) -> anyhow::Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
-            match self.agent_command(&serde_json::json!({"execute": "guest-ping"}), 2) {
+            match self.agent_command(
+                &serde_json::json!({"execute": "guest-ping"}),
+                PING_TIMEOUT_S,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(e) if Instant::now() > deadline => {
                     return Err(e.context(format!("agent of {} silent for {timeout:?}", self.name)));

@@ -5,6 +5,7 @@
 
 use std::{
     collections::BTreeSet,
+    ops::ControlFlow,
     time::{Duration, Instant},
 };
 
@@ -16,7 +17,11 @@ use qga_proto::v1::{
 };
 use serde_json::{Value, json};
 
-use crate::{bridge::Clients, guest::GuestControl};
+use crate::{
+    bridge::Clients,
+    guest::GuestControl,
+    wait::{self, PATIENCE},
+};
 
 /// The DIMM the scenario plugs: 512 MiB.
 pub const DIMM_BYTES: u64 = 512 << 20;
@@ -80,32 +85,28 @@ pub async fn wait_blocks(
     what: &str,
     check: impl Fn(&[MemoryBlock]) -> bool,
 ) -> anyhow::Result<Vec<MemoryBlock>> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    wait::until(what, timeout, || async {
         let b = blocks(c, vm).await?;
-        if check(&b) {
-            return Ok(b);
-        }
-        if Instant::now() > deadline {
-            bail!("{what}: not within {timeout:?}; blocks now: {b:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        anyhow::Ok(if check(&b) {
+            ControlFlow::Break(b)
+        } else {
+            ControlFlow::Continue(format!("blocks {b:?}"))
+        })
+    })
+    .await
 }
 
 /// Polls the guest's MemTotal until it equals `want` KiB.
 pub async fn wait_mem_total(g: &GuestControl, want: u64, timeout: Duration) -> anyhow::Result<()> {
-    let deadline = Instant::now() + timeout;
-    loop {
+    wait::until(&format!("MemTotal {want} KiB"), timeout, || async {
         let now = g.mem_total_kib()?;
-        if now == want {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("MemTotal is {now} KiB, expected {want} KiB");
-        }
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+        anyhow::Ok(if now == want {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(format!("MemTotal {now} KiB"))
+        })
+    })
+    .await
 }
 
 /// Hot-adds the DIMM, waits for its offline blocks, onlines them through gRPC and checks
@@ -159,7 +160,7 @@ pub async fn hot_add_and_online(
     let start = Instant::now();
     g.hot_add_dimm("dimm1", DIMM_BYTES)?;
     let expected = usize::try_from(DIMM_BYTES / size)?;
-    let after = wait_blocks(c, vm, Duration::from_secs(60), "new offline blocks", |b| {
+    let after = wait_blocks(c, vm, PATIENCE, "new offline blocks", |b| {
         b.iter()
             .filter(|x| !known.contains(&x.phys_index) && !x.online)
             .count()
@@ -179,7 +180,7 @@ pub async fn hot_add_and_online(
             .all(|r| r.response() == MemoryBlockResponseType::Success),
         "onlining failed: {results:?}"
     );
-    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, Duration::from_secs(30)).await?;
+    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, PATIENCE).await?;
     t.record("hot-add to online (MemTotal +512 MiB)", start.elapsed());
     Ok((new, mem_before))
 }
@@ -211,13 +212,13 @@ pub async fn unplug_cycle(
         .as_array()
         .is_some_and(|r| r.iter().all(|x| x["response"] == "success"));
     ensure!(all_ok, "offlining the DIMM's blocks failed: {off}");
-    wait_mem_total(g, mem_before, Duration::from_secs(30)).await?;
-    g.unplug_dimm("dimm1", Duration::from_secs(60))?;
-    wait_blocks(c, vm, Duration::from_secs(30), "DIMM blocks gone", |b| {
+    wait_mem_total(g, mem_before, PATIENCE).await?;
+    g.unplug_dimm("dimm1", PATIENCE)?;
+    wait_blocks(c, vm, PATIENCE, "DIMM blocks gone", |b| {
         !b.iter().any(|x| new.contains(&x.phys_index))
     })
     .await?;
-    wait_mem_total(g, mem_before, Duration::from_secs(10)).await?;
+    wait_mem_total(g, mem_before, PATIENCE).await?;
     t.record("offline to unplugged (MemTotal back)", start.elapsed());
 
     // Boot memory cannot be given back: the kernel's errno comes back per block.
@@ -432,7 +433,7 @@ pub async fn bridge_hotplug_cycle(
         .as_str()
         .with_context(|| format!("memory-plug answered no memdev: {plugged}"))?
         .to_string();
-    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, Duration::from_secs(30)).await?;
+    wait_mem_total(g, mem_before + DIMM_BYTES / 1024, PATIENCE).await?;
     t.record("memory-plug to usable (MemTotal +512 MiB)", start.elapsed());
 
     let layout = grpc_layout(c, vm).await?;
@@ -471,7 +472,7 @@ pub async fn bridge_hotplug_cycle(
         .context("Unplug")?
         .into_inner();
     print_grpc_steps("Unplug", &unplugged.steps, &[]);
-    wait_mem_total(g, mem_before, Duration::from_secs(30)).await?;
+    wait_mem_total(g, mem_before, PATIENCE).await?;
     t.record("Unplug to MemTotal back", start.elapsed());
     let after = memory_layout(c, vm).await?;
     ensure!(
@@ -537,7 +538,7 @@ pub async fn virtio_mem_cycle(
             && up.virtio_mem[0].to_bytes == GIB,
         "Resize +1 GiB did not go to the virtio-mem device: {up:?}"
     );
-    wait_mem_total(g, mem_before + GIB / 1024, Duration::from_secs(30)).await?;
+    wait_mem_total(g, mem_before + GIB / 1024, PATIENCE).await?;
     t.record("virtio-mem Resize +1 GiB to usable", start.elapsed());
     let (requested, size) = g.virtio_mem_sizes(&device.id)?;
     ensure!(
@@ -571,7 +572,7 @@ pub async fn virtio_mem_cycle(
         .context("Resize back with virtio-mem")?
         .into_inner();
     print_grpc_steps("Resize back (virtio-mem)", &down.steps, &down.warnings);
-    wait_mem_total(g, mem_before, Duration::from_secs(60)).await?;
+    wait_mem_total(g, mem_before, PATIENCE).await?;
     t.record("virtio-mem Resize back to MemTotal back", start.elapsed());
     let (requested, size) = g.virtio_mem_sizes(&device.id)?;
     ensure!(

@@ -3,7 +3,10 @@
 #![allow(dead_code)]
 
 use std::{
+    fmt::Display,
+    future::Future,
     net::SocketAddr,
+    ops::ControlFlow,
     path::Path,
     time::{Duration, Instant},
 };
@@ -19,6 +22,51 @@ use qga_proto::v1::{
 };
 use serde_json::{Value, json};
 use tonic::transport::Channel;
+
+/// The bound for anything that must happen "soon": far above what an idle machine needs,
+/// so that only a failure reaches it on a loaded one. Never a measured timing.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `probe` every 20 ms until it breaks with a value, within [`PATIENCE`]; fails with
+/// `what` and the last state it continued with.
+pub async fn eventually<T, S, F, Fut>(what: &str, mut probe: F) -> T
+where
+    S: Display,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = ControlFlow<T, S>>,
+{
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        match probe().await {
+            ControlFlow::Break(v) => return v,
+            ControlFlow::Continue(last) => assert!(
+                Instant::now() < deadline,
+                "{what}: not within {PATIENCE:?}; last seen: {last}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The audit file's lines (each must be JSON) once `enough` holds for them: the trail is
+/// written by a thread of its own, after the call has been answered. A line still being
+/// written (no newline yet) is not looked at.
+pub async fn audit_lines(path: &Path, enough: impl Fn(&[Value]) -> bool) -> Vec<Value> {
+    eventually("audit lines", || async {
+        let mut text = std::fs::read_to_string(path).unwrap_or_default();
+        text.truncate(text.rfind('\n').map_or(0, |end| end + 1));
+        let lines: Vec<Value> = text
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("each audit line is JSON"))
+            .collect();
+        if enough(&lines) {
+            ControlFlow::Break(lines)
+        } else {
+            ControlFlow::Continue(text)
+        }
+    })
+    .await
+}
 
 /// A TCP port on 127.0.0.1 free at the time of asking.
 pub fn free_port() -> u16 {
@@ -112,10 +160,9 @@ pub async fn rpc(
     }
 }
 
-/// Polls `vm-list` until `pred` holds for the names, bounded by a deadline.
+/// Polls `vm-list` until `pred` holds for the names, within [`PATIENCE`].
 pub async fn until_listed(http: &HttpClient, pred: impl Fn(&[String]) -> bool) -> Vec<String> {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    eventually("discovery gets there", || async {
         let names: Vec<String> = rpc(http, "vm-list", json!({}))
             .await
             .expect("vm-list")
@@ -127,14 +174,12 @@ pub async fn until_listed(http: &HttpClient, pred: impl Fn(&[String]) -> bool) -
             })
             .unwrap_or_default();
         if pred(&names) {
-            return names;
+            ControlFlow::Break(names)
+        } else {
+            ControlFlow::Continue(format!("{names:?}"))
         }
-        assert!(
-            Instant::now() < deadline,
-            "discovery never got there: {names:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    })
+    .await
 }
 
 /// Another client of an agent socket, as an operator would be: `socat` sending

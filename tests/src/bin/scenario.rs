@@ -12,6 +12,7 @@ use qga_e2e::{
     bridge::{Clients, TlsClient},
     guest::GuestControl,
     scenario,
+    wait::PATIENCE,
 };
 
 #[derive(Parser)]
@@ -87,7 +88,7 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("e2e: Resize by 1 GiB and back through the guest's virtio-mem device");
     let start = std::time::Instant::now();
     g.restart_agent()?;
-    let failed = scenario::ping_until_ok(&c, &cli.vm, Duration::from_secs(60)).await?;
+    let failed = scenario::ping_until_ok(&c, &cli.vm, PATIENCE).await?;
     t.record(
         &format!("agent restart in the guest to next successful call ({failed} failed)"),
         start.elapsed(),
