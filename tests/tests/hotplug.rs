@@ -452,14 +452,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     );
     mem_total_becomes(&guest, start_kib, "MemTotal back after Resize down").await;
     t.record("Resize back to MemTotal back", since.elapsed());
-    let (listed, failed) = lister.stop().await;
-    eprintln!(
-        "e2e: {listed} block listings during the unplugs, {} failed",
-        failed.len()
-    );
-    check(&guest, listed > 0 && failed.is_empty(), || {
-        format!("every listing during four unplugs answered ({listed} did): {failed:?}")
-    });
+    lister.check(&guest, "four DIMM unplugs").await;
     let l = layout(&guest, &c).await;
     check(&guest, scenario::layout_dimms(&l).is_empty(), || {
         format!("no DIMM after Resize down: {l}")
@@ -877,10 +870,17 @@ impl Lister {
         Self { stop, task }
     }
 
-    /// Stops listing: how many listings answered, and the failures.
-    async fn stop(self) -> (usize, Vec<String>) {
+    /// Stops listing and checks that every listing during `what` answered.
+    async fn check(self, guest: &Guest, what: &str) {
         self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
-        self.task.await.expect("the lister joins")
+        let (listed, failed) = self.task.await.expect("the lister joins");
+        eprintln!(
+            "e2e: {listed} block listings during {what}, {} failed",
+            failed.len()
+        );
+        check(guest, listed > 0 && failed.is_empty(), || {
+            format!("every listing during {what} answered ({listed} did): {failed:?}")
+        });
     }
 }
 
@@ -1275,14 +1275,7 @@ async fn virtio_mem_resize_through_the_bridge() {
     check(&guest, sizes == (0, 0), || {
         format!("QEMU: nothing plugged: {sizes:?}")
     });
-    let (listed, failed) = lister.stop().await;
-    eprintln!(
-        "e2e: {listed} block listings during the virtio-mem shrinks, {} failed",
-        failed.len()
-    );
-    check(&guest, listed > 0 && failed.is_empty(), || {
-        format!("every listing during the virtio-mem shrinks answered ({listed} did): {failed:?}")
-    });
+    lister.check(&guest, "two virtio-mem shrinks").await;
 
     // A bridge killed once requested-size is set: the next one stops QEMU and the guest
     // at one size (requested-size = what the guest holds), onlines it, and answers a
