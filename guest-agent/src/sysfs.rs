@@ -267,17 +267,17 @@ impl MemoryTree {
 
     /// Opens the memory directory and lists its blocks, in directory order: `None` when
     /// there is no tree at all, an error when it cannot be listed or holds no block.
-    fn list(&self) -> Result<Option<(OwnedFd, Vec<u64>)>, SysfsError> {
+    fn list(&self) -> Result<Option<(OwnedFd, Listed)>, SysfsError> {
         let dirfd = match self.open_dir() {
             Ok(fd) => fd,
             Err(Errno::NOENT) => return Ok(None),
             Err(e) => return Err(SysfsError::ListDir(e)),
         };
-        let indices = block_indices(&dirfd)?;
-        if indices.is_empty() {
+        let listed = block_indices(&dirfd)?;
+        if listed.indices.is_empty() {
             return Err(SysfsError::NoBlocks);
         }
-        Ok(Some((dirfd, indices)))
+        Ok(Some((dirfd, listed)))
     }
 
     /// Every block, in directory order. A missing tree is an empty list; a tree without
@@ -297,24 +297,29 @@ impl MemoryTree {
     where
         F: Fn(BorrowedFd<'_>, u64, &mut GuestMemoryBlock) -> Result<Read, SysfsError> + Sync,
     {
-        let Some((dirfd, indices)) = self.list()? else {
+        let Some((dirfd, listed)) = self.list()? else {
             return Ok(Vec::new());
         };
-        let mut out: Vec<Option<GuestMemoryBlock>> = vec![None; indices.len()];
-        scan(dirfd.as_fd(), &indices, &mut out, |dirfd, index, slot| {
-            let mut block = GuestMemoryBlock {
-                phys_index: index,
-                online: false,
-                can_offline: Some(false),
-            };
-            match read(dirfd, index, &mut block) {
-                Ok(Read::Block) => *slot = Some(block),
-                Ok(Read::Gone) => {}
-                Err(_) if gone(dirfd, index) => {}
-                Err(e) => return Err(e),
-            }
-            Ok(())
-        })?;
+        let mut out: Vec<Option<GuestMemoryBlock>> = vec![None; listed.indices.len()];
+        scan(
+            dirfd.as_fd(),
+            &listed.indices,
+            &mut out,
+            |dirfd, index, slot| {
+                let mut block = GuestMemoryBlock {
+                    phys_index: index,
+                    online: false,
+                    can_offline: Some(false),
+                };
+                match read(dirfd, index, &mut block) {
+                    Ok(Read::Block) => *slot = Some(block),
+                    Ok(Read::Gone) => {}
+                    Err(_) if listed.gone(dirfd, index) => {}
+                    Err(e) => return Err(e),
+                }
+                Ok(())
+            },
+        )?;
         Ok(out.into_iter().flatten().collect())
     }
 
@@ -333,11 +338,11 @@ impl MemoryTree {
             auto_movable_ratio: None,
             blocks: Vec::new(),
         };
-        if let Some((dirfd, indices)) = self.list()? {
-            let mut blocks: Vec<Option<GuestMemoryBlockZones>> = vec![None; indices.len()];
+        if let Some((dirfd, listed)) = self.list()? {
+            let mut blocks: Vec<Option<GuestMemoryBlockZones>> = vec![None; listed.indices.len()];
             scan(
                 dirfd.as_fd(),
-                &indices,
+                &listed.indices,
                 &mut blocks,
                 |dirfd, index, slot| {
                     let mut block = GuestMemoryBlockZones {
@@ -348,7 +353,7 @@ impl MemoryTree {
                     };
                     match read_block_zones(dirfd, index, &mut block) {
                         Ok(()) => *slot = Some(block),
-                        Err(_) if gone(dirfd, index) => {}
+                        Err(_) if listed.gone(dirfd, index) => {}
                         Err(e) => return Err(e),
                     }
                     Ok(())
@@ -490,26 +495,51 @@ where
     })
 }
 
-/// The N of every `memoryN` entry the reference takes for a block directory, in directory
-/// order. Like qemu-ga it trusts `d_type & DT_DIR`, which is also set for sockets and
-/// block devices (their open then fails), and skips unknown types; a readdir error ends
-/// the listing as it does there.
-fn block_indices(dirfd: &OwnedFd) -> Result<Vec<u64>, SysfsError> {
+/// The blocks a listing found.
+#[derive(Debug, Default)]
+struct Listed {
+    /// The N of every `memoryN` entry the reference takes for a block directory, in
+    /// directory order.
+    indices: Vec<u64>,
+    /// Those whose entry is not spelled as a block is read (`memory05`, or an index past
+    /// `i64::MAX`, read as `memory-1`): nearly always none.
+    odd: Vec<u64>,
+}
+
+impl Listed {
+    /// Whether block `index`, whose reading failed, is gone from the tree: the kernel
+    /// removed it while it was read. Asked only after a failure, to tell a block being
+    /// removed (left out) from a broken one (a failure, as with the reference). An entry
+    /// not spelled as it is read is never taken for gone: its path was never there.
+    fn gone(&self, dirfd: BorrowedFd<'_>, index: u64) -> bool {
+        !self.odd.contains(&index) && gone(dirfd, index)
+    }
+}
+
+/// The blocks of the memory directory, as the reference takes them: every `memoryN`
+/// entry, in directory order. Like qemu-ga it trusts `d_type & DT_DIR`, which is also set
+/// for sockets and block devices (their open then fails), and skips unknown types; a
+/// readdir error ends the listing as it does there.
+fn block_indices(dirfd: &OwnedFd) -> Result<Listed, SysfsError> {
     let dir = Dir::read_from(dirfd).map_err(SysfsError::ListDir)?;
-    let mut indices = Vec::new();
+    let mut listed = Listed::default();
     for entry in dir {
         let Ok(entry) = entry else { break };
-        let Some(index) = parse_block_name(entry.file_name().to_bytes()) else {
+        let name = entry.file_name().to_bytes();
+        let Some(index) = parse_block_name(name) else {
             continue;
         };
         if matches!(
             entry.file_type(),
             FileType::Directory | FileType::Socket | FileType::BlockDevice
         ) {
-            indices.push(index);
+            listed.indices.push(index);
+            if NameBuf::new().block(index, "").as_bytes() != name {
+                listed.odd.push(index);
+            }
         }
     }
-    Ok(indices)
+    Ok(listed)
 }
 
 fn response(
@@ -573,9 +603,7 @@ enum Read {
     Gone,
 }
 
-/// Whether block `index`'s directory is gone from the tree. Asked only after reading the
-/// block failed, to tell a block being removed (leave it out) from a broken one (fail as
-/// the reference does).
+/// Whether block `index`'s directory (as it is read, `memoryN/`) is gone from the tree.
 fn gone(dirfd: BorrowedFd<'_>, index: u64) -> bool {
     matches!(open_block(dirfd, index), Err(Errno::NOENT))
 }

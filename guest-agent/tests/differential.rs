@@ -450,6 +450,13 @@ fn sysfs_error_paths_match() {
         ("memory5 a symlink to a block", |t| {
             t.replace("memory5", Node::Symlink("memory1"));
         }),
+        // Entries not spelled as a block is read: never taken for a block that went away.
+        ("memory05 (read as memory5, which is not there)", |t| {
+            t.odd_dir("memory05");
+        }),
+        ("memory18446744073709551615 (read as memory-1)", |t| {
+            t.odd_dir("memory18446744073709551615");
+        }),
         // Its `state`.
         ("state a directory (EISDIR on read)", |t| {
             t.block(5, None, Some("1"))
