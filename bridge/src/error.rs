@@ -5,7 +5,7 @@
 //! | bad request (checked before the guest) | INVALID_ARGUMENT | -32602 |
 //! | unknown VM | NOT_FOUND | -32001 |
 //! | agent not connected, socket gone, handshake unanswered, backoff | UNAVAILABLE | -32002 |
-//! | the caller's deadline passed (reply, handshake or send; or, for memory hotplug, while the bridge's own work on the VM finished) | DEADLINE_EXCEEDED | -32003 |
+//! | the caller's deadline passed (reply, handshake or send; or, for memory hotplug, before the bridge's own work on the VM finished) | DEADLINE_EXCEEDED | -32003 |
 //! | too many calls queued for the VM, the VM busy with a write whose caller left, or a bridge-wide or per-connection in-flight limit hit | RESOURCE_EXHAUSTED | -32004 |
 //! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
 //! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |

@@ -246,11 +246,11 @@ impl Service {
     /// (see [`crate::hotplug::recover`]).
     async fn recover(&self) {
         let interrupted = self.hotplug.journal().interrupted();
-        for (vm, entries) in by_vm(interrupted.into_iter().map(|(vm, raw, e)| (vm, (raw, e)))) {
+        for vm in by_vm(interrupted.into_iter().map(|(vm, raw, _)| (vm, raw))).into_keys() {
             let Ok(target) = self.target(&vm) else {
                 continue;
             };
-            if let Err(e) = self.hotplug.recover(target, &entries).await {
+            if let Err(e) = self.hotplug.recover(target).await {
                 tracing::warn!(vm, error = %e, "cannot recover an interrupted operation yet");
             }
         }

@@ -472,40 +472,43 @@ async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() 
     bridge.shutdown().await;
 }
 
-#[tokio::test]
-async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
+/// A journal in `state` holding the intent of a plug under request-id r7 that a bridge
+/// stopped during (it never ended).
+async fn journal_with_an_interrupted_plug(state: &Path) {
     use qga_bridge::{
         hotplug::{Operation, outcome, plug::PlugArgs},
         journal::{Journal, Key, Limits},
     };
+    let journal = Journal::open(
+        state,
+        Limits {
+            per_vm: 8,
+            ttl: Duration::from_secs(3600),
+            max_entries: 64,
+        },
+    )
+    .expect("journal");
+    let op = Operation::Plug(PlugArgs {
+        size: 536_870_912,
+        node: None,
+        online_type: None,
+    });
+    // Callers without [auth] are the trusted identity.
+    let key = Key {
+        identity: Some("trusted".into()),
+        id: "r7".into(),
+    };
+    let (method, args) = outcome::intent(&op);
+    journal
+        .begin("vm", &key, method, args)
+        .await
+        .expect("intent written");
+}
+
+#[tokio::test]
+async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
     let state = common::state_dir();
-    // A bridge wrote the intent of a plug under request-id r7 and stopped before its end.
-    {
-        let journal = Journal::open(
-            &state,
-            Limits {
-                per_vm: 8,
-                ttl: Duration::from_secs(3600),
-                max_entries: 64,
-            },
-        )
-        .expect("journal");
-        let op = Operation::Plug(PlugArgs {
-            size: 536_870_912,
-            node: None,
-            online_type: None,
-        });
-        // Callers without [auth] are the trusted identity.
-        let key = Key {
-            identity: Some("trusted".into()),
-            id: "r7".into(),
-        };
-        let (method, args) = outcome::intent(&op);
-        journal
-            .begin("vm", &key, method, args)
-            .await
-            .expect("intent written");
-    }
+    journal_with_an_interrupted_plug(&state).await;
     let s = setup_with(true, |c| c.state_dir = state.clone()).await;
     let c = clients(&s.bridge).await;
     let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r7"});
@@ -522,6 +525,33 @@ async fn an_operation_a_bridge_stopped_during_is_never_run_again() {
     assert_eq!(s.qmp.count("object-add"), 0, "not run again");
     let again = rpc(&c.http, "memory-plug", plug).await;
     assert_eq!(again, retry, "the recovered outcome is final");
+}
+
+#[tokio::test]
+async fn a_retry_is_answered_by_its_deadline_while_recovery_waits_for_qemu() {
+    let state = common::state_dir();
+    journal_with_an_interrupted_plug(&state).await;
+    let s = setup_with(false, |c| c.state_dir = state.clone()).await;
+    let c = clients(&s.bridge).await;
+    let plug = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "r7"});
+    // Recovery (the keeper's first pass, or this retry's own) waits on QEMU's answer: the
+    // retry is answered when its deadline passes, told to come back, and nothing ran.
+    let mut early = plug.clone();
+    early["timeout-ms"] = json!(300);
+    let waited = rpc(&c.http, "memory-plug", early).await;
+    assert!(
+        matches!(code(&waited), -32011 | -32003),
+        "come back (recovery under way) or the deadline passed waiting: {waited:?}"
+    );
+    s.qmp.open();
+    let retry = rpc(&c.http, "memory-plug", plug.clone()).await;
+    let Err((-32007, message, Some(data))) = &retry else {
+        panic!("recovered as interrupted: {retry:?}");
+    };
+    assert_eq!(data["step"], "interrupted", "{data}");
+    assert!(message.contains("nothing was left plugged"), "{message}");
+    assert_eq!(s.qmp.count("object-add"), 0, "not run again");
+    assert_eq!(rpc(&c.http, "memory-plug", plug).await, retry);
 }
 
 #[tokio::test]

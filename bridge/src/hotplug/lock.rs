@@ -9,10 +9,10 @@
 //!   another caller's operation runs on the VM and this one is refused as ABORTED
 //!   (`-32011`), since the control plane that sent it has a stale view of the VM;
 //! - the **VM lock**, held by whatever changes the VM. A caller's operation, once it has
-//!   the slot, waits for it: a background pass holds it for a short while, and the wait
-//!   is bounded by the caller's deadline. A background pass takes it only when it is free
-//!   and no caller holds the slot, and gives way at its next step once a caller waits
-//!   ([`Background::caller_waits`]).
+//!   the slot, waits for it, bounded by the caller's deadline: the keeper's pass holds it
+//!   for a short while and gives way at its next step once a caller waits
+//!   ([`Background::caller_waits`]); recovery holds it until it is done. A background
+//!   pass takes it only when it is free and no caller holds the slot.
 
 use std::sync::Arc;
 

@@ -123,8 +123,9 @@ impl VmMemory {
     }
 
     /// Decides whether `op` runs on VM `vm`. A caller's operation is refused (ABORTED)
-    /// only while another caller's operation runs; background work it waits for, until
-    /// `until`. The journal is read with the VM held, and an operation records its
+    /// only while another caller's operation runs (a retry of a request-id that ended
+    /// still gets its outcome then); background work it waits for, until `until`. Before
+    /// anything runs, the journal is read with the VM held, and an operation records its
     /// outcome before it lets go of it, so a retry racing with the end of its first call
     /// gets the first call's outcome, never a second run.
     pub async fn admit(
@@ -155,7 +156,8 @@ impl VmMemory {
             .ok_or_else(|| BridgeError::Waited {
                 vm: vm.to_string(),
                 reason: "the bridge's own work on the VM (the keeper onlining memory again, or \
-                         recovery) did not end before the call's deadline; nothing was done"
+                         recovery) did not end before the call's deadline (or \
+                         hotplug.timeout_ms); nothing was done"
                     .into(),
             })?;
         Ok(match answer(vm, op, key, journal)? {
@@ -178,10 +180,16 @@ pub(super) fn after_recovery(
     match answer(vm, op, key, journal)? {
         Some(Answer::Replay(result)) => result,
         Some(Answer::Refuse(e) | Answer::Recover(e)) => Err(e),
-        None => Err(BridgeError::Aborted(format!(
-            "the request-id's entry on VM '{vm}' is gone after recovery; retry with the same \
-             request-id"
-        ))),
+        // Recovered, but its outcome is no longer kept (the per-VM bound or the TTL).
+        None => Err(BridgeError::Hotplug {
+            vm: vm.to_string(),
+            step: "journal".into(),
+            reason: "the operation with this request-id was interrupted by a bridge restart \
+                     and recovered, but its outcome is no longer kept; it is not run again: \
+                     memory-layout shows the VM as it is now"
+                .into(),
+            blocks: Vec::new(),
+        }),
     }
 }
 
@@ -247,7 +255,7 @@ fn answer(
 fn recovering(vm: &str, key: &Key) -> BridgeError {
     BridgeError::Aborted(format!(
         "the operation with request-id '{}' on VM '{vm}' was interrupted by a bridge \
-         restart and is being recovered; retry with the same request-id for its outcome",
+         restart and awaits recovery; retry with the same request-id for its outcome",
         key.id
     ))
 }

@@ -297,10 +297,22 @@ impl Hotplug {
                 return result;
             }
             Ok((Admitted::Recover(held), memory)) => {
-                let result = self
-                    .recover_now(vm, memory, target.session, held, &op, key.as_ref())
-                    .await;
-                record(&self.audit, &ticket, &result, true);
+                let raw = key.as_ref().map(|k| Journal::raw_key(vm, k));
+                let result = match self
+                    .recover_now(vm, memory, target.session, held, until)
+                    .await
+                {
+                    Ok(outcomes) => {
+                        match outcomes.into_iter().find(|(r, _)| Some(r) == raw.as_ref()) {
+                            Some((_, stored)) => stored.result(vm),
+                            None => memory::after_recovery(vm, &op, key.as_ref(), &self.journal),
+                        }
+                    }
+                    Err(e) => Err(e),
+                };
+                // Answered from the recovered outcome, unless recovery could not finish.
+                let replayed = !matches!(result, Err(BridgeError::Aborted(_)));
+                record(&self.audit, &ticket, &result, replayed);
                 return result;
             }
             Err(e) => {
@@ -309,20 +321,9 @@ impl Hotplug {
                 return result;
             }
         };
-        // Every operation's intent is durable before it acts; one without a request-id
-        // under a key of the bridge's own, forgotten when it ends.
+        // Every operation's intent is durable before it acts (in its task: see `spawn`);
+        // one without a request-id under a key of the bridge's own, forgotten when it ends.
         let journaled = key.clone().unwrap_or_else(Journal::own_key);
-        let (method, args) = outcome::intent(&op);
-        if let Err(e) = self.journal.begin(vm, &journaled, method, args).await {
-            let result = Err(BridgeError::Hotplug {
-                vm: vm.to_string(),
-                step: "journal".into(),
-                reason: format!("cannot record the operation before acting: {e}; nothing was done"),
-                blocks: Vec::new(),
-            });
-            record(&self.audit, &ticket, &result, false);
-            return result;
-        }
         let running = Running {
             ctx: self.ctx(vm, &memory, target.session, Some(until)),
             journaled,
@@ -343,15 +344,34 @@ impl Hotplug {
     }
 
     /// Runs an admitted operation in a task of its own, so that it runs to its end even
-    /// if the caller leaves (stopping half-way would leave a DIMM half plugged); then
-    /// counts, audits and remembers its outcome and releases the VM.
+    /// if the caller leaves (stopping half-way would leave a DIMM half plugged; leaving
+    /// while its intent is written would leave the entry marked as running here): makes
+    /// its intent durable, runs it, then counts, audits and remembers its outcome and
+    /// releases the VM.
     fn spawn(&self, mut r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
         let audit = self.audit.clone();
         let metrics = self.metrics.clone();
         let journal = self.journal.clone();
         tokio::spawn(async move {
+            let (vm, method) = (r.ctx.vm.clone(), r.op.method());
+            let (_, args) = outcome::intent(&r.op);
+            if let Err(e) = journal.begin(&vm, &r.journaled, method, args).await {
+                let result = Err(r.ctx.hotplug_error(
+                    "journal",
+                    format!("cannot record the operation before acting: {e}; nothing was done"),
+                ));
+                let ticket = Ticket {
+                    caller: &r.caller,
+                    vm: &vm,
+                    op: &r.op,
+                    key: r.key.as_ref(),
+                    start: r.start,
+                };
+                record(&audit, &ticket, &result, false);
+                return result;
+            }
             let result = execute(&mut r.ctx, &r.op).await;
-            let (vm, method) = (r.ctx.vm.as_str(), r.op.method());
+            let vm = vm.as_str();
             metrics.call(vm, method, Outcome::of(&result), r.start.elapsed());
             let ticket = Ticket {
                 caller: &r.caller,

@@ -12,21 +12,25 @@
 //!   deleted.
 //! - A DIMM an interrupted unplug named that QEMU still has stays, its blocks online again
 //!   (undone); one QEMU no longer has is gone (finished).
-//! - A virtio-mem device whose plugged size has not reached its requested size (a resize
-//!   stopped while the guest was plugging or unplugging) gets its `requested-size` set to
-//!   what the guest holds when recovery looks, so QEMU and the guest stop there. Recovery
-//!   then waits until QEMU's size stands at that request — the guest's driver may finish
-//!   a piece it had under way and plug back up to it — for at most
-//!   [`virtio_mem::WITHDRAW_WAIT`] (10 s; a size still moving then is taken as it is), so
-//!   that the answer names the state the VM stays in, however fast the guest is. Every
-//!   virtio-mem device becomes desired memory and its offline blocks come online, Movable.
+//! - When a resize was interrupted, a virtio-mem device whose plugged size has not reached
+//!   its requested size (the guest was plugging or unplugging) gets its `requested-size`
+//!   set to what the guest holds when recovery looks, so QEMU and the guest stop there.
+//!   Recovery then waits until QEMU's size stands at that request — the guest's driver may
+//!   finish a piece it had under way and plug back up to it — for at most
+//!   [`virtio_mem::WITHDRAW_WAIT`] (10 s; see [`virtio_mem::withdraw`] for a size still
+//!   moving then), so that the answer names the state the VM stays in, however fast the
+//!   guest is. Other operations never set a request, so they leave the requests alone (a
+//!   guest still plugging at boot is not cut short). Every virtio-mem device becomes
+//!   desired memory and its offline blocks come online, Movable.
 //!
 //! Recovery is the bridge's own work: the keeper's first pass after a restart runs it,
 //! and a retry of an interrupted request-id that comes before that pass runs it at once
 //! (a retry that comes during it waits for it). Either way the retry is answered with the
-//! recovered outcome, never with a second run. Each interrupted operation gets its final
-//! outcome in the journal, audited as `recover`, and a retry of its request-id is
-//! answered with it from then on: a plug whose DIMM was
+//! recovered outcome, never with a second run. Whoever recovers a VM reads its
+//! interrupted operations while holding it, and the journal records each outcome once,
+//! so an operation is recovered once and its answer never changes. Each interrupted
+//! operation gets its final outcome in the journal, audited as `recover`, and a retry of
+//! its request-id is answered with it from then on: a plug whose DIMM was
 //! kept succeeds with that DIMM; one that left none fails at step `interrupted`, nothing
 //! plugged; an unplug succeeds (DIMM gone) or fails at `interrupted` (DIMM kept); a resize
 //! fails at `interrupted`, naming the size the VM was left at (`memory-layout` shows it).
@@ -37,11 +41,11 @@ use qga_wire::schema::GuestMemoryOnlineType;
 use tokio::time::Instant;
 
 use super::{
-    Done, Effect, Hotplug, Operation, Target,
+    Done, Effect, Hotplug, Target,
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
     lock::Held,
-    memory::{self, Key, VmMemory},
+    memory::VmMemory,
     outcome::Stored,
     plug, virtio_mem,
 };
@@ -88,105 +92,118 @@ struct Found {
 }
 
 impl Hotplug {
-    /// Recovers the interrupted operations `entries` (raw journal key, entry) of
-    /// `target`, as a background pass: nothing happens while a caller's operation holds or
-    /// waits for the VM, or without a memory backend; they stay pending for the next pass
-    /// (or the retry of one of their request-ids recovers them).
-    pub async fn recover(
-        &self,
-        target: Target<'_>,
-        entries: &[(String, Entry)],
-    ) -> Result<(), BridgeError> {
+    /// Recovers the interrupted operations of `target`, as a background pass: nothing
+    /// happens while a caller's operation holds or waits for the VM, or without a memory
+    /// backend; they stay pending for the next pass (or the retry of one of their
+    /// request-ids recovers them).
+    pub async fn recover(&self, target: Target<'_>) -> Result<(), BridgeError> {
         let Some(memory) = target.memory else {
             return Ok(());
         };
         let Some(_pass) = memory.background() else {
             return Ok(());
         };
-        self.recover_held(target.vm, &memory, target.session, entries)
+        self.recover_held(target.vm, &memory, target.session)
             .await
+            .map(drop)
     }
 
-    /// Recovers VM `vm`, which the retry of `op` under `key` holds (its request-id is of
-    /// an interrupted operation), and answers the retry with the recovered outcome. The
-    /// recovery runs in a task of its own, so a caller that leaves does not cut it.
+    /// Recovers VM `vm`, which the retry of an interrupted operation holds, by `until`:
+    /// each recovered operation's raw key and outcome. The recovery runs in a task of its
+    /// own, holding the VM, so a caller that leaves or whose deadline passes does not cut
+    /// it; such a caller's retry gets the outcome once it is recorded.
     pub(super) async fn recover_now(
         &self,
         vm: &str,
         memory: Arc<VmMemory>,
         session: Arc<Session>,
         held: Held,
-        op: &Operation,
-        key: Option<&Key>,
-    ) -> Result<Done, BridgeError> {
+        until: Instant,
+    ) -> Result<Vec<(String, Stored)>, BridgeError> {
         let this = self.clone();
         let name = vm.to_string();
-        let recovered = tokio::spawn(async move {
-            let entries: Vec<(String, Entry)> = this
-                .journal
-                .interrupted()
-                .into_iter()
-                .filter(|(v, _, _)| *v == name)
-                .map(|(_, raw, entry)| (raw, entry))
-                .collect();
-            let r = this.recover_held(&name, &memory, session, &entries).await;
+        let task = tokio::spawn(async move {
+            let r = this.recover_held(&name, &memory, session).await;
             drop(held);
             r
-        })
-        .await
-        .unwrap_or_else(|e| {
-            Err(recovery_failed(
-                vm,
-                format!("the recovery's task failed: {e}"),
-            ))
         });
-        if let Err(e) = recovered {
+        let recovered = match tokio::time::timeout_at(until, task).await {
+            Ok(joined) => joined.unwrap_or_else(|e| {
+                Err(recovery_failed(
+                    vm,
+                    format!("the recovery's task failed: {e}"),
+                ))
+            }),
+            Err(_) => {
+                return Err(BridgeError::Aborted(format!(
+                    "the operation with this request-id on VM '{vm}' was interrupted by a \
+                     bridge restart and its recovery outlasted the call's deadline; retry \
+                     with the same request-id for its outcome"
+                )));
+            }
+        };
+        recovered.map_err(|e| {
             tracing::warn!(vm, error = %e, "cannot recover an interrupted operation yet");
-            return Err(BridgeError::Aborted(format!(
+            BridgeError::Aborted(format!(
                 "the operation with this request-id on VM '{vm}' was interrupted by a bridge \
                  restart and cannot be recovered yet ({e}); retry with the same request-id \
                  for its outcome"
-            )));
-        }
-        memory::after_recovery(vm, op, key, &self.journal)
+            ))
+        })
     }
 
-    /// Recovers the interrupted operations `entries` of VM `vm`, which the caller holds.
+    /// Recovers the interrupted operations of VM `vm`, which the caller holds, as the
+    /// journal lists them now (another pass may have recovered some meanwhile); each
+    /// one's raw key and outcome.
     async fn recover_held(
         &self,
         vm: &str,
         memory: &VmMemory,
         session: Arc<Session>,
-        entries: &[(String, Entry)],
-    ) -> Result<(), BridgeError> {
+    ) -> Result<Vec<(String, Stored)>, BridgeError> {
+        let entries = self.journal.interrupted_on(vm);
+        if entries.is_empty() {
+            return Ok(Vec::new());
+        }
         let deadline =
             Instant::now() + std::time::Duration::from_millis(self.settings.hotplug.timeout_ms);
         let mut ctx = self.ctx(vm, memory, session, Some(deadline));
-        let found = self.converge(&mut ctx).await?;
+        // Only a resize sets a virtio-mem device's request; a request another operation
+        // left unmet is the guest's own business (it may be booting and plugging still).
+        let withdraw = entries
+            .iter()
+            .any(|(_, e)| e.method == hotplug_method::RESIZE);
+        let found = self.converge(&mut ctx, withdraw).await?;
+        let mut outcomes = Vec::new();
         for (raw, entry) in entries {
-            let stored = outcome(&ctx, entry, &found);
+            let stored = outcome(&ctx, &entry, &found);
             let result = stored.result(&ctx.vm);
             let ended = Entry {
                 state: State::Ended(serde_json::to_value(&stored).unwrap_or_default()),
                 ..entry.clone()
             };
-            self.journal
-                .recovered(raw, ended)
+            let recorded = self
+                .journal
+                .recovered(&raw, ended)
                 .await
                 .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
-            record(&self.audit, &ctx.vm, entry, &result);
-            tracing::warn!(
-                vm = ctx.vm,
-                method = entry.method,
-                outcome = Outcome::of(&result).as_str(),
-                "recovered an operation a stopped bridge left unfinished"
-            );
+            if recorded {
+                record(&self.audit, &ctx.vm, &entry, &result);
+                tracing::warn!(
+                    vm = ctx.vm,
+                    method = entry.method,
+                    outcome = Outcome::of(&result).as_str(),
+                    "recovered an operation a stopped bridge left unfinished"
+                );
+            }
+            outcomes.push((raw, stored));
         }
-        Ok(())
+        Ok(outcomes)
     }
 
-    /// Brings the VM to one state (see the module docs); what it found.
-    async fn converge(&self, ctx: &mut Ctx) -> Result<Found, BridgeError> {
+    /// Brings the VM to one state (see the module docs), withdrawing unmet virtio-mem
+    /// requests if `withdraw`; what it found.
+    async fn converge(&self, ctx: &mut Ctx, withdraw: bool) -> Result<Found, BridgeError> {
         let block_size = ctx.block_size().await?;
         let caps = ctx.capabilities().await?;
         let devices = ctx.dimms().await?;
@@ -222,7 +239,7 @@ impl Hotplug {
         {
             return Err(ctx.backend_error(e));
         }
-        let (vmem, withdrawn) = settle_virtio_mem(ctx, block_size, &mut kept).await?;
+        let (vmem, withdrawn) = settle_virtio_mem(ctx, block_size, withdraw, &mut kept).await?;
         // Offline blocks of kept devices, adopted or desired before, come online now.
         let view = ctx.guest(caps).await?;
         for d in &kept {
@@ -252,17 +269,22 @@ impl Hotplug {
     }
 }
 
-/// Withdraws the requests of the VM's virtio-mem devices that the guest has not met (see
-/// the module docs and [`virtio_mem::withdraw`]: bounded by
+/// Withdraws the requests of the VM's virtio-mem devices that the guest has not met, if
+/// `withdraw` (see the module docs and [`virtio_mem::withdraw`]: bounded by
 /// [`virtio_mem::WITHDRAW_WAIT`]), and records every device in `kept` as desired memory;
 /// the devices as they are then, and the requests withdrawn.
 async fn settle_virtio_mem(
     ctx: &mut Ctx,
     block_size: u64,
+    withdraw: bool,
     kept: &mut Vec<Desired>,
 ) -> Result<(Vec<VirtioMemDevice>, Vec<virtio_mem::Withdrawn>), BridgeError> {
     let before = ctx.virtio_mem().await?;
-    let (now, withdrawn) = virtio_mem::withdraw(ctx, &before).await?;
+    let (now, withdrawn) = if withdraw {
+        virtio_mem::withdraw(ctx, &before).await
+    } else {
+        (before, Vec::new())
+    };
     for w in &withdrawn {
         if let Some(e) = &w.failed {
             return Err(ctx.hotplug_error(
@@ -276,12 +298,12 @@ async fn settle_virtio_mem(
         let size = now
             .iter()
             .find(|d| d.id == w.id)
-            .map_or(0, |d| d.plugged_size);
+            .map_or(0, |d| d.requested_size);
         tracing::warn!(
             vm = ctx.vm,
             device = w.id,
             requested = w.requested,
-            plugged = size,
+            now = size,
             "a virtio-mem request left by a stopped bridge is withdrawn: requested-size set to what the guest holds"
         );
     }
@@ -358,7 +380,7 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
                     };
                     format!(
                         "virtio-mem device '{}' at {} bytes{was}",
-                        d.id, d.plugged_size
+                        d.id, d.requested_size
                     )
                 })
                 .collect::<Vec<_>>()

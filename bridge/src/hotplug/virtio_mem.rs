@@ -46,7 +46,8 @@ const STALL: Duration = Duration::from_millis(200);
 const GUEST_LOOK: Duration = Duration::from_millis(100);
 
 /// How long a withdrawn request may take to stand: the guest's driver finishing a piece
-/// it had under way when the request changed, then plugging back up to the request.
+/// it had under way when the request changed, then plugging back up to the request. An
+/// answer that withdraws a request comes this much (and a QMP command) later at most.
 pub const WITHDRAW_WAIT: Duration = Duration::from_secs(10);
 
 /// One device's part in a resize.
@@ -452,13 +453,16 @@ pub struct Withdrawn {
 /// Withdraws every request in `devices` that the guest has not met: sets such a device's
 /// `requested-size` to the size it has plugged, then waits until QEMU's plugged size has
 /// stood at the request for a moment — the driver may finish a piece it had under way when
-/// the request changed, then plugs back up to the request. A size still not there after
-/// [`WITHDRAW_WAIT`] is taken as it is, the request set to it once more. The devices as
-/// they are then, and each request withdrawn.
-pub(super) async fn withdraw(
+/// the request changed, then plugs back up to the request. After [`WITHDRAW_WAIT`] a size
+/// still moving is taken as it is: a device still above its request (a piece the guest
+/// cannot give back) gets the request set to it once more, one below keeps its request
+/// (the driver is still plugging up to it). A look at QEMU that fails is tried again
+/// until then. The devices as last seen (a `requested-size` is where each stays), and
+/// each request withdrawn.
+pub async fn withdraw(
     ctx: &mut Ctx,
     devices: &[VirtioMemDevice],
-) -> Result<(Vec<VirtioMemDevice>, Vec<Withdrawn>), BridgeError> {
+) -> (Vec<VirtioMemDevice>, Vec<Withdrawn>) {
     let until = Instant::now() + WITHDRAW_WAIT;
     // The operation's own deadline may be what ended it.
     ctx.deadline = ctx
@@ -476,30 +480,44 @@ pub(super) async fn withdraw(
         }
     }
     if withdrawn.is_empty() || withdrawn.iter().any(|w| w.failed.is_some()) {
-        return Ok((now, withdrawn));
+        return (now, withdrawn);
     }
     let mut met_since: Option<Instant> = None;
     loop {
         tokio::time::sleep(POLL).await;
-        now = current(ctx, &now).await?;
-        if now.iter().all(|d| d.requested_size == d.plugged_size) {
+        match current(ctx, &now).await {
+            Ok(devices) => now = devices,
+            Err(e) => {
+                tracing::debug!(vm = ctx.vm, error = %e, "virtio-mem devices not read; trying again")
+            }
+        }
+        let met = now
+            .iter()
+            .filter(|d| withdrawn.iter().any(|w| w.id == d.id))
+            .all(|d| d.requested_size == d.plugged_size);
+        if met {
             let since = *met_since.get_or_insert_with(Instant::now);
             if since.elapsed() >= STALL {
-                return Ok((now, withdrawn));
+                return (now, withdrawn);
             }
         } else {
             met_since = None;
         }
         if Instant::now() >= until {
-            for d in now.iter_mut() {
-                if d.requested_size != d.plugged_size {
-                    let failed = set_to_plugged(ctx, d).await;
-                    if let Some(w) = withdrawn.iter_mut().find(|w| w.id == d.id) {
-                        w.failed = failed;
-                    }
-                }
+            for d in now.iter_mut().filter(|d| d.plugged_size > d.requested_size) {
+                let Some(w) = withdrawn.iter_mut().find(|w| w.id == d.id) else {
+                    continue;
+                };
+                tracing::warn!(
+                    vm = ctx.vm,
+                    device = d.id,
+                    requested = d.requested_size,
+                    plugged = d.plugged_size,
+                    "a withdrawn virtio-mem request is still not met: set to what the guest holds once more"
+                );
+                w.failed = set_to_plugged(ctx, d).await;
             }
-            return Ok((now, withdrawn));
+            return (now, withdrawn);
         }
     }
 }
@@ -539,22 +557,18 @@ async fn give_up(
         })
         .collect();
     let elapsed = start.elapsed();
-    let (now, withdrawn) = match withdraw(ctx, now).await {
-        Ok(w) => w,
-        Err(e) => {
-            parts.push(format!("looking at the devices again failed: {e}"));
-            (now.to_vec(), Vec::new())
-        }
-    };
+    let (now, withdrawn) = withdraw(ctx, now).await;
     let mut reset = Vec::new();
     for w in &withdrawn {
-        let size = now
-            .iter()
-            .find(|d| d.id == w.id)
-            .map_or(0, |d| d.plugged_size);
+        let Some(d) = now.iter().find(|d| d.id == w.id) else {
+            continue;
+        };
         match &w.failed {
-            None => reset.push(format!("{} to {size}", w.id)),
-            Some(e) => parts.push(format!("setting '{}' back to {size} failed too: {e}", w.id)),
+            None => reset.push(format!("{} to {}", w.id, d.requested_size)),
+            Some(e) => parts.push(format!(
+                "setting '{}' back to {} failed too: {e}",
+                w.id, d.plugged_size
+            )),
         }
     }
     let total: u64 = now.iter().map(|d| d.plugged_size).sum();

@@ -356,9 +356,28 @@ impl Journal {
             .collect()
     }
 
+    /// The operations on VM `vm` an earlier bridge stopped during and that are not
+    /// recovered yet: (raw key, entry).
+    pub fn interrupted_on(&self, vm: &str) -> Vec<(String, Entry)> {
+        self.interrupted()
+            .into_iter()
+            .filter(|(v, _, _)| v == vm)
+            .map(|(_, raw, entry)| (raw, entry))
+            .collect()
+    }
+
+    /// The raw key of `key` on VM `vm`, as [`Journal::interrupted`] names entries.
+    pub fn raw_key(vm: &str, key: &Key) -> String {
+        entry_key(vm, key)
+    }
+
     /// Records the final outcome of interrupted operation `raw` (from
-    /// [`Journal::interrupted`]): a retry of its request-id gets it from now on.
-    pub async fn recovered(&self, raw: &str, entry: Entry) -> Result<(), JournalError> {
+    /// [`Journal::interrupted`]): a retry of its request-id gets it from now on. Once
+    /// only: `false`, and nothing written, when `raw` is not awaiting recovery (any more).
+    pub async fn recovered(&self, raw: &str, entry: Entry) -> Result<bool, JournalError> {
+        if !lock(&self.inner.recovering).iter().any(|(k, _)| k == raw) {
+            return Ok(false);
+        }
         // Nobody can retry an operation sent without a request-id: it just goes.
         let own = raw
             .rsplit('\0')
@@ -367,7 +386,7 @@ impl Journal {
         self.put_raw(raw.to_string(), (!own).then_some(entry))
             .await?;
         lock(&self.inner.recovering).retain(|(k, _)| k != raw);
-        Ok(())
+        Ok(true)
     }
 
     /// Whether the operation under `key` on VM `vm` runs in this process.
@@ -585,6 +604,36 @@ mod tests {
             id: "a".into(),
         };
         assert_eq!(j.lookup("vm", &anonymous).expect("read"), None);
+    }
+
+    #[tokio::test]
+    async fn an_interrupted_operation_is_recovered_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let j = Journal::open(dir.path(), limits(8, 64)).expect("open");
+            let (m, a) = plug(1);
+            j.begin("vm", &key("a"), m, a).await.expect("begin");
+        }
+        let j = Journal::open(dir.path(), limits(8, 64)).expect("reopen");
+        let pending = j.interrupted_on("vm");
+        assert_eq!(pending.len(), 1);
+        assert!(j.interrupted_on("other").is_empty());
+        let (raw, entry) = pending[0].clone();
+        assert_eq!(raw, Journal::raw_key("vm", &key("a")));
+        let first = Entry {
+            state: State::Ended(json!({"dimm-not-found": {"dimm": "d1"}})),
+            ..entry.clone()
+        };
+        assert!(j.recovered(&raw, first.clone()).await.expect("recorded"));
+        assert!(j.interrupted_on("vm").is_empty());
+        // A second recovery (a pass that read the list before) changes nothing.
+        let second = Entry {
+            state: State::Ended(json!({"dimm-not-found": {"dimm": "d2"}})),
+            ..entry
+        };
+        assert!(!j.recovered(&raw, second).await.expect("read"));
+        let kept = j.lookup("vm", &key("a")).expect("read").expect("kept");
+        assert_eq!(kept.state, first.state);
     }
 
     #[tokio::test]
