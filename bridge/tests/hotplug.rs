@@ -259,23 +259,22 @@ async fn one_operation_per_vm_the_second_is_aborted() {
     assert_eq!(code(&third), -32007, "{third:?}");
 }
 
+/// The journal in state directory `state`, as a bridge that stopped left it.
+fn journal_at(state: &Path) -> qga_bridge::journal::Journal {
+    let limits = qga_bridge::journal::Limits {
+        per_vm: 8,
+        ttl: Duration::from_secs(3600),
+        max_entries: 64,
+    };
+    qga_bridge::journal::Journal::open(state, limits).expect("journal")
+}
+
 /// A journal in `state` in which VM `vm` has a bridge-plugged DIMM `qga-dimm0` on blocks
 /// 100-103, which the fake agent does not list: the keeper's pass asks QEMU whether it
 /// still has the DIMM.
 async fn journal_with_a_plugged_dimm(state: &Path) {
-    use qga_bridge::journal::{
-        Journal, Limits,
-        desired::{Desired, Kind},
-    };
-    let journal = Journal::open(
-        state,
-        Limits {
-            per_vm: 8,
-            ttl: Duration::from_secs(3600),
-            max_entries: 64,
-        },
-    )
-    .expect("journal");
+    use qga_bridge::journal::desired::{Desired, Kind};
+    let journal = journal_at(state);
     let dimm = Desired {
         device: "qga-dimm0".into(),
         kind: Kind::Dimm,
@@ -477,17 +476,9 @@ async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() 
 async fn journal_with_an_interrupted_plug(state: &Path) {
     use qga_bridge::{
         hotplug::{Operation, outcome, plug::PlugArgs},
-        journal::{Journal, Key, Limits},
+        journal::Key,
     };
-    let journal = Journal::open(
-        state,
-        Limits {
-            per_vm: 8,
-            ttl: Duration::from_secs(3600),
-            max_entries: 64,
-        },
-    )
-    .expect("journal");
+    let journal = journal_at(state);
     let op = Operation::Plug(PlugArgs {
         size: 536_870_912,
         node: None,
