@@ -8,7 +8,7 @@
 //! Debian's packages by tests/guest/build-image); fails, never skips, without them.
 //! Run one at a time (see .config/nextest.toml): each boots a guest.
 
-use std::{fmt::Display, path::Path, sync::Arc, time::Duration, time::Instant};
+use std::{fmt::Display, ops::ControlFlow, path::Path, sync::Arc, time::Duration, time::Instant};
 
 use qga_e2e::{
     bridge::{BridgeProcess, Clients},
@@ -318,7 +318,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
 
     // The guest reboots: QEMU keeps the DIMM, the new kernel finds its blocks offline,
     // and the bridge onlines them again, movable, as the journal records them.
-    reboot_until_restored(&guest, start_kib + DIMM_KIB, &mut t).await;
+    let start_kib = reboot_until_restored(&guest, &c, start_kib, DIMM_KIB, &mut t).await;
     let rebooted = layout(&guest, &c).await;
     let dimms = scenario::layout_dimms(&rebooted);
     check(&guest, dimms.len() == 1, || {
@@ -691,7 +691,7 @@ async fn reference_agent_plug_works_with_a_warning() {
 
     // After a reboot the keeper onlines the DIMM again, through guest-set-memory-blocks
     // (qemu-ga cannot choose the zone).
-    reboot_until_restored(&guest, start_kib + DIMM_KIB, &mut t).await;
+    let start_kib = reboot_until_restored(&guest, &c, start_kib, DIMM_KIB, &mut t).await;
     let rebooted = layout(&guest, &c).await;
     check(
         &guest,
@@ -818,10 +818,19 @@ async fn qgactl_cycle(guest: &Guest, endpoint: &str, start_kib: u64) {
     });
 }
 
-/// Resets `guest` (a reboot: QEMU keeps its DIMMs, the kernel finds their blocks offline)
-/// and waits until it boots again and MemTotal is `want_kib`: the bridge's keeper onlined
-/// the DIMMs again.
-async fn reboot_until_restored(guest: &Guest, want_kib: u64, t: &mut Timings) {
+/// Resets `guest` (a reboot: QEMU keeps its DIMMs and virtio-mem memory, the new kernel
+/// finds their blocks offline) and waits until it boots again and the bridge's keeper has
+/// onlined all of it: the layout shows the boot memory and every plugged byte
+/// (`plugged_kib`) online. Returns the new boot's MemTotal without the plugged memory,
+/// which later MemTotal checks count from: the kernel's own reservations at boot may
+/// differ by a page from one boot to the next (`base_kib` was the last boot's).
+async fn reboot_until_restored(
+    guest: &Guest,
+    c: &Clients,
+    base_kib: u64,
+    plugged_kib: u64,
+    t: &mut Timings,
+) -> u64 {
     let g = guest.control();
     let boots = guest.boots();
     let since = Instant::now();
@@ -834,17 +843,42 @@ async fn reboot_until_restored(guest: &Guest, want_kib: u64, t: &mut Timings) {
     }
     t.record("guest reboot to agent ready", since.elapsed());
     let ready = Instant::now();
-    // The control port answers again soon after the init's READY.
-    while g.mem_total_kib().ok() != Some(want_kib) {
-        check(guest, ready.elapsed() < PATIENCE, || {
-            format!(
-                "MemTotal back at {want_kib} KiB within {PATIENCE:?} of the reboot (it is {:?})",
-                g.mem_total_kib().ok()
-            )
-        });
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let restored = qga_e2e::wait::until("the plugged memory online again", PATIENCE, || async {
+        // The agent answers through the bridge again once the guest is up.
+        let l = match scenario::memory_layout(c, "vm1").await {
+            Ok(l) => l,
+            Err(e) => return Ok(ControlFlow::Continue(format!("{e:#}"))),
+        };
+        let (boot, plugged) = (l["boot-bytes"].as_u64(), l["plugged-bytes"].as_u64());
+        let all = boot.zip(plugged).map(|(b, p)| b + p);
+        Ok(
+            if plugged == Some(plugged_kib * 1024) && l["online-bytes"].as_u64() == all {
+                ControlFlow::Break(())
+            } else {
+                ControlFlow::Continue(l.to_string())
+            },
+        )
+    })
+    .await;
+    ok(
+        guest,
+        "the keeper restores the plugged memory",
+        restored.map_err(|e| format!("{e:#}")),
+    );
     t.record("agent ready to the DIMMs online again", ready.elapsed());
+    let base = mem_total(guest).saturating_sub(plugged_kib);
+    check(guest, base.abs_diff(base_kib) < 128 << 10, || {
+        format!(
+            "the boot's own MemTotal (MemTotal less the {plugged_kib} KiB plugged) is \
+             {base} KiB, within a block of the {base_kib} KiB before the reboot"
+        )
+    });
+    if base != base_kib {
+        eprintln!(
+            "e2e: the boot's own MemTotal went from {base_kib} to {base} KiB across the reboot"
+        );
+    }
+    base
 }
 
 /// `guest-get-memory-blocks` through the bridge, back to back, until stopped.
@@ -1220,7 +1254,7 @@ async fn virtio_mem_resize_through_the_bridge() {
     // A reboot: QEMU keeps requested-size, the guest's driver plugs it again at boot and
     // leaves it offline (the guest's auto_online_blocks is back at `offline`); the keeper
     // onlines it, Movable.
-    reboot_until_restored(&guest, start_kib + GIB / 1024, &mut t).await;
+    let start_kib = reboot_until_restored(&guest, &c, start_kib, GIB / 1024, &mut t).await;
     vmem0_online_movable(&guest, &c, 8, "after the reboot").await;
 
     // Shrink by 512 MiB, and later back to the boot size, while a control plane lists the
