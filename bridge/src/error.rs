@@ -1,59 +1,9 @@
-//! One error type for every call, mapped to a gRPC status and a JSON-RPC error.
-//!
-//! | error | gRPC | JSON-RPC |
-//! |---|---|---|
-//! | bad request (checked before the guest) | INVALID_ARGUMENT | -32602 |
-//! | unknown VM | NOT_FOUND | -32001 |
-//! | agent not connected, socket gone, handshake unanswered, backoff | UNAVAILABLE | -32002 |
-//! | the caller's deadline passed (reply, handshake or send; or, for memory hotplug, before the bridge's own work on the VM finished) | DEADLINE_EXCEEDED | -32003 |
-//! | too many calls queued for the VM, the VM busy with a write whose caller left, or a bridge-wide or per-connection in-flight limit hit | RESOURCE_EXHAUSTED | -32004 |
-//! | QGA `CommandNotFound` (unknown or disabled) | UNIMPLEMENTED | -32005 |
-//! | QGA `GenericError` about the arguments | INVALID_ARGUMENT | -32006 |
-//! | any other QGA error | FAILED_PRECONDITION | -32007 |
-//! | no or bad credentials while `[auth]` is configured, or a remote caller without it | UNAUTHENTICATED | HTTP 401 |
-//! | the caller's grants do not allow the call on that VM | PERMISSION_DENIED | -32010 |
-//! | reply the bridge cannot accept (malformed, too large, set results not answering the request) | INTERNAL | -32008 |
-//! | memory hotplug: a step QEMU or the guest refused, the guest could not give memory back, no QMP socket, no slot left | FAILED_PRECONDITION | -32007 |
-//! | memory hotplug: no DIMM of that id | NOT_FOUND | -32012 |
-//! | memory hotplug: another caller's operation runs on the VM, or a retried request-id's operation still runs or awaits recovery | ABORTED | -32011 |
-//!
-//! JSON-RPC errors from the agent carry `data: {"class": ..., "desc": ...}`; hotplug
-//! failures carry `data: {"step": ..., "blocks": [per-block results]}`.
+//! One error type for every call, protocol-neutral: what went wrong, and the outcome
+//! label metrics and the audit trail give it ([`Outcome`]). How each error reaches a
+//! caller — its gRPC status and JSON-RPC code — is the front ends' one table,
+//! [`crate::api::status`].
 
-use jsonrpsee::types::ErrorObjectOwned;
 use qga_wire::{ErrorClass, QgaError};
-use serde_json::json;
-use tonic::{Code, Status};
-
-/// JSON-RPC application error codes (see the module table).
-pub mod code {
-    /// Invalid params (JSON-RPC standard).
-    pub const INVALID_PARAMS: i32 = -32602;
-    /// Unknown VM.
-    pub const VM_NOT_FOUND: i32 = -32001;
-    /// Agent not connected.
-    pub const UNAVAILABLE: i32 = -32002;
-    /// The caller's deadline passed.
-    pub const DEADLINE_EXCEEDED: i32 = -32003;
-    /// A queue or in-flight limit was hit.
-    pub const RESOURCE_EXHAUSTED: i32 = -32004;
-    /// The agent does not offer the command.
-    pub const UNIMPLEMENTED: i32 = -32005;
-    /// The agent rejected the arguments.
-    pub const AGENT_INVALID_ARGUMENT: i32 = -32006;
-    /// The agent failed the command.
-    pub const AGENT_ERROR: i32 = -32007;
-    /// The agent's reply was unusable.
-    pub const BAD_REPLY: i32 = -32008;
-    /// No identity (HTTP answers 401 before JSON-RPC; kept for completeness).
-    pub const UNAUTHENTICATED: i32 = -32009;
-    /// The caller's grants do not allow the call.
-    pub const PERMISSION_DENIED: i32 = -32010;
-    /// Another hotplug operation runs on the VM.
-    pub const ABORTED: i32 = -32011;
-    /// No DIMM of that id.
-    pub const DIMM_NOT_FOUND: i32 = -32012;
-}
 
 /// Why a call failed.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -150,7 +100,7 @@ pub enum BridgeError {
 }
 
 /// Whether a QGA `GenericError` is about the call's arguments (the QAPI visitor's texts).
-fn is_argument_error(e: &QgaError) -> bool {
+pub fn is_argument_error(e: &QgaError) -> bool {
     e.class == ErrorClass::GenericError
         && (e.desc.starts_with("Parameter '") || e.desc.starts_with("Invalid parameter"))
 }
@@ -161,48 +111,6 @@ impl BridgeError {
         Self::DeadlineExceeded {
             vm: vm.to_string(),
             command: command.to_string(),
-        }
-    }
-
-    /// The gRPC status code.
-    pub fn code(&self) -> Code {
-        match self {
-            Self::InvalidRequest(_) => Code::InvalidArgument,
-            Self::VmNotFound(_) => Code::NotFound,
-            Self::Unavailable { .. } => Code::Unavailable,
-            Self::DeadlineExceeded { .. } | Self::Waited { .. } => Code::DeadlineExceeded,
-            Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => Code::ResourceExhausted,
-            Self::Agent(e) if e.class == ErrorClass::CommandNotFound => Code::Unimplemented,
-            Self::Agent(e) if is_argument_error(e) => Code::InvalidArgument,
-            Self::Agent(_) => Code::FailedPrecondition,
-            Self::BadReply { .. } => Code::Internal,
-            Self::Unauthenticated(_) => Code::Unauthenticated,
-            Self::PermissionDenied(_) => Code::PermissionDenied,
-            Self::Hotplug { .. } => Code::FailedPrecondition,
-            Self::DimmNotFound { .. } => Code::NotFound,
-            Self::Aborted(_) => Code::Aborted,
-        }
-    }
-
-    /// The JSON-RPC error code.
-    pub fn rpc_code(&self) -> i32 {
-        match self {
-            Self::InvalidRequest(_) => code::INVALID_PARAMS,
-            Self::VmNotFound(_) => code::VM_NOT_FOUND,
-            Self::Unavailable { .. } => code::UNAVAILABLE,
-            Self::DeadlineExceeded { .. } | Self::Waited { .. } => code::DEADLINE_EXCEEDED,
-            Self::QueueFull(_) | Self::Busy { .. } | Self::Overloaded(_) => {
-                code::RESOURCE_EXHAUSTED
-            }
-            Self::Agent(e) if e.class == ErrorClass::CommandNotFound => code::UNIMPLEMENTED,
-            Self::Agent(e) if is_argument_error(e) => code::AGENT_INVALID_ARGUMENT,
-            Self::Agent(_) => code::AGENT_ERROR,
-            Self::BadReply { .. } => code::BAD_REPLY,
-            Self::Unauthenticated(_) => code::UNAUTHENTICATED,
-            Self::PermissionDenied(_) => code::PERMISSION_DENIED,
-            Self::Hotplug { .. } => code::AGENT_ERROR,
-            Self::DimmNotFound { .. } => code::DIMM_NOT_FOUND,
-            Self::Aborted(_) => code::ABORTED,
         }
     }
 
@@ -315,52 +223,5 @@ impl Outcome {
 impl std::fmt::Display for Outcome {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl From<BridgeError> for Status {
-    fn from(e: BridgeError) -> Self {
-        Status::new(e.code(), e.to_string())
-    }
-}
-
-impl From<BridgeError> for ErrorObjectOwned {
-    fn from(e: BridgeError) -> Self {
-        let data = match &e {
-            BridgeError::Agent(q) => Some(json!({"class": q.class.as_str(), "desc": q.desc})),
-            BridgeError::Hotplug { step, blocks, .. } => {
-                Some(json!({"step": step, "blocks": blocks}))
-            }
-            _ => None,
-        };
-        ErrorObjectOwned::owned(e.rpc_code(), e.to_string(), data)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn agent_errors_map_by_class() {
-        let nf = BridgeError::Agent(QgaError::command_not_found(
-            "The command x has not been found",
-        ));
-        assert_eq!(
-            (nf.code(), nf.rpc_code()),
-            (Code::Unimplemented, code::UNIMPLEMENTED)
-        );
-        let arg = BridgeError::Agent(QgaError::generic("Parameter 'mem-blks' is missing"));
-        assert_eq!(arg.code(), Code::InvalidArgument);
-        let other = BridgeError::Agent(QgaError::generic("open(\"/sys/...\"): Permission denied"));
-        assert_eq!(
-            (other.code(), other.rpc_code()),
-            (Code::FailedPrecondition, code::AGENT_ERROR)
-        );
-        let obj = ErrorObjectOwned::from(other);
-        assert_eq!(
-            obj.data().map(|d| d.get()),
-            Some(r#"{"class":"GenericError","desc":"open(\"/sys/...\"): Permission denied"}"#)
-        );
     }
 }

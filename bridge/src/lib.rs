@@ -20,38 +20,34 @@
 //!
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
-pub mod audit;
-pub mod auth;
+pub mod api;
 pub mod backend;
 pub mod call;
 pub mod config;
-pub mod discovery;
-pub mod domains;
 pub mod error;
 pub mod fault;
-pub mod gatekeeper;
-pub mod grpc;
 pub mod hotplug;
-pub mod http_policy;
 pub mod journal;
-pub mod jsonrpc;
 pub mod metrics;
-pub mod metrics_server;
 pub mod names;
+pub mod net;
 pub mod peer;
+pub mod policy;
 pub mod service;
 pub mod session;
-pub mod tls;
-pub mod transport;
 pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
+use api::{grpc, jsonrpc, prometheus};
+use net::{http_policy, tls, transport};
+use policy::{audit, auth};
 use tokio::{
     net::TcpListener,
     sync::{oneshot, watch},
     task::JoinSet,
 };
+use vms::domains;
 
 pub use config::Config;
 pub use error::BridgeError;
@@ -180,7 +176,7 @@ impl Servers<'_> {
     async fn grpc(&mut self) -> Result<Option<SocketAddr>, StartError> {
         let limits = &self.config.limits;
         let (listener, addr) = listen(&self.config.grpc_addr, &self.config.unix_sockets).await?;
-        let router = grpc::router(self.service, self.metrics)
+        let router = grpc::router(self.service, limits)
             .await
             .map_err(StartError::Reflection)?;
         let gate = transport::Gate::new(
@@ -202,12 +198,11 @@ impl Servers<'_> {
         let (listener, addr) = listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
         let max = config.limits.max_connections as usize;
         let gate = transport::Gate::new(listener, max, "jsonrpc", self.metrics.clone()).http();
-        self.tasks.spawn(jsonrpc::serve(
-            gate,
-            self.service.clone(),
-            self.tls.clone(),
-            self.shutdown.clone(),
-        ));
+        let front = jsonrpc::Front::new(self.service.clone(), self.metrics.clone(), &config.limits);
+        let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());
+        let config = config.clone();
+        self.tasks
+            .spawn(async move { jsonrpc::serve(gate, front, &config, tls, shutdown).await });
         Ok(addr)
     }
 
@@ -225,10 +220,8 @@ impl Servers<'_> {
         let max = limits.metrics_max_connections;
         let gate = transport::Gate::new(listener, max, "metrics", self.metrics.clone()).http();
         let policy = http_policy::HttpPolicy::new(&self.config.http, Some(bound));
-        let auth = self.service.auth().clone();
-        let keeper =
-            gatekeeper::Gatekeeper::new("metrics", auth, self.metrics.clone()).with_policy(policy);
-        self.tasks.spawn(metrics_server::serve(
+        let keeper = self.service.gatekeeper("metrics").with_policy(policy);
+        self.tasks.spawn(prometheus::serve(
             gate,
             self.metrics.clone(),
             Duration::from_millis(limits.header_read_timeout_ms),
@@ -316,7 +309,7 @@ impl Bridge {
         if tokio::time::timeout(FIRST_LOAD, first).await.is_err() {
             tracing::warn!(wait = ?FIRST_LOAD, "discovered VMs not all loaded yet; serving meanwhile");
         }
-        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(metrics_server::describe), vms = vms.len(), "qga-bridge serving");
+        tracing::info!(grpc = %config.grpc_addr, jsonrpc = %config.jsonrpc_addr, metrics = ?metrics_addr.map(prometheus::describe), vms = vms.len(), "qga-bridge serving");
         Ok(Self {
             grpc_addr,
             jsonrpc_addr,
@@ -349,7 +342,7 @@ impl Bridge {
 
     /// Reopens the audit file by its path (SIGHUP, after logrotate moved it away).
     pub fn reopen_audit(&self) {
-        self.service.audit().reopen();
+        self.service.reopen_audit();
     }
 
     /// Stops accepting calls, lets running ones finish (for at most the longest command

@@ -26,6 +26,12 @@ async fn main() -> anyhow::Result<()> {
         LogFormat::Json => logs.json().init(),
         LogFormat::Text => logs.init(),
     }
+    if std::env::var_os(qga_bridge::fault::KILL_AFTER_STEP).is_some() && !qga_bridge::fault::ARMED {
+        tracing::warn!(
+            "{} is set, but this build has no test hooks: ignored",
+            qga_bridge::fault::KILL_AFTER_STEP
+        );
+    }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
@@ -66,5 +72,5 @@ async fn main() -> anyhow::Result<()> {
 
 /// The `STATUS=` line systemd shows: how many VMs are served.
 fn serving_status(bridge: &Bridge) -> String {
-    format!("serving {} VMs", bridge.service().vms().len())
+    format!("serving {} VMs", bridge.service().vm_count())
 }

@@ -1,5 +1,5 @@
 //! Prometheus metrics: the counters every part of the bridge updates. The HTTP endpoint
-//! that serves them is [`crate::metrics_server`].
+//! that serves them is [`crate::api::prometheus`].
 //!
 //! Per-VM series belong to the VM's current session: a session claims its VM's name
 //! ([`Metrics::claim_vm`]) and its worker's updates count only while the claim is the

@@ -5,7 +5,7 @@
 
 use std::{collections::BTreeSet, fs::File, os::fd::AsRawFd, os::unix::net::UnixListener};
 
-use qga_bridge::discovery::{Discovery, scan};
+use qga_bridge::vms::discovery::{Discovery, scan};
 use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
 
 /// Restores the descriptor limit, even if the test fails.

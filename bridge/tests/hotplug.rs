@@ -273,7 +273,7 @@ fn journal_at(state: &Path) -> qga_bridge::journal::Journal {
 /// 100-103, which the fake agent does not list: the keeper's pass asks QEMU whether it
 /// still has the DIMM.
 async fn journal_with_a_plugged_dimm(state: &Path) {
-    use qga_bridge::journal::desired::{Desired, Kind};
+    use qga_bridge::hotplug::desired::{Desired, Kind};
     let journal = journal_at(state);
     let dimm = Desired {
         device: "qga-dimm0".into(),
@@ -283,7 +283,7 @@ async fn journal_with_a_plugged_dimm(state: &Path) {
         online_type: Some(qga_wire::schema::GuestMemoryOnlineType::OnlineMovable),
     };
     journal
-        .want("vm", dimm)
+        .want("vm", &dimm.device, &dimm)
         .await
         .expect("desired memory written");
 }

@@ -17,16 +17,16 @@ use tonic::{Request, Response, Status, transport::server::Router};
 use tower::layer::util::{Identity, Stack};
 
 use crate::{
-    audit::Caller,
     backend::Step,
     call::{BlockChanges, Call, Reply},
-    gatekeeper::Gatekeeper,
+    config::Limits,
     hotplug::{
         Done, Effect, Operation,
         layout::{self, BlockState, Layout},
         plug::PlugArgs,
     },
-    metrics::Metrics,
+    net::gatekeeper::Gatekeeper,
+    policy::Caller,
     service::Service,
     session::AgentState,
 };
@@ -35,15 +35,20 @@ use crate::{
 #[derive(Debug, Clone)]
 pub struct Api {
     service: Arc<Service>,
+    /// Block changes one set may carry (`limits.max_set_entries`).
+    max_set_entries: usize,
 }
 
 impl Api {
-    /// The gRPC services over `service`.
-    pub fn new(service: Arc<Service>) -> Self {
-        Self { service }
+    /// The gRPC services over `service`, a set carrying at most `max_set_entries`.
+    pub fn new(service: Arc<Service>, max_set_entries: usize) -> Self {
+        Self {
+            service,
+            max_set_entries,
+        }
     }
 
-    /// Who sent `req`, as the [`crate::gatekeeper`] layer authenticated it.
+    /// Who sent `req`, as the [`crate::net::gatekeeper`] layer authenticated it.
     fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         req.extensions()
             .get::<Caller>()
@@ -70,10 +75,9 @@ impl Api {
 /// reflection (public, as health probes expect).
 pub async fn router(
     service: &Arc<Service>,
-    metrics: &Arc<Metrics>,
+    limits: &Limits,
 ) -> Result<Router<Stack<Gatekeeper, Identity>>, String> {
-    let limits = &service.config().limits;
-    let api = Api::new(service.clone());
+    let api = Api::new(service.clone(), limits.max_set_entries);
     let max = max_request_bytes(limits.max_set_entries);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<GuestMemoryServer<Api>>().await;
@@ -85,8 +89,8 @@ pub async fn router(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .map_err(|e| e.to_string())?;
-    let keeper = Gatekeeper::new("grpc", service.auth().clone(), metrics.clone())
-        .audited(service.audit().clone())
+    let keeper = service
+        .gatekeeper("grpc")
         .public(&["/grpc.health.v1.Health/", "/grpc.reflection."]);
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     Ok(tonic::transport::Server::builder()
@@ -267,7 +271,7 @@ impl GuestMemory for Api {
         // Who asks comes before what is asked: an unauthenticated caller learns nothing.
         self.caller(&req)?;
         let r = req.get_ref();
-        let max = self.service.config().limits.max_set_entries;
+        let max = self.max_set_entries;
         let changes = BlockChanges::new(r.blocks.iter().map(|b| (b.phys_index, b.online)), max)?;
         self.run(&req, &r.vm, Call::SetMemoryBlocks(changes)).await
     }
@@ -368,14 +372,9 @@ fn steps(steps: Vec<Step>) -> Vec<pb::Step> {
         .collect()
 }
 
-/// An optional `request_id`: absent or empty is none; otherwise 1-128 printable characters.
-fn request_id(id: &Option<String>) -> Result<Option<String>, Status> {
-    match id.as_deref() {
-        None | Some("") => Ok(None),
-        Some(id) => crate::hotplug::check_request_id(id)
-            .map(|()| Some(id.to_string()))
-            .map_err(Status::from),
-    }
+/// An optional `request_id`: absent or empty (proto3's default) is none.
+fn request_id(id: &Option<String>) -> Option<String> {
+    id.clone().filter(|id| !id.is_empty())
 }
 
 impl Api {
@@ -387,7 +386,7 @@ impl Api {
         id: &Option<String>,
     ) -> Result<Done, Status> {
         let caller = self.caller(req)?;
-        let id = request_id(id)?;
+        let id = request_id(id);
         Ok(self
             .service
             .memory_hotplug(&caller, vm, op, id, deadline(req))

@@ -9,33 +9,29 @@
 
 use std::{sync::Arc, time::Duration};
 
-use std::future::Future;
-
-use hyper::{body::Incoming, service::service_fn};
 use jsonrpsee::{
     Extensions, Methods, RpcModule,
-    server::{BatchRequestConfig, HttpResponse, PingConfig, Server, ServerConfig, stop_channel},
+    server::{BatchRequestConfig, PingConfig, Server, ServerConfig, stop_channel},
     types::{ErrorObjectOwned, Params},
 };
 use qga_wire::schema::GuestMemoryOnlineType;
 use serde::Deserialize;
 use serde_json::{Value, json, value::RawValue};
-use tokio::{
-    sync::{Semaphore, watch},
-    time::Instant,
-};
-use tower::Service as _;
+use tokio::{sync::watch, time::Instant};
 
 use crate::{
-    audit::Caller,
+    api::status::code,
     call::{self, Call, ObjectOnly, Reply, hotplug_method},
-    error::{BridgeError, code},
-    gatekeeper::Gatekeeper,
+    config::{Config, Limits},
+    error::BridgeError,
     hotplug::{Operation, plug::PlugArgs},
-    http_policy::HttpPolicy,
+    metrics::Metrics,
+    net::http::{ConnectionCalls, Http1Connections},
+    net::http_policy::HttpPolicy,
+    net::tls::Tls,
+    net::transport::{self, BodyBudget, Gate},
+    policy::Caller,
     service::Service,
-    tls::{Alpn, Tls},
-    transport::{self, BodyBudget, Gate},
 };
 
 /// The longest `timeout-ms` a caller may ask for: one day.
@@ -178,9 +174,6 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
         unexpected(p.node.is_some(), "node")?;
         unexpected(p.online_type.is_some(), "online-type")?;
     }
-    if let Some(id) = &p.request_id {
-        crate::hotplug::check_request_id(id)?;
-    }
     Ok(HotplugCall {
         vm: p.vm,
         timeout: timeout(p.timeout_ms)?,
@@ -191,12 +184,13 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
 
 /// Runs hotplug method `name`, within its connection's in-flight limit.
 async fn run_hotplug(
-    service: &Service,
+    front: &Front,
     name: &str,
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Value, ErrorObjectOwned> {
-    let _slot = connection_slot(service, extensions)?;
+    let service = &front.service;
+    let _slot = front.connection_slot(extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
@@ -242,49 +236,69 @@ pub fn decode(method: &str, params: &str, max_set_entries: usize) -> Result<Deco
     })
 }
 
-/// The calls in flight on one connection (`limits.max_connection_calls`), carried in its
-/// requests' extensions.
+/// What the methods work with: the service, and what the front end itself counts and
+/// bounds.
 #[derive(Debug, Clone)]
-pub struct ConnectionCalls(pub Arc<Semaphore>);
+pub struct Front {
+    service: Arc<Service>,
+    metrics: Arc<Metrics>,
+    /// Block changes one set may carry (`limits.max_set_entries`).
+    max_set_entries: usize,
+    /// Calls in flight per connection (`limits.max_connection_calls`).
+    max_connection_calls: usize,
+}
 
-/// A slot of the connection's in-flight limit, held while a call is served; over the
-/// limit the call is refused at once.
-fn connection_slot(
-    service: &Service,
-    extensions: &Extensions,
-) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BridgeError> {
-    let Some(ConnectionCalls(calls)) = extensions.get::<ConnectionCalls>() else {
-        return Ok(None);
-    };
-    calls.clone().try_acquire_owned().map(Some).map_err(|_| {
-        service.metrics().refused("jsonrpc", "connection_calls");
-        BridgeError::Overloaded(format!(
-            "{} calls in flight on this connection (limits.max_connection_calls)",
-            service.config().limits.max_connection_calls
-        ))
-    })
+impl Front {
+    /// The methods' context: `service`, counting in `metrics`, bounded by `limits`.
+    pub fn new(service: Arc<Service>, metrics: Arc<Metrics>, limits: &Limits) -> Self {
+        Self {
+            service,
+            metrics,
+            max_set_entries: limits.max_set_entries,
+            max_connection_calls: limits.max_connection_calls,
+        }
+    }
+
+    /// A slot of the connection's in-flight limit, held while a call is served; over the
+    /// limit the call is refused at once.
+    fn connection_slot(
+        &self,
+        extensions: &Extensions,
+    ) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, BridgeError> {
+        let Some(ConnectionCalls(calls)) = extensions.get::<ConnectionCalls>() else {
+            return Ok(None);
+        };
+        calls.clone().try_acquire_owned().map(Some).map_err(|_| {
+            self.metrics.refused("jsonrpc", "connection_calls");
+            BridgeError::Overloaded(format!(
+                "{} calls in flight on this connection (limits.max_connection_calls)",
+                self.max_connection_calls
+            ))
+        })
+    }
 }
 
 /// Runs QGA command `name` as asked by `params`, within its connection's in-flight limit.
 async fn run(
-    service: &Service,
+    front: &Front,
     name: &str,
     params: &Params<'_>,
     extensions: &Extensions,
 ) -> Result<Reply, ErrorObjectOwned> {
-    let _slot = connection_slot(service, extensions)?;
+    let _slot = front.connection_slot(extensions)?;
     let raw = match params.as_str() {
         Some(raw) if params.is_object() => raw,
         _ => return Err(invalid("params must be an object with at least \"vm\"")),
     };
-    let decoded = decode(name, raw, service.config().limits.max_set_entries)?;
+    let decoded = decode(name, raw, front.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
     let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
         transport: "jsonrpc",
         peer: None,
         identity: None,
     });
-    Ok(service
+    Ok(front
+        .service
         .call(&caller, &decoded.vm, decoded.call, deadline)
         .await?)
 }
@@ -297,24 +311,29 @@ async fn run(
 /// request bodies wait for the bridge-wide body budget before they are read.
 pub async fn serve(
     gate: Gate,
-    service: Arc<Service>,
+    front: Front,
+    config: &Config,
     tls: Option<Arc<Tls>>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let limits = service.config().limits.clone();
+    let limits = &config.limits;
     let builder = Server::builder()
-        .set_config(server_config(&limits))
+        .set_config(server_config(limits))
         .to_service_builder();
-    let methods: Methods = module(service.clone()).into();
-    let conn = Connection {
+    let keeper = front
+        .service
+        .gatekeeper("jsonrpc")
+        .with_policy(HttpPolicy::new(&config.http, gate.local_addr()));
+    let metrics = front.metrics.clone();
+    let methods: Methods = module(front).into();
+    let conn = Http1Connections {
+        server: "jsonrpc",
         budget: BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes),
         header_timeout: Duration::from_millis(limits.header_read_timeout_ms),
         max_calls: limits.max_connection_calls,
         tls,
-        keeper: Gatekeeper::new("jsonrpc", service.auth().clone(), service.metrics().clone())
-            .with_policy(HttpPolicy::new(&service.config().http, gate.local_addr()))
-            .audited(service.audit().clone()),
-        metrics: service.metrics().clone(),
+        keeper,
+        metrics,
     };
     let (stop_handle, server_handle) = stop_channel();
     loop {
@@ -334,7 +353,7 @@ pub async fn serve(
 }
 
 /// jsonrpsee's settings from the bridge's limits.
-fn server_config(limits: &crate::config::Limits) -> ServerConfig {
+fn server_config(limits: &Limits) -> ServerConfig {
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
         .ping_interval(keepalive)
@@ -353,63 +372,6 @@ fn server_config(limits: &crate::config::Limits) -> ServerConfig {
         .build()
 }
 
-/// What every JSON-RPC connection is served with.
-#[derive(Debug, Clone)]
-struct Connection {
-    budget: Arc<BodyBudget>,
-    header_timeout: Duration,
-    max_calls: usize,
-    tls: Option<Arc<Tls>>,
-    keeper: Gatekeeper,
-    metrics: Arc<crate::metrics::Metrics>,
-}
-
-impl Connection {
-    /// Serves one admitted connection with `rpc` until it closes or `stopped` fires.
-    async fn serve<R>(self, socket: transport::Admitted, rpc: R, stopped: impl Future<Output = ()>)
-    where
-        R: tower::Service<
-                hyper::Request<Incoming>,
-                Response = HttpResponse,
-                Error = Box<dyn std::error::Error + Send + Sync>,
-            > + Clone
-            + Send
-            + 'static,
-        R::Future: Send + 'static,
-    {
-        let tls = self.tls.as_deref();
-        let conn = match transport::secure(socket, tls, Alpn::Http1, self.header_timeout).await {
-            Ok(conn) => conn,
-            Err(e) => {
-                self.metrics.refused("jsonrpc", "tls_handshake");
-                tracing::debug!(error = %e, "TLS handshake failed");
-                return;
-            }
-        };
-        let calls = ConnectionCalls(Arc::new(Semaphore::new(self.max_calls)));
-        let peer = conn.peer();
-        let budget = self.budget.clone();
-        let budgeted = tower::service_fn(move |req: hyper::Request<Incoming>| {
-            let (budget, mut rpc) = (budget.clone(), rpc.clone());
-            async move {
-                let declared = req
-                    .headers()
-                    .get(hyper::header::CONTENT_LENGTH)
-                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                let _bytes = budget.admit(declared).await;
-                rpc.call(req).await.map_err(std::io::Error::other)
-            }
-        });
-        let gated = tower::Layer::layer(&self.keeper, budgeted);
-        let svc = service_fn(move |mut req: hyper::Request<Incoming>| {
-            req.extensions_mut().insert(peer.clone());
-            req.extensions_mut().insert(calls.clone());
-            gated.clone().call(req)
-        });
-        transport::serve_http1(conn, svc, self.header_timeout, stopped).await;
-    }
-}
-
 /// `t` in Unix seconds, as `vm-list` reports times.
 fn unix_seconds(t: std::time::SystemTime) -> Option<f64> {
     t.duration_since(std::time::UNIX_EPOCH)
@@ -417,9 +379,9 @@ fn unix_seconds(t: std::time::SystemTime) -> Option<f64> {
         .map(|d| d.as_secs_f64())
 }
 
-/// The method table over `service`.
-pub fn module(service: Arc<Service>) -> RpcModule<Arc<Service>> {
-    let mut m = RpcModule::new(service);
+/// The method table over `front`.
+pub fn module(front: Front) -> RpcModule<Front> {
+    let mut m = RpcModule::new(front);
     for name in call::NAMES {
         m.register_async_method(name, move |params, reg, extensions| async move {
             run(&reg, name, &params, &extensions).await
@@ -443,6 +405,7 @@ pub fn module(service: Arc<Service>) -> RpcModule<Arc<Service>> {
             return Ok(Value::Array(Vec::new()));
         };
         let vms: Vec<Value> = reg
+            .service
             .visible(caller)
             .into_iter()
             .map(|s| {

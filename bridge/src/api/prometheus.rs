@@ -10,10 +10,10 @@ use tokio::sync::watch;
 use tower::Service as _;
 
 use crate::{
-    gatekeeper::Gatekeeper,
     metrics::Metrics,
-    tls::{Alpn, Tls},
-    transport::{self, Gate},
+    net::gatekeeper::Gatekeeper,
+    net::tls::{Alpn, Tls},
+    net::transport::{self, Gate},
 };
 
 /// Serves `/metrics` on the connections `gate` admits until `shutdown` turns true, each

@@ -10,11 +10,77 @@
 pub mod libvirt;
 pub mod qmp;
 
-use std::time::Duration;
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
+
+/// Where a VM's memory backend comes from: the same source again keeps the backend (and
+/// the VM's hotplug state with it).
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// A QMP socket, shared with other tools (released when idle) or not.
+    Qmp {
+        /// The socket.
+        socket: PathBuf,
+        /// Released when idle.
+        shared: bool,
+    },
+    /// A libvirt domain run, through the bridge's libvirt connection.
+    Libvirt {
+        /// The connection.
+        libvirt: Arc<qga_libvirt::Libvirt>,
+        /// The domain run.
+        dom: qga_libvirt::Dom,
+    },
+}
+
+impl PartialEq for Source {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (
+                Self::Qmp { socket, shared },
+                Self::Qmp {
+                    socket: s,
+                    shared: sh,
+                },
+            ) => socket == s && shared == sh,
+            (Self::Libvirt { libvirt, dom }, Self::Libvirt { libvirt: l, dom: d }) => {
+                Arc::ptr_eq(libvirt, l) && dom == d
+            }
+            _ => false,
+        }
+    }
+}
+
+impl Eq for Source {}
+
+/// What every backend is built with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Bounds {
+    /// Per-command time limits.
+    pub timeouts: Timeouts,
+    /// The largest message read from a QMP socket (`hotplug.max_qmp_bytes`).
+    pub max_qmp_bytes: usize,
+    /// Connecting to a QMP socket (`timeouts.connect_ms`).
+    pub connect: Duration,
+    /// A shared QMP socket is released after this long idle (`timeouts.shared_idle_ms`).
+    pub shared_idle: Duration,
+}
+
+/// The backend of `source`. A new hypervisor is a module beside [`qmp`] and [`libvirt`]
+/// and one arm here.
+pub fn open(source: &Source, bounds: &Bounds) -> Arc<dyn MemoryBackend> {
+    match source {
+        Source::Qmp { socket, shared } => Arc::new(qmp::QmpBackend::new(socket, *shared, bounds)),
+        Source::Libvirt { libvirt, dom } => Arc::new(libvirt::LibvirtBackend::new(
+            libvirt.clone(),
+            dom.clone(),
+            bounds.timeouts,
+        )),
+    }
+}
 
 /// A DIMM as the hypervisor reports it: the one DIMM shape of the bridge, embedded in
 /// the layout's [`crate::hotplug::layout::Dimm`] with the guest's view of its blocks.

@@ -10,7 +10,7 @@ use qga_wire::backoff::Backoff;
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{
-    Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
+    Added, BackendError, Bounds, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
     MemorySize, NewDimm, NotAdded, Step, Timeouts, VirtioMemDevice,
 };
 
@@ -25,22 +25,20 @@ pub struct QmpBackend {
 }
 
 impl QmpBackend {
-    /// A backend on QMP socket `socket`, connected on first use with `limits`.
-    pub fn new(socket: &Path, limits: QmpLimits, timeouts: Timeouts) -> Self {
+    /// A backend on QMP socket `socket`, connected on first use within `bounds`; a
+    /// `shared` socket is released `bounds.shared_idle` after the last command, and held
+    /// while an operation waits for an event.
+    pub fn new(socket: &Path, shared: bool, bounds: &Bounds) -> Self {
+        let limits = QmpLimits {
+            max_message: bounds.max_qmp_bytes,
+            connect_timeout: bounds.connect,
+            idle_close: shared.then_some(bounds.shared_idle),
+            ..QmpLimits::default()
+        };
         Self {
             qmp: Qmp::new(socket.to_path_buf(), limits),
-            timeouts,
+            timeouts: bounds.timeouts,
         }
-    }
-
-    /// The QMP socket.
-    pub fn socket(&self) -> &Path {
-        self.qmp.socket()
-    }
-
-    /// Whether the connection is released when idle (a socket shared with other tools).
-    pub fn shared(&self) -> bool {
-        self.qmp.limits().idle_close.is_some()
     }
 
     /// The ids of every memory backend.

@@ -16,7 +16,8 @@ use crate::{
     call::{BlockChanges, Call, Reply},
     config,
     error::BridgeError,
-    journal::{Journal, desired::Desired},
+    hotplug::desired::Desired,
+    journal::Journal,
     session::Session,
 };
 
@@ -100,7 +101,7 @@ impl Ctx {
     /// Records `desired` as this VM's desired memory, durably.
     pub async fn want(&self, desired: Desired) -> Result<(), BridgeError> {
         self.journal
-            .want(&self.vm, desired)
+            .want(&self.vm, &desired.device, &desired)
             .await
             .map_err(|e| self.hotplug_error("journal", e.to_string()))
     }

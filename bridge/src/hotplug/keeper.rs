@@ -29,14 +29,12 @@ use super::{
     Done, Effect, Hotplug, Operation, Target,
     ctx::{Ctx, describe},
     layout::{BlockState, Dimm, GuestView},
+    report::Background,
 };
 use crate::{
-    audit::{Audit, Caller, Record},
-    error::{BridgeError, Outcome},
-    journal::{
-        Journal, JournalError,
-        desired::{Desired, Kind},
-    },
+    error::BridgeError,
+    hotplug::desired::{Desired, Kind},
+    journal::{Journal, JournalError},
 };
 
 /// When each VM's desired memory was first seen not all online, for the restore time.
@@ -79,7 +77,7 @@ pub async fn remember(
     match (op, &done.what) {
         (Operation::Plug(args), Effect::Dimm { dimm }) => {
             if let Some(d) = desired(dimm, args.online_type) {
-                journal.want(vm, d).await?;
+                journal.want(vm, &d.device, &d).await?;
             }
         }
         (Operation::Unplug { dimm }, _) => journal.unwant(vm, dimm).await?,
@@ -88,38 +86,12 @@ pub async fn remember(
                 journal.unwant(vm, &dimm.device.id).await?;
             }
             for d in r.plugged.iter().filter_map(|d| desired(d, None)) {
-                journal.want(vm, d).await?;
+                journal.want(vm, &d.device, &d).await?;
             }
         }
         _ => {}
     }
     Ok(())
-}
-
-/// One audit line for blocks the keeper onlined (or failed to).
-fn record(audit: &Audit, vm: &str, d: &Desired, blocks: &[u64], error: Option<String>) {
-    let caller = Caller {
-        transport: "keeper",
-        peer: None,
-        identity: None,
-    };
-    let outcome = if error.is_some() {
-        Outcome::HotplugFailed
-    } else {
-        Outcome::Ok
-    };
-    audit.record(&Record {
-        vm: Some(vm),
-        method: Some("memory-restore"),
-        arguments: Some(serde_json::json!({
-            "device": d.device,
-            "kind": d.kind,
-            "blocks": blocks,
-            "online-type": d.online_type.map(GuestMemoryOnlineType::as_str),
-        })),
-        error,
-        ..Audit::base("restore", &caller, outcome.as_str())
-    });
 }
 
 impl Hotplug {
@@ -239,7 +211,7 @@ impl Hotplug {
         Ok(dimms.chain(vmem).collect())
     }
 
-    /// Onlines `blocks` of `d`; how many came online. Audited either way.
+    /// Onlines `blocks` of `d`; how many came online. Reported either way.
     pub(super) async fn online(
         &self,
         ctx: &Ctx,
@@ -255,7 +227,12 @@ impl Hotplug {
             Ok(failures) => {
                 let error = (!failures.is_empty())
                     .then(|| failures.iter().map(describe).collect::<Vec<_>>().join("; "));
-                record(&self.audit, &ctx.vm, d, blocks, error);
+                self.witness.saw(&Background::Restored {
+                    vm: &ctx.vm,
+                    desired: d,
+                    blocks,
+                    error,
+                });
                 tracing::info!(
                     vm = ctx.vm,
                     device = d.device,
@@ -266,7 +243,12 @@ impl Hotplug {
                 blocks.len() - failures.len()
             }
             Err(e) => {
-                record(&self.audit, &ctx.vm, d, blocks, Some(e.to_string()));
+                self.witness.saw(&Background::Restored {
+                    vm: &ctx.vm,
+                    desired: d,
+                    blocks,
+                    error: Some(e.to_string()),
+                });
                 0
             }
         }

@@ -2,16 +2,9 @@
 //! operation holds. The request-ids of its operations, with what came of them, are in the
 //! [`Journal`].
 
-use std::{
-    path::{Path, PathBuf},
-    sync::Arc,
-    time::Duration,
-};
+use std::sync::Arc;
 
-use qga_qmp::QmpLimits;
 use tokio::time::Instant;
-
-pub use crate::journal::Key;
 
 use super::{
     Done, Operation, Settings,
@@ -19,25 +12,10 @@ use super::{
     outcome::{Stored, records},
 };
 use crate::{
-    backend::{MemoryBackend, Timeouts, libvirt::LibvirtBackend, qmp::QmpBackend},
+    backend::{self, MemoryBackend, Source},
     error::BridgeError,
-    journal::{Journal, State},
+    journal::{Journal, Key, State},
 };
-
-/// Where a VM's memory backend comes from: the same source again keeps the backend and
-/// its request-ids.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum MemorySource {
-    /// A QMP socket, shared with other tools (released when idle) or not.
-    Qmp {
-        /// The socket.
-        socket: PathBuf,
-        /// Released when idle.
-        shared: bool,
-    },
-    /// A libvirt domain run.
-    Libvirt(qga_libvirt::Dom),
-}
 
 /// Whether an operation runs, or what to answer instead.
 #[derive(Debug)]
@@ -54,60 +32,25 @@ pub enum Admitted {
 /// One VM's memory hotplug state. See the module docs.
 #[derive(Debug)]
 pub struct VmMemory {
-    source: MemorySource,
+    source: Source,
     backend: Arc<dyn MemoryBackend>,
     /// Held by the running operation or background pass.
     lock: VmLock,
 }
 
-/// The per-command time limits of the backends.
-fn timeouts(settings: &Settings) -> Timeouts {
-    Timeouts {
-        command: Duration::from_millis(settings.hotplug.qmp_timeout_ms),
-        eject: Duration::from_millis(settings.hotplug.eject_timeout_ms),
-    }
-}
-
 impl VmMemory {
-    fn new(source: MemorySource, backend: Arc<dyn MemoryBackend>) -> Self {
+    /// The hotplug state of a VM whose backend is `source`, opened within `settings`'
+    /// bounds (a QMP socket is connected on first use).
+    pub fn open(settings: &Settings, source: Source) -> Self {
         Self {
+            backend: backend::open(&source, &settings.backend),
             source,
-            backend,
             lock: VmLock::default(),
         }
     }
 
-    /// Hotplug over QMP socket `socket` (connected on first use); a `shared` socket is
-    /// released `timeouts.shared_idle_ms` after the last command, and held while an
-    /// operation waits for an event.
-    pub fn qmp(settings: &Settings, socket: &Path, shared: bool) -> Self {
-        let limits = QmpLimits {
-            max_message: settings.hotplug.max_qmp_bytes,
-            connect_timeout: settings.connect,
-            idle_close: shared.then_some(settings.shared_idle),
-            ..QmpLimits::default()
-        };
-        let backend = QmpBackend::new(socket, limits, timeouts(settings));
-        let source = MemorySource::Qmp {
-            socket: socket.to_path_buf(),
-            shared,
-        };
-        Self::new(source, Arc::new(backend))
-    }
-
-    /// Hotplug of libvirt domain run `dom` through `libvirt`.
-    pub fn libvirt(
-        settings: &Settings,
-        libvirt: Arc<qga_libvirt::Libvirt>,
-        dom: qga_libvirt::Dom,
-    ) -> Self {
-        let source = MemorySource::Libvirt(dom.clone());
-        let backend = LibvirtBackend::new(libvirt, dom, timeouts(settings));
-        Self::new(source, Arc::new(backend))
-    }
-
     /// Where its backend comes from.
-    pub fn source(&self) -> &MemorySource {
+    pub fn source(&self) -> &Source {
         &self.source
     }
 
@@ -276,14 +219,21 @@ fn unrecorded(vm: &str, key: &Key) -> BridgeError {
 
 #[cfg(test)]
 mod tests {
-    use std::time::Duration;
+    use std::{path::Path, time::Duration};
 
     use super::*;
-    use crate::{config::Config, error::code};
+    use crate::config::Config;
 
     fn vm_memory(dir: &Path) -> VmMemory {
         let settings = Settings::of(&Config::default());
-        VmMemory::qmp(&settings, &dir.join("qmp.sock"), false)
+        let socket = dir.join("qmp.sock");
+        VmMemory::open(
+            &settings,
+            Source::Qmp {
+                socket,
+                shared: false,
+            },
+        )
     }
 
     fn journal(dir: &Path) -> Journal {
@@ -317,7 +267,7 @@ mod tests {
         let Err(e) = second else {
             panic!("a second caller is refused while the first waits: {second:?}");
         };
-        assert_eq!(e.rpc_code(), code::ABORTED, "{e}");
+        assert!(matches!(e, BridgeError::Aborted(_)), "{e:?}");
         assert!(e.to_string().contains("another caller's"), "{e}");
         drop(pass);
         let first = waiting.await.expect("joins");
@@ -335,11 +285,7 @@ mod tests {
         let Err(e) = r else {
             panic!("the pass outlasted the caller's deadline: {r:?}");
         };
-        assert_eq!(
-            (e.code(), e.rpc_code()),
-            (tonic::Code::DeadlineExceeded, code::DEADLINE_EXCEEDED),
-            "{e}"
-        );
+        assert!(matches!(e, BridgeError::Waited { .. }), "{e:?}");
         assert!(e.to_string().contains("nothing was done"), "{e}");
         assert!(memory.lock.slot().is_some(), "the slot was given back");
     }

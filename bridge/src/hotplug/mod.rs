@@ -12,10 +12,11 @@
 //! the VM; the bridge's own work on the VM (the [`keeper`]'s passes, [`recover`]y) never
 //! refuses a caller: the caller's operation waits for it, within its deadline. An operation runs
 //! in a task of its own: a caller that leaves does not cut it half-way, and its outcome is
-//! audited and, with a `request-id`, recorded in the [`Journal`] for the caller's retry —
+//! reported (for the audit trail, see [`report`]) and, with a `request-id`, recorded in the [`Journal`] for the caller's retry —
 //! its intent before it acts, its outcome before the VM is released.
 
 pub mod ctx;
+pub mod desired;
 pub mod keeper;
 pub mod layout;
 pub mod lock;
@@ -24,6 +25,7 @@ pub mod outcome;
 pub mod plug;
 pub mod policy;
 pub mod recover;
+pub mod report;
 pub mod resize;
 pub mod unplug;
 pub mod virtio_mem;
@@ -37,17 +39,17 @@ use self::{
     ctx::Ctx,
     layout::{Dimm, Layout},
     lock::Held,
-    memory::{Admitted, Key, VmMemory},
+    memory::{Admitted, VmMemory},
     plug::PlugArgs,
+    report::{Ended, Report, Witness},
     resize::Resized,
 };
 use crate::{
-    audit::{Audit, Caller, Record},
-    backend::Step,
+    backend::{self, Step},
     call::hotplug_method,
     config::{self, Config},
     error::{BridgeError, Outcome},
-    journal::Journal,
+    journal::{Journal, Key},
     metrics::Metrics,
     session::Session,
 };
@@ -125,10 +127,8 @@ pub struct Settings {
     pub hotplug: config::Hotplug,
     /// Largest set sent to an agent (`limits.max_set_entries`).
     pub max_set_entries: usize,
-    /// Connecting to a QMP socket (`timeouts.connect_ms`).
-    pub connect: Duration,
-    /// A shared QMP socket is released after this long idle (`timeouts.shared_idle_ms`).
-    pub shared_idle: Duration,
+    /// What the VMs' memory backends are opened with.
+    pub backend: backend::Bounds,
 }
 
 impl Settings {
@@ -137,18 +137,26 @@ impl Settings {
         Arc::new(Self {
             hotplug: config.hotplug.clone(),
             max_set_entries: config.limits.max_set_entries,
-            connect: Duration::from_millis(config.timeouts.connect_ms),
-            shared_idle: Duration::from_millis(config.timeouts.shared_idle_ms),
+            backend: backend::Bounds {
+                timeouts: backend::Timeouts {
+                    command: Duration::from_millis(config.hotplug.qmp_timeout_ms),
+                    eject: Duration::from_millis(config.hotplug.eject_timeout_ms),
+                },
+                max_qmp_bytes: config.hotplug.max_qmp_bytes,
+                connect: Duration::from_millis(config.timeouts.connect_ms),
+                shared_idle: Duration::from_millis(config.timeouts.shared_idle_ms),
+            },
         })
     }
 }
 
-/// Memory hotplug: runs operations on VMs' [`VmMemory`], audited and counted. Cheap to
+/// Memory hotplug: runs operations on VMs' [`VmMemory`], reported and counted. Cheap to
 /// clone: a task that must run to its end gets its own.
 #[derive(Debug, Clone)]
 pub struct Hotplug {
     settings: Arc<Settings>,
-    audit: Arc<Audit>,
+    /// Where the keeper's and recovery's changes are reported.
+    witness: Arc<dyn Witness>,
     metrics: Arc<Metrics>,
     journal: Journal,
     /// The keeper's restores under way.
@@ -179,27 +187,53 @@ pub struct Target<'a> {
     pub memory: Option<Arc<VmMemory>>,
 }
 
-/// One operation's identity for its audit line: who, on which VM, what, and since when.
+/// A caller's operation, as hotplug takes it.
+#[derive(Debug)]
+pub struct Request {
+    /// What to do.
+    pub op: Operation,
+    /// The caller's request-id, if it gave one: a retry gets the first call's outcome.
+    pub request_id: Option<String>,
+    /// The caller's identity, which scopes its request-ids.
+    pub identity: Option<String>,
+    /// The caller's deadline.
+    pub deadline: Option<Instant>,
+}
+
+/// One operation's identity for its report: on which VM, what, and since when.
 struct Ticket<'a> {
-    caller: &'a Caller,
     vm: &'a str,
     op: &'a Operation,
     key: Option<&'a Key>,
     start: std::time::Instant,
 }
 
+impl Ticket<'_> {
+    /// Reports `result` through `report` (`replayed`: answered from the journal).
+    fn tell(&self, report: Report, result: &Result<Done, BridgeError>, replayed: bool) {
+        report(&Ended {
+            vm: self.vm,
+            op: self.op,
+            request_id: self.key.map(|k| k.id.as_str()),
+            replayed,
+            result,
+            elapsed: self.start.elapsed(),
+        });
+    }
+}
+
 impl Hotplug {
-    /// Hotplug with `settings`, auditing to `audit`, counting in `metrics`, recording
-    /// request-ids in `journal`.
+    /// Hotplug with `settings`, reporting its own changes to `witness`, counting in
+    /// `metrics`, recording request-ids in `journal`.
     pub fn new(
         settings: Arc<Settings>,
-        audit: Arc<Audit>,
+        witness: Arc<dyn Witness>,
         metrics: Arc<Metrics>,
         journal: Journal,
     ) -> Self {
         Self {
             settings,
-            audit,
+            witness,
             metrics,
             journal,
             pending: Arc::default(),
@@ -255,25 +289,25 @@ impl Hotplug {
         Ok(layout::build(block_size, boot, &devices, &vmem, &guest))
     }
 
-    /// Runs `op` on `target` for `caller` (already authorized). With `request_id`, a
-    /// retry by the same identity returns the first call's remembered outcome. Every
-    /// outcome, refusals included, is audited.
+    /// Runs `request` on `target` (its caller already authorized). With a request-id,
+    /// a retry by the same identity returns the first call's remembered outcome. Every
+    /// outcome, refusals included, goes to `report`, once.
     pub async fn run(
         &self,
-        caller: &Caller,
         target: Target<'_>,
-        op: Operation,
-        request_id: Option<String>,
-        deadline: Option<Instant>,
+        request: Request,
+        report: Report,
     ) -> Result<Done, BridgeError> {
+        let Request {
+            op,
+            request_id,
+            identity,
+            deadline,
+        } = request;
         let vm = target.vm;
-        let key = request_id.map(|id| Key {
-            identity: caller.identity.as_ref().map(|i| i.name().to_string()),
-            id,
-        });
+        let key = request_id.map(|id| Key { identity, id });
         let start = std::time::Instant::now();
         let ticket = Ticket {
-            caller,
             vm,
             op: &op,
             key: key.as_ref(),
@@ -293,7 +327,7 @@ impl Hotplug {
         let (guard, memory) = match admitted {
             Ok((Admitted::Run(guard), memory)) => (guard, memory),
             Ok((Admitted::Replay(result), _)) => {
-                record(&self.audit, &ticket, &result, true);
+                ticket.tell(report, &result, true);
                 return result;
             }
             Ok((Admitted::Recover(held), memory)) => {
@@ -312,12 +346,12 @@ impl Hotplug {
                 };
                 // Answered from the recovered outcome, unless recovery could not finish.
                 let replayed = !matches!(result, Err(BridgeError::Aborted(_)));
-                record(&self.audit, &ticket, &result, replayed);
+                ticket.tell(report, &result, replayed);
                 return result;
             }
             Err(e) => {
                 let result = Err(e);
-                record(&self.audit, &ticket, &result, false);
+                ticket.tell(report, &result, false);
                 return result;
             }
         };
@@ -328,7 +362,7 @@ impl Hotplug {
             ctx: self.ctx(vm, &memory, target.session, Some(until)),
             journaled,
             guard,
-            caller: caller.clone(),
+            report,
             op,
             key,
             start,
@@ -346,54 +380,60 @@ impl Hotplug {
     /// Runs an admitted operation in a task of its own, so that it runs to its end even
     /// if the caller leaves (stopping half-way would leave a DIMM half plugged; leaving
     /// while its intent is written would leave the entry marked as running here): makes
-    /// its intent durable, runs it, then counts, audits and remembers its outcome and
+    /// its intent durable, runs it, then counts, reports and remembers its outcome and
     /// releases the VM.
-    fn spawn(&self, mut r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
-        let audit = self.audit.clone();
+    fn spawn(&self, r: Running) -> tokio::task::JoinHandle<Result<Done, BridgeError>> {
         let metrics = self.metrics.clone();
         let journal = self.journal.clone();
         tokio::spawn(async move {
-            let (vm, method) = (r.ctx.vm.clone(), r.op.method());
-            let (_, args) = outcome::intent(&r.op);
-            if let Err(e) = journal.begin(&vm, &r.journaled, method, args).await {
-                let result = Err(r.ctx.hotplug_error(
+            let Running {
+                mut ctx,
+                journaled,
+                guard,
+                report,
+                op,
+                key,
+                start,
+            } = r;
+            let (vm, method) = (ctx.vm.clone(), op.method());
+            let (_, args) = outcome::intent(&op);
+            if let Err(e) = journal.begin(&vm, &journaled, method, args).await {
+                let result = Err(ctx.hotplug_error(
                     "journal",
                     format!("cannot record the operation before acting: {e}; nothing was done"),
                 ));
                 let ticket = Ticket {
-                    caller: &r.caller,
                     vm: &vm,
-                    op: &r.op,
-                    key: r.key.as_ref(),
-                    start: r.start,
+                    op: &op,
+                    key: key.as_ref(),
+                    start,
                 };
-                record(&audit, &ticket, &result, false);
+                ticket.tell(report, &result, false);
                 return result;
             }
-            let result = execute(&mut r.ctx, &r.op).await;
+            let result = execute(&mut ctx, &op).await;
             let vm = vm.as_str();
-            metrics.call(vm, method, Outcome::of(&result), r.start.elapsed());
+            metrics.call(vm, method, Outcome::of(&result), start.elapsed());
             let ticket = Ticket {
-                caller: &r.caller,
                 vm,
-                op: &r.op,
-                key: r.key.as_ref(),
-                start: r.start,
+                op: &op,
+                key: key.as_ref(),
+                start,
             };
-            record(&audit, &ticket, &result, false);
+            ticket.tell(report, &result, false);
             match &result {
                 Ok(_) => tracing::info!(vm, method, "memory hotplug done"),
                 Err(e) => tracing::warn!(vm, method, error = %e, "memory hotplug failed"),
             }
-            if let Err(e) = keeper::remember(&journal, vm, &r.op, &result).await {
+            if let Err(e) = keeper::remember(&journal, vm, &op, &result).await {
                 tracing::error!(vm, method, error = %e, "cannot record the VM's desired memory");
             }
-            let ended = match &r.key {
+            let ended = match &key {
                 Some(key) => {
                     let outcome = outcome::Stored::json_of(&result);
-                    journal.end(vm, key, outcome::intent(&r.op), outcome).await
+                    journal.end(vm, key, outcome::intent(&op), outcome).await
                 }
-                None => journal.forget(vm, &r.journaled).await,
+                None => journal.forget(vm, &journaled).await,
             };
             if let Err(e) = ended {
                 // The operation happened; its entry stays `running`: a retry here is told
@@ -401,7 +441,7 @@ impl Hotplug {
                 // never run again.
                 tracing::error!(vm, method, error = %e, "cannot record the operation's outcome");
             }
-            drop(r.guard);
+            drop(guard);
             result
         })
     }
@@ -414,7 +454,8 @@ struct Running {
     journaled: Key,
     /// The VM, released when the operation ends.
     guard: Held,
-    caller: Caller,
+    /// Where its outcome goes.
+    report: Report,
     op: Operation,
     key: Option<Key>,
     start: std::time::Instant,
@@ -436,28 +477,4 @@ async fn execute(ctx: &mut Ctx, op: &Operation) -> Result<Done, BridgeError> {
         steps: std::mem::take(&mut ctx.steps),
         warnings: std::mem::take(&mut ctx.warnings),
     })
-}
-
-/// One audit line for a hotplug operation (`replay`: a request-id's remembered outcome).
-fn record(audit: &Audit, t: &Ticket<'_>, result: &Result<Done, BridgeError>, replay: bool) {
-    let mut arguments = serde_json::to_value(t.op).ok();
-    if let (Some(serde_json::Value::Object(a)), Some(key)) = (&mut arguments, t.key) {
-        a.insert("request-id".into(), key.id.clone().into());
-        if replay {
-            a.insert("replayed".into(), true.into());
-        }
-    }
-    let outcome = Outcome::of(result).as_str();
-    audit.record(&Record {
-        vm: Some(t.vm),
-        method: Some(t.op.method()),
-        arguments,
-        error: result.as_ref().err().map(ToString::to_string),
-        results: result
-            .as_ref()
-            .ok()
-            .and_then(|d| serde_json::to_value(d).ok()),
-        duration_ms: Some(t.start.elapsed().as_secs_f64() * 1000.0),
-        ..Audit::base("call", t.caller, outcome)
-    });
 }

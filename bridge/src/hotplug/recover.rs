@@ -47,17 +47,16 @@ use super::{
     lock::Held,
     memory::VmMemory,
     outcome::Stored,
-    plug, virtio_mem,
+    plug,
+    report::Background,
+    virtio_mem,
 };
 use crate::{
-    audit::{Audit, Caller, Record},
     backend::{DimmDevice, Step, VirtioMemDevice},
     call::hotplug_method,
     error::{BridgeError, Outcome},
-    journal::{
-        Entry, State,
-        desired::{Desired, Kind},
-    },
+    hotplug::desired::{Desired, Kind},
+    journal::{Entry, State},
     session::Session,
 };
 
@@ -188,7 +187,12 @@ impl Hotplug {
                 .await
                 .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
             if recorded {
-                record(&self.audit, &ctx.vm, &entry, &result);
+                self.witness.saw(&Background::Recovered {
+                    vm: &ctx.vm,
+                    method: &entry.method,
+                    arguments: &entry.args,
+                    result: &result,
+                });
                 tracing::warn!(
                     vm = ctx.vm,
                     method = entry.method,
@@ -209,7 +213,7 @@ impl Hotplug {
         let devices = ctx.dimms().await?;
         let wanted: Vec<Desired> = self
             .journal
-            .wanted()
+            .wanted::<Desired>()
             .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?
             .into_iter()
             .filter(|(vm, _)| *vm == ctx.vm)
@@ -419,24 +423,4 @@ fn gone(id: &str, found: &Found) -> Dimm {
         blocks: Vec::new(),
         removable: None,
     }
-}
-
-/// One audit line for a recovered operation.
-fn record(audit: &Audit, vm: &str, entry: &Entry, result: &Result<Done, BridgeError>) {
-    let caller = Caller {
-        transport: "recovery",
-        peer: None,
-        identity: None,
-    };
-    audit.record(&Record {
-        vm: Some(vm),
-        method: Some("memory-recover"),
-        arguments: Some(serde_json::json!({"method": entry.method, "arguments": entry.args})),
-        error: result.as_ref().err().map(ToString::to_string),
-        results: result
-            .as_ref()
-            .ok()
-            .and_then(|d| serde_json::to_value(d).ok()),
-        ..Audit::base("recover", &caller, Outcome::of(result).as_str())
-    });
 }

@@ -31,7 +31,7 @@ use super::{
 use crate::{
     backend::VirtioMemDevice,
     error::BridgeError,
-    journal::desired::{Desired, Kind},
+    hotplug::desired::{Desired, Kind},
 };
 
 /// How often QEMU's plugged size is looked at while waiting.

@@ -328,7 +328,7 @@ impl Journal {
         }
         txn.commit().map_err(|e| self.store(e))?;
         // The desired memory must read back too.
-        self.wanted().map(drop)
+        self.wanted::<serde_json::Value>().map(drop)
     }
 
     /// The entry of `key` on VM `vm`, if it has one (and it has not expired).

@@ -17,11 +17,11 @@ use bytes::Bytes;
 use http_body_util::Full;
 
 use crate::{
-    audit::{Audit, Caller},
-    auth::Auth,
-    http_policy::HttpPolicy,
     metrics::Metrics,
-    transport::Peer,
+    net::http_policy::HttpPolicy,
+    net::transport::Peer,
+    policy::auth::Auth,
+    policy::{Caller, audit::Audit},
 };
 
 /// The answers a server gives to refused requests, in its own response type.

@@ -36,7 +36,7 @@ use tonic::transport::server::Connected;
 pub use crate::peer::{Peer, UnixPeer};
 use crate::{
     metrics::Metrics,
-    tls::{Alpn, Tls},
+    net::tls::{Alpn, Tls},
 };
 
 /// How long accepting pauses after an accept error (file descriptors exhausted, say).

@@ -23,7 +23,10 @@ use std::{
 use serde::Serialize;
 use serde_json::Value;
 
-use crate::{auth::Identity, metrics::Metrics};
+use crate::{
+    metrics::Metrics,
+    policy::{Caller, auth::Identity},
+};
 
 /// Records waiting for the writer.
 const QUEUE: usize = 4096;
@@ -41,18 +44,6 @@ pub enum Sink {
     File(PathBuf),
 }
 
-/// Who made a call: the front end, the peer's address and, once authenticated, the
-/// identity.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Caller {
-    /// `grpc` or `jsonrpc`.
-    pub transport: &'static str,
-    /// The peer: `IP:PORT`, or `uid=U,gid=G,pid=P` on a unix socket.
-    pub peer: Option<String>,
-    /// Who it proved to be; `None` before (or without) authentication.
-    pub identity: Option<Identity>,
-}
-
 /// One audit line.
 #[derive(Debug, Serialize)]
 pub struct Record<'a> {
@@ -60,7 +51,8 @@ pub struct Record<'a> {
     pub time: f64,
     /// `call` (a state-changing call) or `denied` (a request or call refused).
     pub kind: &'static str,
-    /// `grpc` or `jsonrpc`.
+    /// `grpc` or `jsonrpc`; for the bridge's own changes, the part of it that made them
+    /// (`keeper`, `recovery`).
     pub transport: &'static str,
     /// The peer.
     pub peer: Option<&'a str>,
@@ -180,11 +172,21 @@ impl Audit {
     /// A record of `kind` from `caller` with everything else empty.
     pub fn base<'a>(kind: &'static str, caller: &'a Caller, outcome: &'a str) -> Record<'a> {
         Record {
-            time: now(),
-            kind,
-            transport: caller.transport,
             peer: caller.peer.as_deref(),
             identity: caller.identity.as_ref().map(Identity::name),
+            ..Self::bridge(kind, caller.transport, outcome)
+        }
+    }
+
+    /// A record of `kind` of a change the bridge made on its own, by its part `by`
+    /// (`keeper`, `recovery`): no peer, no identity.
+    pub fn bridge<'a>(kind: &'static str, by: &'static str, outcome: &'a str) -> Record<'a> {
+        Record {
+            time: now(),
+            kind,
+            transport: by,
+            peer: None,
+            identity: None,
             vm: None,
             method: None,
             arguments: None,

@@ -8,15 +8,25 @@ use std::sync::Arc;
 use futures::StreamExt;
 use tokio::{sync::Semaphore, time::Instant};
 
+mod audited;
+
+use self::audited::{AuditOnDrop, Trail};
 use crate::{
-    audit::{Audit, Caller, Record},
-    auth::Auth,
     call::{Call, Reply, hotplug_method},
     config::Config,
     error::BridgeError,
-    hotplug::{Done, Hotplug, Operation, Target, layout::Layout},
+    hotplug::{
+        Done, Hotplug, Operation, Request, Target, check_request_id, desired::Desired,
+        layout::Layout,
+    },
     journal::Journal,
     metrics::Metrics,
+    net::gatekeeper::Gatekeeper,
+    policy::{
+        Caller,
+        audit::{Audit, Record},
+        auth::Auth,
+    },
     session::VmStatus,
     vms::Vms,
 };
@@ -34,65 +44,6 @@ fn by_vm<T>(
 
 /// VMs the keeper checks at once.
 const KEEPER_CONCURRENCY: usize = 8;
-
-/// Audits a state-changing call: with its outcome when it finishes, or as `caller_left`
-/// when its caller goes away first (the session then records the late outcome in the
-/// VM's `last_write`).
-struct AuditOnDrop<'a> {
-    audit: &'a Audit,
-    caller: &'a Caller,
-    vm: &'a str,
-    method: &'static str,
-    arguments: Option<serde_json::Value>,
-    start: std::time::Instant,
-    done: bool,
-}
-
-impl<'a> AuditOnDrop<'a> {
-    fn new(audit: &'a Audit, caller: &'a Caller, vm: &'a str, call: &Call) -> Self {
-        Self {
-            audit,
-            caller,
-            vm,
-            method: call.name(),
-            arguments: call.arguments(),
-            start: std::time::Instant::now(),
-            done: false,
-        }
-    }
-
-    fn write(&mut self, outcome: &str, error: Option<String>, results: Option<serde_json::Value>) {
-        self.done = true;
-        self.audit.record(&Record {
-            vm: Some(self.vm),
-            method: Some(self.method),
-            arguments: self.arguments.take(),
-            error,
-            results,
-            duration_ms: Some(self.start.elapsed().as_secs_f64() * 1000.0),
-            ..Audit::base("call", self.caller, outcome)
-        });
-    }
-
-    fn finish(&mut self, outcome: &Result<Reply, BridgeError>) {
-        match outcome {
-            Ok(reply) => self.write("ok", None, serde_json::to_value(reply).ok()),
-            Err(e) => self.write(e.outcome().as_str(), Some(e.to_string()), None),
-        }
-    }
-}
-
-impl Drop for AuditOnDrop<'_> {
-    fn drop(&mut self) {
-        if !self.done {
-            self.write(
-                "caller_left",
-                Some("the caller stopped waiting; the outcome goes to the VM's last_write".into()),
-                None,
-            );
-        }
-    }
-}
 
 /// The service every front end calls. See the module docs.
 #[derive(Debug)]
@@ -121,7 +72,7 @@ impl Service {
             vms,
             hotplug: Hotplug::new(
                 crate::hotplug::Settings::of(&config),
-                audit.clone(),
+                Arc::new(Trail(audit.clone())),
                 metrics.clone(),
                 journal,
             ),
@@ -133,29 +84,26 @@ impl Service {
         })
     }
 
-    /// The VMs.
-    pub fn vms(&self) -> &Arc<Vms> {
-        &self.vms
+    /// The security layer of front end `server` (`grpc`, `jsonrpc`, `metrics`): it
+    /// authenticates callers with the bridge's identities, counts refusals and, but for
+    /// metrics scrapes, audits them. An HTTP server adds its `Host`/`Origin` policy.
+    pub fn gatekeeper(&self, server: &'static str) -> Gatekeeper {
+        let keeper = Gatekeeper::new(server, self.auth.clone(), self.metrics.clone());
+        if server == "metrics" {
+            keeper
+        } else {
+            keeper.audited(self.audit.clone())
+        }
     }
 
-    /// The configuration the service runs with.
-    pub fn config(&self) -> &Config {
-        &self.config
+    /// How many VMs are served.
+    pub fn vm_count(&self) -> usize {
+        self.vms.len()
     }
 
-    /// The metrics it reports to.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
-    }
-
-    /// The audit trail.
-    pub fn audit(&self) -> &Arc<Audit> {
-        &self.audit
-    }
-
-    /// Authentication and grants.
-    pub fn auth(&self) -> &Arc<Auth> {
-        &self.auth
+    /// Has the audit trail reopen its file by its path (SIGHUP, after logrotate).
+    pub fn reopen_audit(&self) {
+        self.audit.reopen();
     }
 
     /// The VMs `caller` has a role on, with their state.
@@ -220,7 +168,7 @@ impl Service {
     /// in-flight slot; what it changes is audited as `restore`.
     pub async fn keep_memory(&self) {
         self.recover().await;
-        let wanted = match self.hotplug.journal().wanted() {
+        let wanted = match self.hotplug.journal().wanted::<Desired>() {
             Ok(w) => w,
             Err(e) => {
                 tracing::error!(error = %e, "cannot read the desired memory from the journal");
@@ -256,7 +204,9 @@ impl Service {
         }
     }
 
-    /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited.
+    /// Runs hotplug operation `op` on `vm`, for a caller with a write grant; audited
+    /// when it ends (also if the caller left before). A malformed `request_id` is
+    /// refused before anything else.
     pub async fn memory_hotplug(
         &self,
         caller: &Caller,
@@ -265,14 +215,22 @@ impl Service {
         request_id: Option<String>,
         deadline: Option<Instant>,
     ) -> Result<Done, BridgeError> {
+        if let Some(id) = &request_id {
+            check_request_id(id)?;
+        }
         self.authorize(caller, vm, op.method(), true, || {
             serde_json::to_value(&op).ok()
         })?;
         let _slot = self.in_flight_slot()?;
         let target = self.target(vm)?;
-        self.hotplug
-            .run(caller, target, op, request_id, deadline)
-            .await
+        let request = Request {
+            op,
+            request_id,
+            identity: caller.identity.as_ref().map(|i| i.name().to_string()),
+            deadline,
+        };
+        let report = audited::operation(self.audit.clone(), caller.clone());
+        self.hotplug.run(target, request, report).await
     }
 
     /// VM `vm` as hotplug sees it.

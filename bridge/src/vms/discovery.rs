@@ -26,7 +26,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-pub use crate::names::{proxmox_patterns, proxmox_vm, vm_name_for};
+use crate::names::{proxmox_vm, vm_name_for};
 
 /// A discovered VM: its agent socket and, for a Proxmox VM, its QMP socket and shared mode.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -418,6 +418,7 @@ fn list(paths: &BTreeSet<PathBuf>) -> String {
 
 #[cfg(test)]
 mod tests {
+    use crate::names::proxmox_patterns;
     use std::{
         io::Write,
         os::unix::net::UnixListener,

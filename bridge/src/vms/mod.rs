@@ -6,6 +6,9 @@
 //! the request-ids it remembers); one found at a new source is replaced. Sessions stop when
 //! removed and no call holds them.
 
+pub mod discovery;
+pub mod domains;
+
 use std::{
     collections::BTreeMap,
     sync::{Arc, RwLock},
@@ -14,16 +17,16 @@ use std::{
 use qga_wire::sync::{read, write};
 use tokio::sync::{oneshot, watch};
 
+use self::discovery::{DiscoveredVm, Discovery, Scan, scan};
 use crate::{
+    backend::Source,
     config::Config,
-    discovery::{DiscoveredVm, Discovery, Scan, proxmox_patterns, scan},
     error::BridgeError,
     hotplug::{self, memory::VmMemory},
     metrics::Metrics,
+    names::proxmox_patterns,
     session::{AgentSource, ParseBudget, Session, Settings, VmStatus},
 };
-
-pub use crate::discovery::vm_name_for;
 
 /// One VM: its agent session and, if it has one, its memory backend.
 #[derive(Debug)]
@@ -65,10 +68,10 @@ impl Vms {
                 path: socket.clone(),
                 shared,
             };
-            let memory = config
-                .qmp
-                .get(name)
-                .map(|qmp| VmMemory::qmp(&vms.hotplug, qmp, shared));
+            let memory = config.qmp.get(name).map(|qmp| {
+                let socket = qmp.clone();
+                VmMemory::open(&vms.hotplug, Source::Qmp { socket, shared })
+            });
             vms.put(name, agent, memory);
         }
         vms
@@ -120,10 +123,10 @@ impl Vms {
             path: found.qga.clone(),
             shared: found.shared,
         };
-        let memory = found
-            .qmp
-            .as_deref()
-            .map(|qmp| VmMemory::qmp(&self.hotplug, qmp, found.shared));
+        let memory = found.qmp.clone().map(|socket| {
+            let shared = found.shared;
+            VmMemory::open(&self.hotplug, Source::Qmp { socket, shared })
+        });
         self.put(name, agent, memory);
     }
 
@@ -163,7 +166,11 @@ impl Vms {
                 None => {}
             }
         }
-        let memory = VmMemory::libvirt(&self.hotplug, libvirt.clone(), dom.clone());
+        let source = Source::Libvirt {
+            libvirt: libvirt.clone(),
+            dom: dom.clone(),
+        };
+        let memory = VmMemory::open(&self.hotplug, source);
         self.put(name, agent, Some(memory));
         true
     }
@@ -212,7 +219,7 @@ impl Vms {
     }
 
     /// Rescans the discovery globs (and Proxmox's directory) until `shutdown` and applies
-    /// each scan (see [`crate::discovery`]): adds new sockets, drops vanished ones only
+    /// each scan (see [`crate::vms::discovery`]): adds new sockets, drops vanished ones only
     /// after a complete scan, withholds ambiguous names; configured VMs are never dropped.
     /// `loaded` is told after the first scan (dropped at once when nothing is discovered).
     pub async fn discover(

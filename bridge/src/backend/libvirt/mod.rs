@@ -38,11 +38,6 @@ impl LibvirtBackend {
         }
     }
 
-    /// The domain run it serves.
-    pub fn dom(&self) -> &Dom {
-        &self.dom
-    }
-
     /// The domain's memory now, from its live XML.
     async fn domain_memory(&self, until: Instant) -> Result<DomainMemory, BackendError> {
         let xml = self
