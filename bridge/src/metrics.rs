@@ -20,7 +20,7 @@ use crate::error::Outcome;
 use prometheus_client::{
     encoding::EncodeLabelSet,
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
-    registry::Registry,
+    registry::{Metric, Registry},
 };
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -74,90 +74,108 @@ pub struct Metrics {
     next_claim: AtomicU64,
 }
 
+/// The memory keeper's metrics, registered in `r`: blocks restored, blocks in the wrong
+/// zone, and the restore time.
+fn memory_metrics(
+    r: &mut Registry,
+) -> (
+    Family<VmLabels, Counter>,
+    Family<VmLabels, Gauge>,
+    Histogram,
+) {
+    let restored = add(
+        r,
+        "memory_restored_blocks",
+        "Blocks of DIMMs the bridge plugged that it found offline (a guest reboot) and onlined again",
+        Family::<VmLabels, Counter>::default(),
+    );
+    let wrong_zone = add(
+        r,
+        "memory_wrong_zone_blocks",
+        "Blocks of DIMMs the bridge plugged as movable that are online outside ZONE_MOVABLE",
+        Family::<VmLabels, Gauge>::default(),
+    );
+    let restore_time = add(
+        r,
+        "memory_restore_seconds",
+        "From the keeper's first pass that saw a VM's plugged memory not all online to all of it online",
+        latency_histogram(),
+    );
+    (restored, wrong_zone, restore_time)
+}
+
+/// Registers `metric` in `registry` as `name` with `help`; the metric, to keep.
+fn add<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
+}
+
 impl Metrics {
     /// A fresh registry with every family registered.
     pub fn new() -> Arc<Self> {
-        let mut registry = Registry::with_prefix("qga_bridge");
-        let calls = Family::<CallLabels, Counter>::default();
-        let latency = Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
-            latency_histogram,
-        );
-        let connected = Family::<VmLabels, Gauge>::default();
-        let resyncs = Family::<VmLabels, Counter>::default();
-        let stale = Family::<VmLabels, Counter>::default();
-        let coalesced = Family::<VmLabels, Counter>::default();
-        registry.register("calls", "Calls by VM, method and outcome", calls.clone());
-        registry.register(
-            "call_duration_seconds",
-            "Call latency by method",
-            latency.clone(),
-        );
-        registry.register(
-            "agent_connected",
-            "1 while the bridge holds a resynchronised channel to the VM's agent",
-            connected.clone(),
-        );
-        registry.register("resyncs", "Resync handshakes completed", resyncs.clone());
-        registry.register(
-            "stale_replies",
-            "Replies and bytes discarded because no waiting call asked for them",
-            stale.clone(),
-        );
-        registry.register(
-            "coalesced_calls",
-            "Calls served by another caller's identical in-flight read",
-            coalesced.clone(),
-        );
-        let late = Family::<VmLabels, Counter>::default();
-        registry.register(
-            "late_replies",
-            "Replies to state-changing calls that came after their caller stopped waiting",
-            late.clone(),
-        );
-        let refused = Family::<RefusedLabels, Counter>::default();
-        registry.register(
-            "refused",
-            "Connections and calls refused by a transport limit, by server and limit",
-            refused.clone(),
-        );
-        let audit_dropped = Counter::default();
-        registry.register(
-            "audit_dropped",
-            "Audit records dropped: the writer was behind or the file could not be written",
-            audit_dropped.clone(),
-        );
-        let restored = Family::<VmLabels, Counter>::default();
-        registry.register(
-            "memory_restored_blocks",
-            "Blocks of DIMMs the bridge plugged that it found offline (a guest reboot) and onlined again",
-            restored.clone(),
-        );
-        let wrong_zone = Family::<VmLabels, Gauge>::default();
-        registry.register(
-            "memory_wrong_zone_blocks",
-            "Blocks of DIMMs the bridge plugged as movable that are online outside ZONE_MOVABLE",
-            wrong_zone.clone(),
-        );
-        let restore_time = latency_histogram();
-        registry.register(
-            "memory_restore_seconds",
-            "From the keeper's first pass that saw a VM's plugged memory not all online to all of it online",
-            restore_time.clone(),
-        );
+        let mut r = Registry::with_prefix("qga_bridge");
+        let (restored, wrong_zone, restore_time) = memory_metrics(&mut r);
         Arc::new(Self {
-            registry,
+            calls: add(
+                &mut r,
+                "calls",
+                "Calls by VM, method and outcome",
+                Family::<CallLabels, Counter>::default(),
+            ),
+            latency: add(
+                &mut r,
+                "call_duration_seconds",
+                "Call latency by method",
+                Family::<MethodLabels, Histogram, fn() -> Histogram>::new_with_constructor(
+                    latency_histogram,
+                ),
+            ),
+            connected: add(
+                &mut r,
+                "agent_connected",
+                "1 while the bridge holds a resynchronised channel to the VM's agent",
+                Family::<VmLabels, Gauge>::default(),
+            ),
+            resyncs: add(
+                &mut r,
+                "resyncs",
+                "Resync handshakes completed",
+                Family::<VmLabels, Counter>::default(),
+            ),
+            stale: add(
+                &mut r,
+                "stale_replies",
+                "Replies and bytes discarded because no waiting call asked for them",
+                Family::<VmLabels, Counter>::default(),
+            ),
+            coalesced: add(
+                &mut r,
+                "coalesced_calls",
+                "Calls served by another caller's identical in-flight read",
+                Family::<VmLabels, Counter>::default(),
+            ),
+            late: add(
+                &mut r,
+                "late_replies",
+                "Replies to state-changing calls that came after their caller stopped waiting",
+                Family::<VmLabels, Counter>::default(),
+            ),
+            refused: add(
+                &mut r,
+                "refused",
+                "Connections and calls refused by a transport limit, by server and limit",
+                Family::<RefusedLabels, Counter>::default(),
+            ),
+            audit_dropped: add(
+                &mut r,
+                "audit_dropped",
+                "Audit records dropped: the writer was behind or the file could not be written",
+                Counter::default(),
+            ),
             restored,
             wrong_zone,
             restore_time,
-            calls,
-            latency,
-            connected,
-            resyncs,
-            stale,
-            coalesced,
-            late,
-            refused,
-            audit_dropped,
+            registry: r,
             owners: Mutex::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
         })

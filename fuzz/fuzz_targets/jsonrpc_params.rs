@@ -20,7 +20,7 @@ use libfuzzer_sys::fuzz_target;
 use qga_bridge::{
     BridgeError,
     call::{Call, NAMES},
-    jsonrpc::{self, MAX_TIMEOUT_MS},
+    api::jsonrpc::{self, MAX_TIMEOUT_MS},
 };
 use qga_wire::strict;
 

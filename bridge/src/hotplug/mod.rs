@@ -220,6 +220,17 @@ impl Ticket<'_> {
             elapsed: self.start.elapsed(),
         });
     }
+
+    /// Reports `result` (see [`Ticket::tell`]) and returns it: the answer.
+    fn answer(
+        &self,
+        report: Report,
+        result: Result<Done, BridgeError>,
+        replayed: bool,
+    ) -> Result<Done, BridgeError> {
+        self.tell(report, &result, replayed);
+        result
+    }
 }
 
 impl Hotplug {
@@ -245,6 +256,13 @@ impl Hotplug {
         &self.journal
     }
 
+    /// When an operation asked for now with `deadline` must end: by the caller's
+    /// deadline or the operation's own timeout (`hotplug.timeout_ms`), the earlier.
+    fn until(&self, deadline: Option<Instant>) -> Instant {
+        let own = Instant::now() + Duration::from_millis(self.settings.hotplug.timeout_ms);
+        deadline.map_or(own, |d| d.min(own))
+    }
+
     fn ctx(
         &self,
         vm: &str,
@@ -252,7 +270,6 @@ impl Hotplug {
         session: Arc<Session>,
         deadline: Option<Instant>,
     ) -> Ctx {
-        let own = Instant::now() + Duration::from_millis(self.settings.hotplug.timeout_ms);
         Ctx {
             vm: vm.to_string(),
             session,
@@ -266,7 +283,7 @@ impl Hotplug {
                 s
             },
             max_set_entries: self.settings.max_set_entries,
-            deadline: deadline.map_or(own, |d| d.min(own)),
+            deadline: self.until(deadline),
             steps: Vec::new(),
             warnings: Vec::new(),
         }
@@ -313,10 +330,8 @@ impl Hotplug {
             key: key.as_ref(),
             start,
         };
-        // The whole call, waiting for the VM included, ends by the caller's deadline or
-        // the operation's own timeout.
-        let own = Instant::now() + Duration::from_millis(self.settings.hotplug.timeout_ms);
-        let until = deadline.map_or(own, |d| d.min(own));
+        // The whole call, waiting for the VM included, ends by then.
+        let until = self.until(deadline);
         let admitted = match &target.memory {
             Some(m) => m
                 .admit(vm, &op, key.as_ref(), &self.journal, until)
@@ -326,34 +341,16 @@ impl Hotplug {
         };
         let (guard, memory) = match admitted {
             Ok((Admitted::Run(guard), memory)) => (guard, memory),
-            Ok((Admitted::Replay(result), _)) => {
-                ticket.tell(report, &result, true);
-                return result;
-            }
+            Ok((Admitted::Replay(result), _)) => return ticket.answer(report, result, true),
             Ok((Admitted::Recover(held), memory)) => {
-                let raw = key.as_ref().map(|k| Journal::raw_key(vm, k));
-                let result = match self
-                    .recover_now(vm, memory, target.session, held, until)
-                    .await
-                {
-                    Ok(outcomes) => {
-                        match outcomes.into_iter().find(|(r, _)| Some(r) == raw.as_ref()) {
-                            Some((_, stored)) => stored.result(vm),
-                            None => memory::after_recovery(vm, &op, key.as_ref(), &self.journal),
-                        }
-                    }
-                    Err(e) => Err(e),
-                };
+                let result = self
+                    .recovered(&ticket, memory, target.session, held, until)
+                    .await;
                 // Answered from the recovered outcome, unless recovery could not finish.
                 let replayed = !matches!(result, Err(BridgeError::Aborted(_)));
-                ticket.tell(report, &result, replayed);
-                return result;
+                return ticket.answer(report, result, replayed);
             }
-            Err(e) => {
-                let result = Err(e);
-                ticket.tell(report, &result, false);
-                return result;
-            }
+            Err(e) => return ticket.answer(report, Err(e), false),
         };
         // Every operation's intent is durable before it acts (in its task: see `spawn`);
         // one without a request-id under a key of the bridge's own, forgotten when it ends.
@@ -375,6 +372,25 @@ impl Hotplug {
                 blocks: Vec::new(),
             })
         })
+    }
+
+    /// The answer to a retry of an operation a stopped bridge left unfinished: the VM is
+    /// recovered now, while `held`, and the retry gets the outcome recorded for its
+    /// request-id.
+    async fn recovered(
+        &self,
+        t: &Ticket<'_>,
+        memory: Arc<VmMemory>,
+        session: Arc<Session>,
+        held: Held,
+        until: Instant,
+    ) -> Result<Done, BridgeError> {
+        let raw = t.key.map(|k| Journal::raw_key(t.vm, k));
+        let outcomes = self.recover_now(t.vm, memory, session, held, until).await?;
+        match outcomes.into_iter().find(|(r, _)| Some(r) == raw.as_ref()) {
+            Some((_, stored)) => stored.result(t.vm),
+            None => memory::after_recovery(t.vm, t.op, t.key, &self.journal),
+        }
     }
 
     /// Runs an admitted operation in a task of its own, so that it runs to its end even

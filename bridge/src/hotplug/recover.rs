@@ -374,21 +374,7 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
              onlined that memory: memory-layout shows the VM",
             entry.method,
             ctx.vm,
-            found
-                .virtio_mem
-                .iter()
-                .map(|d| {
-                    let was = match found.withdrawn.iter().find(|w| w.id == d.id) {
-                        Some(w) => format!(" (its request for {} withdrawn)", w.requested),
-                        None => String::new(),
-                    };
-                    format!(
-                        "virtio-mem device '{}' at {} bytes{was}",
-                        d.id, d.requested_size
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ")
+            virtio_mem_left(found)
         )),
         _ => interrupted(format!(
             "the bridge stopped during this {}; the next one kept the DIMMs VM '{}' has \
@@ -398,6 +384,26 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
             found.adopted.len()
         )),
     }
+}
+
+/// The virtio-mem devices recovery left, each at its size and with the request it
+/// withdrew, for a person reading the answer.
+fn virtio_mem_left(found: &Found) -> String {
+    found
+        .virtio_mem
+        .iter()
+        .map(|d| {
+            let was = match found.withdrawn.iter().find(|w| w.id == d.id) {
+                Some(w) => format!(" (its request for {} withdrawn)", w.requested),
+                None => String::new(),
+            };
+            format!(
+                "virtio-mem device '{}' at {} bytes{was}",
+                d.id, d.requested_size
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// DIMM `id`, gone from the VM, as the desired memory knew it: where it was, how big.
