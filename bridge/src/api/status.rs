@@ -124,4 +124,93 @@ mod tests {
             (Code::DeadlineExceeded, code::DEADLINE_EXCEEDED)
         );
     }
+
+    /// `InvalidArgument` as the gRPC spec and `docs/errors.md` write it.
+    fn screaming(code: Code) -> String {
+        let mut out = String::new();
+        for (i, c) in format!("{code:?}").chars().enumerate() {
+            if c.is_uppercase() && i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_uppercase());
+        }
+        out
+    }
+
+    /// One error of every kind the table tells apart.
+    fn every_kind() -> Vec<BridgeError> {
+        let vm = || "vm1".to_string();
+        let why = || "why".to_string();
+        vec![
+            BridgeError::InvalidRequest(why()),
+            BridgeError::VmNotFound(vm()),
+            BridgeError::Unavailable {
+                vm: vm(),
+                reason: why(),
+            },
+            BridgeError::deadline("vm1", "guest-ping"),
+            BridgeError::Waited {
+                vm: vm(),
+                reason: why(),
+            },
+            BridgeError::QueueFull(vm()),
+            BridgeError::Busy {
+                vm: vm(),
+                reason: why(),
+            },
+            BridgeError::Overloaded(why()),
+            BridgeError::Agent(QgaError::command_not_found(
+                "The command x has not been found",
+            )),
+            BridgeError::Agent(QgaError::generic("Parameter 'mem-blks' is missing")),
+            BridgeError::Agent(QgaError::generic("failed")),
+            BridgeError::BadReply {
+                vm: vm(),
+                reason: why(),
+            },
+            BridgeError::PermissionDenied(why()),
+            BridgeError::Hotplug {
+                vm: vm(),
+                step: "online".into(),
+                reason: why(),
+                blocks: vec![],
+            },
+            BridgeError::DimmNotFound {
+                vm: vm(),
+                dimm: "d".into(),
+            },
+            BridgeError::Aborted(why()),
+        ]
+    }
+
+    #[test]
+    fn the_users_error_table_says_what_the_code_does() {
+        let doc = include_str!("../../../docs/errors.md");
+        let rows: Vec<Vec<String>> = doc
+            .lines()
+            .filter(|l| l.starts_with('|'))
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().trim_matches('`').to_string())
+                    .collect()
+            })
+            .collect();
+        for e in every_kind() {
+            let (grpc, rpc) = codes(&e);
+            let want = [
+                screaming(grpc),
+                rpc.to_string(),
+                e.outcome().as_str().to_string(),
+            ];
+            let found = rows.iter().any(|r| r.len() > 4 && r[2..5] == want);
+            assert!(found, "docs/errors.md has no row {want:?} for {e:?}");
+        }
+        let unauthenticated = BridgeError::Unauthenticated("no identity".into());
+        let grpc = screaming(codes(&unauthenticated).0);
+        assert!(
+            rows.iter()
+                .any(|r| r.len() > 4 && r[2] == grpc && r[4] == "unauthenticated"),
+            "docs/errors.md has no row for {grpc}"
+        );
+    }
 }
