@@ -21,7 +21,7 @@
 //! [`Bridge::start`] runs everything on the current tokio runtime.
 
 pub mod api;
-pub mod backend;
+mod backend;
 pub mod call;
 pub mod config;
 pub mod error;
@@ -29,12 +29,12 @@ pub mod fault;
 pub mod hotplug;
 pub mod journal;
 pub mod metrics;
-pub mod names;
-pub mod net;
-pub mod peer;
-pub mod policy;
-pub mod service;
-pub mod session;
+mod names;
+mod net;
+mod peer;
+mod policy;
+mod service;
+mod session;
 pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -52,8 +52,8 @@ use vms::domains;
 pub use config::Config;
 pub use error::BridgeError;
 pub use metrics::Metrics;
-pub use service::Service;
-pub use vms::Vms;
+use service::Service;
+use vms::Vms;
 
 /// How long start waits for the first discovery scan and libvirt listing.
 const FIRST_LOAD: Duration = Duration::from_secs(10);
@@ -324,9 +324,9 @@ impl Bridge {
         })
     }
 
-    /// The service the front ends call.
-    pub fn service(&self) -> &Arc<Service> {
-        &self.service
+    /// How many VMs it serves.
+    pub fn vm_count(&self) -> usize {
+        self.service.vm_count()
     }
 
     /// The metrics.

@@ -72,5 +72,5 @@ async fn main() -> anyhow::Result<()> {
 
 /// The `STATUS=` line systemd shows: how many VMs are served.
 fn serving_status(bridge: &Bridge) -> String {
-    format!("serving {} VMs", bridge.service().vm_count())
+    format!("serving {} VMs", bridge.vm_count())
 }

@@ -145,11 +145,6 @@ pub struct GuestView {
 }
 
 impl GuestView {
-    /// The guest kernel's `auto_online_blocks`, when the agent reports it.
-    pub fn auto_online_blocks(&self) -> Option<&str> {
-        self.zones.as_ref()?.auto_online_blocks.as_deref()
-    }
-
     /// The view from `guest-get-memory-blocks` and, where offered, the zone extension.
     pub fn new(blocks: &[GuestMemoryBlock], zones: Option<GuestMemoryZones>) -> Self {
         let mut index: BlockIndex = blocks

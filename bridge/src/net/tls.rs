@@ -61,11 +61,6 @@ impl Tls {
         }))
     }
 
-    /// Whether clients must present a certificate.
-    pub fn mutual(&self) -> bool {
-        self.files.client_ca.is_some()
-    }
-
     /// Reads the files again; on success new connections get the new certificates, on
     /// failure the old ones stay and the error says why.
     pub fn reload(&self) -> Result<(), TlsError> {

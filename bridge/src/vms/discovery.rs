@@ -236,6 +236,7 @@ impl Discovery {
     }
 
     /// Names withheld because two or more sockets map to them, with those sockets.
+    #[cfg(test)]
     pub fn collisions(&self) -> &BTreeMap<String, BTreeSet<PathBuf>> {
         &self.collisions
     }
