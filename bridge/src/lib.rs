@@ -246,11 +246,11 @@ async fn keep_memory(service: Arc<Service>, every: Duration, mut shutdown: watch
 }
 
 /// The journal's bounds from `config`.
-fn journal_limits(config: &Config) -> journal::Limits {
-    journal::Limits {
+fn journal_limits(config: &Config) -> journal::Retention {
+    journal::Retention {
         per_vm: config.hotplug.max_request_ids,
         ttl: Duration::from_secs(config.hotplug.request_id_ttl_s),
-        max_entries: journal::Limits::MAX_ENTRIES,
+        max_entries: journal::Retention::MAX_ENTRIES,
     }
 }
 

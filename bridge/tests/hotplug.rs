@@ -261,7 +261,7 @@ async fn one_operation_per_vm_the_second_is_aborted() {
 
 /// The journal in state directory `state`, as a bridge that stopped left it.
 fn journal_at(state: &Path) -> qga_bridge::journal::Journal {
-    let limits = qga_bridge::journal::Limits {
+    let limits = qga_bridge::journal::Retention {
         per_vm: 8,
         ttl: Duration::from_secs(3600),
         max_entries: 64,

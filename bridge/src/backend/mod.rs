@@ -170,7 +170,7 @@ pub struct MemorySize {
 
 /// How much memory a VM may be given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct Room {
     /// DIMM slots in all.
     pub slots: u64,
     /// The most memory the VM may have, bytes, when known.
@@ -327,7 +327,7 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
 
     /// Slots and maximum memory; `None` where the hypervisor does not tell them (QEMU
     /// before 7.1, which refuses a DIMM too many at `device_add` instead).
-    async fn limits(&self, until: Instant) -> Result<Option<Limits>, BackendError>;
+    async fn room(&self, until: Instant) -> Result<Option<Room>, BackendError>;
 
     /// Memory backends this bridge made that no DIMM in `dimms` uses: left by a DIMM the
     /// guest ejected after its unplug had given up.

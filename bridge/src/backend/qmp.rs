@@ -10,8 +10,8 @@ use qga_wire::backoff::Backoff;
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{
-    Added, BackendError, Bounds, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
-    MemorySize, NewDimm, NotAdded, Step, Timeouts, VirtioMemDevice,
+    Added, BackendError, Bounds, Deleted, DimmDevice, EjectWatch, Ejection, MemoryBackend,
+    MemorySize, NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
 };
 
 /// Prefix of the memory backends this bridge makes.
@@ -154,13 +154,13 @@ impl MemoryBackend for QmpBackend {
         })
     }
 
-    async fn limits(&self, until: Instant) -> Result<Option<Limits>, BackendError> {
+    async fn room(&self, until: Instant) -> Result<Option<Room>, BackendError> {
         match self
             .qmp
             .query_memory_config(self.timeouts.command_until(until))
             .await
         {
-            Ok(c) => Ok(Some(Limits {
+            Ok(c) => Ok(Some(Room {
                 slots: c.slots.unwrap_or_default(),
                 max: c.max_size,
                 boot: c.size,

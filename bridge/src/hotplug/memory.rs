@@ -237,7 +237,7 @@ mod tests {
     }
 
     fn journal(dir: &Path) -> Journal {
-        let limits = crate::journal::Limits {
+        let limits = crate::journal::Retention {
             per_vm: 8,
             ttl: Duration::from_secs(3600),
             max_entries: 64,

@@ -205,7 +205,7 @@ async fn undo_all(
 /// Refuses DIMMs of `sizes` that the VM has no slots or no room (maximum memory) for,
 /// where the hypervisor tells its limits.
 async fn check_room(ctx: &Ctx, dimms: &[DimmDevice], sizes: &[u64]) -> Result<(), BridgeError> {
-    let limits = ctx.backend.limits(ctx.deadline).await;
+    let limits = ctx.backend.room(ctx.deadline).await;
     let Some(limits) = limits.map_err(|e| ctx.backend_error(e))? else {
         return Ok(());
     };

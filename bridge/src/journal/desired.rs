@@ -67,12 +67,12 @@ mod tests {
     use serde_json::{Value, json};
 
     use super::*;
-    use crate::journal::Limits;
+    use crate::journal::Retention;
 
     #[tokio::test]
     async fn desired_devices_are_kept_per_vm_across_reopening() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let limits = Limits {
+        let limits = Retention {
             per_vm: 8,
             ttl: std::time::Duration::from_secs(60),
             max_entries: 64,

@@ -20,7 +20,7 @@
 //! the online type of their blocks, which the bridge re-applies after a guest reboot.
 //!
 //! Bounds: per VM at most `hotplug.max_request_ids` entries (oldest dropped first), none
-//! older than `hotplug.request_id_ttl_s`, and at most [`Limits::max_entries`] in all.
+//! older than `hotplug.request_id_ttl_s`, and at most [`Retention::max_entries`] in all.
 
 use std::{
     collections::HashSet,
@@ -103,7 +103,7 @@ pub enum JournalError {
 
 /// The journal's bounds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub struct Retention {
     /// Entries kept per VM (`hotplug.max_request_ids`).
     pub per_vm: usize,
     /// Entries older than this are dropped (`hotplug.request_id_ttl_s`).
@@ -112,7 +112,7 @@ pub struct Limits {
     pub max_entries: usize,
 }
 
-impl Limits {
+impl Retention {
     /// Entries in all: enough for 64 VMs' full request-id history at the default
     /// bound, a few MiB of store.
     pub const MAX_ENTRIES: usize = 16_384;
@@ -154,7 +154,7 @@ pub struct Journal {
 struct Inner {
     db: Database,
     path: PathBuf,
-    limits: Limits,
+    limits: Retention,
     /// Keys of the operations running in this process.
     live: Mutex<HashSet<String>>,
     /// Interrupted operations not yet recovered: raw key and entry.
@@ -227,7 +227,7 @@ fn take_lock(dir: &Path) -> Result<File, JournalError> {
 impl Journal {
     /// Opens (creating if need be) the journal in state directory `dir`, taking its lock,
     /// checking every entry reads back and marking entries left running as interrupted.
-    pub fn open(dir: &Path, limits: Limits) -> Result<Self, JournalError> {
+    pub fn open(dir: &Path, limits: Retention) -> Result<Self, JournalError> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -545,8 +545,8 @@ mod tests {
 
     use super::*;
 
-    fn limits(per_vm: usize, max_entries: usize) -> Limits {
-        Limits {
+    fn limits(per_vm: usize, max_entries: usize) -> Retention {
+        Retention {
             per_vm,
             ttl: Duration::from_secs(3600),
             max_entries,

@@ -16,8 +16,8 @@ use tokio::{sync::broadcast, time::Instant};
 
 use self::xml::{DomainMemory, MAX_XML_BYTES};
 use super::{
-    Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, Limits, MemoryBackend,
-    MemorySize, NewDimm, NotAdded, Step, Timeouts, VirtioMemDevice,
+    Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, MemoryBackend, MemorySize,
+    NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
 };
 
 /// One run of a libvirt domain, through the bridge's libvirt connection.
@@ -172,7 +172,7 @@ impl MemoryBackend for LibvirtBackend {
         })
     }
 
-    async fn limits(&self, until: Instant) -> Result<Option<Limits>, BackendError> {
+    async fn room(&self, until: Instant) -> Result<Option<Room>, BackendError> {
         let m = self.domain_memory(until).await?;
         let Some(slots) = m.slots else {
             return Err(BackendError::Refused {
@@ -182,7 +182,7 @@ impl MemoryBackend for LibvirtBackend {
                     .into(),
             });
         };
-        Ok(Some(Limits {
+        Ok(Some(Room {
             slots,
             max: m.max,
             boot: Some(m.boot),
