@@ -2,59 +2,34 @@
 //! QEMU's end of the connection and asserts what callers get and what QEMU sees.
 
 use std::{
-    io,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
+        atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
 };
 
 use futures::StreamExt;
+use qga_testkit::{PipeEnds, Pipes};
 use qga_wire::{Frame, QgaCodec};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf},
-    sync::{broadcast, mpsc},
+    sync::broadcast,
     task::JoinHandle,
     time::Instant,
 };
 use tokio_util::codec::FramedRead;
 
 use crate::{
-    Connector, Event, Qmp, QmpError, QmpLimits, QmpState, conn::Incoming, conn::classify,
+    Event, Qmp, QmpError, QmpLimits, QmpState, conn::Incoming, conn::classify,
     memory::MemoryDevice, wait_for_event,
 };
-
-/// Hands the client one end of a fresh pipe per connection, the test the other.
-struct Pipes {
-    qemus: mpsc::UnboundedSender<DuplexStream>,
-    refuse: Arc<AtomicBool>,
-    connects: Arc<AtomicUsize>,
-}
-
-impl Connector for Pipes {
-    type Stream = DuplexStream;
-
-    async fn connect(&self) -> io::Result<DuplexStream> {
-        self.connects.fetch_add(1, Ordering::SeqCst);
-        if self.refuse.load(Ordering::SeqCst) {
-            return Err(io::ErrorKind::ConnectionRefused.into());
-        }
-        let (ours, theirs) = tokio::io::duplex(64 * 1024);
-        self.qemus
-            .send(theirs)
-            .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
-        Ok(ours)
-    }
-}
 
 /// A client under test and the means to play its QEMU.
 struct Rig {
     qmp: Qmp,
-    qemus: mpsc::UnboundedReceiver<DuplexStream>,
-    refuse: Arc<AtomicBool>,
-    connects: Arc<AtomicUsize>,
+    qemus: PipeEnds,
 }
 
 impl Rig {
@@ -63,26 +38,14 @@ impl Rig {
     }
 
     fn with(limits: QmpLimits) -> Self {
-        let (tx, qemus) = mpsc::unbounded_channel();
-        let refuse = Arc::new(AtomicBool::new(false));
-        let connects = Arc::new(AtomicUsize::new(0));
-        let pipes = Pipes {
-            qemus: tx,
-            refuse: refuse.clone(),
-            connects: connects.clone(),
-        };
+        let (pipes, qemus) = Pipes::new(64 * 1024);
         let qmp = Qmp::with_connector("/test/qmp.sock".into(), pipes, limits);
-        Self {
-            qmp,
-            qemus,
-            refuse,
-            connects,
-        }
+        Self { qmp, qemus }
     }
 
     /// The QEMU end of the next connection the client opens.
     async fn accept(&mut self) -> FakeQemu {
-        let stream = self.qemus.recv().await.expect("the client connects");
+        let stream = self.qemus.accept().await.expect("the client connects");
         let (read, write) = tokio::io::split(stream);
         FakeQemu {
             frames: FramedRead::new(read, QgaCodec::default()),
@@ -114,7 +77,7 @@ impl Rig {
     }
 
     fn connects(&self) -> usize {
-        self.connects.load(Ordering::SeqCst)
+        self.qemus.connects()
     }
 }
 
@@ -515,7 +478,7 @@ async fn backoff_doubles_up_to_its_cap_and_resets_on_success() {
         max_backoff: Duration::from_millis(300),
         ..QmpLimits::default()
     });
-    rig.refuse.store(true, Ordering::SeqCst);
+    rig.qemus.refuse(true);
     let mut waits = Vec::new();
     for _ in 0..4 {
         let err = join(rig.spawn("x", Value::Null, 5))
@@ -533,7 +496,7 @@ async fn backoff_doubles_up_to_its_cap_and_resets_on_success() {
         tokio::time::sleep(wait).await;
     }
     assert_eq!(waits, [100, 200, 300, 300]);
-    rig.refuse.store(false, Ordering::SeqCst);
+    rig.qemus.refuse(false);
     let call = rig.spawn("x", Value::Null, 5);
     let mut qemu = rig.accept_ready().await;
     let (id, _) = qemu.expect("x").await;
@@ -541,7 +504,7 @@ async fn backoff_doubles_up_to_its_cap_and_resets_on_success() {
     assert_eq!(join(call).await, Ok(json!(1)));
     drop(qemu);
     tokio::time::sleep(Duration::from_millis(10)).await;
-    rig.refuse.store(true, Ordering::SeqCst);
+    rig.qemus.refuse(true);
     let _ = join(rig.spawn("x", Value::Null, 5)).await;
     assert!(matches!(rig.qmp.state(),
         QmpState::Disconnected { retry_in: Some(w), .. } if w == Duration::from_millis(100)));

@@ -6,15 +6,19 @@
 //! - [`QgaClient`]: a blocking QGA client over a unix socket, using the real codec.
 //! - [`BridgeProcess`]: the `qga-bridge` binary on free loopback ports.
 //! - [`bin_path`]: where a workspace binary is, building it if needed.
+//! - [`Pipes`]: in-memory connections for a client under test (the QMP client, the
+//!   bridge's sessions), with [`PipeEnds`] the test's side of them.
 
 mod agent;
 mod bridge;
 mod certs;
 mod client;
+mod pipes;
 mod sysfs;
 
 pub use agent::{AgentKind, AgentProcess, bin_path};
 pub use bridge::BridgeProcess;
 pub use certs::Certs;
 pub use client::QgaClient;
+pub use pipes::{PipeEnds, Pipes};
 pub use sysfs::{FakeSysfs, Node};

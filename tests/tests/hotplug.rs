@@ -11,13 +11,15 @@
 use std::{fmt::Display, ops::ControlFlow, path::Path, sync::Arc, time::Duration, time::Instant};
 
 use qga_e2e::{
-    bridge::{BridgeProcess, Clients},
-    guest::{Guest, GuestConfig},
+    bridge::{BridgeProcess, Clients, RpcError},
+    guest::{Guest, GuestConfig, MemoryDevice},
     image,
     scenario::{self, DIMM_BYTES, GIB, Timings},
     wait::PATIENCE,
 };
-use qga_proto::v1::{BlockState, GetLayoutRequest, MemoryLayout, ResizeRequest, UnplugRequest};
+use qga_proto::v1::{
+    BlockState, GetLayoutRequest, MemoryLayout, ResizeRequest, ResizeResponse, UnplugRequest,
+};
 use serde_json::{Value, json};
 
 /// MemTotal of a DIMM, in KiB.
@@ -155,6 +157,101 @@ fn check_movable_dimm(guest: &Guest, dimm: &Value, block_size: u64) {
     });
 }
 
+/// A JSON string as an owned `String` (empty when it is not one).
+fn text(v: &Value) -> String {
+    v.as_str().unwrap_or_default().to_string()
+}
+
+/// Checks that MemTotal is `want_kib` now, `when` naming the moment.
+fn mem_total_is(guest: &Guest, want_kib: u64, when: &str) {
+    let now = mem_total(guest);
+    check(guest, now == want_kib, || {
+        format!("MemTotal {when} is {now} KiB, expected {want_kib} KiB")
+    });
+}
+
+/// QEMU's DIMMs (`query-memory-devices`, through the test's own QMP socket).
+fn memory_devices(guest: &Guest) -> Vec<MemoryDevice> {
+    ok(
+        guest,
+        "query-memory-devices",
+        guest.control().memory_devices(),
+    )
+}
+
+/// QEMU's memory backends (`query-memdev`, through the test's own QMP socket).
+fn memdev_ids(guest: &Guest) -> Vec<String> {
+    ok(guest, "query-memdev", guest.control().memdev_ids())
+}
+
+/// The error a call must have answered; else the test fails with `what`, saying that the
+/// call went through and what that means (`meaning`).
+fn refused(guest: &Guest, what: &str, r: Result<Value, RpcError>, meaning: &str) -> RpcError {
+    match r {
+        Err(e) => e,
+        Ok(v) => fail(guest, what, format!("{meaning}: {v}")),
+    }
+}
+
+/// `memory-plug` with `params` through JSON-RPC (`what`), until MemTotal is a DIMM over
+/// `start_kib`; the answer, its steps printed. `t` gets the call's time and the time to
+/// usable memory.
+async fn plug_until_usable(
+    guest: &Guest,
+    c: &Clients,
+    what: &str,
+    params: Value,
+    start_kib: u64,
+    t: &mut Timings,
+) -> Value {
+    let since = Instant::now();
+    let plugged = ok(guest, what, scenario::call(c, "memory-plug", params).await);
+    t.record(&format!("{what}: call"), since.elapsed());
+    scenario::print_steps(what, &plugged);
+    mem_total_becomes(
+        guest,
+        start_kib + DIMM_KIB,
+        "MemTotal +512 MiB after memory-plug",
+    )
+    .await;
+    t.record(&format!("{what}: to usable"), since.elapsed());
+    plugged
+}
+
+/// Checks that the layout has one DIMM (`what` says which), all of it online in
+/// ZONE_MOVABLE ([`check_movable_dimm`]); its id.
+async fn one_movable_dimm(guest: &Guest, c: &Clients, block_size: u64, what: &str) -> String {
+    let l = layout(guest, c).await;
+    let dimms = scenario::layout_dimms(&l);
+    check(guest, dimms.len() == 1, || format!("{what}: {l}"));
+    check_movable_dimm(guest, &dimms[0], block_size);
+    text(&dimms[0]["id"])
+}
+
+/// A retry of `method` with the same `params` (and request-id) answers what the first
+/// outcome after `step` was.
+async fn retry_answers_the_same(
+    guest: &Guest,
+    c: &Clients,
+    method: &str,
+    params: &Value,
+    first: &Result<Value, RpcError>,
+    step: &str,
+) {
+    let again = c.rpc_full(method, params.clone()).await;
+    check(guest, format!("{again:?}") == format!("{first:?}"), || {
+        format!("the retry after {step} answers the same: {again:?} vs {first:?}")
+    });
+}
+
+/// Prints the phases' timings (printed, not asserted).
+fn print_timings(t: &Timings) {
+    eprintln!("e2e: timings (printed, not asserted):");
+    for (phase, d) in &t.0 {
+        eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plug_unplug_and_resize_through_the_bridge() {
     // This guest is rebooted below: QEMU must boot it again rather than exit.
@@ -164,66 +261,105 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     });
     let state = tempfile::tempdir().expect("state directory");
     let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-    let g = guest.control();
     let mut t = Timings::default();
     t.record("boot to running agent", guest.boot_time);
     let start_kib = mem_total(&guest);
+    let (block_size, boot_bytes) = layout_at_boot(&guest, &c).await;
 
-    let before = layout(&guest, &c).await;
+    // Plug 512 MiB over JSON-RPC, with a request-id, and the same plug again.
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": "e2e-plug-1"});
+    let dimm = plug_movable(&guest, &c, &plug, start_kib, block_size, &mut t).await;
+    dimm_in_layout_and_qemu(&guest, &c, &dimm, block_size).await;
+    let again = retried_plug_plugs_once(&guest, &c, &plug, &dimm.id, start_kib, &mut t).await;
+
+    // The bridge is killed (SIGKILL: a crash) and started again on its state directory:
+    // the retry still answers the first plug, and nothing is plugged twice.
+    drop(c);
+    drop(bridge);
+    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+    retry_after_a_restart_answers_the_first_plug(&guest, &c, &plug, &again, &dimm.id, start_kib)
+        .await;
+
+    // The guest reboots: QEMU keeps the DIMM, the new kernel finds its blocks offline,
+    // and the bridge onlines them again, movable, as the journal records them.
+    let start_kib = reboot_until_restored(&guest, &c, start_kib, DIMM_KIB, &mut t).await;
+    one_movable_dimm(&guest, &c, block_size, "the DIMM after the reboot").await;
+
+    unplug_over_grpc(&guest, &c, &dimm, start_kib, &mut t).await;
+    resize_up_over_grpc(&guest, &c, boot_bytes, start_kib, &mut t).await;
+    resize_down_over_grpc_while_listing(&guest, &c, boot_bytes, start_kib, &mut t).await;
+
+    // The compose run's hotplug phase, on this guest too.
+    let r = scenario::bridge_hotplug_cycle(&c, "vm1", &guest.control(), &mut t).await;
+    ok(
+        &guest,
+        "the compose hotplug phase",
+        r.map_err(|e| format!("{e:#}")),
+    );
+
+    // And as an operator does it: qgactl plugs 512 MiB, shows it, and unplugs it.
+    qgactl_cycle(&guest, &bridge.grpc_url(), start_kib).await;
+    print_timings(&t);
+}
+
+/// A DIMM the bridge plugged, as its answer names it.
+struct Dimm {
+    /// The device's id (`qga-dimmN`).
+    id: String,
+    /// Its memory backend's id (`qga-memN`).
+    memdev: String,
+}
+
+/// The layout at boot: no DIMM, zones known (our agent), 512 MiB of boot memory. The
+/// guest's block size and boot bytes.
+async fn layout_at_boot(guest: &Guest, c: &Clients) -> (u64, u64) {
+    let before = layout(guest, c).await;
     eprintln!("e2e: layout before: {before}");
-    check(&guest, scenario::layout_dimms(&before).is_empty(), || {
+    check(guest, scenario::layout_dimms(&before).is_empty(), || {
         format!("no DIMM at boot: {before}")
     });
-    check(&guest, before["zones-known"] == true, || {
+    check(guest, before["zones-known"] == true, || {
         format!("our agent reports zones: {before}")
     });
     let block_size = before["block-size"].as_u64().unwrap_or_default();
     let boot_bytes = before["boot-bytes"].as_u64().unwrap_or_default();
-    check(&guest, block_size > 0 && boot_bytes == 512 << 20, || {
+    check(guest, block_size > 0 && boot_bytes == 512 << 20, || {
         format!("block size and 512 MiB boot memory in the layout: {before}")
     });
+    (block_size, boot_bytes)
+}
 
-    // Plug 512 MiB over JSON-RPC, with a request-id.
-    let plug = json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": "e2e-plug-1"});
-    let since = Instant::now();
-    let plugged = ok(
-        &guest,
-        "memory-plug",
-        scenario::call(&c, "memory-plug", plug.clone()).await,
-    );
-    t.record("memory-plug call (JSON-RPC)", since.elapsed());
-    scenario::print_steps("memory-plug", &plugged);
-    mem_total_becomes(
-        &guest,
-        start_kib + DIMM_KIB,
-        "MemTotal +512 MiB after memory-plug",
-    )
-    .await;
-    t.record("memory-plug to usable (MemTotal +512 MiB)", since.elapsed());
-    let dimm_id = plugged["dimm"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
-    let memdev = plugged["dimm"]["memdev"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+/// `plug` (512 MiB) into a guest booted with auto_online_blocks = offline: MemTotal grows
+/// by the DIMM, which the bridge names, onlined movable without warnings: the bridge has
+/// the kernel online movable by itself from then on, and the agent confirms in one call.
+async fn plug_movable(
+    guest: &Guest,
+    c: &Clients,
+    plug: &Value,
+    start_kib: u64,
+    block_size: u64,
+    t: &mut Timings,
+) -> Dimm {
+    let what = "memory-plug (JSON-RPC)";
+    let plugged = plug_until_usable(guest, c, what, plug.clone(), start_kib, t).await;
+    let dimm = Dimm {
+        id: text(&plugged["dimm"]["id"]),
+        memdev: text(&plugged["dimm"]["memdev"]),
+    };
     check(
-        &guest,
-        dimm_id.starts_with("qga-dimm") && memdev.starts_with("qga-mem"),
+        guest,
+        dimm.id.starts_with("qga-dimm") && dimm.memdev.starts_with("qga-mem"),
         || format!("the bridge names its DIMMs qga-dimmN on qga-memN: {plugged}"),
     );
     check(
-        &guest,
+        guest,
         plugged["warnings"].as_array().is_some_and(Vec::is_empty),
         || format!("no warnings when our agent onlines movable: {plugged}"),
     );
-    check_movable_dimm(&guest, &plugged["dimm"], block_size);
-    // The guest booted with auto_online_blocks = offline: the bridge has its kernel
-    // online movable by itself from now on, then the agent confirms in one call.
+    check_movable_dimm(guest, &plugged["dimm"], block_size);
     let names = step_names(&plugged["steps"]);
     check(
-        &guest,
+        guest,
         names == ["auto-online", "object-add", "device_add", "online"]
             && plugged["steps"][0]["detail"] == "offline -> online_movable"
             && plugged["steps"][3]["detail"]
@@ -231,158 +367,178 @@ async fn plug_unplug_and_resize_through_the_bridge() {
                 .is_some_and(|d| d.contains("as it appeared")),
         || format!("movable auto-onlining, then one online call: {plugged}"),
     );
+    dimm
+}
 
-    let after = layout(&guest, &c).await;
+/// After the plug: the guest kernel onlines movable, the layout has `dimm` alone, all of it
+/// movable, and QEMU lists the DIMM and its backend.
+async fn dimm_in_layout_and_qemu(guest: &Guest, c: &Clients, dimm: &Dimm, block_size: u64) {
+    let after = layout(guest, c).await;
     eprintln!("e2e: layout after plug: {after}");
     check(
-        &guest,
+        guest,
         after["auto-online-blocks"] == "online_movable",
         || format!("the guest kernel onlines movable now: {after}"),
     );
     let dimms = scenario::layout_dimms(&after);
+    let Dimm { id, memdev } = dimm;
     check(
-        &guest,
-        dimms.len() == 1 && dimms[0]["id"] == dimm_id.as_str(),
-        || format!("one DIMM, {dimm_id}, in the layout: {after}"),
+        guest,
+        dimms.len() == 1 && dimms[0]["id"] == id.as_str(),
+        || format!("one DIMM, {id}, in the layout: {after}"),
     );
-    check_movable_dimm(&guest, &dimms[0], block_size);
+    check_movable_dimm(guest, &dimms[0], block_size);
     check(
-        &guest,
+        guest,
         after["plugged-bytes"] == DIMM_BYTES && after["movable-bytes"] == DIMM_BYTES,
         || format!("512 MiB plugged, all of it movable: {after}"),
     );
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    let devices = memory_devices(guest);
     check(
-        &guest,
-        devices.len() == 1 && devices[0].id == dimm_id && devices[0].memdev == memdev,
-        || format!("QEMU lists the DIMM {dimm_id} on {memdev}: {devices:?}"),
+        guest,
+        devices.len() == 1 && devices[0].id == *id && devices[0].memdev == *memdev,
+        || format!("QEMU lists the DIMM {id} on {memdev}: {devices:?}"),
     );
-    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
-    check(&guest, memdevs.contains(&memdev), || {
+    let memdevs = memdev_ids(guest);
+    check(guest, memdevs.contains(memdev), || {
         format!("QEMU lists the backend {memdev}: {memdevs:?}")
     });
+}
 
-    // The same plug again, same request-id: the first result, nothing plugged again.
+/// The same plug again, same request-id: the first result (the DIMM `dimm_id`), nothing
+/// plugged again. The retry's answer.
+async fn retried_plug_plugs_once(
+    guest: &Guest,
+    c: &Clients,
+    plug: &Value,
+    dimm_id: &str,
+    start_kib: u64,
+    t: &mut Timings,
+) -> Value {
     let since = Instant::now();
     let again = ok(
-        &guest,
+        guest,
         "memory-plug retried",
-        scenario::call(&c, "memory-plug", plug.clone()).await,
+        scenario::call(c, "memory-plug", plug.clone()).await,
     );
     t.record(
         "memory-plug retry with the same request-id",
         since.elapsed(),
     );
-    check(&guest, again["dimm"]["id"] == dimm_id.as_str(), || {
+    check(guest, again["dimm"]["id"] == dimm_id, || {
         format!("the retry answers the first plug's DIMM {dimm_id}: {again}")
     });
-    let retried = layout(&guest, &c).await;
-    check(&guest, scenario::layout_dimms(&retried).len() == 1, || {
+    let retried = layout(guest, c).await;
+    check(guest, scenario::layout_dimms(&retried).len() == 1, || {
         format!("a retried plug plugs once: {retried}")
     });
-    let now = mem_total(&guest);
-    check(&guest, now == start_kib + DIMM_KIB, || {
-        format!(
-            "MemTotal after the retry is {now} KiB, expected {} KiB",
-            start_kib + DIMM_KIB
-        )
-    });
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.len() == 1, || {
+    mem_total_is(guest, start_kib + DIMM_KIB, "after the retry");
+    let devices = memory_devices(guest);
+    check(guest, devices.len() == 1, || {
         format!("QEMU has one DIMM after the retry: {devices:?}")
     });
+    again
+}
 
-    // The bridge is killed (SIGKILL: a crash) and started again on its state directory:
-    // the retry still answers the first plug, and nothing is plugged twice.
-    drop(c);
-    drop(bridge);
-    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
+/// On a bridge started again on the journal, the plug's retry answers what the retry
+/// before the restart did (`again`); QEMU still has the one DIMM `dimm_id`.
+async fn retry_after_a_restart_answers_the_first_plug(
+    guest: &Guest,
+    c: &Clients,
+    plug: &Value,
+    again: &Value,
+    dimm_id: &str,
+    start_kib: u64,
+) {
     let after_restart = ok(
-        &guest,
+        guest,
         "memory-plug retried after a restart",
-        scenario::call(&c, "memory-plug", plug.clone()).await,
+        scenario::call(c, "memory-plug", plug.clone()).await,
     );
-    check(&guest, after_restart == again, || {
+    check(guest, after_restart == *again, || {
         format!("the retry after a restart answers the first plug: {after_restart} vs {again}")
     });
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
+    let devices = memory_devices(guest);
     check(
-        &guest,
+        guest,
         devices.len() == 1 && devices[0].id == dimm_id,
         || format!("QEMU still has the one DIMM {dimm_id} after the restart's retry: {devices:?}"),
     );
-    let now = mem_total(&guest);
-    check(&guest, now == start_kib + DIMM_KIB, || {
-        format!("MemTotal after the restart's retry is {now} KiB")
-    });
+    mem_total_is(guest, start_kib + DIMM_KIB, "after the restart's retry");
+}
 
-    // The guest reboots: QEMU keeps the DIMM, the new kernel finds its blocks offline,
-    // and the bridge onlines them again, movable, as the journal records them.
-    let start_kib = reboot_until_restored(&guest, &c, start_kib, DIMM_KIB, &mut t).await;
-    let rebooted = layout(&guest, &c).await;
-    let dimms = scenario::layout_dimms(&rebooted);
-    check(&guest, dimms.len() == 1, || {
-        format!("the DIMM after the reboot: {rebooted}")
-    });
-    check_movable_dimm(&guest, &dimms[0], block_size);
-
-    // Unplug over gRPC.
+/// Unplugs `dimm` over gRPC: MemTotal back at `start_kib`, no DIMM in the layout nor in
+/// QEMU, and its backend deleted (object-del).
+async fn unplug_over_grpc(
+    guest: &Guest,
+    c: &Clients,
+    dimm: &Dimm,
+    start_kib: u64,
+    t: &mut Timings,
+) {
     let since = Instant::now();
-    let unplugged = ok(
-        &guest,
-        "Unplug",
-        c.hotplug
-            .clone()
-            .unplug(UnplugRequest {
-                vm: "vm1".into(),
-                dimm: dimm_id.clone(),
-                request_id: None,
-            })
-            .await,
-    )
-    .into_inner();
+    let unplug = UnplugRequest {
+        vm: "vm1".into(),
+        dimm: dimm.id.clone(),
+        request_id: None,
+    };
+    let unplugged = ok(guest, "Unplug", c.hotplug.clone().unplug(unplug).await).into_inner();
     t.record("Unplug call (gRPC)", since.elapsed());
     scenario::print_grpc_steps("Unplug", &unplugged.steps, &[]);
     check(
-        &guest,
-        unplugged.dimm.as_ref().is_some_and(|d| d.id == dimm_id),
+        guest,
+        unplugged.dimm.as_ref().is_some_and(|d| d.id == dimm.id),
         || format!("Unplug answers the DIMM: {unplugged:?}"),
     );
-    mem_total_becomes(&guest, start_kib, "MemTotal back after Unplug").await;
+    mem_total_becomes(guest, start_kib, "MemTotal back after Unplug").await;
     t.record("Unplug to MemTotal back", since.elapsed());
-    let l = grpc_layout(&guest, &c).await;
-    check(&guest, l.dimms.is_empty() && l.plugged_bytes == 0, || {
+    let l = grpc_layout(guest, c).await;
+    check(guest, l.dimms.is_empty() && l.plugged_bytes == 0, || {
         format!("no DIMM in the layout after Unplug: {l:?}")
     });
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.is_empty(), || {
+    let devices = memory_devices(guest);
+    check(guest, devices.is_empty(), || {
         format!("QEMU has no DIMM after Unplug: {devices:?}")
     });
-    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
-    check(&guest, !memdevs.contains(&memdev), || {
+    let memdevs = memdev_ids(guest);
+    let memdev = &dimm.memdev;
+    check(guest, !memdevs.contains(memdev), || {
         format!("the backend {memdev} is gone (object-del): {memdevs:?}")
     });
+}
 
-    // Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size), all added
-    // first, then onlined by one agent call as their blocks appear.
-    let since = Instant::now();
-    let up = ok(
-        &guest,
-        "Resize up",
-        c.hotplug
-            .clone()
-            .resize(ResizeRequest {
-                vm: "vm1".into(),
-                size: boot_bytes + 2 * GIB,
-                request_id: Some("e2e-resize-up".into()),
-            })
-            .await,
-    )
-    .into_inner();
+/// `Resize` over gRPC to `size` bytes (`what`); the answer, its steps printed.
+async fn grpc_resize(
+    guest: &Guest,
+    c: &Clients,
+    size: u64,
+    request_id: Option<&str>,
+    what: &str,
+) -> ResizeResponse {
+    let resize = ResizeRequest {
+        vm: "vm1".into(),
+        size,
+        request_id: request_id.map(str::to_string),
+    };
+    let r = ok(guest, what, c.hotplug.clone().resize(resize).await).into_inner();
+    scenario::print_grpc_steps(what, &r.steps, &r.warnings);
+    r
+}
+
+/// Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size), all added
+/// first, then onlined by one agent call as their blocks appear, all of them movable.
+async fn resize_up_over_grpc(
+    guest: &Guest,
+    c: &Clients,
+    boot_bytes: u64,
+    start_kib: u64,
+    t: &mut Timings,
+) {
+    let (size, since) = (boot_bytes + 2 * GIB, Instant::now());
+    let up = grpc_resize(guest, c, size, Some("e2e-resize-up"), "Resize up").await;
     t.record("Resize +2 GiB call (gRPC)", since.elapsed());
-    scenario::print_grpc_steps("Resize up", &up.steps, &up.warnings);
     check(
-        &guest,
+        guest,
         up.from_bytes == boot_bytes
             && up.to_bytes == boot_bytes + 2 * GIB
             && up.plugged.len() == 4
@@ -391,7 +547,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
     );
     let names: Vec<&str> = up.steps.iter().map(|s| s.name.as_str()).collect();
     check(
-        &guest,
+        guest,
         names.iter().filter(|n| **n == "device_add").count() == 4
             && names.last() == Some(&"online")
             && names.iter().filter(|n| **n == "online").count() == 1
@@ -399,15 +555,15 @@ async fn plug_unplug_and_resize_through_the_bridge() {
         || format!("four DIMMs added, then their blocks onlined in one step: {names:?}"),
     );
     mem_total_becomes(
-        &guest,
+        guest,
         start_kib + 2 * GIB / 1024,
         "MemTotal +2 GiB after Resize",
     )
     .await;
     t.record("Resize +2 GiB to usable", since.elapsed());
-    let l = grpc_layout(&guest, &c).await;
+    let l = grpc_layout(guest, c).await;
     check(
-        &guest,
+        guest,
         l.dimms.len() == 4
             && l.plugged_bytes == 2 * GIB
             && l.dimms.iter().all(|d| {
@@ -418,113 +574,79 @@ async fn plug_unplug_and_resize_through_the_bridge() {
             }),
         || format!("four DIMMs, every block online in Movable: {l:?}"),
     );
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.len() == 4, || {
+    let devices = memory_devices(guest);
+    check(guest, devices.len() == 4, || {
         format!("QEMU has four DIMMs after Resize up: {devices:?}")
     });
+}
 
-    // And back to the boot size, while a control plane lists the guest's blocks back to
-    // back: blocks the kernel removes during a listing are left out, never an error.
-    let lister = Lister::start(&c);
+/// And back to the boot size over gRPC, while a control plane lists the guest's blocks
+/// back to back: blocks the kernel removes during a listing are left out, never an error.
+/// QEMU keeps no DIMM and no backend of the bridge's.
+async fn resize_down_over_grpc_while_listing(
+    guest: &Guest,
+    c: &Clients,
+    boot_bytes: u64,
+    start_kib: u64,
+    t: &mut Timings,
+) {
+    let lister = Lister::start(c);
     let since = Instant::now();
-    let down = ok(
-        &guest,
-        "Resize down",
-        c.hotplug
-            .clone()
-            .resize(ResizeRequest {
-                vm: "vm1".into(),
-                size: boot_bytes,
-                request_id: None,
-            })
-            .await,
-    )
-    .into_inner();
+    let down = grpc_resize(guest, c, boot_bytes, None, "Resize down").await;
     t.record("Resize back to boot size call (gRPC)", since.elapsed());
-    scenario::print_grpc_steps("Resize down", &down.steps, &down.warnings);
     check(
-        &guest,
+        guest,
         down.from_bytes == boot_bytes + 2 * GIB
             && down.to_bytes == boot_bytes
             && down.unplugged.len() == 4
             && down.plugged.is_empty(),
         || format!("Resize down unplugs the four DIMMs: {down:?}"),
     );
-    mem_total_becomes(&guest, start_kib, "MemTotal back after Resize down").await;
+    mem_total_becomes(guest, start_kib, "MemTotal back after Resize down").await;
     t.record("Resize back to MemTotal back", since.elapsed());
-    lister.check(&guest, "four DIMM unplugs").await;
-    let l = layout(&guest, &c).await;
-    check(&guest, scenario::layout_dimms(&l).is_empty(), || {
+    lister.check(guest, "four DIMM unplugs").await;
+    let l = layout(guest, c).await;
+    check(guest, scenario::layout_dimms(&l).is_empty(), || {
         format!("no DIMM after Resize down: {l}")
     });
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    let memdevs = ok(&guest, "query-memdev", g.memdev_ids());
+    let devices = memory_devices(guest);
+    let memdevs = memdev_ids(guest);
     check(
-        &guest,
+        guest,
         devices.is_empty() && !memdevs.iter().any(|m| m.starts_with("qga-mem")),
         || format!("QEMU has no DIMM and no qga-mem backend: {devices:?} {memdevs:?}"),
     );
-
-    // The compose run's hotplug phase, on this guest too.
-    let r = scenario::bridge_hotplug_cycle(&c, "vm1", &g, &mut t).await;
-    ok(
-        &guest,
-        "the compose hotplug phase",
-        r.map_err(|e| format!("{e:#}")),
-    );
-
-    // And as an operator does it: qgactl plugs 512 MiB, shows it, and unplugs it.
-    qgactl_cycle(&guest, &bridge.grpc_url(), start_kib).await;
-
-    eprintln!("e2e: timings (printed, not asserted):");
-    for (phase, d) in &t.0 {
-        eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
     let guest = boot("ours", "online");
     let (_bridge, c) = behind_bridge(&guest).await;
-    let g = guest.control();
     let mut t = Timings::default();
     let start_kib = mem_total(&guest);
+    let dimm_id = plug_plain_online(&guest, &c, start_kib, &mut t).await;
+    unplug_refused_for_the_kernel_zone(&guest, &c, &dimm_id, &mut t).await;
+    nothing_changed_after_the_refusal(&guest, &c, &dimm_id, start_kib).await;
+}
 
-    let since = Instant::now();
-    let plugged = ok(
-        &guest,
-        "memory-plug online",
-        scenario::call(
-            &c,
-            "memory-plug",
-            json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online"}),
-        )
-        .await,
-    );
-    scenario::print_steps("memory-plug online", &plugged);
-    mem_total_becomes(
-        &guest,
-        start_kib + DIMM_KIB,
-        "MemTotal +512 MiB after memory-plug",
-    )
-    .await;
-    t.record("memory-plug (online) to usable", since.elapsed());
-    let dimm_id = plugged["dimm"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+/// Plugs 512 MiB onlined plain `online`: the kernel onlines it as asked, then goes back to
+/// onlining movable; `removable` and the layout's warnings agree with the blocks' zones.
+/// The DIMM's id.
+async fn plug_plain_online(guest: &Guest, c: &Clients, start_kib: u64, t: &mut Timings) -> String {
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online"});
+    let plugged = plug_until_usable(guest, c, "memory-plug online", plug, start_kib, t).await;
+    let dimm_id = text(&plugged["dimm"]["id"]);
     eprintln!("e2e: plain-online DIMM: {}", plugged["dimm"]);
-    // The kernel onlined it as asked, then went back to onlining movable.
     let names = step_names(&plugged["steps"]);
     check(
-        &guest,
+        guest,
         names.first() == Some(&"auto-online")
             && names.last() == Some(&"auto-online")
             && plugged["steps"][0]["detail"] == "offline -> online",
         || format!("auto_online_blocks online for the plug, then back: {plugged}"),
     );
-    let policy = layout(&guest, &c).await["auto-online-blocks"].clone();
-    check(&guest, policy == "online_movable", || {
+    let policy = layout(guest, c).await["auto-online-blocks"].clone();
+    check(guest, policy == "online_movable", || {
         format!("auto_online_blocks back at online_movable: {policy}")
     });
     // With zones known, `removable` says whether every block is in Movable.
@@ -534,23 +656,33 @@ async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
         .into_iter()
         .flatten()
         .all(|b| b["valid-zones"] == json!(["Movable"]));
-    check(&guest, dimm["removable"] == all_movable, || {
+    check(guest, dimm["removable"] == all_movable, || {
         format!("removable agrees with the blocks' zones: {dimm}")
     });
     // The layout says so in words when blocks are outside ZONE_MOVABLE.
-    let l = layout(&guest, &c).await;
+    let l = layout(guest, c).await;
     let warned = l["warnings"].as_array().is_some_and(|w| {
         w.iter()
             .any(|w| w.as_str().is_some_and(|w| w.contains(&dimm_id)))
     });
-    check(&guest, warned != all_movable, || {
+    check(guest, warned != all_movable, || {
         format!("a layout warning exactly when the DIMM cannot come out: {l}")
     });
+    dimm_id
+}
 
-    // The call may take the default two minutes; offlining gets hotplug.offline_budget_ms
-    // (10 s) of it, so the refusal comes long before the call's own deadline.
+/// The unplug of a plain-online DIMM is refused, FAILED_PRECONDITION naming the blocks in
+/// ZONE_NORMAL. The call may take the default two minutes; offlining gets
+/// hotplug.offline_budget_ms (10 s) of it, so the refusal comes long before the call's
+/// own deadline.
+async fn unplug_refused_for_the_kernel_zone(
+    guest: &Guest,
+    c: &Clients,
+    dimm_id: &str,
+    t: &mut Timings,
+) {
     let since = Instant::now();
-    let refused = c
+    let r = c
         .rpc_full(
             "memory-unplug",
             json!({"vm": "vm1", "dimm": dimm_id, "timeout-ms": 120_000}),
@@ -558,56 +690,56 @@ async fn plain_online_dimm_does_not_come_out_and_nothing_changes() {
         .await;
     let took = since.elapsed();
     t.record("memory-unplug refused", took);
-    eprintln!("e2e: memory-unplug of a plain-online DIMM: {refused:?}");
-    let e = match refused {
-        Err(e) => e,
-        Ok(v) => fail(
-            &guest,
-            "memory-unplug of a plain-online DIMM",
-            format!("it came out, the kernel let ZONE_NORMAL memory go: {v}"),
-        ),
-    };
-    check(&guest, e.code == -32007, || {
+    eprintln!("e2e: memory-unplug of a plain-online DIMM: {r:?}");
+    let e = refused(
+        guest,
+        "memory-unplug of a plain-online DIMM",
+        r,
+        "it came out, the kernel let ZONE_NORMAL memory go",
+    );
+    check(guest, e.code == -32007, || {
         format!("the refusal is FAILED_PRECONDITION (-32007): {e}")
     });
     check(
-        &guest,
+        guest,
         e.message.contains("block ") && e.message.contains("(zone Normal)"),
         || format!("the refusal names the blocks, their errno and zone: {e}"),
     );
-    check(&guest, took < Duration::from_secs(60), || {
+    check(guest, took < Duration::from_secs(60), || {
         format!(
             "the refusal ends with the offline budget, not the call's two minutes: {:.1} s",
             took.as_secs_f64()
         )
     });
     check(
-        &guest,
+        guest,
         e.data.as_ref().is_some_and(|d| {
             d["step"] == "offline" && d["blocks"].as_array().is_some_and(|b| !b.is_empty())
         }),
         || format!("the refusal's data has the step and the blocks: {e}"),
     );
+}
 
-    // Nothing changed: the memory, the DIMM and its blocks are all still there.
-    let now = mem_total(&guest);
-    check(&guest, now == start_kib + DIMM_KIB, || {
-        format!(
-            "MemTotal after the refused unplug is {now} KiB, expected {} KiB",
-            start_kib + DIMM_KIB
-        )
-    });
-    let l = layout(&guest, &c).await;
+/// Nothing changed by the refused unplug: the memory, the DIMM and its blocks are all
+/// still there.
+async fn nothing_changed_after_the_refusal(
+    guest: &Guest,
+    c: &Clients,
+    dimm_id: &str,
+    start_kib: u64,
+) {
+    mem_total_is(guest, start_kib + DIMM_KIB, "after the refused unplug");
+    let l = layout(guest, c).await;
     let dimms = scenario::layout_dimms(&l);
     check(
-        &guest,
+        guest,
         dimms.len() == 1
-            && dimms[0]["id"] == dimm_id.as_str()
+            && dimms[0]["id"] == dimm_id
             && scenario::block_states(&dimms[0]) == ["online"; 4],
         || format!("the DIMM stays with its 4 blocks online: {l}"),
     );
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.iter().any(|d| d.id == dimm_id), || {
+    let devices = memory_devices(guest);
+    check(guest, devices.iter().any(|d| d.id == dimm_id), || {
         format!("QEMU still has the DIMM {dimm_id}: {devices:?}")
     });
 }
@@ -624,70 +756,10 @@ async fn reference_agent_plug_works_with_a_warning() {
         ..GuestConfig::new("reference", "online")
     });
     let (_bridge, c) = behind_bridge(&guest).await;
-    let g = guest.control();
     let mut t = Timings::default();
     let start_kib = mem_total(&guest);
-
-    let since = Instant::now();
-    let plugged = ok(
-        &guest,
-        "memory-plug with qemu-ga",
-        scenario::call(&c, "memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES})).await,
-    );
-    scenario::print_steps("memory-plug (qemu-ga)", &plugged);
-    mem_total_becomes(
-        &guest,
-        start_kib + DIMM_KIB,
-        "MemTotal +512 MiB after memory-plug",
-    )
-    .await;
-    t.record("memory-plug (qemu-ga) to usable", since.elapsed());
-    check(
-        &guest,
-        plugged["warnings"]
-            .as_array()
-            .is_some_and(|w| !w.is_empty()),
-        || format!("qemu-ga cannot choose the zone: the plug warns: {plugged}"),
-    );
-    let l = layout(&guest, &c).await;
-    eprintln!("e2e: layout with qemu-ga: {l}");
-    let dimms = scenario::layout_dimms(&l);
-    check(
-        &guest,
-        dimms.len() == 1 && scenario::block_states(&dimms[0]) == ["online"; 4],
-        || format!("one DIMM with 4 online blocks: {l}"),
-    );
-    check(&guest, l["zones-known"] == false, || {
-        format!("qemu-ga reports no zones: {l}")
-    });
-
-    let refused = c
-        .rpc_full(
-            "memory-plug",
-            json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online_movable"}),
-        )
-        .await;
-    eprintln!("e2e: memory-plug online_movable with qemu-ga: {refused:?}");
-    check(
-        &guest,
-        matches!(&refused, Err(e) if e.code == -32007),
-        || format!("online_movable asked of qemu-ga is FAILED_PRECONDITION (-32007): {refused:?}"),
-    );
-    let after = layout(&guest, &c).await;
-    check(&guest, scenario::layout_dimms(&after).len() == 1, || {
-        format!("the refused plug plugged nothing: {after}")
-    });
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.len() == 1, || {
-        format!("QEMU has only the first DIMM: {devices:?}")
-    });
-    let now = mem_total(&guest);
-    check(&guest, now == start_kib + DIMM_KIB, || {
-        format!(
-            "MemTotal after the refused plug is {now} KiB, expected {} KiB",
-            start_kib + DIMM_KIB
-        )
-    });
+    plug_with_qemu_ga_warns(&guest, &c, start_kib, &mut t).await;
+    online_movable_refused_with_qemu_ga(&guest, &c, start_kib).await;
 
     // After a reboot the keeper onlines the DIMM again, through guest-set-memory-blocks
     // (qemu-ga cannot choose the zone).
@@ -698,55 +770,99 @@ async fn reference_agent_plug_works_with_a_warning() {
         scenario::block_states(&scenario::layout_dimms(&rebooted)[0]) == ["online"; 4],
         || format!("the DIMM's blocks online again after the reboot: {rebooted}"),
     );
-
-    // Resize by polling: three more DIMMs added, their blocks waited for through
-    // guest-get-memory-blocks and onlined with guest-set-memory-blocks, then all four out.
     let boot_bytes = rebooted["boot-bytes"].as_u64().unwrap_or_default();
-    let since = Instant::now();
-    let up = ok(
-        &guest,
-        "memory-resize +2 GiB with qemu-ga",
-        scenario::call(
-            &c,
-            "memory-resize",
-            json!({"vm": "vm1", "size": boot_bytes + 2 * GIB}),
-        )
-        .await,
+    resize_by_polling_with_qemu_ga(&guest, &c, boot_bytes, start_kib, &mut t).await;
+    print_timings(&t);
+}
+
+/// Plugs 512 MiB with qemu-ga in the guest: it works, with a warning (qemu-ga cannot
+/// choose the zone), and the layout knows no zones.
+async fn plug_with_qemu_ga_warns(guest: &Guest, c: &Clients, start_kib: u64, t: &mut Timings) {
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES});
+    let plugged = plug_until_usable(guest, c, "memory-plug (qemu-ga)", plug, start_kib, t).await;
+    check(
+        guest,
+        plugged["warnings"]
+            .as_array()
+            .is_some_and(|w| !w.is_empty()),
+        || format!("qemu-ga cannot choose the zone: the plug warns: {plugged}"),
     );
-    scenario::print_steps("memory-resize (qemu-ga)", &up);
+    let l = layout(guest, c).await;
+    eprintln!("e2e: layout with qemu-ga: {l}");
+    let dimms = scenario::layout_dimms(&l);
+    check(
+        guest,
+        dimms.len() == 1 && scenario::block_states(&dimms[0]) == ["online"; 4],
+        || format!("one DIMM with 4 online blocks: {l}"),
+    );
+    check(guest, l["zones-known"] == false, || {
+        format!("qemu-ga reports no zones: {l}")
+    });
+}
+
+/// A plug asking online_movable of qemu-ga is refused, and plugs nothing.
+async fn online_movable_refused_with_qemu_ga(guest: &Guest, c: &Clients, start_kib: u64) {
+    let refused = c
+        .rpc_full(
+            "memory-plug",
+            json!({"vm": "vm1", "size": DIMM_BYTES, "online-type": "online_movable"}),
+        )
+        .await;
+    eprintln!("e2e: memory-plug online_movable with qemu-ga: {refused:?}");
+    check(
+        guest,
+        matches!(&refused, Err(e) if e.code == -32007),
+        || format!("online_movable asked of qemu-ga is FAILED_PRECONDITION (-32007): {refused:?}"),
+    );
+    let after = layout(guest, c).await;
+    check(guest, scenario::layout_dimms(&after).len() == 1, || {
+        format!("the refused plug plugged nothing: {after}")
+    });
+    let devices = memory_devices(guest);
+    check(guest, devices.len() == 1, || {
+        format!("QEMU has only the first DIMM: {devices:?}")
+    });
+    mem_total_is(guest, start_kib + DIMM_KIB, "after the refused plug");
+}
+
+/// Resize by polling: three more DIMMs added, their blocks waited for through
+/// guest-get-memory-blocks and onlined with guest-set-memory-blocks, then all four out.
+async fn resize_by_polling_with_qemu_ga(
+    guest: &Guest,
+    c: &Clients,
+    boot_bytes: u64,
+    start_kib: u64,
+    t: &mut Timings,
+) {
+    let since = Instant::now();
+    let up = resize_to(
+        guest,
+        c,
+        boot_bytes + 2 * GIB,
+        start_kib + 4 * DIMM_KIB,
+        "memory-resize +2 GiB with qemu-ga",
+    )
+    .await;
+    t.record("memory-resize +2 GiB (qemu-ga) to usable", since.elapsed());
     let names = step_names(&up["steps"]);
     check(
-        &guest,
+        guest,
         up["plugged"].as_array().is_some_and(|p| p.len() == 3)
             && names.iter().filter(|n| **n == "device_add").count() == 3
             && names.ends_with(&["wait-blocks", "online"]),
         || format!("three DIMMs added, then waited for and onlined together: {up}"),
     );
-    mem_total_becomes(&guest, start_kib + 4 * DIMM_KIB, "MemTotal +2 GiB").await;
-    t.record("memory-resize +2 GiB (qemu-ga) to usable", since.elapsed());
-    let down = ok(
-        &guest,
-        "memory-resize back with qemu-ga",
-        scenario::call(
-            &c,
-            "memory-resize",
-            json!({"vm": "vm1", "size": boot_bytes}),
-        )
-        .await,
-    );
+    let back = "memory-resize back with qemu-ga";
+    let down = resize_to(guest, c, boot_bytes, start_kib, back).await;
     check(
-        &guest,
+        guest,
         down["unplugged"].as_array().is_some_and(|u| u.len() == 4),
         || format!("all four DIMMs unplugged: {down}"),
     );
-    mem_total_becomes(&guest, start_kib, "MemTotal back at the boot size").await;
-    let devices = ok(&guest, "query-memory-devices", g.memory_devices());
-    check(&guest, devices.is_empty(), || {
+    let devices = memory_devices(guest);
+    check(guest, devices.is_empty(), || {
         format!("QEMU has no DIMM left: {devices:?}")
     });
-    for (phase, d) in &t.0 {
-        eprintln!("e2e:   {phase}: {:.2} s", d.as_secs_f64());
-    }
 }
 
 /// The names of a JSON-RPC hotplug answer's steps, in order.
@@ -784,10 +900,7 @@ async fn qgactl_cycle(guest: &Guest, endpoint: &str, start_kib: u64) {
         format!("qgactl memory plug exits 0: {code} {err}")
     });
     let plugged: Value = ok(guest, "qgactl's JSON", serde_json::from_str(&out));
-    let id = plugged["dimm"]["id"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let id = text(&plugged["dimm"]["id"]);
     check(guest, err.contains("request-id: qgactl-"), || {
         format!("a generated request id is shown: {err}")
     });
@@ -936,7 +1049,7 @@ async fn outcome_after_recovery(
     c: &Clients,
     method: &str,
     params: &Value,
-) -> Result<Value, qga_e2e::bridge::RpcError> {
+) -> Result<Value, RpcError> {
     let since = Instant::now();
     loop {
         let r = c.rpc_full(method, params.clone()).await;
@@ -959,11 +1072,7 @@ async fn killed_then_recovered(
     step: &str,
     method: &str,
     params: &Value,
-) -> (
-    BridgeProcess,
-    Clients,
-    Result<Value, qga_e2e::bridge::RpcError>,
-) {
+) -> (BridgeProcess, Clients, Result<Value, RpcError>) {
     let (dying, c) = bridge_dying_after(guest, state, step).await;
     let r = c.rpc_full(method, params.clone()).await;
     // No answer at all (code 0): the bridge died at the step. An answer — ABORTED, say —
@@ -992,12 +1101,8 @@ async fn unplug_to(guest: &Guest, c: &Clients, id: &str, kib: u64) {
 
 /// QEMU's bridge-made DIMMs and memory backends.
 fn ours_in_qemu(guest: &Guest) -> (Vec<String>, Vec<String>) {
-    let g = guest.control();
-    let dimms = ok(guest, "query-memory-devices", g.memory_devices())
-        .into_iter()
-        .map(|d| d.id)
-        .collect();
-    let memdevs = ok(guest, "query-memdev", g.memdev_ids())
+    let dimms = memory_devices(guest).into_iter().map(|d| d.id).collect();
+    let memdevs = memdev_ids(guest)
         .into_iter()
         .filter(|m| m.starts_with("qga-mem"))
         .collect();
@@ -1022,141 +1127,169 @@ async fn a_bridge_killed_at_each_step_leaves_one_documented_state() {
         ("device_add", true),
         ("online", true),
     ] {
-        let plug =
-            json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": format!("kill-plug-{step}")});
-        let (bridge, c, first) =
-            killed_then_recovered(&guest, state.path(), step, "memory-plug", &plug).await;
-        let (dimms, memdevs) = ours_in_qemu(&guest);
-        if kept {
-            let Ok(done) = &first else {
-                fail(
-                    &guest,
-                    &format!("plug killed after {step} is finished"),
-                    format!("{first:?}"),
-                )
-            };
-            check(
-                &guest,
-                dimms.len() == 1 && done["dimm"]["id"] == dimms[0].as_str(),
-                || format!("after {step}: one DIMM, the answered one: {dimms:?} {done}"),
-            );
-            mem_total_becomes(&guest, start_kib + DIMM_KIB, "the kept DIMM is online").await;
-            let l = layout(&guest, &c).await;
-            check_movable_dimm(&guest, &scenario::layout_dimms(&l)[0], block_size);
-        } else {
-            let Err(e) = &first else {
-                fail(
-                    &guest,
-                    &format!("plug killed after {step} is undone"),
-                    format!("{first:?}"),
-                )
-            };
-            check(
-                &guest,
-                e.code == -32007 && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted"),
-                || format!("after {step}: FAILED_PRECONDITION at step interrupted: {e:?}"),
-            );
-            check(&guest, dimms.is_empty() && memdevs.is_empty(), || {
-                format!("after {step}: no DIMM and no backend left: {dimms:?} {memdevs:?}")
-            });
-            check(&guest, mem_total(&guest) == start_kib, || {
-                format!("MemTotal unchanged after {step}")
-            });
-        }
-        let again = c.rpc_full("memory-plug", plug.clone()).await;
-        check(&guest, format!("{again:?}") == format!("{first:?}"), || {
-            format!("the retry after {step} answers the same: {again:?} vs {first:?}")
-        });
-        check(
-            &guest,
-            ours_in_qemu(&guest).0.len() == usize::from(kept),
-            || format!("the retry after {step} plugged nothing"),
-        );
-        if kept {
-            let id = dimms[0].clone();
-            unplug_to(&guest, &c, &id, start_kib).await;
-        }
-        drop(bridge);
+        plug_killed_after(&guest, state.path(), step, kept, start_kib, block_size).await;
     }
-
-    // A plug sent without a request-id is journaled too: killed after device_add, its
-    // DIMM is kept and onlined by the next bridge, which nobody has to ask.
-    let (dying, c) = bridge_dying_after(&guest, state.path(), "device_add").await;
-    let r = c
-        .rpc_full("memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES}))
-        .await;
-    check(&guest, r.is_err(), || {
-        format!("the plug dies with its bridge: {r:?}")
-    });
-    drop(dying);
-    let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-    mem_total_becomes(
-        &guest,
-        start_kib + DIMM_KIB,
-        "a plug without request-id is finished",
-    )
-    .await;
-    let l = layout(&guest, &c).await;
-    let dimms = scenario::layout_dimms(&l);
-    check(&guest, dimms.len() == 1, || format!("one DIMM kept: {l}"));
-    check_movable_dimm(&guest, &dimms[0], block_size);
-    let id = dimms[0]["id"].as_str().unwrap_or_default().to_string();
-    unplug_to(&guest, &c, &id, start_kib).await;
-    drop(bridge);
+    plug_without_request_id_killed(&guest, state.path(), start_kib, block_size).await;
 
     // Unplug, killed after each step: after offline the DIMM stays, online again; after
     // device_del it is gone, its backend deleted.
     for (step, gone) in [("offline", false), ("device_del", true)] {
-        let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-        let plugged = ok(
-            &guest,
-            "plug",
-            scenario::call(&c, "memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES})).await,
-        );
-        let id = plugged["dimm"]["id"]
-            .as_str()
-            .unwrap_or_default()
-            .to_string();
-        drop(bridge);
-        let unplug = json!({"vm": "vm1", "dimm": id, "request-id": format!("kill-unplug-{step}")});
-        let (bridge, c, first) =
-            killed_then_recovered(&guest, state.path(), step, "memory-unplug", &unplug).await;
-        let (dimms, memdevs) = ours_in_qemu(&guest);
-        if gone {
-            check(
-                &guest,
-                first.as_ref().is_ok_and(|d| d["dimm"]["id"] == id.as_str()),
-                || format!("unplug killed after {step} is finished: {first:?}"),
-            );
-            check(&guest, dimms.is_empty() && memdevs.is_empty(), || {
-                format!("after {step}: DIMM and backend gone: {dimms:?} {memdevs:?}")
-            });
-            mem_total_becomes(&guest, start_kib, "MemTotal back").await;
-        } else {
-            check(
-                &guest,
-                first.as_ref().is_err_and(|e| e.code == -32007),
-                || format!("unplug killed after {step} is undone: {first:?}"),
-            );
-            check(&guest, dimms == [id.clone()], || {
-                format!("after {step}: the DIMM stays: {dimms:?}")
-            });
-            mem_total_becomes(
-                &guest,
-                start_kib + DIMM_KIB,
-                "the DIMM's blocks online again",
-            )
-            .await;
-            let l = layout(&guest, &c).await;
-            check_movable_dimm(&guest, &scenario::layout_dimms(&l)[0], block_size);
-            unplug_to(&guest, &c, &id, start_kib).await;
-        }
-        let again = c.rpc_full("memory-unplug", unplug.clone()).await;
-        check(&guest, format!("{again:?}") == format!("{first:?}"), || {
-            format!("the retry after {step} answers the same: {again:?} vs {first:?}")
-        });
-        drop(bridge);
+        unplug_killed_after(&guest, state.path(), step, gone, start_kib, block_size).await;
     }
+}
+
+/// A plug (with a request-id) on a bridge killed after `step`, recovered by the next
+/// bridge on the journal in `state`: the DIMM `kept` and onlined movable, or nothing left.
+/// A retry answers the same and plugs nothing; the guest is left at `start_kib`.
+async fn plug_killed_after(
+    guest: &Guest,
+    state: &Path,
+    step: &str,
+    kept: bool,
+    start_kib: u64,
+    block_size: u64,
+) {
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES, "request-id": format!("kill-plug-{step}")});
+    let (bridge, c, first) = killed_then_recovered(guest, state, step, "memory-plug", &plug).await;
+    let (dimms, memdevs) = ours_in_qemu(guest);
+    if kept {
+        let Ok(done) = &first else {
+            fail(
+                guest,
+                &format!("plug killed after {step} is finished"),
+                format!("{first:?}"),
+            )
+        };
+        check(
+            guest,
+            dimms.len() == 1 && done["dimm"]["id"] == dimms[0].as_str(),
+            || format!("after {step}: one DIMM, the answered one: {dimms:?} {done}"),
+        );
+        mem_total_becomes(guest, start_kib + DIMM_KIB, "the kept DIMM is online").await;
+        one_movable_dimm(guest, &c, block_size, "the kept DIMM in the layout").await;
+    } else {
+        plug_undone(guest, step, &first, &dimms, &memdevs, start_kib);
+    }
+    retry_answers_the_same(guest, &c, "memory-plug", &plug, &first, step).await;
+    check(
+        guest,
+        ours_in_qemu(guest).0.len() == usize::from(kept),
+        || format!("the retry after {step} plugged nothing"),
+    );
+    if kept {
+        unplug_to(guest, &c, &dimms[0], start_kib).await;
+    }
+    drop(bridge);
+}
+
+/// A plug killed after `step`, before device_add, is undone: FAILED_PRECONDITION at step
+/// interrupted, no DIMM (`dimms`) nor backend (`memdevs`) of the bridge's left in QEMU,
+/// MemTotal unchanged.
+fn plug_undone(
+    guest: &Guest,
+    step: &str,
+    first: &Result<Value, RpcError>,
+    dimms: &[String],
+    memdevs: &[String],
+    start_kib: u64,
+) {
+    let Err(e) = first else {
+        fail(
+            guest,
+            &format!("plug killed after {step} is undone"),
+            format!("{first:?}"),
+        )
+    };
+    check(
+        guest,
+        e.code == -32007 && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted"),
+        || format!("after {step}: FAILED_PRECONDITION at step interrupted: {e:?}"),
+    );
+    check(guest, dimms.is_empty() && memdevs.is_empty(), || {
+        format!("after {step}: no DIMM and no backend left: {dimms:?} {memdevs:?}")
+    });
+    check(guest, mem_total(guest) == start_kib, || {
+        format!("MemTotal unchanged after {step}")
+    });
+}
+
+/// A plug sent without a request-id is journaled too: killed after device_add, its DIMM is
+/// kept and onlined by the next bridge, which nobody has to ask.
+async fn plug_without_request_id_killed(
+    guest: &Guest,
+    state: &Path,
+    start_kib: u64,
+    block_size: u64,
+) {
+    let (dying, c) = bridge_dying_after(guest, state, "device_add").await;
+    let r = c
+        .rpc_full("memory-plug", json!({"vm": "vm1", "size": DIMM_BYTES}))
+        .await;
+    check(guest, r.is_err(), || {
+        format!("the plug dies with its bridge: {r:?}")
+    });
+    drop(dying);
+    let (bridge, c) = behind_bridge_at(guest, Some(state)).await;
+    mem_total_becomes(
+        guest,
+        start_kib + DIMM_KIB,
+        "a plug without request-id is finished",
+    )
+    .await;
+    let id = one_movable_dimm(guest, &c, block_size, "one DIMM kept").await;
+    unplug_to(guest, &c, &id, start_kib).await;
+    drop(bridge);
+}
+
+/// An unplug (with a request-id) on a bridge killed after `step`, recovered by the next
+/// bridge on the journal in `state`: the DIMM `gone` with its backend, or still there and
+/// online again. A retry answers the same; the guest is left at `start_kib`.
+async fn unplug_killed_after(
+    guest: &Guest,
+    state: &Path,
+    step: &str,
+    gone: bool,
+    start_kib: u64,
+    block_size: u64,
+) {
+    let (bridge, c) = behind_bridge_at(guest, Some(state)).await;
+    let plug = json!({"vm": "vm1", "size": DIMM_BYTES});
+    let id = text(&ok(guest, "plug", scenario::call(&c, "memory-plug", plug).await)["dimm"]["id"]);
+    drop(bridge);
+    let unplug = json!({"vm": "vm1", "dimm": id, "request-id": format!("kill-unplug-{step}")});
+    let (bridge, c, first) =
+        killed_then_recovered(guest, state, step, "memory-unplug", &unplug).await;
+    let (dimms, memdevs) = ours_in_qemu(guest);
+    if gone {
+        check(
+            guest,
+            first.as_ref().is_ok_and(|d| d["dimm"]["id"] == id.as_str()),
+            || format!("unplug killed after {step} is finished: {first:?}"),
+        );
+        check(guest, dimms.is_empty() && memdevs.is_empty(), || {
+            format!("after {step}: DIMM and backend gone: {dimms:?} {memdevs:?}")
+        });
+        mem_total_becomes(guest, start_kib, "MemTotal back").await;
+    } else {
+        check(
+            guest,
+            first.as_ref().is_err_and(|e| e.code == -32007),
+            || format!("unplug killed after {step} is undone: {first:?}"),
+        );
+        check(guest, dimms == [id.clone()], || {
+            format!("after {step}: the DIMM stays: {dimms:?}")
+        });
+        mem_total_becomes(
+            guest,
+            start_kib + DIMM_KIB,
+            "the DIMM's blocks online again",
+        )
+        .await;
+        one_movable_dimm(guest, &c, block_size, "the DIMM kept in the layout").await;
+        unplug_to(guest, &c, &id, start_kib).await;
+    }
+    retry_answers_the_same(guest, &c, "memory-unplug", &unplug, &first, step).await;
+    drop(bridge);
 }
 
 /// A bridge in front of `guest` with `config` (TOML) after its `[vms]` table.
@@ -1204,6 +1337,23 @@ async fn vmem0_online_movable(guest: &Guest, c: &Clients, blocks: usize, when: &
     );
 }
 
+/// QEMU's vmem0: its `(requested-size, size)`.
+fn vmem0_sizes(guest: &Guest) -> (u64, u64) {
+    ok(
+        guest,
+        "virtio-mem sizes",
+        guest.control().virtio_mem_sizes("vmem0"),
+    )
+}
+
+/// Checks that QEMU's vmem0 requests and has `bytes` (`what` says so).
+fn vmem0_sizes_are(guest: &Guest, bytes: u64, what: &str) {
+    let sizes = vmem0_sizes(guest);
+    check(guest, sizes == (bytes, bytes), || {
+        format!("{what}: {sizes:?}")
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn virtio_mem_resize_through_the_bridge() {
     let guest = boot_with(GuestConfig {
@@ -1214,42 +1364,9 @@ async fn virtio_mem_resize_through_the_bridge() {
     let mut t = Timings::default();
     let state = tempfile::tempdir().expect("state directory");
     let (bridge, c) = behind_bridge_at(&guest, Some(state.path())).await;
-    let g = guest.control();
     let start_kib = mem_total(&guest);
-    let before = layout(&guest, &c).await;
-    let boot = before["boot-bytes"].as_u64().unwrap_or_default();
-    let block_size = before["block-size"].as_u64().unwrap_or(128 << 20);
-    let d = vmem0(&guest, &c).await;
-    check(
-        &guest,
-        d["max-size"] == 2 * GIB
-            && d["block-size"] == 2 << 20
-            && d["plugged-size"] == 0
-            && d["blocks"].as_array().is_some_and(Vec::is_empty),
-        || format!("vmem0 in the layout: 2 GiB at most, 2 MiB blocks, nothing plugged: {d}"),
-    );
-
-    // Grow by 1 GiB: QEMU's size reaches it and the guest has it online, movable.
-    let up = resize_to(
-        &guest,
-        &c,
-        boot + GIB,
-        start_kib + GIB / 1024,
-        "resize +1 GiB",
-    )
-    .await;
-    check(
-        &guest,
-        up["to-bytes"] == boot + GIB
-            && up["virtio-mem"] == json!([{"id": "vmem0", "from-bytes": 0, "to-bytes": GIB}])
-            && up["plugged"].as_array().is_some_and(Vec::is_empty),
-        || format!("the resize changed vmem0 alone, 0 -> 1 GiB: {up}"),
-    );
-    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
-    check(&guest, sizes == (GIB, GIB), || {
-        format!("QEMU: requested-size and size 1 GiB: {sizes:?}")
-    });
-    vmem0_online_movable(&guest, &c, 8, "after +1 GiB").await;
+    let (boot, block_size) = vmem0_empty_at_boot(&guest, &c).await;
+    vmem0_grows_by_1_gib(&guest, &c, boot, start_kib).await;
 
     // A reboot: QEMU keeps requested-size, the guest's driver plugs it again at boot and
     // leaves it offline (the guest's auto_online_blocks is back at `offline`); the keeper
@@ -1261,23 +1378,82 @@ async fn virtio_mem_resize_through_the_bridge() {
     // guest's blocks back to back: the driver removes blocks during listings, which leave
     // them out instead of failing.
     let lister = Lister::start(&c);
+    vmem0_shrinks_by_512_mib(&guest, &c, boot, start_kib).await;
+    resizes_past_max_size_or_off_blocks_refused(&guest, &c, boot).await;
+    resize_to(&guest, &c, boot, start_kib, "resize back to the boot size").await;
+    vmem0_sizes_are(&guest, 0, "QEMU: nothing plugged");
+    lister.check(&guest, "two virtio-mem shrinks").await;
+
+    drop(c);
+    drop(bridge);
+    let (bridge, c) =
+        killed_grow_recovers_at_one_size(&guest, state.path(), boot, start_kib, block_size).await;
+    resize_to(&guest, &c, boot, start_kib, "resize back after recovery").await;
+
+    // The agent's socket is the bridge's while it runs.
+    drop(c);
+    drop(bridge);
+    kernel_zone_shrink_ends_where_the_guest_got(&guest, boot, start_kib).await;
+    killed_kernel_zone_shrink_is_withdrawn(&guest, state.path(), boot).await;
+}
+
+/// vmem0 in the layout at boot: 2 GiB at most, 2 MiB blocks, nothing plugged. The boot
+/// memory and the guest's block size.
+async fn vmem0_empty_at_boot(guest: &Guest, c: &Clients) -> (u64, u64) {
+    let before = layout(guest, c).await;
+    let boot = before["boot-bytes"].as_u64().unwrap_or_default();
+    let block_size = before["block-size"].as_u64().unwrap_or(128 << 20);
+    let d = vmem0(guest, c).await;
+    check(
+        guest,
+        d["max-size"] == 2 * GIB
+            && d["block-size"] == 2 << 20
+            && d["plugged-size"] == 0
+            && d["blocks"].as_array().is_some_and(Vec::is_empty),
+        || format!("vmem0 in the layout: 2 GiB at most, 2 MiB blocks, nothing plugged: {d}"),
+    );
+    (boot, block_size)
+}
+
+/// Grow by 1 GiB: QEMU's size reaches it and the guest has it online, movable.
+async fn vmem0_grows_by_1_gib(guest: &Guest, c: &Clients, boot: u64, start_kib: u64) {
+    let up = resize_to(
+        guest,
+        c,
+        boot + GIB,
+        start_kib + GIB / 1024,
+        "resize +1 GiB",
+    )
+    .await;
+    check(
+        guest,
+        up["to-bytes"] == boot + GIB
+            && up["virtio-mem"] == json!([{"id": "vmem0", "from-bytes": 0, "to-bytes": GIB}])
+            && up["plugged"].as_array().is_some_and(Vec::is_empty),
+        || format!("the resize changed vmem0 alone, 0 -> 1 GiB: {up}"),
+    );
+    vmem0_sizes_are(guest, GIB, "QEMU: requested-size and size 1 GiB");
+    vmem0_online_movable(guest, c, 8, "after +1 GiB").await;
+}
+
+/// Shrink by 512 MiB: QEMU's size follows.
+async fn vmem0_shrinks_by_512_mib(guest: &Guest, c: &Clients, boot: u64, start_kib: u64) {
     let down = resize_to(
-        &guest,
-        &c,
+        guest,
+        c,
         boot + GIB / 2,
         start_kib + GIB / 2048,
         "resize -512 MiB",
     )
     .await;
-    check(&guest, down["to-bytes"] == boot + GIB / 2, || {
+    check(guest, down["to-bytes"] == boot + GIB / 2, || {
         format!("the VM has boot + 512 MiB: {down}")
     });
-    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
-    check(&guest, sizes == (GIB / 2, GIB / 2), || {
-        format!("QEMU: requested-size and size 512 MiB: {sizes:?}")
-    });
+    vmem0_sizes_are(guest, GIB / 2, "QEMU: requested-size and size 512 MiB");
+}
 
-    // Past max-size: refused, nothing changed.
+/// Past max-size: refused, nothing changed; a size off the device's block size: invalid.
+async fn resizes_past_max_size_or_off_blocks_refused(guest: &Guest, c: &Clients, boot: u64) {
     let refused = c
         .rpc_full(
             "memory-resize",
@@ -1285,57 +1461,41 @@ async fn virtio_mem_resize_through_the_bridge() {
         )
         .await;
     check(
-        &guest,
+        guest,
         matches!(&refused, Err(e) if e.code == -32007 && e.message.contains("past what")),
         || format!("a resize past max-size is FAILED_PRECONDITION: {refused:?}"),
     );
-    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
-    check(&guest, sizes == (GIB / 2, GIB / 2), || {
-        format!("nothing changed after the refusal: {sizes:?}")
-    });
+    vmem0_sizes_are(guest, GIB / 2, "nothing changed after the refusal");
     let odd = c
         .rpc_full(
             "memory-resize",
             json!({"vm": "vm1", "size": boot + (1 << 20)}),
         )
         .await;
-    check(&guest, matches!(&odd, Err(e) if e.code == -32602), || {
+    check(guest, matches!(&odd, Err(e) if e.code == -32602), || {
         format!("a size off the 2 MiB block size is invalid: {odd:?}")
     });
+}
 
-    // Back to the boot size.
-    resize_to(&guest, &c, boot, start_kib, "resize back to the boot size").await;
-    let sizes = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
-    check(&guest, sizes == (0, 0), || {
-        format!("QEMU: nothing plugged: {sizes:?}")
-    });
-    lister.check(&guest, "two virtio-mem shrinks").await;
-
-    // A bridge killed once requested-size is set: the next one stops QEMU and the guest
-    // at one size (requested-size = what the guest holds), onlines it, and answers a
-    // retry `interrupted`, naming that size; the retry changes nothing.
-    drop(c);
-    drop(bridge);
+/// A grow on a bridge killed once requested-size is set: the next one (on the journal in
+/// `state`) stops QEMU and the guest at one size (requested-size = what the guest holds),
+/// onlines it, and answers a retry `interrupted`, naming that size; the retry changes
+/// nothing. The next bridge.
+async fn killed_grow_recovers_at_one_size(
+    guest: &Guest,
+    state: &Path,
+    boot: u64,
+    start_kib: u64,
+    block_size: u64,
+) -> (BridgeProcess, Clients) {
     let grow = json!({"vm": "vm1", "size": boot + GIB, "request-id": "kill-vmem-grow"});
-    let (bridge, c, first) = killed_then_recovered(
-        &guest,
-        state.path(),
-        "requested-size",
-        "memory-resize",
-        &grow,
-    )
-    .await;
+    let step = "requested-size";
+    let (bridge, c, first) =
+        killed_then_recovered(guest, state, step, "memory-resize", &grow).await;
     // A plug the guest had under way as the request was withdrawn is given back at once.
-    let since = Instant::now();
-    let (requested, size) = loop {
-        let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
-        if requested == size || since.elapsed() > PATIENCE {
-            break (requested, size);
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
+    let (requested, size) = vmem0_settled(guest).await;
     check(
-        &guest,
+        guest,
         matches!(&first, Err(e) if e.code == -32007
             && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted")
             && e.message.contains(&format!("'vmem0' at {size} bytes")))
@@ -1348,55 +1508,51 @@ async fn virtio_mem_resize_through_the_bridge() {
         },
     );
     mem_total_becomes(
-        &guest,
+        guest,
         start_kib + size / 1024,
         "the recovered virtio-mem memory online",
     )
     .await;
     let blocks = size.div_ceil(block_size) as usize;
-    vmem0_online_movable(&guest, &c, blocks, "after recovery").await;
-    let again = c.rpc_full("memory-resize", grow.clone()).await;
-    check(&guest, format!("{again:?}") == format!("{first:?}"), || {
-        format!("the retry answers the same: {again:?} vs {first:?}")
+    vmem0_online_movable(guest, &c, blocks, "after recovery").await;
+    retry_answers_the_same(guest, &c, "memory-resize", &grow, &first, step).await;
+    check(guest, vmem0_sizes(guest) == (requested, size), || {
+        "the retry changed nothing".to_string()
     });
-    check(
-        &guest,
-        g.virtio_mem_sizes("vmem0").ok() == Some((requested, size)),
-        || "the retry changed nothing".to_string(),
-    );
-    resize_to(&guest, &c, boot, start_kib, "resize back after recovery").await;
+    (bridge, c)
+}
 
-    // Memory the guest onlines into the kernel zone (a bridge that leaves the guest's
-    // policy alone, and a guest that onlines online_kernel) cannot all be given back: the
-    // shrink ends where the guest got, with requested-size set back to it.
-    drop(c);
-    drop(bridge);
-    let mut agent = ok(
-        &guest,
-        "the agent's socket",
-        qga_testkit::QgaClient::connect(&guest.qga_socket()),
-    );
-    let set = ok(
-        &guest,
-        "set-auto-online",
-        agent.execute(
-            "__org.qga-bridge_set-auto-online",
-            Some(json!({"auto-online-blocks": "online_kernel"})),
-        ),
-    );
-    check(
-        &guest,
-        set["return"]["auto-online-blocks"] == "online_kernel",
-        || format!("the guest onlines online_kernel: {set}"),
-    );
-    drop(agent);
+/// QEMU's vmem0 sizes once its size is what it requests, within [`PATIENCE`].
+async fn vmem0_settled(guest: &Guest) -> (u64, u64) {
+    let g = guest.control();
+    let settled = qga_e2e::wait::until("vmem0's size at its request", PATIENCE, || async {
+        let (requested, size) = g.virtio_mem_sizes("vmem0")?;
+        anyhow::Ok(if requested == size {
+            ControlFlow::Break((requested, size))
+        } else {
+            ControlFlow::Continue(format!("requested-size {requested}, size {size}"))
+        })
+    })
+    .await;
+    ok(
+        guest,
+        "virtio-mem sizes",
+        settled.map_err(|e| format!("{e:#}")),
+    )
+}
+
+/// Memory the guest onlines into the kernel zone (a bridge that leaves the guest's policy
+/// alone, and a guest that onlines online_kernel) cannot all be given back: the shrink
+/// ends where the guest got, with requested-size set back to it.
+async fn kernel_zone_shrink_ends_where_the_guest_got(guest: &Guest, boot: u64, start_kib: u64) {
+    guest_onlines_online_kernel(guest);
     let (_bridge, c) = behind_bridge_config(
-        &guest,
+        guest,
         "[hotplug]\nauto_online = \"keep\"\noffline_budget_ms = 300\n",
     )
     .await;
     resize_to(
-        &guest,
+        guest,
         &c,
         boot + GIB,
         start_kib + GIB / 1024,
@@ -1407,17 +1563,15 @@ async fn virtio_mem_resize_through_the_bridge() {
         .rpc_full("memory-resize", json!({"vm": "vm1", "size": boot}))
         .await;
     eprintln!("e2e: shrinking kernel-zone virtio-mem memory: {stuck:?}");
-    let e = match stuck {
-        Err(e) => e,
-        Ok(v) => fail(
-            &guest,
-            "a shrink of kernel-zone memory within 300 ms without progress",
-            format!("the guest gave all of it back: {v}"),
-        ),
-    };
-    let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+    let e = refused(
+        guest,
+        "a shrink of kernel-zone memory within 300 ms without progress",
+        stuck,
+        "the guest gave all of it back",
+    );
+    let (requested, size) = vmem0_sizes(guest);
     check(
-        &guest,
+        guest,
         e.code == -32007
             && e.message.contains("set back")
             && e.message.contains(&format!("hold {size} bytes"))
@@ -1430,27 +1584,45 @@ async fn virtio_mem_resize_through_the_bridge() {
             )
         },
     );
-    let l = layout(&guest, &c).await;
-    check(&guest, l["plugged-bytes"] == size, || {
+    let l = layout(guest, &c).await;
+    check(guest, l["plugged-bytes"] == size, || {
         format!("the layout agrees with QEMU: {l}")
     });
+}
 
-    // The same shrink on a bridge killed once requested-size is set: the guest cannot get
-    // there, so the next bridge finds QEMU's request unmet and withdraws it.
-    drop(c);
-    drop(_bridge);
-    let shrink = json!({"vm": "vm1", "size": boot, "request-id": "kill-vmem-shrink"});
-    let (_bridge, _c, first) = killed_then_recovered(
-        &guest,
-        state.path(),
-        "requested-size",
-        "memory-resize",
-        &shrink,
-    )
-    .await;
-    let (requested, size) = ok(&guest, "virtio-mem sizes", g.virtio_mem_sizes("vmem0"));
+/// Has the guest's kernel online hot-added memory `online_kernel`, through the agent's
+/// socket (which no bridge may hold meanwhile).
+fn guest_onlines_online_kernel(guest: &Guest) {
+    let mut agent = ok(
+        guest,
+        "the agent's socket",
+        qga_testkit::QgaClient::connect(&guest.qga_socket()),
+    );
+    let set = ok(
+        guest,
+        "set-auto-online",
+        agent.execute(
+            "__org.qga-bridge_set-auto-online",
+            Some(json!({"auto-online-blocks": "online_kernel"})),
+        ),
+    );
     check(
-        &guest,
+        guest,
+        set["return"]["auto-online-blocks"] == "online_kernel",
+        || format!("the guest onlines online_kernel: {set}"),
+    );
+}
+
+/// The same shrink on a bridge killed once requested-size is set: the guest cannot get
+/// there, so the next bridge (on the journal in `state`) finds QEMU's request unmet and
+/// withdraws it.
+async fn killed_kernel_zone_shrink_is_withdrawn(guest: &Guest, state: &Path, boot: u64) {
+    let shrink = json!({"vm": "vm1", "size": boot, "request-id": "kill-vmem-shrink"});
+    let (_bridge, _c, first) =
+        killed_then_recovered(guest, state, "requested-size", "memory-resize", &shrink).await;
+    let (requested, size) = vmem0_sizes(guest);
+    check(
+        guest,
         matches!(&first, Err(e) if e.code == -32007
             && e.message.contains(&format!("'vmem0' at {size} bytes (its request for 0 withdrawn)")))
             && requested == size

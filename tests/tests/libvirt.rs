@@ -20,11 +20,8 @@ use qga_e2e::{
     scenario::{self, DIMM_BYTES},
     wait::{self, PATIENCE},
 };
-use qga_proto::v1::{
-    GetInfoRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlockChange,
-    PingRequest, SetMemoryBlocksRequest,
-};
-use serde_json::json;
+use qga_proto::v1::{GetInfoRequest, GetMemoryBlockInfoRequest, PingRequest};
+use serde_json::{Value, json};
 use tonic::Code;
 
 const URI: &str = "qemu:///system";
@@ -112,91 +109,32 @@ fn dimm_aliases(xml: &str) -> Vec<String> {
         .collect()
 }
 
+/// Waits until the bridge lists `d` and its agent answers through the bridge; its name.
+async fn served(c: &Clients, d: &Domain) -> String {
+    let vm = d.name().to_string();
+    wait_listed(c, &vm, true).await;
+    scenario::ping_until_ok(c, &vm, PATIENCE)
+        .await
+        .expect("agent through the bridge");
+    vm
+}
+
+/// `method` through JSON-RPC, which must answer; else the test fails with `what` and the
+/// guest's console.
+async fn call(c: &Clients, d: &Domain, what: &str, method: &str, params: Value) -> Value {
+    c.rpc(method, params)
+        .await
+        .unwrap_or_else(|e| panic!("{what}: {e:?}\nconsole:\n{}", d.console_text()))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_agent_method_works_through_libvirt_and_virsh_still_does() {
     let d = domain("qga-lv-api");
     let (_bridge, c) = bridge().await;
     let vm = d.name().to_string();
     wait_listed(&c, &vm, true).await;
-
-    // gRPC, with virsh's own agent calls in between: libvirtd keeps the socket.
-    let mut agent = c.agent.clone();
-    let mut memory = c.memory.clone();
-    agent
-        .ping(PingRequest { vm: vm.clone() })
-        .await
-        .expect("Ping");
-    virsh_ping(&d);
-    let info = agent
-        .get_info(GetInfoRequest { vm: vm.clone() })
-        .await
-        .expect("GetInfo")
-        .into_inner();
-    assert!(!info.version.is_empty(), "{info:?}");
-    virsh_ping(&d);
-    let blocks = memory
-        .get_memory_blocks(GetMemoryBlocksRequest { vm: vm.clone() })
-        .await
-        .expect("GetMemoryBlocks")
-        .into_inner()
-        .blocks;
-    assert!(!blocks.is_empty());
-    let size = memory
-        .get_memory_block_info(GetMemoryBlockInfoRequest { vm: vm.clone() })
-        .await
-        .expect("GetMemoryBlockInfo")
-        .into_inner()
-        .size;
-    assert!(size.is_power_of_two(), "{size}");
-    virsh_ping(&d);
-    // Onlining an online block: a state change that changes nothing, answered per block.
-    let online = blocks.iter().find(|b| b.online).expect("an online block");
-    let results = memory
-        .set_memory_blocks(SetMemoryBlocksRequest {
-            vm: vm.clone(),
-            blocks: vec![MemoryBlockChange {
-                phys_index: online.phys_index,
-                online: true,
-            }],
-        })
-        .await
-        .expect("SetMemoryBlocks")
-        .into_inner()
-        .results;
-    assert_eq!(results.len(), 1);
-    assert_eq!(results[0].phys_index, online.phys_index);
-    virsh_ping(&d);
-
-    // JSON-RPC: the same methods by their QGA names.
-    for method in [
-        "guest-ping",
-        "guest-info",
-        "guest-get-memory-blocks",
-        "guest-get-memory-block-info",
-    ] {
-        c.rpc(method, json!({"vm": vm}))
-            .await
-            .unwrap_or_else(|e| panic!("{method}: {e:?}"));
-        virsh_ping(&d);
-    }
-    let set = c
-        .rpc(
-            "guest-set-memory-blocks",
-            json!({"vm": vm, "mem-blks": [{"phys-index": online.phys_index, "online": true}]}),
-        )
-        .await
-        .expect("guest-set-memory-blocks");
-    assert_eq!(set.as_array().map(Vec::len), Some(1), "{set}");
-    // A block the guest does not have: the agent's per-block answer, not an error.
-    let missing = c
-        .rpc(
-            "guest-set-memory-blocks",
-            json!({"vm": vm, "mem-blks": [{"phys-index": 999_999, "online": true}]}),
-        )
-        .await
-        .expect("guest-set-memory-blocks on a missing block");
-    assert_eq!(missing[0]["response"], "not-found", "{missing}");
-    virsh_ping(&d);
+    let online = grpc_methods_between_virsh_calls(&c, &d).await;
+    jsonrpc_methods_between_virsh_calls(&c, &d, online).await;
 
     let vms = listed(&c).await;
     assert!(
@@ -210,68 +148,89 @@ async fn every_agent_method_works_through_libvirt_and_virsh_still_does() {
     );
 }
 
+/// Every agent method through gRPC, with virsh's own agent calls in between: libvirtd
+/// keeps the socket. The index of an online block.
+async fn grpc_methods_between_virsh_calls(c: &Clients, d: &Domain) -> u64 {
+    let vm = d.name().to_string();
+    let mut agent = c.agent.clone();
+    agent
+        .ping(PingRequest { vm: vm.clone() })
+        .await
+        .expect("Ping");
+    virsh_ping(d);
+    let info = agent
+        .get_info(GetInfoRequest { vm: vm.clone() })
+        .await
+        .expect("GetInfo")
+        .into_inner();
+    assert!(!info.version.is_empty(), "{info:?}");
+    virsh_ping(d);
+    let blocks = scenario::blocks(c, &vm).await.expect("GetMemoryBlocks");
+    assert!(!blocks.is_empty());
+    let size = c
+        .memory
+        .clone()
+        .get_memory_block_info(GetMemoryBlockInfoRequest { vm: vm.clone() })
+        .await
+        .expect("GetMemoryBlockInfo")
+        .into_inner()
+        .size;
+    assert!(size.is_power_of_two(), "{size}");
+    virsh_ping(d);
+    // Onlining an online block: a state change that changes nothing, answered per block.
+    let online = blocks.iter().find(|b| b.online).expect("an online block");
+    let results = scenario::set(c, &vm, &[online.phys_index], true)
+        .await
+        .expect("SetMemoryBlocks");
+    assert_eq!(results.len(), 1);
+    assert_eq!(results[0].phys_index, online.phys_index);
+    virsh_ping(d);
+    online.phys_index
+}
+
+/// The same methods through JSON-RPC, by their QGA names, with virsh's calls in between;
+/// `online` is the index of an online block.
+async fn jsonrpc_methods_between_virsh_calls(c: &Clients, d: &Domain, online: u64) {
+    let vm = d.name();
+    for method in [
+        "guest-ping",
+        "guest-info",
+        "guest-get-memory-blocks",
+        "guest-get-memory-block-info",
+    ] {
+        c.rpc(method, json!({"vm": vm}))
+            .await
+            .unwrap_or_else(|e| panic!("{method}: {e:?}"));
+        virsh_ping(d);
+    }
+    let set = c
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": [{"phys-index": online, "online": true}]}),
+        )
+        .await
+        .expect("guest-set-memory-blocks");
+    assert_eq!(set.as_array().map(Vec::len), Some(1), "{set}");
+    // A block the guest does not have: the agent's per-block answer, not an error.
+    let missing = c
+        .rpc(
+            "guest-set-memory-blocks",
+            json!({"vm": vm, "mem-blks": [{"phys-index": 999_999, "online": true}]}),
+        )
+        .await
+        .expect("guest-set-memory-blocks on a missing block");
+    assert_eq!(missing[0]["response"], "not-found", "{missing}");
+    virsh_ping(d);
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn plug_and_unplug_through_libvirt_keep_its_xml_true() {
     let d = domain("qga-lv-hotplug");
     let (_bridge, c) = bridge().await;
-    let vm = d.name().to_string();
-    wait_listed(&c, &vm, true).await;
-    scenario::ping_until_ok(&c, &vm, PATIENCE)
-        .await
-        .expect("agent through the bridge");
+    let vm = served(&c, &d).await;
     let before = d.control().mem_total_kib().expect("MemTotal");
-
-    let plugged = c
-        .rpc("memory-plug", json!({"vm": vm, "size": DIMM_BYTES}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-plug: {e:?}\nconsole:\n{}", d.console_text()));
-    scenario::print_steps("libvirt plug", &plugged);
-    let dimm = plugged["dimm"]["id"]
-        .as_str()
-        .expect("the DIMM's id")
-        .to_string();
-    let xml = d.dumpxml().expect("dumpxml");
-    assert_eq!(dimm_aliases(&xml), vec![dimm.clone()], "{xml}");
-    mem_total_becomes(&d, before + DIMM_BYTES / 1024).await;
-    let layout = scenario::memory_layout(&c, &vm)
-        .await
-        .expect("memory-layout");
-    let dimms = scenario::layout_dimms(&layout);
-    assert_eq!(dimms.len(), 1, "{layout}");
-    assert!(
-        scenario::block_states(&dimms[0])
-            .iter()
-            .all(|s| *s == "online"),
-        "{layout}"
-    );
-    virsh_ping(&d);
-
-    let unplugged = c
-        .rpc("memory-unplug", json!({"vm": vm, "dimm": dimm}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-unplug: {e:?}\nconsole:\n{}", d.console_text()));
-    scenario::print_steps("libvirt unplug", &unplugged);
-    let xml = d.dumpxml().expect("dumpxml");
-    assert!(dimm_aliases(&xml).is_empty(), "{xml}");
-    mem_total_becomes(&d, before).await;
-
-    // Resize: the boot memory and the plugged DIMMs come from libvirt's XML.
-    let boot = 512u64 << 20;
-    let grown = c
-        .rpc("memory-resize", json!({"vm": vm, "size": boot + (1 << 30)}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-resize up: {e:?}\nconsole:\n{}", d.console_text()));
-    assert_eq!(grown["to-bytes"], boot + (1 << 30), "{grown}");
-    let xml = d.dumpxml().expect("dumpxml");
-    assert_eq!(dimm_aliases(&xml).len(), 2, "two 512 MiB DIMMs: {xml}");
-    mem_total_becomes(&d, before + (1 << 30) / 1024).await;
-    let shrunk = c
-        .rpc("memory-resize", json!({"vm": vm, "size": boot}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-resize down: {e:?}\nconsole:\n{}", d.console_text()));
-    assert_eq!(shrunk["to-bytes"], boot, "{shrunk}");
-    assert!(dimm_aliases(&d.dumpxml().expect("dumpxml")).is_empty());
-    mem_total_becomes(&d, before).await;
+    plug_and_unplug_keep_the_xml_true(&c, &d, before).await;
+    resize_keeps_the_xml_true(&c, &d, before).await;
 
     // A DIMM the domain has no room for is refused before libvirt is asked.
     let too_big = c
@@ -286,17 +245,64 @@ async fn plug_and_unplug_through_libvirt_keep_its_xml_true() {
     }
 }
 
+/// Plug 512 MiB: `virsh dumpxml` shows the DIMM, MemTotal grows from `before` and the
+/// layout has its blocks online; unplug: the DIMM leaves the XML, MemTotal is back.
+async fn plug_and_unplug_keep_the_xml_true(c: &Clients, d: &Domain, before: u64) {
+    let vm = d.name();
+    let plug = json!({"vm": vm, "size": DIMM_BYTES});
+    let plugged = call(c, d, "memory-plug", "memory-plug", plug).await;
+    scenario::print_steps("libvirt plug", &plugged);
+    let dimm = plugged["dimm"]["id"]
+        .as_str()
+        .expect("the DIMM's id")
+        .to_string();
+    let xml = d.dumpxml().expect("dumpxml");
+    assert_eq!(dimm_aliases(&xml), vec![dimm.clone()], "{xml}");
+    mem_total_becomes(d, before + DIMM_BYTES / 1024).await;
+    let layout = scenario::memory_layout(c, vm).await.expect("memory-layout");
+    let dimms = scenario::layout_dimms(&layout);
+    assert_eq!(dimms.len(), 1, "{layout}");
+    assert!(
+        scenario::block_states(&dimms[0])
+            .iter()
+            .all(|s| *s == "online"),
+        "{layout}"
+    );
+    virsh_ping(d);
+
+    let unplug = json!({"vm": vm, "dimm": dimm});
+    let unplugged = call(c, d, "memory-unplug", "memory-unplug", unplug).await;
+    scenario::print_steps("libvirt unplug", &unplugged);
+    let xml = d.dumpxml().expect("dumpxml");
+    assert!(dimm_aliases(&xml).is_empty(), "{xml}");
+    mem_total_becomes(d, before).await;
+}
+
+/// Resize: the boot memory and the plugged DIMMs come from libvirt's XML; up by 1 GiB
+/// (two DIMMs in the XML) and back (none).
+async fn resize_keeps_the_xml_true(c: &Clients, d: &Domain, before: u64) {
+    let vm = d.name();
+    let boot = 512u64 << 20;
+    let up = json!({"vm": vm, "size": boot + (1 << 30)});
+    let grown = call(c, d, "memory-resize up", "memory-resize", up).await;
+    assert_eq!(grown["to-bytes"], boot + (1 << 30), "{grown}");
+    let xml = d.dumpxml().expect("dumpxml");
+    assert_eq!(dimm_aliases(&xml).len(), 2, "two 512 MiB DIMMs: {xml}");
+    mem_total_becomes(d, before + (1 << 30) / 1024).await;
+    let down = json!({"vm": vm, "size": boot});
+    let shrunk = call(c, d, "memory-resize down", "memory-resize", down).await;
+    assert_eq!(shrunk["to-bytes"], boot, "{shrunk}");
+    assert!(dimm_aliases(&d.dumpxml().expect("dumpxml")).is_empty());
+    mem_total_becomes(d, before).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
     Libvirtd::ensure().expect("libvirtd");
     let (_bridge, c) = bridge().await;
     // Started after the bridge: appears without a restart.
     let d = domain("qga-lv-life");
-    let vm = d.name().to_string();
-    wait_listed(&c, &vm, true).await;
-    scenario::ping_until_ok(&c, &vm, PATIENCE)
-        .await
-        .expect("agent through the bridge");
+    let vm = served(&c, &d).await;
 
     // libvirtd down: the domain stays listed, its calls fail UNAVAILABLE.
     Libvirtd::stop().expect("stopping libvirtd");
@@ -351,39 +357,13 @@ async fn domains_come_and_go_and_libvirtd_restarts_are_survived() {
 async fn virtio_mem_resize_through_libvirt() {
     let d = answering(Domain::start_virtio_mem("qga-lv-vmem"));
     let (_bridge, c) = bridge().await;
-    let vm = d.name().to_string();
-    wait_listed(&c, &vm, true).await;
-    scenario::ping_until_ok(&c, &vm, PATIENCE)
-        .await
-        .expect("agent through the bridge");
+    let vm = served(&c, &d).await;
     let before = d.control().mem_total_kib().expect("MemTotal");
-    let layout = scenario::memory_layout(&c, &vm).await.expect("layout");
-    let boot = layout["boot-bytes"].as_u64().unwrap_or_default();
-    let vmem = &layout["virtio-mem"][0];
-    assert_eq!(
-        boot,
-        512 << 20,
-        "libvirt's <memory> less the device: {layout}"
-    );
-    assert_eq!(vmem["id"], "virtiomem0", "{layout}");
-    assert_eq!(vmem["max-size"], 2u64 << 30, "{layout}");
-    assert!(
-        vmem["addr"].as_u64().is_some(),
-        "the address, from QEMU: {layout}"
-    );
-    let current = |xml: &str| {
-        let at = xml.find("model='virtio-mem'").unwrap_or_default();
-        let rest = &xml[at..];
-        rest.find("<current unit='KiB'>")
-            .and_then(|i| rest[i + 20..].split('<').next())
-            .and_then(|n| n.parse::<u64>().ok())
-    };
+    let boot = virtio_mem_device_in_the_layout(&c, &vm).await;
 
     // Grow by 1 GiB: libvirt's <current> and the guest's MemTotal follow.
-    let grown = c
-        .rpc("memory-resize", json!({"vm": vm, "size": boot + (1 << 30)}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-resize up: {e:?}\nconsole:\n{}", d.console_text()));
+    let up = json!({"vm": vm, "size": boot + (1 << 30)});
+    let grown = call(&c, &d, "memory-resize up", "memory-resize", up).await;
     scenario::print_steps("libvirt virtio-mem resize up", &grown);
     assert_eq!(
         grown["virtio-mem"],
@@ -391,20 +371,7 @@ async fn virtio_mem_resize_through_libvirt() {
         "{grown}"
     );
     mem_total_becomes(&d, before + (1 << 30) / 1024).await;
-    // libvirt's <current> follows QEMU's size-change event, which QEMU sends at most once a
-    // second; the bridge answered from QEMU's own size.
-    let current_becomes = |kib: u64| {
-        wait::until_blocking(&format!("<current> is {kib} KiB"), PATIENCE, || {
-            let xml = d.dumpxml().expect("dumpxml");
-            anyhow::Ok(if current(&xml) == Some(kib) {
-                ControlFlow::Break(())
-            } else {
-                ControlFlow::Continue(xml)
-            })
-        })
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    };
-    current_becomes(1 << 20);
+    current_becomes(&d, 1 << 20);
     let layout = scenario::memory_layout(&c, &vm).await.expect("layout");
     let blocks = layout["virtio-mem"][0]["blocks"]
         .as_array()
@@ -419,13 +386,56 @@ async fn virtio_mem_resize_through_libvirt() {
     );
 
     // And back.
-    let shrunk = c
-        .rpc("memory-resize", json!({"vm": vm, "size": boot}))
-        .await
-        .unwrap_or_else(|e| panic!("memory-resize down: {e:?}\nconsole:\n{}", d.console_text()));
+    let down = json!({"vm": vm, "size": boot});
+    let shrunk = call(&c, &d, "memory-resize down", "memory-resize", down).await;
     scenario::print_steps("libvirt virtio-mem resize down", &shrunk);
     assert_eq!(shrunk["to-bytes"], boot, "{shrunk}");
     mem_total_becomes(&d, before).await;
-    current_becomes(0);
+    current_becomes(&d, 0);
     virsh_ping(&d);
+}
+
+/// The layout of `vm` with its virtio-mem device: the boot memory is libvirt's <memory>
+/// less the device, which is `virtiomem0`, 2 GiB at most, at the address QEMU gave it.
+/// The boot memory.
+async fn virtio_mem_device_in_the_layout(c: &Clients, vm: &str) -> u64 {
+    let layout = scenario::memory_layout(c, vm).await.expect("layout");
+    let boot = layout["boot-bytes"].as_u64().unwrap_or_default();
+    let vmem = &layout["virtio-mem"][0];
+    assert_eq!(
+        boot,
+        512 << 20,
+        "libvirt's <memory> less the device: {layout}"
+    );
+    assert_eq!(vmem["id"], "virtiomem0", "{layout}");
+    assert_eq!(vmem["max-size"], 2u64 << 30, "{layout}");
+    assert!(
+        vmem["addr"].as_u64().is_some(),
+        "the address, from QEMU: {layout}"
+    );
+    boot
+}
+
+/// The `<current>` KiB of the domain's virtio-mem device in its XML.
+fn virtio_mem_current(xml: &str) -> Option<u64> {
+    let at = xml.find("model='virtio-mem'").unwrap_or_default();
+    let rest = &xml[at..];
+    rest.find("<current unit='KiB'>")
+        .and_then(|i| rest[i + 20..].split('<').next())
+        .and_then(|n| n.parse::<u64>().ok())
+}
+
+/// Waits until libvirt's `<current>` for the virtio-mem device is `kib`: it follows QEMU's
+/// size-change event, which QEMU sends at most once a second (the bridge answered from
+/// QEMU's own size).
+fn current_becomes(d: &Domain, kib: u64) {
+    wait::until_blocking(&format!("<current> is {kib} KiB"), PATIENCE, || {
+        let xml = d.dumpxml().expect("dumpxml");
+        anyhow::Ok(if virtio_mem_current(&xml) == Some(kib) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(xml)
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}"));
 }

@@ -2,27 +2,19 @@
 //! the agent's end of the connection byte by byte and asserts what the caller gets and what
 //! the agent sees next.
 
-use std::{
-    io,
-    path::Path,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicUsize, Ordering},
-    },
-    time::Duration,
-};
+use std::{path::Path, sync::Arc, time::Duration};
 
 use bytes::BytesMut;
+use qga_testkit::{PipeEnds, Pipes};
 use qga_wire::{Frame, QgaCodec, schema::GuestMemoryBlockInfo};
 use serde_json::{Value, json};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt, DuplexStream},
-    sync::mpsc,
     time::Instant,
 };
 use tokio_util::codec::Decoder;
 
-use super::{Connector, Session};
+use super::Session;
 use crate::{
     call::{BlockChanges, Call, Reply},
     config::Config,
@@ -30,36 +22,10 @@ use crate::{
     metrics::Metrics,
 };
 
-/// Hands the session one end of a fresh in-memory pipe per connection, the test the other.
-struct Pipes {
-    agents: mpsc::UnboundedSender<DuplexStream>,
-    refuse: Arc<AtomicBool>,
-    connects: Arc<AtomicUsize>,
-    capacity: usize,
-}
-
-impl Connector for Pipes {
-    type Stream = DuplexStream;
-
-    async fn connect(&self) -> io::Result<DuplexStream> {
-        self.connects.fetch_add(1, Ordering::SeqCst);
-        if self.refuse.load(Ordering::SeqCst) {
-            return Err(io::ErrorKind::ConnectionRefused.into());
-        }
-        let (ours, theirs) = tokio::io::duplex(self.capacity);
-        self.agents
-            .send(theirs)
-            .map_err(|_| io::Error::from(io::ErrorKind::ConnectionRefused))?;
-        Ok(ours)
-    }
-}
-
 /// A session under test and the means to play its agent.
 struct Rig {
     session: Arc<Session>,
-    agents: mpsc::UnboundedReceiver<DuplexStream>,
-    refuse: Arc<AtomicBool>,
-    connects: Arc<AtomicUsize>,
+    agents: PipeEnds,
     metrics: Arc<Metrics>,
 }
 
@@ -71,15 +37,7 @@ impl Rig {
     /// A rig whose pipes hold `capacity` bytes, on a configuration `tweak`ed from one
     /// without coalescing.
     fn with(capacity: usize, tweak: impl FnOnce(&mut Config)) -> Self {
-        let (tx, agents) = mpsc::unbounded_channel();
-        let refuse = Arc::new(AtomicBool::new(false));
-        let connects = Arc::new(AtomicUsize::new(0));
-        let pipes = Pipes {
-            agents: tx,
-            refuse: refuse.clone(),
-            connects: connects.clone(),
-            capacity,
-        };
+        let (pipes, agents) = Pipes::new(capacity);
         let mut config = Config {
             coalesce_reads: false,
             ..Config::default()
@@ -98,15 +56,13 @@ impl Rig {
         Self {
             session,
             agents,
-            refuse,
-            connects,
             metrics,
         }
     }
 
     /// The agent's end of the next connection the session opens.
     async fn accept(&mut self) -> Agent {
-        let io = self.agents.recv().await.expect("the session connects");
+        let io = self.agents.accept().await.expect("the session connects");
         Agent {
             io,
             buf: BytesMut::new(),
@@ -135,7 +91,7 @@ impl Rig {
     }
 
     fn connects(&self) -> usize {
-        self.connects.load(Ordering::SeqCst)
+        self.agents.connects()
     }
 
     /// Starts `call` on a fresh session: accepts its connection, answers the handshake and
@@ -378,7 +334,7 @@ async fn a_request_cut_off_half_sent_drops_the_connection() {
 #[tokio::test(start_paused = true)]
 async fn failed_connects_back_off() {
     let mut rig = Rig::new();
-    rig.refuse.store(true, Ordering::SeqCst);
+    rig.agents.refuse(true);
     let err = rig.start(Call::Ping, 1000).await.expect("joins");
     assert!(
         matches!(&err, Err(BridgeError::Unavailable { reason, .. }) if reason.contains("cannot connect")),
@@ -397,13 +353,9 @@ async fn failed_connects_back_off() {
     assert_eq!(rig.connects(), 2);
     tokio::time::sleep(Duration::from_millis(110)).await;
     assert!(rig.start(Call::Ping, 1000).await.expect("joins").is_err());
-    assert_eq!(
-        rig.connects.load(Ordering::SeqCst),
-        2,
-        "backoff is now 200 ms"
-    );
+    assert_eq!(rig.connects(), 2, "backoff is now 200 ms");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    rig.refuse.store(false, Ordering::SeqCst);
+    rig.agents.refuse(false);
     let (call, mut agent, id) = rig.open(Call::Ping, 1000).await;
     agent.answer(&id, json!({})).await;
     assert!(call.await.expect("joins").is_ok());
