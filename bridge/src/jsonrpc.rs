@@ -334,7 +334,7 @@ pub async fn serve(
 }
 
 /// jsonrpsee's settings from the bridge's limits.
-fn server_config(limits: &crate::config::Limits) -> ServerConfig {
+fn server_config(limits: &crate::config::LimitsConfig) -> ServerConfig {
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
         .ping_interval(keepalive)

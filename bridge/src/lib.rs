@@ -127,7 +127,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Binds `at`; returns the listener and, for TCP, the bound address.
 async fn listen(
     at: &config::Listen,
-    unix: &config::UnixSockets,
+    unix: &config::UnixSocketsConfig,
 ) -> Result<(transport::Listener, Option<SocketAddr>), StartError> {
     let failed = |source| StartError::Bind {
         addr: at.to_string(),

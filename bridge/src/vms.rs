@@ -59,15 +59,15 @@ impl Vms {
             config: config.clone(),
             metrics,
         });
-        for (name, socket) in &config.vms {
-            let shared = config.shared.contains(name);
+        for (name, vm) in &config.vms {
+            let shared = vm.shared();
             let agent = AgentSource::Socket {
-                path: socket.clone(),
+                path: vm.qga.clone(),
                 shared,
             };
-            let memory = config
+            let memory = vm
                 .qmp
-                .get(name)
+                .as_deref()
                 .map(|qmp| VmMemory::qmp(&vms.hotplug, qmp, shared));
             vms.put(name, agent, memory);
         }

@@ -7,7 +7,7 @@ use std::{ops::ControlFlow, path::PathBuf, time::Duration};
 
 use common::{clients, config, eventually, rpc, start};
 use jsonrpsee::{core::client::ClientT, ws_client::WsClientBuilder};
-use qga_bridge::Config;
+use qga_bridge::{Config, config::VmConfig};
 use qga_fake_agent::{FakeAgent, Fault};
 use qga_proto::v1::{
     MemoryBlockChange, PingRequest, SetMemoryBlocksRequest, guest_agent_client::GuestAgentClient,
@@ -244,7 +244,8 @@ async fn calls_over_the_bridge_wide_limit_are_refused_at_once() {
     let other = FakeAgent::start(&other_path, 4).expect("fake agent");
     let (_d, agent, bridge) = setup(|c| {
         c.limits.max_in_flight = 2;
-        c.vms.insert("vm2".into(), other_path.clone());
+        c.vms
+            .insert("vm2".into(), VmConfig::agent(other_path.clone()));
     })
     .await;
     // Long enough for the two refusals below to come while both calls are at their guests.
