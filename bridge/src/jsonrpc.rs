@@ -242,7 +242,7 @@ pub fn decode(method: &str, params: &str, max_set_entries: usize) -> Result<Deco
     })
 }
 
-/// The calls in flight on one connection (`limits.max_connection_calls`), carried in its
+/// The calls in flight on one connection (`limits.jsonrpc_max_connection_calls`), carried in its
 /// requests' extensions.
 #[derive(Debug, Clone)]
 pub struct ConnectionCalls(pub Arc<Semaphore>);
@@ -259,8 +259,8 @@ fn connection_slot(
     calls.clone().try_acquire_owned().map(Some).map_err(|_| {
         service.metrics().refused("jsonrpc", "connection_calls");
         BridgeError::Overloaded(format!(
-            "{} calls in flight on this connection (limits.max_connection_calls)",
-            service.config().limits.max_connection_calls
+            "{} calls in flight on this connection (limits.jsonrpc_max_connection_calls)",
+            service.config().limits.jsonrpc_max_connection_calls
         ))
     })
 }
@@ -307,9 +307,12 @@ pub async fn serve(
         .to_service_builder();
     let methods: Methods = module(service.clone()).into();
     let conn = Connection {
-        budget: BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes),
+        budget: BodyBudget::new(
+            limits.jsonrpc_body_budget_bytes,
+            limits.jsonrpc_max_request_bytes,
+        ),
         header_timeout: Duration::from_millis(limits.header_read_timeout_ms),
-        max_calls: limits.max_connection_calls,
+        max_calls: limits.jsonrpc_max_connection_calls,
         tls,
         keeper: Gatekeeper::new("jsonrpc", service.auth().clone(), service.metrics().clone())
             .with_policy(HttpPolicy::new(&service.config().http, gate.local_addr()))
@@ -343,12 +346,12 @@ fn server_config(limits: &crate::config::LimitsConfig) -> ServerConfig {
     ServerConfig::builder()
         // Sockets are capped by the gate; this cap (jsonrpsee counts requests) never binds
         // before it.
-        .max_connections(limits.max_connections)
-        .max_request_body_size(limits.max_request_bytes)
+        .max_connections(limits.jsonrpc_max_connections)
+        .max_request_body_size(limits.jsonrpc_max_request_bytes)
         .max_response_body_size(
             u32::try_from(limits.max_reply_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         )
-        .set_batch_request_config(BatchRequestConfig::Limit(limits.max_batch))
+        .set_batch_request_config(BatchRequestConfig::Limit(limits.jsonrpc_max_batch))
         .enable_ws_ping(ping)
         .build()
 }

@@ -200,7 +200,7 @@ impl Servers<'_> {
     async fn jsonrpc(&mut self) -> Result<Option<SocketAddr>, StartError> {
         let config = self.config;
         let (listener, addr) = listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
-        let max = config.limits.max_connections as usize;
+        let max = config.limits.jsonrpc_max_connections as usize;
         let gate = transport::Gate::new(listener, max, "jsonrpc", self.metrics.clone()).http();
         self.tasks.spawn(jsonrpc::serve(
             gate,

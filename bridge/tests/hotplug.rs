@@ -372,7 +372,7 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
         core::client::ClientT, core::params::ObjectParams, ws_client::WsClientBuilder,
     };
     let s = setup_with(false, |c| {
-        c.limits.max_connection_calls = 1;
+        c.limits.jsonrpc_max_connection_calls = 1;
     })
     .await;
     let url = format!("ws://{}", s.bridge.jsonrpc_addr.expect("TCP listener"));

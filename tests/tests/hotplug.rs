@@ -363,7 +363,7 @@ async fn plug_unplug_and_resize_through_the_bridge() {
         format!("the backend {memdev} is gone (object-del): {memdevs:?}")
     });
 
-    // Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size), all added
+    // Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size_bytes), all added
     // first, then onlined by one agent call as their blocks appear.
     let since = Instant::now();
     let up = ok(

@@ -3,6 +3,8 @@
 
 use std::{fmt, path::PathBuf};
 
+use super::file::Deprecation;
+
 /// Why the configuration is unusable.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -93,6 +95,31 @@ impl ConfigError {
             bound: Bound::AtLeast(min),
         })
     }
+
+    /// The error with the keys the file gave under a deprecated name named by that name,
+    /// as the user wrote them.
+    pub(super) fn named_as_written(self, deprecated: &[Deprecation]) -> Self {
+        let written = |key: String| match deprecated.iter().find(|d| d.new == key) {
+            Some(d) => d.old.to_string(),
+            None => key,
+        };
+        match self {
+            Self::Invalid { key, reason } => Self::Invalid {
+                key: written(key),
+                reason,
+            },
+            Self::OutOfRange { key, value, bound } => Self::OutOfRange {
+                key: written(key),
+                value,
+                bound,
+            },
+            Self::Conflict { keys, reason } => Self::Conflict {
+                keys: (written(keys.0), written(keys.1)),
+                reason,
+            },
+            other => other,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -115,6 +142,18 @@ mod tests {
             e.to_string(),
             "invalid configuration: hotplug.timeout_ms: must be at most 86400000 (one day), \
              not 86400001"
+        );
+        let old = [Deprecation {
+            old: "limits.max_batch",
+            new: "limits.jsonrpc_max_batch",
+        }];
+        let e = ConfigError::at_least("limits.jsonrpc_max_batch", 0, 1)
+            .expect_err("zero")
+            .named_as_written(&old);
+        assert!(
+            e.to_string()
+                .contains(" limits.max_batch: must be at least 1"),
+            "{e}"
         );
     }
 }

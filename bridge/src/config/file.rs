@@ -1,7 +1,9 @@
-//! The TOML file: its schema, and how it goes over the defaults.
+//! The TOML file: its schema, the keys renamed (still read under their old names for one
+//! release, with a warning), and how it goes over the defaults.
 
 use std::{
     collections::BTreeMap,
+    fmt,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -59,14 +61,87 @@ impl From<VmEntry> for VmConfig {
     }
 }
 
+/// A renamed key: the file may still give `old` for one release; it is read as `new`,
+/// with a warning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deprecation {
+    /// The old key, e.g. `limits.max_connections`.
+    pub old: &'static str,
+    /// The key it is now, e.g. `limits.jsonrpc_max_connections`.
+    pub new: &'static str,
+}
+
+impl fmt::Display for Deprecation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "config key {} is deprecated; use {}", self.old, self.new)
+    }
+}
+
+/// Every renamed key; each old name is also a `#[serde(alias)]` of its new field.
+pub(super) const RENAMED: &[Deprecation] = &[
+    renamed("limits.max_connections", "limits.jsonrpc_max_connections"),
+    renamed("limits.max_batch", "limits.jsonrpc_max_batch"),
+    renamed(
+        "limits.max_connection_calls",
+        "limits.jsonrpc_max_connection_calls",
+    ),
+    renamed(
+        "limits.max_request_bytes",
+        "limits.jsonrpc_max_request_bytes",
+    ),
+    renamed(
+        "limits.body_budget_bytes",
+        "limits.jsonrpc_body_budget_bytes",
+    ),
+    renamed("hotplug.qmp_timeout_ms", "hotplug.hypervisor_timeout_ms"),
+    renamed("hotplug.dimm_size", "hotplug.dimm_size_bytes"),
+];
+
+const fn renamed(old: &'static str, new: &'static str) -> Deprecation {
+    Deprecation { old, new }
+}
+
+/// The renamed keys the file `text` uses by their old names; a key given by both names
+/// is an error naming both. A file that does not parse yields none: the full parse
+/// reports what is wrong with it.
+fn deprecations(text: &str) -> Result<Vec<Deprecation>, ConfigError> {
+    let Ok(table) = toml::from_str::<toml::Table>(text) else {
+        return Ok(Vec::new());
+    };
+    let has = |key: &str| {
+        let (section, name) = key.split_once('.').unwrap_or(("", key));
+        table
+            .get(section)
+            .and_then(toml::Value::as_table)
+            .is_some_and(|t| t.contains_key(name))
+    };
+    let mut used = Vec::new();
+    for d in RENAMED.iter().filter(|d| has(d.old)) {
+        if has(d.new) {
+            return Err(ConfigError::Conflict {
+                keys: (d.old.to_string(), d.new.to_string()),
+                reason: format!(
+                    "the same setting under its deprecated and its new name: keep only {}",
+                    d.new
+                ),
+            });
+        }
+        used.push(*d);
+    }
+    Ok(used)
+}
+
 impl Config {
-    /// Applies the TOML document `text` (from `path`) over what is set so far.
+    /// Applies the TOML document `text` (from `path`) over what is set so far, and notes
+    /// the deprecated keys it uses in `deprecated`.
     pub(super) fn apply_toml(&mut self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let deprecated = deprecations(text)?;
         let file: File = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_path_buf(),
             message: e.to_string(),
         })?;
         file.apply(self);
+        self.deprecated = deprecated;
         Ok(())
     }
 }

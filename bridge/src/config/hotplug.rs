@@ -14,7 +14,8 @@ use super::{
 pub struct HotplugConfig {
     /// Bytes per DIMM that a resize plugs (the last one may be smaller), a multiple of
     /// the guest's block size.
-    pub dimm_size: u64,
+    #[serde(alias = "dimm_size")]
+    pub dimm_size_bytes: u64,
     /// A whole plug, unplug or resize, unless the caller's deadline is sooner,
     /// milliseconds.
     pub timeout_ms: u64,
@@ -31,7 +32,8 @@ pub struct HotplugConfig {
     /// will not release is answered within this, not the whole `timeout_ms`.
     pub offline_budget_ms: u64,
     /// Each command to the hypervisor (a QMP command, a libvirt call), milliseconds.
-    pub qmp_timeout_ms: u64,
+    #[serde(alias = "qmp_timeout_ms")]
+    pub hypervisor_timeout_ms: u64,
     /// Largest QMP message accepted, bytes.
     pub max_qmp_bytes: usize,
     /// Request ids remembered per VM for idempotent retries (oldest forgotten first).
@@ -46,14 +48,14 @@ pub struct HotplugConfig {
 impl Default for HotplugConfig {
     fn default() -> Self {
         Self {
-            dimm_size: 512 << 20,
+            dimm_size_bytes: 512 << 20,
             // Offlining migrates pages and may need many tries on a busy guest.
             timeout_ms: 120_000,
             appear_timeout_ms: 10_000,
             eject_timeout_ms: 10_000,
             offline_budget_ms: 10_000,
             auto_online: AutoOnline::Movable,
-            qmp_timeout_ms: 5_000,
+            hypervisor_timeout_ms: 5_000,
             max_qmp_bytes: 1 << 20,
             max_request_ids: 256,
             request_id_ttl_s: 86_400,
@@ -85,10 +87,10 @@ impl HotplugConfig {
             ("appear_timeout_ms", self.appear_timeout_ms),
             ("eject_timeout_ms", self.eject_timeout_ms),
             ("offline_budget_ms", self.offline_budget_ms),
-            ("qmp_timeout_ms", self.qmp_timeout_ms),
+            ("hypervisor_timeout_ms", self.hypervisor_timeout_ms),
         ];
         let others = [
-            ("dimm_size", self.dimm_size),
+            ("dimm_size_bytes", self.dimm_size_bytes),
             ("max_qmp_bytes", self.max_qmp_bytes as u64),
             ("max_request_ids", self.max_request_ids as u64),
             ("request_id_ttl_s", self.request_id_ttl_s),

@@ -1,4 +1,6 @@
-//! `[limits]`: how much the bridge takes on at once.
+//! `[limits]`: how much the bridge takes on at once. A knob of one server carries its
+//! prefix (`jsonrpc_`, `grpc_`, `metrics_`); the others bound the whole bridge (or every
+//! server alike). Sizes end in `_bytes`, durations in `_ms`.
 
 use serde::Deserialize;
 
@@ -36,17 +38,22 @@ pub struct LimitsConfig {
     /// A ping unanswered this long closes its connection, milliseconds.
     pub keepalive_timeout_ms: u64,
     /// Largest JSON-RPC request body (or WebSocket message), bytes.
-    pub max_request_bytes: u32,
+    #[serde(alias = "max_request_bytes")]
+    pub jsonrpc_max_request_bytes: u32,
     /// Concurrent JSON-RPC connections (HTTP and WebSocket) accepted.
-    pub max_connections: u32,
+    #[serde(alias = "max_connections")]
+    pub jsonrpc_max_connections: u32,
     /// Calls in flight on one JSON-RPC connection (a WebSocket's pipelined calls, a
     /// batch's members); more get -32004 at once.
-    pub max_connection_calls: usize,
+    #[serde(alias = "max_connection_calls")]
+    pub jsonrpc_max_connection_calls: usize,
     /// Calls in one JSON-RPC batch; a larger batch is refused whole.
-    pub max_batch: u32,
+    #[serde(alias = "max_batch")]
+    pub jsonrpc_max_batch: u32,
     /// Bytes of large JSON-RPC request bodies (256 KiB and more) read and handled at
     /// once, bridge-wide; further large requests wait.
-    pub body_budget_bytes: u32,
+    #[serde(alias = "body_budget_bytes")]
+    pub jsonrpc_body_budget_bytes: u32,
     /// Concurrent gRPC connections accepted.
     pub grpc_max_connections: usize,
     /// Concurrent gRPC calls (HTTP/2 streams) per connection.
@@ -76,11 +83,11 @@ impl Default for LimitsConfig {
             header_read_timeout_ms: 10_000,
             keepalive_interval_ms: 30_000,
             keepalive_timeout_ms: 10_000,
-            max_request_bytes: 4 * 1024 * 1024,
-            max_connections: 1024,
-            max_connection_calls: 16,
-            max_batch: 32,
-            body_budget_bytes: 8 * 1024 * 1024,
+            jsonrpc_max_request_bytes: 4 * 1024 * 1024,
+            jsonrpc_max_connections: 1024,
+            jsonrpc_max_connection_calls: 16,
+            jsonrpc_max_batch: 32,
+            jsonrpc_body_budget_bytes: 8 * 1024 * 1024,
             grpc_max_connections: 1024,
             grpc_max_streams: 100,
             grpc_max_pending_resets: 20,
@@ -101,9 +108,15 @@ impl LimitsConfig {
             ("header_read_timeout_ms", self.header_read_timeout_ms),
             ("keepalive_interval_ms", self.keepalive_interval_ms),
             ("keepalive_timeout_ms", self.keepalive_timeout_ms),
-            ("max_connection_calls", self.max_connection_calls as u64),
-            ("max_batch", u64::from(self.max_batch)),
-            ("max_connections", u64::from(self.max_connections)),
+            (
+                "jsonrpc_max_connection_calls",
+                self.jsonrpc_max_connection_calls as u64,
+            ),
+            ("jsonrpc_max_batch", u64::from(self.jsonrpc_max_batch)),
+            (
+                "jsonrpc_max_connections",
+                u64::from(self.jsonrpc_max_connections),
+            ),
             ("grpc_max_connections", self.grpc_max_connections as u64),
             ("grpc_max_streams", u64::from(self.grpc_max_streams)),
             (
@@ -117,16 +130,16 @@ impl LimitsConfig {
         ] {
             ConfigError::at_least(&format!("limits.{name}"), value, 1)?;
         }
-        if self.body_budget_bytes < self.max_request_bytes {
+        if self.jsonrpc_body_budget_bytes < self.jsonrpc_max_request_bytes {
             return Err(ConfigError::Conflict {
                 keys: (
-                    "limits.body_budget_bytes".into(),
-                    "limits.max_request_bytes".into(),
+                    "limits.jsonrpc_body_budget_bytes".into(),
+                    "limits.jsonrpc_max_request_bytes".into(),
                 ),
                 reason: format!(
                     "the budget ({}) is smaller than the largest request ({}): that request \
                      could never be read",
-                    self.body_budget_bytes, self.max_request_bytes
+                    self.jsonrpc_body_budget_bytes, self.jsonrpc_max_request_bytes
                 ),
             });
         }

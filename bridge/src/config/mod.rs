@@ -38,13 +38,13 @@
 //! vm4 = { qga = "/run/qemu/vm4/qga.sock", qmp = "/run/qemu/vm4/qmp-bridge.sock", auto_online = "keep" }
 //!
 //! [hotplug]                             # DIMMs over QMP (VMs with a qmp socket) or libvirt
-//! dimm_size = 536870912           # bytes per DIMM that memory-resize plugs
+//! dimm_size_bytes = 536870912           # bytes per DIMM that memory-resize plugs
 //! timeout_ms = 120000                   # a whole plug, unplug or resize
 //! appear_timeout_ms = 10000             # a new DIMM's blocks show up in the guest
 //! eject_timeout_ms = 10000              # the guest ejects an unplugged DIMM
 //! offline_budget_ms = 10000             # offlining a DIMM's blocks (EBUSY retries) before giving up
 //! auto_online = "movable"               # guest's auto_online_blocks kept online_movable; "keep": untouched
-//! qmp_timeout_ms = 5000          # each QMP command or libvirt call
+//! hypervisor_timeout_ms = 5000          # each QMP command or libvirt call
 //! max_qmp_bytes = 1048576               # largest QMP message read
 //! max_request_ids = 256                 # remembered request-ids per VM
 //! request_id_ttl_s = 86400              # and for how long
@@ -58,7 +58,7 @@
 //! [timeouts.commands]
 //! guest-set-memory-blocks = 120000
 //!
-//! [limits]
+//! [limits]                              # bridge-wide, or every server alike:
 //! queue_depth = 64                      # calls waiting per VM
 //! max_reply_bytes = 4194304             # largest reply accepted from a guest
 //! max_set_entries = 4096                # block changes per guest-set-memory-blocks
@@ -70,16 +70,20 @@
 //! header_read_timeout_ms = 10000        # HTTP/1 request header (JSON-RPC, metrics), TLS handshake
 //! keepalive_interval_ms = 30000         # HTTP/2 and WebSocket pings
 //! keepalive_timeout_ms = 10000          # unanswered ping: connection closed
-//! max_connections = 1024        # concurrent JSON-RPC connections
-//! max_request_bytes = 4194304   # largest JSON-RPC request body
-//! max_connection_calls = 16     # calls in flight on one JSON-RPC connection
-//! max_batch = 32                # calls in one JSON-RPC batch
-//! body_budget_bytes = 8388608   # large request bodies read at once, bridge-wide
+//!                                       # one server's, by its prefix:
+//! jsonrpc_max_connections = 1024        # concurrent JSON-RPC connections
+//! jsonrpc_max_request_bytes = 4194304   # largest JSON-RPC request body
+//! jsonrpc_max_connection_calls = 16     # calls in flight on one JSON-RPC connection
+//! jsonrpc_max_batch = 32                # calls in one JSON-RPC batch
+//! jsonrpc_body_budget_bytes = 8388608   # large request bodies read at once, bridge-wide
 //! grpc_max_connections = 1024           # concurrent gRPC connections
 //! grpc_max_streams = 100                # concurrent gRPC calls per connection
 //! grpc_max_pending_resets = 20          # HTTP/2 streams reset before being served
 //! metrics_max_connections = 16          # concurrent metrics scrapes
 //! ```
+//!
+//! Renamed keys are still read under their old names for one release, with a warning
+//! (`RENAMED` in `file.rs`); giving both names is an error.
 
 mod auth;
 mod cli;
@@ -100,6 +104,7 @@ pub use self::{
     auth::{AuthConfig, AuthConfigError, GrantConfig, Role, TokenConfig},
     cli::{Cli, LogFormat},
     error::{Bound, ConfigError},
+    file::Deprecation,
     hotplug::{AutoOnline, HotplugConfig},
     limits::LimitsConfig,
     listen::{HttpConfig, Listen, TlsConfig, UnixSocketsConfig},
@@ -156,6 +161,8 @@ pub struct Config {
     /// `allow_insecure_tcp`, all) callers, each allowed everything. `Some`, even empty:
     /// every caller must prove an identity and is allowed only what it is granted.
     pub auth: Option<AuthConfig>,
+    /// The deprecated keys the file used: warned about once logging is set up.
+    pub deprecated: Vec<Deprecation>,
 }
 
 impl Default for Config {
@@ -182,6 +189,7 @@ impl Default for Config {
             state_dir: default_state_dir(),
             tls: None,
             auth: None,
+            deprecated: Vec::new(),
         }
     }
 }
@@ -220,7 +228,9 @@ impl Config {
             config.apply_toml(path, &text)?;
         }
         cli.apply(&mut config)?;
-        config.validate(cli)?;
+        config
+            .validate(cli)
+            .map_err(|e| e.named_as_written(&config.deprecated))?;
         Ok(config)
     }
 

@@ -58,7 +58,7 @@ fn vms_with_qmp_sockets() {
     let mut c = Config::default();
     c.apply_toml(
         Path::new("t.toml"),
-        "[vms]\na = \"/a.sock\"\nb = { qga = \"/b.sock\", qmp = \"/b.qmp\" }\nc = { qga = \"/c.sock\", auto_online = \"keep\" }\n[hotplug]\ndimm_size = 1073741824\n",
+        "[vms]\na = \"/a.sock\"\nb = { qga = \"/b.sock\", qmp = \"/b.qmp\" }\nc = { qga = \"/c.sock\", auto_online = \"keep\" }\n[hotplug]\ndimm_size_bytes = 1073741824\n",
     )
     .expect("valid");
     assert_eq!(c.hotplug.auto_online, AutoOnline::Movable);
@@ -80,7 +80,7 @@ fn vms_with_qmp_sockets() {
     assert_eq!(c.vms["b"].qga, PathBuf::from("/b.sock"));
     assert_eq!(c.vms["b"].qmp, Some(PathBuf::from("/b.qmp")));
     assert_eq!(c.vms.values().filter(|vm| vm.qmp.is_some()).count(), 1);
-    assert_eq!(c.hotplug.dimm_size, 1 << 30);
+    assert_eq!(c.hotplug.dimm_size_bytes, 1 << 30);
     assert!(!c.vms.values().any(VmConfig::shared));
     c.apply_toml(
         Path::new("t.toml"),
@@ -167,8 +167,8 @@ fn errors_name_the_key_as_written() {
     assert!(err.contains("vms.\"a b\": invalid VM name 'a b'"), "{err}");
     let err = refused("[limits]\nbody_budget_bytes = 1024\n", &[]);
     assert!(
-        err.contains("limits.body_budget_bytes and limits.max_request_bytes: the budget"),
-        "{err}"
+        err.contains("limits.body_budget_bytes and limits.jsonrpc_max_request_bytes: the budget"),
+        "the key as the user wrote it, deprecated: {err}"
     );
     let err = refused("[unix_sockets]\nmode = 0o1777\n", &[]);
     assert!(
@@ -295,4 +295,82 @@ fn discovery_owners_and_max_vms() {
 
     let err = refused("discover = [\"/run/*/q\"]\ndiscover_owners = []\n", &[]);
     assert!(err.contains("discover_owners"), "{err}");
+}
+
+#[test]
+fn deprecated_keys_are_read_as_their_new_names_and_warned_about() {
+    for d in file::RENAMED {
+        let (section, old) = d.old.split_once('.').expect("a section");
+        let (_, new) = d.new.split_once('.').expect("a section");
+        let read = |key: &str| {
+            let mut c = Config::default();
+            c.apply_toml(Path::new("t"), &format!("[{section}]\n{key} = 7\n"))
+                .expect("valid");
+            c
+        };
+        let (by_old, by_new) = (read(old), read(new));
+        assert_eq!(by_old.deprecated, [*d], "{d}");
+        assert!(by_new.deprecated.is_empty(), "{}", d.new);
+        assert_eq!(
+            format!("{:?}{:?}", by_old.limits, by_old.hotplug),
+            format!("{:?}{:?}", by_new.limits, by_new.hotplug),
+            "{} is read as {}",
+            d.old,
+            d.new
+        );
+        assert_ne!(
+            format!("{:?}{:?}", by_new.limits, by_new.hotplug),
+            format!(
+                "{:?}{:?}",
+                Config::default().limits,
+                Config::default().hotplug
+            ),
+            "{} is a key",
+            d.new
+        );
+        let both = Config::default()
+            .apply_toml(
+                Path::new("t"),
+                &format!("[{section}]\n{old} = 7\n{new} = 7\n"),
+            )
+            .expect_err("both names")
+            .to_string();
+        assert_eq!(
+            both,
+            format!(
+                "invalid configuration: {} and {}: the same setting under its deprecated and \
+                 its new name: keep only {}",
+                d.old, d.new, d.new
+            )
+        );
+    }
+}
+
+#[test]
+fn deprecated_keys_through_load() {
+    let c = load(
+        "[limits]\nmax_connections = 5\nmax_batch = 6\n[hotplug]\nqmp_timeout_ms = 7000\n",
+        &[],
+    )
+    .expect("valid");
+    assert_eq!(c.limits.jsonrpc_max_connections, 5);
+    assert_eq!(c.limits.jsonrpc_max_batch, 6);
+    assert_eq!(c.hotplug.hypervisor_timeout_ms, 7000);
+    let warnings: Vec<String> = c.deprecated.iter().map(ToString::to_string).collect();
+    assert_eq!(
+        warnings,
+        [
+            "config key limits.max_connections is deprecated; use limits.jsonrpc_max_connections",
+            "config key limits.max_batch is deprecated; use limits.jsonrpc_max_batch",
+            "config key hotplug.qmp_timeout_ms is deprecated; use hotplug.hypervisor_timeout_ms",
+        ]
+    );
+    let c = load("[limits]\njsonrpc_max_connections = 5\n", &[]).expect("valid");
+    assert_eq!(c.limits.jsonrpc_max_connections, 5);
+    assert!(c.deprecated.is_empty());
+    let err = refused("[limits]\nmax_batch = 0\n", &[]);
+    assert_eq!(
+        err, "invalid configuration: limits.max_batch: must be at least 1, not 0",
+        "named as written"
+    );
 }

@@ -268,7 +268,7 @@ impl Ctx {
 pub fn undo_budget(s: &config::HotplugConfig) -> Duration {
     Duration::from_millis(
         s.eject_timeout_ms
-            .saturating_add(s.qmp_timeout_ms.saturating_mul(3)),
+            .saturating_add(s.hypervisor_timeout_ms.saturating_mul(3)),
     ) + UNDO_EXTRA
 }
 

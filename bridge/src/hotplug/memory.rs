@@ -63,7 +63,7 @@ pub struct VmMemory {
 /// The per-command time limits of the backends.
 fn timeouts(settings: &Settings) -> Timeouts {
     Timeouts {
-        command: Duration::from_millis(settings.hotplug.qmp_timeout_ms),
+        command: Duration::from_millis(settings.hotplug.hypervisor_timeout_ms),
         eject: Duration::from_millis(settings.hotplug.eject_timeout_ms),
     }
 }
