@@ -37,7 +37,7 @@ use crate::{
 
 /// One DIMM: 512 MiB.
 const DIMM: u64 = 512 << 20;
-/// A grow: 2 GiB, four DIMMs of 512 MiB (the bridge's default `hotplug.dimm_size`).
+/// A grow: 2 GiB, four DIMMs of 512 MiB (the bridge's default `hotplug.dimm_size_bytes`).
 const GROW: u64 = 4 * DIMM;
 /// How often `MemTotal` is polled.
 const POLL: Duration = Duration::from_millis(25);

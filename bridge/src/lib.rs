@@ -123,7 +123,7 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, StartError> {
 /// Binds `at`; returns the listener and, for TCP, the bound address.
 async fn listen(
     at: &config::Listen,
-    unix: &config::UnixSockets,
+    unix: &config::UnixSocketsConfig,
 ) -> Result<(transport::Listener, Option<SocketAddr>), StartError> {
     let failed = |source| StartError::Bind {
         addr: at.to_string(),
@@ -196,7 +196,7 @@ impl Servers<'_> {
     async fn jsonrpc(&mut self) -> Result<Option<SocketAddr>, StartError> {
         let config = self.config;
         let (listener, addr) = listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
-        let max = config.limits.max_connections as usize;
+        let max = config.limits.jsonrpc_max_connections as usize;
         let gate = transport::Gate::new(listener, max, "jsonrpc", self.metrics.clone()).http();
         let front = jsonrpc::Front::new(self.service.clone(), self.metrics.clone(), &config.limits);
         let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());

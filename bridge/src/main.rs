@@ -32,6 +32,9 @@ async fn main() -> anyhow::Result<()> {
             qga_bridge::fault::KILL_AFTER_STEP
         );
     }
+    for deprecated in &config.deprecated {
+        tracing::warn!("{deprecated}");
+    }
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
     let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;

@@ -9,7 +9,7 @@ use std::{net::SocketAddr, path::Path, process::Command};
 use common::{audit_lines, config, start};
 use qga_bridge::{
     Config,
-    config::{AuthConfig, GrantConfig, Role, TlsFiles, TokenConfig},
+    config::{AuthConfig, GrantConfig, Role, TlsConfig, TokenConfig},
 };
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::{
@@ -283,7 +283,7 @@ async fn client_certificates_prove_identities() {
     .expect("certs");
     let dir = tempfile::tempdir().expect("tempdir");
     let (web, _db, mut cfg) = two_vms(dir.path());
-    cfg.tls = Some(TlsFiles {
+    cfg.tls = Some(TlsConfig {
         cert: certs.path("server.pem"),
         key: certs.path("server.key"),
         client_ca: Some(certs.path("ca.pem")),

@@ -15,6 +15,7 @@ use std::{
 
 use common::{clients, config, rpc, start, until_listed};
 use jsonrpsee::http_client::HttpClient;
+use qga_bridge::config::VmConfig;
 use qga_fake_agent::FakeAgent;
 use serde_json::json;
 
@@ -97,8 +98,8 @@ async fn only_real_sockets_of_accepted_owners_are_served() {
 async fn max_vms_caps_configured_and_discovered() {
     let root = tempfile::tempdir().expect("tempdir");
     let mut cfg = discovering(root.path());
-    cfg.vms
-        .insert("cfg".into(), root.path().join("configured.sock"));
+    let configured = VmConfig::agent(root.path().join("configured.sock"));
+    cfg.vms.insert("cfg".into(), configured);
     cfg.limits.max_vms = 3;
     let mut sockets: Vec<Option<UnixListener>> = ["a", "b", "c", "d"]
         .iter()

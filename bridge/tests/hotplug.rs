@@ -129,7 +129,7 @@ async fn setup_with(open: bool, tweak: impl FnOnce(&mut qga_bridge::Config)) -> 
     let qmp_path = dir.path().join("qmp.sock");
     let qmp = FakeQmp::start(&qmp_path, open);
     let mut c = config(&[("plain", &a), ("vm", &b)]);
-    c.qmp.insert("vm".into(), qmp_path);
+    c.vms.get_mut("vm").expect("vm").qmp = Some(qmp_path);
     tweak(&mut c);
     let bridge = start(c).await;
     Setup {
@@ -372,7 +372,7 @@ async fn hotplug_calls_count_against_the_per_connection_limit() {
         core::client::ClientT, core::params::ObjectParams, ws_client::WsClientBuilder,
     };
     let s = setup_with(false, |c| {
-        c.limits.max_connection_calls = 1;
+        c.limits.jsonrpc_max_connection_calls = 1;
     })
     .await;
     let url = format!("ws://{}", s.bridge.jsonrpc_addr.expect("TCP listener"));
@@ -453,7 +453,7 @@ async fn request_ids_survive_a_restart_and_the_state_directory_has_one_bridge() 
         ("plain", &_dir.path().join("a.sock")),
         ("vm", &_dir.path().join("b.sock")),
     ]);
-    again.qmp.insert("vm".into(), _dir.path().join("qmp.sock"));
+    again.vms.get_mut("vm").expect("vm").qmp = Some(_dir.path().join("qmp.sock"));
     again.state_dir = state.clone();
     let bridge = start(again).await;
     let c = clients(&bridge).await;

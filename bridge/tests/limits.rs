@@ -7,7 +7,7 @@ use std::{ops::ControlFlow, path::PathBuf, time::Duration};
 
 use common::{clients, config, eventually, rpc, start};
 use jsonrpsee::{core::client::ClientT, ws_client::WsClientBuilder};
-use qga_bridge::Config;
+use qga_bridge::{Config, config::VmConfig};
 use qga_fake_agent::{FakeAgent, Fault};
 use qga_proto::v1::{
     MemoryBlockChange, PingRequest, SetMemoryBlocksRequest, guest_agent_client::GuestAgentClient,
@@ -99,7 +99,7 @@ async fn a_batch_over_the_limit_is_refused_whole_and_the_guest_is_never_asked() 
 
 #[tokio::test]
 async fn jsonrpc_sockets_over_the_cap_get_503_until_one_closes() {
-    let (_d, _agent, bridge) = setup(|c| c.limits.max_connections = 2).await;
+    let (_d, _agent, bridge) = setup(|c| c.limits.jsonrpc_max_connections = 2).await;
     // Two idle sockets hold both slots.
     let mut held = Vec::new();
     for _ in 0..2 {
@@ -188,7 +188,7 @@ async fn a_client_that_never_finishes_its_header_is_cut_off_on_every_http_server
 
 #[tokio::test]
 async fn a_websocket_gets_only_its_share_of_calls_in_flight() {
-    let (_d, agent, bridge) = setup(|c| c.limits.max_connection_calls = 2).await;
+    let (_d, agent, bridge) = setup(|c| c.limits.jsonrpc_max_connection_calls = 2).await;
     // Sets are never coalesced: each holds its slot until the guest answers.
     agent
         .control()
@@ -244,7 +244,8 @@ async fn calls_over_the_bridge_wide_limit_are_refused_at_once() {
     let other = FakeAgent::start(&other_path, 4).expect("fake agent");
     let (_d, agent, bridge) = setup(|c| {
         c.limits.max_in_flight = 2;
-        c.vms.insert("vm2".into(), other_path.clone());
+        c.vms
+            .insert("vm2".into(), VmConfig::agent(other_path.clone()));
     })
     .await;
     // Long enough for the two refusals below to come while both calls are at their guests.

@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::{clients, config, start};
+use qga_bridge::config::SocketMode;
 use qga_proto::v1::{AgentState, ListVmsRequest, PingRequest};
 use qga_testkit::{AgentKind, AgentProcess, FakeSysfs};
 
@@ -18,7 +19,7 @@ async fn other_client_ping(agent: &AgentProcess, wait: Duration) -> Result<Durat
 async fn bridge_for(agent: &AgentProcess, shared: bool) -> (qga_bridge::Bridge, common::Clients) {
     let mut c = config(&[("vm", agent.socket())]);
     if shared {
-        c.shared.insert("vm".into());
+        c.vms.get_mut("vm").expect("vm").mode = SocketMode::Shared;
         c.timeouts.shared_idle_ms = 200;
     }
     let bridge = start(c).await;

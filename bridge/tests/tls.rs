@@ -12,7 +12,7 @@ use std::{
 };
 
 use common::{config, start};
-use qga_bridge::config::TlsFiles;
+use qga_bridge::config::TlsConfig;
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::{PingRequest, guest_agent_client::GuestAgentClient};
 use qga_testkit::{Certs, bin_path};
@@ -81,8 +81,8 @@ fn curl(addr: SocketAddr, certs: &Certs, ca: &str, client: Option<&str>) -> Resu
     }
 }
 
-fn tls_files(certs: &Certs, mutual: bool) -> TlsFiles {
-    TlsFiles {
+fn tls_files(certs: &Certs, mutual: bool) -> TlsConfig {
+    TlsConfig {
         cert: certs.path("server.pem"),
         key: certs.path("server.key"),
         client_ca: mutual.then(|| certs.path("ca.pem")),
@@ -341,7 +341,7 @@ async fn sighup_serves_a_renewed_certificate_to_new_connections_and_keeps_old_on
 async fn unusable_tls_files_stop_the_start() {
     let certs = Certs::generate(&[]).expect("certs");
     let mut cfg = config(&[]);
-    cfg.tls = Some(TlsFiles {
+    cfg.tls = Some(TlsConfig {
         cert: certs.path("server.pem"),
         key: certs.path("ca.key"),
         client_ca: None,

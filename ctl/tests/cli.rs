@@ -12,7 +12,7 @@ use std::{
 
 use qga_bridge::{
     Bridge, Config,
-    config::{AuthConfig, GrantConfig, Listen, Role, TlsFiles, TokenConfig},
+    config::{AuthConfig, GrantConfig, Listen, Role, TlsConfig, TokenConfig, VmConfig},
 };
 use qga_fake_agent::FakeAgent;
 use qga_testkit::Certs;
@@ -126,9 +126,12 @@ impl Rig {
             state_dir: dir.path().join("state"),
             ..Config::default()
         };
-        config.vms.insert("vm".into(), a);
-        config.vms.insert("plain".into(), b);
-        config.qmp.insert("vm".into(), q);
+        let vm = VmConfig {
+            qmp: Some(q),
+            ..VmConfig::agent(a)
+        };
+        config.vms.insert("vm".into(), vm);
+        config.vms.insert("plain".into(), VmConfig::agent(b));
         tweak(&mut config, dir.path());
         let bridge = Bridge::start(config).await.expect("bridge starts");
         Self {
@@ -409,7 +412,7 @@ async fn mutual_tls_with_client_certificates() {
     let certs = Arc::new(Certs::generate(&["write.example"]).expect("certs"));
     let c2 = certs.clone();
     let rig = Rig::start(move |c, _| {
-        c.tls = Some(TlsFiles {
+        c.tls = Some(TlsConfig {
             cert: c2.path("server.pem"),
             key: c2.path("server.key"),
             client_ca: Some(c2.path("ca.pem")),

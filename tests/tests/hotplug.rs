@@ -525,7 +525,7 @@ async fn grpc_resize(
     r
 }
 
-/// Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size), all added
+/// Resize up by 2 GiB over gRPC: four DIMMs of 512 MiB (hotplug.dimm_size_bytes), all added
 /// first, then onlined by one agent call as their blocks appear, all of them movable.
 async fn resize_up_over_grpc(
     guest: &Guest,

@@ -19,7 +19,7 @@ use tower::layer::util::{Identity, Stack};
 use crate::{
     backend::Step,
     call::{BlockChanges, Call, Reply},
-    config::Limits,
+    config::LimitsConfig,
     hotplug::{
         Done, Effect, Operation,
         layout::{self, BlockState, Layout},
@@ -75,7 +75,7 @@ impl Api {
 /// reflection (public, as health probes expect).
 pub async fn router(
     service: &Arc<Service>,
-    limits: &Limits,
+    limits: &LimitsConfig,
 ) -> Result<Router<Stack<Gatekeeper, Identity>>, String> {
     let api = Api::new(service.clone(), limits.max_set_entries);
     let max = max_request_bytes(limits.max_set_entries);

@@ -22,7 +22,7 @@ use tokio::{sync::watch, time::Instant};
 use crate::{
     api::status::code,
     call::{self, Call, ObjectOnly, Reply, hotplug_method},
-    config::{Config, Limits},
+    config::{Config, LimitsConfig},
     error::BridgeError,
     hotplug::{Operation, plug::PlugArgs},
     metrics::Metrics,
@@ -244,18 +244,18 @@ pub struct Front {
     metrics: Arc<Metrics>,
     /// Block changes one set may carry (`limits.max_set_entries`).
     max_set_entries: usize,
-    /// Calls in flight per connection (`limits.max_connection_calls`).
+    /// Calls in flight per connection (`limits.jsonrpc_max_connection_calls`).
     max_connection_calls: usize,
 }
 
 impl Front {
     /// The methods' context: `service`, counting in `metrics`, bounded by `limits`.
-    pub fn new(service: Arc<Service>, metrics: Arc<Metrics>, limits: &Limits) -> Self {
+    pub fn new(service: Arc<Service>, metrics: Arc<Metrics>, limits: &LimitsConfig) -> Self {
         Self {
             service,
             metrics,
             max_set_entries: limits.max_set_entries,
-            max_connection_calls: limits.max_connection_calls,
+            max_connection_calls: limits.jsonrpc_max_connection_calls,
         }
     }
 
@@ -271,7 +271,7 @@ impl Front {
         calls.clone().try_acquire_owned().map(Some).map_err(|_| {
             self.metrics.refused("jsonrpc", "connection_calls");
             BridgeError::Overloaded(format!(
-                "{} calls in flight on this connection (limits.max_connection_calls)",
+                "{} calls in flight on this connection (limits.jsonrpc_max_connection_calls)",
                 self.max_connection_calls
             ))
         })
@@ -328,9 +328,12 @@ pub async fn serve(
     let methods: Methods = module(front).into();
     let conn = Http1Connections {
         server: "jsonrpc",
-        budget: BodyBudget::new(limits.body_budget_bytes, limits.max_request_bytes),
+        budget: BodyBudget::new(
+            limits.jsonrpc_body_budget_bytes,
+            limits.jsonrpc_max_request_bytes,
+        ),
         header_timeout: Duration::from_millis(limits.header_read_timeout_ms),
-        max_calls: limits.max_connection_calls,
+        max_calls: limits.jsonrpc_max_connection_calls,
         tls,
         keeper,
         metrics,
@@ -353,7 +356,7 @@ pub async fn serve(
 }
 
 /// jsonrpsee's settings from the bridge's limits.
-fn server_config(limits: &Limits) -> ServerConfig {
+fn server_config(limits: &LimitsConfig) -> ServerConfig {
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     let ping = PingConfig::new()
         .ping_interval(keepalive)
@@ -362,12 +365,12 @@ fn server_config(limits: &Limits) -> ServerConfig {
     ServerConfig::builder()
         // Sockets are capped by the gate; this cap (jsonrpsee counts requests) never binds
         // before it.
-        .max_connections(limits.max_connections)
-        .max_request_body_size(limits.max_request_bytes)
+        .max_connections(limits.jsonrpc_max_connections)
+        .max_request_body_size(limits.jsonrpc_max_request_bytes)
         .max_response_body_size(
             u32::try_from(limits.max_reply_bytes.saturating_mul(2)).unwrap_or(u32::MAX),
         )
-        .set_batch_request_config(BatchRequestConfig::Limit(limits.max_batch))
+        .set_batch_request_config(BatchRequestConfig::Limit(limits.jsonrpc_max_batch))
         .enable_ws_ping(ping)
         .build()
 }

@@ -302,7 +302,7 @@ pub trait EjectWatch: Send {
 /// Per-command time limits of a backend.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Timeouts {
-    /// One command (`hotplug.qmp_timeout_ms`).
+    /// One command (`hotplug.hypervisor_timeout_ms`).
     pub command: Duration,
     /// Asking for an eject (`hotplug.eject_timeout_ms`); libvirt's detach may wait that
     /// long for the guest.

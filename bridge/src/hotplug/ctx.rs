@@ -46,7 +46,7 @@ pub struct Ctx {
     /// Where desired memory is recorded.
     pub journal: Journal,
     /// Timeouts and sizes.
-    pub settings: config::Hotplug,
+    pub settings: config::HotplugConfig,
     /// Largest set the bridge sends.
     pub max_set_entries: usize,
     /// The whole operation's deadline.
@@ -266,10 +266,10 @@ impl Ctx {
 }
 
 /// Time for undoing: ejecting, some QMP commands, and the agent calls around them.
-pub fn undo_budget(s: &config::Hotplug) -> Duration {
+pub fn undo_budget(s: &config::HotplugConfig) -> Duration {
     Duration::from_millis(
         s.eject_timeout_ms
-            .saturating_add(s.qmp_timeout_ms.saturating_mul(3)),
+            .saturating_add(s.hypervisor_timeout_ms.saturating_mul(3)),
     ) + UNDO_EXTRA
 }
 

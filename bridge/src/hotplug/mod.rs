@@ -30,7 +30,7 @@ pub mod resize;
 pub mod unplug;
 pub mod virtio_mem;
 
-use std::{sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -124,7 +124,10 @@ pub fn check_request_id(id: &str) -> Result<(), BridgeError> {
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// `[hotplug]`: sizes, timeouts, request-ids.
-    pub hotplug: config::Hotplug,
+    pub hotplug: config::HotplugConfig,
+    /// The VMs whose `auto_online` differs from `hotplug.auto_online`
+    /// (`[vms] NAME = { ..., auto_online = "keep" }`).
+    pub auto_online_of: BTreeMap<String, config::AutoOnline>,
     /// Largest set sent to an agent (`limits.max_set_entries`).
     pub max_set_entries: usize,
     /// What the VMs' memory backends are opened with.
@@ -136,10 +139,15 @@ impl Settings {
     pub fn of(config: &Config) -> Arc<Self> {
         Arc::new(Self {
             hotplug: config.hotplug.clone(),
+            auto_online_of: config
+                .vms
+                .iter()
+                .filter_map(|(name, vm)| Some((name.clone(), vm.auto_online?)))
+                .collect(),
             max_set_entries: config.limits.max_set_entries,
             backend: backend::Bounds {
                 timeouts: backend::Timeouts {
-                    command: Duration::from_millis(config.hotplug.qmp_timeout_ms),
+                    command: Duration::from_millis(config.hotplug.hypervisor_timeout_ms),
                     eject: Duration::from_millis(config.hotplug.eject_timeout_ms),
                 },
                 max_qmp_bytes: config.hotplug.max_qmp_bytes,
@@ -277,7 +285,7 @@ impl Hotplug {
             journal: self.journal.clone(),
             settings: {
                 let mut s = self.settings.hotplug.clone();
-                if let Some(&a) = s.auto_online_of.get(vm) {
+                if let Some(&a) = self.settings.auto_online_of.get(vm) {
                     s.auto_online = a;
                 }
                 s

@@ -1,6 +1,6 @@
 //! Resize: on a VM with virtio-mem devices, by changing their requested size alone
 //! (`virtio_mem.rs`); otherwise unplug DIMMs newest first while the VM has more memory than asked, then plug
-//! DIMMs of `hotplug.dimm_size` until it has what was asked — added together and onlined
+//! DIMMs of `hotplug.dimm_size_bytes` until it has what was asked — added together and onlined
 //! together, so the guest brings them up in parallel.
 
 use serde::{Deserialize, Serialize};
@@ -47,7 +47,7 @@ impl Resized {
 }
 
 /// Unplugs DIMMs newest (highest address) first while the VM has more than `target`
-/// bytes, then plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until it has
+/// bytes, then plugs DIMMs of `hotplug.dimm_size_bytes` (the last one smaller) until it has
 /// `target`.
 pub async fn resize(ctx: &mut Ctx, target: u64) -> Result<Resized, BridgeError> {
     let vmem = ctx.virtio_mem().await?;
@@ -112,13 +112,13 @@ fn check_target(ctx: &Ctx, target: u64, boot: u64, block_size: u64) -> Result<()
              guest's block size ({block_size} bytes)"
         )));
     }
-    let dimm_size = ctx.settings.dimm_size;
+    let dimm_size = ctx.settings.dimm_size_bytes;
     if !dimm_size.is_multiple_of(block_size) {
         return Err(ctx.hotplug_error(
             "check",
             format!(
-                "hotplug.dimm_size ({dimm_size}) is not a multiple of the guest's block size \
-                 ({block_size})"
+                "hotplug.dimm_size_bytes ({dimm_size}) is not a multiple of the guest's block \
+                 size ({block_size})"
             ),
         ));
     }
@@ -145,13 +145,13 @@ async fn shrink(
     Ok(())
 }
 
-/// Plugs DIMMs of `hotplug.dimm_size` (the last one smaller) until the VM has `target`:
+/// Plugs DIMMs of `hotplug.dimm_size_bytes` (the last one smaller) until the VM has `target`:
 /// all added first, then onlined together; if any fails, all of them are taken out.
 async fn grow(ctx: &mut Ctx, done: &mut Resized, target: u64) -> Result<(), BridgeError> {
     let mut sizes = Vec::new();
     let mut missing = target.saturating_sub(done.to_bytes);
     while missing > 0 {
-        let size = ctx.settings.dimm_size.min(missing);
+        let size = ctx.settings.dimm_size_bytes.min(missing);
         sizes.push(size);
         missing -= size;
     }

@@ -25,7 +25,7 @@ use crate::{
 pub(super) async fn still_plugged(ctx: &mut Ctx, dimm_id: &str) -> bool {
     ctx.deadline = ctx
         .deadline
-        .max(Instant::now() + Duration::from_millis(ctx.settings.qmp_timeout_ms));
+        .max(Instant::now() + Duration::from_millis(ctx.settings.hypervisor_timeout_ms));
     ctx.dimms()
         .await
         .map_or(true, |d| d.iter().any(|d| d.id == dimm_id))
@@ -68,8 +68,9 @@ impl OfflineFailed {
 /// give the blocks back).
 pub(super) async fn offline_all(ctx: &mut Ctx, indices: &[u64]) -> Result<(), OfflineFailed> {
     let start = Instant::now();
-    let reserve =
-        Duration::from_millis(ctx.settings.eject_timeout_ms + 2 * ctx.settings.qmp_timeout_ms);
+    let reserve = Duration::from_millis(
+        ctx.settings.eject_timeout_ms + 2 * ctx.settings.hypervisor_timeout_ms,
+    );
     let budget = start + Duration::from_millis(ctx.settings.offline_budget_ms);
     let until = ctx
         .deadline

@@ -467,7 +467,7 @@ pub async fn withdraw(
     // The operation's own deadline may be what ended it.
     ctx.deadline = ctx
         .deadline
-        .max(until + Duration::from_millis(ctx.settings.qmp_timeout_ms));
+        .max(until + Duration::from_millis(ctx.settings.hypervisor_timeout_ms));
     let mut now = devices.to_vec();
     let mut withdrawn = Vec::new();
     for d in &mut now {

@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 
 use hyper::{HeaderMap, header};
 
-use crate::config::Http;
+use crate::config::HttpConfig;
 
 /// The accepted `Host` names and `Origin`s.
 #[derive(Debug, Clone)]
@@ -23,7 +23,7 @@ pub struct HttpPolicy {
 
 impl HttpPolicy {
     /// The policy for a server listening on TCP address `listen` (`None`: a unix socket).
-    pub fn new(http: &Http, listen: Option<SocketAddr>) -> Self {
+    pub fn new(http: &HttpConfig, listen: Option<SocketAddr>) -> Self {
         let mut hosts: Vec<String> = ["localhost", "127.0.0.1", "[::1]"]
             .into_iter()
             .map(String::from)
@@ -95,7 +95,7 @@ mod tests {
 
     #[test]
     fn hosts_and_origins() {
-        let http = Http {
+        let http = HttpConfig {
             allowed_hosts: vec!["Bridge".into()],
             allowed_origins: vec!["https://console.example".into()],
         };
@@ -126,7 +126,7 @@ mod tests {
         assert!(p.check(&with_origin("null")).is_err());
         // An unspecified listen address is not a name anyone may use.
         let any = HttpPolicy::new(
-            &Http::default(),
+            &HttpConfig::default(),
             Some("0.0.0.0:8080".parse().expect("addr")),
         );
         assert!(

@@ -15,7 +15,7 @@ use rustls::{
 };
 use tokio_rustls::TlsAcceptor;
 
-use crate::config::TlsFiles;
+use crate::config::TlsConfig;
 
 /// Why TLS could not be set up from the files.
 #[derive(Debug, thiserror::Error)]
@@ -45,14 +45,14 @@ pub enum Alpn {
 /// The current TLS configurations; [`Tls::reload`] swaps them for new connections.
 #[derive(Debug)]
 pub struct Tls {
-    files: TlsFiles,
+    files: TlsConfig,
     h2: RwLock<Arc<ServerConfig>>,
     http1: RwLock<Arc<ServerConfig>>,
 }
 
 impl Tls {
     /// Loads `files`.
-    pub fn load(files: TlsFiles) -> Result<Arc<Self>, TlsError> {
+    pub fn load(files: TlsConfig) -> Result<Arc<Self>, TlsError> {
         let (h2, http1) = build(&files)?;
         Ok(Arc::new(Self {
             files,
@@ -101,7 +101,7 @@ fn certificates(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
 }
 
 /// The server configurations for gRPC (ALPN h2) and HTTP/1.
-fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), TlsError> {
+fn build(files: &TlsConfig) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let make = |alpn: &[u8]| -> Result<Arc<ServerConfig>, TlsError> {
         let mut config = server_config(files, provider.clone())?;
@@ -112,7 +112,7 @@ fn build(files: &TlsFiles) -> Result<(Arc<ServerConfig>, Arc<ServerConfig>), Tls
 }
 
 fn server_config(
-    files: &TlsFiles,
+    files: &TlsConfig,
     provider: Arc<CryptoProvider>,
 ) -> Result<ServerConfig, TlsError> {
     let chain = certificates(&files.cert)?;

@@ -49,7 +49,7 @@ use qga_wire::schema::GuestMemoryBlockResponse;
 
 use crate::{
     call::{Call, Reply},
-    config::{Config, Limits, Timeouts},
+    config::{Config, LimitsConfig, TimeoutsConfig},
     error::{BridgeError, Outcome},
     metrics::Metrics,
 };
@@ -62,9 +62,9 @@ const AGENT_WAIT_GRACE: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Settings {
     /// Queue depth, reply sizes, what a call may skip.
-    pub limits: Limits,
+    pub limits: LimitsConfig,
     /// Per-command, connect, resync and shared-idle timeouts.
-    pub timeouts: Timeouts,
+    pub timeouts: TimeoutsConfig,
     /// Whether concurrent identical reads share one agent call.
     pub coalesce_reads: bool,
 }

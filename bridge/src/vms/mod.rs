@@ -62,16 +62,16 @@ impl Vms {
             config: config.clone(),
             metrics,
         });
-        for (name, socket) in &config.vms {
-            let shared = config.shared.contains(name);
+        for (name, vm) in &config.vms {
+            let shared = vm.shared();
             let agent = AgentSource::Socket {
-                path: socket.clone(),
+                path: vm.qga.clone(),
                 shared,
             };
-            let memory = config.qmp.get(name).map(|qmp| {
-                let socket = qmp.clone();
-                VmMemory::open(&vms.hotplug, Source::Qmp { socket, shared })
-            });
+            let memory = vm
+                .qmp
+                .clone()
+                .map(|socket| VmMemory::open(&vms.hotplug, Source::Qmp { socket, shared }));
             vms.put(name, agent, memory);
         }
         vms

@@ -15,7 +15,10 @@ use jsonrpsee::{
     core::{ClientError, client::ClientT, params::ObjectParams},
     http_client::{HttpClient, HttpClientBuilder},
 };
-use qga_bridge::{Bridge, Config, config::Listen};
+use qga_bridge::{
+    Bridge, Config,
+    config::{Listen, VmConfig},
+};
 use qga_proto::v1::{
     guest_agent_client::GuestAgentClient, guest_memory_client::GuestMemoryClient,
     vms_client::VmsClient,
@@ -96,7 +99,8 @@ pub fn config(vms: &[(&str, &Path)]) -> Config {
         ..Config::default()
     };
     for (name, path) in vms {
-        c.vms.insert(name.to_string(), path.to_path_buf());
+        c.vms
+            .insert(name.to_string(), VmConfig::agent(path.to_path_buf()));
     }
     c
 }
