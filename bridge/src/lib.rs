@@ -53,7 +53,7 @@ pub use config::Config;
 pub use error::BridgeError;
 pub use metrics::Metrics;
 use service::Service;
-use vms::Vms;
+use vms::VmMap;
 
 /// How long start waits for the first discovery scan and libvirt listing.
 const FIRST_LOAD: Duration = Duration::from_secs(10);
@@ -267,7 +267,7 @@ impl Bridge {
         let auth = auth::Auth::new(config.auth.as_ref(), config.allow_insecure_tcp)
             .map_err(StartError::Auth)?;
         let journal = journal::Journal::open(&config.state_dir, journal_limits(&config))?;
-        let vms = Vms::new(config.clone(), metrics.clone());
+        let vms = VmMap::new(config.clone(), metrics.clone());
         let service = Service::new(
             vms.clone(),
             config.clone(),

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::{
-    Done, Operation, Settings,
+    Done, HotplugSettings, Operation,
     lock::{Background, Held, VmLock},
     outcome::{Stored, records},
 };
@@ -41,7 +41,7 @@ pub struct VmMemory {
 impl VmMemory {
     /// The hotplug state of a VM whose backend is `source`, opened within `settings`'
     /// bounds (a QMP socket is connected on first use).
-    pub fn open(settings: &Settings, source: Source) -> Self {
+    pub fn open(settings: &HotplugSettings, source: Source) -> Self {
         Self {
             backend: backend::open(&source, &settings.backend),
             source,
@@ -225,7 +225,7 @@ mod tests {
     use crate::config::Config;
 
     fn vm_memory(dir: &Path) -> VmMemory {
-        let settings = Settings::of(&Config::default());
+        let settings = HotplugSettings::of(&Config::default());
         let socket = dir.join("qmp.sock");
         VmMemory::open(
             &settings,

@@ -122,7 +122,7 @@ pub fn check_request_id(id: &str) -> Result<(), BridgeError> {
 
 /// What hotplug needs of the configuration.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct HotplugSettings {
     /// `[hotplug]`: sizes, timeouts, request-ids.
     pub hotplug: config::HotplugConfig,
     /// The VMs whose `auto_online` differs from `hotplug.auto_online`
@@ -134,7 +134,7 @@ pub struct Settings {
     pub backend: backend::Bounds,
 }
 
-impl Settings {
+impl HotplugSettings {
     /// The hotplug settings of `config`.
     pub fn of(config: &Config) -> Arc<Self> {
         Arc::new(Self {
@@ -162,7 +162,7 @@ impl Settings {
 /// clone: a task that must run to its end gets its own.
 #[derive(Debug, Clone)]
 pub struct Hotplug {
-    settings: Arc<Settings>,
+    settings: Arc<HotplugSettings>,
     /// Where the keeper's and recovery's changes are reported.
     witness: Arc<dyn Witness>,
     metrics: Arc<Metrics>,
@@ -245,7 +245,7 @@ impl Hotplug {
     /// Hotplug with `settings`, reporting its own changes to `witness`, counting in
     /// `metrics`, recording request-ids in `journal`.
     pub fn new(
-        settings: Arc<Settings>,
+        settings: Arc<HotplugSettings>,
         witness: Arc<dyn Witness>,
         metrics: Arc<Metrics>,
         journal: Journal,

@@ -28,7 +28,7 @@ use crate::{
         auth::Auth,
     },
     session::VmStatus,
-    vms::Vms,
+    vms::VmMap,
 };
 
 /// `(VM, item)` pairs grouped by VM.
@@ -48,7 +48,7 @@ const KEEPER_CONCURRENCY: usize = 8;
 /// The service every front end calls. See the module docs.
 #[derive(Debug)]
 pub struct Service {
-    vms: Arc<Vms>,
+    vms: Arc<VmMap>,
     hotplug: Hotplug,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
@@ -61,7 +61,7 @@ pub struct Service {
 impl Service {
     /// The service over `vms`.
     pub fn new(
-        vms: Arc<Vms>,
+        vms: Arc<VmMap>,
         config: Arc<Config>,
         metrics: Arc<Metrics>,
         audit: Arc<Audit>,
@@ -71,7 +71,7 @@ impl Service {
         Arc::new(Self {
             vms,
             hotplug: Hotplug::new(
-                crate::hotplug::Settings::of(&config),
+                crate::hotplug::HotplugSettings::of(&config),
                 Arc::new(Trail(audit.clone())),
                 metrics.clone(),
                 journal,

@@ -15,7 +15,7 @@ use qga_wire::{ErrorClass, QgaError};
 use tokio::time::Instant;
 
 use super::{
-    CallResult, Job, Settings,
+    CallResult, Job, SessionSettings,
     channel::{Channel, Executed},
     exchange::{ParseBudget, clip, offload},
     record::Late,
@@ -39,7 +39,7 @@ pub(super) struct LibvirtChannel {
     dom: Dom,
     libvirt: Arc<Libvirt>,
     vitals: Vitals,
-    settings: Arc<Settings>,
+    settings: Arc<SessionSettings>,
     budget: Arc<ParseBudget>,
 }
 
@@ -58,7 +58,7 @@ impl LibvirtChannel {
         dom: Dom,
         libvirt: Arc<Libvirt>,
         vitals: Vitals,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         budget: Arc<ParseBudget>,
     ) -> Self {
         Self {

@@ -60,7 +60,7 @@ const AGENT_WAIT_GRACE: Duration = Duration::from_secs(5);
 
 /// What a session needs of the configuration.
 #[derive(Debug, Clone)]
-pub struct Settings {
+pub struct SessionSettings {
     /// Queue depth, reply sizes, what a call may skip.
     pub limits: LimitsConfig,
     /// Per-command, connect, resync and shared-idle timeouts.
@@ -69,7 +69,7 @@ pub struct Settings {
     pub coalesce_reads: bool,
 }
 
-impl Settings {
+impl SessionSettings {
     /// The session settings of `config`.
     pub fn of(config: &Config) -> Arc<Self> {
         Arc::new(Self {
@@ -180,7 +180,7 @@ pub struct Session {
     status: Arc<Mutex<VmStatus>>,
     inflight: Mutex<HashMap<&'static str, Inflight>>,
     generation: AtomicU64,
-    settings: Arc<Settings>,
+    settings: Arc<SessionSettings>,
     metrics: Arc<Metrics>,
 }
 
@@ -270,7 +270,7 @@ impl Session {
     pub fn spawn(
         name: &str,
         source: AgentSource,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
@@ -295,7 +295,7 @@ impl Session {
         name: &str,
         socket: &Path,
         connector: C,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         metrics: Arc<Metrics>,
         budget: Arc<ParseBudget>,
     ) -> Arc<Self> {
@@ -312,7 +312,7 @@ impl Session {
     fn start<Ch: channel::Channel>(
         name: &str,
         source: AgentSource,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         metrics: Arc<Metrics>,
         channel: impl FnOnce(vitals::Vitals) -> Ch,
     ) -> Arc<Self> {
@@ -329,7 +329,7 @@ impl Session {
         source: AgentSource,
         tx: mpsc::Sender<Job>,
         status: Arc<Mutex<VmStatus>>,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         metrics: Arc<Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {

@@ -21,7 +21,7 @@ use qga_wire::backoff::Backoff;
 use tokio::time::{Instant, timeout_at};
 
 use super::{
-    AgentState, CallResult, Connector, Job, Settings,
+    AgentState, CallResult, Connector, Job, SessionSettings,
     channel::{Channel, Executed},
     exchange::{
         Conn, Cut, OFFLOAD_BYTES, ParseBudget, Sent, Skipped, await_reply, clip, exchange, offload,
@@ -56,7 +56,7 @@ pub(super) struct SocketChannel<C: Connector> {
     next_attempt: Instant,
     backoff: Backoff,
     vitals: Vitals,
-    settings: Arc<Settings>,
+    settings: Arc<SessionSettings>,
     budget: Arc<ParseBudget>,
     ids: RandomState,
     counter: u64,
@@ -70,7 +70,7 @@ impl<C: Connector> SocketChannel<C> {
         connector: C,
         shared: bool,
         vitals: Vitals,
-        settings: Arc<Settings>,
+        settings: Arc<SessionSettings>,
         budget: Arc<ParseBudget>,
     ) -> Self {
         Self {

@@ -49,7 +49,7 @@ impl Rig {
             "vm1",
             Path::new("/test/vm1"),
             pipes,
-            super::Settings::of(&config),
+            super::SessionSettings::of(&config),
             metrics.clone(),
             budget,
         );

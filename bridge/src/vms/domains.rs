@@ -15,7 +15,7 @@ use tokio::{
     time::Instant,
 };
 
-use crate::vms::Vms;
+use crate::vms::VmMap;
 
 /// How long listing the running domains may take.
 const LIST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -25,7 +25,7 @@ const RETRY_MAX: Duration = Duration::from_secs(10);
 /// Serves `libvirt`'s running domains in `vms` until `shutdown`; `loaded` is told once the
 /// first listing was tried (so that readiness can wait for the domains).
 pub async fn follow(
-    vms: Arc<Vms>,
+    vms: Arc<VmMap>,
     libvirt: Arc<Libvirt>,
     mut shutdown: watch::Receiver<bool>,
     loaded: oneshot::Sender<()>,
@@ -75,7 +75,7 @@ pub async fn follow(
 
 /// Makes the served domains libvirt's running ones; false when libvirt could not be asked
 /// (nothing changed then).
-async fn reconcile(vms: &Vms, libvirt: &Arc<Libvirt>) -> bool {
+async fn reconcile(vms: &VmMap, libvirt: &Arc<Libvirt>) -> bool {
     let running = match libvirt.running_domains(Instant::now() + LIST_TIMEOUT).await {
         Ok(doms) => doms,
         Err(e) => {

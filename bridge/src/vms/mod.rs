@@ -25,7 +25,7 @@ use crate::{
     hotplug::{self, memory::VmMemory},
     metrics::Metrics,
     names::proxmox_patterns,
-    session::{AgentSource, ParseBudget, Session, Settings, VmStatus},
+    session::{AgentSource, ParseBudget, Session, SessionSettings, VmStatus},
 };
 
 /// One VM: its agent session and, if it has one, its memory backend.
@@ -39,26 +39,26 @@ pub struct Vm {
 
 /// Name -> VM. See the module docs.
 #[derive(Debug)]
-pub struct Vms {
+pub struct VmMap {
     map: RwLock<BTreeMap<String, Arc<Vm>>>,
     config: Arc<Config>,
     /// What every session runs with.
-    settings: Arc<Settings>,
+    settings: Arc<SessionSettings>,
     /// What every memory backend runs with.
-    hotplug: Arc<hotplug::Settings>,
+    hotplug: Arc<hotplug::HotplugSettings>,
     metrics: Arc<Metrics>,
     /// Shared by every session: bytes of large replies being parsed at once.
     budget: Arc<ParseBudget>,
 }
 
-impl Vms {
+impl VmMap {
     /// The configured VMs (their sessions start on the current runtime).
     pub fn new(config: Arc<Config>, metrics: Arc<Metrics>) -> Arc<Self> {
         let vms = Arc::new(Self {
             map: RwLock::new(BTreeMap::new()),
             budget: ParseBudget::new(config.limits.parse_budget_bytes),
-            settings: Settings::of(&config),
-            hotplug: hotplug::Settings::of(&config),
+            settings: SessionSettings::of(&config),
+            hotplug: hotplug::HotplugSettings::of(&config),
             config: config.clone(),
             metrics,
         });
