@@ -74,16 +74,8 @@ fn row(report: &mut Report, workload: &str, sides: &[Side; 2]) {
     let [ours, reference] = sides;
     report.row(&[
         workload.to_string(),
-        format!(
-            "{} / {}",
-            fmt_duration(ours.latency.p50()),
-            fmt_duration(ours.latency.p99())
-        ),
-        format!(
-            "{} / {}",
-            fmt_duration(reference.latency.p50()),
-            fmt_duration(reference.latency.p99())
-        ),
+        ours.latency.p50_p99(),
+        reference.latency.p50_p99(),
         ratio(reference.latency.p50(), ours.latency.p50()),
         format!(
             "{:.1} / {:.1}",
@@ -128,6 +120,28 @@ fn start_pair(
 
 /// The whole section.
 pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    intro(report);
+    let get = json!({"execute": "guest-get-memory-blocks"});
+    for (blocks, runs) in [(256u64, 200usize), (4096, 50), (32768, 12)] {
+        let runs = if quick { runs / 4 + 1 } else { runs };
+        let (t1, t2) = twin_trees(blocks, "online");
+        let (ours, reference) = start_pair(&t1, &t2)?;
+        let sides = alternate([&ours, &reference], runs, |_| get.clone())?;
+        row(
+            report,
+            &format!("get-memory-blocks, {blocks} blocks ({runs} runs)"),
+            &sides,
+        );
+    }
+    real_sysfs(report, quick, &get)?;
+    set_all_blocks(report, quick)?;
+    report.end_table();
+    idle(report)?;
+    Ok(())
+}
+
+/// The section's heading, how it measures, and the head of its table.
+fn intro(report: &mut Report) {
     report.heading("Agent against the reference");
     report.para(
         "`qga-agent` (release build) and Debian's `qemu-ga` 7.2 serve identical fake trees on tmpfs \
@@ -149,69 +163,59 @@ pub fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "qga-agent CPU/call user / sys",
         "qemu-ga CPU/call user / sys",
     ]);
-    let get = json!({"execute": "guest-get-memory-blocks"});
-    for (blocks, runs) in [(256u64, 200usize), (4096, 50), (32768, 12)] {
-        let runs = if quick { runs / 4 + 1 } else { runs };
-        let (t1, t2) = (
-            FakeSysfs::with_blocks(blocks, "online"),
-            FakeSysfs::with_blocks(blocks, "online"),
-        );
-        let (ours, reference) = start_pair(&t1, &t2)?;
-        let sides = alternate([&ours, &reference], runs, |_| get.clone())?;
-        row(
-            report,
-            &format!("get-memory-blocks, {blocks} blocks ({runs} runs)"),
-            &sides,
-        );
-    }
-    {
-        let runs = if quick { 10 } else { 50 };
-        let ours = AgentProcess::start_on_real_sysfs(AgentKind::Ours, &[])?;
-        let reference = AgentProcess::start_on_real_sysfs(AgentKind::Reference, &[])?;
-        let n = ours.client()?.request(&get)?["return"]
-            .as_array()
-            .map_or(0, Vec::len);
-        let sides = alternate([&ours, &reference], runs, |_| get.clone())?;
-        row(
-            report,
-            &format!("get-memory-blocks, this machine's real sysfs, {n} blocks ({runs} runs)"),
-            &sides,
-        );
-    }
-    {
-        let runs = if quick { 4 } else { 10 };
-        let (t1, t2) = (
-            FakeSysfs::with_blocks(4096, "offline"),
-            FakeSysfs::with_blocks(4096, "offline"),
-        );
-        let (ours, reference) = start_pair(&t1, &t2)?;
-        // Each call flips every block, so every run writes 4,096 `state` files.
-        let set = |i: usize| {
-            let online = i.is_multiple_of(2);
-            let blks: Vec<Value> = (0..4096)
-                .map(|b| json!({"phys-index": b, "online": online}))
-                .collect();
-            json!({"execute": "guest-set-memory-blocks", "arguments": {"mem-blks": blks}})
-        };
-        let sides = alternate([&ours, &reference], runs, set)?;
-        row(
-            report,
-            &format!("set-memory-blocks, 4096 entries, all change ({runs} runs)"),
-            &sides,
-        );
-    }
-    report.end_table();
-    idle(report)?;
+}
+
+/// Two identical fake trees of `blocks` blocks in `state`, one per agent.
+fn twin_trees(blocks: u64, state: &str) -> (FakeSysfs, FakeSysfs) {
+    (
+        FakeSysfs::with_blocks(blocks, state),
+        FakeSysfs::with_blocks(blocks, state),
+    )
+}
+
+/// The row of `get` on this machine's own sysfs, both agents reading it.
+fn real_sysfs(report: &mut Report, quick: bool, get: &Value) -> anyhow::Result<()> {
+    let runs = if quick { 10 } else { 50 };
+    let ours = AgentProcess::start_on_real_sysfs(AgentKind::Ours, &[])?;
+    let reference = AgentProcess::start_on_real_sysfs(AgentKind::Reference, &[])?;
+    let n = ours.client()?.request(get)?["return"]
+        .as_array()
+        .map_or(0, Vec::len);
+    let sides = alternate([&ours, &reference], runs, |_| get.clone())?;
+    row(
+        report,
+        &format!("get-memory-blocks, this machine's real sysfs, {n} blocks ({runs} runs)"),
+        &sides,
+    );
+    Ok(())
+}
+
+/// The row of `guest-set-memory-blocks` on 4,096 blocks, each call flipping every one.
+fn set_all_blocks(report: &mut Report, quick: bool) -> anyhow::Result<()> {
+    let runs = if quick { 4 } else { 10 };
+    let (t1, t2) = twin_trees(4096, "offline");
+    let (ours, reference) = start_pair(&t1, &t2)?;
+    // Each call flips every block, so every run writes 4,096 `state` files.
+    let set = |i: usize| {
+        let online = i.is_multiple_of(2);
+        let blks: Vec<Value> = (0..4096)
+            .map(|b| json!({"phys-index": b, "online": online}))
+            .collect();
+        json!({"execute": "guest-set-memory-blocks", "arguments": {"mem-blks": blks}})
+    };
+    let sides = alternate([&ours, &reference], runs, set)?;
+    row(
+        report,
+        &format!("set-memory-blocks, 4096 entries, all change ({runs} runs)"),
+        &sides,
+    );
     Ok(())
 }
 
 /// CPU time and RSS of both agents sitting idle with a connected client.
 fn idle(report: &mut Report) -> anyhow::Result<()> {
     const IDLE: Duration = Duration::from_secs(5);
-    let (t1, t2) = (
-        FakeSysfs::with_blocks(64, "online"),
-        FakeSysfs::with_blocks(64, "online"),
-    );
+    let (t1, t2) = twin_trees(64, "online");
     let (ours, reference) = start_pair(&t1, &t2)?;
     let _clients = (ours.client()?, reference.client()?);
     let before = [

@@ -12,13 +12,13 @@ use qga_proto::v1::{
     GetMemoryBlockInfoRequest, ListVmsRequest, PingRequest, guest_agent_client::GuestAgentClient,
     guest_memory_client::GuestMemoryClient, vms_client::VmsClient,
 };
-use qga_testkit::{AgentKind, AgentProcess, BridgeProcess, FakeSysfs};
+use qga_testkit::{AgentKind, AgentProcess, BridgeProcess, FakeSysfs, QgaClient};
 use serde_json::{Value, json};
 use tonic::transport::Channel;
 
 use crate::{
     report::Report,
-    stats::{Samples, fmt_duration, ratio},
+    stats::{Samples, ratio},
 };
 
 /// The release bridge with clients for both APIs.
@@ -58,6 +58,15 @@ impl Bridge {
             .connect()
             .await?)
     }
+
+    /// `n` gRPC channels, each its own HTTP/2 connection.
+    pub async fn channels(&self, n: usize) -> anyhow::Result<Vec<Channel>> {
+        let mut channels = Vec::new();
+        for _ in 0..n {
+            channels.push(self.channel().await?);
+        }
+        Ok(channels)
+    }
 }
 
 pub fn vm_params(vm: &str) -> ObjectParams {
@@ -69,14 +78,7 @@ pub fn vm_params(vm: &str) -> ObjectParams {
 /// The section.
 pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let runs = if quick { 300 } else { 3000 };
-    report.heading("Bridge overhead");
-    report.para(&format!(
-        "`qga-agent` (release) on a 64-block fake tree behind the release `qga-bridge`. Three clients \
-         in one process take turns, one call each per round, {runs} rounds, sequential (no concurrency, \
-         so no coalescing): a tonic gRPC client, a jsonrpsee HTTP client (keep-alive), and a blocking \
-         client on an agent's own unix socket (a second `qga-agent` on the same tree, since an agent \
-         serves one client at a time). Latency is the client's round trip."
-    ));
+    intro(report, runs);
     let tree = FakeSysfs::with_blocks(64, "online");
     // An agent serves one client at a time (like qemu-ga), so the direct client gets its own
     // agent process on the same tree.
@@ -84,10 +86,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let direct_agent = AgentProcess::start(AgentKind::Ours, &tree, &[])?;
     let bridge = Bridge::start(&BridgeProcess::vms_table([("vm", agent.socket())]))?;
     let channel = bridge.channel().await?;
-    let mut grpc_agent = GuestAgentClient::new(channel.clone());
-    let mut grpc_memory = GuestMemoryClient::new(channel);
-    let http = bridge.http()?;
-    let mut direct = direct_agent.client()?;
+    let mut clients = Clients {
+        grpc_agent: GuestAgentClient::new(channel.clone()),
+        grpc_memory: GuestMemoryClient::new(channel),
+        http: bridge.http()?,
+        direct: direct_agent.client()?,
+    };
 
     report.table(&[
         "call",
@@ -104,6 +108,55 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             "guest-get-memory-block-info",
         ),
     ] {
+        let s = clients.agent_call(qga, runs).await?;
+        report.row(&[
+            name.to_string(),
+            s[0].p50_p99(),
+            s[1].p50_p99(),
+            s[2].p50_p99(),
+            ratio(s[1].p50(), s[0].p50()),
+            ratio(s[2].p50(), s[0].p50()),
+        ]);
+    }
+    let floor = floor(&bridge, &clients.http, runs).await?;
+    report.row(&[
+        "ListVms / vm-list (answered by the bridge, no agent call)".into(),
+        "-".into(),
+        floor[0].p50_p99(),
+        floor[1].p50_p99(),
+        "-".into(),
+        "-".into(),
+    ]);
+    report.end_table();
+    Ok(())
+}
+
+/// The section's heading and how it measures.
+fn intro(report: &mut Report, runs: usize) {
+    report.heading("Bridge overhead");
+    report.para(&format!(
+        "`qga-agent` (release) on a 64-block fake tree behind the release `qga-bridge`. Three clients \
+         in one process take turns, one call each per round, {runs} rounds, sequential (no concurrency, \
+         so no coalescing): a tonic gRPC client, a jsonrpsee HTTP client (keep-alive), and a blocking \
+         client on an agent's own unix socket (a second `qga-agent` on the same tree, since an agent \
+         serves one client at a time). Latency is the client's round trip."
+    ));
+}
+
+/// The three clients that take turns: gRPC and JSON-RPC through the bridge, and one on
+/// an agent's own socket.
+struct Clients {
+    grpc_agent: GuestAgentClient<Channel>,
+    grpc_memory: GuestMemoryClient<Channel>,
+    http: HttpClient,
+    direct: QgaClient,
+}
+
+impl Clients {
+    /// Round trips of QGA command `qga` (`guest-ping` or `guest-get-memory-block-info`)
+    /// on each client in turn, `runs` rounds after 50 unrecorded warm-up rounds: direct,
+    /// gRPC, JSON-RPC.
+    async fn agent_call(&mut self, qga: &str, runs: usize) -> anyhow::Result<[Samples; 3]> {
         let mut s = [
             Samples::with_capacity(runs),
             Samples::with_capacity(runs),
@@ -113,20 +166,22 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         for i in 0..runs + 50 {
             let warm = i < 50;
             let t = Instant::now();
-            let r = direct.request(&req)?;
+            let r = self.direct.request(&req)?;
             let d0 = t.elapsed();
             anyhow::ensure!(r.get("return").is_some(), "direct call failed: {r}");
             let t = Instant::now();
             if qga == "guest-ping" {
-                grpc_agent.ping(PingRequest { vm: "vm".into() }).await?;
+                self.grpc_agent
+                    .ping(PingRequest { vm: "vm".into() })
+                    .await?;
             } else {
-                grpc_memory
+                self.grpc_memory
                     .get_memory_block_info(GetMemoryBlockInfoRequest { vm: "vm".into() })
                     .await?;
             }
             let d1 = t.elapsed();
             let t = Instant::now();
-            http.request::<Value, _>(qga, vm_params("vm")).await?;
+            self.http.request::<Value, _>(qga, vm_params("vm")).await?;
             let d2 = t.elapsed();
             if !warm {
                 s[0].push(d0);
@@ -134,17 +189,13 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
                 s[2].push(d2);
             }
         }
-        let f = |x: &Samples| format!("{} / {}", fmt_duration(x.p50()), fmt_duration(x.p99()));
-        report.row(&[
-            name.to_string(),
-            f(&s[0]),
-            f(&s[1]),
-            f(&s[2]),
-            ratio(s[1].p50(), s[0].p50()),
-            ratio(s[2].p50(), s[0].p50()),
-        ]);
+        Ok(s)
     }
-    // The floor: a call the bridge answers itself, without the agent.
+}
+
+/// The floor: round trips of a call the bridge answers itself, without the agent, on a
+/// new gRPC connection and on `http`, `runs` rounds after 50 unrecorded ones.
+async fn floor(bridge: &Bridge, http: &HttpClient, runs: usize) -> anyhow::Result<[Samples; 2]> {
     let mut vms = VmsClient::new(bridge.channel().await?);
     let mut floor = [Samples::with_capacity(runs), Samples::with_capacity(runs)];
     for i in 0..runs + 50 {
@@ -160,15 +211,5 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             floor[1].push(d2);
         }
     }
-    let f = |x: &Samples| format!("{} / {}", fmt_duration(x.p50()), fmt_duration(x.p99()));
-    report.row(&[
-        "ListVms / vm-list (answered by the bridge, no agent call)".into(),
-        "-".into(),
-        f(&floor[0]),
-        f(&floor[1]),
-        "-".into(),
-        "-".into(),
-    ]);
-    report.end_table();
-    Ok(())
+    Ok(floor)
 }

@@ -681,29 +681,18 @@ async fn plug_unplug(b: &Behind, round: usize, f: &mut Figures) -> anyhow::Resul
                 }
                 Err(e) => record_failure(f, "reboot", round, &e),
             }
-            let unplug = async {
-                let (reply, call, back) = timed_call(
-                    c,
-                    &g,
-                    "memory-unplug",
-                    json!({"vm": VM, "dimm": dimm}),
-                    boot_kib,
-                )
-                .await?;
-                no_dimms(c, "memory-unplug").await?;
-                record_steps(f, "memory-unplug", &reply);
-                f.unplug_call.push(call);
-                f.unplug_mem.push(back);
-                eprintln!(
-                    "bench: hotplug round {round} bridge: memory-unplug call {}, MemTotal back {}",
-                    fmt_duration(call),
-                    fmt_duration(back)
-                );
-                anyhow::Ok(())
-            }
-            .await;
-            if let Err(e) = unplug {
-                record_failure(f, "memory-unplug", round, &e);
+            let request = ("memory-unplug", json!({"vm": VM, "dimm": dimm}));
+            match give_back(b, f, "memory-unplug", request, "memory-unplug").await {
+                Ok((call, back)) => {
+                    f.unplug_call.push(call);
+                    f.unplug_mem.push(back);
+                    eprintln!(
+                        "bench: hotplug round {round} bridge: memory-unplug call {}, MemTotal back {}",
+                        fmt_duration(call),
+                        fmt_duration(back)
+                    );
+                }
+                Err(e) => record_failure(f, "memory-unplug", round, &e),
             }
         }
     }
@@ -738,31 +727,39 @@ async fn grow_shrink(b: &Behind, round: usize, f: &mut Figures) -> anyhow::Resul
     }
 
     // And back to the boot size.
-    let shrink = async {
-        let (reply, call, back) = timed_call(
-            c,
-            &g,
-            "memory-resize",
-            json!({"vm": VM, "size": boot_bytes}),
-            boot_kib,
-        )
-        .await?;
-        no_dimms(c, "memory-resize back to the boot size").await?;
-        record_steps(f, "memory-resize down", &reply);
-        f.shrink_call.push(call);
-        f.shrink_mem.push(back);
-        eprintln!(
-            "bench: hotplug round {round} bridge: memory-resize back call {}, MemTotal back {}",
-            fmt_duration(call),
-            fmt_duration(back)
-        );
-        anyhow::Ok(())
-    }
-    .await;
-    if let Err(e) = shrink {
-        record_failure(f, "memory-resize down", round, &e);
+    let request = ("memory-resize", json!({"vm": VM, "size": boot_bytes}));
+    let what = "memory-resize back to the boot size";
+    match give_back(b, f, "memory-resize down", request, what).await {
+        Ok((call, back)) => {
+            f.shrink_call.push(call);
+            f.shrink_mem.push(back);
+            eprintln!(
+                "bench: hotplug round {round} bridge: memory-resize back call {}, MemTotal back {}",
+                fmt_duration(call),
+                fmt_duration(back)
+            );
+        }
+        Err(e) => record_failure(f, "memory-resize down", round, &e),
     }
     Ok(())
+}
+
+/// A bridge call `method` that gives the plugged memory back, recorded as operation
+/// `op`: timed until it returns and until `MemTotal` is back at the boot size, after
+/// which the layout must show no DIMM (else an error naming `what`). Returns both
+/// times; its steps are recorded.
+async fn give_back(
+    b: &Behind,
+    f: &mut Figures,
+    op: &'static str,
+    (method, params): (&str, Value),
+    what: &str,
+) -> anyhow::Result<(Duration, Duration)> {
+    let (c, g) = (&b.c, b.guest.control());
+    let (reply, call, back) = timed_call(c, &g, method, params, b.boot_kib).await?;
+    no_dimms(c, what).await?;
+    record_steps(f, op, &reply);
+    Ok((call, back))
 }
 
 /// `median (min–max)`, or just the value for one sample; `-` for none.
@@ -853,6 +850,15 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         vmem_bridge_round(&image, round, &mut f).await?;
     }
 
+    intro(report, &qemu, &kernel, rounds);
+    against_baseline(report, &f, rounds);
+    bridge_calls(report, &f, rounds);
+    goals(report, &f);
+    Ok(failures_listed(report, &f))
+}
+
+/// The section's heading and how it measures, on guests of QEMU `qemu` and kernel `kernel`.
+fn intro(report: &mut Report, qemu: &str, kernel: &str, rounds: usize) {
     report.heading("Memory hotplug on a real guest");
     report.para(&format!(
         "A real QEMU {qemu} guest under TCG (no KVM; `-cpu max`, 1 vCPU, 512 MiB boot memory, \
@@ -896,90 +902,129 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
          answer, so it acts as soon as the agent is up. Cells: median (min–max) over the rounds.",
         POLL.as_millis()
     ));
+}
+
+/// One row comparing a baseline figure with the bridge's: what, the baseline, the bridge
+/// operation whose failures the bridge's cell counts, the bridge's figure.
+type Compared<'a> = (&'a str, &'a Samples, &'a str, &'a Samples);
+
+/// The main table: each operation on the baseline and through the bridge.
+fn against_baseline(report: &mut Report, f: &Figures, rounds: usize) {
     report.table(&[
         "operation",
         "baseline (device_add + kernel onlining)",
         "through the bridge",
         "bridge / baseline (median)",
     ]);
-    let rows: [(&str, &Samples, &str, &Samples); 5] = [
-        (
-            "plug 512 MiB to usable",
-            &f.base_plug,
-            "memory-plug",
-            &f.plug_usable,
-        ),
-        (
-            "unplug 512 MiB to gone",
-            &f.base_unplug,
-            "memory-unplug",
-            &f.unplug_call,
-        ),
-        (
-            "grow by 2 GiB to usable",
-            &f.base_grow,
-            "memory-resize up",
-            &f.grow_usable,
-        ),
-        (
-            "shrink by 2 GiB to gone",
-            &f.base_shrink,
-            "memory-resize down",
-            &f.shrink_call,
-        ),
-        (
-            "reboot with 512 MiB plugged: agent ready to usable",
-            &f.base_reboot,
-            "reboot",
-            &f.reboot_usable,
-        ),
-    ];
-    for (name, base, op, bridge) in rows {
-        report.row(&[
-            name.to_string(),
-            spread(base),
-            bridge_cell(&f, op, bridge, rounds),
-            median_ratio(bridge, base),
-        ]);
-    }
+    compared_rows(
+        report,
+        f,
+        rounds,
+        [
+            (
+                "plug 512 MiB to usable",
+                &f.base_plug,
+                "memory-plug",
+                &f.plug_usable,
+            ),
+            (
+                "unplug 512 MiB to gone",
+                &f.base_unplug,
+                "memory-unplug",
+                &f.unplug_call,
+            ),
+            (
+                "grow by 2 GiB to usable",
+                &f.base_grow,
+                "memory-resize up",
+                &f.grow_usable,
+            ),
+            (
+                "shrink by 2 GiB to gone",
+                &f.base_shrink,
+                "memory-resize down",
+                &f.shrink_call,
+            ),
+            (
+                "reboot with 512 MiB plugged: agent ready to usable",
+                &f.base_reboot,
+                "reboot",
+                &f.reboot_usable,
+            ),
+        ],
+    );
     report.row(&[
         "virtio-mem: first growth after boot, +2 GiB to usable".to_string(),
         spread(&f.base_vgrow_first),
         spread(&f.vgrow_first_usable),
         median_ratio(&f.vgrow_first_usable, &f.base_vgrow_first),
     ]);
-    report.row(&[
-        "virtio-mem: grow by 2 GiB to usable".to_string(),
-        spread(&f.base_vgrow),
-        bridge_cell(&f, "virtio-mem resize up", &f.vgrow_usable, rounds),
-        median_ratio(&f.vgrow_usable, &f.base_vgrow),
-    ]);
-    report.row(&[
-        "virtio-mem: shrink by 2 GiB to size 0".to_string(),
-        spread(&f.base_vshrink),
-        bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
-        median_ratio(&f.vshrink_call, &f.base_vshrink),
-    ]);
-    report.row(&[
-        "virtio-mem: grow by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
-        spread(&f.same_vgrow),
-        bridge_cell(&f, "virtio-mem resize up", &f.vgrow_usable, rounds),
-        median_ratio(&f.vgrow_usable, &f.same_vgrow),
-    ]);
-    report.row(&[
-        "virtio-mem: shrink by 2 GiB, `qom-set` alone on the bridge's guest".to_string(),
-        spread(&f.same_vshrink),
-        bridge_cell(&f, "virtio-mem resize down", &f.vshrink_call, rounds),
-        median_ratio(&f.vshrink_call, &f.same_vshrink),
-    ]);
+    virtio_mem_rows(report, f, rounds);
     report.row(&[
         "unplug of 512 MiB onlined `online_kernel`: answered (refused)".to_string(),
         "- (the kernel keeps it; QEMU's `device_del` never completes)".to_string(),
-        bridge_cell(&f, "memory-unplug refused", &f.refused_unplug, rounds),
+        bridge_cell(f, "memory-unplug refused", &f.refused_unplug, rounds),
         format!("offline budget {} s", OFFLINE_BUDGET.as_secs()),
     ]);
     report.end_table();
+}
 
+/// The virtio-mem rows of the main table after the first growth: the second cycle
+/// against the baseline guest's `qom-set`, then against `qom-set` on the bridge's guest.
+fn virtio_mem_rows(report: &mut Report, f: &Figures, rounds: usize) {
+    compared_rows(
+        report,
+        f,
+        rounds,
+        [
+            (
+                "virtio-mem: grow by 2 GiB to usable",
+                &f.base_vgrow,
+                "virtio-mem resize up",
+                &f.vgrow_usable,
+            ),
+            (
+                "virtio-mem: shrink by 2 GiB to size 0",
+                &f.base_vshrink,
+                "virtio-mem resize down",
+                &f.vshrink_call,
+            ),
+            (
+                "virtio-mem: grow by 2 GiB, `qom-set` alone on the bridge's guest",
+                &f.same_vgrow,
+                "virtio-mem resize up",
+                &f.vgrow_usable,
+            ),
+            (
+                "virtio-mem: shrink by 2 GiB, `qom-set` alone on the bridge's guest",
+                &f.same_vshrink,
+                "virtio-mem resize down",
+                &f.vshrink_call,
+            ),
+        ],
+    );
+}
+
+/// Writes each [`Compared`] row: the baseline's spread, the bridge's cell, their ratio.
+fn compared_rows<const N: usize>(
+    report: &mut Report,
+    f: &Figures,
+    rounds: usize,
+    rows: [Compared<'_>; N],
+) {
+    for (name, base, op, bridge) in rows {
+        report.row(&[
+            name.to_string(),
+            spread(base),
+            bridge_cell(f, op, bridge, rounds),
+            median_ratio(bridge, base),
+        ]);
+    }
+}
+
+/// The second table: each bridge call's return, when `MemTotal` showed it, and the
+/// steps its replies report.
+fn bridge_calls(report: &mut Report, f: &Figures, rounds: usize) {
     report.para(
         "The bridge's calls in detail: when each call returned, when `MemTotal` showed the \
          change, and the steps its replies report (median of each step's total per call, ms; \
@@ -1026,7 +1071,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             .collect();
         report.row(&[
             name.to_string(),
-            bridge_cell(&f, op, call, rounds),
+            bridge_cell(f, op, call, rounds),
             spread(mem),
             if steps.is_empty() {
                 "-".into()
@@ -1036,9 +1081,25 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         ]);
     }
     report.end_table();
+}
 
-    // The goals, judged on medians.
-    let plug = if f.plug_usable.is_empty() {
+/// The goals, judged on medians, each met or not.
+fn goals(report: &mut Report, f: &Figures) {
+    let (plug, grow, unplug) = (plug_goal(f), grow_goal(f), unplug_goal(f));
+    let (refused, vgrow) = (refused_goal(f), virtio_mem_goal(f));
+    report.para(&format!(
+        "Goals (from the issues): plug within 1.2x of the baseline, grow by 2 GiB within 1.3x, \
+         unplug of an idle 512 MiB movable DIMM under 1 s, and an unplug that cannot succeed \
+         answered within the offline budget plus 2 s; virtio-mem resizes within 1.2x of \
+         `qom-set` alone. {plug} {grow} {unplug} {refused} {vgrow} These \
+         are TCG figures: every guest instruction is emulated on a shared 2-core host, so \
+         absolute times are longer than under KVM; compare the two sides of a row."
+    ));
+}
+
+/// Plug within 1.2x of the baseline: the verdict on `memory-plug`.
+fn plug_goal(f: &Figures) -> String {
+    if f.plug_usable.is_empty() {
         "**Plug: not measured** — `memory-plug` did not work (below).".to_string()
     } else {
         let base = f.base_plug.p50().as_secs_f64();
@@ -1049,8 +1110,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
              baseline's time (median; the call itself returned after {call:.2}x).",
             if usable <= 1.2 { "met" } else { "not met" }
         )
-    };
-    let unplug = if f.unplug_call.is_empty() {
+    }
+}
+
+/// An idle 512 MiB movable DIMM unplugged in under 1 s: the verdict on `memory-unplug`.
+fn unplug_goal(f: &Figures) -> String {
+    if f.unplug_call.is_empty() {
         format!(
             "**Unplug: not met** — `memory-unplug` did not work in any round (below); the \
              baseline's `device_del` to `object-del` took {}.",
@@ -1076,8 +1141,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             fmt_duration(slowest),
             fmt_duration(f.base_unplug.p50())
         )
-    };
-    let grow = if f.grow_usable.is_empty() {
+    }
+}
+
+/// Growth by 2 GiB within 1.3x of the baseline: the verdict on `memory-resize` up.
+fn grow_goal(f: &Figures) -> String {
+    if f.grow_usable.is_empty() {
         "**Grow: not measured** — `memory-resize` up did not work (below).".to_string()
     } else {
         let r = f.grow_usable.p50().as_secs_f64() / f.base_grow.p50().as_secs_f64();
@@ -1085,8 +1154,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             "**Grow: {}** — 2 GiB were usable after {r:.2}x the baseline's time (median).",
             if r <= 1.3 { "met" } else { "not met" }
         )
-    };
-    let vgrow = if f.vgrow_usable.is_empty() {
+    }
+}
+
+/// virtio-mem resizes within 1.2x of `qom-set` alone: the verdict on the second cycle.
+fn virtio_mem_goal(f: &Figures) -> String {
+    if f.vgrow_usable.is_empty() {
         "**virtio-mem grow: not measured** (below).".to_string()
     } else {
         let r = f.vgrow_usable.p50().as_secs_f64() / f.base_vgrow.p50().as_secs_f64();
@@ -1102,8 +1175,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
                 "not met"
             }
         )
-    };
-    let refused = if f.refused_unplug.is_empty() {
+    }
+}
+
+/// An unplug that cannot succeed answered within the offline budget plus 2 s.
+fn refused_goal(f: &Figures) -> String {
+    if f.refused_unplug.is_empty() {
         "**Refused unplug: not measured** (below).".to_string()
     } else {
         let slowest = f.refused_unplug.quantile(1.0);
@@ -1119,16 +1196,12 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
             fmt_duration(slowest),
             OFFLINE_BUDGET.as_secs() + 2
         )
-    };
-    report.para(&format!(
-        "Goals (from the issues): plug within 1.2x of the baseline, grow by 2 GiB within 1.3x, \
-         unplug of an idle 512 MiB movable DIMM under 1 s, and an unplug that cannot succeed \
-         answered within the offline budget plus 2 s; virtio-mem resizes within 1.2x of \
-         `qom-set` alone. {plug} {grow} {unplug} {refused} {vgrow} These \
-         are TCG figures: every guest instruction is emulated on a shared 2-core host, so \
-         absolute times are longer than under KVM; compare the two sides of a row."
-    ));
+    }
+}
 
+/// Lists what did not work through the bridge (the bridge's error, and the rounds) in
+/// the report, and returns the same lines.
+fn failures_listed(report: &mut Report, f: &Figures) -> Vec<String> {
     let mut failures = Vec::new();
     if !f.failed.is_empty() {
         report.para("What did not work through the bridge (the bridge's error, and the rounds):");
@@ -1143,5 +1216,5 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<Vec<String>
         }
         report.para(list.trim_end());
     }
-    Ok(failures)
+    failures
 }

@@ -18,7 +18,7 @@ use std::{
 use anyhow::{Context, bail, ensure};
 use qga_e2e::{
     guest::{Guest, GuestConfig},
-    image,
+    image::{self, GuestImage},
     libvirt::{Domain, URI},
 };
 use qga_proto::v1::{
@@ -255,16 +255,78 @@ struct Figures {
     rounds: Vec<Duration>,
 }
 
+/// How many calls the section makes: `rounds` rounds, in each a block of `warm` untimed
+/// then `calls` timed calls per (method, path).
+#[derive(Clone, Copy)]
+struct Plan {
+    rounds: usize,
+    calls: usize,
+    warm: usize,
+}
+
+/// The versions of what the guests run on, for the report.
+struct Versions {
+    kernel: String,
+    qemu: String,
+    libvirt: String,
+    hypervisor: String,
+}
+
 /// The section.
 pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     let (rounds, calls, warm) = if quick { (1, 100, 10) } else { (3, 500, 30) };
+    let plan = Plan {
+        rounds,
+        calls,
+        warm,
+    };
     let image = image::ensure().context("the guest image (tests/guest/build-image)")?;
     let kernel = kernel_version(&image.kernel).unwrap_or_else(|| "unknown".into());
     let qemu = qemu_version().unwrap_or_else(|| "unknown".into());
+    let (domain, (libvirt, hypervisor), guest) = start_guests(&image).await?;
+    let versions = Versions {
+        kernel,
+        qemu,
+        libvirt,
+        hypervisor,
+    };
 
-    // The libvirt domain first (this also starts libvirtd when it is not running), then
-    // the plain guest; one boot at a time. Both are torn down on every way out: the
-    // domain's drop destroys it, the guest's kills its QEMU.
+    let measured = measure(&domain, &guest, plan).await;
+    // The bridges are gone (dropped in `measure`); now the guests.
+    let (figures, blocks) = measured.map_err(|e| with_consoles(e, &domain, &guest))?;
+    drop(guest);
+    drop(domain);
+
+    intro(report, &versions, plan, blocks);
+    report.table(&[
+        "call",
+        "path",
+        "p50",
+        "p90",
+        "p99",
+        "p50 per round",
+        "vs libvirt's API (p50)",
+        "vs direct socket (p50)",
+    ]);
+    for method in [Method::Ping, Method::GetMemoryBlocks] {
+        method_rows(report, method, &figures)?;
+    }
+    report.end_table();
+    report.para(&format!(
+        "Percentiles over all {} timed calls per row. These are TCG figures on a shared 2-core \
+         host: the agent's side of each call is emulated, so both paths carry the same slow \
+         guest; compare the two rows of a call, not these figures with the fake-agent \
+         sections'.",
+        rounds * calls
+    ));
+    Ok(())
+}
+
+/// Boots the libvirt domain first (this also starts libvirtd when it is not running),
+/// then the plain guest; one boot at a time. Both are torn down on every way out: the
+/// domain's drop destroys it, the guest's kills its QEMU. Also returns libvirt's
+/// version and hypervisor, asked while only the domain runs.
+async fn start_guests(image: &GuestImage) -> anyhow::Result<(Domain, (String, String), Guest)> {
     let domain = tokio::task::spawn_blocking(|| {
         let d = Domain::start("qga-bench", "ours")?;
         d.wait_for_agent(Duration::from_secs(30))?;
@@ -272,8 +334,7 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     })
     .await?
     .context("starting the libvirt domain")?;
-    let (libvirt, hypervisor) =
-        libvirt_version().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
+    let versions = libvirt_version().unwrap_or_else(|| ("unknown".into(), "unknown".into()));
     let guest = {
         let image = image.clone();
         tokio::task::spawn_blocking(move || {
@@ -282,24 +343,36 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         .await?
         .context("booting the plain QEMU guest")?
     };
+    Ok((domain, versions, guest))
+}
 
-    let measured = measure(&domain, &guest, rounds, calls, warm).await;
-    // The bridges are gone (dropped in `measure`); now the guests.
-    let console = |e: anyhow::Error| {
-        let tail = |text: String| {
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(20)..].join("\n")
-        };
-        anyhow::anyhow!(
-            "{e:#}\nlibvirt domain console (last lines):\n{}\nplain guest console (last lines):\n{}",
-            tail(domain.console_text()),
-            tail(guest.console_text())
-        )
+/// `e` with the last lines of both guests' consoles, which tell why a guest failed.
+fn with_consoles(e: anyhow::Error, domain: &Domain, guest: &Guest) -> anyhow::Error {
+    let tail = |text: String| {
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
     };
-    let (figures, blocks) = measured.map_err(console)?;
-    drop(guest);
-    drop(domain);
+    anyhow::anyhow!(
+        "{e:#}\nlibvirt domain console (last lines):\n{}\nplain guest console (last lines):\n{}",
+        tail(domain.console_text()),
+        tail(guest.console_text())
+    )
+}
 
+/// The section's heading and how it measures; `blocks` are the guests' memory block
+/// counts (libvirt, direct).
+fn intro(report: &mut Report, v: &Versions, plan: Plan, blocks: (usize, usize)) {
+    let Versions {
+        kernel,
+        qemu,
+        libvirt,
+        hypervisor,
+    } = v;
+    let Plan {
+        rounds,
+        calls,
+        warm,
+    } = plan;
     report.heading("libvirt backend against libvirt's API and the direct socket");
     report.para(&format!(
         "The same gRPC calls, `Ping` and `GetMemoryBlocks` (GuestAgent / GuestMemory), through \
@@ -329,64 +402,52 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
          made per call.",
         blocks.0, blocks.1
     ));
-    report.table(&[
-        "call",
-        "path",
-        "p50",
-        "p90",
-        "p99",
-        "p50 per round",
-        "vs libvirt's API (p50)",
-        "vs direct socket (p50)",
-    ]);
-    for method in [Method::Ping, Method::GetMemoryBlocks] {
-        let get = |path: Path| {
-            figures
-                .iter()
-                .find(|(m, p, _)| *m == method && *p == path)
-                .map(|(_, _, f)| f)
+}
+
+/// The three rows of `method`, one per path, each compared with the paths after it.
+fn method_rows(
+    report: &mut Report,
+    method: Method,
+    figures: &[(Method, Path, Figures)],
+) -> anyhow::Result<()> {
+    let get = |path: Path| {
+        figures
+            .iter()
+            .find(|(m, p, _)| *m == method && *p == path)
+            .map(|(_, _, f)| f)
+    };
+    let (Some(lv), Some(api), Some(direct)) =
+        (get(Path::Libvirt), get(Path::Api), get(Path::Direct))
+    else {
+        bail!("no figures for {}", method.label());
+    };
+    let vs = |f: &Figures, base: &Figures| {
+        let (a, b) = (f.all.p50(), base.all.p50());
+        let sign = if a >= b { "+" } else { "-" };
+        format!("{} ({sign}{})", ratio(a, b), fmt_duration(a.abs_diff(b)))
+    };
+    for (path, f) in [
+        (Path::Libvirt, lv),
+        (Path::Api, api),
+        (Path::Direct, direct),
+    ] {
+        let per_round: Vec<String> = f.rounds.iter().map(|d| fmt_duration(*d)).collect();
+        let (vs_api, vs_direct) = match path {
+            Path::Libvirt => (vs(f, api), vs(f, direct)),
+            Path::Api => ("-".into(), vs(f, direct)),
+            Path::Direct => ("-".into(), "-".into()),
         };
-        let (Some(lv), Some(api), Some(direct)) =
-            (get(Path::Libvirt), get(Path::Api), get(Path::Direct))
-        else {
-            bail!("no figures for {}", method.label());
-        };
-        let vs = |f: &Figures, base: &Figures| {
-            let (a, b) = (f.all.p50(), base.all.p50());
-            let sign = if a >= b { "+" } else { "-" };
-            format!("{} ({sign}{})", ratio(a, b), fmt_duration(a.abs_diff(b)))
-        };
-        for (path, f) in [
-            (Path::Libvirt, lv),
-            (Path::Api, api),
-            (Path::Direct, direct),
-        ] {
-            let per_round: Vec<String> = f.rounds.iter().map(|d| fmt_duration(*d)).collect();
-            let (vs_api, vs_direct) = match path {
-                Path::Libvirt => (vs(f, api), vs(f, direct)),
-                Path::Api => ("-".into(), vs(f, direct)),
-                Path::Direct => ("-".into(), "-".into()),
-            };
-            report.row(&[
-                method.label().to_string(),
-                path.label().to_string(),
-                fmt_duration(f.all.p50()),
-                fmt_duration(f.all.quantile(0.90)),
-                fmt_duration(f.all.p99()),
-                per_round.join(" / "),
-                vs_api,
-                vs_direct,
-            ]);
-        }
+        report.row(&[
+            method.label().to_string(),
+            path.label().to_string(),
+            fmt_duration(f.all.p50()),
+            fmt_duration(f.all.quantile(0.90)),
+            fmt_duration(f.all.p99()),
+            per_round.join(" / "),
+            vs_api,
+            vs_direct,
+        ]);
     }
-    report.end_table();
-    report.para(&format!(
-        "Percentiles over all {} timed calls per row. These are TCG figures on a shared 2-core \
-         host: the agent's side of each call is emulated, so both paths carry the same slow \
-         guest; compare the two rows of a call, not these figures with the fake-agent \
-         sections'.",
-        rounds * calls
-    ));
     Ok(())
 }
 
@@ -395,27 +456,14 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
 async fn measure(
     domain: &Domain,
     guest: &Guest,
-    rounds: usize,
-    calls: usize,
-    warm: usize,
+    plan: Plan,
 ) -> anyhow::Result<(Vec<(Method, Path, Figures)>, (usize, usize))> {
-    let mut lv = Target::start(
-        Path::Libvirt,
-        domain.name(),
-        vec!["--libvirt".into(), URI.into()],
-    )
-    .await?;
-    let mut direct = Target::start(
-        Path::Direct,
-        DIRECT_VM,
-        vec![
-            "--vm".into(),
-            format!("{DIRECT_VM}={}", guest.qga_socket().display()),
-        ],
-    )
-    .await?;
-    lv.until_ready().await?;
-    direct.until_ready().await?;
+    let Plan {
+        rounds,
+        calls,
+        warm,
+    } = plan;
+    let (mut lv, mut direct) = start_targets(domain, guest).await?;
     let name = domain.name().to_string();
     let mut api = Some(tokio::task::spawn_blocking(move || Api::open(&name)).await??);
     let blocks = (
@@ -462,4 +510,27 @@ async fn measure(
         }
     }
     Ok((figures, blocks))
+}
+
+/// The two bridges, libvirt's (`--libvirt`) in front of `domain` and a direct one (`--vm`)
+/// on `guest`'s agent socket, each once its agent answers through it.
+async fn start_targets(domain: &Domain, guest: &Guest) -> anyhow::Result<(Target, Target)> {
+    let mut lv = Target::start(
+        Path::Libvirt,
+        domain.name(),
+        vec!["--libvirt".into(), URI.into()],
+    )
+    .await?;
+    let mut direct = Target::start(
+        Path::Direct,
+        DIRECT_VM,
+        vec![
+            "--vm".into(),
+            format!("{DIRECT_VM}={}", guest.qga_socket().display()),
+        ],
+    )
+    .await?;
+    lv.until_ready().await?;
+    direct.until_ready().await?;
+    Ok((lv, direct))
 }

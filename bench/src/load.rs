@@ -1,6 +1,7 @@
 //! A host with 1,000 VMs: one bridge, 1,000 fake agents, many concurrent clients.
 
 use std::{
+    path::Path,
     process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
@@ -13,6 +14,7 @@ use qga_proto::v1::{
 };
 use qga_testkit::bin_path;
 use tokio::sync::Mutex;
+use tonic::transport::Channel;
 
 use crate::{
     bridge::Bridge,
@@ -108,38 +110,9 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         .map(|i| format!("vm{i} = \"{}/vm{i}.sock\"\n", dir.path().display()))
         .collect();
     let bridge = Bridge::start(&format!("[limits]\nqueue_depth = 256\n[vms]\n{vms}"))?;
-    let channels = {
-        let mut v = Vec::new();
-        for _ in 0..4 {
-            v.push(bridge.channel().await?);
-        }
-        v
-    };
-    // Warm every session (connect + resync) so the figures are steady state.
-    let mut warm = GuestAgentClient::new(channels[0].clone());
-    for i in 0..VMS {
-        warm.ping(PingRequest {
-            vm: format!("vm{i}"),
-        })
-        .await?;
-    }
-    let rss_idle = procfs::memory(bridge.pid())?;
-
+    let channels = warm_channels(&bridge).await?;
     let clients = 128;
-    let cpu0 = procfs::cpu_time(bridge.pid())?;
-    let t0 = Instant::now();
-    let ch = channels.clone();
-    let (rate, lat, failed) = drive(clients, secs, move |c, i| {
-        let mut client = GuestAgentClient::new(ch[c % ch.len()].clone());
-        let vm = format!("vm{}", (c as u64 * 7919 + i * 31) % VMS as u64);
-        async move { client.ping(PingRequest { vm }).await.is_ok() }
-    })
-    .await?;
-    let cpu = procfs::cpu_time(bridge.pid())?
-        .saturating_sub(cpu0)
-        .as_secs_f64()
-        / t0.elapsed().as_secs_f64();
-    let mem = procfs::memory(bridge.pid())?;
+    let ping = ping_row(&bridge, &channels, clients, secs).await?;
     report.para(&format!(
         "1,000 fake agents (`qga-fake-agent`: one process, one tokio task per socket, the real QGA framing \
          and handshake) behind one release `qga-bridge` configured with 1,000 VMs; every session warmed \
@@ -156,7 +129,75 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "bridge CPU (cores)",
         "bridge RSS idle / peak (MiB)",
     ]);
-    report.row(&[
+    report.row(&ping);
+    if let Some(row) = wrk_row(&bridge, secs)? {
+        report.row(&row);
+    }
+
+    // Coalescing: every client polls the same VM's block list.
+    for coalesce in [true, false] {
+        report.row(&coalescing_row(dir.path(), clients, secs, coalesce).await?);
+    }
+    report.end_table();
+    Ok(())
+}
+
+/// Four gRPC connections to `bridge`, with every VM's session warmed (connect + resync)
+/// so the figures are steady state.
+async fn warm_channels(bridge: &Bridge) -> anyhow::Result<Vec<Channel>> {
+    let channels = bridge.channels(4).await?;
+    warm_sessions(&channels[0], VMS).await?;
+    Ok(channels)
+}
+
+/// Pings VMs `vm0` .. `vm{vms - 1}` once each on `channel`, so that every session is
+/// connected and resynchronised before anything is measured.
+pub async fn warm_sessions(channel: &Channel, vms: usize) -> anyhow::Result<()> {
+    let mut warm = GuestAgentClient::new(channel.clone());
+    for i in 0..vms {
+        warm.ping(PingRequest {
+            vm: format!("vm{i}"),
+        })
+        .await?;
+    }
+    Ok(())
+}
+
+/// [`drive`]s `clients` concurrent gRPC `Ping` callers for `secs`, spread over
+/// `channels`, each cycling over VMs `vm0` .. `vm{vms - 1}` in an order of its own.
+pub async fn drive_pings(
+    channels: Vec<Channel>,
+    vms: usize,
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<(f64, Samples, u64)> {
+    drive(clients, secs, move |c, i| {
+        let mut client = GuestAgentClient::new(channels[c % channels.len()].clone());
+        let vm = format!("vm{}", (c as u64 * 7919 + i * 31) % vms as u64);
+        async move { client.ping(PingRequest { vm }).await.is_ok() }
+    })
+    .await
+}
+
+/// The row of `clients` concurrent gRPC `Ping` callers cycling over the VMs for `secs`,
+/// spread over `channels`: calls/s, latency, failures, the bridge's CPU over the run
+/// and its RSS idle (before) and peak (after).
+async fn ping_row(
+    bridge: &Bridge,
+    channels: &[Channel],
+    clients: usize,
+    secs: u64,
+) -> anyhow::Result<Vec<String>> {
+    let rss_idle = procfs::memory(bridge.pid())?;
+    let cpu0 = procfs::cpu_time(bridge.pid())?;
+    let t0 = Instant::now();
+    let (rate, lat, failed) = drive_pings(channels.to_vec(), VMS, clients, secs).await?;
+    let cpu = procfs::cpu_time(bridge.pid())?
+        .saturating_sub(cpu0)
+        .as_secs_f64()
+        / t0.elapsed().as_secs_f64();
+    let mem = procfs::memory(bridge.pid())?;
+    Ok(vec![
         format!("gRPC Ping, {clients} callers over 1,000 VMs"),
         format!("{rate:.0}"),
         fmt_duration(lat.p50()),
@@ -168,44 +209,45 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             rss_idle.rss_kib as f64 / 1024.0,
             mem.peak_kib as f64 / 1024.0
         ),
-    ]);
-    if let Some(row) = wrk_row(&bridge, secs)? {
-        report.row(&row);
-    }
+    ])
+}
 
-    // Coalescing: every client polls the same VM's block list.
-    for coalesce in [true, false] {
-        let b = Bridge::start(&format!(
-            "coalesce_reads = {coalesce}\n[limits]\nqueue_depth = 1024\n[vms]\nvm0 = \"{}/vm0.sock\"\n",
-            dir.path().display()
-        ))?;
-        let ch = b.channel().await?;
-        let (rate, lat, failed) = drive(clients, secs.min(5), move |_, _| {
-            let mut client = GuestMemoryClient::new(ch.clone());
-            async move {
-                client
-                    .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm0".into() })
-                    .await
-                    .is_ok()
-            }
-        })
-        .await?;
-        let mem = procfs::memory(b.pid())?;
-        report.row(&[
-            format!(
-                "gRPC GetMemoryBlocks, {clients} callers on one VM, coalescing {}",
-                if coalesce { "on" } else { "off" }
-            ),
-            format!("{rate:.0}"),
-            fmt_duration(lat.p50()),
-            fmt_duration(lat.p99()),
-            failed.to_string(),
-            "-".into(),
-            format!("- / {:.1}", mem.peak_kib as f64 / 1024.0),
-        ]);
-    }
-    report.end_table();
-    Ok(())
+/// The row of `clients` concurrent gRPC `GetMemoryBlocks` callers all on one VM, through
+/// a bridge of its own with read coalescing on or off.
+async fn coalescing_row(
+    dir: &Path,
+    clients: usize,
+    secs: u64,
+    coalesce: bool,
+) -> anyhow::Result<Vec<String>> {
+    let b = Bridge::start(&format!(
+        "coalesce_reads = {coalesce}\n[limits]\nqueue_depth = 1024\n[vms]\nvm0 = \"{}/vm0.sock\"\n",
+        dir.display()
+    ))?;
+    let ch = b.channel().await?;
+    let (rate, lat, failed) = drive(clients, secs.min(5), move |_, _| {
+        let mut client = GuestMemoryClient::new(ch.clone());
+        async move {
+            client
+                .get_memory_blocks(GetMemoryBlocksRequest { vm: "vm0".into() })
+                .await
+                .is_ok()
+        }
+    })
+    .await?;
+    let mem = procfs::memory(b.pid())?;
+    Ok(vec![
+        format!(
+            "gRPC GetMemoryBlocks, {clients} callers on one VM, coalescing {}",
+            if coalesce { "on" } else { "off" }
+        ),
+        format!("{rate:.0}"),
+        fmt_duration(lat.p50()),
+        fmt_duration(lat.p99()),
+        failed.to_string(),
+        "-".into(),
+        format!("- / {:.1}", mem.peak_kib as f64 / 1024.0),
+    ])
 }
 
 /// JSON-RPC `guest-ping` over HTTP with wrk (if installed), random VM per request.

@@ -56,6 +56,15 @@ impl Samples {
     pub fn p99(&self) -> Duration {
         self.quantile(0.99)
     }
+
+    /// `p50 / p99`, as the report's latency cells show them.
+    pub fn p50_p99(&self) -> String {
+        format!(
+            "{} / {}",
+            fmt_duration(self.p50()),
+            fmt_duration(self.p99())
+        )
+    }
 }
 
 /// Formats a duration with a unit that keeps three significant digits readable.

@@ -10,7 +10,7 @@ use qga_testkit::{BridgeProcess, Certs};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
 
 use crate::{
-    load::drive,
+    load::{drive_pings, warm_sessions},
     report::Report,
     soak::{Agents, Role, vm_table},
     stats::{Samples, fmt_duration, ratio},
@@ -102,15 +102,40 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
     }
     // Warm every session of every bridge.
     for s in &sides {
-        let mut c = GuestAgentClient::new(s.channels[0].clone());
-        for i in 0..VMS {
-            c.ping(PingRequest {
-                vm: format!("vm{i}"),
-            })
-            .await?;
-        }
+        warm_sessions(&s.channels[0], VMS).await?;
     }
-    // Latency: one call per bridge per round, alternating, on warm connections.
+    let latency = latencies(&sides, rounds).await?;
+    // Throughput: 128 callers on 4 connections, one bridge at a time.
+    let mut rates = Vec::new();
+    for s in &sides {
+        let (rate, _, failed) = drive_pings(s.channels.clone(), VMS, 128, secs).await?;
+        anyhow::ensure!(
+            failed == 0,
+            "{} calls failed over {}",
+            failed,
+            s.mode.name()
+        );
+        rates.push(rate);
+    }
+
+    intro(report, rounds, secs);
+    for (k, s) in sides.iter().enumerate() {
+        report.row(&[
+            s.mode.name().into(),
+            fmt_duration(latency[k].p50()),
+            fmt_duration(latency[k].p99()),
+            ratio(latency[k].p50(), latency[0].p50()),
+            format!("{:.0}", rates[k]),
+            format!("{:.2}", rates[k] / rates[0]),
+        ]);
+    }
+    report.end_table();
+    Ok(())
+}
+
+/// Ping latency on each side: one call per bridge per round, alternating, on warm
+/// connections; `rounds` rounds recorded after 50 that are not.
+async fn latencies(sides: &[Side], rounds: usize) -> anyhow::Result<Vec<Samples>> {
     let mut latency: Vec<Samples> = sides
         .iter()
         .map(|_| Samples::with_capacity(rounds))
@@ -131,25 +156,11 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
             }
         }
     }
-    // Throughput: 128 callers on 4 connections, one bridge at a time.
-    let mut rates = Vec::new();
-    for s in &sides {
-        let ch = s.channels.clone();
-        let (rate, _, failed) = drive(128, secs, move |c, i| {
-            let mut client = GuestAgentClient::new(ch[c % ch.len()].clone());
-            let vm = format!("vm{}", (c as u64 * 7919 + i * 31) % VMS as u64);
-            async move { client.ping(PingRequest { vm }).await.is_ok() }
-        })
-        .await?;
-        anyhow::ensure!(
-            failed == 0,
-            "{} calls failed over {}",
-            failed,
-            s.mode.name()
-        );
-        rates.push(rate);
-    }
+    Ok(latency)
+}
 
+/// The section's heading, how it measures, and the head of its table.
+fn intro(report: &mut Report, rounds: usize, secs: u64) {
     report.heading("What TLS costs");
     report.para(&format!(
         "Three release `qga-bridge`s in front of the same 1,000 fake agents: plaintext, TLS 1.3 \
@@ -167,16 +178,4 @@ pub async fn run(report: &mut Report, quick: bool) -> anyhow::Result<()> {
         "calls/s (128 callers)",
         "calls/s / plaintext",
     ]);
-    for (k, s) in sides.iter().enumerate() {
-        report.row(&[
-            s.mode.name().into(),
-            fmt_duration(latency[k].p50()),
-            fmt_duration(latency[k].p99()),
-            ratio(latency[k].p50(), latency[0].p50()),
-            format!("{:.0}", rates[k]),
-            format!("{:.2}", rates[k] / rates[0]),
-        ]);
-    }
-    report.end_table();
-    Ok(())
 }

@@ -84,44 +84,24 @@ pub fn dimm_line(d: &pb::Dimm) -> String {
 
 /// The layout as text.
 pub fn text(l: &pb::MemoryLayout) -> String {
-    let yes_no = |b: Option<bool>| b.map_or("-", |b| if b { "yes" } else { "no" }).to_string();
-    let rows: Vec<Vec<String>> = l
-        .dimms
-        .iter()
-        .map(|d| {
-            vec![
-                d.id.clone(),
-                "dimm".into(),
-                d.node.to_string(),
-                d.slot.to_string(),
-                format!("{:#x}", d.addr),
-                size(d.size),
-                ranges(&d.blocks),
-                states(&d.blocks),
-                zones(&d.blocks),
-                yes_no(d.removable),
-            ]
-        })
-        .chain(l.virtio_mem.iter().map(|v| {
-            vec![
-                v.id.clone(),
-                "virtio-mem".into(),
-                v.node.to_string(),
-                "-".into(),
-                v.addr.map_or("-".into(), |a| format!("{a:#x}")),
-                format!(
-                    "{} of {} (asked {})",
-                    size(v.plugged_size),
-                    size(v.max_size),
-                    size(v.requested_size)
-                ),
-                ranges(&v.blocks),
-                states(&v.blocks),
-                zones(&v.blocks),
-                "-".into(),
-            ]
-        }))
-        .collect();
+    let mut out = totals(l);
+    out.push('\n');
+    out.push_str(&table::render(&DEVICE_HEADER, &device_rows(l)));
+    out.push_str(&format!(
+        "\nboot and other memory: blocks {}: {} ({})\n",
+        ranges(&l.other_blocks),
+        states(&l.other_blocks),
+        zones(&l.other_blocks)
+    ));
+    for w in &l.warnings {
+        out.push_str(&format!("warning: {w}\n"));
+    }
+    out
+}
+
+/// The summary above the device table: block size, boot, plugged, total and online
+/// memory, then `auto_online_blocks` when known.
+fn totals(l: &pb::MemoryLayout) -> String {
     let mut out = format!(
         "block size  {}\nboot        {}\nplugged     {} in {} device(s)\ntotal       {}\nonline      {}",
         size(l.block_size),
@@ -138,30 +118,73 @@ pub fn text(l: &pb::MemoryLayout) -> String {
     if let Some(a) = &l.auto_online_blocks {
         out.push_str(&format!("auto_online_blocks  {a}\n"));
     }
-    out.push('\n');
-    let header = [
-        "DEVICE",
-        "KIND",
-        "NODE",
-        "SLOT",
-        "ADDRESS",
-        "SIZE",
-        "BLOCKS",
-        "STATE",
-        "ZONES",
-        "REMOVABLE",
-    ];
-    out.push_str(&table::render(&header, &rows));
-    out.push_str(&format!(
-        "\nboot and other memory: blocks {}: {} ({})\n",
-        ranges(&l.other_blocks),
-        states(&l.other_blocks),
-        zones(&l.other_blocks)
-    ));
-    for w in &l.warnings {
-        out.push_str(&format!("warning: {w}\n"));
-    }
     out
+}
+
+/// The columns of the device table, one row per DIMM or virtio-mem device.
+const DEVICE_HEADER: [&str; 10] = [
+    "DEVICE",
+    "KIND",
+    "NODE",
+    "SLOT",
+    "ADDRESS",
+    "SIZE",
+    "BLOCKS",
+    "STATE",
+    "ZONES",
+    "REMOVABLE",
+];
+
+/// The device table's rows: the DIMMs, then the virtio-mem devices.
+fn device_rows(l: &pb::MemoryLayout) -> Vec<Vec<String>> {
+    l.dimms
+        .iter()
+        .map(dimm_row)
+        .chain(l.virtio_mem.iter().map(virtio_mem_row))
+        .collect()
+}
+
+/// A DIMM's row of the device table.
+fn dimm_row(d: &pb::Dimm) -> Vec<String> {
+    vec![
+        d.id.clone(),
+        "dimm".into(),
+        d.node.to_string(),
+        d.slot.to_string(),
+        format!("{:#x}", d.addr),
+        size(d.size),
+        ranges(&d.blocks),
+        states(&d.blocks),
+        zones(&d.blocks),
+        yes_no(d.removable),
+    ]
+}
+
+/// A virtio-mem device's row of the device table: its size is what is plugged, of the
+/// most it can grow to, and what was asked.
+fn virtio_mem_row(v: &pb::VirtioMem) -> Vec<String> {
+    vec![
+        v.id.clone(),
+        "virtio-mem".into(),
+        v.node.to_string(),
+        "-".into(),
+        v.addr.map_or("-".into(), |a| format!("{a:#x}")),
+        format!(
+            "{} of {} (asked {})",
+            size(v.plugged_size),
+            size(v.max_size),
+            size(v.requested_size)
+        ),
+        ranges(&v.blocks),
+        states(&v.blocks),
+        zones(&v.blocks),
+        "-".into(),
+    ]
+}
+
+/// `yes`, `no`, or `-` when unknown.
+fn yes_no(b: Option<bool>) -> String {
+    b.map_or("-", |b| if b { "yes" } else { "no" }).to_string()
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ use qga_wire::{Frame, QgaCodec, Request, schema::command};
 use serde_json::{Value, json};
 use tokio::{
     io::AsyncWriteExt,
-    net::{UnixListener, UnixStream},
+    net::{UnixListener, UnixStream, unix::OwnedWriteHalf},
     task::JoinHandle,
 };
 use tokio_util::codec::FramedRead;
@@ -196,18 +196,18 @@ where
     })
 }
 
+/// A success reply line carrying `ret` (and `id`, if the request had one).
 fn reply(ret: Value, id: &Option<Value>) -> Vec<u8> {
-    let mut v = json!({ "return": ret });
-    if let Some(id) = id {
-        v["id"] = id.clone();
-    }
-    let mut out = v.to_string().into_bytes();
-    out.push(b'\n');
-    out
+    line(json!({ "return": ret }), id)
 }
 
+/// An error reply line of QGA error `class` (and `id`, if the request had one).
 fn error_reply(class: &str, desc: &str, id: &Option<Value>) -> Vec<u8> {
-    let mut v = json!({ "error": { "class": class, "desc": desc } });
+    line(json!({ "error": { "class": class, "desc": desc } }), id)
+}
+
+/// `v` with the request's `id` added, as one line of JSON.
+fn line(mut v: Value, id: &Option<Value>) -> Vec<u8> {
     if let Some(id) = id {
         v["id"] = id.clone();
     }
@@ -269,50 +269,20 @@ fn execute(state: &mut State, req: &Request) -> Result<Value, (String, String)> 
     })
 }
 
+/// Serves one connection: answers each request as the block table and the script say,
+/// until the peer closes, a write fails or a fault ends the connection.
 async fn serve(stream: UnixStream, control: Control) {
     let (r, mut w) = stream.into_split();
     let mut frames = FramedRead::new(r, QgaCodec::default());
     let mut previous_id = None;
     while let Some(Ok(frame)) = frames.next().await {
-        let req = match frame {
-            Frame::Delimiter => {
-                let _ = w
-                    .write_all(&error_reply(
-                        "GenericError",
-                        "JSON parse error, stray '\u{FFFD}'",
-                        &None,
-                    ))
-                    .await;
-                continue;
-            }
-            Frame::Invalid(e) => {
-                let _ = w
-                    .write_all(&error_reply("GenericError", &e.to_string(), &None))
-                    .await;
-                continue;
-            }
-            Frame::Value(v) => match Request::from_value(v) {
-                Ok(r) => r,
-                Err(resp) => {
-                    let mut out = serde_json::to_vec(&*resp).unwrap_or_default();
-                    out.push(b'\n');
-                    let _ = w.write_all(&out).await;
-                    continue;
-                }
-            },
+        let Some(req) = request(frame, &mut w).await else {
+            continue;
         };
         let handshake = req.execute == command::SYNC_DELIMITED || req.execute == command::SYNC;
         let (fault, result) = control.with(|s| {
             *s.calls.entry(req.execute.clone()).or_default() += 1;
-            let fault = match s.script.front() {
-                Some(Fault::MuteSync | Fault::StallAfterSync(_)) if handshake => {
-                    s.script.pop_front()
-                }
-                Some(Fault::MuteSync | Fault::StallAfterSync(_)) => None,
-                Some(_) if !handshake => s.script.pop_front(),
-                _ => None,
-            };
-            (fault, execute(s, &req))
+            (next_fault(s, handshake), execute(s, &req))
         });
         if fault == Some(Fault::MuteSync) {
             continue;
@@ -325,58 +295,101 @@ async fn serve(stream: UnixStream, control: Control) {
             Ok(v) => out.extend(reply(v.clone(), &req.id)),
             Err((class, desc)) => out.extend(error_reply(class, desc, &req.id)),
         }
-        let sent = match fault {
-            None => w.write_all(&out).await,
-            Some(Fault::Delay(d)) => {
-                tokio::time::sleep(d).await;
-                w.write_all(&out).await
-            }
-            Some(Fault::NoReply) => Ok(()),
-            Some(Fault::StaleFirst) => {
-                let stale = reply(
-                    json!([{"phys-index": 999_999, "online": true, "can-offline": true}]),
-                    &Some(previous_id.clone().unwrap_or(json!(-1))),
-                );
-                let _ = w.write_all(&stale).await;
-                w.write_all(&out).await
-            }
-            Some(Fault::GarbageFirst(bytes)) => {
-                let _ = w.write_all(&bytes).await;
-                w.write_all(&out).await
-            }
-            Some(Fault::Oversize(n)) => {
-                w.write_all(&reply(Value::String("x".repeat(n)), &req.id))
-                    .await
-            }
-            Some(Fault::TooDeep(depth)) => {
-                let mut body = format!("{{\"return\": {}{}", "[".repeat(depth), "]".repeat(depth));
-                if let Some(id) = &req.id {
-                    body.push_str(&format!(", \"id\": {id}"));
-                }
-                body.push_str("}\n");
-                w.write_all(body.as_bytes()).await
-            }
-            Some(Fault::DisconnectMidReply) => {
-                let _ = w.write_all(&out[..out.len() / 2]).await;
-                return;
-            }
-            Some(Fault::WrongShape) => w.write_all(&reply(json!("surprise"), &req.id)).await,
-            Some(Fault::Reply(v)) => w.write_all(&reply(v, &req.id)).await,
-            Some(Fault::Error(class, desc)) => {
-                w.write_all(&error_reply(&class, &desc, &req.id)).await
-            }
-            Some(Fault::MuteSync) => Ok(()),
-            Some(Fault::StallAfterSync(d)) => {
-                let _ = w.write_all(&out).await;
-                tokio::time::sleep(d).await;
-                return;
-            }
-        };
-        if sent.is_err() {
+        if !send(&mut w, fault, &out, &req, &previous_id).await {
             return;
         }
         if !handshake && req.id.is_some() {
             previous_id = req.id;
         }
     }
+}
+
+/// The request in `frame`; anything else (a delimiter, bad JSON, a value that is no
+/// request) is answered with the error QGA gives and yields `None`.
+async fn request(frame: Frame, w: &mut OwnedWriteHalf) -> Option<Request> {
+    let answer = match frame {
+        Frame::Delimiter => {
+            error_reply("GenericError", "JSON parse error, stray '\u{FFFD}'", &None)
+        }
+        Frame::Invalid(e) => error_reply("GenericError", &e.to_string(), &None),
+        Frame::Value(v) => match Request::from_value(v) {
+            Ok(r) => return Some(r),
+            Err(resp) => {
+                let mut out = serde_json::to_vec(&*resp).unwrap_or_default();
+                out.push(b'\n');
+                out
+            }
+        },
+    };
+    let _ = w.write_all(&answer).await;
+    None
+}
+
+/// Takes the scripted fault for this request off the script, if it is one's turn:
+/// handshake faults wait for a handshake (holding back the others meanwhile), the rest
+/// for a command.
+fn next_fault(s: &mut State, handshake: bool) -> Option<Fault> {
+    match s.script.front() {
+        Some(Fault::MuteSync | Fault::StallAfterSync(_)) if handshake => s.script.pop_front(),
+        Some(Fault::MuteSync | Fault::StallAfterSync(_)) => None,
+        Some(_) if !handshake => s.script.pop_front(),
+        _ => None,
+    }
+}
+
+/// Sends the answer `out` to `req` as `fault` bends it; `false` when the connection is
+/// done (a write failed, or the fault ends it).
+async fn send(
+    w: &mut OwnedWriteHalf,
+    fault: Option<Fault>,
+    out: &[u8],
+    req: &Request,
+    previous_id: &Option<Value>,
+) -> bool {
+    let sent = match fault {
+        None => w.write_all(out).await,
+        Some(Fault::Delay(d)) => {
+            tokio::time::sleep(d).await;
+            w.write_all(out).await
+        }
+        Some(Fault::NoReply) => Ok(()),
+        Some(Fault::StaleFirst) => {
+            let stale = reply(
+                json!([{"phys-index": 999_999, "online": true, "can-offline": true}]),
+                &Some(previous_id.clone().unwrap_or(json!(-1))),
+            );
+            let _ = w.write_all(&stale).await;
+            w.write_all(out).await
+        }
+        Some(Fault::GarbageFirst(bytes)) => {
+            let _ = w.write_all(&bytes).await;
+            w.write_all(out).await
+        }
+        Some(Fault::Oversize(n)) => {
+            w.write_all(&reply(Value::String("x".repeat(n)), &req.id))
+                .await
+        }
+        Some(Fault::TooDeep(depth)) => {
+            let mut body = format!("{{\"return\": {}{}", "[".repeat(depth), "]".repeat(depth));
+            if let Some(id) = &req.id {
+                body.push_str(&format!(", \"id\": {id}"));
+            }
+            body.push_str("}\n");
+            w.write_all(body.as_bytes()).await
+        }
+        Some(Fault::DisconnectMidReply) => {
+            let _ = w.write_all(&out[..out.len() / 2]).await;
+            return false;
+        }
+        Some(Fault::WrongShape) => w.write_all(&reply(json!("surprise"), &req.id)).await,
+        Some(Fault::Reply(v)) => w.write_all(&reply(v, &req.id)).await,
+        Some(Fault::Error(class, desc)) => w.write_all(&error_reply(&class, &desc, &req.id)).await,
+        Some(Fault::MuteSync) => Ok(()),
+        Some(Fault::StallAfterSync(d)) => {
+            let _ = w.write_all(out).await;
+            tokio::time::sleep(d).await;
+            return false;
+        }
+    };
+    sent.is_ok()
 }

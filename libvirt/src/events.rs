@@ -154,6 +154,41 @@ pub struct Registered {
     close_registered: bool,
 }
 
+/// `VIR_DOMAIN_EVENT_ID_LIFECYCLE`'s callback signature.
+type Lifecycle =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, c_int, c_int, *mut c_void) -> c_int;
+/// The device events' callback signature.
+type Device =
+    unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
+/// How the C API spells "some callback" (`VIR_DOMAIN_EVENT_CALLBACK`).
+type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
+
+/// The domain events we listen to, each with its callback cast to the generic type that
+/// `virConnectDomainEventRegisterAny` takes.
+fn domain_callbacks() -> [(u32, Generic); 4] {
+    // SAFETY (each transmute below): libvirt calls a callback registered for an event
+    // id with that id's signature (its VIR_DOMAIN_EVENT_CALLBACK cast); the generic
+    // type is only how the C API spells "some callback".
+    [
+        // SAFETY: see above.
+        (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe {
+            std::mem::transmute::<Lifecycle, Generic>(lifecycle)
+        }),
+        // SAFETY: see above.
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, unsafe {
+            std::mem::transmute::<Device, Generic>(device_added)
+        }),
+        // SAFETY: see above.
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, unsafe {
+            std::mem::transmute::<Device, Generic>(device_removed)
+        }),
+        // SAFETY: see above.
+        (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, unsafe {
+            std::mem::transmute::<Device, Generic>(device_removal_failed)
+        }),
+    ]
+}
+
 impl Registered {
     /// Registers the domain event callbacks and the close callback on `conn`.
     pub fn new(conn: Connect, tx: Sender, lost: Arc<Notify>) -> Result<Self, LibvirtError> {
@@ -162,44 +197,22 @@ impl Registered {
             ids: Vec::new(),
             close_registered: false,
         };
-        // SAFETY (each transmute below): libvirt calls a callback registered for an event
-        // id with that id's signature (its VIR_DOMAIN_EVENT_CALLBACK cast); the generic
-        // type is only how the C API spells "some callback".
-        type Lifecycle = unsafe extern "C" fn(
-            sys::virConnectPtr,
-            sys::virDomainPtr,
-            c_int,
-            c_int,
-            *mut c_void,
-        ) -> c_int;
-        type Device =
-            unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *const c_char, *mut c_void);
-        type Generic = unsafe extern "C" fn(sys::virConnectPtr, sys::virDomainPtr, *mut c_void);
-        let callbacks: [(u32, Generic); 4] = [
-            // SAFETY: see above.
-            (sys::VIR_DOMAIN_EVENT_ID_LIFECYCLE, unsafe {
-                std::mem::transmute::<Lifecycle, Generic>(lifecycle)
-            }),
-            // SAFETY: see above.
-            (sys::VIR_DOMAIN_EVENT_ID_DEVICE_ADDED, unsafe {
-                std::mem::transmute::<Device, Generic>(device_added)
-            }),
-            // SAFETY: see above.
-            (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED, unsafe {
-                std::mem::transmute::<Device, Generic>(device_removed)
-            }),
-            // SAFETY: see above.
-            (sys::VIR_DOMAIN_EVENT_ID_DEVICE_REMOVAL_FAILED, unsafe {
-                std::mem::transmute::<Device, Generic>(device_removal_failed)
-            }),
-        ];
-        for (id, callback) in callbacks {
+        // On an error `this` is dropped, which deregisters whatever was registered.
+        this.register_domain_events(&tx)?;
+        this.register_close(lost)?;
+        Ok(this)
+    }
+
+    /// Registers each of [`domain_callbacks`] for every domain, each with its own copy of
+    /// `tx`, recording the ids for [`Drop`].
+    fn register_domain_events(&mut self, tx: &Sender) -> Result<(), LibvirtError> {
+        for (id, callback) in domain_callbacks() {
             let opaque = Box::into_raw(Box::new(tx.clone())) as *mut c_void;
             // SAFETY: the connection is open; a null domain means every domain; `opaque`
             // stays valid until libvirt calls `free_sender` with it.
             let registered = unsafe {
                 sys::virConnectDomainEventRegisterAny(
-                    this.conn.as_ptr(),
+                    self.conn.as_ptr(),
                     std::ptr::null_mut(),
                     id as c_int,
                     Some(callback),
@@ -212,14 +225,19 @@ impl Registered {
                 unsafe { free_sender(opaque) };
                 return Err(Error::last_error().into());
             }
-            this.ids.push(registered);
+            self.ids.push(registered);
         }
+        Ok(())
+    }
+
+    /// Registers the close callback, which wakes `lost` when the connection closes.
+    fn register_close(&mut self, lost: Arc<Notify>) -> Result<(), LibvirtError> {
         let opaque = Box::into_raw(Box::new(lost)) as *mut c_void;
-        // SAFETY: as above; `free_notify` frees `opaque` when the callback is unregistered
-        // or the connection freed.
+        // SAFETY: the connection is open; `free_notify` frees `opaque` when the callback
+        // is unregistered or the connection freed.
         let registered = unsafe {
             sys::virConnectRegisterCloseCallback(
-                this.conn.as_ptr(),
+                self.conn.as_ptr(),
                 Some(closed),
                 opaque,
                 Some(free_notify),
@@ -230,8 +248,8 @@ impl Registered {
             unsafe { free_notify(opaque) };
             return Err(Error::last_error().into());
         }
-        this.close_registered = true;
-        Ok(this)
+        self.close_registered = true;
+        Ok(())
     }
 
     /// The connection.

@@ -336,9 +336,28 @@ impl Guest {
         std::fs::read_to_string(self.console()).unwrap_or_default()
     }
 
+    /// Boots the guest: starts QEMU and waits for the guest's init to say it is ready.
     fn start(&mut self) -> anyhow::Result<()> {
-        let d = self.dir.path();
         let _ = std::fs::remove_file(self.console());
+        let started = Instant::now();
+        let child = self
+            .qemu_command()
+            .spawn()
+            .context("starting qemu-system-x86_64 (run ./scripts/setup)")?;
+        self.child = Some(child);
+        self.wait_for_boot(started + BOOT_TIMEOUT)?;
+        self.boot_time = started.elapsed();
+        eprintln!(
+            "e2e: guest booted ({} agent) in {:.1} s",
+            self.config.agent,
+            self.boot_time.as_secs_f64()
+        );
+        Ok(())
+    }
+
+    /// The kernel command line: the agent and online type the guest's init runs with,
+    /// then the config's extra arguments.
+    fn kernel_append(&self) -> String {
         let mut append = format!(
             "console=ttyS0 quiet panic=-1 qga.agent={} qga.online_type={}",
             self.config.agent, self.config.online_type
@@ -347,15 +366,21 @@ impl Guest {
             append.push(' ');
             append.push_str(self.config.extra_append);
         }
-        let started = Instant::now();
-        let child = Command::new("qemu-system-x86_64")
-            .args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
+        append
+    }
+
+    /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device if
+    /// configured), the console to a file, and the control, QGA and two QMP sockets.
+    fn qemu_command(&self) -> Command {
+        let sockets = self.control();
+        let mut qemu = Command::new("qemu-system-x86_64");
+        qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
             .args(["-m", "512M,slots=4,maxmem=4G"])
             .arg("-kernel")
             .arg(&self.image.kernel)
             .arg("-initrd")
             .arg(&self.image.initrd)
-            .args(["-append", &append])
+            .args(["-append", &self.kernel_append()])
             .args(["-display", "none", "-monitor", "none"])
             .args(if self.config.virtio_mem {
                 &[
@@ -373,16 +398,13 @@ impl Guest {
                 &["-no-reboot"][..]
             })
             .arg("-serial")
-            .arg(format!("file:{}", d.join("console.log").display()))
+            .arg(format!("file:{}", self.console().display()))
             .arg("-serial")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                d.join("control.sock").display()
-            ))
+            .arg(unix_server(&sockets.control))
             .arg("-chardev")
             .arg(format!(
                 "socket,path={},server=on,wait=off,id=qga0",
-                d.join("qga.sock").display()
+                self.qga_socket().display()
             ))
             .args([
                 "-device",
@@ -391,26 +413,22 @@ impl Guest {
                 "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0",
             ])
             .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                d.join("qmp.sock").display()
-            ))
+            .arg(unix_server(&sockets.qmp))
             // The bridge's own QMP socket: QEMU serves one client per socket.
             .arg("-qmp")
-            .arg(format!(
-                "unix:{},server=on,wait=off",
-                d.join("qmp-bridge.sock").display()
-            ))
+            .arg(unix_server(&self.qmp_bridge_socket()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("starting qemu-system-x86_64 (run ./scripts/setup)")?;
-        self.child = Some(child);
-        let deadline = started + BOOT_TIMEOUT;
+            .stderr(Stdio::inherit());
+        qemu
+    }
+
+    /// Waits until the console says the guest is ready; fails with the console if QEMU
+    /// exits first or `deadline` passes.
+    fn wait_for_boot(&mut self, deadline: Instant) -> anyhow::Result<()> {
         loop {
             if self.console_text().contains("QGA-E2E READY") {
-                break;
+                return Ok(());
             }
             if let Some(status) = self
                 .child
@@ -430,13 +448,6 @@ impl Guest {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        self.boot_time = started.elapsed();
-        eprintln!(
-            "e2e: guest booted ({} agent) in {:.1} s",
-            self.config.agent,
-            self.boot_time.as_secs_f64()
-        );
-        Ok(())
     }
 
     fn stop(&mut self) {
@@ -459,6 +470,12 @@ impl Guest {
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
+}
+
+/// A QEMU chardev option for a listening unix socket at `path` that does not wait for a
+/// client.
+fn unix_server(path: &Path) -> String {
+    format!("unix:{},server=on,wait=off", path.display())
 }
 
 impl Drop for Guest {

@@ -13,7 +13,8 @@ use anyhow::{Context, anyhow, bail, ensure};
 use qga_proto::v1::{
     BlockState, GetLayoutRequest, GetMemoryBlockInfoRequest, GetMemoryBlocksRequest, MemoryBlock,
     MemoryBlockChange, MemoryBlockResponseType, MemoryBlockResult, MemoryLayout, OnlineType,
-    PingRequest, PlugRequest, ResizeRequest, SetMemoryBlocksRequest, Step, UnplugRequest,
+    PingRequest, PlugRequest, ResizeRequest, ResizeResponse, SetMemoryBlocksRequest, Step,
+    UnplugRequest, VirtioMem,
 };
 use serde_json::{Value, json};
 
@@ -109,14 +110,9 @@ pub async fn wait_mem_total(g: &GuestControl, want: u64, timeout: Duration) -> a
     .await
 }
 
-/// Hot-adds the DIMM, waits for its offline blocks, onlines them through gRPC and checks
-/// MemTotal grew by the DIMM's size. Returns the new blocks and MemTotal before.
-pub async fn hot_add_and_online(
-    c: &Clients,
-    vm: &str,
-    g: &GuestControl,
-    t: &mut Timings,
-) -> anyhow::Result<(Vec<u64>, u64)> {
+/// The block size and the blocks (sorted), each read through gRPC and through JSON-RPC,
+/// which must agree: the two front ends are one bridge. There must be blocks.
+async fn block_info_and_blocks(c: &Clients, vm: &str) -> anyhow::Result<(u64, Vec<MemoryBlock>)> {
     let mut memory = c.memory.clone();
     let size = memory
         .get_memory_block_info(GetMemoryBlockInfoRequest { vm: vm.into() })
@@ -149,6 +145,18 @@ pub async fn hot_add_and_online(
         rpc_blocks == Value::Array(grpc_as_json),
         "gRPC and JSON-RPC disagree on blocks"
     );
+    Ok((size, before))
+}
+
+/// Hot-adds the DIMM, waits for its offline blocks, onlines them through gRPC and checks
+/// MemTotal grew by the DIMM's size. Returns the new blocks and MemTotal before.
+pub async fn hot_add_and_online(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<(Vec<u64>, u64)> {
+    let (size, before) = block_info_and_blocks(c, vm).await?;
     let known: BTreeSet<u64> = before.iter().map(|b| b.phys_index).collect();
     let mem_before = g.mem_total_kib()?;
     eprintln!(
@@ -425,39 +433,10 @@ pub async fn bridge_hotplug_cycle(
     let start = Instant::now();
     let plugged = call(c, "memory-plug", json!({"vm": vm, "size": DIMM_BYTES})).await?;
     print_steps("memory-plug", &plugged);
-    let id = plugged["dimm"]["id"]
-        .as_str()
-        .with_context(|| format!("memory-plug answered no DIMM id: {plugged}"))?
-        .to_string();
-    let memdev = plugged["dimm"]["memdev"]
-        .as_str()
-        .with_context(|| format!("memory-plug answered no memdev: {plugged}"))?
-        .to_string();
+    let (id, memdev) = plugged_dimm(&plugged)?;
     wait_mem_total(g, mem_before + DIMM_BYTES / 1024, PATIENCE).await?;
     t.record("memory-plug to usable (MemTotal +512 MiB)", start.elapsed());
-
-    let layout = grpc_layout(c, vm).await?;
-    let dimm = layout
-        .dimms
-        .iter()
-        .find(|d| d.id == id)
-        .with_context(|| format!("the layout lacks the plugged DIMM {id}: {layout:?}"))?;
-    ensure!(
-        dimm.blocks.len() as u64 == DIMM_BYTES / layout.block_size.max(1)
-            && dimm.blocks.iter().all(|b| b.state() == BlockState::Online),
-        "the DIMM's blocks are not all online: {dimm:?}"
-    );
-    if layout.zones_known {
-        ensure!(
-            dimm.blocks.iter().all(|b| b.valid_zones == ["Movable"])
-                && dimm.removable == Some(true),
-            "the DIMM is not all in ZONE_MOVABLE: {dimm:?}"
-        );
-    }
-    ensure!(
-        g.memdev_ids()?.contains(&memdev),
-        "QEMU does not list the DIMM's backend {memdev}"
-    );
+    check_plugged_dimm(c, vm, g, &id, &memdev).await?;
 
     let start = Instant::now();
     let unplugged = c
@@ -487,6 +466,54 @@ pub async fn bridge_hotplug_cycle(
     Ok(())
 }
 
+/// The id and memory backend of the DIMM a `memory-plug` answer plugged.
+fn plugged_dimm(plugged: &Value) -> anyhow::Result<(String, String)> {
+    let id = plugged["dimm"]["id"]
+        .as_str()
+        .with_context(|| format!("memory-plug answered no DIMM id: {plugged}"))?
+        .to_string();
+    let memdev = plugged["dimm"]["memdev"]
+        .as_str()
+        .with_context(|| format!("memory-plug answered no memdev: {plugged}"))?
+        .to_string();
+    Ok((id, memdev))
+}
+
+/// A plugged DIMM as the bridge and QEMU show it: in the layout with all its blocks
+/// online (and in ZONE_MOVABLE when the agent reports zones), its backend `memdev` in
+/// QEMU.
+async fn check_plugged_dimm(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    id: &str,
+    memdev: &str,
+) -> anyhow::Result<()> {
+    let layout = grpc_layout(c, vm).await?;
+    let dimm = layout
+        .dimms
+        .iter()
+        .find(|d| d.id == id)
+        .with_context(|| format!("the layout lacks the plugged DIMM {id}: {layout:?}"))?;
+    ensure!(
+        dimm.blocks.len() as u64 == DIMM_BYTES / layout.block_size.max(1)
+            && dimm.blocks.iter().all(|b| b.state() == BlockState::Online),
+        "the DIMM's blocks are not all online: {dimm:?}"
+    );
+    if layout.zones_known {
+        ensure!(
+            dimm.blocks.iter().all(|b| b.valid_zones == ["Movable"])
+                && dimm.removable == Some(true),
+            "the DIMM is not all in ZONE_MOVABLE: {dimm:?}"
+        );
+    }
+    ensure!(
+        g.memdev_ids()?.iter().any(|m| m == memdev),
+        "QEMU does not list the DIMM's backend {memdev}"
+    );
+    Ok(())
+}
+
 /// The VM's memory layout over gRPC (`GetLayout`).
 pub async fn grpc_layout(c: &Clients, vm: &str) -> anyhow::Result<MemoryLayout> {
     Ok(c.hotplug
@@ -507,29 +534,10 @@ pub async fn virtio_mem_cycle(
 ) -> anyhow::Result<()> {
     let mem_before = g.mem_total_kib()?;
     let layout = grpc_layout(c, vm).await?;
-    let device = layout
-        .virtio_mem
-        .first()
-        .with_context(|| format!("the layout lists no virtio-mem device: {layout:?}"))?
-        .clone();
-    ensure!(
-        device.plugged_size == 0,
-        "virtio-mem device {} has memory plugged already: {device:?}",
-        device.id
-    );
+    let device = empty_virtio_mem(&layout)?;
     let base = layout.boot_bytes + layout.plugged_bytes;
     let start = Instant::now();
-    let up = c
-        .hotplug
-        .clone()
-        .resize(ResizeRequest {
-            vm: vm.into(),
-            size: base + GIB,
-            request_id: None,
-        })
-        .await
-        .context("Resize +1 GiB with virtio-mem")?
-        .into_inner();
+    let up = resize(c, vm, base + GIB, "Resize +1 GiB with virtio-mem").await?;
     print_grpc_steps("Resize (virtio-mem)", &up.steps, &up.warnings);
     ensure!(
         up.to_bytes == base + GIB
@@ -540,37 +548,9 @@ pub async fn virtio_mem_cycle(
     );
     wait_mem_total(g, mem_before + GIB / 1024, PATIENCE).await?;
     t.record("virtio-mem Resize +1 GiB to usable", start.elapsed());
-    let (requested, size) = g.virtio_mem_sizes(&device.id)?;
-    ensure!(
-        requested == GIB && size == GIB,
-        "QEMU's {}: requested-size {requested}, size {size}",
-        device.id
-    );
-    let layout = grpc_layout(c, vm).await?;
-    let grown = layout
-        .virtio_mem
-        .iter()
-        .find(|v| v.id == device.id)
-        .with_context(|| format!("{} gone from the layout", device.id))?;
-    ensure!(
-        grown.plugged_size == GIB
-            && !grown.blocks.is_empty()
-            && grown.blocks.iter().all(|b| b.state() == BlockState::Online),
-        "the guest's blocks of {} are not all online: {grown:?}",
-        device.id
-    );
+    check_virtio_mem_grown(c, vm, g, &device.id).await?;
     let start = Instant::now();
-    let down = c
-        .hotplug
-        .clone()
-        .resize(ResizeRequest {
-            vm: vm.into(),
-            size: base,
-            request_id: None,
-        })
-        .await
-        .context("Resize back with virtio-mem")?
-        .into_inner();
+    let down = resize(c, vm, base, "Resize back with virtio-mem").await?;
     print_grpc_steps("Resize back (virtio-mem)", &down.steps, &down.warnings);
     wait_mem_total(g, mem_before, PATIENCE).await?;
     t.record("virtio-mem Resize back to MemTotal back", start.elapsed());
@@ -579,6 +559,68 @@ pub async fn virtio_mem_cycle(
         requested == 0 && size == 0,
         "QEMU's {} after the shrink: requested-size {requested}, size {size}",
         device.id
+    );
+    Ok(())
+}
+
+/// The layout's first virtio-mem device, which must have nothing plugged yet.
+fn empty_virtio_mem(layout: &MemoryLayout) -> anyhow::Result<VirtioMem> {
+    let device = layout
+        .virtio_mem
+        .first()
+        .with_context(|| format!("the layout lists no virtio-mem device: {layout:?}"))?
+        .clone();
+    ensure!(
+        device.plugged_size == 0,
+        "virtio-mem device {} has memory plugged already: {device:?}",
+        device.id
+    );
+    Ok(device)
+}
+
+/// `Resize` over gRPC to `size` bytes in all; `what` names the call in its error.
+async fn resize(
+    c: &Clients,
+    vm: &str,
+    size: u64,
+    what: &'static str,
+) -> anyhow::Result<ResizeResponse> {
+    Ok(c.hotplug
+        .clone()
+        .resize(ResizeRequest {
+            vm: vm.into(),
+            size,
+            request_id: None,
+        })
+        .await
+        .context(what)?
+        .into_inner())
+}
+
+/// The virtio-mem device `id` after growing by 1 GiB: QEMU's requested and actual size
+/// are 1 GiB, and the layout has it plugged with all its blocks online.
+async fn check_virtio_mem_grown(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    id: &str,
+) -> anyhow::Result<()> {
+    let (requested, size) = g.virtio_mem_sizes(id)?;
+    ensure!(
+        requested == GIB && size == GIB,
+        "QEMU's {id}: requested-size {requested}, size {size}"
+    );
+    let layout = grpc_layout(c, vm).await?;
+    let grown = layout
+        .virtio_mem
+        .iter()
+        .find(|v| v.id == id)
+        .with_context(|| format!("{id} gone from the layout"))?;
+    ensure!(
+        grown.plugged_size == GIB
+            && !grown.blocks.is_empty()
+            && grown.blocks.iter().all(|b| b.state() == BlockState::Online),
+        "the guest's blocks of {id} are not all online: {grown:?}"
     );
     Ok(())
 }

@@ -210,21 +210,24 @@ pub fn parse(bytes: &[u8]) -> Frame {
     }
 }
 
+/// What the scanner does after looking at one byte of the current value.
+#[derive(Debug)]
+enum Step {
+    /// Go on to the next byte.
+    Next,
+    /// Look at the same byte again: it ended one token and may start the next.
+    Again,
+    /// The front of the buffer was dropped: scanning goes on from its new start.
+    Restart,
+    /// A frame is ready to hand over.
+    Emit(RawFrame),
+}
+
 impl QgaCodec {
     /// Like [`Decoder::decode`], but hands over a complete value's bytes unparsed.
     pub fn decode_raw(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
         if self.seeking_delimiter {
-            return Ok(match buf.iter().position(|&b| b == DELIMITER) {
-                Some(p) => {
-                    buf.advance(p + 1);
-                    self.seeking_delimiter = false;
-                    Some(RawFrame::Delimiter)
-                }
-                None => {
-                    buf.clear();
-                    None
-                }
-            });
+            return Ok(self.seek_delimiter(buf));
         }
         let mut i = self.scanned;
         while i < buf.len() {
@@ -234,94 +237,14 @@ impl QgaCodec {
                 self.reset();
                 return Ok(Some(RawFrame::Delimiter));
             }
-            match self.lex {
-                Lex::Start => match b {
-                    b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {
-                        // Between values: nothing of a value is pending, drop it.
-                        buf.advance(i + 1);
-                        i = 0;
-                        continue;
-                    }
-                    b' ' | b'\t' | b'\r' | b'\n' => {}
-                    b'{' | b'[' => {
-                        self.depth += 1;
-                        if self.depth > MAX_DEPTH && !self.discarding {
-                            return Ok(Some(self.start_discarding(
-                                buf,
-                                i + 1,
-                                FrameError::DepthExceeded,
-                            )));
-                        }
-                    }
-                    b'}' | b']' if self.depth == 0 => {
-                        buf.advance(i + 1);
-                        let text = format!("unexpected '{}'", char::from(b));
-                        return Ok(Some(RawFrame::Invalid(FrameError::Syntax(text))));
-                    }
-                    b'}' | b']' => {
-                        self.depth -= 1;
-                        if self.depth == 0 {
-                            match self.finish(buf, i + 1) {
-                                Some(frame) => return Ok(Some(frame)),
-                                None => {
-                                    i = 0;
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    b',' | b':' if self.depth == 0 => {
-                        buf.advance(i + 1);
-                        let text = format!("unexpected '{}', expecting value", char::from(b));
-                        return Ok(Some(RawFrame::Invalid(FrameError::Syntax(text))));
-                    }
-                    b',' | b':' => {}
-                    b'"' => self.lex = Lex::Str,
-                    b if is_scalar_byte(b) => self.lex = Lex::Scalar,
-                    other => return Ok(Some(self.stray(buf, i, other))),
-                },
-                Lex::Str => match b {
-                    b'\\' => self.lex = Lex::StrEscape,
-                    b'"' => {
-                        self.lex = Lex::Start;
-                        if self.depth == 0 {
-                            match self.finish(buf, i + 1) {
-                                Some(frame) => return Ok(Some(frame)),
-                                None => {
-                                    i = 0;
-                                    continue;
-                                }
-                            }
-                        }
-                    }
-                    _ => {}
-                },
-                Lex::StrEscape => self.lex = Lex::Str,
-                Lex::Scalar => {
-                    if !is_scalar_byte(b) {
-                        self.lex = Lex::Start;
-                        if self.depth == 0 {
-                            match self.finish(buf, i) {
-                                Some(frame) => return Ok(Some(frame)),
-                                None => {
-                                    i = 0;
-                                    continue;
-                                }
-                            }
-                        }
-                        // Re-examine this byte as the start of the next token.
-                        continue;
-                    }
-                }
-                Lex::Recovery => {
-                    if matches!(b, b'{' | b'}' | b'[' | b']' | 0xFE) || (b < 0x20 && b != b'\t') {
-                        self.lex = Lex::Start;
-                        continue;
-                    }
-                    buf.advance(i + 1);
+            match self.step(buf, i, b) {
+                Step::Next => {}
+                Step::Again => continue,
+                Step::Restart => {
                     i = 0;
                     continue;
                 }
+                Step::Emit(frame) => return Ok(Some(frame)),
             }
             i += 1;
             if self.discarding {
@@ -341,6 +264,148 @@ impl QgaCodec {
         Ok(None)
     }
 
+    /// Host resynchronisation ([`Self::skip_to_delimiter`]): drops input up to and
+    /// including the next `0xFF` and reports it, or drops all of `buf` if it has none.
+    fn seek_delimiter(&mut self, buf: &mut BytesMut) -> Option<RawFrame> {
+        match buf.iter().position(|&b| b == DELIMITER) {
+            Some(p) => {
+                buf.advance(p + 1);
+                self.seeking_delimiter = false;
+                Some(RawFrame::Delimiter)
+            }
+            None => {
+                buf.clear();
+                None
+            }
+        }
+    }
+
+    /// Advances the lexer over byte `b` at `i` (not the delimiter), by its current state.
+    #[inline]
+    fn step(&mut self, buf: &mut BytesMut, i: usize, b: u8) -> Step {
+        match self.lex {
+            Lex::Start => self.between_tokens(buf, i, b),
+            Lex::Str => self.in_string(buf, i, b),
+            Lex::StrEscape => {
+                self.lex = Lex::Str;
+                Step::Next
+            }
+            Lex::Scalar => self.in_scalar(buf, i, b),
+            Lex::Recovery => self.recovering(buf, i, b),
+        }
+    }
+
+    /// Between tokens: whitespace, brackets (tracking depth), separators, or the start of
+    /// a string or scalar; anything else is a stray byte.
+    #[inline]
+    fn between_tokens(&mut self, buf: &mut BytesMut, i: usize, b: u8) -> Step {
+        match b {
+            b' ' | b'\t' | b'\r' | b'\n' if self.depth == 0 => {
+                // Between values: nothing of a value is pending, drop it.
+                buf.advance(i + 1);
+                Step::Restart
+            }
+            b' ' | b'\t' | b'\r' | b'\n' => Step::Next,
+            b'{' | b'[' => {
+                self.depth += 1;
+                if self.depth > MAX_DEPTH && !self.discarding {
+                    return Step::Emit(self.start_discarding(
+                        buf,
+                        i + 1,
+                        FrameError::DepthExceeded,
+                    ));
+                }
+                Step::Next
+            }
+            b'}' | b']' if self.depth == 0 => {
+                misplaced(buf, i, format!("unexpected '{}'", char::from(b)))
+            }
+            b'}' | b']' => {
+                self.depth -= 1;
+                if self.depth == 0 {
+                    return self.end_value(buf, i + 1);
+                }
+                Step::Next
+            }
+            b',' | b':' if self.depth == 0 => misplaced(
+                buf,
+                i,
+                format!("unexpected '{}', expecting value", char::from(b)),
+            ),
+            b',' | b':' => Step::Next,
+            b'"' => {
+                self.lex = Lex::Str;
+                Step::Next
+            }
+            b if is_scalar_byte(b) => {
+                self.lex = Lex::Scalar;
+                Step::Next
+            }
+            other => Step::Emit(self.stray(buf, i, other)),
+        }
+    }
+
+    /// Inside a string: only a backslash (escape) and the closing quote matter.
+    #[inline]
+    fn in_string(&mut self, buf: &mut BytesMut, i: usize, b: u8) -> Step {
+        match b {
+            b'\\' => self.lex = Lex::StrEscape,
+            b'"' => {
+                self.lex = Lex::Start;
+                if self.depth == 0 {
+                    return self.end_value(buf, i + 1);
+                }
+            }
+            _ => {}
+        }
+        Step::Next
+    }
+
+    /// Inside a number or keyword: the first other byte ends it (a top-level one is a
+    /// whole value) and is looked at again as the start of the next token.
+    #[inline]
+    fn in_scalar(&mut self, buf: &mut BytesMut, i: usize, b: u8) -> Step {
+        if is_scalar_byte(b) {
+            return Step::Next;
+        }
+        self.lex = Lex::Start;
+        if self.depth == 0 {
+            return self.end_value(buf, i);
+        }
+        Step::Again
+    }
+
+    /// After a stray byte: drops bytes until a bracket or control character, where QEMU
+    /// resumes too, and resumes lexing there.
+    #[inline]
+    fn recovering(&mut self, buf: &mut BytesMut, i: usize, b: u8) -> Step {
+        if matches!(b, b'{' | b'}' | b'[' | b']' | 0xFE) || (b < 0x20 && b != b'\t') {
+            self.lex = Lex::Start;
+            return Step::Again;
+        }
+        buf.advance(i + 1);
+        Step::Restart
+    }
+
+    /// Ends a top-level value at `end`: its frame, or a restart at the new front of the
+    /// buffer when the value was being discarded.
+    #[inline]
+    fn end_value(&mut self, buf: &mut BytesMut, end: usize) -> Step {
+        match self.finish(buf, end) {
+            Some(frame) => Step::Emit(frame),
+            None => Step::Restart,
+        }
+    }
+}
+
+/// Reports a bracket or separator where no value is open: drops the input up to and
+/// including it (at `at`) and hands over a syntax error with `text`.
+fn misplaced(buf: &mut BytesMut, at: usize, text: String) -> Step {
+    buf.advance(at + 1);
+    Step::Emit(RawFrame::Invalid(FrameError::Syntax(text)))
+}
+
+impl QgaCodec {
     /// Like [`Decoder::decode_eof`], but hands over a complete value's bytes unparsed.
     pub fn decode_eof_raw(&mut self, buf: &mut BytesMut) -> Result<Option<RawFrame>, CodecError> {
         if let Some(frame) = self.decode_raw(buf)? {
