@@ -14,6 +14,7 @@ use std::{
 use common::{clients, config, rpc, start};
 use futures::{SinkExt, StreamExt};
 use qga_fake_agent::FakeAgent;
+use qga_proto::v1::memory_hotplug_client::MemoryHotplugClient;
 use qga_wire::codec::{Frame, QgaCodec};
 use serde_json::{Value, json};
 use tokio::net::UnixListener;
@@ -208,6 +209,30 @@ async fn checks_come_before_qemu_and_failures_name_their_step() {
     )
     .await;
     assert_eq!(code(&below), -32602, "below the boot memory: {below:?}");
+
+    // A malformed request-id is the service's to refuse, the same over both front ends,
+    // before any grant or QEMU is looked at.
+    let spaced = json!({"vm": "vm", "size": 536_870_912u64, "request-id": "a b"});
+    let bad_id = rpc(&c.http, "memory-plug", spaced).await;
+    assert_eq!(code(&bad_id), -32602, "{bad_id:?}");
+    assert!(format!("{bad_id:?}").contains("request-id"), "{bad_id:?}");
+    let long = qga_proto::v1::ResizeRequest {
+        vm: "vm".into(),
+        size: 1 << 30,
+        request_id: Some("x".repeat(129)),
+    };
+    let channel = tonic::transport::Channel::from_shared(format!(
+        "http://{}",
+        s.bridge.grpc_addr.expect("TCP listener")
+    ))
+    .expect("uri")
+    .connect()
+    .await
+    .expect("grpc connect");
+    let mut hotplug = MemoryHotplugClient::new(channel);
+    let status = hotplug.resize(long).await.expect_err("refused");
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert_eq!(s.qmp.count("object-add"), 1, "QEMU was not asked again");
 }
 
 #[tokio::test]

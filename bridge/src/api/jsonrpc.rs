@@ -488,13 +488,6 @@ mod tests {
             refused("memory-layout", r#"{"vm": "v", "request-id": "x"}"#)
                 .contains("no 'request-id'")
         );
-        assert!(
-            refused(
-                "memory-resize",
-                r#"{"vm": "v", "size": 1, "request-id": "a b"}"#
-            )
-            .contains("request-id")
-        );
         assert!(refused("memory-layout", r#"["v"]"#).contains("expected an object"));
         assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
     }
