@@ -40,7 +40,7 @@ pub mod vms;
 use std::{net::SocketAddr, sync::Arc, time::Duration};
 
 use api::{grpc, jsonrpc, prometheus};
-use net::{http_policy, tls, transport};
+use net::{Server, http_policy, tls, transport};
 use policy::{audit, auth};
 use tokio::{
     net::TcpListener,
@@ -182,7 +182,7 @@ impl Servers<'_> {
         let gate = transport::Gate::new(
             listener,
             limits.grpc_max_connections,
-            "grpc",
+            Server::Grpc,
             self.metrics.clone(),
         );
         let timeout = Duration::from_millis(limits.header_read_timeout_ms);
@@ -197,7 +197,8 @@ impl Servers<'_> {
         let config = self.config;
         let (listener, addr) = listen(&config.jsonrpc_addr, &config.unix_sockets).await?;
         let max = config.limits.jsonrpc_max_connections as usize;
-        let gate = transport::Gate::new(listener, max, "jsonrpc", self.metrics.clone()).http();
+        let gate =
+            transport::Gate::new(listener, max, Server::Jsonrpc, self.metrics.clone()).http();
         let front = jsonrpc::Front::new(self.service.clone(), self.metrics.clone(), &config.limits);
         let (tls, shutdown) = (self.tls.clone(), self.shutdown.clone());
         let config = config.clone();
@@ -218,9 +219,10 @@ impl Servers<'_> {
             source,
         })?;
         let max = limits.metrics_max_connections;
-        let gate = transport::Gate::new(listener, max, "metrics", self.metrics.clone()).http();
+        let gate =
+            transport::Gate::new(listener, max, Server::Metrics, self.metrics.clone()).http();
         let policy = http_policy::HttpPolicy::new(&self.config.http, Some(bound));
-        let keeper = self.service.gatekeeper("metrics").with_policy(policy);
+        let keeper = self.service.gatekeeper(Server::Metrics).with_policy(policy);
         self.tasks.spawn(prometheus::serve(
             gate,
             self.metrics.clone(),

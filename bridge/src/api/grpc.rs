@@ -25,7 +25,7 @@ use crate::{
         layout::{self, BlockState, Layout},
         plug::PlugArgs,
     },
-    net::gatekeeper::Gatekeeper,
+    net::{Server, gatekeeper::Gatekeeper},
     policy::Caller,
     service::Service,
     session::AgentState,
@@ -90,7 +90,7 @@ pub async fn router(
         .build_v1()
         .map_err(|e| e.to_string())?;
     let keeper = service
-        .gatekeeper("grpc")
+        .gatekeeper(Server::Grpc)
         .public(&["/grpc.health.v1.Health/", "/grpc.reflection."]);
     let keepalive = Duration::from_millis(limits.keepalive_interval_ms);
     Ok(tonic::transport::Server::builder()

@@ -11,7 +11,7 @@ use std::{sync::Arc, time::Duration};
 
 use jsonrpsee::{
     Extensions, Methods, RpcModule,
-    server::{BatchRequestConfig, PingConfig, Server, ServerConfig, stop_channel},
+    server::{BatchRequestConfig, PingConfig, Server as RpcServer, ServerConfig, stop_channel},
     types::{ErrorObjectOwned, Params},
 };
 use qga_wire::schema::GuestMemoryOnlineType;
@@ -26,6 +26,7 @@ use crate::{
     error::BridgeError,
     hotplug::{Operation, plug::PlugArgs},
     metrics::Metrics,
+    net::Server,
     net::http::{ConnectionCalls, Http1Connections},
     net::http_policy::HttpPolicy,
     net::tls::Tls,
@@ -198,7 +199,7 @@ async fn run_hotplug(
     let decoded = decode_hotplug(name, raw)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
     let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
-        transport: "jsonrpc",
+        transport: Server::Jsonrpc.name(),
         peer: None,
         identity: None,
     });
@@ -269,7 +270,8 @@ impl Front {
             return Ok(None);
         };
         calls.clone().try_acquire_owned().map(Some).map_err(|_| {
-            self.metrics.refused("jsonrpc", "connection_calls");
+            self.metrics
+                .refused(Server::Jsonrpc.name(), "connection_calls");
             BridgeError::Overloaded(format!(
                 "{} calls in flight on this connection (limits.jsonrpc_max_connection_calls)",
                 self.max_connection_calls
@@ -293,7 +295,7 @@ async fn run(
     let decoded = decode(name, raw, front.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
     let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
-        transport: "jsonrpc",
+        transport: Server::Jsonrpc.name(),
         peer: None,
         identity: None,
     });
@@ -317,17 +319,17 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) {
     let limits = &config.limits;
-    let builder = Server::builder()
+    let builder = RpcServer::builder()
         .set_config(server_config(limits))
         .to_service_builder();
     let keeper = front
         .service
-        .gatekeeper("jsonrpc")
+        .gatekeeper(Server::Jsonrpc)
         .with_policy(HttpPolicy::new(&config.http, gate.local_addr()));
     let metrics = front.metrics.clone();
     let methods: Methods = module(front).into();
     let conn = Http1Connections {
-        server: "jsonrpc",
+        server: Server::Jsonrpc,
         budget: BodyBudget::new(
             limits.jsonrpc_body_budget_bytes,
             limits.jsonrpc_max_request_bytes,

@@ -11,6 +11,7 @@ use tower::Service as _;
 
 use crate::{
     metrics::Metrics,
+    net::Server,
     net::gatekeeper::Gatekeeper,
     net::tls::{Alpn, Tls},
     net::transport::{self, Gate},
@@ -41,7 +42,7 @@ pub async fn serve(
             {
                 Ok(conn) => conn,
                 Err(_) => {
-                    metrics.refused("metrics", "tls_handshake");
+                    metrics.refused(Server::Metrics.name(), "tls_handshake");
                     return;
                 }
             };

@@ -213,12 +213,8 @@ impl Hotplug {
         let devices = ctx.dimms().await?;
         let wanted: Vec<Desired> = self
             .journal
-            .wanted::<Desired>()
-            .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?
-            .into_iter()
-            .filter(|(vm, _)| *vm == ctx.vm)
-            .map(|(_, d)| d)
-            .collect();
+            .wanted_by(&ctx.vm)
+            .map_err(|e| ctx.hotplug_error("journal", e.to_string()))?;
         let (mut adopted, mut kept) = (Vec::new(), wanted.clone());
         for d in devices.iter().filter(|d| ours(&d.id)) {
             if wanted.iter().any(|w| w.device == d.id) {

@@ -60,6 +60,27 @@ impl Journal {
         }
         Ok(out)
     }
+
+    /// VM `vm`'s desired devices, decoded as `T`: a range read of that VM's keys only, so
+    /// one VM's recovery does not read every VM's.
+    pub fn wanted_by<T: DeserializeOwned>(&self, vm: &str) -> Result<Vec<T>, JournalError> {
+        let txn = self.inner.db.begin_read().map_err(|e| self.store(e))?;
+        let table = txn.open_table(DIMMS).map_err(|e| self.store(e))?;
+        // Keys are `VM NUL DEVICE`: NUL sorts first and cannot be in a VM name, so the VM's
+        // keys are exactly those from `VM NUL` up to `VM \x01`.
+        let (from, to) = (format!("{vm}\0"), format!("{vm}\u{1}"));
+        let mut out = Vec::new();
+        for item in table
+            .range(from.as_str()..to.as_str())
+            .map_err(|e| self.store(e))?
+        {
+            let (_, v) = item.map_err(|e| self.store(e))?;
+            let desired: T = serde_json::from_slice(v.value())
+                .map_err(|e| self.unreadable(format!("a desired device does not decode: {e}")))?;
+            out.push(desired);
+        }
+        Ok(out)
+    }
 }
 
 #[cfg(test)]
@@ -90,6 +111,14 @@ mod tests {
         assert_eq!(
             j.wanted::<Value>().expect("read"),
             vec![("vm1".to_string(), d(36)), ("vm2".to_string(), d(32))]
+        );
+        // One VM's read is that VM's values only, not a name it prefixes.
+        j.want("vm1.b", "qga-dimm0", &d(40)).await.expect("want");
+        assert_eq!(j.wanted_by::<Value>("vm1").expect("read"), vec![d(36)]);
+        assert_eq!(j.wanted_by::<Value>("vm1.b").expect("read"), vec![d(40)]);
+        assert_eq!(
+            j.wanted_by::<Value>("vm").expect("read"),
+            Vec::<Value>::new()
         );
     }
 }

@@ -18,6 +18,7 @@ use http_body_util::Full;
 
 use crate::{
     metrics::Metrics,
+    net::Server,
     net::http_policy::HttpPolicy,
     net::transport::Peer,
     policy::auth::Auth,
@@ -88,9 +89,8 @@ fn text(status: http::StatusCode, body: &'static str) -> http::Response<Bytes> {
 /// The layer. See the module docs.
 #[derive(Debug, Clone)]
 pub struct Gatekeeper {
-    /// `grpc`, `jsonrpc` or `metrics`: the transport callers are audited under and the
-    /// server refusals are counted for.
-    server: &'static str,
+    /// The server callers are audited under and refusals are counted for.
+    server: Server,
     /// The `Host`/`Origin` policy of an HTTP server.
     policy: Option<Arc<HttpPolicy>>,
     auth: Arc<Auth>,
@@ -103,7 +103,7 @@ pub struct Gatekeeper {
 
 impl Gatekeeper {
     /// A gatekeeper for `server`, authenticating with `auth`, counting in `metrics`.
-    pub fn new(server: &'static str, auth: Arc<Auth>, metrics: Arc<Metrics>) -> Self {
+    pub fn new(server: Server, auth: Arc<Auth>, metrics: Arc<Metrics>) -> Self {
         Self {
             server,
             policy: None,
@@ -135,14 +135,14 @@ impl Gatekeeper {
     /// The caller of `req` from `peer`, or why it is refused (and the refusal recorded).
     fn admit<B>(&self, req: &http::Request<B>, peer: &Peer) -> Result<Caller, Refused> {
         let mut caller = Caller {
-            transport: self.server,
+            transport: self.server.name(),
             peer: peer.describe(),
             identity: None,
         };
         if let Some(policy) = &self.policy
             && let Err(why) = policy.check(req.headers())
         {
-            self.metrics.refused(self.server, "host_or_origin");
+            self.metrics.refused(self.server.name(), "host_or_origin");
             self.deny(&caller, why);
             tracing::debug!(why, "HTTP request refused");
             return Err(Refused::Forbidden(why));
@@ -160,7 +160,7 @@ impl Gatekeeper {
                 Ok(caller)
             }
             Err(e) => {
-                self.metrics.refused(self.server, "unauthenticated");
+                self.metrics.refused(self.server.name(), "unauthenticated");
                 // The reason goes to the audit trail; the caller learns nothing more.
                 self.deny(&caller, &e.to_string());
                 Err(Refused::Unauthenticated)

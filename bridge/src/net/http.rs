@@ -13,6 +13,7 @@ use tower::Service as _;
 use crate::{
     metrics::Metrics,
     net::{
+        Server,
         gatekeeper::Gatekeeper,
         tls::{Alpn, Tls},
         transport::{self, BodyBudget},
@@ -28,8 +29,8 @@ pub struct ConnectionCalls(pub Arc<Semaphore>);
 /// with.
 #[derive(Debug, Clone)]
 pub struct Http1Connections {
-    /// The server, as refusals are counted (`jsonrpc`).
-    pub server: &'static str,
+    /// The server, as refusals are counted.
+    pub server: Server,
     /// Bytes of large request bodies read at once, bridge-wide.
     pub budget: Arc<BodyBudget>,
     /// Time a client has to send a whole request header.
@@ -68,7 +69,7 @@ impl Http1Connections {
         let conn = match transport::secure(socket, tls, Alpn::Http1, self.header_timeout).await {
             Ok(conn) => conn,
             Err(e) => {
-                self.metrics.refused(self.server, "tls_handshake");
+                self.metrics.refused(self.server.name(), "tls_handshake");
                 tracing::debug!(error = %e, "TLS handshake failed");
                 return;
             }

@@ -36,7 +36,10 @@ use tonic::transport::server::Connected;
 pub use crate::peer::{Peer, UnixPeer};
 use crate::{
     metrics::Metrics,
-    net::tls::{Alpn, Tls},
+    net::{
+        Server,
+        tls::{Alpn, Tls},
+    },
 };
 
 /// How long accepting pauses after an accept error (file descriptors exhausted, say).
@@ -274,7 +277,7 @@ pub struct Gate {
     listener: Listener,
     slots: Arc<Semaphore>,
     cap: usize,
-    server: &'static str,
+    server: Server,
     /// Written (best effort) to a refused connection before it is closed.
     refusal: Option<Vec<u8>>,
     /// Whether the last connection was refused; refusals are logged once per episode.
@@ -289,7 +292,7 @@ impl Gate {
     pub fn new(
         listener: impl Into<Listener>,
         cap: usize,
-        server: &'static str,
+        server: Server,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
@@ -316,7 +319,8 @@ impl Gate {
     pub fn http(mut self) -> Self {
         let body = format!(
             "too many connections to the bridge's {} server (limit {})\n",
-            self.server, self.cap
+            self.server.name(),
+            self.cap
         );
         self.refusal = Some(
             format!(
@@ -335,7 +339,7 @@ impl Gate {
             let stream = match self.listener.accept().await {
                 Ok(stream) => stream,
                 Err(e) => {
-                    tracing::warn!(server = self.server, error = %e, "accept failed; pausing");
+                    tracing::warn!(server = self.server.name(), error = %e, "accept failed; pausing");
                     tokio::time::sleep(ACCEPT_ERROR_PAUSE).await;
                     continue;
                 }
@@ -354,10 +358,10 @@ impl Gate {
     }
 
     fn refuse(&self, stream: Socket) {
-        self.metrics.refused(self.server, "connections");
+        self.metrics.refused(self.server.name(), "connections");
         if !self.full.swap(true, Ordering::Relaxed) {
             tracing::warn!(
-                server = self.server,
+                server = self.server.name(),
                 limit = self.cap,
                 "connection limit reached; refusing new connections"
             );
@@ -515,7 +519,7 @@ pub fn incoming(
                 () = tx.closed() => return,
             };
             let (tx, tls, metrics) = (tx.clone(), tls.clone(), gate.metrics.clone());
-            let server = gate.server;
+            let server = gate.server.name();
             tokio::spawn(async move {
                 match secure(admitted, tls.as_deref(), Alpn::H2, timeout).await {
                     Ok(conn) => {

@@ -6,7 +6,8 @@ use crate::policy::auth::Identity;
 /// identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
-    /// `grpc` or `jsonrpc`.
+    /// The server the call came through: `grpc`, `jsonrpc` or `metrics`
+    /// (`net::Server::name`).
     pub transport: &'static str,
     /// The peer: `IP:PORT`, or `uid=U,gid=G,pid=P` on a unix socket.
     pub peer: Option<String>,

@@ -21,7 +21,7 @@ use crate::{
     },
     journal::Journal,
     metrics::Metrics,
-    net::gatekeeper::Gatekeeper,
+    net::{Server, gatekeeper::Gatekeeper},
     policy::{
         Caller,
         audit::{Audit, Record},
@@ -84,12 +84,12 @@ impl Service {
         })
     }
 
-    /// The security layer of front end `server` (`grpc`, `jsonrpc`, `metrics`): it
-    /// authenticates callers with the bridge's identities, counts refusals and, but for
-    /// metrics scrapes, audits them. An HTTP server adds its `Host`/`Origin` policy.
-    pub fn gatekeeper(&self, server: &'static str) -> Gatekeeper {
+    /// The security layer of `server`: it authenticates callers with the bridge's
+    /// identities, counts refusals and audits them where [`Server::audits_refusals`]. An
+    /// HTTP server adds its `Host`/`Origin` policy.
+    pub fn gatekeeper(&self, server: Server) -> Gatekeeper {
         let keeper = Gatekeeper::new(server, self.auth.clone(), self.metrics.clone());
-        if server == "metrics" {
+        if !server.audits_refusals() {
             keeper
         } else {
             keeper.audited(self.audit.clone())
