@@ -23,7 +23,7 @@ use serde::{Deserialize, Serialize};
 mod stats;
 
 pub use stats::{
-    GuestMemoryPressure, GuestMemoryStats, GuestMeminfo, GuestPressureLine, GuestVmstat,
+    GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestPressureLine, GuestVmstat,
 };
 
 /// Command names.

@@ -193,9 +193,10 @@ pub struct GuestVmstat {
     /// `pgmajfault`: page faults that had to read from disk or swap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pgmajfault: Option<u64>,
-    /// The sum of every `allocstall_*` (one per zone type): allocations that had to
-    /// reclaim memory themselves (direct reclaim) — the guest ran short. Summed modulo
-    /// 2^64 like the kernel's own counters, so differences stay right.
+    /// The sum of every `allocstall_*` (one per zone type; older kernels have a single
+    /// `allocstall`): allocations that had to reclaim memory themselves (direct reclaim)
+    /// — the guest ran short. Summed modulo 2^64 like the kernel's own counters, so
+    /// differences stay right.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allocstall: Option<u64>,
     /// `pswpin`: pages swapped in.
@@ -298,8 +299,6 @@ mod tests {
         let empty: GuestMemoryStats = serde_json::from_value(json!({})).expect("parse");
         assert_eq!(empty, GuestMemoryStats::default());
         // A PSI line is all or nothing.
-        assert!(
-            serde_json::from_value::<GuestPressureLine>(json!({"avg10": 1.0})).is_err()
-        );
+        assert!(serde_json::from_value::<GuestPressureLine>(json!({"avg10": 1.0})).is_err());
     }
 }
