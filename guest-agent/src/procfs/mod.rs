@@ -3,10 +3,11 @@
 //! `uptime` and `sys/kernel/random/boot_id`, under a configurable root
 //! (`--procfs-root`; tests point it at a fake tree).
 //!
-//! A host polls this every second per VM, so a call costs five opens and a few small
+//! A host polls this every second per VM, so a call costs four opens and a few small
 //! reads through one stack buffer, and no heap allocation but the reply's boot id: each
 //! file is read line by line up to a per-file cap ([`lines`]), each line parsed in place
-//! ([`parse`]). Nothing grows with the number of calls.
+//! ([`parse`]). The boot id is read once: it cannot change while the agent runs (a
+//! reboot ends the agent too). Nothing grows with the number of calls.
 //!
 //! Only `/proc/meminfo` is required: when it cannot be read the call fails. Everything
 //! else is optional: a missing or unreadable file (no PSI, `EOPNOTSUPP` under `psi=0`, a
@@ -23,7 +24,10 @@ mod tests;
 
 use std::{
     path::{Path, PathBuf},
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        OnceLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use qga_wire::schema::{GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestVmstat};
@@ -65,6 +69,8 @@ pub struct ProcFs {
     vmstat: PathBuf,
     uptime: PathBuf,
     boot_id: PathBuf,
+    /// The boot id, once read.
+    boot_id_read: OnceLock<String>,
     /// Whether an oddity has been logged as a warning already.
     warned: AtomicBool,
 }
@@ -79,6 +85,7 @@ impl ProcFs {
             vmstat: root.join("vmstat"),
             uptime: root.join("uptime"),
             boot_id: root.join("sys/kernel/random/boot_id"),
+            boot_id_read: OnceLock::new(),
             warned: AtomicBool::new(false),
         }
     }
@@ -91,10 +98,17 @@ impl ProcFs {
             pressure: self.pressure(&mut buf),
             vmstat: self.vmstat(&mut buf),
             uptime_ms: self.first_line(&self.uptime, &mut buf, parse::uptime_ms),
-            boot_id: self.first_line(&self.boot_id, &mut buf, |l| {
-                parse::boot_id(l).map(String::from)
-            }),
+            boot_id: self.boot_id(&mut buf),
         })
+    }
+
+    /// The boot id, read on the first call that can (absent until then).
+    fn boot_id(&self, buf: &mut [u8]) -> Option<String> {
+        if let Some(id) = self.boot_id_read.get() {
+            return Some(id.clone());
+        }
+        let id = self.first_line(&self.boot_id, buf, |l| parse::boot_id(l).map(String::from))?;
+        Some(self.boot_id_read.get_or_init(|| id).clone())
     }
 
     fn meminfo(&self, buf: &mut [u8]) -> Result<GuestMeminfo, MeminfoError> {

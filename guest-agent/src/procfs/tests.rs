@@ -175,6 +175,25 @@ fn a_full_kernel_reports_everything_in_bytes() {
 }
 
 #[test]
+fn the_boot_id_is_read_once_it_is_there() {
+    let proc = FakeProc::full();
+    proc.remove("sys/kernel/random/boot_id");
+    let procfs = ProcFs::new(proc.0.path());
+    assert_eq!(procfs.memory_stats().expect("stats").boot_id, None);
+    proc.write("sys/kernel/random/boot_id", BOOT_ID);
+    assert_eq!(
+        procfs.memory_stats().expect("stats").boot_id.as_deref(),
+        Some(BOOT_ID)
+    );
+    // A guest's boot id cannot change under a running agent: it is not read again.
+    proc.remove("sys/kernel/random/boot_id");
+    assert_eq!(
+        procfs.memory_stats().expect("stats").boot_id.as_deref(),
+        Some(BOOT_ID)
+    );
+}
+
+#[test]
 fn a_kernel_without_psi_has_no_pressure_member() {
     let proc = FakeProc::full();
     proc.remove("pressure/memory");
