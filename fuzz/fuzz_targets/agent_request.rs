@@ -1,8 +1,8 @@
 //! The agent's request handling on arbitrary byte streams.
 //!
 //! The input is what a host writes to the agent's port. It is decoded with the wire codec
-//! (max message 4096) and every frame is answered by an [`Agent`] over a sysfs root that
-//! does not exist, with a state writer that panics, so nothing is ever written.
+//! (max message 4096) and every frame is answered by an [`Agent`] over sysfs and procfs
+//! roots that do not exist, with a state writer that panics, so nothing is ever written.
 //!
 //! Invariants, per frame:
 //! - exactly one reply, one line of JSON, `0xFF`-prefixed only for `guest-sync-delimited`;
@@ -11,7 +11,8 @@
 //! - the outcome is what `Request::from_value` and `Command::parse` say: their error when
 //!   they refuse, the sync id for the sync commands, `{}` for `guest-ping`, one
 //!   `operation-not-supported` result per requested block and no blocks listed (no tree,
-//!   as qemu-ga), an error for the block size, `guest-info` always;
+//!   as qemu-ga), an error for the block size and for the memory stats (no `meminfo`),
+//!   `guest-info` always;
 //!
 //! and for the whole reply stream: a host's codec decodes it to exactly one reply per
 //! request frame.
@@ -23,7 +24,7 @@ use std::{os::fd::BorrowedFd, path::Path};
 use bytes::BytesMut;
 use libfuzzer_sys::fuzz_target;
 use qga_agent::{
-    Agent, Command, CommandFilter, MemoryTree, OnlineType, StateWriter,
+    Agent, Command, CommandFilter, MemoryTree, OnlineType, ProcFs, StateWriter,
     uevent::{BlockEvents, News},
 };
 use qga_fuzz::same_json;
@@ -36,7 +37,7 @@ use rustix::io::Errno;
 use serde_json::{Value, json};
 use tokio_util::codec::Decoder;
 
-/// A sysfs root that does not exist.
+/// A sysfs root that does not exist, and the procfs root under it.
 const ROOT: &str = "/nonexistent/qga-fuzz-sysfs";
 
 #[derive(Debug)]
@@ -116,7 +117,10 @@ fn expected(frame: &Frame) -> (bool, Option<Outcome>, Option<Value>, Option<Comm
                 })
                 .collect(),
         ))),
-        Command::Info | Command::GetMemoryBlockInfo | Command::SetAutoOnline(_) => None,
+        Command::Info
+        | Command::GetMemoryBlockInfo
+        | Command::SetAutoOnline(_)
+        | Command::GetMemoryStats => None,
     };
     let delimited = matches!(cmd, Command::SyncDelimited(_));
     (delimited, outcome, id, Some(cmd))
@@ -128,6 +132,7 @@ fuzz_target!(|data: &[u8]| {
         OnlineType::OnlineMovable,
         CommandFilter::default(),
     )
+    .with_procfs(ProcFs::new(&Path::new(ROOT).join("proc")))
     .with_writer(Box::new(NoWrites))
     .with_events(Box::new(|| Box::new(NoEvents)));
 

@@ -1,9 +1,11 @@
 //! Command dispatch: one request in, its encoded reply out.
 //!
-//! Besides QGA's commands the agent implements three QAPI downstream extensions (see
+//! Besides QGA's commands the agent implements five QAPI downstream extensions (see
 //! `qga_wire::schema`): `__org.qga-bridge_get-memory-zones`,
-//! `__org.qga-bridge_set-memory-blocks` and `__org.qga-bridge_online-when-present`. They are listed after the standard commands in
-//! `guest-info` and `-b help`, and `--block-rpcs`/`--allow-rpcs` apply to them by name.
+//! `__org.qga-bridge_set-memory-blocks`, `__org.qga-bridge_online-when-present`,
+//! `__org.qga-bridge_set-auto-online` and `__org.qga-bridge_get-memory-stats`. They are
+//! listed after the standard commands in `guest-info` and `-b help`, and
+//! `--block-rpcs`/`--allow-rpcs` apply to them by name.
 //!
 //! Replies are serialised straight from the schema types into the output buffer, so a
 //! reply for tens of thousands of blocks never exists as a `serde_json::Value` tree.
@@ -23,6 +25,7 @@ use serde_json::{Map, Value};
 use crate::{
     args,
     present::{WhenPresent, online_when_present},
+    procfs::ProcFs,
     sysfs::{KernelWriter, MemoryTree, OnlineType, StateWriter},
     uevent::{BlockEvents, Polling, UeventSocket},
 };
@@ -52,12 +55,14 @@ pub enum CommandName {
     OnlineWhenPresent,
     /// `__org.qga-bridge_set-auto-online` (extension).
     SetAutoOnline,
+    /// `__org.qga-bridge_get-memory-stats` (extension).
+    GetMemoryStats,
 }
 
 impl CommandName {
     /// Every command, in the order `guest-info` and `-b help` list them: QGA's own first,
     /// then the downstream extensions.
-    pub const ALL: [Self; 11] = [
+    pub const ALL: [Self; 12] = [
         Self::SyncDelimited,
         Self::Sync,
         Self::Ping,
@@ -69,6 +74,7 @@ impl CommandName {
         Self::SetMemoryBlocksOnlineType,
         Self::OnlineWhenPresent,
         Self::SetAutoOnline,
+        Self::GetMemoryStats,
     ];
 
     /// The name on the wire.
@@ -85,6 +91,7 @@ impl CommandName {
             Self::SetMemoryBlocksOnlineType => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             Self::OnlineWhenPresent => command::ONLINE_WHEN_PRESENT,
             Self::SetAutoOnline => command::SET_AUTO_ONLINE,
+            Self::GetMemoryStats => command::GET_MEMORY_STATS,
         }
     }
 
@@ -97,6 +104,7 @@ impl CommandName {
                 | Self::SetMemoryBlocksOnlineType
                 | Self::OnlineWhenPresent
                 | Self::SetAutoOnline
+                | Self::GetMemoryStats
         )
     }
 
@@ -146,6 +154,8 @@ pub enum Command {
     },
     /// `__org.qga-bridge_set-auto-online` with the word to write.
     SetAutoOnline(&'static str),
+    /// `__org.qga-bridge_get-memory-stats`.
+    GetMemoryStats,
 }
 
 impl Command {
@@ -177,6 +187,7 @@ impl Command {
                 args::none(args).map(|()| Self::GetMemoryBlockInfo)?
             }
             CommandName::GetMemoryZones => args::none(args).map(|()| Self::GetMemoryZones)?,
+            CommandName::GetMemoryStats => args::none(args).map(|()| Self::GetMemoryStats)?,
             CommandName::SetMemoryBlocksOnlineType => {
                 let (blocks, online_type) = args::mem_blks_online_type(args)?;
                 Self::SetMemoryBlocksOnlineType {
@@ -236,9 +247,11 @@ impl CommandFilter {
 /// `__org.qga-bridge_online-when-present` call.
 pub type EventSource = Box<dyn Fn() -> Box<dyn BlockEvents> + Send + Sync>;
 
-/// The agent's state: where the memory tree is, how to online blocks, what is enabled.
+/// The agent's state: where the memory tree and `/proc` are, how to online blocks, what
+/// is enabled.
 pub struct Agent {
     tree: MemoryTree,
+    procfs: ProcFs,
     online_type: OnlineType,
     filter: CommandFilter,
     writer: Box<dyn StateWriter>,
@@ -249,6 +262,7 @@ impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Agent")
             .field("tree", &self.tree)
+            .field("procfs", &self.procfs)
             .field("online_type", &self.online_type)
             .field("filter", &self.filter)
             .field("writer", &self.writer)
@@ -269,15 +283,22 @@ fn kernel_events() -> Box<dyn BlockEvents> {
 }
 
 impl Agent {
-    /// An agent on `tree` writing through the kernel.
+    /// An agent on `tree` writing through the kernel, reading the real `/proc`.
     pub fn new(tree: MemoryTree, online_type: OnlineType, filter: CommandFilter) -> Self {
         Self {
             tree,
+            procfs: ProcFs::default(),
             online_type,
             filter,
             writer: Box::new(KernelWriter),
             events: Box::new(kernel_events),
         }
+    }
+
+    /// Reads memory stats from `procfs` instead of the real `/proc` (`--procfs-root`).
+    pub fn with_procfs(mut self, procfs: ProcFs) -> Self {
+        self.procfs = procfs;
+        self
     }
 
     /// Replaces where news of appearing blocks comes from (tests script it).
@@ -321,7 +342,6 @@ impl Agent {
 
     /// Runs `cmd`, appending its reply to `out` unless it fails.
     fn run(&self, cmd: Command, id: Option<&Value>, out: &mut Vec<u8>) -> Result<(), QgaError> {
-        let generic = |e: crate::sysfs::SysfsError| QgaError::generic(e.to_string());
         match cmd {
             Command::Sync(sync) => encode_ok(out, &sync, id),
             Command::SyncDelimited(sync) => {
@@ -342,6 +362,9 @@ impl Agent {
                 encode_ok(out, &GuestMemoryBlockInfo { size }, id);
             }
             Command::GetMemoryZones => encode_ok(out, &self.tree.zones().map_err(generic)?, id),
+            Command::GetMemoryStats => {
+                encode_ok(out, &self.procfs.memory_stats().map_err(generic)?, id);
+            }
             Command::SetMemoryBlocksOnlineType {
                 blocks,
                 online_type,
@@ -396,6 +419,11 @@ impl Agent {
                 .collect(),
         }
     }
+}
+
+/// A failure reading the kernel's files, as the reply's `GenericError`.
+fn generic(e: impl std::fmt::Display) -> QgaError {
+    QgaError::generic(e.to_string())
 }
 
 #[derive(Serialize)]
@@ -486,6 +514,7 @@ mod tests {
 
         const ZONES: &str = command::GET_MEMORY_ZONES;
         const SET: &str = command::SET_MEMORY_BLOCKS_ONLINE_TYPE;
+        const STATS: &str = command::GET_MEMORY_STATS;
 
         fn agent(tree: &FakeSysfs, filter: CommandFilter) -> Agent {
             Agent::new(MemoryTree::new(tree.root()), OnlineType::Online, filter)
@@ -751,12 +780,13 @@ mod tests {
                 .collect();
             assert_eq!(names.len(), CommandName::ALL.len());
             assert_eq!(
-                &names[names.len() - 4..],
+                &names[names.len() - 5..],
                 [
                     ZONES,
                     SET,
                     command::ONLINE_WHEN_PRESENT,
-                    command::SET_AUTO_ONLINE
+                    command::SET_AUTO_ONLINE,
+                    STATS,
                 ]
             );
             for c in CommandName::ALL {
@@ -802,6 +832,75 @@ mod tests {
                 "success"
             );
             assert_eq!(tree.state(0), "online_movable");
+        }
+
+        /// An agent whose `/proc` is a fake tree holding `meminfo` only, beside `tree`.
+        fn stats_agent(tree: &FakeSysfs, filter: CommandFilter) -> Agent {
+            write(
+                tree,
+                "proc/meminfo",
+                "MemTotal: 1024 kB\nMemAvailable: 512 kB\n",
+            );
+            agent(tree, filter).with_procfs(ProcFs::new(&tree.root().join("proc")))
+        }
+
+        #[test]
+        fn memory_stats_of_a_fake_proc() {
+            let tree = FakeSysfs::with_blocks(1, "online");
+            let agent = stats_agent(&tree, CommandFilter::default());
+            // Only meminfo: everything else absent, the sections that are objects empty.
+            assert_eq!(
+                call(&agent, STATS, None),
+                json!({"return": {"meminfo": {"mem-total": 1_048_576, "mem-available": 524_288},
+                                  "vmstat": {}}})
+            );
+            write(&tree, "proc/vmstat", "oom_kill 0\nallocstall_normal 4\n");
+            write(&tree, "proc/uptime", "1.50 0.00\n");
+            let reply = call(&agent, STATS, None);
+            let typed: qga_wire::schema::GuestMemoryStats =
+                serde_json::from_value(reply["return"].clone()).expect("schema type");
+            assert_eq!(
+                (typed.vmstat.oom_kill, typed.vmstat.allocstall),
+                (Some(0), Some(4))
+            );
+            assert_eq!((typed.uptime_ms, typed.pressure), (Some(1_500), None));
+            assert_eq!(
+                call(&agent, STATS, Some(json!({"x": 1}))),
+                json!({"error": {"class": "GenericError",
+                                 "desc": "Parameter 'x' is unexpected"}})
+            );
+            fs::remove_file(tree.root().join("proc/meminfo")).expect("rm");
+            let reply = call(&agent, STATS, None);
+            assert_eq!(reply["error"]["class"], "GenericError", "{reply}");
+            let desc = reply["error"]["desc"].as_str().unwrap_or_default();
+            assert!(
+                desc.ends_with("meminfo: No such file or directory"),
+                "{reply}"
+            );
+        }
+
+        #[test]
+        fn memory_stats_blocked_and_allowed_by_name() {
+            let tree = FakeSysfs::with_blocks(1, "online");
+            let blocked = stats_agent(&tree, CommandFilter::new(&[STATS.to_string()], None));
+            assert_eq!(
+                call(&blocked, STATS, None),
+                json!({"error": {"class": "CommandNotFound",
+                                 "desc": format!("Command {STATS} has been disabled")}})
+            );
+            let info = blocked.info();
+            for c in &info.supported_commands {
+                assert_eq!(c.enabled, c.name != STATS, "{}", c.name);
+            }
+            let allowed = stats_agent(&tree, CommandFilter::new(&[], Some(&[STATS.to_string()])));
+            assert_eq!(
+                call(&allowed, STATS, None)["return"]["meminfo"]["mem-total"],
+                1_048_576
+            );
+            assert_eq!(
+                call(&allowed, ZONES, None)["error"]["class"],
+                "CommandNotFound"
+            );
         }
     }
 }

@@ -3,7 +3,7 @@
 //!
 //! The config file (default `/etc/qemu/qemu-ga.conf`) is a GLib key file; its `[general]`
 //! section takes the long option names as keys (`method=`, `path=`, `block-rpcs=a;b`,
-//! `verbose=true`, ...) plus our own `online-type=` and `sysfs-root=`. The command line
+//! `verbose=true`, ...) plus our own `online-type=`, `sysfs-root=` and `procfs-root=`. The command line
 //! overrides the file.
 
 use std::{
@@ -79,6 +79,9 @@ pub struct Cli {
     /// Root of sysfs (tests point this at a fake tree).
     #[arg(long)]
     pub sysfs_root: Option<PathBuf>,
+    /// Root of procfs, where memory stats are read (tests point this at a fake tree).
+    #[arg(long)]
+    pub procfs_root: Option<PathBuf>,
 }
 
 /// Why the configuration is unusable.
@@ -132,6 +135,8 @@ pub struct Config {
     pub online_type: OnlineType,
     /// Root of sysfs.
     pub sysfs_root: PathBuf,
+    /// Root of procfs.
+    pub procfs_root: PathBuf,
     /// Largest request, bytes.
     pub max_message: usize,
 }
@@ -151,6 +156,7 @@ impl Default for Config {
             retry_path: false,
             online_type: OnlineType::Online,
             sysfs_root: PathBuf::from("/sys"),
+            procfs_root: PathBuf::from("/proc"),
             max_message: DEFAULT_MAX_MESSAGE,
         }
     }
@@ -226,6 +232,7 @@ impl Config {
                 "allow-rpcs" => self.allow_rpcs = Some(split_list(value)),
                 "online-type" => self.online_type = OnlineType::parse(value).ok_or_else(bad)?,
                 "sysfs-root" => self.sysfs_root = PathBuf::from(value),
+                "procfs-root" => self.procfs_root = PathBuf::from(value),
                 // Keys of qemu-ga features this agent does not have (fsfreeze-hook, ...).
                 other => tracing::debug!(key = other, "ignoring config key"),
             }
@@ -263,6 +270,9 @@ impl Config {
         }
         if let Some(s) = &cli.sysfs_root {
             self.sysfs_root = s.clone();
+        }
+        if let Some(p) = &cli.procfs_root {
+            self.procfs_root = p.clone();
         }
     }
 
@@ -305,6 +315,7 @@ impl Config {
         }
         let _ = writeln!(s, "online-type={}", self.online_type.as_str());
         let _ = writeln!(s, "sysfs-root={}", self.sysfs_root.display());
+        let _ = writeln!(s, "procfs-root={}", self.procfs_root.display());
         s
     }
 }
@@ -324,13 +335,14 @@ mod tests {
     #[test]
     fn file_then_cli() {
         let mut c = Config::default();
-        let text = "# comment\n[general]\nmethod=unix-listen\npath=/tmp/x.sock\nblock-rpcs=guest-ping;guest-info;\nverbose=true\nonline-type=online_movable\nfsfreeze-hook=/x\n[other]\nmethod=bogus\n";
+        let text = "# comment\n[general]\nmethod=unix-listen\npath=/tmp/x.sock\nblock-rpcs=guest-ping;guest-info;\nverbose=true\nonline-type=online_movable\nprocfs-root=/fake/proc\nfsfreeze-hook=/x\n[other]\nmethod=bogus\n";
         c.apply_file(Path::new("f"), text).expect("valid file");
         assert_eq!(c.method, Method::UnixListen);
         assert_eq!(c.path.as_deref(), Some("/tmp/x.sock"));
         assert_eq!(c.block_rpcs, ["guest-ping", "guest-info"]);
         assert!(c.verbose);
         assert_eq!(c.online_type, OnlineType::OnlineMovable);
+        assert_eq!(c.procfs_root, Path::new("/fake/proc"));
         let cli = Cli::parse_from([
             "qga-agent",
             "-m",
@@ -339,8 +351,11 @@ mod tests {
             "guest-sync",
             "--online-type",
             "online_kernel",
+            "--procfs-root",
+            "/other/proc",
         ]);
         c.apply_cli(&cli);
+        assert_eq!(c.procfs_root, Path::new("/other/proc"));
         assert_eq!(c.method, Method::VirtioSerial);
         assert_eq!(c.block_rpcs, ["guest-sync"]);
         assert_eq!(c.online_type, OnlineType::OnlineKernel);

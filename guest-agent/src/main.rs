@@ -5,7 +5,7 @@ use std::{fs::File, io::Write as _, os::fd::AsFd, path::Path};
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use qga_agent::{Agent, Cli, Config, MemoryTree, config::rpc_list, transport};
+use qga_agent::{Agent, Cli, Config, MemoryTree, ProcFs, config::rpc_list, transport};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing_subscriber::EnvFilter;
 
@@ -43,7 +43,8 @@ fn main() -> anyhow::Result<()> {
         MemoryTree::new(&config.sysfs_root),
         config.online_type,
         config.filter(),
-    );
+    )
+    .with_procfs(ProcFs::new(&config.procfs_root));
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

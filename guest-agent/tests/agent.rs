@@ -566,12 +566,13 @@ fn zone_extensions() {
         .filter_map(|c| c["name"].as_str())
         .collect();
     assert_eq!(
-        &names[names.len() - 4..],
+        &names[names.len() - 5..],
         [
             ZONES,
             SET,
             "__org.qga-bridge_online-when-present",
-            "__org.qga-bridge_set-auto-online"
+            "__org.qga-bridge_set-auto-online",
+            "__org.qga-bridge_get-memory-stats",
         ]
     );
     let (_agent2, mut c2) = start(&tree, &["-b", &format!("{ZONES},{SET}")]);
@@ -590,13 +591,69 @@ fn zone_extensions() {
         .expect("run");
     let list = String::from_utf8_lossy(&out.stdout);
     assert!(
-        list.lines().rev().take(4).eq([
+        list.lines().rev().take(5).eq([
+            "__org.qga-bridge_get-memory-stats",
             "__org.qga-bridge_set-auto-online",
             "__org.qga-bridge_online-when-present",
             SET,
             ZONES
         ]),
         "{list}"
+    );
+}
+
+/// `__org.qga-bridge_get-memory-stats` over the real socket: `--procfs-root` on a fake
+/// tree, this machine's real `/proc`, and blocked by name.
+#[test]
+fn memory_stats_extension() {
+    const STATS: &str = "__org.qga-bridge_get-memory-stats";
+    let tree = FakeSysfs::with_blocks(1, "online");
+    let proc = tempfile::tempdir().expect("tempdir");
+    fs::write(
+        proc.path().join("meminfo"),
+        "MemTotal: 2048 kB\nShmem: 1 kB\n",
+    )
+    .expect("write");
+    fs::write(proc.path().join("vmstat"), "pgmajfault 3\n").expect("write");
+    let root = proc.path().to_str().expect("utf-8 path");
+    let (_agent, mut c) = start(&tree, &["--procfs-root", root]);
+    assert_eq!(
+        ret(c.execute(STATS, None).expect("reply")),
+        json!({"meminfo": {"mem-total": 2_097_152, "shmem": 1024},
+               "vmstat": {"pgmajfault": 3}})
+    );
+
+    // The real /proc of this machine: the fields every Linux since 3.14 has.
+    let (_real, mut r) = start(&tree, &[]);
+    let stats = ret(r.execute(STATS, None).expect("reply"));
+    for member in [
+        "mem-total",
+        "mem-free",
+        "mem-available",
+        "cached",
+        "committed-as",
+    ] {
+        assert!(
+            stats["meminfo"][member].as_u64().is_some(),
+            "{member}: {stats}"
+        );
+    }
+    assert!(stats["vmstat"]["pgmajfault"].as_u64().is_some(), "{stats}");
+    assert!(
+        stats["uptime-ms"].as_u64().is_some_and(|ms| ms > 0),
+        "{stats}"
+    );
+    assert_eq!(stats["boot-id"].as_str().map(str::len), Some(36), "{stats}");
+    let again = ret(r.execute(STATS, None).expect("reply"));
+    assert_eq!(again["boot-id"], stats["boot-id"]);
+
+    let (_blocked, mut b) = start(&tree, &["-b", STATS]);
+    assert_eq!(
+        error(&b.execute(STATS, None).expect("reply")),
+        (
+            "CommandNotFound",
+            format!("Command {STATS} has been disabled").as_str()
+        )
     );
 }
 

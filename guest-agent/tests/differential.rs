@@ -220,7 +220,7 @@ fn queries_and_housekeeping_match() {
             .as_str()
             .is_some_and(|n| n.starts_with("__org.qga-bridge_"))
     });
-    assert_eq!(extensions.len(), 4, "{oi}");
+    assert_eq!(extensions.len(), 5, "{oi}");
     for cmd in extensions {
         let name = cmd["name"].as_str().unwrap_or_default();
         let reply = r.execute(name, None).expect("reply");

@@ -11,7 +11,7 @@
 //! - [`message`]: requests (as hosts send them, and as agents validate them), replies and
 //!   error classes.
 //! - [`schema`]: the QAPI types of the memory-block commands, of `guest-info` and of
-//!   `qga-agent`'s zone extensions (`__org.qga-bridge_*`).
+//!   `qga-agent`'s extensions (`__org.qga-bridge_*`: zones, onlining, memory stats).
 //! - [`strict`]: JSON parsing that, like QEMU, rejects duplicate object keys.
 //! - [`connect`] (feature `connect`): where connections' byte streams come from.
 //! - [`backoff`] and [`sync`]: the workspace's one retry backoff and one lock policy.

@@ -4,18 +4,27 @@
 //! mixed spelling of `guest-info`: `supported_commands` has an underscore while
 //! `success-response` has a hyphen; both are what the reference agent sends.
 //!
-//! Besides QGA's own commands, `qga-agent` implements four QAPI downstream extensions,
+//! Besides QGA's own commands, `qga-agent` implements five QAPI downstream extensions,
 //! named by QAPI's convention `__RFQDN_name` with the reverse domain `org.qga-bridge`:
 //! [`command::GET_MEMORY_ZONES`], [`command::SET_MEMORY_BLOCKS_ONLINE_TYPE`],
-//! [`command::ONLINE_WHEN_PRESENT`] and [`command::SET_AUTO_ONLINE`]. The first two exist because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
+//! [`command::ONLINE_WHEN_PRESENT`], [`command::SET_AUTO_ONLINE`] and
+//! [`command::GET_MEMORY_STATS`]. The first two exist because the kernel's `removable` attribute (qemu-ga's `can-offline`) reads 1 for every
 //! block since Linux 5.7: only a block's zone tells whether it can ever be offlined and its
 //! DIMM unplugged, and only the word written to `state` decides that zone. The standard
 //! commands are unchanged, so a host that knows nothing of the extensions sees a plain QGA
 //! agent. The third makes a plug one round trip: the agent waits for the blocks on the
 //! kernel's own uevents and onlines each the moment it appears. The fourth lets the host
-//! have the kernel online new memory itself, into the chosen zone, as it adds it.
+//! have the kernel online new memory itself, into the chosen zone, as it adds it. The
+//! fifth reports the guest's memory signals (usage, pressure, reclaim, boot) in one call
+//! cheap enough to poll every second.
 
 use serde::{Deserialize, Serialize};
+
+mod stats;
+
+pub use stats::{
+    GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestPressureLine, GuestVmstat,
+};
 
 /// Command names.
 pub mod command {
@@ -53,6 +62,11 @@ pub mod command {
     /// reads it back (and the word before it as `previous`): sets the guest kernel's `auto_online_blocks`, so that memory it adds
     /// is onlined at once, into the zone the host chose, as the kernel adds it.
     pub const SET_AUTO_ONLINE: &str = "__org.qga-bridge_set-auto-online";
+    /// Downstream extension: `__org.qga-bridge_get-memory-stats` (no arguments) ->
+    /// [`GuestMemoryStats`](super::GuestMemoryStats): the guest kernel's own view of its
+    /// memory (`/proc/meminfo`), its memory pressure (PSI), its reclaim and OOM counters
+    /// (`/proc/vmstat`) and its boot, for a host that sizes the VM from inside.
+    pub const GET_MEMORY_STATS: &str = "__org.qga-bridge_get-memory-stats";
 }
 
 /// One memory block: `{"phys-index": N, "online": BOOL, "can-offline": BOOL}`.
@@ -328,6 +342,7 @@ mod tests {
             command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             command::ONLINE_WHEN_PRESENT,
             command::SET_AUTO_ONLINE,
+            command::GET_MEMORY_STATS,
         ] {
             assert!(name.starts_with("__org.qga-bridge_"), "{name}");
         }
