@@ -604,25 +604,10 @@ async fn execute_as_decodes_or_reports_a_protocol_error() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn memory_helpers_send_what_qemu_expects() {
-    let mut rig = Rig::new();
-    let qmp = rig.qmp.clone();
-    let script = tokio::spawn(async move {
-        let d = deadline(5);
-        qmp.add_memory_backend_ram("mem1", 512 << 20, d).await?;
-        qmp.add_pc_dimm("dimm1", "mem1", Some(0), d).await?;
-        qmp.add_pc_dimm("dimm2", "mem2", None, d).await?;
-        let devices = qmp.query_memory_devices(d).await?;
-        let config = qmp.query_memory_config(d).await?;
-        qmp.device_del("dimm1", d).await?;
-        qmp.object_del("mem1", d).await?;
-        let memdevs = qmp.query_memdev(d).await?;
-        let version = qmp.query_version(d).await?;
-        Ok::<_, QmpError>((devices, config, memdevs, version))
-    });
-    let mut qemu = rig.accept_ready().await;
-    let expected = [
+/// The commands `memory_helpers_send_what_qemu_expects` must send, with their arguments,
+/// and the fake QEMU's replies.
+fn memory_helper_exchanges() -> Vec<(&'static str, Value, Value)> {
+    vec![
         (
             "object-add",
             json!({"qom-type": "memory-backend-ram", "id": "mem1", "size": 536870912}),
@@ -669,8 +654,28 @@ async fn memory_helpers_send_what_qemu_expects() {
             json!({"qemu": {"major": 10, "minor": 0, "micro": 2},
             "package": ""}),
         ),
-    ];
-    for (command, arguments, reply) in expected {
+    ]
+}
+
+#[tokio::test(start_paused = true)]
+async fn memory_helpers_send_what_qemu_expects() {
+    let mut rig = Rig::new();
+    let qmp = rig.qmp.clone();
+    let script = tokio::spawn(async move {
+        let d = deadline(5);
+        qmp.add_memory_backend_ram("mem1", 512 << 20, d).await?;
+        qmp.add_pc_dimm("dimm1", "mem1", Some(0), d).await?;
+        qmp.add_pc_dimm("dimm2", "mem2", None, d).await?;
+        let devices = qmp.query_memory_devices(d).await?;
+        let config = qmp.query_memory_config(d).await?;
+        qmp.device_del("dimm1", d).await?;
+        qmp.object_del("mem1", d).await?;
+        let memdevs = qmp.query_memdev(d).await?;
+        let version = qmp.query_version(d).await?;
+        Ok::<_, QmpError>((devices, config, memdevs, version))
+    });
+    let mut qemu = rig.accept_ready().await;
+    for (command, arguments, reply) in memory_helper_exchanges() {
         let (id, got) = qemu.expect(command).await;
         assert_eq!(got, arguments, "{command}");
         qemu.reply(&id, reply).await;

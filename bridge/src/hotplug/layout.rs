@@ -372,8 +372,8 @@ mod tests {
         assert_eq!(d.removable, None, "zones unknown");
     }
 
-    #[test]
-    fn zones_say_whether_a_dimm_can_come_out() {
+    /// A guest with blocks 0, 8-11, 16-17 online, each in the zone the test needs.
+    fn zoned_guest() -> GuestView {
         let zone = |i: u64, z: &str| GuestMemoryBlockZones {
             phys_index: i,
             online: true,
@@ -389,7 +389,7 @@ mod tests {
             block(16, true),
             block(17, true),
         ];
-        let guest = GuestView::new(
+        GuestView::new(
             &blocks,
             Some(GuestMemoryZones {
                 auto_online_blocks: Some("offline".into()),
@@ -405,7 +405,12 @@ mod tests {
                     zone(17, "Normal"),
                 ],
             }),
-        );
+        )
+    }
+
+    #[test]
+    fn zones_say_whether_a_dimm_can_come_out() {
+        let guest = zoned_guest();
         let layout = build(
             128 * MIB,
             128 * MIB,
