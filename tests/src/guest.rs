@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use serde_json::json;
 use tempfile::TempDir;
 
@@ -156,6 +156,25 @@ impl ControlPort {
     pub fn restart_agent(&self) -> anyhow::Result<()> {
         self.control("restart-agent", "RESTARTED").map(|_| ())
     }
+
+    /// The guest kernel's `auto_online_blocks`: what it does with memory it adds
+    /// (`offline`, `online`, `online_kernel` or `online_movable`).
+    pub fn auto_online(&self) -> anyhow::Result<String> {
+        let line = self.control("auto-online", "AUTOONLINE")?;
+        Ok(line["AUTOONLINE".len()..].trim().to_string())
+    }
+
+    /// Sets the guest kernel's `auto_online_blocks` to `word`; fails unless the kernel
+    /// reads it back.
+    pub fn set_auto_online(&self, word: &str) -> anyhow::Result<()> {
+        let line = self.control(&format!("auto-online {word}"), "AUTOONLINE")?;
+        let now = line["AUTOONLINE".len()..].trim();
+        ensure!(
+            now == word,
+            "the guest kernel did not take auto_online_blocks = {word}: it reads '{now}'"
+        );
+        Ok(())
+    }
 }
 
 impl GuestControl {
@@ -184,6 +203,16 @@ impl GuestControl {
     /// [`ControlPort::restart_agent`].
     pub fn restart_agent(&self) -> anyhow::Result<()> {
         self.port().restart_agent()
+    }
+
+    /// [`ControlPort::auto_online`].
+    pub fn auto_online(&self) -> anyhow::Result<String> {
+        self.port().auto_online()
+    }
+
+    /// [`ControlPort::set_auto_online`].
+    pub fn set_auto_online(&self, word: &str) -> anyhow::Result<()> {
+        self.port().set_auto_online(word)
     }
 
     fn qmp(&self) -> anyhow::Result<Qmp> {
@@ -223,22 +252,36 @@ impl GuestControl {
             .collect())
     }
 
-    /// QEMU's virtio-mem device `id`: its `(requested-size, size)` in bytes.
-    pub fn virtio_mem_sizes(&self, id: &str) -> anyhow::Result<(u64, u64)> {
+    /// QEMU's virtio-mem devices (`query-memory-devices`): each one's id and
+    /// `(requested-size, size)` in bytes, in QEMU's order.
+    pub fn virtio_mem_devices(&self) -> anyhow::Result<Vec<(String, (u64, u64))>> {
         let devices = self.qmp()?.execute("query-memory-devices", None)?;
-        let data = devices
+        devices
             .as_array()
             .context("query-memory-devices returned no list")?
             .iter()
-            .find(|d| d["type"] == "virtio-mem" && d["data"]["id"] == id)
-            .map(|d| d["data"].clone())
-            .with_context(|| format!("QEMU lists no virtio-mem device {id}: {devices}"))?;
-        let get = |k: &str| {
-            data[k]
-                .as_u64()
-                .with_context(|| format!("no {k} in {data}"))
-        };
-        Ok((get("requested-size")?, get("size")?))
+            .filter(|d| d["type"] == "virtio-mem")
+            .map(|d| {
+                let data = &d["data"];
+                let get = |k: &str| {
+                    data[k]
+                        .as_u64()
+                        .with_context(|| format!("no {k} in {data}"))
+                };
+                let id = data["id"].as_str().unwrap_or_default().to_string();
+                Ok((id, (get("requested-size")?, get("size")?)))
+            })
+            .collect()
+    }
+
+    /// QEMU's virtio-mem device `id`: its `(requested-size, size)` in bytes.
+    pub fn virtio_mem_sizes(&self, id: &str) -> anyhow::Result<(u64, u64)> {
+        let devices = self.virtio_mem_devices()?;
+        devices
+            .iter()
+            .find(|(d, _)| d == id)
+            .map(|&(_, sizes)| sizes)
+            .with_context(|| format!("QEMU lists no virtio-mem device {id}: {devices:?}"))
     }
 
     /// Resets the guest (`system_reset`), as a guest reboot does: QEMU keeps its devices,

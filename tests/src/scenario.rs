@@ -148,39 +148,56 @@ async fn block_info_and_blocks(c: &Clients, vm: &str) -> anyhow::Result<(u64, Ve
     Ok((size, before))
 }
 
-/// Hot-adds the DIMM, waits for its offline blocks, onlines them through gRPC and checks
-/// MemTotal grew by the DIMM's size. Returns the new blocks and MemTotal before.
+/// A DIMM the scenario hot-added by hand over QMP and onlined through the bridge.
+#[derive(Debug, Clone)]
+pub struct HandPlugged {
+    /// Its QEMU id (its backend is `mem-<id>`).
+    pub id: String,
+    /// Its blocks in the guest.
+    pub blocks: Vec<u64>,
+    /// The guest's MemTotal before it, KiB.
+    pub mem_before_kib: u64,
+}
+
+/// The first `dimmN` id (from 1) that QEMU has neither as a memory device nor as a memory
+/// backend (`mem-dimmN`): a used stack may hold DIMMs already, the bridge's `qga-dimmN`
+/// or one a failed run of the scenario left behind.
+pub fn free_dimm_id(g: &GuestControl) -> anyhow::Result<String> {
+    let devices: BTreeSet<String> = g
+        .memory_devices()?
+        .into_iter()
+        .map(|d| d.id)
+        .chain(g.virtio_mem_devices()?.into_iter().map(|(id, _)| id))
+        .collect();
+    let memdevs: BTreeSet<String> = g.memdev_ids()?.into_iter().collect();
+    (1..1000)
+        .map(|n| format!("dimm{n}"))
+        .find(|id| !devices.contains(id) && !memdevs.contains(&format!("mem-{id}")))
+        .context("no free DIMM id")
+}
+
+/// Hot-adds a DIMM (a free id), waits for its offline blocks, onlines them through gRPC
+/// and checks MemTotal grew by the DIMM's size.
 pub async fn hot_add_and_online(
     c: &Clients,
     vm: &str,
     g: &GuestControl,
     t: &mut Timings,
-) -> anyhow::Result<(Vec<u64>, u64)> {
+) -> anyhow::Result<HandPlugged> {
     let (size, before) = block_info_and_blocks(c, vm).await?;
     let known: BTreeSet<u64> = before.iter().map(|b| b.phys_index).collect();
     let mem_before = g.mem_total_kib()?;
+    let id = free_dimm_id(g)?;
     eprintln!(
-        "e2e: {} blocks of {} MiB, MemTotal {mem_before} KiB",
+        "e2e: {} blocks of {} MiB, MemTotal {mem_before} KiB; hot-adding DIMM {id}",
         before.len(),
         size >> 20
     );
 
     let start = Instant::now();
-    g.hot_add_dimm("dimm1", DIMM_BYTES)?;
     let expected = usize::try_from(DIMM_BYTES / size)?;
-    let after = wait_blocks(c, vm, PATIENCE, "new offline blocks", |b| {
-        b.iter()
-            .filter(|x| !known.contains(&x.phys_index) && !x.online)
-            .count()
-            == expected
-    })
-    .await?;
-    let new: Vec<u64> = after
-        .iter()
-        .filter(|b| !known.contains(&b.phys_index))
-        .map(|b| b.phys_index)
-        .collect();
-    eprintln!("e2e: DIMM appeared as offline blocks {new:?}");
+    let new = hot_add_offline(c, vm, g, &id, &known, expected).await?;
+    eprintln!("e2e: DIMM {id} appeared as offline blocks {new:?}");
     let results = set(c, vm, &new, true).await?;
     ensure!(
         results
@@ -190,7 +207,49 @@ pub async fn hot_add_and_online(
     );
     wait_mem_total(g, mem_before + DIMM_BYTES / 1024, PATIENCE).await?;
     t.record("hot-add to online (MemTotal +512 MiB)", start.elapsed());
-    Ok((new, mem_before))
+    Ok(HandPlugged {
+        id,
+        blocks: new,
+        mem_before_kib: mem_before,
+    })
+}
+
+/// Hot-adds DIMM `id` over QMP and waits for `expected` new offline blocks (not in
+/// `known`); returns them. The guest kernel's `auto_online_blocks` is `offline` meanwhile
+/// — a stack the bridge has plugged memory into has it at `online_movable`, and the kernel
+/// would online the DIMM itself — and is put back as found afterwards, failure or not.
+async fn hot_add_offline(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    id: &str,
+    known: &BTreeSet<u64>,
+    expected: usize,
+) -> anyhow::Result<Vec<u64>> {
+    let found = g.auto_online()?;
+    eprintln!("e2e: auto_online_blocks {found}: offline for the hot-add by hand");
+    g.set_auto_online("offline")?;
+    let appeared = async {
+        g.hot_add_dimm(id, DIMM_BYTES)?;
+        wait_blocks(c, vm, PATIENCE, "new offline blocks", |b| {
+            b.iter()
+                .filter(|x| !known.contains(&x.phys_index) && !x.online)
+                .count()
+                == expected
+        })
+        .await
+    }
+    .await;
+    let put_back = g
+        .set_auto_online(&found)
+        .with_context(|| format!("putting auto_online_blocks back to {found}"));
+    let after = appeared?;
+    put_back?;
+    Ok(after
+        .iter()
+        .filter(|b| !known.contains(&b.phys_index))
+        .map(|b| b.phys_index)
+        .collect())
 }
 
 /// The full cycle with an agent onlining as `online_movable`: hot-add, online, offline
@@ -201,11 +260,16 @@ pub async fn unplug_cycle(
     g: &GuestControl,
     t: &mut Timings,
 ) -> anyhow::Result<()> {
-    let boot: Vec<u64> = blocks(c, vm).await?.iter().map(|b| b.phys_index).collect();
-    let (new, mem_before) = hot_add_and_online(c, vm, g, t).await?;
+    let first = blocks(c, vm)
+        .await?
+        .first()
+        .context("no boot block")?
+        .phys_index;
+    let added = hot_add_and_online(c, vm, g, t).await?;
 
     let start = Instant::now();
-    let mem_blks: Vec<Value> = new
+    let mem_blks: Vec<Value> = added
+        .blocks
         .iter()
         .map(|i| json!({"phys-index": i, "online": false}))
         .collect();
@@ -220,17 +284,20 @@ pub async fn unplug_cycle(
         .as_array()
         .is_some_and(|r| r.iter().all(|x| x["response"] == "success"));
     ensure!(all_ok, "offlining the DIMM's blocks failed: {off}");
-    wait_mem_total(g, mem_before, PATIENCE).await?;
-    g.unplug_dimm("dimm1", PATIENCE)?;
+    wait_mem_total(g, added.mem_before_kib, PATIENCE).await?;
+    g.unplug_dimm(&added.id, PATIENCE)?;
     wait_blocks(c, vm, PATIENCE, "DIMM blocks gone", |b| {
-        !b.iter().any(|x| new.contains(&x.phys_index))
+        !b.iter().any(|x| added.blocks.contains(&x.phys_index))
     })
     .await?;
-    wait_mem_total(g, mem_before, PATIENCE).await?;
+    wait_mem_total(g, added.mem_before_kib, PATIENCE).await?;
     t.record("offline to unplugged (MemTotal back)", start.elapsed());
+    boot_memory_stays(c, vm, first).await
+}
 
-    // Boot memory cannot be given back: the kernel's errno comes back per block.
-    let first = *boot.first().context("no boot block")?;
+/// Boot memory cannot be given back: offlining boot block `first` fails with the
+/// kernel's errno, and the block stays online.
+async fn boot_memory_stays(c: &Clients, vm: &str, first: u64) -> anyhow::Result<()> {
     let refused = set(c, vm, &[first], false).await?;
     let r = refused.first().context("no result")?;
     eprintln!(
@@ -524,8 +591,9 @@ pub async fn grpc_layout(c: &Clients, vm: &str) -> anyhow::Result<MemoryLayout> 
         .into_inner())
 }
 
-/// The compose guest's virtio-mem device: `Resize` by 1 GiB and back, checked in the
-/// reply, the layout, QEMU and the guest's MemTotal.
+/// The compose guest's virtio-mem device: `Resize` by 1 GiB and back, from whatever it
+/// holds (a used stack's device may hold memory already), checked in the reply, the
+/// layout, QEMU and the guest's MemTotal.
 pub async fn virtio_mem_cycle(
     c: &Clients,
     vm: &str,
@@ -534,7 +602,8 @@ pub async fn virtio_mem_cycle(
 ) -> anyhow::Result<()> {
     let mem_before = g.mem_total_kib()?;
     let layout = grpc_layout(c, vm).await?;
-    let device = empty_virtio_mem(&layout)?;
+    let device = virtio_mem_with_room(&layout)?;
+    let held = device.plugged_size;
     let base = layout.boot_bytes + layout.plugged_bytes;
     let start = Instant::now();
     let up = resize(c, vm, base + GIB, "Resize +1 GiB with virtio-mem").await?;
@@ -543,12 +612,14 @@ pub async fn virtio_mem_cycle(
         up.to_bytes == base + GIB
             && up.plugged.is_empty()
             && up.virtio_mem.len() == 1
-            && up.virtio_mem[0].to_bytes == GIB,
-        "Resize +1 GiB did not go to the virtio-mem device: {up:?}"
+            && up.virtio_mem[0].id == device.id
+            && up.virtio_mem[0].to_bytes == held + GIB,
+        "Resize +1 GiB did not go to the virtio-mem device {}: {up:?}",
+        device.id
     );
     wait_mem_total(g, mem_before + GIB / 1024, PATIENCE).await?;
     t.record("virtio-mem Resize +1 GiB to usable", start.elapsed());
-    check_virtio_mem_grown(c, vm, g, &device.id).await?;
+    check_virtio_mem_grown(c, vm, g, &device.id, held + GIB).await?;
     let start = Instant::now();
     let down = resize(c, vm, base, "Resize back with virtio-mem").await?;
     print_grpc_steps("Resize back (virtio-mem)", &down.steps, &down.warnings);
@@ -556,24 +627,30 @@ pub async fn virtio_mem_cycle(
     t.record("virtio-mem Resize back to MemTotal back", start.elapsed());
     let (requested, size) = g.virtio_mem_sizes(&device.id)?;
     ensure!(
-        requested == 0 && size == 0,
-        "QEMU's {} after the shrink: requested-size {requested}, size {size}",
+        requested == held && size == held,
+        "QEMU's {} after the shrink: requested-size {requested}, size {size}, not {held}",
         device.id
     );
     Ok(())
 }
 
-/// The layout's first virtio-mem device, which must have nothing plugged yet.
-fn empty_virtio_mem(layout: &MemoryLayout) -> anyhow::Result<VirtioMem> {
+/// The layout's first virtio-mem device (the one a resize fills first), which must have
+/// room for 1 GiB more.
+fn virtio_mem_with_room(layout: &MemoryLayout) -> anyhow::Result<VirtioMem> {
     let device = layout
         .virtio_mem
         .first()
         .with_context(|| format!("the layout lists no virtio-mem device: {layout:?}"))?
         .clone();
     ensure!(
-        device.plugged_size == 0,
-        "virtio-mem device {} has memory plugged already: {device:?}",
+        device.plugged_size + GIB <= device.max_size,
+        "virtio-mem device {} has no room for 1 GiB more: {device:?}",
         device.id
+    );
+    eprintln!(
+        "e2e: virtio-mem device {} holds {} MiB",
+        device.id,
+        device.plugged_size >> 20
     );
     Ok(device)
 }
@@ -597,18 +674,19 @@ async fn resize(
         .into_inner())
 }
 
-/// The virtio-mem device `id` after growing by 1 GiB: QEMU's requested and actual size
-/// are 1 GiB, and the layout has it plugged with all its blocks online.
+/// The virtio-mem device `id` after growing to `want` bytes: QEMU's requested and actual
+/// size are `want`, and the layout has it plugged with all its blocks online.
 async fn check_virtio_mem_grown(
     c: &Clients,
     vm: &str,
     g: &GuestControl,
     id: &str,
+    want: u64,
 ) -> anyhow::Result<()> {
     let (requested, size) = g.virtio_mem_sizes(id)?;
     ensure!(
-        requested == GIB && size == GIB,
-        "QEMU's {id}: requested-size {requested}, size {size}"
+        requested == want && size == want,
+        "QEMU's {id}: requested-size {requested}, size {size}, not {want}"
     );
     let layout = grpc_layout(c, vm).await?;
     let grown = layout
@@ -617,7 +695,7 @@ async fn check_virtio_mem_grown(
         .find(|v| v.id == id)
         .with_context(|| format!("{id} gone from the layout"))?;
     ensure!(
-        grown.plugged_size == GIB
+        grown.plugged_size == want
             && !grown.blocks.is_empty()
             && grown.blocks.iter().all(|b| b.state() == BlockState::Online),
         "the guest's blocks of {id} are not all online: {grown:?}"
@@ -662,4 +740,62 @@ pub async fn hotplug_denied(reader: &Clients, vm: &str) -> anyhow::Result<()> {
         "a refused plug changed the layout: before {before}, after {after}"
     );
     Ok(())
+}
+
+/// What the scenario leaves as it found it, so that it runs again on the same stack: QEMU's
+/// DIMMs (id, bytes) and virtio-mem devices (id, requested size and size), the guest
+/// kernel's `auto_online_blocks` and MemTotal (KiB).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Found {
+    /// QEMU's DIMMs: id and bytes.
+    pub dimms: Vec<(String, u64)>,
+    /// QEMU's virtio-mem devices: id, requested size and size.
+    pub virtio_mem: Vec<(String, (u64, u64))>,
+    /// The guest kernel's `auto_online_blocks`.
+    pub auto_online: String,
+    /// The guest's MemTotal, KiB.
+    pub mem_total_kib: u64,
+}
+
+impl Found {
+    /// The stack as it is now, from QEMU and the guest's control port.
+    pub fn read(g: &GuestControl) -> anyhow::Result<Self> {
+        Ok(Self {
+            dimms: g
+                .memory_devices()?
+                .into_iter()
+                .map(|d| (d.id, d.size))
+                .collect(),
+            virtio_mem: g.virtio_mem_devices()?,
+            auto_online: g.auto_online()?,
+            mem_total_kib: g.mem_total_kib()?,
+        })
+    }
+
+    /// Puts the guest kernel's `auto_online_blocks` back as found — the bridge's own plugs
+    /// and resizes leave it at `online_movable` (its `hotplug.auto_online`) — then checks
+    /// that QEMU and the guest are as found, and that the bridge's layout reports the same
+    /// `auto_online_blocks` where the agent reports it.
+    pub async fn put_back_and_check(
+        &self,
+        c: &Clients,
+        vm: &str,
+        g: &GuestControl,
+    ) -> anyhow::Result<()> {
+        g.set_auto_online(&self.auto_online)?;
+        let now = Self::read(g)?;
+        ensure!(
+            now == *self,
+            "the scenario did not leave the stack as it found it: found {self:?}, left {now:?}"
+        );
+        let layout = grpc_layout(c, vm).await?;
+        if let Some(reported) = &layout.auto_online_blocks {
+            ensure!(
+                *reported == self.auto_online,
+                "the bridge's layout reports auto_online_blocks {reported}, the guest {}",
+                self.auto_online
+            );
+        }
+        Ok(())
+    }
 }

@@ -62,10 +62,10 @@ async fn plain_online_memory_cannot_be_given_back() {
     let guest = boot("ours", "online");
     let (_bridge, c) = behind_bridge(&guest).await;
     let mut t = Timings::default();
-    let (new, _) = scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
+    let added = scenario::hot_add_and_online(&c, "vm1", &guest.control(), &mut t)
         .await
         .expect("hot-add and online");
-    let results = scenario::try_offline(&c, "vm1", &new, 5)
+    let results = scenario::try_offline(&c, "vm1", &added.blocks, 5)
         .await
         .expect("offline attempt");
     eprintln!("e2e: offlining plain-online blocks: {results:?}");
@@ -86,7 +86,7 @@ async fn plain_online_memory_cannot_be_given_back() {
     // The guest keeps the memory, so the DIMM cannot be unplugged.
     let unplug = guest
         .control()
-        .unplug_dimm("dimm1", Duration::from_secs(10));
+        .unplug_dimm(&added.id, Duration::from_secs(10));
     assert!(
         unplug.is_err(),
         "the DIMM must not leave while its memory is in use"

@@ -1,8 +1,9 @@
 //! `qga-e2e-scenario`: the end-to-end scenario against an already running bridge and
 //! guest (the docker compose `e2e` service): refusals, the hot-add/online/offline/unplug
 //! cycle (QMP by the scenario, blocks through the bridge), the bridge's own memory hotplug
-//! (memory-plug, Unplug over the guest's qmp-bridge.sock), an agent restart. Exits
-//! non-zero on the first failure.
+//! (memory-plug, Unplug over the guest's qmp-bridge.sock), an agent restart. Works on a
+//! stack that has been used, and leaves it as it found it. Exits non-zero on the first
+//! failure.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -66,6 +67,10 @@ async fn main() -> anyhow::Result<()> {
     let mut t = scenario::Timings::default();
     let failed = scenario::ping_until_ok(&c, &cli.vm, Duration::from_secs(180)).await?;
     eprintln!("e2e: bridge and agent answer ({failed} calls failed while the guest booted)");
+    // The stack may have been used (./scripts/up's examples plug and resize): the scenario
+    // works from what it finds and leaves it so.
+    let found = scenario::Found::read(&g)?;
+    eprintln!("e2e: found {found:?}");
     let mut origin = HeaderMap::new();
     origin.insert("origin", HeaderValue::from_static("https://evil.example"));
     let reader = connect(Some("read"), HeaderMap::new()).await?;
@@ -93,6 +98,8 @@ async fn main() -> anyhow::Result<()> {
         &format!("agent restart in the guest to next successful call ({failed} failed)"),
         start.elapsed(),
     );
+    found.put_back_and_check(&c, &cli.vm, &g).await?;
+    eprintln!("e2e: QEMU's memory devices, auto_online_blocks and MemTotal are as found");
     println!("e2e scenario passed");
     for (phase, d) in &t.0 {
         println!("  {phase}: {:.2} s", d.as_secs_f64());
