@@ -21,8 +21,9 @@ struct Qemu {
 }
 
 impl Qemu {
-    /// Starts `qemu-system-x86_64` with `args` (besides the QMP socket) and waits for its
-    /// socket to appear.
+    /// Starts `qemu-system-x86_64` with `args` (besides the QMP socket) and waits until its
+    /// socket takes connections (the file appears at `bind`, before QEMU listens: a
+    /// connect in between is refused).
     fn start(args: &[&str]) -> Self {
         let dir = tempfile::tempdir().expect("temporary directory");
         let socket = dir.path().join("qmp.sock");
@@ -45,13 +46,13 @@ impl Qemu {
             _dir: dir,
         };
         let give_up = std::time::Instant::now() + Duration::from_secs(10);
-        while !qemu.socket.exists() {
+        while std::os::unix::net::UnixStream::connect(&qemu.socket).is_err() {
             if let Ok(Some(status)) = qemu.child.try_wait() {
                 panic!("qemu-system-x86_64 exited at start: {status}");
             }
             assert!(
                 std::time::Instant::now() < give_up,
-                "QEMU's QMP socket did not appear"
+                "QEMU's QMP socket did not take a connection"
             );
             std::thread::sleep(Duration::from_millis(10));
         }
