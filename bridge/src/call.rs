@@ -692,8 +692,10 @@ mod tests {
             json!({"execute": "__org.qga-bridge_get-memory-stats", "id": 4})
         );
         let reply = call
-            .decode(json!({"meminfo": {"mem-total": 1024, "mem-available": 512, "new": 1},
-                "vmstat": {}, "later-section": {"x": 1}, "boot-id": "b"}))
+            .decode(
+                json!({"meminfo": {"mem-total": 1024, "mem-available": 512, "new": 1},
+                "vmstat": {}, "later-section": {"x": 1}, "boot-id": "b"}),
+            )
             .expect("decodes");
         assert_eq!(
             serde_json::to_value(reply).expect("serialise"),

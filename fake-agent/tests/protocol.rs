@@ -135,7 +135,9 @@ async fn memory_stats_are_offered_only_once_a_test_sets_them() {
             .flatten()
             .any(|c| c["name"] == "__org.qga-bridge_get-memory-stats")
     };
-    assert!(!listed(&call(&mut c, json!({"execute": "guest-info"})).await));
+    assert!(!listed(
+        &call(&mut c, json!({"execute": "guest-info"})).await
+    ));
     let snapshot = qga_wire::schema::GuestMemoryStats {
         meminfo: qga_wire::schema::GuestMeminfo {
             mem_total: Some(1 << 30),
@@ -146,11 +148,16 @@ async fn memory_stats_are_offered_only_once_a_test_sets_them() {
         ..Default::default()
     };
     agent.control().set_memory_stats(Some(snapshot));
-    assert!(listed(&call(&mut c, json!({"execute": "guest-info"})).await));
+    assert!(listed(
+        &call(&mut c, json!({"execute": "guest-info"})).await
+    ));
     assert_eq!(
         call(&mut c, stats).await["return"],
         json!({"meminfo": {"mem-total": 1073741824u64, "mem-available": 536870912u64},
                "vmstat": {}, "boot-id": "boot-1"})
     );
-    assert_eq!(agent.control().calls("__org.qga-bridge_get-memory-stats"), 2);
+    assert_eq!(
+        agent.control().calls("__org.qga-bridge_get-memory-stats"),
+        2
+    );
 }
