@@ -137,14 +137,8 @@ fn request(vm: &str) -> GetMemoryStatsRequest {
 
 const STATS: &str = "__org.qga-bridge_get-memory-stats";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn json_rpc_and_grpc_answer_the_same_snapshot() {
-    let r = rig(3_600_000, 0);
-    let bridge = start(r.config.clone()).await;
-    let c = clients(&bridge).await;
-    let j = rpc(&c.http, "memory-stats", json!({"vm": "vm"}))
-        .await
-        .expect("memory-stats");
+/// The JSON-RPC reply of VM `vm`: the fake agent's numbers and the monitor's totals.
+fn check_json_snapshot(j: &Value) {
     let agent = &j["agent"];
     assert_eq!(agent["meminfo"]["mem-total"], 1024 * MIB, "{j}");
     assert_eq!(agent["meminfo"]["mem-available"], 768 * MIB, "{j}");
@@ -160,9 +154,11 @@ async fn json_rpc_and_grpc_answer_the_same_snapshot() {
     }
     assert!(j.get("agent-stats-unavailable").is_none(), "{j}");
     assert!(j["taken-at"].as_f64().is_some_and(|t| t > 1.7e9), "{j}");
+}
 
-    let g = grpc(&bridge).await.get_memory_stats(request("vm")).await;
-    let g = g.expect("GetMemoryStats").into_inner();
+/// The gRPC reply `g` says what the JSON-RPC reply `j` says.
+fn check_grpc_equals_json(g: &qga_proto::v1::MemoryStats, j: &Value) {
+    let agent = &j["agent"];
     let ga = g.agent.as_ref().expect("agent part");
     let meminfo = ga.meminfo.as_ref().expect("meminfo");
     assert_eq!(meminfo.mem_total, agent["meminfo"]["mem-total"].as_u64());
@@ -184,9 +180,14 @@ async fn json_rpc_and_grpc_answer_the_same_snapshot() {
         (Some(60_000), Some("boot-1"))
     );
     let b = g.bridge.expect("bridge part");
+    let bytes = |k: &str| j["bridge"][k].as_u64().unwrap_or_default();
     assert_eq!(
         (b.boot_bytes, b.plugged_bytes, b.total_bytes),
-        (512 * MIB, 256 * MIB, 768 * MIB)
+        (
+            bytes("boot-bytes"),
+            bytes("plugged-bytes"),
+            bytes("total-bytes")
+        )
     );
     let taken = g.taken_at.expect("taken_at");
     let seconds = taken.seconds as f64 + f64::from(taken.nanos) / 1e9;
@@ -195,6 +196,19 @@ async fn json_rpc_and_grpc_answer_the_same_snapshot() {
         (seconds - json_taken).abs() < 1e-3,
         "one snapshot: {seconds} {json_taken}"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_rpc_and_grpc_answer_the_same_snapshot() {
+    let r = rig(3_600_000, 0);
+    let bridge = start(r.config.clone()).await;
+    let c = clients(&bridge).await;
+    let j = rpc(&c.http, "memory-stats", json!({"vm": "vm"}))
+        .await
+        .expect("memory-stats");
+    check_json_snapshot(&j);
+    let g = grpc(&bridge).await.get_memory_stats(request("vm")).await;
+    check_grpc_equals_json(&g.expect("GetMemoryStats").into_inner(), &j);
     assert_eq!(
         r.vm.control().calls(STATS),
         1,

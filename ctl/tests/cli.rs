@@ -230,34 +230,39 @@ async fn every_command_against_fake_agents() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn memory_stats_in_a_table_and_as_json() {
+/// What the fake agent of VM `vm` reports: 1 GiB, 715.2 MiB available, PSI, no swap.
+fn guest_stats() -> qga_wire::schema::GuestMemoryStats {
     use qga_wire::schema::{
         GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestPressureLine,
     };
+    GuestMemoryStats {
+        meminfo: GuestMeminfo {
+            mem_total: Some(1 << 30),
+            mem_available: Some(23_434_727 * 32),
+            swap_total: Some(0),
+            ..GuestMeminfo::default()
+        },
+        pressure: Some(GuestMemoryPressure {
+            some: Some(GuestPressureLine {
+                avg10: 2.5,
+                avg60: 1.0,
+                avg300: 0.25,
+                total: 99,
+            }),
+            full: None,
+        }),
+        uptime_ms: Some(3_723_000),
+        boot_id: Some("5889bf78".into()),
+        ..GuestMemoryStats::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stats_in_a_table_and_as_json() {
     let rig = Rig::start(|_, _| {}).await;
     rig.agents[0]
         .control()
-        .set_memory_stats(Some(GuestMemoryStats {
-            meminfo: GuestMeminfo {
-                mem_total: Some(1 << 30),
-                mem_available: Some(23_434_727 * 32),
-                swap_total: Some(0),
-                ..GuestMeminfo::default()
-            },
-            pressure: Some(GuestMemoryPressure {
-                some: Some(GuestPressureLine {
-                    avg10: 2.5,
-                    avg60: 1.0,
-                    avg300: 0.25,
-                    total: 99,
-                }),
-                full: None,
-            }),
-            uptime_ms: Some(3_723_000),
-            boot_id: Some("5889bf78".into()),
-            ..GuestMemoryStats::default()
-        }));
+        .set_memory_stats(Some(guest_stats()));
     let e = rig.endpoint("http");
     let table = qgactl(&["--endpoint", &e, "memory", "stats", "vm"], &[]).await;
     assert_eq!(table.code, 0, "{table:?}");
