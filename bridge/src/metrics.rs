@@ -324,6 +324,14 @@ impl Metrics {
         self.guest.updated.get_or_create(&l).set(at);
     }
 
+    /// Removes `vm`'s guest memory gauges (its agent no longer gives stats), unless a
+    /// newer session than `claim` owns the VM.
+    pub fn guest_memory_gone(&self, vm: &str, claim: u64) {
+        if self.owns(vm, claim) {
+            self.guest.remove(&Self::vm(vm));
+        }
+    }
+
     /// Makes a new session the owner of `vm`'s series; returns its claim.
     pub fn claim_vm(&self, vm: &str) -> u64 {
         let claim = self.next_claim.fetch_add(1, Ordering::Relaxed);

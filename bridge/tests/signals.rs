@@ -377,29 +377,24 @@ fn sample(text: &str, series: &str, vm: &str) -> Option<f64> {
         .and_then(|v| v.parse().ok())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_poll_sets_the_gauges_which_go_with_the_vm() {
-    let root = tempfile::tempdir().expect("tempdir");
-    let dir = root.path().join("domain-1-polled");
+/// A discovered domain `dir`'s fake agent under `root`.
+fn domain_agent(root: &Path, dir: &str) -> FakeAgent {
+    let dir = root.join(dir);
     std::fs::create_dir_all(&dir).expect("mkdir");
-    let polled = FakeAgent::start(&dir.join("org.qemu.guest_agent.0"), 2).expect("agent");
-    polled
-        .control()
-        .set_memory_stats(Some(stats(2.5, "boot-1")));
-    let dir = root.path().join("domain-2-without");
-    std::fs::create_dir_all(&dir).expect("mkdir");
-    let without = FakeAgent::start(&dir.join("org.qemu.guest_agent.0"), 2).expect("agent");
+    FakeAgent::start(&dir.join("org.qemu.guest_agent.0"), 2).expect("agent")
+}
+
+/// A bridge discovering the domains under `root`, polling every 100 ms, once `vms`
+/// answer (the poll only visits connected VMs: one call each connects them).
+async fn polling_bridge(root: &Path, vms: &[&str]) -> qga_bridge::Bridge {
     let mut cfg = config(&[]);
-    cfg.discover = vec![format!(
-        "{}/domain-*/org.qemu.guest_agent.0",
-        root.path().display()
-    )];
+    let glob = format!("{}/domain-*/org.qemu.guest_agent.0", root.display());
+    cfg.discover = vec![glob];
     cfg.discover_interval = Duration::from_millis(20);
     cfg.signals.poll_interval_ms = 100;
     let bridge = start(cfg).await;
     let c = clients(&bridge).await;
-    // The poll only visits connected VMs: one call each connects them.
-    for vm in ["polled", "without"] {
+    for vm in vms {
         eventually("the VM is discovered and answers", || async {
             match rpc(&c.http, "guest-ping", json!({ "vm": vm })).await {
                 Ok(_) => ControlFlow::Break(()),
@@ -408,48 +403,73 @@ async fn the_poll_sets_the_gauges_which_go_with_the_vm() {
         })
         .await;
     }
-    let calls = |agent: &FakeAgent| agent.control().calls(STATS);
-    eventually("the poll asks the agent without the extension", || async {
-        match calls(&without) {
-            0 => ControlFlow::Continue("not yet".to_string()),
-            _ => ControlFlow::Break(()),
-        }
-    })
-    .await;
-    let since = calls(&polled);
-    let text = eventually("two more polls set the gauges", || async {
+    bridge
+}
+
+/// The metrics once `done` holds, within the tests' patience.
+async fn metrics_once(
+    bridge: &qga_bridge::Bridge,
+    what: &str,
+    done: impl Fn(&str) -> bool,
+) -> String {
+    eventually(what, || async {
         let text = bridge.metrics().encode();
-        if calls(&polled) >= since + 2 {
+        if done(&text) {
             ControlFlow::Break(text)
         } else {
             ControlFlow::Continue(text)
         }
     })
-    .await;
-    let ws = sample(&text, "qga_bridge_guest_working_set_bytes", "polled");
+    .await
+}
+
+/// `text` has VM `polled`'s gauges of [`stats`] with avg10 2.5.
+fn check_gauges(text: &str) {
+    let ws = sample(text, "qga_bridge_guest_working_set_bytes", "polled");
     assert_eq!(ws, Some((256 * MIB) as f64), "{text}");
-    let available = sample(&text, "qga_bridge_guest_available_bytes", "polled");
+    let available = sample(text, "qga_bridge_guest_available_bytes", "polled");
     assert_eq!(available, Some((768 * MIB) as f64), "{text}");
     let psi = sample(
-        &text,
+        text,
         "qga_bridge_guest_memory_pressure_some_avg10",
         "polled",
     );
     assert_eq!(psi, Some(0.025), "a ratio: {text}");
-    let at = sample(&text, "qga_bridge_guest_stats_timestamp_seconds", "polled");
+    let at = sample(text, "qga_bridge_guest_stats_timestamp_seconds", "polled");
     assert!(at.is_some_and(|t| t > 1.7e9), "{text}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_poll_sets_the_gauges_which_go_with_the_stats_and_the_vm() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let polled = domain_agent(root.path(), "domain-1-polled");
+    polled
+        .control()
+        .set_memory_stats(Some(stats(2.5, "boot-1")));
+    let without = domain_agent(root.path(), "domain-2-without");
+    let bridge = polling_bridge(root.path(), &["polled", "without"]).await;
+    let calls = |agent: &FakeAgent| agent.control().calls(STATS);
+    metrics_once(&bridge, "the poll asks the agent without it", |_| {
+        calls(&without) > 0
+    })
+    .await;
+    let since = calls(&polled);
+    let text = metrics_once(&bridge, "two more polls", |_| calls(&polled) >= since + 2).await;
+    check_gauges(&text);
     // Polled twice more; the agent without the extension was asked once, then left alone.
     assert_eq!(calls(&without), 1);
     assert!(!text.contains("qga_bridge_guest_working_set_bytes{vm=\"without\"}"));
 
+    // Its agent loses the extension (replaced by qemu-ga, say): no gauges of old numbers.
+    polled.control().set_memory_stats(None);
+    let series = "qga_bridge_guest_working_set_bytes";
+    metrics_once(&bridge, "the gauges go with the stats", |t| {
+        sample(t, series, "polled").is_none()
+    })
+    .await;
     drop(polled);
-    eventually("the polled VM's gauges go with it", || async {
-        let text = bridge.metrics().encode();
-        if text.contains("vm=\"polled\"") {
-            ControlFlow::Continue(text)
-        } else {
-            ControlFlow::Break(())
-        }
+    metrics_once(&bridge, "the VM's series go with it", |t| {
+        !t.contains("vm=\"polled\"")
     })
     .await;
     bridge.shutdown().await;

@@ -184,8 +184,10 @@ impl Signals {
     /// Makes `snapshot` `t`'s latest, sets its gauges, and notes whether the agent lacked
     /// the extension.
     fn keep(&self, t: &Target<'_>, snapshot: Arc<Snapshot>) {
-        if let Some(g) = snapshot.gauges() {
-            self.metrics.guest_memory(t.vm, t.session.claim(), &g);
+        match snapshot.gauges() {
+            Some(g) => self.metrics.guest_memory(t.vm, t.session.claim(), &g),
+            // Old numbers would read as current: an agent without stats has no gauges.
+            None => self.metrics.guest_memory_gone(t.vm, t.session.claim()),
         }
         {
             let mut lacking = lock(&t.signals.lacking);
