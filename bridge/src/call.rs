@@ -12,8 +12,8 @@ use std::collections::{BTreeMap, HashSet};
 
 use qga_wire::schema::{
     GuestAgentInfo, GuestAutoOnline, GuestMemoryBlock, GuestMemoryBlockInfo,
-    GuestMemoryBlockResponse, GuestMemoryOnlineType, GuestMemoryZones, GuestOnlineWhenPresentArgs,
-    GuestSetMemoryBlocksArgs, command,
+    GuestMemoryBlockResponse, GuestMemoryOnlineType, GuestMemoryStats, GuestMemoryZones,
+    GuestOnlineWhenPresentArgs, GuestSetMemoryBlocksArgs, command,
 };
 use serde::{
     Deserialize, Serialize,
@@ -51,6 +51,11 @@ pub enum Call {
     /// `__org.qga-bridge_set-auto-online` (our agent's extension): the guest kernel's
     /// `auto_online_blocks`, so that it onlines memory into the chosen zone as it adds it.
     SetAutoOnline(GuestAutoOnline),
+    /// `__org.qga-bridge_get-memory-stats` (our agent's extension): the guest kernel's
+    /// memory signals (`/proc/meminfo`, PSI, `/proc/vmstat`, uptime, boot id). An agent
+    /// without it answers `CommandNotFound`, which the signals layer turns into an absent
+    /// part of its reply rather than an error.
+    GetMemoryStats,
 }
 
 /// The QGA names of the standard calls, which are also JSON-RPC methods. The extensions
@@ -63,12 +68,13 @@ pub const NAMES: [&str; 5] = [
     command::SET_MEMORY_BLOCKS,
 ];
 
-/// Our agent's extensions, which memory hotplug sends.
-pub const EXTENSION_NAMES: [&str; 4] = [
+/// Our agent's extensions, which memory hotplug and the guest's memory signals send.
+pub const EXTENSION_NAMES: [&str; 5] = [
     command::GET_MEMORY_ZONES,
     command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
     command::ONLINE_WHEN_PRESENT,
     command::SET_AUTO_ONLINE,
+    command::GET_MEMORY_STATS,
 ];
 
 /// The memory hotplug service's method names: JSON-RPC methods, and the method of their
@@ -86,12 +92,17 @@ pub mod hotplug_method {
     pub const ALL: [&str; 4] = [LAYOUT, PLUG, UNPLUG, RESIZE];
 }
 
+/// The JSON-RPC method of the guest's memory signals, also the method of its refusals'
+/// audit records.
+pub const MEMORY_STATS_METHOD: &str = "memory-stats";
+
 /// Every method a VM's metrics series can be labelled with.
 pub fn all_methods() -> impl Iterator<Item = &'static str> {
     NAMES
         .into_iter()
         .chain(EXTENSION_NAMES)
         .chain(hotplug_method::ALL)
+        .chain([MEMORY_STATS_METHOD])
 }
 
 /// The changes of one `guest-set-memory-blocks` call: each block named once.
@@ -197,7 +208,7 @@ impl<'de> Deserialize<'de> for Pong {
 ///
 /// Serialises exactly as QGA's `return` value of the command would, minus any member the
 /// schema does not name.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
 #[serde(untagged)]
 pub enum Reply {
     /// [`Call::Ping`]
@@ -216,6 +227,9 @@ pub enum Reply {
     MemoryZones(GuestMemoryZones),
     /// [`Call::SetAutoOnline`]: the setting as the kernel reads it back.
     AutoOnline(GuestAutoOnline),
+    /// [`Call::GetMemoryStats`]: members the bridge does not know are dropped, and those
+    /// an older agent lacks are absent (boxed: it is large beside the other replies).
+    MemoryStats(Box<GuestMemoryStats>),
 }
 
 /// A struct decoded from a JSON object only. Derived `Deserialize` impls also take a JSON
@@ -329,6 +343,7 @@ impl Call {
             Self::SetMemoryBlocksOnlineType(..) => command::SET_MEMORY_BLOCKS_ONLINE_TYPE,
             Self::OnlineWhenPresent(_) => command::ONLINE_WHEN_PRESENT,
             Self::SetAutoOnline(_) => command::SET_AUTO_ONLINE,
+            Self::GetMemoryStats => command::GET_MEMORY_STATS,
         }
     }
 
@@ -361,7 +376,8 @@ impl Call {
             | Self::Info
             | Self::GetMemoryBlocks
             | Self::GetMemoryBlockInfo
-            | Self::GetMemoryZones => true,
+            | Self::GetMemoryZones
+            | Self::GetMemoryStats => true,
             Self::SetMemoryBlocks(_)
             | Self::SetMemoryBlocksOnlineType(..)
             | Self::OnlineWhenPresent(_)
@@ -419,6 +435,11 @@ impl Call {
                 Reply::SetMemoryBlocks(results)
             }
             Self::SetAutoOnline(_) => Reply::AutoOnline(parse(value)?),
+            Self::GetMemoryStats => {
+                // An object only: a derived decoder would take `[]` as a snapshot of nothing.
+                let ObjectOnly(stats) = parse(value)?;
+                Reply::MemoryStats(Box::new(stats))
+            }
         })
     }
 }
@@ -659,6 +680,30 @@ mod tests {
             serde_json::to_value(zones).expect("serialise"),
             json!({"blocks": [{"phys-index": 1, "online": true, "valid-zones": ["Movable"]}]})
         );
+    }
+
+    #[test]
+    fn memory_stats_are_a_shared_read_tolerant_of_what_the_bridge_does_not_know() {
+        let call = Call::GetMemoryStats;
+        assert!(call.is_read() && call.coalescable());
+        assert!(EXTENSION_NAMES.contains(&call.name()));
+        assert_eq!(
+            serde_json::to_value(call.request(4)).expect("serialise"),
+            json!({"execute": "__org.qga-bridge_get-memory-stats", "id": 4})
+        );
+        let reply = call
+            .decode(
+                json!({"meminfo": {"mem-total": 1024, "mem-available": 512, "new": 1},
+                "vmstat": {}, "later-section": {"x": 1}, "boot-id": "b"}),
+            )
+            .expect("decodes");
+        assert_eq!(
+            serde_json::to_value(reply).expect("serialise"),
+            json!({"meminfo": {"mem-total": 1024, "mem-available": 512}, "vmstat": {},
+                   "boot-id": "b"})
+        );
+        assert!(call.decode(json!({"meminfo": {"mem-total": -1}})).is_err());
+        assert!(call.decode(json!([])).is_err());
     }
 
     #[test]

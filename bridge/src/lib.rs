@@ -11,6 +11,8 @@
 //!   libvirt's running domains.
 //! - [`hotplug`]: memory hotplug operations; [`backend`]: the hypervisors they use;
 //!   [`journal`]: their request-ids, intents and outcomes on disk, across restarts.
+//! - [`signals`]: each VM's latest snapshot of its guest's memory (agent stats and the
+//!   hypervisor's totals), refreshed for callers and in the background.
 //! - [`grpc`] and [`jsonrpc`]: the two front ends; [`error`]: their shared error mapping;
 //!   [`http_policy`]: the `Host` and `Origin` checks of the HTTP servers.
 //! - [`metrics`]: Prometheus metrics and their endpoint; [`audit`]: the audit trail of
@@ -35,6 +37,7 @@ mod peer;
 mod policy;
 mod service;
 mod session;
+pub mod signals;
 pub mod vms;
 
 use std::{net::SocketAddr, sync::Arc, time::Duration};
@@ -247,6 +250,18 @@ async fn keep_memory(service: Arc<Service>, every: Duration, mut shutdown: watch
     }
 }
 
+/// Polls every connected VM's memory signals every `every` until shutdown.
+async fn poll_signals(service: Arc<Service>, every: Duration, mut shutdown: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => service.poll_signals().await,
+            _ = shutdown.changed() => return,
+        }
+    }
+}
+
 /// The journal's bounds from `config`.
 fn journal_limits(config: &Config) -> journal::Retention {
     journal::Retention {
@@ -302,6 +317,9 @@ impl Bridge {
         }
         let every = Duration::from_millis(config.hotplug.restore_interval_ms);
         tasks.spawn(keep_memory(service.clone(), every, rx.clone()));
+        if let Some(every) = service.signals_poll_interval() {
+            tasks.spawn(poll_signals(service.clone(), every, rx.clone()));
+        }
         let (tx, scanned) = oneshot::channel();
         tasks.spawn(vms.clone().discover(rx, tx));
         loaded.push(scanned);

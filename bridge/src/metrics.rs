@@ -69,6 +69,7 @@ pub struct Metrics {
     restored: Family<VmLabels, Counter>,
     wrong_zone: Family<VmLabels, Gauge>,
     restore_time: Histogram,
+    guest: GuestFamilies,
     /// VM name -> the claim of its current session.
     owners: Mutex<HashMap<String, u64>>,
     next_claim: AtomicU64,
@@ -102,6 +103,87 @@ fn memory_metrics(
         latency_histogram(),
     );
     (restored, wrong_zone, restore_time)
+}
+
+/// A gauge of a float.
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The guest's memory signals an operator graphs, per VM, from its latest snapshot.
+#[derive(Debug)]
+struct GuestFamilies {
+    working_set: Family<VmLabels, Gauge>,
+    available: Family<VmLabels, Gauge>,
+    pressure: Family<VmLabels, FloatGauge>,
+    updated: Family<VmLabels, FloatGauge>,
+}
+
+impl GuestFamilies {
+    /// The families, registered in `r`.
+    fn new(r: &mut Registry) -> Self {
+        Self {
+            working_set: add(
+                r,
+                "guest_working_set_bytes",
+                "The guest's MemTotal - MemAvailable (our agent's memory stats), bytes",
+                Family::default(),
+            ),
+            available: add(
+                r,
+                "guest_available_bytes",
+                "The guest's MemAvailable (our agent's memory stats), bytes",
+                Family::default(),
+            ),
+            pressure: add(
+                r,
+                "guest_memory_pressure_some_avg10",
+                "Share of the last 10 s some task in the guest stalled on memory (PSI some avg10), \
+                 as a ratio from 0 to 1 (the kernel's percent / 100)",
+                Family::default(),
+            ),
+            updated: add(
+                r,
+                "guest_stats_timestamp_seconds",
+                "When the bridge took the guest's latest memory stats, Unix seconds",
+                Family::default(),
+            ),
+        }
+    }
+
+    /// Drops `l`'s series.
+    fn remove(&self, l: &VmLabels) {
+        self.working_set.remove(l);
+        self.available.remove(l);
+        self.pressure.remove(l);
+        self.updated.remove(l);
+    }
+}
+
+/// What one snapshot of a guest's memory sets its gauges to; an absent value removes its
+/// series (a kernel without PSI has no pressure to graph).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GuestGauges {
+    /// MemTotal - MemAvailable, bytes.
+    pub working_set: Option<u64>,
+    /// MemAvailable, bytes.
+    pub available: Option<u64>,
+    /// PSI `some` avg10, percent as the kernel gives it.
+    pub pressure_some_avg10: Option<f64>,
+    /// When the snapshot was taken.
+    pub at: std::time::SystemTime,
+}
+
+/// Sets `family`'s series of `l` to `value`, or removes it when there is none.
+fn set_or_remove<G: Metric + Default>(
+    family: &Family<VmLabels, G>,
+    l: &VmLabels,
+    value: Option<impl FnOnce(&G)>,
+) {
+    match value {
+        Some(set) => set(&family.get_or_create(l)),
+        None => {
+            family.remove(l);
+        }
+    }
 }
 
 /// Registers `metric` in `registry` as `name` with `help`; the metric, to keep.
@@ -175,6 +257,7 @@ impl Metrics {
             restored,
             wrong_zone,
             restore_time,
+            guest: GuestFamilies::new(&mut r),
             registry: r,
             owners: Mutex::new(HashMap::new()),
             next_claim: AtomicU64::new(1),
@@ -211,6 +294,42 @@ impl Metrics {
     /// Observes how long restoring a VM's plugged memory took.
     pub fn memory_restored_in(&self, elapsed: Duration) {
         self.restore_time.observe(elapsed.as_secs_f64());
+    }
+
+    /// Sets `vm`'s guest memory gauges from a snapshot (ignored unless `claim` still owns
+    /// the VM, so a snapshot of a VM that went cannot revive its series).
+    pub fn guest_memory(&self, vm: &str, claim: u64, g: &GuestGauges) {
+        if !self.owns(vm, claim) {
+            return;
+        }
+        let l = Self::vm(vm);
+        let bytes = |v: Option<u64>| {
+            v.map(|v| {
+                move |gauge: &Gauge| {
+                    gauge.set(i64::try_from(v).unwrap_or(i64::MAX));
+                }
+            })
+        };
+        set_or_remove(&self.guest.working_set, &l, bytes(g.working_set));
+        set_or_remove(&self.guest.available, &l, bytes(g.available));
+        let ratio = g.pressure_some_avg10.map(|p| {
+            move |gauge: &FloatGauge| {
+                gauge.set(p / 100.0);
+            }
+        });
+        set_or_remove(&self.guest.pressure, &l, ratio);
+        let at =
+            g.at.duration_since(std::time::UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+        self.guest.updated.get_or_create(&l).set(at);
+    }
+
+    /// Removes `vm`'s guest memory gauges (its agent no longer gives stats), unless a
+    /// newer session than `claim` owns the VM.
+    pub fn guest_memory_gone(&self, vm: &str, claim: u64) {
+        if self.owns(vm, claim) {
+            self.guest.remove(&Self::vm(vm));
+        }
     }
 
     /// Makes a new session the owner of `vm`'s series; returns its claim.
@@ -301,6 +420,7 @@ impl Metrics {
         self.late.remove(&l);
         self.restored.remove(&l);
         self.wrong_zone.remove(&l);
+        self.guest.remove(&l);
         for method in crate::call::all_methods() {
             for outcome in Outcome::ALL {
                 self.calls.remove(&CallLabels {
@@ -347,5 +467,49 @@ mod tests {
         // The current session's release removes every series of the VM.
         m.release_vm("web1", new);
         assert!(!m.encode().contains("web1"), "{}", m.encode());
+    }
+
+    #[test]
+    fn guest_gauges_follow_the_snapshot_and_go_with_the_vm() {
+        let m = Metrics::new();
+        let claim = m.claim_vm("vm1");
+        let at = std::time::UNIX_EPOCH + Duration::from_millis(1_764_021_600_500);
+        let mut g = GuestGauges {
+            working_set: Some(3 << 20),
+            available: Some(1 << 30),
+            pressure_some_avg10: Some(12.5),
+            at,
+        };
+        m.guest_memory("vm1", claim, &g);
+        let text = m.encode();
+        for want in [
+            "qga_bridge_guest_working_set_bytes{vm=\"vm1\"} 3145728",
+            "qga_bridge_guest_available_bytes{vm=\"vm1\"} 1073741824",
+            "qga_bridge_guest_memory_pressure_some_avg10{vm=\"vm1\"} 0.125",
+            "qga_bridge_guest_stats_timestamp_seconds{vm=\"vm1\"} 1764021600.5",
+        ] {
+            assert!(text.contains(want), "{want} in\n{text}");
+        }
+        // A kernel without PSI: no pressure series rather than a stale one.
+        g.pressure_some_avg10 = None;
+        m.guest_memory("vm1", claim, &g);
+        assert!(
+            !m.encode().contains("pressure_some_avg10{"),
+            "{}",
+            m.encode()
+        );
+        // A stale claim changes nothing; the owner's release removes every series.
+        m.guest_memory(
+            "vm1",
+            claim + 1,
+            &GuestGauges {
+                working_set: Some(1),
+                ..g
+            },
+        );
+        assert!(m.encode().contains("working_set_bytes{vm=\"vm1\"} 3145728"));
+        m.release_vm("vm1", claim);
+        m.guest_memory("vm1", claim, &g);
+        assert!(!m.encode().contains("vm1"), "{}", m.encode());
     }
 }

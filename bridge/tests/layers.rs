@@ -17,7 +17,7 @@ const LAYERS: &[(&str, &[&str])] = &[
     ("connections", &["net"]),
     ("policy", &["policy"]),
     ("VMs", &["vms"]),
-    ("operations", &["hotplug", "journal"]),
+    ("operations", &["hotplug", "journal", "signals"]),
     ("channels and backends", &["session", "backend"]),
     (
         "leaves",

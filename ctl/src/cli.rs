@@ -13,6 +13,7 @@ Examples:
   qgactl blocks vm1
   qgactl set vm1 32=online 33=offline
   qgactl memory layout vm1
+  qgactl memory stats vm1
   qgactl memory plug vm1 512MiB
   qgactl memory unplug vm1 qga-dimm0
   qgactl memory resize vm1 2GiB
@@ -119,7 +120,7 @@ pub enum Command {
         #[arg(required = true, value_parser = parse_change)]
         changes: Vec<(u64, bool)>,
     },
-    /// Memory hotplug: layout, plug, unplug, resize.
+    /// Memory: layout, the guest's stats, plug, unplug, resize.
     #[command(subcommand)]
     Memory(MemoryCommand),
     /// Prints a shell completion script.
@@ -144,6 +145,15 @@ pub enum MemoryCommand {
     /// Boot memory, each DIMM with its blocks and zones, and totals.
     #[command(after_help = "Example: qgactl memory layout vm1")]
     Layout {
+        /// The VM.
+        vm: String,
+    },
+    /// The guest's memory as its agent sees it (sizes, pressure, distress counters) and
+    /// the host's totals, each with its age.
+    #[command(after_help = "Example: qgactl memory stats vm1\n\
+                            Pressure (PSI) is the percent of wall time some or all tasks \
+                            stalled on memory over 10 s, 60 s and 300 s.")]
+    Stats {
         /// The VM.
         vm: String,
     },

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use qga_proto::v1::{
     self as pb, guest_memory_client::GuestMemoryClient, memory_hotplug_client::MemoryHotplugClient,
-    vms_client::VmsClient,
+    memory_signals_client::MemorySignalsClient, vms_client::VmsClient,
 };
 use serde_json::{Value, json};
 use tonic::Status;
@@ -47,6 +47,7 @@ pub async fn run(client: &Client, command: Command) -> Result<Printed, Status> {
 async fn memory(client: &Client, command: MemoryCommand) -> Result<Printed, Status> {
     match command {
         MemoryCommand::Layout { vm } => layout(client, vm).await,
+        MemoryCommand::Stats { vm } => stats(client, vm).await,
         MemoryCommand::Plug {
             vm,
             size,
@@ -194,6 +195,17 @@ async fn layout(client: &Client, vm: String) -> Result<Printed, Status> {
     Ok(Printed {
         text: crate::layout::text(&layout),
         json: json::layout(&layout),
+        ..Printed::default()
+    })
+}
+
+async fn stats(client: &Client, vm: String) -> Result<Printed, Status> {
+    let mut signals = MemorySignalsClient::new(client.channel.clone());
+    let request = client.request(pb::GetMemoryStatsRequest { vm });
+    let stats = signals.get_memory_stats(request).await?.into_inner();
+    Ok(Printed {
+        text: crate::stats::text(&stats),
+        json: crate::stats::json(&stats),
         ..Printed::default()
     })
 }

@@ -125,3 +125,58 @@ pub fn layout(l: &pb::MemoryLayout) -> Value {
 pub fn step(s: &pb::Step) -> Value {
     json!({ "name": s.name, "duration_ms": s.duration_ms, "detail": s.detail })
 }
+
+/// A guest's `/proc/meminfo` fields, bytes (absent: `null`).
+pub fn meminfo(m: &pb::GuestMeminfo) -> Value {
+    json!({
+        "mem_total": m.mem_total,
+        "mem_free": m.mem_free,
+        "mem_available": m.mem_available,
+        "buffers": m.buffers,
+        "cached": m.cached,
+        "swap_cached": m.swap_cached,
+        "active_anon": m.active_anon,
+        "inactive_anon": m.inactive_anon,
+        "active_file": m.active_file,
+        "inactive_file": m.inactive_file,
+        "unevictable": m.unevictable,
+        "mlocked": m.mlocked,
+        "swap_total": m.swap_total,
+        "swap_free": m.swap_free,
+        "zswap": m.zswap,
+        "zswapped": m.zswapped,
+        "dirty": m.dirty,
+        "writeback": m.writeback,
+        "anon_pages": m.anon_pages,
+        "mapped": m.mapped,
+        "shmem": m.shmem,
+        "kernel_reclaimable": m.kernel_reclaimable,
+        "slab_reclaimable": m.slab_reclaimable,
+        "slab_unreclaimable": m.slab_unreclaimable,
+        "kernel_stack": m.kernel_stack,
+        "page_tables": m.page_tables,
+        "percpu": m.percpu,
+        "vmalloc_used": m.vmalloc_used,
+        "commit_limit": m.commit_limit,
+        "committed_as": m.committed_as,
+        "hugetlb": m.hugetlb,
+        "balloon": m.balloon,
+    })
+}
+
+/// A guest's `/proc/vmstat` distress counters (absent: `null`).
+pub fn vmstat(m: &pb::GuestVmstat) -> Value {
+    json!({
+        "oom_kill": m.oom_kill,
+        "pgmajfault": m.pgmajfault,
+        "allocstall": m.allocstall,
+        "pswpin": m.pswpin,
+        "pswpout": m.pswpout,
+        "workingset_refault_anon": m.workingset_refault_anon,
+        "workingset_refault_file": m.workingset_refault_file,
+        "pgscan_kswapd": m.pgscan_kswapd,
+        "pgscan_direct": m.pgscan_direct,
+        "pgsteal_kswapd": m.pgsteal_kswapd,
+        "pgsteal_direct": m.pgsteal_direct,
+    })
+}

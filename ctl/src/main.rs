@@ -8,6 +8,7 @@ mod json;
 mod layout;
 mod settings;
 mod size;
+mod stats;
 mod table;
 
 use std::{io::Write, process::ExitCode};

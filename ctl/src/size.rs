@@ -67,9 +67,32 @@ pub fn format(bytes: u64) -> String {
     format!("{bytes} B")
 }
 
+/// `bytes` for a person when it need not be exact (a guest's meminfo): `512 MiB` when it
+/// is a whole number of a unit, else one decimal of the largest unit it reaches
+/// (`21.8 GiB`).
+pub fn approx(bytes: u64) -> String {
+    let exact = format(bytes);
+    if !exact.ends_with(" KiB") && !exact.ends_with(" B") || bytes < 1 << 20 {
+        return exact;
+    }
+    match UNITS.iter().find(|(_, factor)| bytes >= *factor) {
+        Some((unit, factor)) => format!("{:.1} {unit}", bytes as f64 / *factor as f64),
+        None => exact,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn approximate_sizes_keep_whole_units_and_round_the_rest() {
+        assert_eq!(approx(512 << 20), "512 MiB");
+        assert_eq!(approx(23_434_727_424), "21.8 GiB");
+        assert_eq!(approx(1_278_173_184), "1.2 GiB");
+        assert_eq!(approx(90_112), "88 KiB");
+        assert_eq!(approx(0), "0 B");
+    }
 
     #[test]
     fn sizes_in_every_unit_and_fractions_that_are_whole() {

@@ -230,6 +230,84 @@ async fn every_command_against_fake_agents() {
     );
 }
 
+/// What the fake agent of VM `vm` reports: 1 GiB, 715.2 MiB available, PSI, no swap.
+fn guest_stats() -> qga_wire::schema::GuestMemoryStats {
+    use qga_wire::schema::{
+        GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestPressureLine,
+    };
+    GuestMemoryStats {
+        meminfo: GuestMeminfo {
+            mem_total: Some(1 << 30),
+            mem_available: Some(23_434_727 * 32),
+            swap_total: Some(0),
+            ..GuestMeminfo::default()
+        },
+        pressure: Some(GuestMemoryPressure {
+            some: Some(GuestPressureLine {
+                avg10: 2.5,
+                avg60: 1.0,
+                avg300: 0.25,
+                total: 99,
+            }),
+            full: None,
+        }),
+        uptime_ms: Some(3_723_000),
+        boot_id: Some("5889bf78".into()),
+        ..GuestMemoryStats::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stats_in_a_table_and_as_json() {
+    let rig = Rig::start(|_, _| {}).await;
+    rig.agents[0]
+        .control()
+        .set_memory_stats(Some(guest_stats()));
+    let e = rig.endpoint("http");
+    let table = qgactl(&["--endpoint", &e, "memory", "stats", "vm"], &[]).await;
+    assert_eq!(table.code, 0, "{table:?}");
+    for want in [
+        "guest (agent, ",
+        "  total           1 GiB\n",
+        "  available       715.2 MiB\n",
+        "  working set     308.8 MiB\n",
+        "  swap            none\n",
+        "  pressure some   2.50% 1.00% 0.25%\n",
+        "  pressure full   -\n",
+        "  uptime          1h 2m 3s\n",
+        "  boot id         5889bf78\n",
+        "host (bridge, ",
+        "  boot     512 MiB\n  plugged  0 B\n  total    512 MiB\n",
+    ] {
+        assert!(table.stdout.contains(want), "{want:?} in\n{}", table.stdout);
+    }
+    let json = qgactl(
+        &["--endpoint", &e, "memory", "stats", "vm", "-o", "json"],
+        &[],
+    )
+    .await;
+    let v: Value = serde_json::from_str(&json.stdout).expect("json");
+    assert_eq!(v["agent"]["meminfo"]["mem_total"], 1u64 << 30, "{v}");
+    assert_eq!(v["agent"]["meminfo"]["mem_free"], Value::Null, "{v}");
+    assert_eq!(v["agent"]["pressure"]["some"]["avg10"], 2.5, "{v}");
+    assert_eq!(v["agent"]["boot_id"], "5889bf78", "{v}");
+    assert_eq!(v["bridge"]["total_bytes"], 536_870_912u64, "{v}");
+    assert!(v["taken_at"].as_f64().is_some(), "{v}");
+
+    // qemu-ga (the plain fake) has no stats, and no monitor is configured for it.
+    let plain = qgactl(&["--endpoint", &e, "memory", "stats", "plain"], &[]).await;
+    assert_eq!(plain.code, 0, "{plain:?}");
+    assert!(
+        plain.stdout.starts_with(
+            "guest: no stats: the guest's agent does not offer \
+             __org.qga-bridge_get-memory-stats (qemu-ga fake-1.0)\nhost: no totals: "
+        ),
+        "{plain:?}"
+    );
+    let unknown = qgactl(&["--endpoint", &e, "memory", "stats", "vm9"], &[]).await;
+    assert_eq!(unknown.code, 25, "{unknown:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn failures_are_one_line_with_the_servers_detail_and_an_exit_code() {
     let rig = Rig::start(|_, _| {}).await;

@@ -3,7 +3,8 @@
 //! garbage, oversize or over-deep replies, disconnects mid-reply, wrong shapes.
 //!
 //! It keeps an in-memory block table, so the memory-block commands behave like a small
-//! guest. Handshake commands (`guest-sync`, `guest-sync-delimited`) are always answered
+//! guest, and answers `__org.qga-bridge_get-memory-stats` with the snapshot its test set
+//! ([`Control::set_memory_stats`]; without one it lacks the extension, like qemu-ga). Handshake commands (`guest-sync`, `guest-sync-delimited`) are always answered
 //! unless the script says [`Fault::MuteSync`]. One task per connection; one process can
 //! serve thousands of sockets.
 
@@ -16,7 +17,10 @@ use std::{
 };
 
 use futures::StreamExt;
-use qga_wire::{Frame, QgaCodec, Request, schema::command};
+use qga_wire::{
+    Frame, QgaCodec, Request,
+    schema::{GuestMemoryStats, command},
+};
 use serde_json::{Value, json};
 use tokio::{
     io::AsyncWriteExt,
@@ -67,6 +71,8 @@ struct State {
     blocks: BTreeMap<u64, bool>,
     block_size: u64,
     calls: HashMap<String, u64>,
+    /// What `__org.qga-bridge_get-memory-stats` answers; `None`: the command is unknown.
+    memory_stats: Option<GuestMemoryStats>,
 }
 
 /// Shared control of a fake agent: its script, block table and call counters.
@@ -91,6 +97,12 @@ impl Control {
     /// How many times `command` was executed (handshakes included).
     pub fn calls(&self, command: &str) -> u64 {
         self.with(|s| s.calls.get(command).copied().unwrap_or(0))
+    }
+
+    /// Offers `__org.qga-bridge_get-memory-stats` (listed in `guest-info`), answering
+    /// `stats` from now on; `None` takes it away again (`CommandNotFound`, as qemu-ga).
+    pub fn set_memory_stats(&self, stats: Option<GuestMemoryStats>) {
+        self.with(|s| s.memory_stats = stats);
     }
 
     /// Whether block `index` is online.
@@ -216,6 +228,20 @@ fn line(mut v: Value, id: &Option<Value>) -> Vec<u8> {
     out
 }
 
+/// `guest-info`: the fake's version and the commands it offers.
+fn info(state: &State) -> Value {
+    let mut commands = vec![
+        json!({"name": command::PING, "enabled": true, "success-response": true}),
+        json!({"name": command::GET_MEMORY_BLOCKS, "enabled": true, "success-response": true}),
+    ];
+    if state.memory_stats.is_some() {
+        commands.push(
+            json!({"name": command::GET_MEMORY_STATS, "enabled": true, "success-response": true}),
+        );
+    }
+    json!({"version": "fake-1.0", "supported_commands": commands})
+}
+
 /// Executes `req` against the block table.
 fn execute(state: &mut State, req: &Request) -> Result<Value, (String, String)> {
     let args = req.arguments.clone().unwrap_or_default();
@@ -226,10 +252,10 @@ fn execute(state: &mut State, req: &Request) -> Result<Value, (String, String)> 
             .cloned()
             .ok_or_else(|| generic("Parameter 'id' is missing"))?,
         command::PING => json!({}),
-        command::INFO => json!({"version": "fake-1.0", "supported_commands": [
-            {"name": command::PING, "enabled": true, "success-response": true},
-            {"name": command::GET_MEMORY_BLOCKS, "enabled": true, "success-response": true},
-        ]}),
+        command::INFO => info(state),
+        command::GET_MEMORY_STATS if state.memory_stats.is_some() => {
+            serde_json::to_value(&state.memory_stats).unwrap_or_default()
+        }
         command::GET_MEMORY_BLOCK_INFO => json!({ "size": state.block_size }),
         command::GET_MEMORY_BLOCKS => Value::Array(
             state

@@ -117,3 +117,47 @@ async fn stale_reply_repeats_the_previous_id_and_restart_keeps_state() {
                {"phys-index": 1, "online": true, "can-offline": true}])
     );
 }
+
+#[tokio::test]
+async fn memory_stats_are_offered_only_once_a_test_sets_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let agent = FakeAgent::start(&dir.path().join("a.sock"), 1).expect("start");
+    let mut c = connect(&agent).await;
+    let stats = json!({"execute": "__org.qga-bridge_get-memory-stats", "id": 1});
+    assert_eq!(
+        call(&mut c, stats.clone()).await["error"]["class"],
+        "CommandNotFound"
+    );
+    let listed = |info: &Value| {
+        info["return"]["supported_commands"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|c| c["name"] == "__org.qga-bridge_get-memory-stats")
+    };
+    assert!(!listed(
+        &call(&mut c, json!({"execute": "guest-info"})).await
+    ));
+    let snapshot = qga_wire::schema::GuestMemoryStats {
+        meminfo: qga_wire::schema::GuestMeminfo {
+            mem_total: Some(1 << 30),
+            mem_available: Some(1 << 29),
+            ..Default::default()
+        },
+        boot_id: Some("boot-1".into()),
+        ..Default::default()
+    };
+    agent.control().set_memory_stats(Some(snapshot));
+    assert!(listed(
+        &call(&mut c, json!({"execute": "guest-info"})).await
+    ));
+    assert_eq!(
+        call(&mut c, stats).await["return"],
+        json!({"meminfo": {"mem-total": 1073741824u64, "mem-available": 536870912u64},
+               "vmstat": {}, "boot-id": "boot-1"})
+    );
+    assert_eq!(
+        agent.control().calls("__org.qga-bridge_get-memory-stats"),
+        2
+    );
+}

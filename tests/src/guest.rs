@@ -175,6 +175,22 @@ impl ControlPort {
         );
         Ok(())
     }
+
+    /// Fills a file on the guest's memory-backed root with `mib` MiB, which the guest's
+    /// kernel cannot reclaim (no swap): its `MemAvailable` falls by about that much.
+    /// The MiB written.
+    pub fn hog(&self, mib: u64) -> anyhow::Result<u64> {
+        let line = self.control(&format!("hog {mib}"), "HOGGED ")?;
+        line["HOGGED ".len()..]
+            .trim()
+            .parse()
+            .context("parsing the MiB written")
+    }
+
+    /// Removes the file [`ControlPort::hog`] filled.
+    pub fn unhog(&self) -> anyhow::Result<()> {
+        self.control("unhog", "UNHOGGED").map(|_| ())
+    }
 }
 
 impl GuestControl {

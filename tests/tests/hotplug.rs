@@ -1635,3 +1635,108 @@ async fn killed_kernel_zone_shrink_is_withdrawn(guest: &Guest, state: &Path, boo
         },
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_stats_show_the_guest_as_its_kernel_sees_it() {
+    let guest = boot("ours", "online_movable");
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let available = stats_at_boot(&guest, &c).await;
+    allocation_lowers_available(&guest, &c, available).await;
+}
+
+/// `memory-stats` of VM `vm1`.
+async fn memory_stats(guest: &Guest, c: &Clients) -> Value {
+    let stats = c.rpc_full("memory-stats", json!({"vm": "vm1"})).await;
+    ok(guest, "memory-stats", stats)
+}
+
+/// The guest's `MemAvailable` in a `memory-stats` reply, bytes.
+fn available(stats: &Value) -> u64 {
+    stats["agent"]["meminfo"]["mem-available"]
+        .as_u64()
+        .unwrap_or_default()
+}
+
+/// At boot: our agent's stats agree with the guest's own MemTotal, MemAvailable is at
+/// most MemTotal, PSI is there (the Debian kernel has it on), and the bridge's totals are
+/// the 512 MiB the guest booted with. MemAvailable, bytes.
+async fn stats_at_boot(guest: &Guest, c: &Clients) -> u64 {
+    let stats = memory_stats(guest, c).await;
+    eprintln!("e2e: memory-stats at boot: {stats}");
+    let meminfo = &stats["agent"]["meminfo"];
+    let total = meminfo["mem-total"].as_u64().unwrap_or_default();
+    check(guest, total == mem_total(guest) * 1024, || {
+        format!("mem-total is the guest's MemTotal: {stats}")
+    });
+    check(
+        guest,
+        available(&stats) > 0 && available(&stats) <= total,
+        || format!("0 < mem-available <= mem-total: {stats}"),
+    );
+    check(
+        guest,
+        stats["agent"]["working-set"].as_u64() == Some(total - available(&stats)),
+        || format!("working-set is mem-total - mem-available: {stats}"),
+    );
+    let some = &stats["agent"]["pressure"]["some"];
+    check(
+        guest,
+        some["avg10"].is_f64() && some["total"].is_u64(),
+        || format!("the guest kernel reports PSI: {stats}"),
+    );
+    check(
+        guest,
+        stats["agent"]["boot-id"]
+            .as_str()
+            .is_some_and(|b| b.len() == 36),
+        || format!("a boot id: {stats}"),
+    );
+    let bridge = &stats["bridge"];
+    check(
+        guest,
+        bridge["boot-bytes"] == 512u64 << 20 && bridge["total-bytes"] == 512u64 << 20,
+        || format!("the host's totals are the boot memory: {stats}"),
+    );
+    available(&stats)
+}
+
+/// 128 MiB the guest cannot reclaim lower MemAvailable by about that much in the next
+/// snapshots, and freeing them raises it again.
+async fn allocation_lowers_available(guest: &Guest, c: &Clients, before: u64) {
+    const HOG: u64 = 128 << 20;
+    let written = ok(guest, "hog", guest.control().port().hog(HOG >> 20));
+    check(guest, written << 20 == HOG, || {
+        format!("{written} MiB written")
+    });
+    let low = stats_until(guest, c, "MemAvailable falls by the 128 MiB", |s| {
+        available(s) + HOG * 3 / 4 <= before
+    })
+    .await;
+    eprintln!("e2e: MemAvailable {before} -> {} bytes", available(&low));
+    ok(guest, "unhog", guest.control().port().unhog());
+    stats_until(guest, c, "MemAvailable rises again once freed", |s| {
+        available(s) >= available(&low) + HOG * 3 / 4
+    })
+    .await;
+}
+
+/// `memory-stats` until `enough` holds for it (a snapshot lives a second), within
+/// [`PATIENCE`]; fails with `what` and the last reply.
+async fn stats_until(
+    guest: &Guest,
+    c: &Clients,
+    what: &str,
+    enough: impl Fn(&Value) -> bool,
+) -> Value {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let stats = memory_stats(guest, c).await;
+        if enough(&stats) {
+            return stats;
+        }
+        if Instant::now() > deadline {
+            fail(guest, what, format!("last memory-stats: {stats}"));
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}

@@ -7,6 +7,7 @@ use qga_proto::v1::{
     guest_agent_server::{GuestAgent, GuestAgentServer},
     guest_memory_server::{GuestMemory, GuestMemoryServer},
     memory_hotplug_server::{MemoryHotplug, MemoryHotplugServer},
+    memory_signals_server::MemorySignalsServer,
     vms_server::{Vms, VmsServer},
 };
 use qga_wire::schema::{
@@ -31,7 +32,8 @@ use crate::{
     session::AgentState,
 };
 
-/// Implements all four gRPC services over the bridge's [`Service`].
+/// Implements all five gRPC services over the bridge's [`Service`] (`MemorySignals` in
+/// [`super::signals`]).
 #[derive(Debug, Clone)]
 pub struct Api {
     service: Arc<Service>,
@@ -48,8 +50,13 @@ impl Api {
         }
     }
 
+    /// The service it calls.
+    pub(super) fn service(&self) -> &Service {
+        &self.service
+    }
+
     /// Who sent `req`, as the [`crate::net::gatekeeper`] layer authenticated it.
-    fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
+    pub(super) fn caller<T>(&self, req: &Request<T>) -> Result<Caller, Status> {
         req.extensions()
             .get::<Caller>()
             .cloned()
@@ -71,7 +78,7 @@ impl Api {
     }
 }
 
-/// The gRPC router: our four services behind the [`Gatekeeper`], and health and
+/// The gRPC router: our five services behind the [`Gatekeeper`], and health and
 /// reflection (public, as health probes expect).
 pub async fn router(
     service: &Arc<Service>,
@@ -84,6 +91,7 @@ pub async fn router(
     health.set_serving::<GuestAgentServer<Api>>().await;
     health.set_serving::<VmsServer<Api>>().await;
     health.set_serving::<MemoryHotplugServer<Api>>().await;
+    health.set_serving::<MemorySignalsServer<Api>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -104,6 +112,7 @@ pub async fn router(
         .add_service(GuestMemoryServer::new(api.clone()).max_decoding_message_size(max))
         .add_service(GuestAgentServer::new(api.clone()).max_decoding_message_size(max))
         .add_service(MemoryHotplugServer::new(api.clone()).max_decoding_message_size(max))
+        .add_service(MemorySignalsServer::new(api.clone()).max_decoding_message_size(max))
         .add_service(VmsServer::new(api).max_decoding_message_size(max)))
 }
 
@@ -145,7 +154,7 @@ trait FromReply: Sized {
 
 /// The caller's deadline from the `grpc-timeout` header, a little early so that our
 /// DEADLINE_EXCEEDED (and the resync it triggers) wins over the transport's own timer.
-fn deadline<T>(req: &Request<T>) -> Option<Instant> {
+pub(super) fn deadline<T>(req: &Request<T>) -> Option<Instant> {
     let raw = req.metadata().get("grpc-timeout")?.to_str().ok()?;
     let timeout = parse_grpc_timeout(raw)?;
     let margin = (timeout / 20).min(Duration::from_millis(50));

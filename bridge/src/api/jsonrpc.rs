@@ -5,7 +5,8 @@
 //! does not name are dropped). `timeout-ms` bounds the call like gRPC's `grpc-timeout`;
 //! the command's configured timeout is the default and the upper bound. `vm-list` lists
 //! the VMs. `memory-layout`, `memory-plug`, `memory-unplug` and `memory-resize` are the
-//! memory hotplug service (see [`crate::hotplug`]).
+//! memory hotplug service (see [`crate::hotplug`]); `memory-stats` is the guest's memory
+//! signals (see [`crate::signals`]).
 
 use std::{sync::Arc, time::Duration};
 
@@ -21,7 +22,7 @@ use tokio::{sync::watch, time::Instant};
 
 use crate::{
     api::status::code,
-    call::{self, Call, ObjectOnly, Reply, hotplug_method},
+    call::{self, Call, MEMORY_STATS_METHOD, ObjectOnly, Reply, hotplug_method},
     config::{Config, LimitsConfig},
     error::BridgeError,
     hotplug::{Operation, plug::PlugArgs},
@@ -183,6 +184,50 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
     })
 }
 
+/// Params of `memory-stats`: the VM and an optional `timeout-ms`, nothing else.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+struct StatsParams {
+    vm: String,
+    #[serde(default, deserialize_with = "given")]
+    timeout_ms: Option<u64>,
+}
+
+/// Decodes `memory-stats` params: the VM and the caller's `timeout-ms`.
+pub fn decode_stats(params: &str) -> Result<(String, Option<Duration>), BridgeError> {
+    let ObjectOnly(p) = serde_json::from_str::<ObjectOnly<StatsParams>>(params)
+        .map_err(|e| BridgeError::InvalidRequest(format!("params: {e}")))?;
+    Ok((p.vm, timeout(p.timeout_ms)?))
+}
+
+/// The caller the gatekeeper put in `extensions` (none: refused by the service).
+fn caller_of(extensions: &Extensions) -> Caller {
+    extensions.get::<Caller>().cloned().unwrap_or(Caller {
+        transport: Server::Jsonrpc.name(),
+        peer: None,
+        identity: None,
+    })
+}
+
+/// Runs `memory-stats`, within its connection's in-flight limit.
+async fn run_stats(
+    front: &Front,
+    params: &Params<'_>,
+    extensions: &Extensions,
+) -> Result<Value, ErrorObjectOwned> {
+    let _slot = front.connection_slot(extensions)?;
+    let raw = match params.as_str() {
+        Some(raw) if params.is_object() => raw,
+        _ => return Err(invalid("params must be an object with at least \"vm\"")),
+    };
+    let (vm, timeout) = decode_stats(raw)?;
+    let deadline = timeout.map(|t| Instant::now() + t);
+    let caller = caller_of(extensions);
+    let stats = front.service.memory_stats(&caller, &vm, deadline).await?;
+    serde_json::to_value(stats)
+        .map_err(|e| ErrorObjectOwned::owned(code::BAD_REPLY, e.to_string(), None::<()>))
+}
+
 /// Runs hotplug method `name`, within its connection's in-flight limit.
 async fn run_hotplug(
     front: &Front,
@@ -198,11 +243,7 @@ async fn run_hotplug(
     };
     let decoded = decode_hotplug(name, raw)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
-    let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
-        transport: Server::Jsonrpc.name(),
-        peer: None,
-        identity: None,
-    });
+    let caller = caller_of(extensions);
     let value = match decoded.op {
         None => serde_json::to_value(
             service
@@ -294,11 +335,7 @@ async fn run(
     };
     let decoded = decode(name, raw, front.max_set_entries)?;
     let deadline = decoded.timeout.map(|t| Instant::now() + t);
-    let caller = extensions.get::<Caller>().cloned().unwrap_or(Caller {
-        transport: Server::Jsonrpc.name(),
-        peer: None,
-        identity: None,
-    });
+    let caller = caller_of(extensions);
     Ok(front
         .service
         .call(&caller, &decoded.vm, decoded.call, deadline)
@@ -399,6 +436,10 @@ pub fn module(front: Front) -> RpcModule<Front> {
         })
         .expect("method names are unique");
     }
+    m.register_async_method(MEMORY_STATS_METHOD, |params, reg, extensions| async move {
+        run_stats(&reg, &params, &extensions).await
+    })
+    .expect("method names are unique");
     m.register_method("vm-list", |params, reg, extensions| {
         let empty = params.as_str().is_none_or(|raw| {
             serde_json::from_str::<Value>(raw).is_ok_and(|v| v == json!({}) || v == json!([]))
@@ -492,6 +533,28 @@ mod tests {
         );
         assert!(refused("memory-layout", r#"["v"]"#).contains("expected an object"));
         assert!(refused("memory-layout", r#"{"vm": "v", "x": 1}"#).contains("unknown field"));
+    }
+
+    #[test]
+    fn memory_stats_takes_the_vm_and_a_timeout_only() {
+        let (vm, timeout) =
+            decode_stats(r#"{"vm": "v", "timeout-ms": 500}"#).expect("valid params");
+        assert_eq!(
+            (vm.as_str(), timeout),
+            ("v", Some(Duration::from_millis(500)))
+        );
+        for bad in [
+            r#"{"vm": "v", "size": 1}"#,
+            r#"{"vm": "v", "timeout-ms": null}"#,
+            r#"{"vm": "v", "timeout-ms": 0}"#,
+            r#"{}"#,
+            r#"["v"]"#,
+        ] {
+            assert!(
+                matches!(decode_stats(bad), Err(BridgeError::InvalidRequest(_))),
+                "{bad}"
+            );
+        }
     }
 
     /// A hotplug member given as `null` is given, not absent, as for the QGA methods.

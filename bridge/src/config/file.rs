@@ -12,7 +12,7 @@ use serde::Deserialize;
 
 use super::{
     AuthConfig, Config, ConfigError, HotplugConfig, HttpConfig, LimitsConfig, Listen, LogFormat,
-    TimeoutsConfig, TlsConfig, UnixSocketsConfig, VmConfig,
+    SignalsConfig, TimeoutsConfig, TlsConfig, UnixSocketsConfig, VmConfig,
 };
 
 /// The TOML file.
@@ -33,6 +33,7 @@ struct File {
     timeouts: TimeoutsConfig,
     limits: LimitsConfig,
     hotplug: HotplugConfig,
+    signals: SignalsConfig,
     http: HttpConfig,
     coalesce_reads: Option<bool>,
     allow_insecure_tcp: Option<bool>,
@@ -155,6 +156,7 @@ impl File {
         config.discover = self.discover;
         config.http = self.http;
         config.hotplug = self.hotplug;
+        config.signals = self.signals;
         config.timeouts = self.timeouts.over_defaults();
         config.limits = self.limits;
         config.vms = self

@@ -50,6 +50,10 @@
 //! request_id_ttl_s = 86400              # and for how long
 //! restore_interval_ms = 2000            # re-online plugged memory's offline blocks (guest reboots)
 //!
+//! [signals]                             # the guest's memory signals (memory-stats)
+//! max_age_ms = 1000                     # answer from a snapshot younger than this, else ask the agent
+//! poll_interval_ms = 10000              # refresh connected VMs' snapshots and gauges; 0: off
+//!
 //! [timeouts]                            # milliseconds
 //! default_ms = 10000
 //! connect_ms = 2000
@@ -92,6 +96,7 @@ mod file;
 mod hotplug;
 mod limits;
 mod listen;
+mod signals;
 mod timeouts;
 mod vm;
 
@@ -108,6 +113,7 @@ pub use self::{
     hotplug::{AutoOnline, HotplugConfig},
     limits::LimitsConfig,
     listen::{HttpConfig, Listen, TlsConfig, UnixSocketsConfig},
+    signals::{MIN_POLL_INTERVAL_MS, SignalsConfig},
     timeouts::TimeoutsConfig,
     vm::{SocketMode, VmConfig},
 };
@@ -130,6 +136,8 @@ pub struct Config {
     pub vms: BTreeMap<String, VmConfig>,
     /// Memory hotplug.
     pub hotplug: HotplugConfig,
+    /// The guest's memory signals: snapshot age and background poll.
+    pub signals: SignalsConfig,
     /// Globs for socket discovery.
     pub discover: Vec<String>,
     /// How often discovery rescans.
@@ -175,6 +183,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             vms: BTreeMap::new(),
             hotplug: HotplugConfig::default(),
+            signals: SignalsConfig::default(),
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
             discover_owners: default_discover_owners(),
@@ -243,6 +252,7 @@ impl Config {
         self.http.validate(cli)?;
         self.limits.validate()?;
         self.hotplug.validate()?;
+        self.signals.validate()?;
         self.timeouts.validate()?;
         self.validate_vms(cli)?;
         self.validate_discovery(cli)

@@ -374,3 +374,31 @@ fn deprecated_keys_through_load() {
         "named as written"
     );
 }
+
+#[test]
+fn signals_section_defaults_bounds_and_off() {
+    let c = load("", &[]).expect("defaults");
+    assert_eq!(
+        c.signals,
+        SignalsConfig {
+            max_age_ms: 1000,
+            poll_interval_ms: 10_000
+        }
+    );
+    let c = load("[signals]\nmax_age_ms = 0\npoll_interval_ms = 0\n", &[]).expect("off");
+    assert_eq!((c.signals.max_age_ms, c.signals.poll_interval_ms), (0, 0));
+    let c = load("[signals]\npoll_interval_ms = 1000\n", &[]).expect("one key");
+    assert_eq!(c.signals.max_age_ms, 1000, "absent keys at their defaults");
+    let err = refused("[signals]\npoll_interval_ms = 50\n", &[]);
+    assert_eq!(
+        err,
+        "invalid configuration: signals.poll_interval_ms: must be at least 100, not 50"
+    );
+    let err = refused("[signals]\nmax_age_ms = 86400001\n", &[]);
+    assert!(
+        err.contains("signals.max_age_ms: must be at most 86400000 (one day)"),
+        "{err}"
+    );
+    let err = refused("[signals]\nmax_age = 5\n", &[]);
+    assert!(err.contains("unknown field `max_age`"), "{err}");
+}

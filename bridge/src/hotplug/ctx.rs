@@ -5,7 +5,7 @@
 use std::{sync::Arc, time::Duration};
 
 use qga_wire::schema::{
-    GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType,
+    GuestAgentInfo, GuestMemoryBlock, GuestMemoryBlockResponse, GuestMemoryBlockResponseType,
     GuestMemoryOnlineType, command,
 };
 use tokio::time::Instant;
@@ -32,6 +32,26 @@ pub struct Capabilities {
     pub online_when_present: bool,
     /// `__org.qga-bridge_set-auto-online`.
     pub auto_online: bool,
+    /// `__org.qga-bridge_get-memory-stats`.
+    pub memory_stats: bool,
+}
+
+impl Capabilities {
+    /// Which extensions `info` lists as enabled.
+    pub fn of(info: &GuestAgentInfo) -> Self {
+        let has = |name: &str| {
+            info.supported_commands
+                .iter()
+                .any(|c| c.name == name && c.enabled)
+        };
+        Self {
+            zones: has(command::GET_MEMORY_ZONES),
+            online_type: has(command::SET_MEMORY_BLOCKS_ONLINE_TYPE),
+            online_when_present: has(command::ONLINE_WHEN_PRESENT),
+            auto_online: has(command::SET_AUTO_ONLINE) && has(command::GET_MEMORY_ZONES),
+            memory_stats: has(command::GET_MEMORY_STATS),
+        }
+    }
 }
 
 /// Everything an operation works with, and what it has done so far.
@@ -91,6 +111,23 @@ pub fn describe(r: &GuestMemoryBlockResponse) -> String {
     }
 }
 
+/// A backend's error, named for VM `vm`.
+pub fn named(vm: &str, e: BackendError) -> BridgeError {
+    let vm = vm.to_string();
+    match e {
+        BackendError::Unavailable(reason) => BridgeError::Unavailable { vm, reason },
+        BackendError::Busy(reason) => BridgeError::Busy { vm, reason },
+        BackendError::Timeout { command } => BridgeError::DeadlineExceeded { vm, command },
+        BackendError::Refused { step, reason } => BridgeError::Hotplug {
+            vm,
+            step,
+            reason,
+            blocks: Vec::new(),
+        },
+        BackendError::BadReply(reason) => BridgeError::BadReply { vm, reason },
+    }
+}
+
 /// Whether a failed offlining is worth another try: page migration can need several.
 pub fn transient(r: &GuestMemoryBlockResponse) -> bool {
     r.response == GuestMemoryBlockResponseType::OperationFailed
@@ -118,19 +155,7 @@ impl Ctx {
 
     /// A backend's error, named for this VM.
     pub fn backend_error(&self, e: BackendError) -> BridgeError {
-        let vm = self.vm.clone();
-        match e {
-            BackendError::Unavailable(reason) => BridgeError::Unavailable { vm, reason },
-            BackendError::Busy(reason) => BridgeError::Busy { vm, reason },
-            BackendError::Timeout { command } => BridgeError::DeadlineExceeded { vm, command },
-            BackendError::Refused { step, reason } => BridgeError::Hotplug {
-                vm,
-                step,
-                reason,
-                blocks: Vec::new(),
-            },
-            BackendError::BadReply(reason) => BridgeError::BadReply { vm, reason },
-        }
+        named(&self.vm, e)
     }
 
     /// Records a step that started at `start`.
@@ -185,20 +210,10 @@ impl Ctx {
 
     /// Which extensions the agent lists (and has enabled) in `guest-info`.
     pub async fn capabilities(&self) -> Result<Capabilities, BridgeError> {
-        let Reply::Info(info) = self.agent(Call::Info).await? else {
-            return Ok(Capabilities::default());
-        };
-        let has = |name: &str| {
-            info.supported_commands
-                .iter()
-                .any(|c| c.name == name && c.enabled)
-        };
-        Ok(Capabilities {
-            zones: has(command::GET_MEMORY_ZONES),
-            online_type: has(command::SET_MEMORY_BLOCKS_ONLINE_TYPE),
-            online_when_present: has(command::ONLINE_WHEN_PRESENT),
-            auto_online: has(command::SET_AUTO_ONLINE) && has(command::GET_MEMORY_ZONES),
-        })
+        match self.agent(Call::Info).await? {
+            Reply::Info(info) => Ok(Capabilities::of(&info)),
+            _ => Ok(Capabilities::default()),
+        }
     }
 
     /// The guest's blocks, without zones.

@@ -83,6 +83,12 @@ impl VmLock {
         })
     }
 
+    /// Whether nothing holds the VM: no caller's operation, no background pass. Holds
+    /// nothing itself: a read-only pass (the guest's memory signals) looks and goes on.
+    pub fn idle(&self) -> bool {
+        self.caller.try_lock().is_ok() && self.vm.try_lock().is_ok()
+    }
+
     /// The VM for a background pass, if it is free and no caller's operation holds or
     /// waits for it.
     pub fn background(&self) -> Option<Background> {
@@ -110,8 +116,11 @@ mod tests {
     #[tokio::test]
     async fn a_second_caller_is_refused_a_background_pass_skipped() {
         let lock = VmLock::default();
+        assert!(lock.idle());
         let slot = lock.slot().expect("free");
+        assert!(!lock.idle(), "a caller's slot is taken");
         let held = lock.hold(slot, soon()).await.expect("no background work");
+        assert!(!lock.idle());
         assert!(lock.slot().is_none(), "another caller's operation runs");
         assert!(
             lock.background().is_none(),

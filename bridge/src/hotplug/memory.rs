@@ -59,6 +59,11 @@ impl VmMemory {
         self.backend.clone()
     }
 
+    /// Whether no operation or background pass holds the VM (see [`VmLock::idle`]).
+    pub fn idle(&self) -> bool {
+        self.lock.idle()
+    }
+
     /// The VM for a background pass (the keeper, recovery), if no operation holds or
     /// waits for it.
     pub fn background(&self) -> Option<Background> {

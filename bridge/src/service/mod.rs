@@ -1,5 +1,5 @@
-//! The bridge's one internal API: agent calls, memory layout, hotplug operations and the
-//! VM list, for an authenticated [`Caller`]. Authorization, the audit trail and the
+//! The bridge's one internal API: agent calls, memory layout, hotplug operations, the
+//! guest's memory signals and the VM list, for an authenticated [`Caller`]. Authorization, the audit trail and the
 //! bridge-wide in-flight limit are applied here, once, whatever front end the call came
 //! through; gRPC and JSON-RPC only decode parameters and map errors.
 
@@ -12,7 +12,7 @@ mod audited;
 
 use self::audited::{AuditOnDrop, Trail};
 use crate::{
-    call::{Call, Reply, hotplug_method},
+    call::{Call, MEMORY_STATS_METHOD, Reply, hotplug_method},
     config::Config,
     error::BridgeError,
     hotplug::{
@@ -28,6 +28,7 @@ use crate::{
         auth::Auth,
     },
     session::VmStatus,
+    signals::{self, Signals, SignalsSettings, snapshot::MemoryStats},
     vms::VmMap,
 };
 
@@ -45,11 +46,15 @@ fn by_vm<T>(
 /// VMs the keeper checks at once.
 const KEEPER_CONCURRENCY: usize = 8;
 
+/// VMs whose memory signals are polled at once.
+const POLL_CONCURRENCY: usize = 16;
+
 /// The service every front end calls. See the module docs.
 #[derive(Debug)]
 pub struct Service {
     vms: Arc<VmMap>,
     hotplug: Hotplug,
+    signals: Signals,
     config: Arc<Config>,
     metrics: Arc<Metrics>,
     audit: Arc<Audit>,
@@ -76,6 +81,7 @@ impl Service {
                 metrics.clone(),
                 journal,
             ),
+            signals: Signals::new(SignalsSettings::of(&config), metrics.clone()),
             in_flight: Semaphore::new(config.limits.max_in_flight),
             config,
             metrics,
@@ -163,6 +169,55 @@ impl Service {
         self.hotplug.layout(self.target(vm)?, deadline).await
     }
 
+    /// `vm`'s memory signals, for a caller with a read grant: its latest snapshot if
+    /// young enough, else a new one (see [`crate::signals`]).
+    pub async fn memory_stats(
+        &self,
+        caller: &Caller,
+        vm: &str,
+        deadline: Option<Instant>,
+    ) -> Result<MemoryStats, BridgeError> {
+        self.authorize(caller, vm, MEMORY_STATS_METHOD, false, || None)?;
+        let _slot = self.in_flight_slot()?;
+        let target = self.signals_target(vm)?;
+        let snapshot = self.signals.stats(&target, deadline).await?;
+        Ok(snapshot.view(Instant::now()))
+    }
+
+    /// How often [`Service::poll_signals`] is to run, if at all (`signals.poll_interval_ms`).
+    pub fn signals_poll_interval(&self) -> Option<std::time::Duration> {
+        self.signals.poll_interval()
+    }
+
+    /// One background poll of every VM's memory signals, a few VMs at a time. Not a
+    /// caller's call: no grant, no in-flight slot; VMs in use are skipped.
+    pub async fn poll_signals(&self) {
+        let polls = self.vms.all().into_iter().map(|(name, vm)| async move {
+            let target = signals::Target {
+                vm: &name,
+                session: vm.session.clone(),
+                memory: vm.memory.clone(),
+                signals: vm.signals.clone(),
+            };
+            self.signals.poll(&target).await;
+        });
+        futures::stream::iter(polls)
+            .buffer_unordered(POLL_CONCURRENCY)
+            .collect::<()>()
+            .await;
+    }
+
+    /// VM `vm` as the signals see it.
+    fn signals_target<'a>(&self, vm: &'a str) -> Result<signals::Target<'a>, BridgeError> {
+        let found = self.vms.get(vm)?;
+        Ok(signals::Target {
+            vm,
+            session: found.session.clone(),
+            memory: found.memory.clone(),
+            signals: found.signals.clone(),
+        })
+    }
+
     /// One pass of the keeper (see [`crate::hotplug::keeper`]) over every VM with DIMMs
     /// the bridge plugged, a few VMs at a time. Not a caller's call: no grant, no
     /// in-flight slot; what it changes is audited as `restore`.
@@ -230,7 +285,13 @@ impl Service {
             deadline,
         };
         let report = audited::operation(self.audit.clone(), caller.clone());
-        self.hotplug.run(target, request, report).await
+        let signals = self.vms.get(vm).map(|v| v.signals.clone());
+        let done = self.hotplug.run(target, request, report).await;
+        // The VM's memory may have changed: the next memory-stats takes a new snapshot.
+        if let Ok(signals) = signals {
+            signals.forget();
+        }
+        done
     }
 
     /// VM `vm` as hotplug sees it.

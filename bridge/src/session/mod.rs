@@ -129,6 +129,9 @@ pub struct VmStatus {
     pub last_error: Option<String>,
     /// The last state-changing call and what came of it.
     pub last_write: Option<WriteRecord>,
+    /// How many times the channel came up (connected, or back from a failure or an idle
+    /// release): a change tells that the agent may be another one now.
+    pub connections: u64,
 }
 
 /// A state-changing call and its outcome, as far as the bridge knows it.
@@ -172,10 +175,30 @@ struct Inflight {
     result: WeakShared<BoxFuture<'static, CallResult>>,
 }
 
+/// One call counted in a session's `pending` while it lives.
+struct Pending(Arc<AtomicU64>);
+
+impl Pending {
+    fn count(pending: &Arc<AtomicU64>) -> Self {
+        pending.fetch_add(1, Ordering::Relaxed);
+        Self(pending.clone())
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The handle callers use; cheap to share. Dropping the last handle stops the worker.
 pub struct Session {
     name: String,
     source: AgentSource,
+    /// This session's claim on the VM's metric series.
+    claim: u64,
+    /// Calls of this session's callers not answered yet (queued, running or joined).
+    pending: Arc<AtomicU64>,
     tx: mpsc::Sender<Job>,
     status: Arc<Mutex<VmStatus>>,
     inflight: Mutex<HashMap<&'static str, Inflight>>,
@@ -253,6 +276,7 @@ fn new_status(name: &str, socket: &Path) -> Arc<Mutex<VmStatus>> {
         last_contact: None,
         last_error: None,
         last_write: None,
+        connections: 0,
     }))
 }
 
@@ -319,22 +343,14 @@ impl Session {
         let (tx, rx) = mpsc::channel(settings.limits.queue_depth);
         let status = new_status(name, &source.describe());
         let vitals = vitals::Vitals::new(name, status.clone(), metrics.clone());
+        let claim = vitals.claim;
         let worker = worker::Worker::new(channel(vitals.clone()), rx, vitals);
         tokio::spawn(worker.run().instrument(vm_span(name)));
-        Self::handle(name, source, tx, status, settings, metrics)
-    }
-
-    fn handle(
-        name: &str,
-        source: AgentSource,
-        tx: mpsc::Sender<Job>,
-        status: Arc<Mutex<VmStatus>>,
-        settings: Arc<SessionSettings>,
-        metrics: Arc<Metrics>,
-    ) -> Arc<Self> {
         Arc::new(Self {
             name: name.to_string(),
             source,
+            claim,
+            pending: Arc::default(),
             tx,
             status,
             inflight: Mutex::new(HashMap::new()),
@@ -359,10 +375,24 @@ impl Session {
         lock(&self.status).clone()
     }
 
+    /// This session's claim on the VM's metric series (see [`Metrics::claim_vm`]).
+    pub fn claim(&self) -> u64 {
+        self.claim
+    }
+
+    /// Whether the channel is up and nobody uses it: connected, no call queued, running or
+    /// awaited. Background work (a poll of the guest's signals) runs only then, so that a
+    /// caller's call hardly ever queues behind it.
+    pub fn idle(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) == 0
+            && lock(&self.status).state == AgentState::Connected
+    }
+
     /// Runs `call` on the VM's agent by the caller's `deadline`, and never later than the
     /// command's configured timeout: one caller cannot hold a VM's channel longer than
     /// the operator allows. Reads without arguments are coalesced.
     pub async fn call(self: &Arc<Self>, call: Call, deadline: Option<Instant>) -> CallResult {
+        let _pending = Pending::count(&self.pending);
         let start = Instant::now();
         let name = call.name();
         let mut timeout = self.settings.timeouts.for_command(name);

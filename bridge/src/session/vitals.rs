@@ -42,6 +42,9 @@ impl Vitals {
     pub(super) fn contact(&self) {
         self.metrics.set_connected(&self.name, self.claim, true);
         self.update(|s| {
+            if !matches!(s.state, AgentState::Connected | AgentState::Busy) {
+                s.connections += 1;
+            }
             s.state = AgentState::Connected;
             s.last_contact = Some(SystemTime::now());
         });

@@ -26,15 +26,19 @@ use crate::{
     metrics::Metrics,
     names::proxmox_patterns,
     session::{AgentSource, ParseBudget, Session, SessionSettings, VmStatus},
+    signals::VmSignals,
 };
 
-/// One VM: its agent session and, if it has one, its memory backend.
+/// One VM: its agent session, its memory backend if it has one, and its memory signals.
 #[derive(Debug)]
 pub struct Vm {
     /// The agent's session; it knows where the agent is reached.
     pub session: Arc<Session>,
     /// Memory hotplug state; `None` when the bridge has no way to the hypervisor.
     pub memory: Option<Arc<VmMemory>>,
+    /// The latest snapshot of the guest's memory: kept with the session (a new agent
+    /// source starts afresh), gone with the VM.
+    pub signals: Arc<VmSignals>,
 }
 
 /// Name -> VM. See the module docs.
@@ -93,18 +97,23 @@ impl VmMap {
     fn put(&self, name: &str, agent: AgentSource, memory: Option<VmMemory>) {
         let mut map = write(&self.map);
         let old = map.get(name);
-        let session = match old {
-            Some(vm) if *vm.session.source() == agent => vm.session.clone(),
+        let (session, signals) = match old {
+            Some(vm) if *vm.session.source() == agent => (vm.session.clone(), vm.signals.clone()),
             _ => {
                 tracing::info!(vm = name, agent = %agent.describe().display(), "VM added");
-                self.spawn(name, agent)
+                (self.spawn(name, agent), Arc::default())
             }
         };
         let memory = match (old.and_then(|vm| vm.memory.as_ref()), memory) {
             (Some(kept), Some(new)) if kept.source() == new.source() => Some(kept.clone()),
             (_, new) => new.map(Arc::new),
         };
-        map.insert(name.to_string(), Arc::new(Vm { session, memory }));
+        let vm = Vm {
+            session,
+            memory,
+            signals,
+        };
+        map.insert(name.to_string(), Arc::new(vm));
     }
 
     fn spawn(&self, name: &str, agent: AgentSource) -> Arc<Session> {
@@ -197,6 +206,14 @@ impl VmMap {
                 }
                 _ => None,
             })
+            .collect()
+    }
+
+    /// Every VM, by name.
+    pub fn all(&self) -> Vec<(String, Arc<Vm>)> {
+        read(&self.map)
+            .iter()
+            .map(|(name, vm)| (name.clone(), vm.clone()))
             .collect()
     }
 

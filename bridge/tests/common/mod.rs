@@ -91,6 +91,9 @@ pub fn state_dir() -> std::path::PathBuf {
     dir
 }
 
+/// A bridge on free ports serving `vms`, its background poll of the guests' memory
+/// signals off: a poll's agent call would take a fault a test scripted for its own call
+/// (tests of the poll turn it on).
 pub fn config(vms: &[(&str, &Path)]) -> Config {
     let mut c = Config {
         grpc_addr: Listen::Tcp(SocketAddr::from(([127, 0, 0, 1], 0))),
@@ -98,6 +101,7 @@ pub fn config(vms: &[(&str, &Path)]) -> Config {
         state_dir: state_dir(),
         ..Config::default()
     };
+    c.signals.poll_interval_ms = 0;
     for (name, path) in vms {
         c.vms
             .insert(name.to_string(), VmConfig::agent(path.to_path_buf()));
