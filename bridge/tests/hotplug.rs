@@ -306,6 +306,7 @@ async fn journal_with_a_plugged_dimm(state: &Path) {
         first_block: 100,
         blocks: 4,
         online_type: Some(qga_wire::schema::GuestMemoryOnlineType::OnlineMovable),
+        held_bytes: None,
     };
     journal
         .want("vm", &dimm.device, &dimm)
