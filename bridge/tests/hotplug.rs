@@ -4,12 +4,7 @@
 
 mod common;
 
-use std::{
-    ops::ControlFlow,
-    path::Path,
-    sync::Arc,
-    time::Duration,
-};
+use std::{ops::ControlFlow, path::Path, sync::Arc, time::Duration};
 
 use common::{clients, config, rpc, start};
 use qga_fake_agent::FakeAgent;
@@ -40,9 +35,7 @@ impl FakeQmp {
                         let _ = gate.wait_for(|open| *open).await;
                         qmp::ok(json!([]))
                     }
-                    "query-memory-size-summary" => {
-                        qmp::ok(json!({"base-memory": 536_870_912u64}))
-                    }
+                    "query-memory-size-summary" => qmp::ok(json!({"base-memory": 536_870_912u64})),
                     "object-add" => qmp::error("GenericError", "this QEMU refuses object-add"),
                     _ => qmp::not_found(&command),
                 }

@@ -135,7 +135,8 @@ impl QmpBackend {
             .await
         {
             Ok(info) => info.actual,
-            Err(e) if e.is_device_not_active() => {
+            // A QEMU without the command has no balloon either.
+            Err(e) if e.is_device_not_active() || e.is_command_not_found() => {
                 *lock(&self.balloon) = None;
                 return Ok(None);
             }
@@ -167,7 +168,7 @@ impl QmpBackend {
             .await
         {
             Ok(()) => Ok(()),
-            Err(e) if e.is_device_not_active() => Err(no_balloon()),
+            Err(e) if e.is_device_not_active() || e.is_command_not_found() => Err(no_balloon()),
             Err(e) => Err(error("balloon", e)),
         }
     }
