@@ -372,6 +372,12 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
         Ok(None)
     }
 
+    /// QEMU's balloon `actual` alone, as cheaply as the hypervisor tells it (an operation
+    /// reads it every few milliseconds while it waits); `None` without a balloon.
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        Ok(self.balloon(until).await?.map(|d| d.actual))
+    }
+
     /// Asks the balloon to leave the guest `target` bytes of the logical VM size (QMP
     /// `balloon`, libvirt's live memory): the guest's driver inflates or deflates towards
     /// it and QEMU's `actual` follows. A VM without a balloon is refused.

@@ -285,6 +285,10 @@ impl MemoryBackend for QmpBackend {
         self.balloon_device(until).await
     }
 
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        self.query_actual(until).await
+    }
+
     async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
         self.request_balloon(target, until).await
     }

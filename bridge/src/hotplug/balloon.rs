@@ -243,7 +243,10 @@ async fn wait(ctx: &Ctx, value: u64) -> Result<u64, BridgeError> {
     let stall = Duration::from_millis(ctx.balloon.stall_ms);
     let (mut last, mut moved) = (None, Instant::now());
     loop {
-        let actual = device(ctx).await?.actual;
+        let read = ctx.backend.balloon_actual(ctx.deadline).await;
+        let actual = read
+            .map_err(|e| ctx.backend_error(e))?
+            .ok_or_else(|| ctx.hotplug_error("balloon", "the VM's balloon is gone".into()))?;
         if actual == value {
             return Ok(actual);
         }

@@ -129,18 +129,8 @@ impl QmpBackend {
         &self,
         until: Instant,
     ) -> Result<Option<BalloonDevice>, BackendError> {
-        let actual = match self
-            .qmp
-            .query_balloon(self.timeouts.command_until(until))
-            .await
-        {
-            Ok(info) => info.actual,
-            // A QEMU without the command has no balloon either.
-            Err(e) if e.is_device_not_active() || e.is_command_not_found() => {
-                *lock(&self.balloon) = None;
-                return Ok(None);
-            }
-            Err(e) => return Err(error("query-balloon", e)),
+        let Some(actual) = self.query_actual(until).await? else {
+            return Ok(None);
         };
         match self
             .on_balloon(until, |path| self.read_device(path, actual, until))
@@ -152,6 +142,24 @@ impl QmpBackend {
                  /machine/peripheral or /machine/peripheral-anon"
                     .into(),
             )),
+        }
+    }
+
+    /// See [`MemoryBackend::balloon_actual`](crate::backend::MemoryBackend::balloon_actual):
+    /// `query-balloon` alone.
+    pub(super) async fn query_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        match self
+            .qmp
+            .query_balloon(self.timeouts.command_until(until))
+            .await
+        {
+            Ok(info) => Ok(Some(info.actual)),
+            // A QEMU without the command has no balloon either.
+            Err(e) if e.is_device_not_active() || e.is_command_not_found() => {
+                *lock(&self.balloon) = None;
+                Ok(None)
+            }
+            Err(e) => Err(error("query-balloon", e)),
         }
     }
 
