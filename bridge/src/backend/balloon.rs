@@ -75,3 +75,23 @@ impl BalloonStats {
 pub fn reported(value: u64) -> Option<u64> {
     (value != u64::MAX).then_some(value)
 }
+
+/// The balloon's no-balloon refusal, for [`set_balloon`](super::MemoryBackend::set_balloon).
+pub fn no_balloon() -> super::BackendError {
+    super::BackendError::Refused {
+        step: "balloon".into(),
+        reason: "the VM has no virtio balloon".into(),
+    }
+}
+
+/// Refuses a target below `least` bytes before the hypervisor is asked: QEMU takes no 0
+/// (`Parameter 'target' expects a size`), libvirt nothing under 1 KiB.
+pub fn check_target(target: u64, least: u64) -> Result<(), super::BackendError> {
+    if target < least {
+        return Err(super::BackendError::Refused {
+            step: "balloon".into(),
+            reason: format!("a balloon target of {target} bytes: at least {least} is needed"),
+        });
+    }
+    Ok(())
+}

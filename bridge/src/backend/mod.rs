@@ -377,10 +377,7 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
     /// it and QEMU's `actual` follows. A VM without a balloon is refused.
     async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
         let _ = (target, until);
-        Err(BackendError::Refused {
-            step: "balloon".into(),
-            reason: "the VM has no virtio balloon".into(),
-        })
+        Err(balloon::no_balloon())
     }
 
     /// The guest balloon driver's statistics, asking the hypervisor for them every

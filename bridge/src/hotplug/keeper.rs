@@ -26,7 +26,7 @@ use qga_wire::{schema::GuestMemoryOnlineType, sync::lock};
 use tokio::time::Instant;
 
 use super::{
-    Done, Effect, Hotplug, Operation, Target,
+    Done, Effect, Hotplug, Operation, Target, balloon,
     ctx::{Ctx, describe},
     layout::{BlockState, Dimm, GuestView},
     report::Background,
@@ -61,6 +61,7 @@ fn desired(dimm: &Dimm, online_type: Option<GuestMemoryOnlineType>) -> Option<De
         first_block: first,
         blocks: dimm.blocks.len() as u64,
         online_type: online_type.or(Some(GuestMemoryOnlineType::OnlineMovable)),
+        held_bytes: None,
     })
 }
 
@@ -119,7 +120,7 @@ impl Hotplug {
             ..Pass::default()
         };
         let (mut missing, mut present) = (false, None);
-        for d in wanted {
+        for d in wanted.iter().filter(|d| d.kind != Kind::Balloon) {
             if background.caller_waits() {
                 pass.complete = false;
                 break;
@@ -130,7 +131,7 @@ impl Hotplug {
                     .range()
                     .filter(|&i| view.block(i).state == BlockState::Absent)
                     .count(),
-                Kind::VirtioMem => 0,
+                Kind::VirtioMem | Kind::Balloon => 0,
             };
             if offline.is_empty() && absent == 0 {
                 continue;
@@ -163,10 +164,42 @@ impl Hotplug {
             pass.restored += onlined;
             pass.complete &= absent == 0 && onlined == offline.len();
         }
+        if let Some(held) = wanted.iter().find_map(|d| d.held_bytes)
+            && !background.caller_waits()
+        {
+            self.keep_balloon(&ctx, held).await?;
+        }
         self.metrics
             .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
         self.pending(&ctx.vm, started, missing, pass.complete);
         Ok(pass)
+    }
+
+    /// Sets VM's balloon again where it holds less than the `held` bytes kept (see
+    /// [`balloon::reapply`]); reported when it does.
+    async fn keep_balloon(&self, ctx: &Ctx, held: u64) -> Result<(), BridgeError> {
+        let sizes = balloon::sizes(ctx).await?;
+        let floor = self.settings.balloon.floor_bytes;
+        let kept = balloon::reapply(ctx.backend.as_ref(), sizes, held, floor, ctx.deadline).await;
+        let (set, error) = match kept {
+            Ok(balloon::Kept::AsIs) => return Ok(()),
+            Ok(balloon::Kept::SetAgain { held, value }) => ((held, value), None),
+            Err(e) => ((held, sizes.ram.saturating_sub(held)), Some(e.to_string())),
+        };
+        self.witness.saw(&Background::Ballooned {
+            vm: &ctx.vm,
+            held: set.0,
+            target: set.1,
+            error: error.clone(),
+        });
+        tracing::info!(
+            vm = ctx.vm,
+            held = set.0,
+            target = set.1,
+            error,
+            "set the balloon again to hold the size the bridge keeps"
+        );
+        Ok(())
     }
 
     /// The offline blocks of `d` in `view`; counts its blocks in the wrong zone.
