@@ -384,3 +384,38 @@ async fn a_guest_without_a_balloon_has_none_and_memory_balloon_is_refused() {
         format!("a VM without a balloon is a hotplug FAILED_PRECONDITION (-32007): {e}")
     });
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_qemu_gets_the_balloon_the_bridge_keeps() {
+    // A guest reboot keeps QEMU's target (QEMU and the guest's driver inflate the balloon
+    // again by themselves); a new QEMU starts with the balloon empty, and only the bridge,
+    // which keeps the balloon's size, can set it again.
+    let mut guest = boot_with(GuestConfig {
+        balloon: true,
+        ..GuestConfig::new("ours", "online_movable")
+    });
+    let (_bridge, c) = behind_bridge(&guest).await;
+    let mut t = Timings::default();
+    let start_kib = mem_total(&guest);
+    let boot = balloon_empty_at_boot(&guest, &c).await;
+    inflate_by_256_mib(&guest, &c, boot, start_kib, &mut t).await;
+    let restarted = guest.restart_qemu();
+    ok(&guest, "a new QEMU", restarted);
+    let since = Instant::now();
+    actual_becomes(
+        &guest,
+        boot - HELD,
+        "the kept balloon set again in the new QEMU",
+    )
+    .await;
+    t.record("new QEMU booted to the balloon held again", since.elapsed());
+    // A new boot's own MemTotal may differ by a page from the last one's: within the slack.
+    let kib = mem_total_near(&guest, start_kib - HELD / 1024, "MemTotal down again").await;
+    eprintln!("e2e: MemTotal {kib} KiB in the new QEMU with the kept 256 MiB");
+    let b = layout_balloon(&guest, &c).await;
+    check(
+        &guest,
+        b["held-bytes"] == HELD && b["kept-bytes"] == HELD,
+        || format!("the layout's balloon holds the kept 256 MiB: {b}"),
+    );
+}
