@@ -21,6 +21,10 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// the answer to a command. Generous: a TCG guest on a loaded machine is slow to schedule.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The balloon device a [`GuestConfig::balloon`] guest has (as `tests/guest/run-qemu` with
+/// `BALLOON=on`).
+pub const BALLOON_DEVICE: &str = "virtio-balloon-pci,id=balloon0,free-page-reporting=on";
+
 /// Which agent the guest runs, and how it onlines memory.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -37,6 +41,10 @@ pub struct GuestConfig {
     /// A `virtio-mem-pci` device `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at
     /// boot) on a RAM backend of its own; the guest loads `virtio_mem`.
     pub virtio_mem: bool,
+    /// A `virtio-balloon-pci` device `balloon0` with free page reporting and without
+    /// deflate-on-oom (the balloon's pages leave the guest's MemTotal); the guest loads
+    /// `virtio_balloon`.
+    pub balloon: bool,
 }
 
 impl GuestConfig {
@@ -48,6 +56,7 @@ impl GuestConfig {
             extra_append: "",
             reboot: false,
             virtio_mem: false,
+            balloon: false,
         }
     }
 }
@@ -300,6 +309,24 @@ impl GuestControl {
             .with_context(|| format!("QEMU lists no virtio-mem device {id}: {devices:?}"))
     }
 
+    /// QEMU's balloon (`query-balloon`) through the test's own QMP socket: `actual`, the
+    /// memory the guest has with the balloon's pages taken out, in bytes.
+    pub fn balloon_actual(&self) -> anyhow::Result<u64> {
+        let balloon = self.qmp()?.execute("query-balloon", None)?;
+        balloon["actual"]
+            .as_u64()
+            .with_context(|| format!("query-balloon answered no actual: {balloon}"))
+    }
+
+    /// Asks the balloon for a logical size of `bytes` (QMP `balloon`: boot memory and
+    /// DIMMs, less what the balloon is to hold), through the test's own QMP socket. QEMU
+    /// answers at once; the guest's driver inflates or deflates after.
+    pub fn set_balloon(&self, bytes: u64) -> anyhow::Result<()> {
+        self.qmp()?
+            .execute("balloon", Some(json!({"value": bytes})))
+            .map(|_| ())
+    }
+
     /// Resets the guest (`system_reset`), as a guest reboot does: QEMU keeps its devices,
     /// hot-plugged DIMMs included, and the guest kernel boots again.
     pub fn system_reset(&self) -> anyhow::Result<()> {
@@ -428,8 +455,8 @@ impl Guest {
         append
     }
 
-    /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device if
-    /// configured), the console to a file, and the control, QGA and two QMP sockets.
+    /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device and a
+    /// balloon if configured), the console to a file, and the control, QGA and two QMP sockets.
     fn qemu_command(&self) -> Command {
         let sockets = self.control();
         let mut qemu = Command::new("qemu-system-x86_64");
@@ -448,6 +475,11 @@ impl Guest {
                     "-device",
                     "virtio-mem-pci,id=vmem0,memdev=vmem0-ram,node=0,block-size=2M,requested-size=0",
                 ][..]
+            } else {
+                &[][..]
+            })
+            .args(if self.config.balloon {
+                &["-device", BALLOON_DEVICE][..]
             } else {
                 &[][..]
             })
