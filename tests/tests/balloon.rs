@@ -8,7 +8,7 @@
 //! tests/guest/build-image); fails, never skips, without them. Run one at a time (see
 //! .config/nextest.toml): each boots a guest.
 
-use std::{fmt::Display, ops::ControlFlow, time::Instant};
+use std::{fmt::Display, ops::ControlFlow, path::Path, time::Instant};
 
 use qga_e2e::{
     bridge::{BridgeProcess, Clients, RpcError},
@@ -385,20 +385,98 @@ async fn a_guest_without_a_balloon_has_none_and_memory_balloon_is_refused() {
     });
 }
 
+/// A bridge in front of `guest` on the journal in `state`, killing itself (SIGKILL, the
+/// bridge's test-only hook `qga_bridge::fault::KILL_AFTER_STEP`) as step `dying_after`
+/// completes, if given.
+async fn bridge_on(
+    guest: &Guest,
+    state: &Path,
+    dying_after: Option<&str>,
+) -> (BridgeProcess, Clients) {
+    let args = vec![
+        "--qmp".to_string(),
+        format!("vm1={}", guest.qmp_bridge_socket().display()),
+        "--state-dir".to_string(),
+        state.display().to_string(),
+    ];
+    let env = dying_after
+        .map(|step| {
+            (
+                "QGA_BRIDGE_TEST_KILL_AFTER_STEP".to_string(),
+                step.to_string(),
+            )
+        })
+        .into_iter()
+        .collect();
+    let bridge = BridgeProcess::start_with_env(&[("vm1", &guest.qga_socket())], args, env)
+        .await
+        .expect("bridge");
+    let c = bridge.clients().await.expect("clients");
+    let answered = scenario::ping_until_ok(&c, "vm1", PATIENCE).await;
+    ok(
+        guest,
+        "agent answers through the bridge",
+        answered.map_err(|e| format!("{e:#}")),
+    );
+    (bridge, c)
+}
+
+/// `memory-balloon` to `target` on a bridge that dies once it has asked QEMU; a new bridge
+/// on the same journal answers the retry as interrupted, and QEMU's balloon gets there.
+async fn killed_during_balloon(
+    guest: &Guest,
+    state: &Path,
+    target: u64,
+) -> (BridgeProcess, Clients) {
+    let (dying, c) = bridge_on(guest, state, Some("balloon")).await;
+    let params = json!({"vm": "vm1", "target": target, "request-id": "balloon-1"});
+    let r = c.rpc_full("memory-balloon", params.clone()).await;
+    check(guest, matches!(&r, Err(e) if e.code == 0), || {
+        format!("memory-balloon dies with its bridge once QEMU was asked: {r:?}")
+    });
+    drop(dying);
+    let (bridge, c) = bridge_on(guest, state, None).await;
+    let since = Instant::now();
+    let retry = loop {
+        let r = c.rpc_full("memory-balloon", params.clone()).await;
+        match &r {
+            // Not recovered yet (the keeper's first pass or this retry recovers it).
+            Err(e) if e.code == -32011 && since.elapsed() < PATIENCE => {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            _ => break r,
+        }
+    };
+    eprintln!("e2e: memory-balloon killed after its balloon step: {retry:?}");
+    check(
+        guest,
+        matches!(&retry, Err(e) if e.code == -32007
+            && e.data.as_ref().is_some_and(|d| d["step"] == "interrupted")),
+        || format!("the retry is answered as interrupted, not run again: {retry:?}"),
+    );
+    actual_becomes(guest, target, "the recovered balloon at its target").await;
+    (bridge, c)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_new_qemu_gets_the_balloon_the_bridge_keeps() {
-    // A guest reboot keeps QEMU's target (QEMU and the guest's driver inflate the balloon
-    // again by themselves); a new QEMU starts with the balloon empty, and only the bridge,
-    // which keeps the balloon's size, can set it again.
+async fn the_balloon_survives_a_killed_bridge_and_a_new_qemu() {
+    // A bridge killed during memory-balloon: the next one recovers the size it recorded.
+    // Then a new QEMU, which starts with the balloon empty (a guest reboot keeps QEMU's
+    // target, and QEMU and the guest's driver inflate the balloon again by themselves):
+    // only the bridge, which keeps the balloon's size, can set it again.
     let mut guest = boot_with(GuestConfig {
         balloon: true,
         ..GuestConfig::new("ours", "online_movable")
     });
-    let (_bridge, c) = behind_bridge(&guest).await;
+    let state = tempfile::tempdir().expect("state dir");
     let mut t = Timings::default();
     let start_kib = mem_total(&guest);
-    let boot = balloon_empty_at_boot(&guest, &c).await;
-    inflate_by_256_mib(&guest, &c, boot, start_kib, &mut t).await;
+    let boot = 512 << 20;
+    let (_bridge, c) = killed_during_balloon(&guest, state.path(), boot - HELD).await;
+    let b = layout_balloon(&guest, &c).await;
+    check(&guest, b["kept-bytes"] == HELD, || {
+        format!("the recovered balloon's size is kept: {b}")
+    });
     let restarted = guest.restart_qemu();
     ok(&guest, "a new QEMU", restarted);
     let since = Instant::now();
