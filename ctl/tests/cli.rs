@@ -276,7 +276,7 @@ async fn memory_stats_in_a_table_and_as_json() {
 async fn failures_are_one_line_with_the_servers_detail_and_an_exit_code() {
     let rig = Rig::start(|_, _| {}).await;
     let e = rig.endpoint("http");
-    let cases: [(&[&str], i32, &str); 7] = [
+    let cases: [(&[&str], i32, &str); 8] = [
         (&["blocks", "nosuch"], 25, "NOT_FOUND: unknown VM 'nosuch'"),
         (
             &["memory", "plug", "vm", "512MiB"],
@@ -285,6 +285,11 @@ async fn failures_are_one_line_with_the_servers_detail_and_an_exit_code() {
         ),
         (&["memory", "unplug", "vm", "qga-dimm7"], 25, "NOT_FOUND"),
         (&["memory", "resize", "vm", "100"], 23, "INVALID_ARGUMENT"),
+        (
+            &["memory", "balloon", "vm", "256MiB"],
+            29,
+            "the VM has no virtio balloon",
+        ),
         (&["memory", "layout", "plain"], 29, "no QMP socket"),
         (&["memory", "plug", "vm", "lots"], 2, "is not a size"),
         (&["set", "vm", "5=up"], 2, "INDEX=online or INDEX=offline"),
