@@ -32,6 +32,9 @@ struct Model {
     /// The driver gives no more than this (a guest that cannot give memory up).
     lowest: u64,
     interval: u64,
+    /// QEMU refuses `balloon`.
+    refuse: bool,
+    deflate_on_oom: bool,
 }
 
 impl Model {
@@ -56,6 +59,7 @@ impl Model {
             "query-memory-size-summary" => qmp::ok(json!({"base-memory": RAM})),
             "query-memory-devices" | "query-memdev" => qmp::ok(json!([])),
             "query-balloon" => qmp::ok(json!({"actual": self.read()})),
+            "balloon" if self.refuse => qmp::error("GenericError", "this QEMU refuses balloon"),
             "balloon" => {
                 self.target = args["value"].as_u64().unwrap_or(0).min(RAM);
                 qmp::ok(json!({}))
@@ -65,7 +69,7 @@ impl Model {
             }
             "qom-list" => qmp::ok(json!([])),
             "qom-get" => qmp::ok(match prop {
-                "deflate-on-oom" => json!(false),
+                "deflate-on-oom" => json!(self.deflate_on_oom),
                 "free-page-reporting" => json!(true),
                 "guest-stats-polling-interval" => json!(self.interval),
                 "guest-stats" => json!({"last-update": 1_764_021_600u64, "stats": {
@@ -98,6 +102,8 @@ async fn rig(step: u64, tweak: impl FnOnce(&mut qga_bridge::Config)) -> Rig {
         step,
         lowest: 0,
         interval: 0,
+        refuse: false,
+        deflate_on_oom: false,
     }));
     let m = model.clone();
     let qmp = FakeQmp::start(&q, move |command, args| {
@@ -312,6 +318,79 @@ async fn the_keeper_sets_an_emptied_balloon_again() {
         match r.model.lock().expect("model").read() {
             a if a == 384 * MIB => ControlFlow::Break(()),
             a => ControlFlow::Continue(format!("actual {a}")),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_balloon_keeps_the_size_kept_before() {
+    let r = rig(64 * MIB, |_| {}).await;
+    let c = clients(&r.bridge).await;
+    let target = json!({"vm": "vm", "target": 384 * MIB});
+    rpc(&c.http, "memory-balloon", target)
+        .await
+        .expect("ballooned");
+    r.model.lock().expect("model").refuse = true;
+    let refused = rpc(
+        &c.http,
+        "memory-balloon",
+        json!({"vm": "vm", "target": 256 * MIB}),
+    )
+    .await;
+    let Err((-32007, message, _)) = &refused else {
+        panic!("QEMU's refusal: {refused:?}");
+    };
+    assert!(message.contains("this QEMU refuses balloon"), "{message}");
+    let layout = rpc(&c.http, "memory-layout", json!({"vm": "vm"}))
+        .await
+        .expect("layout");
+    assert_eq!(
+        layout["balloon"]["kept-bytes"],
+        128 * MIB,
+        "the size kept before: {layout}"
+    );
+}
+
+#[tokio::test]
+async fn with_deflate_on_oom_the_keeper_sets_only_an_empty_balloon_again() {
+    let r = rig(64 * MIB, |c| c.hotplug.restore_interval_ms = 50).await;
+    r.model.lock().expect("model").deflate_on_oom = true;
+    let c = clients(&r.bridge).await;
+    rpc(
+        &c.http,
+        "memory-balloon",
+        json!({"vm": "vm", "target": 256 * MIB}),
+    )
+    .await
+    .expect("ballooned");
+    // The guest takes 128 MiB back under memory pressure: its own business.
+    {
+        let mut m = r.model.lock().expect("model");
+        (m.lowest, m.actual) = (384 * MIB, 384 * MIB);
+    }
+    let passes = r.qmp.count("query-memory-size-summary");
+    eventually("a few keeper passes", || async {
+        match r.qmp.count("query-memory-size-summary") {
+            n if n >= passes + 3 => ControlFlow::Break(()),
+            n => ControlFlow::Continue(format!("{n} summaries")),
+        }
+    })
+    .await;
+    assert_eq!(
+        r.qmp.count("balloon"),
+        1,
+        "not set again while it holds some"
+    );
+    // A new QEMU: the balloon is empty, and is set again.
+    {
+        let mut m = r.model.lock().expect("model");
+        (m.lowest, m.target, m.actual) = (0, RAM, RAM);
+    }
+    eventually("the empty balloon set again", || async {
+        match r.qmp.asked("balloon").as_slice() {
+            [_, again] => ControlFlow::Break(again.clone()),
+            other => ControlFlow::Continue(format!("{other:?}")),
         }
     })
     .await;

@@ -87,7 +87,7 @@ fn bridge(b: &pb::BridgeMemoryTotals) -> String {
             ("boot", exact(b.boot_bytes)),
             ("plugged", exact(b.plugged_bytes)),
             ("total", exact(b.total_bytes)),
-            ("usable", exact(b.usable_bytes)),
+            ("usable", b.usable_bytes.map_or_else(|| "-".into(), exact)),
         ])
 }
 

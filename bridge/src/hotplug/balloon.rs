@@ -28,7 +28,7 @@ use super::{
     desired::{Desired, Kind},
 };
 use crate::{
-    backend::{BalloonDevice, MemoryBackend},
+    backend::{BackendError, BalloonDevice, MemoryBackend},
     error::BridgeError,
 };
 
@@ -121,6 +121,12 @@ impl Sizes {
         self.total.saturating_sub(held)
     }
 
+    /// What a balloon kept at `want` bytes holds of these sizes: `want`, less where the
+    /// guest would be left below `floor` (after an unplug, say).
+    pub fn keeps(&self, want: u64, floor: u64) -> u64 {
+        want.min(self.most_held(floor))
+    }
+
     /// The most the balloon may hold: the guest keeps `floor` of its memory in all, and
     /// QEMU's target stays at least a grain.
     pub fn most_held(&self, floor: u64) -> u64 {
@@ -133,10 +139,14 @@ impl Sizes {
 /// The VM's sizes, from its hypervisor.
 pub async fn sizes(ctx: &Ctx) -> Result<Sizes, BridgeError> {
     let memory = ctx.memory().await?;
-    let dimms: u64 = ctx.dimms().await?.iter().map(|d| d.size).sum();
+    let dimms = ctx
+        .dimms()
+        .await?
+        .iter()
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
     Ok(Sizes {
-        ram: memory.boot + dimms,
-        total: memory.boot + memory.plugged,
+        ram: memory.boot.saturating_add(dimms),
+        total: memory.boot.saturating_add(memory.plugged),
     })
 }
 
@@ -205,10 +215,20 @@ pub async fn balloon(ctx: &mut Ctx, target: u64) -> Result<Ballooned, BridgeErro
     let held = check(target, sizes, ctx.balloon.floor_bytes)?;
     let value = sizes.ram - held;
     // The size is desired before it is asked for: a bridge that stops now keeps it.
-    ctx.want(kept(held)).await?;
+    let before = kept_size(ctx)?;
+    keep(ctx, held).await?;
     let start = Instant::now();
-    let set = ctx.backend.set_balloon(value, ctx.deadline).await;
-    set.map_err(|e| ctx.backend_error(e))?;
+    if let Err(e) = ctx.backend.set_balloon(value, ctx.deadline).await {
+        // Refused, or the hypervisor is gone: nothing was asked, nothing is kept anew. An
+        // unanswered request may have been taken: its size stays kept.
+        if !matches!(e, BackendError::Timeout { .. }) {
+            match before {
+                Some(size) => keep(ctx, size).await?,
+                None => forget(ctx).await?,
+            }
+        }
+        return Err(ctx.backend_error(e));
+    }
     ctx.step(
         "balloon",
         start,
@@ -237,11 +257,18 @@ pub async fn balloon(ctx: &mut Ctx, target: u64) -> Result<Ballooned, BridgeErro
     })
 }
 
-/// Waits until QEMU's `actual` is `value`, or stands still for `balloon.stall_ms`, or the
-/// operation's deadline comes; where it is then.
+/// Waits until QEMU's `actual` is `value`, or comes no closer to it for
+/// `balloon.stall_ms` (a balloon going back and forth does not hold the VM longer), or
+/// the operation's deadline is one hypervisor command away (the withdrawal's); where it
+/// is then.
 async fn wait(ctx: &Ctx, value: u64) -> Result<u64, BridgeError> {
     let stall = Duration::from_millis(ctx.balloon.stall_ms);
-    let (mut last, mut moved) = (None, Instant::now());
+    let command = Duration::from_millis(ctx.settings.hypervisor_timeout_ms);
+    let end = ctx
+        .deadline
+        .checked_sub(command)
+        .unwrap_or_else(Instant::now);
+    let (mut best, mut moved) = (u64::MAX, Instant::now());
     loop {
         let read = ctx.backend.balloon_actual(ctx.deadline).await;
         let actual = read
@@ -250,11 +277,12 @@ async fn wait(ctx: &Ctx, value: u64) -> Result<u64, BridgeError> {
         if actual == value {
             return Ok(actual);
         }
-        if last != Some(actual) {
-            (last, moved) = (Some(actual), Instant::now());
+        let distance = actual.abs_diff(value);
+        if distance < best {
+            (best, moved) = (distance, Instant::now());
         }
         let now = Instant::now();
-        if now.duration_since(moved) >= stall || now + POLL >= ctx.deadline {
+        if now.duration_since(moved) >= stall || now + POLL >= end {
             return Ok(actual);
         }
         tokio::time::sleep(POLL).await;
@@ -264,13 +292,16 @@ async fn wait(ctx: &Ctx, value: u64) -> Result<u64, BridgeError> {
 /// Withdraws the rest of a request QEMU's `actual` stopped short of (`value`): the
 /// target set to where it stands and that size kept; the error that says so.
 async fn stalled(ctx: &mut Ctx, sizes: Sizes, value: u64, actual: u64) -> BridgeError {
-    let held = sizes.held(actual);
+    // `actual` is the guest driver's word: never kept past what the floor allows.
+    let held = sizes
+        .held(actual)
+        .min(sizes.most_held(ctx.balloon.floor_bytes));
     let withdrawn = match ctx
         .backend
-        .set_balloon(actual.max(GRAIN), ctx.deadline)
+        .set_balloon(sizes.ram - held, ctx.deadline)
         .await
     {
-        Ok(()) => ctx.want(kept(held)).await.map(|()| "withdrawn".to_string()),
+        Ok(()) => keep(ctx, held).await.map(|()| "withdrawn".to_string()),
         Err(e) => Ok(format!("not withdrawn ({e})")),
     };
     let withdrawn = match withdrawn {
@@ -312,9 +343,9 @@ pub async fn rebalance(ctx: &mut Ctx) -> Result<(), BridgeError> {
             .map_err(|e| ctx.hotplug_error("journal", e.to_string()));
     };
     let sizes = sizes(ctx).await?;
-    let held = want.min(sizes.most_held(ctx.balloon.floor_bytes));
+    let held = sizes.keeps(want, ctx.balloon.floor_bytes);
     if held != want {
-        ctx.want(kept(held)).await?;
+        keep(ctx, held).await?;
         ctx.warnings.push(format!(
             "the balloon held {want} bytes; it now holds {held}, so that the guest keeps its \
              floor ({} bytes) of the VM's {} bytes",
@@ -339,8 +370,25 @@ pub async fn rebalance(ctx: &mut Ctx) -> Result<(), BridgeError> {
     Ok(())
 }
 
+/// Records that the bridge keeps the VM's balloon at `held` bytes (an empty one: nothing
+/// to keep).
+async fn keep(ctx: &Ctx, held: u64) -> Result<(), BridgeError> {
+    if held == 0 {
+        return forget(ctx).await;
+    }
+    ctx.want(kept(held)).await
+}
+
+/// Records that the bridge keeps no balloon size for the VM.
+async fn forget(ctx: &Ctx) -> Result<(), BridgeError> {
+    ctx.journal
+        .unwant(&ctx.vm, KEY)
+        .await
+        .map_err(|e| ctx.hotplug_error("journal", e.to_string()))
+}
+
 /// The balloon size the bridge keeps for the VM, if any.
-fn kept_size(ctx: &Ctx) -> Result<Option<u64>, BridgeError> {
+pub fn kept_size(ctx: &Ctx) -> Result<Option<u64>, BridgeError> {
     let wanted: Vec<Desired> = ctx
         .journal
         .wanted_by(&ctx.vm)
@@ -351,43 +399,28 @@ fn kept_size(ctx: &Ctx) -> Result<Option<u64>, BridgeError> {
         .and_then(|d| d.held_bytes))
 }
 
-/// What the keeper did with a VM's balloon.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Kept {
-    /// It holds about what is kept, or is left to the guest (see [`reapply`]).
-    AsIs,
-    /// It was set again to hold `held` bytes (QEMU's target `value`).
-    SetAgain {
-        /// Bytes the balloon is to hold.
-        held: u64,
-        /// QEMU's target.
-        value: u64,
-    },
-}
-
-/// The keeper's check of a balloon kept at `want` bytes, through `backend`: where it holds
-/// less than kept by more than a grain and the guest cannot have let it go on its own
-/// (with `deflate-on-oom` it may deflate under memory pressure: only an empty balloon, a
-/// reset or a new QEMU, is set again there), sets it again. Does not wait for the guest.
-pub async fn reapply(
+/// The keeper's check of a balloon kept at `want` bytes, through `backend`: where it
+/// holds less than that by more than a grain and the guest cannot have let it go on its
+/// own (with `deflate-on-oom` it may deflate under memory pressure: only an empty
+/// balloon — a reset, a new QEMU — counts there), what it is to hold and QEMU's target
+/// for that; `None` where it is as kept, or there is no balloon.
+pub async fn short(
     backend: &dyn MemoryBackend,
     sizes: Sizes,
     want: u64,
     floor: u64,
     until: Instant,
-) -> Result<Kept, crate::backend::BackendError> {
+) -> Result<Option<(u64, u64)>, BackendError> {
     let Some(device) = backend.balloon(until).await? else {
-        return Ok(Kept::AsIs);
+        return Ok(None);
     };
-    let held = want.min(sizes.most_held(floor));
+    let held = sizes.keeps(want, floor);
     let now = sizes.held(device.actual);
-    let short = now + GRAIN < held;
+    let short = now.saturating_add(GRAIN) < held;
     if !short || (device.deflate_on_oom && now > 0) {
-        return Ok(Kept::AsIs);
+        return Ok(None);
     }
-    let value = sizes.ram - held;
-    backend.set_balloon(value, until).await?;
-    Ok(Kept::SetAgain { held, value })
+    Ok(Some((held, sizes.ram - held)))
 }
 
 #[cfg(test)]
@@ -440,7 +473,7 @@ mod tests {
         let before = sizes(512 * MIB, 0, 0);
         let held = check(256 * MIB, before, 256 * MIB).expect("allowed");
         let after = sizes(512 * MIB, 512 * MIB, 0);
-        assert_eq!(held.min(after.most_held(256 * MIB)), held);
+        assert_eq!(after.keeps(held, 256 * MIB), held);
         assert_eq!(after.ram - held, 768 * MIB);
         assert_eq!(after.usable(held), 768 * MIB);
         // 700 MiB held of 1 GiB; the DIMM unplugged: the guest keeps its floor.
@@ -448,7 +481,7 @@ mod tests {
         let held = check(324 * MIB, plugged, 256 * MIB).expect("allowed");
         assert_eq!(held, 700 * MIB);
         let unplugged = sizes(512 * MIB, 0, 0);
-        let kept = held.min(unplugged.most_held(256 * MIB));
+        let kept = unplugged.keeps(held, 256 * MIB);
         assert_eq!((kept, unplugged.usable(kept)), (256 * MIB, 256 * MIB));
     }
 }

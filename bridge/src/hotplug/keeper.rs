@@ -41,6 +41,28 @@ use crate::{
 #[derive(Debug, Default)]
 pub struct Pending(Mutex<HashMap<String, Instant>>);
 
+/// The balloon targets the keeper set, per VM, and when: the same target is not set
+/// again within [`BALLOON_AGAIN`] (a guest that cannot reach it, a driver not loaded yet).
+#[derive(Debug, Default)]
+pub struct BalloonSets(Mutex<HashMap<String, (u64, Instant)>>);
+
+/// How long the keeper leaves a balloon target it set before setting it again.
+const BALLOON_AGAIN: Duration = Duration::from_secs(60);
+
+impl BalloonSets {
+    /// Whether target `value` is to be set on VM `vm` now; if so, noted as set.
+    fn due(&self, vm: &str, value: u64) -> bool {
+        let mut sets = lock(&self.0);
+        let due = sets
+            .get(vm)
+            .is_none_or(|&(v, at)| v != value || at.elapsed() >= BALLOON_AGAIN);
+        if due {
+            sets.insert(vm.to_string(), (value, Instant::now()));
+        }
+        due
+    }
+}
+
 /// What one pass over a VM did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Pass {
@@ -113,12 +135,21 @@ impl Hotplug {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.hotplug.appear_timeout_ms);
         let ctx = self.ctx(target.vm, &memory, target.session, Some(deadline));
-        let (pass, missing) = self.restore_blocks(&ctx, wanted, &background).await?;
-        if let Some(held) = wanted.iter().find_map(|d| d.held_bytes)
-            && !background.caller_waits()
+        // The balloon needs the hypervisor only, not the agent: checked first, with its
+        // size read now that the VM is held (a caller's memory-balloon may just have
+        // changed it).
+        if wanted.iter().any(|d| d.kind == Kind::Balloon)
+            && let Err(e) = self.keep_balloon(&ctx).await
         {
-            self.keep_balloon(&ctx, held).await?;
+            tracing::debug!(vm = ctx.vm, error = %e, "memory keeper: balloon not checked");
         }
+        if !wanted.iter().any(|d| d.kind != Kind::Balloon) {
+            return Ok(Pass {
+                complete: true,
+                ..Pass::default()
+            });
+        }
+        let (pass, missing) = self.restore_blocks(&ctx, wanted, &background).await?;
         self.metrics
             .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
         self.pending(&ctx.vm, started, missing, pass.complete);
@@ -189,27 +220,34 @@ impl Hotplug {
         Ok((pass, missing))
     }
 
-    /// Sets VM's balloon again where it holds less than the `held` bytes kept (see
-    /// [`balloon::reapply`]); reported when it does.
-    async fn keep_balloon(&self, ctx: &Ctx, held: u64) -> Result<(), BridgeError> {
+    /// Sets the VM's balloon again where it holds less than the size kept (see
+    /// [`balloon::short`]), at most once a minute for the same target; reported when it
+    /// does.
+    async fn keep_balloon(&self, ctx: &Ctx) -> Result<(), BridgeError> {
+        let Some(want) = balloon::kept_size(ctx)? else {
+            return Ok(());
+        };
         let sizes = balloon::sizes(ctx).await?;
         let floor = self.settings.balloon.floor_bytes;
-        let kept = balloon::reapply(ctx.backend.as_ref(), sizes, held, floor, ctx.deadline).await;
-        let (set, error) = match kept {
-            Ok(balloon::Kept::AsIs) => return Ok(()),
-            Ok(balloon::Kept::SetAgain { held, value }) => ((held, value), None),
-            Err(e) => ((held, sizes.ram.saturating_sub(held)), Some(e.to_string())),
+        let short = balloon::short(ctx.backend.as_ref(), sizes, want, floor, ctx.deadline).await;
+        let Some((held, value)) = short.map_err(|e| ctx.backend_error(e))? else {
+            return Ok(());
         };
+        if !self.balloon_sets.due(&ctx.vm, value) {
+            return Ok(());
+        }
+        let set = ctx.backend.set_balloon(value, ctx.deadline).await;
+        let error = set.err().map(|e| e.to_string());
         self.witness.saw(&Background::Ballooned {
             vm: &ctx.vm,
-            held: set.0,
-            target: set.1,
+            held,
+            target: value,
             error: error.clone(),
         });
         tracing::info!(
             vm = ctx.vm,
-            held = set.0,
-            target = set.1,
+            held,
+            target = value,
             error,
             "set the balloon again to hold the size the bridge keeps"
         );

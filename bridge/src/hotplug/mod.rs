@@ -185,6 +185,8 @@ pub struct Hotplug {
     journal: Journal,
     /// The keeper's restores under way.
     pending: Arc<keeper::Pending>,
+    /// The balloon targets the keeper set.
+    balloon_sets: Arc<keeper::BalloonSets>,
 }
 
 /// The refusal for a VM without a memory backend.
@@ -272,6 +274,7 @@ impl Hotplug {
             metrics,
             journal,
             pending: Arc::default(),
+            balloon_sets: Arc::default(),
         }
     }
 
@@ -329,7 +332,13 @@ impl Hotplug {
         let vmem = ctx.virtio_mem().await?;
         let guest = ctx.guest(caps).await?;
         let mut layout = layout::build(block_size, boot, &devices, &vmem, &guest);
-        layout.balloon = balloon::view(&ctx).await?;
+        // A balloon that cannot be read does not cost the rest of the layout.
+        match balloon::view(&ctx).await {
+            Ok(b) => layout.balloon = b,
+            Err(e) => layout
+                .warnings
+                .push(format!("the VM's virtio balloon cannot be read: {e}")),
+        }
         Ok(layout)
     }
 

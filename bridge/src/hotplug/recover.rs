@@ -178,8 +178,11 @@ impl Hotplug {
         if entries
             .iter()
             .any(|(_, e)| e.method == hotplug_method::BALLOON)
+            && let Err(e) = balloon::rebalance(&mut ctx).await
         {
-            balloon::rebalance(&mut ctx).await?;
+            // The other operations' outcomes are recorded all the same; the keeper sets
+            // the balloon again.
+            tracing::warn!(vm, error = %e, "cannot ask for the recorded balloon size again");
         }
         let mut outcomes = Vec::new();
         for (raw, entry) in entries {

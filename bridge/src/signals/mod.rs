@@ -199,7 +199,12 @@ impl Signals {
             // Old numbers would read as current: an agent without stats has no gauges.
             None => self.metrics.guest_memory_gone(t.vm, t.session.claim()),
         }
-        let actual = snapshot.balloon.as_ref().ok().map(|b| b.actual);
+        let actual = snapshot
+            .balloon
+            .as_ref()
+            .ok()
+            .and_then(|b| b.as_ref())
+            .map(|b| b.actual);
         self.metrics.balloon_actual(t.vm, t.session.claim(), actual);
         {
             let mut lacking = lock(&t.signals.lacking);
@@ -243,7 +248,10 @@ async fn hypervisor(
     memory: &Option<Arc<VmMemory>>,
     interval: u64,
     until: Instant,
-) -> (Result<MemorySize, String>, Result<BalloonReading, String>) {
+) -> (
+    Result<MemorySize, String>,
+    Result<Option<BalloonReading>, String>,
+) {
     let Some(memory) = memory else {
         let why = "the VM has no hypervisor backend (no QMP socket or libvirt domain), so \
                    the bridge cannot tell its memory";
@@ -258,12 +266,7 @@ async fn hypervisor(
         }
     };
     let balloon = balloon(backend.as_ref(), size, interval, until).await;
-    (
-        Ok(size),
-        balloon
-            .map_err(|e| named(vm, e).to_string())
-            .and_then(|b| b.ok_or_else(|| "the VM has no virtio balloon".to_string())),
-    )
+    (Ok(size), balloon.map_err(|e| named(vm, e).to_string()))
 }
 
 /// The VM's balloon with its driver's statistics (asked for every `interval` seconds
@@ -278,12 +281,19 @@ async fn balloon(
         return Ok(None);
     };
     // QEMU's balloon counts boot memory and DIMMs, not virtio-mem.
-    let dimms: u64 = backend.dimms(until).await?.iter().map(|d| d.size).sum();
+    let dimms = backend
+        .dimms(until)
+        .await?
+        .iter()
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
     let stats = backend.balloon_stats(interval, until).await?;
     Ok(Some(BalloonReading {
         id: device.id,
         actual: device.actual,
-        held: (size.boot + dimms).saturating_sub(device.actual),
+        held: size
+            .boot
+            .saturating_add(dimms)
+            .saturating_sub(device.actual),
         stats: stats.filter(BalloonStats::reported),
     }))
 }

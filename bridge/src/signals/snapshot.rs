@@ -25,8 +25,8 @@ pub struct Snapshot {
     pub agent: Result<GuestMemoryStats, String>,
     /// The hypervisor's boot and plugged memory, or why there are none.
     pub bridge: Result<MemorySize, String>,
-    /// The VM's balloon, or why there is none.
-    pub balloon: Result<BalloonReading, String>,
+    /// The VM's balloon (`None`: it has none), or why it could not be read.
+    pub balloon: Result<Option<BalloonReading>, String>,
 }
 
 /// A VM's balloon at one instant.
@@ -87,15 +87,21 @@ impl Snapshot {
                     boot_bytes: m.boot,
                     plugged_bytes: m.plugged,
                     total_bytes: m.boot.saturating_add(m.plugged),
-                    usable_bytes: m.boot.saturating_add(m.plugged),
+                    usable_bytes: None,
                 }),
                 None,
             ),
             Err(why) => (None, Some(why.clone())),
         };
-        let held = self.balloon.as_ref().map_or(0, |b| b.held);
+        // What the guest may use is known where the balloon is (or there is none).
+        let held = self
+            .balloon
+            .as_ref()
+            .ok()
+            .map(|b| b.as_ref().map_or(0, |b| b.held));
         let (balloon, balloon_unavailable) = match &self.balloon {
-            Ok(b) => (
+            Ok(None) => (None, Some("the VM has no virtio balloon".to_string())),
+            Ok(Some(b)) => (
                 Some(BalloonPart {
                     age_ms,
                     id: b.id.clone(),
@@ -112,7 +118,7 @@ impl Snapshot {
             agent,
             agent_stats_unavailable,
             bridge: bridge.map(|b| BridgeTotals {
-                usable_bytes: b.total_bytes.saturating_sub(held),
+                usable_bytes: held.map(|h| b.total_bytes.saturating_sub(h)),
                 ..b
             }),
             bridge_totals_unavailable,
@@ -198,8 +204,10 @@ pub struct BridgeTotals {
     pub plugged_bytes: u64,
     /// Boot plus plugged.
     pub total_bytes: u64,
-    /// What the guest may use: the total less what the balloon holds.
-    pub usable_bytes: u64,
+    /// What the guest may use: the total less what the balloon holds (absent when the
+    /// balloon could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usable_bytes: Option<u64>,
 }
 
 fn unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -242,7 +250,7 @@ mod tests {
                 boot: 512,
                 plugged: 256,
             }),
-            balloon: Err("the VM has no virtio balloon".into()),
+            balloon: Ok(None),
         }
     }
 
@@ -294,7 +302,7 @@ mod tests {
     #[test]
     fn a_balloon_shows_what_it_holds_and_the_guest_may_use_less() {
         let mut s = snapshot();
-        s.balloon = Ok(BalloonReading {
+        s.balloon = Ok(Some(BalloonReading {
             id: "balloon0".into(),
             actual: 384,
             held: 128,
@@ -303,7 +311,7 @@ mod tests {
                 available_bytes: Some(300),
                 ..BalloonStats::default()
             }),
-        });
+        }));
         let v = serde_json::to_value(s.view(s.taken + Duration::from_millis(3))).expect("json");
         assert_eq!(v["bridge"]["usable-bytes"], 640);
         assert_eq!(
@@ -312,5 +320,10 @@ mod tests {
                    "stats": {"last-update": 1764021600u64, "available-bytes": 300}})
         );
         assert!(v.get("balloon-unavailable").is_none());
+        // A balloon that could not be read: what the guest may use is not known.
+        s.balloon = Err("query-balloon timed out".into());
+        let v = serde_json::to_value(s.view(s.taken)).expect("json");
+        assert!(v["bridge"].get("usable-bytes").is_none(), "{v}");
+        assert_eq!(v["balloon-unavailable"], "query-balloon timed out");
     }
 }

@@ -132,6 +132,19 @@ impl LibvirtBackend {
         }))
     }
 
+    /// See [`MemoryBackend::balloon_actual`](crate::backend::MemoryBackend::balloon_actual):
+    /// the memory statistics alone where they tell it (an operation reads it every few
+    /// milliseconds), the live XML too where they do not.
+    pub(super) async fn balloon_actual_only(
+        &self,
+        until: Instant,
+    ) -> Result<Option<u64>, BackendError> {
+        match bytes(self.memory_stats(until).await?.actual_balloon_kib) {
+            Some(actual) => Ok(Some(actual)),
+            None => Ok(self.balloon_device(until).await?.map(|d| d.actual)),
+        }
+    }
+
     /// See [`MemoryBackend::set_balloon`](crate::backend::MemoryBackend::set_balloon):
     /// libvirt takes KiB, so `target` is rounded down to a KiB.
     pub(super) async fn request_balloon(

@@ -319,6 +319,10 @@ impl MemoryBackend for LibvirtBackend {
         self.balloon_device(until).await
     }
 
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        self.balloon_actual_only(until).await
+    }
+
     async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
         self.request_balloon(target, until).await
     }

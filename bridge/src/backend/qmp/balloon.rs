@@ -17,8 +17,22 @@ use crate::backend::{
     balloon::{check_target, no_balloon, reported},
 };
 
-/// The balloon's QOM path as last found (`None`: not looked for, or none found).
-pub(super) type Cache = Arc<Mutex<Option<BalloonPath>>>;
+/// What the backend knows of the balloon until QEMU's connection changes (a new QEMU) or
+/// its path stops answering: where it is, its fixed properties once read, and the stats
+/// polling interval once seen or set.
+#[derive(Debug, Clone)]
+pub(super) struct Known {
+    path: BalloonPath,
+    /// The QMP connection it was found on.
+    connection: u64,
+    /// `deflate-on-oom` and `free-page-reporting`.
+    properties: Option<(bool, bool)>,
+    /// `guest-stats-polling-interval`.
+    polling: Option<u64>,
+}
+
+/// [`Known`], shared by the backend's clones.
+pub(super) type Cache = Arc<Mutex<Option<Known>>>;
 
 /// How often QEMU asks the guest's driver for statistics, seconds (0: never).
 const INTERVAL: &str = "guest-stats-polling-interval";
@@ -34,15 +48,25 @@ impl QmpBackend {
         fresh: bool,
         until: Instant,
     ) -> Result<Option<BalloonPath>, BackendError> {
-        if !fresh && let Some(path) = lock(&self.balloon).clone() {
-            return Ok(Some(path));
+        let connection = self.qmp.connections();
+        if !fresh
+            && let Some(known) = lock(&self.balloon)
+                .as_ref()
+                .filter(|k| k.connection == connection)
+        {
+            return Ok(Some(known.path.clone()));
         }
         let found = self
             .qmp
             .find_balloon(self.timeouts.command_until(until))
             .await
             .map_err(|e| error("qom-list", e))?;
-        lock(&self.balloon).clone_from(&found);
+        *lock(&self.balloon) = found.clone().map(|path| Known {
+            path,
+            connection,
+            properties: None,
+            polling: None,
+        });
         Ok(found)
     }
 
@@ -91,13 +115,43 @@ impl QmpBackend {
         actual: u64,
         until: Instant,
     ) -> Result<BalloonDevice, Failed> {
+        let (deflate_on_oom, free_page_reporting) = match self.known(&path, |k| k.properties) {
+            Some(p) => p,
+            None => {
+                let p = (
+                    self.property(&path, "deflate-on-oom", until).await?,
+                    self.property(&path, "free-page-reporting", until).await?,
+                );
+                self.learn(&path, |k| k.properties = Some(p));
+                p
+            }
+        };
+        let polling = match self.known(&path, |k| k.polling) {
+            Some(n) => n,
+            None => self.property(&path, INTERVAL, until).await?,
+        };
         Ok(BalloonDevice {
-            deflate_on_oom: self.property(&path, "deflate-on-oom", until).await?,
-            free_page_reporting: self.property(&path, "free-page-reporting", until).await?,
-            stats_interval: Some(self.property(&path, INTERVAL, until).await?),
+            deflate_on_oom,
+            free_page_reporting,
+            stats_interval: Some(polling),
             id: path.id,
             actual,
         })
+    }
+
+    /// What [`Known`] says of the balloon at `path`, if it is the one known.
+    fn known<T>(&self, path: &BalloonPath, what: impl Fn(&Known) -> Option<T>) -> Option<T> {
+        lock(&self.balloon)
+            .as_ref()
+            .filter(|k| k.path == *path)
+            .and_then(what)
+    }
+
+    /// Notes in [`Known`] what was learnt of the balloon at `path`, if it is the one known.
+    fn learn(&self, path: &BalloonPath, note: impl FnOnce(&mut Known)) {
+        if let Some(k) = lock(&self.balloon).as_mut().filter(|k| k.path == *path) {
+            note(k);
+        }
     }
 
     /// The guest driver's statistics from the device at `path`, turning QEMU's polling
@@ -108,8 +162,13 @@ impl QmpBackend {
         interval: u64,
         until: Instant,
     ) -> Result<BalloonStats, Failed> {
-        let polling: u64 = self.property(&path, INTERVAL, until).await?;
-        if polling == 0 && interval > 0 {
+        let polling = match self.known(&path, |k| k.polling.filter(|&n| n > 0)) {
+            Some(n) => n,
+            None => self.property(&path, INTERVAL, until).await?,
+        };
+        if polling > 0 {
+            self.learn(&path, |k| k.polling = Some(polling));
+        } else if interval > 0 {
             self.qmp
                 .set_balloon_property(
                     &path.path,
@@ -119,6 +178,7 @@ impl QmpBackend {
                 )
                 .await
                 .map_err(|e| ("qom-set", e))?;
+            self.learn(&path, |k| k.polling = Some(interval));
         }
         let stats: GuestStats = self.property(&path, "guest-stats", until).await?;
         Ok(stats_of(&stats))
