@@ -113,6 +113,28 @@ impl Hotplug {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.hotplug.appear_timeout_ms);
         let ctx = self.ctx(target.vm, &memory, target.session, Some(deadline));
+        let (pass, missing) = self.restore_blocks(&ctx, wanted, &background).await?;
+        if let Some(held) = wanted.iter().find_map(|d| d.held_bytes)
+            && !background.caller_waits()
+        {
+            self.keep_balloon(&ctx, held).await?;
+        }
+        self.metrics
+            .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
+        self.pending(&ctx.vm, started, missing, pass.complete);
+        Ok(pass)
+    }
+
+    /// Onlines the offline blocks of the desired devices in `wanted` (see [`restore`]):
+    /// the pass, and whether any was found missing.
+    ///
+    /// [`restore`]: Hotplug::restore
+    async fn restore_blocks(
+        &self,
+        ctx: &Ctx,
+        wanted: &[Desired],
+        background: &super::lock::Background,
+    ) -> Result<(Pass, bool), BridgeError> {
         let caps = ctx.capabilities().await?;
         let view = ctx.guest(caps).await?;
         let mut pass = Pass {
@@ -125,7 +147,7 @@ impl Hotplug {
                 pass.complete = false;
                 break;
             }
-            let offline = self.check(&ctx, &view, d, &mut pass);
+            let offline = self.check(ctx, &view, d, &mut pass);
             let absent = match d.kind {
                 Kind::Dimm => d
                     .range()
@@ -139,7 +161,7 @@ impl Hotplug {
             missing = true;
             // Only blocks of a device QEMU still has, where the journal says, are touched.
             if present.is_none() {
-                present = Some(self.present(&ctx).await?);
+                present = Some(self.present(ctx).await?);
             }
             // A device listed without an address (only virtio-mem) cannot be checked there.
             let here = match present.as_ref().and_then(|p| p.get(&d.device)) {
@@ -160,19 +182,11 @@ impl Hotplug {
                 continue;
             }
             // Blocks the guest does not list yet (it is still booting) come next pass.
-            let onlined = self.online(&ctx, caps.online_type, d, &offline).await;
+            let onlined = self.online(ctx, caps.online_type, d, &offline).await;
             pass.restored += onlined;
             pass.complete &= absent == 0 && onlined == offline.len();
         }
-        if let Some(held) = wanted.iter().find_map(|d| d.held_bytes)
-            && !background.caller_waits()
-        {
-            self.keep_balloon(&ctx, held).await?;
-        }
-        self.metrics
-            .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
-        self.pending(&ctx.vm, started, missing, pass.complete);
-        Ok(pass)
+        Ok((pass, missing))
     }
 
     /// Sets VM's balloon again where it holds less than the `held` bytes kept (see

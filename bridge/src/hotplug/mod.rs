@@ -519,13 +519,14 @@ async fn execute(ctx: &mut Ctx, op: &Operation) -> Result<Done, BridgeError> {
             .map(|balloon| Effect::Balloon { balloon }),
     };
     // A kept balloon holds its size of the VM's new memory (see `balloon`).
-    if what.is_ok() && !matches!(op, Operation::Balloon { .. }) {
-        if let Err(e) = balloon::rebalance(ctx).await {
-            ctx.warnings.push(format!(
-                "the balloon could not be set again after this {}: {e}; the keeper tries again",
-                op.method()
-            ));
-        }
+    if what.is_ok()
+        && !matches!(op, Operation::Balloon { .. })
+        && let Err(e) = balloon::rebalance(ctx).await
+    {
+        ctx.warnings.push(format!(
+            "the balloon could not be set again after this {}: {e}; the keeper tries again",
+            op.method()
+        ));
     }
     what.map(|what| Done {
         what,
