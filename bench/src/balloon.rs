@@ -107,6 +107,9 @@ struct Figures {
     /// Through the bridge, alternating on one guest: `guest-ping`, `memory-stats` with
     /// `max_age_ms = 0`; then `memory-stats` with the default cache.
     ping: Samples,
+    /// `guest-ping` alone, before the alternation: whether `memory-stats` slows the pings
+    /// that follow it.
+    ping_alone: Samples,
     stats_fresh: Samples,
     stats_cached: Samples,
     /// QEMU's RSS around the guest's fill and free: with free page reporting, without.
@@ -415,9 +418,10 @@ async fn latency(
     Ok(())
 }
 
-/// `guest-ping` and uncached `memory-stats`, alternating, `calls` of each after
-/// [`WARM_UP`] of each.
+/// `calls` of `guest-ping` alone, then `guest-ping` and uncached `memory-stats`,
+/// alternating, `calls` of each after [`WARM_UP`] of each.
 async fn uncached(c: &Clients, calls: usize, f: &mut Figures) -> anyhow::Result<()> {
+    latency(c, "guest-ping", calls, &mut f.ping_alone).await?;
     for i in 0..WARM_UP + calls {
         let ping = timed_call(c, "guest-ping").await?;
         let stats = timed_call(c, "memory-stats").await?;
@@ -647,7 +651,8 @@ fn stats_table(report: &mut Report, f: &Figures, calls: usize, rounds: usize) {
          0`) every call asks the agent (`__org.qga-bridge_get-memory-stats`, inside the \
          emulated guest) and QEMU (the hypervisor's totals, and the balloon's size and its \
          driver's statistics); it alternates with `guest-ping` through the same bridge, {WARM_UP} \
-         warm-up calls of each then {calls} timed ones per round. Then that bridge is stopped \
+         warm-up calls of each then {calls} timed ones per round, after {calls} timed \
+         `guest-ping` calls alone ({WARM_UP} warm-up calls first). Then that bridge is stopped \
          and one with the default configuration (`max_age_ms = 1000`) started in front of the \
          same guest: {WARM_UP} warm-up calls, then {calls} timed `memory-stats` calls back to \
          back, which the bridge answers from its snapshot until it is a second old. \
@@ -660,10 +665,11 @@ fn stats_table(report: &mut Report, f: &Figures, calls: usize, rounds: usize) {
         "p99",
         "max",
         "calls",
-        "p50 - ping p50",
+        "p50 − the alternating ping's p50",
     ]);
     let rows = [
-        ("`guest-ping`", &f.ping),
+        ("`guest-ping` alone", &f.ping_alone),
+        ("`guest-ping`, alternating with the next row", &f.ping),
         ("`memory-stats`, `max_age_ms = 0`", &f.stats_fresh),
         ("`memory-stats`, default cache (1000 ms)", &f.stats_cached),
     ];
@@ -723,7 +729,9 @@ fn reclaim_table(report: &mut Report, f: &Figures) {
          that root is a tmpfs the guest kernel caps at half its RAM), and, after \
          it removed the file (`unhog`), every {} ms for {} s. \"Returned\" is the RSS after \
          the fill less the RSS at the end; \"90% back\" the first reading, counted from the \
-         removal, with 90% of that returned (`-` when less than 16 MiB came back). The guest \
+         removal, with 90% of that returned (`-` when less than 16 MiB came back); \
+         \"returned / added\" above 100% means the host also got back pages the guest \
+         had freed before the fill. The guest \
          does nothing else meanwhile; its kernel reports free pages in 2 s batches. MiB, \
          median (min–max) over the rounds.",
         REST.as_secs(),
