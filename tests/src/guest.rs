@@ -25,6 +25,11 @@ const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 /// `BALLOON=on`).
 pub const BALLOON_DEVICE: &str = "virtio-balloon-pci,id=balloon0,free-page-reporting=on";
 
+/// [`BALLOON_DEVICE`] without free page reporting, for a guest whose
+/// [`GuestConfig::free_page_reporting`] is off (benchmarks compare the two).
+pub const BALLOON_DEVICE_NO_REPORTING: &str =
+    "virtio-balloon-pci,id=balloon0,free-page-reporting=off";
+
 /// Which agent the guest runs, and how it onlines memory.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -45,6 +50,9 @@ pub struct GuestConfig {
     /// deflate-on-oom (the balloon's pages leave the guest's MemTotal); the guest loads
     /// `virtio_balloon`.
     pub balloon: bool,
+    /// The balloon reports the guest's free pages to QEMU, which gives them back to the
+    /// host (on by default; off: [`BALLOON_DEVICE_NO_REPORTING`]).
+    pub free_page_reporting: bool,
 }
 
 impl GuestConfig {
@@ -57,6 +65,7 @@ impl GuestConfig {
             reboot: false,
             virtio_mem: false,
             balloon: false,
+            free_page_reporting: true,
         }
     }
 }
@@ -389,6 +398,11 @@ impl Guest {
         Ok(guest)
     }
 
+    /// The QEMU process's id while it runs (benchmarks read its memory in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// The QGA chardev socket (what the bridge connects to).
     pub fn qga_socket(&self) -> PathBuf {
         self.dir.path().join("qga.sock")
@@ -455,10 +469,24 @@ impl Guest {
         append
     }
 
+    /// The balloon device's option, with free page reporting as configured.
+    fn balloon_device(&self) -> &'static str {
+        if self.config.free_page_reporting {
+            BALLOON_DEVICE
+        } else {
+            BALLOON_DEVICE_NO_REPORTING
+        }
+    }
+
     /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device and a
     /// balloon if configured), the console to a file, and the control, QGA and two QMP sockets.
     fn qemu_command(&self) -> Command {
         let sockets = self.control();
+        let balloon: Vec<&str> = if self.config.balloon {
+            vec!["-device", self.balloon_device()]
+        } else {
+            Vec::new()
+        };
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
             .args(["-m", "512M,slots=4,maxmem=4G"])
@@ -478,11 +506,7 @@ impl Guest {
             } else {
                 &[][..]
             })
-            .args(if self.config.balloon {
-                &["-device", BALLOON_DEVICE][..]
-            } else {
-                &[][..]
-            })
+            .args(&balloon)
             .args(if self.config.reboot {
                 &[][..]
             } else {
