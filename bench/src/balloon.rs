@@ -529,7 +529,7 @@ fn intro(report: &mut Report, qemu: &str, kernel: &str, rounds: usize) {
          every {} ms until `actual` is the target; then back to the boot memory the same way. \
          **Through the bridge**: the release `qga-bridge` holds the guest's agent socket and \
          its second QMP socket and serves JSON-RPC `memory-balloon` to the same targets; it \
-         answers once QEMU's `actual` is at the target (it polls `query-balloon` every 25 ms); \
+         answers once QEMU's `actual` is at the target (it polls `query-balloon` every 10 ms); \
          the time is the call's. During both, the guest's `MemTotal` (its `/proc/meminfo` over \
          its control port) is polled every {} ms; \"MemTotal showed it\" is the first poll \
          within 1 MiB of the change. Cells: median (min–max) over the rounds.",
@@ -620,11 +620,10 @@ fn balloon_goal(f: &Figures) -> String {
     format!(
         "**Goal (from the issue: the bridge within 1.1x of QMP alone): {}** — inflating took \
          {up:.2}x the baseline's time to `actual` at the target, deflating {down:.2}x \
-         (medians). The bridge learns that `actual` is at the target by polling \
-         `query-balloon` every 25 ms, the baseline every {} ms: on a deflate of some 150 ms \
-         that alone can put the bridge up to 25 ms behind. These are TCG figures on a shared \
-         2-core host: the guest's driver moves pages slowly under emulation; compare the two \
-         sides of a row.",
+         (medians). Both sides learn that `actual` is at the target by polling \
+         `query-balloon`, every {} ms. These are TCG figures on a shared 2-core host: the \
+         guest's driver moves pages slowly under emulation, and rounds vary by more than \
+         the goal's 10%; compare the two sides of a row.",
         if up <= 1.1 && down <= 1.1 {
             "met"
         } else {

@@ -41,7 +41,7 @@ pub const KEY: &str = "@balloon";
 pub const GRAIN: u64 = 1 << 20;
 
 /// How often QEMU's `actual` is read while waiting.
-const POLL: Duration = Duration::from_millis(25);
+const POLL: Duration = Duration::from_millis(10);
 
 /// What `memory-balloon` did.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
