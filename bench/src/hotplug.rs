@@ -194,7 +194,7 @@ async fn timed_call(
 }
 
 /// The error with the end of the guest's console, for a failed operation.
-fn with_console(guest: &Guest, e: anyhow::Error) -> anyhow::Error {
+pub(crate) fn with_console(guest: &Guest, e: anyhow::Error) -> anyhow::Error {
     let console = guest.console_text();
     let lines: Vec<&str> = console.lines().collect();
     let tail = lines[lines.len().saturating_sub(40)..].join("\n");
@@ -763,7 +763,7 @@ async fn give_back(
 }
 
 /// `median (min–max)`, or just the value for one sample; `-` for none.
-fn spread(s: &Samples) -> String {
+pub(crate) fn spread(s: &Samples) -> String {
     match s.len() {
         0 => "-".into(),
         1 => fmt_duration(s.p50()),
@@ -790,7 +790,7 @@ fn bridge_cell(f: &Figures, op: &str, s: &Samples, rounds: usize) -> String {
 }
 
 /// `a / b` of the medians, `-` when either is missing.
-fn median_ratio(a: &Samples, b: &Samples) -> String {
+pub(crate) fn median_ratio(a: &Samples, b: &Samples) -> String {
     if a.is_empty() || b.is_empty() {
         return "-".into();
     }

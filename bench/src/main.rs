@@ -4,6 +4,7 @@
 //! not work. Run through `./scripts/bench`, which builds in release mode first.
 
 mod agent;
+mod balloon;
 mod bridge;
 mod hotplug;
 mod libvirt;
@@ -30,7 +31,7 @@ struct Cli {
     #[arg(long)]
     quick: bool,
     /// Run only these sections (repeatable): agent, bridge, load, hostile, tls, hotplug,
-    /// libvirt.
+    /// balloon, libvirt.
     /// The other sections of an existing report are kept.
     #[arg(long, value_name = "SECTION")]
     only: Vec<String>,
@@ -47,8 +48,8 @@ impl Cli {
 }
 
 /// The sections `--only` can name, in report order.
-const SECTIONS: [&str; 7] = [
-    "agent", "bridge", "load", "hostile", "tls", "hotplug", "libvirt",
+const SECTIONS: [&str; 8] = [
+    "agent", "bridge", "load", "hostile", "tls", "hotplug", "balloon", "libvirt",
 ];
 
 fn main() -> anyhow::Result<()> {
@@ -99,6 +100,11 @@ fn run_sections(cli: &Cli, report: &mut report::Report) -> anyhow::Result<Vec<St
     if wanted("hotplug") {
         // A real QEMU guest: boots and hotplug operations, timed on the wall clock.
         failed.extend(load.block_on(hotplug::run(report, cli.quick))?);
+    }
+    if wanted("balloon") {
+        // A real QEMU guest with a virtio balloon: balloon moves, memory-stats, and the
+        // host memory free page reporting returns.
+        failed.extend(load.block_on(balloon::run(report, cli.quick))?);
     }
     if wanted("libvirt") {
         // Sequential latency on real guests: the libvirt backend against the direct socket.

@@ -88,8 +88,10 @@ pub mod hotplug_method {
     pub const UNPLUG: &str = "memory-unplug";
     /// Resize a VM's memory.
     pub const RESIZE: &str = "memory-resize";
+    /// Set the memory the guest may use with the virtio balloon.
+    pub const BALLOON: &str = "memory-balloon";
     /// All of them.
-    pub const ALL: [&str; 4] = [LAYOUT, PLUG, UNPLUG, RESIZE];
+    pub const ALL: [&str; 5] = [LAYOUT, PLUG, UNPLUG, RESIZE, BALLOON];
 }
 
 /// The JSON-RPC method of the guest's memory signals, also the method of its refusals'

@@ -115,6 +115,9 @@ struct GuestFamilies {
     available: Family<VmLabels, Gauge>,
     pressure: Family<VmLabels, FloatGauge>,
     updated: Family<VmLabels, FloatGauge>,
+    /// QEMU's balloon `actual`: kept apart from the agent's gauges (a qemu-ga guest has
+    /// a balloon too).
+    balloon_actual: Family<VmLabels, Gauge>,
 }
 
 impl GuestFamilies {
@@ -144,6 +147,13 @@ impl GuestFamilies {
                 r,
                 "guest_stats_timestamp_seconds",
                 "When the bridge took the guest's latest memory stats, Unix seconds",
+                Family::default(),
+            ),
+            balloon_actual: add(
+                r,
+                "balloon_actual_bytes",
+                "QEMU's virtio balloon actual: boot memory and DIMMs less what the balloon \
+                 holds, bytes",
                 Family::default(),
             ),
         }
@@ -324,6 +334,20 @@ impl Metrics {
         self.guest.updated.get_or_create(&l).set(at);
     }
 
+    /// Sets `vm`'s balloon gauge to QEMU's `actual`, or removes it (no balloon, or it did
+    /// not answer), unless a newer session than `claim` owns the VM.
+    pub fn balloon_actual(&self, vm: &str, claim: u64, actual: Option<u64>) {
+        if !self.owns(vm, claim) {
+            return;
+        }
+        let set = actual.map(|v| {
+            move |gauge: &Gauge| {
+                gauge.set(i64::try_from(v).unwrap_or(i64::MAX));
+            }
+        });
+        set_or_remove(&self.guest.balloon_actual, &Self::vm(vm), set);
+    }
+
     /// Removes `vm`'s guest memory gauges (its agent no longer gives stats), unless a
     /// newer session than `claim` owns the VM.
     pub fn guest_memory_gone(&self, vm: &str, claim: u64) {
@@ -421,6 +445,7 @@ impl Metrics {
         self.restored.remove(&l);
         self.wrong_zone.remove(&l);
         self.guest.remove(&l);
+        self.guest.balloon_actual.remove(&l);
         for method in crate::call::all_methods() {
             for outcome in Outcome::ALL {
                 self.calls.remove(&CallLabels {

@@ -4,89 +4,49 @@
 
 mod common;
 
-use std::{
-    ops::ControlFlow,
-    path::Path,
-    sync::{Arc, Mutex},
-    time::Duration,
-};
+use std::{ops::ControlFlow, path::Path, sync::Arc, time::Duration};
 
 use common::{clients, config, rpc, start};
-use futures::{SinkExt, StreamExt};
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::memory_hotplug_client::MemoryHotplugClient;
-use qga_wire::codec::{Frame, QgaCodec};
+use qga_testkit::qmp;
 use serde_json::{Value, json};
-use tokio::net::UnixListener;
-use tokio_util::codec::Framed;
 
 /// A QEMU monitor that answers what the bridge asks from a script: it refuses `object-add`
 /// (so no operation gets past it), answers `query-memory-devices` (with no DIMM) only
 /// while its gate is open, and records every command.
 struct FakeQmp {
-    commands: Arc<Mutex<Vec<String>>>,
+    monitor: qmp::FakeQmp,
     gate: tokio::sync::watch::Sender<bool>,
-    _task: tokio::task::JoinHandle<()>,
 }
 
 impl FakeQmp {
     /// A monitor on `path`, its gate `open` or not.
     fn start(path: &Path, open: bool) -> Self {
-        let listener = UnixListener::bind(path).expect("bind QMP socket");
-        let commands = Arc::new(Mutex::new(Vec::new()));
-        let seen = commands.clone();
         let (gate, _) = tokio::sync::watch::channel(open);
         let opened = gate.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((stream, _)) = listener.accept().await {
-                let mut framed = Framed::new(stream, QgaCodec::default());
-                let greeting = json!({"QMP": {"version": {"qemu": {"major": 7, "minor": 2,
-                    "micro": 0}, "package": ""}, "capabilities": []}});
-                if framed.send(&greeting).await.is_err() {
-                    continue;
-                }
-                while let Some(Ok(Frame::Value(request))) = framed.next().await {
-                    let command = request["execute"].as_str().unwrap_or_default().to_string();
-                    seen.lock().expect("lock").push(command.clone());
-                    let result = match command.as_str() {
-                        "qmp_capabilities" | "query-memdev" => json!({"return": {}}),
-                        "query-memory-devices" => {
-                            let _ = opened.subscribe().wait_for(|open| *open).await;
-                            json!({"return": []})
-                        }
-                        "query-memory-size-summary" => {
-                            json!({"return": {"base-memory": 536_870_912u64}})
-                        }
-                        "object-add" => json!({"error": {"class": "GenericError",
-                            "desc": "this QEMU refuses object-add"}}),
-                        _ => json!({"error": {"class": "CommandNotFound",
-                            "desc": format!("The command {command} has not been found")}}),
-                    };
-                    let mut reply = result;
-                    reply["id"] = request["id"].clone();
-                    if command == "query-memdev" {
-                        reply["return"] = json!([]);
+        let monitor = qmp::FakeQmp::start(path, move |command, _| {
+            let mut gate = opened.subscribe();
+            async move {
+                match command.as_str() {
+                    "qmp_capabilities" => qmp::ok(json!({})),
+                    "query-memdev" => qmp::ok(json!([])),
+                    "query-memory-devices" => {
+                        let _ = gate.wait_for(|open| *open).await;
+                        qmp::ok(json!([]))
                     }
-                    if framed.send(&reply).await.is_err() {
-                        break;
-                    }
+                    "query-memory-size-summary" => qmp::ok(json!({"base-memory": 536_870_912u64})),
+                    "object-add" => qmp::error("GenericError", "this QEMU refuses object-add"),
+                    _ => qmp::not_found(&command),
                 }
             }
-        });
-        Self {
-            commands,
-            gate,
-            _task: task,
-        }
+        })
+        .expect("bind QMP socket");
+        Self { monitor, gate }
     }
 
     fn count(&self, command: &str) -> usize {
-        self.commands
-            .lock()
-            .expect("lock")
-            .iter()
-            .filter(|c| *c == command)
-            .count()
+        self.monitor.count(command)
     }
 
     /// Waits until `command` has been asked `n` times in all.
@@ -306,6 +266,7 @@ async fn journal_with_a_plugged_dimm(state: &Path) {
         first_block: 100,
         blocks: 4,
         online_type: Some(qga_wire::schema::GuestMemoryOnlineType::OnlineMovable),
+        held_bytes: None,
     };
     journal
         .want("vm", &dimm.device, &dimm)

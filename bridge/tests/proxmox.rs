@@ -21,7 +21,7 @@ use std::{
 use common::{clients, config, rpc, start, until_listed};
 use futures::{SinkExt, StreamExt};
 use qga_proto::v1::{AgentState, ListVmsRequest, PingRequest};
-use qga_testkit::{FakeSysfs, bin_path};
+use qga_testkit::{FakeSysfs, bin_path, qmp};
 use qga_wire::codec::{Frame, QgaCodec};
 use serde_json::{Value, json};
 use tokio::net::{UnixListener, UnixStream};
@@ -88,12 +88,13 @@ impl Monitor {
                     continue;
                 }
                 while let Some(Ok(Frame::Value(request))) = framed.next().await {
-                    let result = match request["execute"].as_str().unwrap_or_default() {
-                        "query-memory-size-summary" => json!({"base-memory": 1u64 << 30}),
-                        "query-memory-devices" | "query-memdev" => json!([]),
-                        _ => json!({}),
+                    let mut reply = match request["execute"].as_str().unwrap_or_default() {
+                        "query-memory-size-summary" => qmp::ok(json!({"base-memory": 1u64 << 30})),
+                        "query-memory-devices" | "query-memdev" => qmp::ok(json!([])),
+                        "qmp_capabilities" => qmp::ok(json!({})),
+                        other => qmp::not_found(other),
                     };
-                    let reply = json!({"return": result, "id": request["id"]});
+                    reply["id"] = request["id"].clone();
                     if framed.send(&reply).await.is_err() {
                         break;
                     }

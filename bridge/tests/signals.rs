@@ -14,11 +14,11 @@ use common::{clients, config, eventually, rpc, start};
 use qga_bridge::config::{AuthConfig, GrantConfig, Role, TokenConfig, VmConfig};
 use qga_fake_agent::FakeAgent;
 use qga_proto::v1::{GetMemoryStatsRequest, memory_signals_client::MemorySignalsClient};
+use qga_testkit::qmp;
 use qga_wire::schema::{
     GuestMeminfo, GuestMemoryPressure, GuestMemoryStats, GuestPressureLine, GuestVmstat,
 };
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tonic::{Code, transport::Channel};
 
 const MIB: u64 = 1 << 20;
@@ -52,39 +52,16 @@ fn stats(avg10: f64, boot: &str) -> GuestMemoryStats {
 }
 
 /// A QEMU monitor that knows the VM's memory: 512 MiB at boot, 256 MiB plugged.
-fn fake_qmp(path: &Path) -> tokio::task::JoinHandle<()> {
-    let listener = tokio::net::UnixListener::bind(path).expect("bind QMP socket");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0,
-                    "micro": 0}, "package": ""}, "capabilities": []}});
-                let _ = write.write_all(format!("{greeting}\n").as_bytes()).await;
-                let mut lines = BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let Ok(request) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    let mut reply = match request["execute"].as_str().unwrap_or_default() {
-                        "qmp_capabilities" => json!({"return": {}}),
-                        "query-memory-size-summary" => json!({"return": {
-                            "base-memory": 512 * MIB, "plugged-memory": 256 * MIB}}),
-                        other => json!({"error": {"class": "CommandNotFound",
-                            "desc": format!("The command {other} has not been found")}}),
-                    };
-                    reply["id"] = request["id"].clone();
-                    if write
-                        .write_all(format!("{reply}\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+fn fake_qmp(path: &Path) -> qmp::FakeQmp {
+    qmp::FakeQmp::start(path, |command, _| async move {
+        match command.as_str() {
+            "qmp_capabilities" => qmp::ok(json!({})),
+            "query-memory-size-summary" => qmp::ok(json!({
+                "base-memory": 512 * MIB, "plugged-memory": 256 * MIB})),
+            other => qmp::not_found(other),
         }
     })
+    .expect("bind QMP socket")
 }
 
 /// VM `vm`: our agent's stats and a monitor; VM `plain`: an agent without the extension
@@ -93,7 +70,7 @@ struct Rig {
     _dir: tempfile::TempDir,
     vm: FakeAgent,
     plain: FakeAgent,
-    _qmp: tokio::task::JoinHandle<()>,
+    _qmp: qmp::FakeQmp,
     config: qga_bridge::Config,
 }
 

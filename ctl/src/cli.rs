@@ -195,6 +195,18 @@ pub enum MemoryCommand {
         #[command(flatten)]
         request: RequestId,
     },
+    /// Sets the memory the guest may use with its virtio balloon: TARGET in all (boot,
+    /// DIMMs and virtio-mem, less the balloon); answers once QEMU's balloon is there.
+    #[command(after_help = "Example: qgactl memory balloon vm1 768MiB")]
+    Balloon {
+        /// The VM.
+        vm: String,
+        /// The memory the guest may use: bytes or 768MiB, 2GiB, ... (a multiple of 1 MiB)
+        #[arg(value_parser = parse_size)]
+        target: u64,
+        #[command(flatten)]
+        request: RequestId,
+    },
 }
 
 /// A request id, so a retry of the same operation gets its first outcome.

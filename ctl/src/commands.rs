@@ -61,6 +61,11 @@ async fn memory(client: &Client, command: MemoryCommand) -> Result<Printed, Stat
         MemoryCommand::Resize { vm, size, request } => {
             resize(client, vm, size, request.request_id).await
         }
+        MemoryCommand::Balloon {
+            vm,
+            target,
+            request,
+        } => balloon(client, vm, target, request.request_id).await,
     }
 }
 
@@ -368,6 +373,45 @@ async fn resize(
         "virtio_mem": r.virtio_mem.iter().map(|c| json!({
             "id": c.id, "from_bytes": c.from_bytes, "to_bytes": c.to_bytes,
         })).collect::<Vec<_>>(),
+    });
+    Ok(Printed {
+        text,
+        json: operation_json(&request_id, what, &r.steps, &r.warnings),
+        progress: lines,
+        partial: false,
+    })
+}
+
+async fn balloon(
+    client: &Client,
+    vm: String,
+    target: u64,
+    id: Option<String>,
+) -> Result<Printed, Status> {
+    let mut lines = Vec::new();
+    let request_id = request_id(id, &mut lines);
+    let mut hotplug = MemoryHotplugClient::new(client.channel.clone());
+    let request = client.request(pb::BalloonRequest {
+        vm: vm.clone(),
+        target,
+        request_id: Some(request_id.clone()),
+    });
+    let r = hotplug.balloon(request).await?.into_inner();
+    progress(&r.steps, &r.warnings, &mut lines);
+    let text = format!(
+        "ballooned {vm} from {} to {}: the balloon {} holds {}\n",
+        size(r.from_bytes),
+        size(r.to_bytes),
+        r.id,
+        size(r.held_bytes)
+    );
+    let what = json!({
+        "id": r.id,
+        "from_bytes": r.from_bytes,
+        "to_bytes": r.to_bytes,
+        "target_bytes": r.target_bytes,
+        "held_bytes": r.held_bytes,
+        "actual_bytes": r.actual_bytes,
     });
     Ok(Printed {
         text,

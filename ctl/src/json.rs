@@ -118,6 +118,15 @@ pub fn layout(l: &pb::MemoryLayout) -> Value {
         "auto_online_blocks": l.auto_online_blocks,
         "zones_known": l.zones_known,
         "warnings": l.warnings,
+        "balloon": l.balloon.as_ref().map(|b| json!({
+            "id": b.id,
+            "deflate_on_oom": b.deflate_on_oom,
+            "free_page_reporting": b.free_page_reporting,
+            "actual_bytes": b.actual_bytes,
+            "held_bytes": b.held_bytes,
+            "usable_bytes": b.usable_bytes,
+            "kept_bytes": b.kept_bytes,
+        })),
     })
 }
 

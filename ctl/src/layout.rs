@@ -118,7 +118,33 @@ fn totals(l: &pb::MemoryLayout) -> String {
     if let Some(a) = &l.auto_online_blocks {
         out.push_str(&format!("auto_online_blocks  {a}\n"));
     }
+    if let Some(b) = &l.balloon {
+        out.push_str(&balloon(b));
+    }
     out
+}
+
+/// The balloon line: what it holds, what the guest may use, and its properties.
+fn balloon(b: &pb::Balloon) -> String {
+    let kept = b
+        .kept_bytes
+        .map_or_else(String::new, |k| format!(", kept at {}", size(k)));
+    let on = |set: bool, name: &str| {
+        if set {
+            format!(", {name}")
+        } else {
+            String::new()
+        }
+    };
+    format!(
+        "balloon     {} holds {} (usable {}, QEMU actual {}{kept}{}{})\n",
+        if b.id.is_empty() { "(no id)" } else { &b.id },
+        size(b.held_bytes),
+        size(b.usable_bytes),
+        size(b.actual_bytes),
+        on(b.deflate_on_oom, "deflate-on-oom"),
+        on(b.free_page_reporting, "free-page-reporting"),
+    )
 }
 
 /// The columns of the device table, one row per DIMM or virtio-mem device.

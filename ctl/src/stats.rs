@@ -87,7 +87,29 @@ fn bridge(b: &pb::BridgeMemoryTotals) -> String {
             ("boot", exact(b.boot_bytes)),
             ("plugged", exact(b.plugged_bytes)),
             ("total", exact(b.total_bytes)),
+            ("usable", b.usable_bytes.map_or_else(|| "-".into(), exact)),
         ])
+}
+
+/// The balloon's part: what it holds and what its driver reported.
+fn balloon(b: &pb::BalloonReading) -> String {
+    let s = b.stats.unwrap_or_default();
+    let mut out = format!("balloon {} ({} ms old)\n", b.id, b.age_ms);
+    out.push_str(&lines(&[
+        ("holds", exact(b.held_bytes)),
+        ("actual", exact(b.actual_bytes)),
+        ("guest total", size(s.total_bytes)),
+        ("guest available", size(s.available_bytes)),
+        ("guest free", size(s.free_bytes)),
+        ("disk caches", size(s.disk_caches_bytes)),
+        ("major faults", count(s.major_faults)),
+        ("swapped in", size(s.swap_in_bytes)),
+        ("swapped out", size(s.swap_out_bytes)),
+    ]));
+    if b.stats.is_none() {
+        out.push_str("  (no statistics from the guest's balloon driver yet)\n");
+    }
+    out
 }
 
 /// The snapshot as text: the guest's part and the host's, or why each is missing.
@@ -106,6 +128,13 @@ pub fn text(s: &pb::MemoryStats) -> String {
         (None, why) => {
             let why = why.as_deref().unwrap_or("no reason given");
             let _ = writeln!(out, "host: no totals: {why}");
+        }
+    }
+    match (&s.balloon, &s.balloon_unavailable) {
+        (Some(b), _) => out.push_str(&balloon(b)),
+        (None, why) => {
+            let why = why.as_deref().unwrap_or("no reason given");
+            let _ = writeln!(out, "balloon: none: {why}");
         }
     }
     out
@@ -136,8 +165,29 @@ pub fn json(s: &pb::MemoryStats) -> Value {
             "boot_bytes": b.boot_bytes,
             "plugged_bytes": b.plugged_bytes,
             "total_bytes": b.total_bytes,
+            "usable_bytes": b.usable_bytes,
         })),
         "bridge_totals_unavailable": s.bridge_totals_unavailable,
+        "balloon": s.balloon.as_ref().map(|b| json!({
+            "age_ms": b.age_ms,
+            "id": b.id,
+            "actual_bytes": b.actual_bytes,
+            "held_bytes": b.held_bytes,
+            "stats": b.stats.map(|s| json!({
+                "last_update": s.last_update,
+                "swap_in_bytes": s.swap_in_bytes,
+                "swap_out_bytes": s.swap_out_bytes,
+                "major_faults": s.major_faults,
+                "minor_faults": s.minor_faults,
+                "free_bytes": s.free_bytes,
+                "total_bytes": s.total_bytes,
+                "available_bytes": s.available_bytes,
+                "disk_caches_bytes": s.disk_caches_bytes,
+                "hugetlb_allocations": s.hugetlb_allocations,
+                "hugetlb_failures": s.hugetlb_failures,
+            })),
+        })),
+        "balloon_unavailable": s.balloon_unavailable,
     })
 }
 

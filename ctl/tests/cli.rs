@@ -15,12 +15,8 @@ use qga_bridge::{
     config::{AuthConfig, GrantConfig, Listen, Role, TlsConfig, TokenConfig, VmConfig},
 };
 use qga_fake_agent::FakeAgent;
-use qga_testkit::Certs;
+use qga_testkit::{Certs, qmp};
 use serde_json::{Value, json};
-use tokio::{
-    io::{AsyncBufReadExt, AsyncWriteExt, BufReader},
-    net::UnixListener,
-};
 
 /// What one `qgactl` run gave.
 #[derive(Debug)]
@@ -53,49 +49,17 @@ async fn qgactl(args: &[&str], env: &[(&str, &str)]) -> Run {
 
 /// A QEMU monitor with boot memory 512 MiB and no DIMMs, which refuses `object-add` (so
 /// a plug fails at a named step, as on a QEMU without room).
-fn fake_qmp(path: &Path) -> tokio::task::JoinHandle<()> {
-    let listener = UnixListener::bind(path).expect("bind QMP socket");
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let (read, mut write) = stream.into_split();
-                let greeting = json!({"QMP": {"version": {"qemu": {"major": 9, "minor": 0,
-                    "micro": 0}, "package": ""}, "capabilities": []}});
-                if write
-                    .write_all(format!("{greeting}\n").as_bytes())
-                    .await
-                    .is_err()
-                {
-                    return;
-                }
-                let mut lines = BufReader::new(read).lines();
-                while let Ok(Some(line)) = lines.next_line().await {
-                    let Ok(request) = serde_json::from_str::<Value>(&line) else {
-                        continue;
-                    };
-                    let mut reply = match request["execute"].as_str().unwrap_or_default() {
-                        "qmp_capabilities" => json!({"return": {}}),
-                        "query-memory-devices" | "query-memdev" => json!({"return": []}),
-                        "query-memory-size-summary" => {
-                            json!({"return": {"base-memory": 536_870_912u64}})
-                        }
-                        "object-add" => json!({"error": {"class": "GenericError",
-                            "desc": "this QEMU has no room"}}),
-                        other => json!({"error": {"class": "CommandNotFound",
-                            "desc": format!("The command {other} has not been found")}}),
-                    };
-                    reply["id"] = request["id"].clone();
-                    if write
-                        .write_all(format!("{reply}\n").as_bytes())
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            });
+fn fake_qmp(path: &Path) -> qmp::FakeQmp {
+    qmp::FakeQmp::start(path, |command, _| async move {
+        match command.as_str() {
+            "qmp_capabilities" => qmp::ok(json!({})),
+            "query-memory-devices" | "query-memdev" => qmp::ok(json!([])),
+            "query-memory-size-summary" => qmp::ok(json!({"base-memory": 536_870_912u64})),
+            "object-add" => qmp::error("GenericError", "this QEMU has no room"),
+            other => qmp::not_found(other),
         }
     })
+    .expect("bind QMP socket")
 }
 
 /// A bridge serving VM `vm` (a fake agent with 8 blocks and the scripted monitor) and VM
@@ -104,7 +68,7 @@ struct Rig {
     dir: tempfile::TempDir,
     agents: Vec<FakeAgent>,
     bridge: Bridge,
-    _qmp: tokio::task::JoinHandle<()>,
+    _qmp: qmp::FakeQmp,
 }
 
 impl Rig {
@@ -312,7 +276,7 @@ async fn memory_stats_in_a_table_and_as_json() {
 async fn failures_are_one_line_with_the_servers_detail_and_an_exit_code() {
     let rig = Rig::start(|_, _| {}).await;
     let e = rig.endpoint("http");
-    let cases: [(&[&str], i32, &str); 7] = [
+    let cases: [(&[&str], i32, &str); 8] = [
         (&["blocks", "nosuch"], 25, "NOT_FOUND: unknown VM 'nosuch'"),
         (
             &["memory", "plug", "vm", "512MiB"],
@@ -321,6 +285,11 @@ async fn failures_are_one_line_with_the_servers_detail_and_an_exit_code() {
         ),
         (&["memory", "unplug", "vm", "qga-dimm7"], 25, "NOT_FOUND"),
         (&["memory", "resize", "vm", "100"], 23, "INVALID_ARGUMENT"),
+        (
+            &["memory", "balloon", "vm", "256MiB"],
+            29,
+            "the VM has no virtio balloon",
+        ),
         (&["memory", "layout", "plain"], 29, "no QMP socket"),
         (&["memory", "plug", "vm", "lots"], 2, "is not a size"),
         (&["set", "vm", "5=up"], 2, "INDEX=online or INDEX=offline"),

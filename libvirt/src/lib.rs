@@ -14,6 +14,7 @@
 
 pub mod error;
 mod events;
+mod memory;
 
 use std::{
     collections::HashMap,
@@ -29,6 +30,7 @@ use tokio::{
 use virt::{connect::Connect, domain::Domain, sys};
 
 pub use error::LibvirtError;
+pub use memory::MemoryStats;
 
 /// Capacity of the event channel: a subscriber that lags further rescans.
 const EVENT_CAPACITY: usize = 1024;
@@ -458,6 +460,57 @@ impl Libvirt {
         let (dom, alias) = (dom.clone(), alias.to_string());
         self.blocking(deadline, move |c| {
             events::detach_alias(&lookup(c, &dom)?, &alias, sys::VIR_DOMAIN_AFFECT_LIVE)
+        })
+        .await
+    }
+}
+
+impl Libvirt {
+    /// Sets the running domain's memory to `kib` KiB, live only
+    /// (`virDomainSetMemoryFlags`): libvirt asks QEMU's balloon for it (QMP `balloon`),
+    /// and refuses a domain without one.
+    pub async fn set_memory(
+        &self,
+        dom: &Dom,
+        kib: u64,
+        deadline: Instant,
+    ) -> Result<(), LibvirtError> {
+        let dom = dom.clone();
+        self.blocking(deadline, move |c| {
+            lookup(c, &dom)?.set_memory_flags(kib, sys::VIR_DOMAIN_MEM_LIVE)?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The running domain's memory statistics (`virDomainMemoryStats`): the balloon's
+    /// actual size, QEMU's RSS and what the guest's balloon driver last reported.
+    pub async fn memory_stats(
+        &self,
+        dom: &Dom,
+        deadline: Instant,
+    ) -> Result<MemoryStats, LibvirtError> {
+        let (dom, handles) = (dom.clone(), self.handles.clone());
+        self.blocking(deadline, move |c| {
+            let stats = handle(&handles, c, &dom)?.memory_stats(0)?;
+            Ok(MemoryStats::from_tags(stats.iter().map(|s| (s.tag, s.val))))
+        })
+        .await
+    }
+
+    /// Has QEMU ask the guest's balloon driver for its statistics every `secs` seconds
+    /// (0: stop), live only (`virDomainSetMemoryStatsPeriod`).
+    pub async fn set_memory_stats_period(
+        &self,
+        dom: &Dom,
+        secs: u32,
+        deadline: Instant,
+    ) -> Result<(), LibvirtError> {
+        let period = i32::try_from(secs).unwrap_or(i32::MAX);
+        let dom = dom.clone();
+        self.blocking(deadline, move |c| {
+            lookup(c, &dom)?.set_memory_stats_period(period, sys::VIR_DOMAIN_MEM_LIVE)?;
+            Ok(())
         })
         .await
     }

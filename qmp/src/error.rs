@@ -50,4 +50,15 @@ impl QmpError {
     pub fn is_command_not_found(&self) -> bool {
         self.class() == Some("CommandNotFound")
     }
+
+    /// The device the command needs is not there: `query-balloon` and `balloon` on a VM
+    /// without a virtio balloon (`No balloon device has been activated`).
+    pub fn is_device_not_active(&self) -> bool {
+        self.class() == Some("DeviceNotActive")
+    }
+
+    /// No object at the path or id the command named (`qom-get` on a device that went).
+    pub fn is_device_not_found(&self) -> bool {
+        self.class() == Some("DeviceNotFound")
+    }
 }

@@ -17,6 +17,9 @@
 //! - [`memory`]: typed memory-hotplug commands (`query-memory-devices`,
 //!   `query-memory-size-summary`, `query-memdev`, `object-add`, `device_add`,
 //!   `device_del`, `object-del`, and maxmem/slots from the machine's `memory` property).
+//! - [`balloon`]: the virtio balloon (`query-balloon`, `balloon`) and the QOM commands
+//!   (`qom-list`, `qom-get`, `qom-set`) that find it and read its properties and the
+//!   guest driver's statistics.
 //!
 //! QEMU serves one client per QMP socket: the bridge needs a `-qmp` socket of its own
 //! (QEMU takes several, e.g. `-qmp unix:/run/qga-bridge/VM.qmp,server=on,wait=off` besides
@@ -27,6 +30,7 @@
 //! in-memory pipes against a scripted QEMU (`tests.rs`), and against a real QEMU in
 //! `tests/real_qemu.rs`.
 
+pub mod balloon;
 mod client;
 mod conn;
 mod error;
@@ -36,6 +40,7 @@ pub mod memory;
 #[cfg(test)]
 mod tests;
 
+pub use balloon::{BalloonInfo, BalloonPath, GuestStatValues, GuestStats, ObjectPropertyInfo};
 pub use client::{Connector, Qmp, QmpLimits, QmpState, UnixConnector};
 pub use error::QmpError;
 pub use event::{AcpiOstInfo, DeviceDeleted, Event, wait_for_event};

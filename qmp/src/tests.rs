@@ -696,6 +696,141 @@ async fn memory_helpers_send_what_qemu_expects() {
     assert_eq!(version.to_string(), "10.0.2");
 }
 
+/// What a QEMU 7.2 with `-device virtio-balloon-pci,id=balloon0` answers `qom-list` on
+/// `/machine/peripheral`.
+fn peripheral_with_a_balloon() -> Value {
+    json!([{"name": "type", "type": "string"},
+        {"name": "balloon0", "type": "child<virtio-balloon-pci>"}])
+}
+
+#[tokio::test(start_paused = true)]
+async fn balloon_helpers_send_what_qemu_expects() {
+    let mut rig = Rig::new();
+    let qmp = rig.qmp.clone();
+    let script = tokio::spawn(async move {
+        let d = deadline(5);
+        let info = qmp.query_balloon(d).await?;
+        qmp.balloon(256 << 20, d).await?;
+        let found = qmp.find_balloon(d).await?;
+        let path = "/machine/peripheral/balloon0";
+        let interval: u64 = qmp
+            .balloon_property(path, "guest-stats-polling-interval", d)
+            .await?;
+        qmp.set_balloon_property(path, "guest-stats-polling-interval", json!(5), d)
+            .await?;
+        let stats: crate::GuestStats = qmp.balloon_property(path, "guest-stats", d).await?;
+        Ok::<_, QmpError>((info, found, interval, stats))
+    });
+    let mut qemu = rig.accept_ready().await;
+    let path = "/machine/peripheral/balloon0";
+    let max = u64::MAX;
+    let exchanges = [
+        ("query-balloon", Value::Null, json!({"actual": 536870912})),
+        ("balloon", json!({"value": 268435456}), json!({})),
+        (
+            "qom-list",
+            json!({"path": "/machine/peripheral"}),
+            peripheral_with_a_balloon(),
+        ),
+        (
+            "qom-get",
+            json!({"path": path, "property": "guest-stats-polling-interval"}),
+            json!(0),
+        ),
+        (
+            "qom-set",
+            json!({"path": path, "property": "guest-stats-polling-interval", "value": 5}),
+            json!({}),
+        ),
+        (
+            "qom-get",
+            json!({"path": path, "property": "guest-stats"}),
+            json!({"stats": {"stat-swap-in": max, "stat-free-memory": 4096}, "last-update": 0}),
+        ),
+    ];
+    for (command, arguments, reply) in exchanges {
+        let (id, got) = qemu.expect(command).await;
+        assert_eq!(got, arguments, "{command}");
+        qemu.reply(&id, reply).await;
+    }
+    let (info, found, interval, stats) = script.await.expect("joined").expect("ran");
+    assert_eq!(info.actual, 512 << 20);
+    let found = found.expect("a balloon");
+    assert_eq!(
+        (found.path.as_str(), found.id.as_str(), found.kind.as_str()),
+        (path, "balloon0", "virtio-balloon-pci")
+    );
+    assert_eq!(interval, 0);
+    assert_eq!((stats.last_update, stats.stats.stat_free_memory), (0, 4096));
+    assert_eq!(stats.stats.stat_swap_in, max);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_anonymous_balloon_is_found_and_its_properties_read_from_the_virtio_child() {
+    let mut rig = Rig::new();
+    let qmp = rig.qmp.clone();
+    let script = tokio::spawn(async move {
+        let d = deadline(5);
+        let found = qmp.find_balloon(d).await?.expect("found");
+        let on: bool = qmp
+            .balloon_property(&found.path, "deflate-on-oom", d)
+            .await?;
+        Ok::<_, QmpError>((found, on))
+    });
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("qom-list").await;
+    qemu.reply(&id, json!([{"name": "type", "type": "string"}]))
+        .await;
+    let (id, got) = qemu.expect("qom-list").await;
+    assert_eq!(got, json!({"path": "/machine/peripheral-anon"}));
+    let anon = json!([{"name": "device[0]", "type": "child<virtio-balloon-pci>"}]);
+    qemu.reply(&id, anon).await;
+    let (id, got) = qemu.expect("qom-get").await;
+    let path = "/machine/peripheral-anon/device[0]";
+    assert_eq!(got, json!({"path": path, "property": "deflate-on-oom"}));
+    let desc = "Property 'virtio-balloon-pci.deflate-on-oom' not found";
+    qemu.send(json!({"error": {"class": "GenericError", "desc": desc}, "id": id}))
+        .await;
+    let (id, got) = qemu.expect("qom-get").await;
+    let child = format!("{path}/virtio-backend");
+    assert_eq!(got, json!({"path": child, "property": "deflate-on-oom"}));
+    qemu.reply(&id, json!(true)).await;
+    let (found, on) = script.await.expect("joined").expect("ran");
+    assert_eq!(
+        (found.id.as_str(), found.path.as_str(), on),
+        ("", path, true)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_balloon_is_device_not_active_or_none() {
+    let mut rig = Rig::new();
+    let qmp = rig.qmp.clone();
+    let script = tokio::spawn(async move {
+        let d = deadline(5);
+        let query = qmp.query_balloon(d).await;
+        let found = qmp.find_balloon(d).await;
+        (query, found)
+    });
+    let mut qemu = rig.accept_ready().await;
+    let (id, _) = qemu.expect("query-balloon").await;
+    let desc = "No balloon device has been activated";
+    qemu.send(json!({"error": {"class": "DeviceNotActive", "desc": desc}, "id": id}))
+        .await;
+    for _ in 0..2 {
+        let (id, _) = qemu.expect("qom-list").await;
+        qemu.reply(&id, json!([{"name": "type", "type": "string"}]))
+            .await;
+    }
+    let (query, found) = script.await.expect("joined");
+    let err = query.expect_err("no balloon");
+    assert!(
+        err.is_device_not_active() && !err.is_device_not_found(),
+        "{err}"
+    );
+    assert_eq!(found, Ok(None));
+}
+
 #[tokio::test(start_paused = true)]
 async fn waiting_for_an_event() {
     let mut rig = Rig::new();

@@ -198,3 +198,109 @@ async fn a_dimm_plugged_into_a_real_qemu_is_listed_with_maxmem_and_slots() {
     let err = qmp.object_del("mem1", soon()).await.expect_err("in use");
     assert_eq!(err.class(), Some("GenericError"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balloon_on_a_real_qemu_is_found_read_and_set() {
+    let qemu = Qemu::start(&[
+        "-M",
+        "pc",
+        "-m",
+        "256M",
+        "-S",
+        "-device",
+        "virtio-balloon-pci,id=balloon0,free-page-reporting=on,deflate-on-oom=on",
+    ]);
+    let qmp = Qmp::new(qemu.socket.clone(), QmpLimits::default());
+    let found = qmp.find_balloon(soon()).await.expect("qom-list");
+    let found = found.expect("the balloon is listed");
+    assert_eq!(
+        (found.path.as_str(), found.id.as_str(), found.kind.as_str()),
+        (
+            "/machine/peripheral/balloon0",
+            "balloon0",
+            "virtio-balloon-pci"
+        )
+    );
+    // QEMU 7.2 answers on the PCI proxy and on its virtio child alike.
+    for path in [found.path.clone(), format!("{}/virtio-backend", found.path)] {
+        for property in ["deflate-on-oom", "free-page-reporting"] {
+            let on: bool = qmp
+                .qom_get_as(&path, property, soon())
+                .await
+                .expect("qom-get");
+            assert!(on, "{path} {property}");
+        }
+    }
+    // No guest driver: actual is the whole RAM, and stays so whatever is asked.
+    let info = qmp.query_balloon(soon()).await.expect("query-balloon");
+    assert_eq!(info.actual, 256 << 20);
+    qmp.balloon(128 << 20, soon()).await.expect("balloon");
+    let err = qmp.balloon(0, soon()).await.expect_err("0 is not a size");
+    assert_eq!(err.class(), Some("GenericError"), "{err}");
+
+    let interval = "guest-stats-polling-interval";
+    let before: u64 = qmp
+        .balloon_property(&found.path, interval, soon())
+        .await
+        .expect("get");
+    assert_eq!(before, 0, "QEMU does not poll until asked");
+    qmp.set_balloon_property(&found.path, interval, 5.into(), soon())
+        .await
+        .expect("qom-set");
+    let after: u64 = qmp
+        .balloon_property(&found.path, interval, soon())
+        .await
+        .expect("get");
+    assert_eq!(after, 5);
+    let stats: qga_qmp::GuestStats = qmp
+        .balloon_property(&found.path, "guest-stats", soon())
+        .await
+        .expect("guest-stats");
+    assert_eq!(stats.last_update, 0, "no driver, no report");
+    assert_eq!(stats.stats.stat_free_memory, u64::MAX);
+    assert_eq!(stats.stats.stat_total_memory, u64::MAX);
+    let err = qmp
+        .qom_get("/machine/peripheral/nope", interval, soon())
+        .await
+        .expect_err("no such device");
+    assert!(err.is_device_not_found(), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_qemu_without_a_balloon_says_so() {
+    let qemu = Qemu::start(&["-M", "pc", "-m", "128M", "-S"]);
+    let qmp = Qmp::new(qemu.socket.clone(), QmpLimits::default());
+    let err = qmp.query_balloon(soon()).await.expect_err("no balloon");
+    assert!(err.is_device_not_active(), "{err}");
+    let err = qmp.balloon(64 << 20, soon()).await.expect_err("no balloon");
+    assert!(err.is_device_not_active(), "{err}");
+    assert_eq!(qmp.find_balloon(soon()).await, Ok(None));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_balloon_without_an_id_is_found_among_the_anonymous_devices() {
+    let qemu = Qemu::start(&[
+        "-M",
+        "pc",
+        "-m",
+        "128M",
+        "-S",
+        "-device",
+        "virtio-balloon-pci",
+    ]);
+    let qmp = Qmp::new(qemu.socket.clone(), QmpLimits::default());
+    let found = qmp
+        .find_balloon(soon())
+        .await
+        .expect("qom-list")
+        .expect("found");
+    assert_eq!(
+        (found.path.as_str(), found.id.as_str()),
+        ("/machine/peripheral-anon/device[0]", "")
+    );
+    let on: bool = qmp
+        .balloon_property(&found.path, "free-page-reporting", soon())
+        .await
+        .expect("qom-get");
+    assert!(!on, "off unless asked for");
+}

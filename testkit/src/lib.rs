@@ -6,6 +6,7 @@
 //! - [`QgaClient`]: a blocking QGA client over a unix socket, using the real codec.
 //! - [`BridgeProcess`]: the `qga-bridge` binary on free loopback ports.
 //! - [`bin_path`]: where a workspace binary is, building it if needed.
+//! - [`qmp::FakeQmp`]: a scripted QEMU monitor on a unix socket.
 //! - [`Pipes`]: in-memory connections for a client under test (the QMP client, the
 //!   bridge's sessions), with [`PipeEnds`] the test's side of them.
 
@@ -14,6 +15,7 @@ mod bridge;
 mod certs;
 mod client;
 mod pipes;
+pub mod qmp;
 mod sysfs;
 
 pub use agent::{AgentKind, AgentProcess, bin_path};

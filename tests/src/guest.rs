@@ -21,6 +21,15 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// the answer to a command. Generous: a TCG guest on a loaded machine is slow to schedule.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The balloon device a [`GuestConfig::balloon`] guest has (as `tests/guest/run-qemu` with
+/// `BALLOON=on`).
+pub const BALLOON_DEVICE: &str = "virtio-balloon-pci,id=balloon0,free-page-reporting=on";
+
+/// [`BALLOON_DEVICE`] without free page reporting, for a guest whose
+/// [`GuestConfig::free_page_reporting`] is off (benchmarks compare the two).
+pub const BALLOON_DEVICE_NO_REPORTING: &str =
+    "virtio-balloon-pci,id=balloon0,free-page-reporting=off";
+
 /// Which agent the guest runs, and how it onlines memory.
 #[derive(Debug, Clone)]
 pub struct GuestConfig {
@@ -37,6 +46,13 @@ pub struct GuestConfig {
     /// A `virtio-mem-pci` device `vmem0` (2 GiB at most, 2 MiB blocks, nothing plugged at
     /// boot) on a RAM backend of its own; the guest loads `virtio_mem`.
     pub virtio_mem: bool,
+    /// A `virtio-balloon-pci` device `balloon0` with free page reporting and without
+    /// deflate-on-oom (the balloon's pages leave the guest's MemTotal); the guest loads
+    /// `virtio_balloon`.
+    pub balloon: bool,
+    /// The balloon reports the guest's free pages to QEMU, which gives them back to the
+    /// host (on by default; off: [`BALLOON_DEVICE_NO_REPORTING`]).
+    pub free_page_reporting: bool,
 }
 
 impl GuestConfig {
@@ -48,6 +64,8 @@ impl GuestConfig {
             extra_append: "",
             reboot: false,
             virtio_mem: false,
+            balloon: false,
+            free_page_reporting: true,
         }
     }
 }
@@ -300,6 +318,24 @@ impl GuestControl {
             .with_context(|| format!("QEMU lists no virtio-mem device {id}: {devices:?}"))
     }
 
+    /// QEMU's balloon (`query-balloon`) through the test's own QMP socket: `actual`, the
+    /// memory the guest has with the balloon's pages taken out, in bytes.
+    pub fn balloon_actual(&self) -> anyhow::Result<u64> {
+        let balloon = self.qmp()?.execute("query-balloon", None)?;
+        balloon["actual"]
+            .as_u64()
+            .with_context(|| format!("query-balloon answered no actual: {balloon}"))
+    }
+
+    /// Asks the balloon for a logical size of `bytes` (QMP `balloon`: boot memory and
+    /// DIMMs, less what the balloon is to hold), through the test's own QMP socket. QEMU
+    /// answers at once; the guest's driver inflates or deflates after.
+    pub fn set_balloon(&self, bytes: u64) -> anyhow::Result<()> {
+        self.qmp()?
+            .execute("balloon", Some(json!({"value": bytes})))
+            .map(|_| ())
+    }
+
     /// Resets the guest (`system_reset`), as a guest reboot does: QEMU keeps its devices,
     /// hot-plugged DIMMs included, and the guest kernel boots again.
     pub fn system_reset(&self) -> anyhow::Result<()> {
@@ -360,6 +396,11 @@ impl Guest {
         };
         guest.start()?;
         Ok(guest)
+    }
+
+    /// The QEMU process's id while it runs (benchmarks read its memory in `/proc`).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The QGA chardev socket (what the bridge connects to).
@@ -428,10 +469,24 @@ impl Guest {
         append
     }
 
-    /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device if
-    /// configured), the console to a file, and the control, QGA and two QMP sockets.
+    /// The balloon device's option, with free page reporting as configured.
+    fn balloon_device(&self) -> &'static str {
+        if self.config.free_page_reporting {
+            BALLOON_DEVICE
+        } else {
+            BALLOON_DEVICE_NO_REPORTING
+        }
+    }
+
+    /// The QEMU command for this guest: TCG, room for DIMMs (and a virtio-mem device and a
+    /// balloon if configured), the console to a file, and the control, QGA and two QMP sockets.
     fn qemu_command(&self) -> Command {
         let sockets = self.control();
+        let balloon: Vec<&str> = if self.config.balloon {
+            vec!["-device", self.balloon_device()]
+        } else {
+            Vec::new()
+        };
         let mut qemu = Command::new("qemu-system-x86_64");
         qemu.args(["-accel", "tcg", "-cpu", "max", "-smp", "1"])
             .args(["-m", "512M,slots=4,maxmem=4G"])
@@ -451,6 +506,7 @@ impl Guest {
             } else {
                 &[][..]
             })
+            .args(&balloon)
             .args(if self.config.reboot {
                 &[][..]
             } else {

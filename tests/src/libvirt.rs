@@ -188,6 +188,15 @@ fn kvm_node_as_udev_would() -> anyhow::Result<()> {
     fs::set_permissions(kvm, fs::Permissions::from_mode(0o660)).context("chmod 0660 /dev/kvm")
 }
 
+/// The devices a domain has beyond the usual ones.
+#[derive(Debug, Clone, Copy, Default)]
+struct Devices {
+    /// A virtio-mem device ([`Domain::start_virtio_mem`]).
+    virtio_mem: bool,
+    /// A virtio balloon ([`Domain::start_balloon`]); `<memballoon model='none'/>` otherwise.
+    balloon: bool,
+}
+
 /// A transient libvirt domain running the end-to-end guest image (TCG, 1 vCPU, 512 MiB
 /// boot memory, 4 DIMM slots up to 4 GiB, ACPI). Destroyed on drop.
 #[derive(Debug)]
@@ -208,20 +217,35 @@ impl Domain {
     /// [`Domain::start`] with our agent's `--online-type` (`online`, `online_kernel`,
     /// `online_movable`).
     pub fn start_with(name_prefix: &str, agent: &str, online_type: &str) -> anyhow::Result<Self> {
-        Self::start_full(name_prefix, agent, online_type, false)
+        Self::start_full(name_prefix, agent, online_type, Devices::default())
     }
 
     /// [`Domain::start`] with a `<memory model='virtio-mem'>` device (2 GiB at most, 2 MiB
     /// blocks, nothing requested at boot), alias `virtiomem0`.
     pub fn start_virtio_mem(name_prefix: &str) -> anyhow::Result<Self> {
-        Self::start_full(name_prefix, "ours", "online_movable", true)
+        let devices = Devices {
+            virtio_mem: true,
+            ..Devices::default()
+        };
+        Self::start_full(name_prefix, "ours", "online_movable", devices)
+    }
+
+    /// [`Domain::start`] with a virtio balloon: `<memballoon model='virtio'
+    /// freePageReporting='on'>` without autodeflate (the balloon's pages leave the guest's
+    /// MemTotal), its statistics every second; libvirt names it `balloon0`.
+    pub fn start_balloon(name_prefix: &str) -> anyhow::Result<Self> {
+        let devices = Devices {
+            balloon: true,
+            ..Devices::default()
+        };
+        Self::start_full(name_prefix, "ours", "online_movable", devices)
     }
 
     fn start_full(
         name_prefix: &str,
         agent: &str,
         online_type: &str,
-        virtio_mem: bool,
+        devices: Devices,
     ) -> anyhow::Result<Self> {
         static COUNTER: AtomicU32 = AtomicU32::new(0);
         ensure!(
@@ -260,7 +284,7 @@ impl Domain {
             boot_time: Duration::ZERO,
         };
         let xml = domain.path("domain.xml");
-        fs::write(&xml, domain.xml(agent, online_type, virtio_mem))?;
+        fs::write(&xml, domain.xml(agent, online_type, devices))?;
         domain.create()?;
         eprintln!(
             "e2e: libvirt domain {} booted ({agent} agent) in {:.1} s",
@@ -310,12 +334,17 @@ impl Domain {
         self.dir.path().join(file)
     }
 
-    fn xml(&self, agent: &str, online_type: &str, virtio_mem: bool) -> String {
-        let vmem = if virtio_mem {
+    fn xml(&self, agent: &str, online_type: &str, devices: Devices) -> String {
+        let vmem = if devices.virtio_mem {
             "<memory model='virtio-mem'><target><size unit='MiB'>2048</size><node>0</node>\
              <block unit='MiB'>2</block><requested unit='MiB'>0</requested></target></memory>"
         } else {
             ""
+        };
+        let balloon = if devices.balloon {
+            "<memballoon model='virtio' freePageReporting='on'><stats period='1'/></memballoon>"
+        } else {
+            "<memballoon model='none'/>"
         };
         let (name, kernel, initrd, console, control) = (
             &self.name,
@@ -350,7 +379,7 @@ impl Domain {
     <serial type='file'><source path='{console}'/><target port='0'/></serial>
     <serial type='unix'><source mode='bind' path='{control}'/><target port='1'/></serial>
     <channel type='unix'><target type='virtio' name='org.qemu.guest_agent.0'/></channel>
-    <memballoon model='none'/>
+    {balloon}
     {vmem}
   </devices>
 </domain>

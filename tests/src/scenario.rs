@@ -110,6 +110,29 @@ pub async fn wait_mem_total(g: &GuestControl, want: u64, timeout: Duration) -> a
     .await
 }
 
+/// How far the guest's MemTotal may be from the memory a balloon leaves it, KiB. Measured
+/// on the test image (kernel 6.1 cloud), it moves by exactly the balloon's pages (256 MiB
+/// in: 413,980 -> 151,836 kB); the slack is for a kernel that accounts a page otherwise.
+pub const MEMTOTAL_SLACK_KIB: u64 = 1024;
+
+/// Polls the guest's MemTotal until it is within [`MEMTOTAL_SLACK_KIB`] of `want` KiB;
+/// the MemTotal seen then.
+pub async fn wait_mem_total_near(
+    g: &GuestControl,
+    want: u64,
+    timeout: Duration,
+) -> anyhow::Result<u64> {
+    wait::until(&format!("MemTotal near {want} KiB"), timeout, || async {
+        let now = g.mem_total_kib()?;
+        anyhow::Ok(if now.abs_diff(want) <= MEMTOTAL_SLACK_KIB {
+            ControlFlow::Break(now)
+        } else {
+            ControlFlow::Continue(format!("MemTotal {now} KiB"))
+        })
+    })
+    .await
+}
+
 /// The block size and the blocks (sorted), each read through gRPC and through JSON-RPC,
 /// which must agree: the two front ends are one bridge. There must be blocks.
 async fn block_info_and_blocks(c: &Clients, vm: &str) -> anyhow::Result<(u64, Vec<MemoryBlock>)> {
@@ -742,15 +765,87 @@ pub async fn hotplug_denied(reader: &Clients, vm: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What the balloon step moves: 128 MiB.
+const BALLOON_STEP: u64 = 128 << 20;
+
+/// The compose guest's balloon: `memory-stats` has its part, with QEMU's actual; then
+/// `memory-balloon` 128 MiB below what the guest may use now (a used stack's balloon may
+/// hold memory already) and back, checked in the replies, QEMU's actual and the guest's
+/// MemTotal.
+pub async fn balloon_cycle(
+    c: &Clients,
+    vm: &str,
+    g: &GuestControl,
+    t: &mut Timings,
+) -> anyhow::Result<()> {
+    let found_actual = balloon_in_memory_stats(c, vm, g).await?;
+    let layout = memory_layout(c, vm).await?;
+    let usable = layout["balloon"]["usable-bytes"]
+        .as_u64()
+        .with_context(|| format!("the layout shows no balloon: {layout}"))?;
+    let mem_before = g.mem_total_kib()?;
+    eprintln!(
+        "e2e: balloon {}: QEMU's actual {} MiB, the guest may use {} MiB",
+        layout["balloon"]["id"],
+        found_actual >> 20,
+        usable >> 20
+    );
+    let down = usable
+        .checked_sub(BALLOON_STEP)
+        .with_context(|| format!("the guest may use less than 128 MiB: {layout}"))?;
+    let start = Instant::now();
+    balloon_to(c, vm, down).await?;
+    ensure!(
+        g.balloon_actual()? == found_actual - BALLOON_STEP,
+        "QEMU's actual is not 128 MiB below {found_actual} once memory-balloon answered"
+    );
+    wait_mem_total_near(g, mem_before - BALLOON_STEP / 1024, PATIENCE).await?;
+    t.record("memory-balloon -128 MiB to MemTotal down", start.elapsed());
+    let start = Instant::now();
+    balloon_to(c, vm, usable).await?;
+    ensure!(
+        g.balloon_actual()? == found_actual,
+        "QEMU's actual is not back at {found_actual} once memory-balloon answered"
+    );
+    wait_mem_total_near(g, mem_before, PATIENCE).await?;
+    t.record("memory-balloon back to MemTotal back", start.elapsed());
+    Ok(())
+}
+
+/// `memory-stats` has the balloon part, with QEMU's actual (returned) and what it holds.
+async fn balloon_in_memory_stats(c: &Clients, vm: &str, g: &GuestControl) -> anyhow::Result<u64> {
+    let stats = call(c, "memory-stats", json!({ "vm": vm })).await?;
+    let actual = g.balloon_actual()?;
+    let part = &stats["balloon"];
+    ensure!(
+        part["actual-bytes"] == actual && part["held-bytes"].is_u64(),
+        "memory-stats has no balloon part with QEMU's actual {actual}: {stats}"
+    );
+    Ok(actual)
+}
+
+/// `memory-balloon` to `target` bytes, which the reply must say the guest has now.
+async fn balloon_to(c: &Clients, vm: &str, target: u64) -> anyhow::Result<Value> {
+    let r = call(c, "memory-balloon", json!({"vm": vm, "target": target})).await?;
+    print_steps("memory-balloon", &r);
+    ensure!(
+        r["balloon"]["to-bytes"] == target && r["balloon"]["target-bytes"] == target,
+        "memory-balloon to {target} answered another size: {r}"
+    );
+    Ok(r)
+}
+
 /// What the scenario leaves as it found it, so that it runs again on the same stack: QEMU's
-/// DIMMs (id, bytes) and virtio-mem devices (id, requested size and size), the guest
-/// kernel's `auto_online_blocks` and MemTotal (KiB).
+/// DIMMs (id, bytes), virtio-mem devices (id, requested size and size) and balloon
+/// (`actual`), the guest kernel's `auto_online_blocks` and MemTotal (KiB).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Found {
     /// QEMU's DIMMs: id and bytes.
     pub dimms: Vec<(String, u64)>,
     /// QEMU's virtio-mem devices: id, requested size and size.
     pub virtio_mem: Vec<(String, (u64, u64))>,
+    /// QEMU's balloon `actual`, bytes.
+    pub balloon_actual: u64,
     /// The guest kernel's `auto_online_blocks`.
     pub auto_online: String,
     /// The guest's MemTotal, KiB.
@@ -767,6 +862,7 @@ impl Found {
                 .map(|d| (d.id, d.size))
                 .collect(),
             virtio_mem: g.virtio_mem_devices()?,
+            balloon_actual: g.balloon_actual()?,
             auto_online: g.auto_online()?,
             mem_total_kib: g.mem_total_kib()?,
         })

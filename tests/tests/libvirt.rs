@@ -7,7 +7,10 @@
 //! - plug 512 MiB: `virsh dumpxml` shows the DIMM and MemTotal grows; unplug: gone again;
 //! - a domain started after the bridge appears without a restart, one restarted under its
 //!   name is served as its new run, one destroyed goes;
-//! - libvirtd restarted: calls fail UNAVAILABLE while it is down and work after.
+//! - libvirtd restarted: calls fail UNAVAILABLE while it is down and work after;
+//! - a `<memballoon model='virtio'>` domain: the layout shows the balloon, memory-balloon
+//!   moves libvirt's actual and the guest's MemTotal 256 MiB down and back, memory-stats
+//!   has the driver's statistics.
 //!
 //! Needs libvirt-daemon-system, libvirt-clients, root and the guest image; fails, never
 //! skips, without them. Run one at a time (see .config/nextest.toml).
@@ -438,4 +441,141 @@ fn current_becomes(d: &Domain, kib: u64) {
         })
     })
     .unwrap_or_else(|e| panic!("{e:#}"));
+}
+
+/// What the balloon test has the balloon hold: 256 MiB.
+const BALLOON_HELD: u64 = 256 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balloon_through_libvirt() {
+    let d = answering(Domain::start_balloon("qga-lv-balloon"));
+    let (_bridge, c) = bridge().await;
+    let vm = served(&c, &d).await;
+    let before = d.control().mem_total_kib().expect("MemTotal");
+    let boot = balloon_in_the_libvirt_layout(&c, &vm).await;
+
+    // Inflate by 256 MiB: libvirt's actual and the guest's MemTotal follow.
+    let target = boot - BALLOON_HELD;
+    let inflated = call(
+        &c,
+        &d,
+        "memory-balloon -256 MiB",
+        "memory-balloon",
+        balloon(&vm, target),
+    )
+    .await;
+    scenario::print_steps("libvirt memory-balloon -256 MiB", &inflated);
+    let b = &inflated["balloon"];
+    assert!(
+        b["id"] == "balloon0"
+            && b["from-bytes"] == boot
+            && b["to-bytes"] == target
+            && b["held-bytes"] == BALLOON_HELD,
+        "from the boot memory to 256 MiB less, 256 MiB held: {inflated}"
+    );
+    dommemstat_actual_becomes(&d, target / 1024);
+    mem_total_near(&d, before - BALLOON_HELD / 1024).await;
+    balloon_stats_through_libvirt(&c, &vm, target).await;
+
+    // And back.
+    let deflated = call(
+        &c,
+        &d,
+        "memory-balloon back",
+        "memory-balloon",
+        balloon(&vm, boot),
+    )
+    .await;
+    assert!(
+        deflated["balloon"]["to-bytes"] == boot && deflated["balloon"]["held-bytes"] == 0,
+        "all of the boot memory again, the balloon empty: {deflated}"
+    );
+    dommemstat_actual_becomes(&d, boot / 1024);
+    mem_total_near(&d, before).await;
+    virsh_ping(&d);
+}
+
+/// `memory-balloon` params for `vm` and `target` bytes.
+fn balloon(vm: &str, target: u64) -> Value {
+    json!({"vm": vm, "target": target})
+}
+
+/// The layout of `vm` shows libvirt's balloon, `balloon0`, empty: free page reporting
+/// as the XML asks, no deflate-on-oom (no autodeflate). The boot memory.
+async fn balloon_in_the_libvirt_layout(c: &Clients, vm: &str) -> u64 {
+    let layout = scenario::memory_layout(c, vm).await.expect("layout");
+    let boot = layout["boot-bytes"].as_u64().unwrap_or_default();
+    let b = &layout["balloon"];
+    assert_eq!(boot, 512 << 20, "{layout}");
+    assert!(
+        b["id"] == "balloon0"
+            && b["free-page-reporting"] == true
+            && b["deflate-on-oom"] == false
+            && b["actual-bytes"] == boot
+            && b["held-bytes"] == 0,
+        "libvirt's balloon0, empty: {layout}"
+    );
+    boot
+}
+
+/// libvirt's balloon `actual` (`virsh dommemstat`), KiB.
+fn dommemstat_actual(d: &Domain) -> Option<u64> {
+    let stats = d.virsh("dommemstat", &[]).ok()?;
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("actual "))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Waits until `virsh dommemstat` says the balloon's actual is `kib`: libvirt follows
+/// QEMU's BALLOON_CHANGE events, which QEMU sends at most once a second.
+fn dommemstat_actual_becomes(d: &Domain, kib: u64) {
+    wait::until_blocking(&format!("dommemstat actual {kib} KiB"), PATIENCE, || {
+        let now = dommemstat_actual(d);
+        anyhow::Ok(if now == Some(kib) {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(format!("actual {now:?} KiB"))
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e:#}\nconsole:\n{}", d.console_text()));
+}
+
+/// Waits until the guest's MemTotal is within [`scenario::MEMTOTAL_SLACK_KIB`] of `want`
+/// KiB: the balloon's pages leave it.
+async fn mem_total_near(d: &Domain, want: u64) {
+    wait::until(&format!("MemTotal near {want} KiB"), PATIENCE, || async {
+        let now = d.control().mem_total_kib()?;
+        anyhow::Ok(if now.abs_diff(want) <= scenario::MEMTOTAL_SLACK_KIB {
+            ControlFlow::Break(())
+        } else {
+            ControlFlow::Continue(format!("MemTotal {now} KiB"))
+        })
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}\nconsole:\n{}", d.console_text()));
+}
+
+/// `memory-stats` of `vm` has the balloon part with libvirt's actual (`actual` bytes) and,
+/// once the driver has reported (every second, as the domain's XML asks), its statistics.
+async fn balloon_stats_through_libvirt(c: &Clients, vm: &str, actual: u64) {
+    let stats = wait::until(
+        "the balloon's statistics through libvirt",
+        PATIENCE,
+        || async {
+            let s = scenario::call(c, "memory-stats", json!({"vm": vm})).await?;
+            let b = &s["balloon"];
+            let reported = ["available-bytes", "free-bytes", "total-bytes"]
+                .iter()
+                .all(|k| b["stats"][k].is_u64());
+            anyhow::Ok(if b["actual-bytes"] == actual && reported {
+                ControlFlow::Break(s)
+            } else {
+                ControlFlow::Continue(s.to_string())
+            })
+        },
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e:#}"));
+    eprintln!("e2e: memory-stats through libvirt: {}", stats["balloon"]);
 }

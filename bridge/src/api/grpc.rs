@@ -353,6 +353,15 @@ fn memory_layout(l: Layout) -> pb::MemoryLayout {
         zones_known: l.zones_known,
         warnings: l.warnings,
         virtio_mem: l.virtio_mem.into_iter().map(virtio_mem).collect(),
+        balloon: l.balloon.map(|b| pb::Balloon {
+            id: b.id,
+            deflate_on_oom: b.deflate_on_oom,
+            free_page_reporting: b.free_page_reporting,
+            actual_bytes: b.actual_bytes,
+            held_bytes: b.held_bytes,
+            usable_bytes: b.usable_bytes,
+            kept_bytes: b.kept_bytes,
+        }),
     }
 }
 
@@ -407,7 +416,9 @@ impl Api {
 fn the_dimm(done: Done) -> Result<(pb::Dimm, Vec<pb::Step>, Vec<String>), Status> {
     match done.what {
         Effect::Dimm { dimm: d } => Ok((dimm(d), steps(done.steps), done.warnings)),
-        Effect::Resized(_) => Err(Status::internal("a resize answered a plug or unplug")),
+        Effect::Resized(_) | Effect::Balloon { .. } => Err(Status::internal(
+            "a resize or balloon answered a plug or unplug",
+        )),
     }
 }
 
@@ -479,7 +490,9 @@ impl MemoryHotplug for Api {
         let op = Operation::Resize { size: r.size };
         let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
         let Effect::Resized(resized) = done.what else {
-            return Err(Status::internal("a plug or unplug answered a resize"));
+            return Err(Status::internal(
+                "a plug, unplug or balloon answered a resize",
+            ));
         };
         Ok(Response::new(pb::ResizeResponse {
             from_bytes: resized.from_bytes,
@@ -497,6 +510,30 @@ impl MemoryHotplug for Api {
                     to_bytes: c.to_bytes,
                 })
                 .collect(),
+        }))
+    }
+
+    async fn balloon(
+        &self,
+        req: Request<pb::BalloonRequest>,
+    ) -> Result<Response<pb::BalloonResponse>, Status> {
+        let r = req.get_ref();
+        let op = Operation::Balloon { target: r.target };
+        let done = self.hotplug(&req, &r.vm, op, &r.request_id).await?;
+        let Effect::Balloon { balloon: b } = done.what else {
+            return Err(Status::internal(
+                "a plug, unplug or resize answered a balloon",
+            ));
+        };
+        Ok(Response::new(pb::BalloonResponse {
+            id: b.id,
+            from_bytes: b.from_bytes,
+            to_bytes: b.to_bytes,
+            target_bytes: b.target_bytes,
+            held_bytes: b.held_bytes,
+            actual_bytes: b.actual_bytes,
+            steps: steps(done.steps),
+            warnings: done.warnings,
         }))
     }
 }

@@ -96,6 +96,8 @@ struct HotplugParams {
     #[serde(default, deserialize_with = "given")]
     dimm: Option<String>,
     #[serde(default, deserialize_with = "given")]
+    target: Option<u64>,
+    #[serde(default, deserialize_with = "given")]
     request_id: Option<String>,
 }
 
@@ -166,12 +168,22 @@ pub fn decode_hotplug(method: &str, params: &str) -> Result<HotplugCall, BridgeE
                 size: p.size.ok_or_else(|| needed("size"))?,
             })
         }
+        hotplug_method::BALLOON => {
+            unexpected(p.dimm.is_some(), "dimm")?;
+            unexpected(p.size.is_some(), "size")?;
+            Some(Operation::Balloon {
+                target: p.target.ok_or_else(|| needed("target"))?,
+            })
+        }
         other => {
             return Err(BridgeError::InvalidRequest(format!(
                 "unknown method '{other}'"
             )));
         }
     };
+    if !matches!(op, Some(Operation::Balloon { .. })) {
+        unexpected(p.target.is_some(), "target")?;
+    }
     if !matches!(op, Some(Operation::Plug(_))) {
         unexpected(p.node.is_some(), "node")?;
         unexpected(p.online_type.is_some(), "online-type")?;

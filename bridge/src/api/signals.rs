@@ -6,7 +6,7 @@ use qga_wire::schema::{GuestMeminfo, GuestMemoryPressure, GuestPressureLine, Gue
 use tonic::{Request, Response, Status};
 
 use super::grpc::{Api, deadline};
-use crate::signals::snapshot::{AgentStats, BridgeTotals, MemoryStats};
+use crate::signals::snapshot::{AgentStats, BalloonPart, BridgeTotals, MemoryStats};
 
 #[tonic::async_trait]
 impl MemorySignals for Api {
@@ -31,6 +31,30 @@ pub fn memory_stats(s: MemoryStats) -> pb::MemoryStats {
         agent_stats_unavailable: s.agent_stats_unavailable,
         bridge: s.bridge.map(bridge),
         bridge_totals_unavailable: s.bridge_totals_unavailable,
+        balloon: s.balloon.map(balloon),
+        balloon_unavailable: s.balloon_unavailable,
+    }
+}
+
+fn balloon(b: BalloonPart) -> pb::BalloonReading {
+    pb::BalloonReading {
+        age_ms: b.age_ms,
+        id: b.id,
+        actual_bytes: b.actual_bytes,
+        held_bytes: b.held_bytes,
+        stats: b.stats.map(|s| pb::BalloonStats {
+            last_update: s.last_update,
+            swap_in_bytes: s.swap_in_bytes,
+            swap_out_bytes: s.swap_out_bytes,
+            major_faults: s.major_faults,
+            minor_faults: s.minor_faults,
+            free_bytes: s.free_bytes,
+            total_bytes: s.total_bytes,
+            available_bytes: s.available_bytes,
+            disk_caches_bytes: s.disk_caches_bytes,
+            hugetlb_allocations: s.hugetlb_allocations,
+            hugetlb_failures: s.hugetlb_failures,
+        }),
     }
 }
 
@@ -53,6 +77,7 @@ fn bridge(b: BridgeTotals) -> pb::BridgeMemoryTotals {
         boot_bytes: b.boot_bytes,
         plugged_bytes: b.plugged_bytes,
         total_bytes: b.total_bytes,
+        usable_bytes: b.usable_bytes,
     }
 }
 

@@ -2,13 +2,17 @@
 //! limits, adds and removes DIMMs and deletes their memory backends, and tells how an
 //! eject ends. Implementations: [`qmp`] (QEMU's monitor) and [`libvirt`] (a domain libvirt
 //! runs). They know nothing of operations: the hotplug layer sequences their calls with
-//! the agent's, records steps and undoes what failed.
+//! the agent's, records steps and undoes what failed. The virtio balloon ([`balloon`])
+//! is read and set through the same seam.
 //!
 //! Each call gets the operation's deadline and bounds its own command by the backend's
 //! command timeout within it.
 
+pub mod balloon;
 pub mod libvirt;
 pub mod qmp;
+
+pub use balloon::{BalloonDevice, BalloonStats};
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -361,4 +365,35 @@ pub trait MemoryBackend: Send + Sync + std::fmt::Debug {
         bytes: u64,
         until: Instant,
     ) -> Result<(), BackendError>;
+
+    /// The VM's virtio balloon, if it has one. A backend that knows no balloon has none.
+    async fn balloon(&self, until: Instant) -> Result<Option<BalloonDevice>, BackendError> {
+        let _ = until;
+        Ok(None)
+    }
+
+    /// QEMU's balloon `actual` alone, as cheaply as the hypervisor tells it (an operation
+    /// reads it every few milliseconds while it waits); `None` without a balloon.
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        Ok(self.balloon(until).await?.map(|d| d.actual))
+    }
+
+    /// Asks the balloon to leave the guest `target` bytes of the logical VM size (QMP
+    /// `balloon`, libvirt's live memory): the guest's driver inflates or deflates towards
+    /// it and QEMU's `actual` follows. A VM without a balloon is refused.
+    async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
+        let _ = (target, until);
+        Err(balloon::no_balloon())
+    }
+
+    /// The guest balloon driver's statistics, asking the hypervisor for them every
+    /// `interval` seconds first where it does not yet (`None`: the VM has no balloon).
+    async fn balloon_stats(
+        &self,
+        interval: u64,
+        until: Instant,
+    ) -> Result<Option<BalloonStats>, BackendError> {
+        let _ = (interval, until);
+        Ok(None)
+    }
 }

@@ -1,6 +1,9 @@
 //! [`MemoryBackend`] over QEMU's QMP monitor: a DIMM is a `memory-backend-ram` object
 //! (`qga-memN`) and a `pc-dimm` device (`qga-dimmN`) on it; ejects end with
-//! `DEVICE_DELETED`, or with an `ACPI_DEVICE_OST` refusal from the guest.
+//! `DEVICE_DELETED`, or with an `ACPI_DEVICE_OST` refusal from the guest. The virtio
+//! balloon is in [`balloon`].
+
+mod balloon;
 
 use std::{path::Path, time::Duration};
 
@@ -10,8 +13,8 @@ use qga_wire::backoff::Backoff;
 use tokio::{sync::broadcast, time::Instant};
 
 use super::{
-    Added, BackendError, Bounds, Deleted, DimmDevice, EjectWatch, Ejection, MemoryBackend,
-    MemorySize, NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
+    Added, BackendError, BalloonDevice, BalloonStats, Bounds, Deleted, DimmDevice, EjectWatch,
+    Ejection, MemoryBackend, MemorySize, NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
 };
 
 /// Prefix of the memory backends this bridge makes.
@@ -22,6 +25,8 @@ const MEMDEV_PREFIX: &str = "qga-mem";
 pub struct QmpBackend {
     qmp: Qmp,
     timeouts: Timeouts,
+    /// The virtio balloon's QOM path, once found.
+    balloon: balloon::Cache,
 }
 
 impl QmpBackend {
@@ -38,6 +43,7 @@ impl QmpBackend {
         Self {
             qmp: Qmp::new(socket.to_path_buf(), limits),
             timeouts: bounds.timeouts,
+            balloon: balloon::Cache::default(),
         }
     }
 
@@ -273,6 +279,26 @@ impl MemoryBackend for QmpBackend {
             .set_requested_size(id, bytes, self.timeouts.command_until(until))
             .await
             .map_err(|e| error("qom-set", e))
+    }
+
+    async fn balloon(&self, until: Instant) -> Result<Option<BalloonDevice>, BackendError> {
+        self.balloon_device(until).await
+    }
+
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        self.query_actual(until).await
+    }
+
+    async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
+        self.request_balloon(target, until).await
+    }
+
+    async fn balloon_stats(
+        &self,
+        interval: u64,
+        until: Instant,
+    ) -> Result<Option<BalloonStats>, BackendError> {
+        self.guest_stats(interval, until).await
     }
 }
 

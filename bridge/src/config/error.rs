@@ -60,6 +60,8 @@ pub enum Bound {
     AtLeast(u64),
     /// The largest duration allowed, milliseconds.
     AtMostMs(u64),
+    /// The largest value allowed.
+    AtMost(u64),
 }
 
 /// A day, in milliseconds.
@@ -70,7 +72,7 @@ impl fmt::Display for Bound {
         match *self {
             Self::AtLeast(min) => write!(f, "at least {min}"),
             Self::AtMostMs(DAY_MS) => write!(f, "at most {DAY_MS} (one day)"),
-            Self::AtMostMs(max) => write!(f, "at most {max}"),
+            Self::AtMostMs(max) | Self::AtMost(max) => write!(f, "at most {max}"),
         }
     }
 }

@@ -11,8 +11,8 @@ use std::{
 use serde::Deserialize;
 
 use super::{
-    AuthConfig, Config, ConfigError, HotplugConfig, HttpConfig, LimitsConfig, Listen, LogFormat,
-    SignalsConfig, TimeoutsConfig, TlsConfig, UnixSocketsConfig, VmConfig,
+    AuthConfig, BalloonConfig, Config, ConfigError, HotplugConfig, HttpConfig, LimitsConfig,
+    Listen, LogFormat, SignalsConfig, TimeoutsConfig, TlsConfig, UnixSocketsConfig, VmConfig,
 };
 
 /// The TOML file.
@@ -33,6 +33,7 @@ struct File {
     timeouts: TimeoutsConfig,
     limits: LimitsConfig,
     hotplug: HotplugConfig,
+    balloon: BalloonConfig,
     signals: SignalsConfig,
     http: HttpConfig,
     coalesce_reads: Option<bool>,
@@ -156,6 +157,7 @@ impl File {
         config.discover = self.discover;
         config.http = self.http;
         config.hotplug = self.hotplug;
+        config.balloon = self.balloon;
         config.signals = self.signals;
         config.timeouts = self.timeouts.over_defaults();
         config.limits = self.limits;

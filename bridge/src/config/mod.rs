@@ -50,6 +50,11 @@
 //! request_id_ttl_s = 86400              # and for how long
 //! restore_interval_ms = 2000            # re-online plugged memory's offline blocks (guest reboots)
 //!
+//! [balloon]                             # the virtio balloon (memory-balloon)
+//! floor_bytes = 268435456               # the least memory a balloon target leaves a guest
+//! stall_ms = 5000                       # QEMU's actual standing still this long ends the wait
+//! stats_interval_s = 2                  # the guest driver's statistics period, set where off
+//!
 //! [signals]                             # the guest's memory signals (memory-stats)
 //! max_age_ms = 1000                     # answer from a snapshot younger than this, else ask the agent
 //! poll_interval_ms = 10000              # refresh connected VMs' snapshots and gauges; 0: off
@@ -90,6 +95,7 @@
 //! (`RENAMED` in `file.rs`); giving both names is an error.
 
 mod auth;
+mod balloon;
 mod cli;
 mod error;
 mod file;
@@ -107,6 +113,7 @@ use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration}
 
 pub use self::{
     auth::{AuthConfig, AuthConfigError, GrantConfig, Role, TokenConfig},
+    balloon::BalloonConfig,
     cli::{Cli, LogFormat},
     error::{Bound, ConfigError},
     file::Deprecation,
@@ -136,6 +143,8 @@ pub struct Config {
     pub vms: BTreeMap<String, VmConfig>,
     /// Memory hotplug.
     pub hotplug: HotplugConfig,
+    /// The virtio balloon: floor, stall, statistics period.
+    pub balloon: BalloonConfig,
     /// The guest's memory signals: snapshot age and background poll.
     pub signals: SignalsConfig,
     /// Globs for socket discovery.
@@ -183,6 +192,7 @@ impl Default for Config {
             log_format: LogFormat::Text,
             vms: BTreeMap::new(),
             hotplug: HotplugConfig::default(),
+            balloon: BalloonConfig::default(),
             signals: SignalsConfig::default(),
             discover: Vec::new(),
             discover_interval: Duration::from_secs(2),
@@ -253,6 +263,7 @@ impl Config {
         self.limits.validate()?;
         self.hotplug.validate()?;
         self.signals.validate()?;
+        self.balloon.validate()?;
         self.timeouts.validate()?;
         self.validate_vms(cli)?;
         self.validate_discovery(cli)

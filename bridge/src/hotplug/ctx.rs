@@ -69,6 +69,8 @@ pub struct Ctx {
     pub settings: config::HotplugConfig,
     /// Largest set the bridge sends.
     pub max_set_entries: usize,
+    /// `[balloon]`: the floor and how long a balloon may stand still.
+    pub balloon: config::BalloonConfig,
     /// The whole operation's deadline.
     pub deadline: Instant,
     /// Steps taken.

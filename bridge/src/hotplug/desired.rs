@@ -1,6 +1,7 @@
 //! Desired memory: the devices the bridge plugged or resized, each with its block range
-//! and how its blocks are to be online, kept in the journal (as JSON, per VM and device)
-//! so that the keeper onlines again what a guest reboot leaves offline.
+//! and how its blocks are to be online, and the size the balloon is to hold; kept in the
+//! journal (as JSON, per VM and device) so that the keeper onlines again what a guest
+//! reboot leaves offline and sets the balloon again where it came back empty.
 
 use qga_wire::schema::GuestMemoryOnlineType;
 use serde::{Deserialize, Serialize};
@@ -15,6 +16,8 @@ pub enum Kind {
     /// A virtio-mem device: the guest's driver adds the blocks of its range it plugs, so
     /// blocks of the range may be absent.
     VirtioMem,
+    /// The virtio balloon: no blocks, a size it is to hold ([`Desired::held_bytes`]).
+    Balloon,
 }
 
 /// A memory device the bridge plugged or resized, and how its blocks are to be online.
@@ -34,6 +37,9 @@ pub struct Desired {
     /// How they are onlined (`None`: as the agent is configured, for agents that cannot
     /// choose the zone).
     pub online_type: Option<GuestMemoryOnlineType>,
+    /// The balloon's size, bytes ([`Kind::Balloon`] only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held_bytes: Option<u64>,
 }
 
 impl Desired {
@@ -59,6 +65,7 @@ mod tests {
             first_block: 32,
             blocks: 16,
             online_type: None,
+            held_bytes: None,
         };
         let json = serde_json::to_value(&vmem).expect("encodes");
         assert_eq!(json["kind"], "virtio-mem");

@@ -26,7 +26,7 @@ use qga_wire::{schema::GuestMemoryOnlineType, sync::lock};
 use tokio::time::Instant;
 
 use super::{
-    Done, Effect, Hotplug, Operation, Target,
+    Done, Effect, Hotplug, Operation, Target, balloon,
     ctx::{Ctx, describe},
     layout::{BlockState, Dimm, GuestView},
     report::Background,
@@ -40,6 +40,28 @@ use crate::{
 /// When each VM's desired memory was first seen not all online, for the restore time.
 #[derive(Debug, Default)]
 pub struct Pending(Mutex<HashMap<String, Instant>>);
+
+/// The balloon targets the keeper set, per VM, and when: the same target is not set
+/// again within [`BALLOON_AGAIN`] (a guest that cannot reach it, a driver not loaded yet).
+#[derive(Debug, Default)]
+pub struct BalloonSets(Mutex<HashMap<String, (u64, Instant)>>);
+
+/// How long the keeper leaves a balloon target it set before setting it again.
+const BALLOON_AGAIN: Duration = Duration::from_secs(60);
+
+impl BalloonSets {
+    /// Whether target `value` is to be set on VM `vm` now; if so, noted as set.
+    fn due(&self, vm: &str, value: u64) -> bool {
+        let mut sets = lock(&self.0);
+        let due = sets
+            .get(vm)
+            .is_none_or(|&(v, at)| v != value || at.elapsed() >= BALLOON_AGAIN);
+        if due {
+            sets.insert(vm.to_string(), (value, Instant::now()));
+        }
+        due
+    }
+}
 
 /// What one pass over a VM did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -61,6 +83,7 @@ fn desired(dimm: &Dimm, online_type: Option<GuestMemoryOnlineType>) -> Option<De
         first_block: first,
         blocks: dimm.blocks.len() as u64,
         online_type: online_type.or(Some(GuestMemoryOnlineType::OnlineMovable)),
+        held_bytes: None,
     })
 }
 
@@ -112,6 +135,37 @@ impl Hotplug {
         let started = Instant::now();
         let deadline = started + Duration::from_millis(self.settings.hotplug.appear_timeout_ms);
         let ctx = self.ctx(target.vm, &memory, target.session, Some(deadline));
+        // The balloon needs the hypervisor only, not the agent: checked first, with its
+        // size read now that the VM is held (a caller's memory-balloon may just have
+        // changed it).
+        if wanted.iter().any(|d| d.kind == Kind::Balloon)
+            && let Err(e) = self.keep_balloon(&ctx).await
+        {
+            tracing::debug!(vm = ctx.vm, error = %e, "memory keeper: balloon not checked");
+        }
+        if !wanted.iter().any(|d| d.kind != Kind::Balloon) {
+            return Ok(Pass {
+                complete: true,
+                ..Pass::default()
+            });
+        }
+        let (pass, missing) = self.restore_blocks(&ctx, wanted, &background).await?;
+        self.metrics
+            .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
+        self.pending(&ctx.vm, started, missing, pass.complete);
+        Ok(pass)
+    }
+
+    /// Onlines the offline blocks of the desired devices in `wanted` (see [`restore`]):
+    /// the pass, and whether any was found missing.
+    ///
+    /// [`restore`]: Hotplug::restore
+    async fn restore_blocks(
+        &self,
+        ctx: &Ctx,
+        wanted: &[Desired],
+        background: &super::lock::Background,
+    ) -> Result<(Pass, bool), BridgeError> {
         let caps = ctx.capabilities().await?;
         let view = ctx.guest(caps).await?;
         let mut pass = Pass {
@@ -119,18 +173,18 @@ impl Hotplug {
             ..Pass::default()
         };
         let (mut missing, mut present) = (false, None);
-        for d in wanted {
+        for d in wanted.iter().filter(|d| d.kind != Kind::Balloon) {
             if background.caller_waits() {
                 pass.complete = false;
                 break;
             }
-            let offline = self.check(&ctx, &view, d, &mut pass);
+            let offline = self.check(ctx, &view, d, &mut pass);
             let absent = match d.kind {
                 Kind::Dimm => d
                     .range()
                     .filter(|&i| view.block(i).state == BlockState::Absent)
                     .count(),
-                Kind::VirtioMem => 0,
+                Kind::VirtioMem | Kind::Balloon => 0,
             };
             if offline.is_empty() && absent == 0 {
                 continue;
@@ -138,7 +192,7 @@ impl Hotplug {
             missing = true;
             // Only blocks of a device QEMU still has, where the journal says, are touched.
             if present.is_none() {
-                present = Some(self.present(&ctx).await?);
+                present = Some(self.present(ctx).await?);
             }
             // A device listed without an address (only virtio-mem) cannot be checked there.
             let here = match present.as_ref().and_then(|p| p.get(&d.device)) {
@@ -159,14 +213,45 @@ impl Hotplug {
                 continue;
             }
             // Blocks the guest does not list yet (it is still booting) come next pass.
-            let onlined = self.online(&ctx, caps.online_type, d, &offline).await;
+            let onlined = self.online(ctx, caps.online_type, d, &offline).await;
             pass.restored += onlined;
             pass.complete &= absent == 0 && onlined == offline.len();
         }
-        self.metrics
-            .memory_kept(&ctx.vm, pass.restored, pass.wrong_zone);
-        self.pending(&ctx.vm, started, missing, pass.complete);
-        Ok(pass)
+        Ok((pass, missing))
+    }
+
+    /// Sets the VM's balloon again where it holds less than the size kept (see
+    /// [`balloon::short`]), at most once a minute for the same target; reported when it
+    /// does.
+    async fn keep_balloon(&self, ctx: &Ctx) -> Result<(), BridgeError> {
+        let Some(want) = balloon::kept_size(ctx)? else {
+            return Ok(());
+        };
+        let sizes = balloon::sizes(ctx).await?;
+        let floor = self.settings.balloon.floor_bytes;
+        let short = balloon::short(ctx.backend.as_ref(), sizes, want, floor, ctx.deadline).await;
+        let Some((held, value)) = short.map_err(|e| ctx.backend_error(e))? else {
+            return Ok(());
+        };
+        if !self.balloon_sets.due(&ctx.vm, value) {
+            return Ok(());
+        }
+        let set = ctx.backend.set_balloon(value, ctx.deadline).await;
+        let error = set.err().map(|e| e.to_string());
+        self.witness.saw(&Background::Ballooned {
+            vm: &ctx.vm,
+            held,
+            target: value,
+            error: error.clone(),
+        });
+        tracing::info!(
+            vm = ctx.vm,
+            held,
+            target = value,
+            error,
+            "set the balloon again to hold the size the bridge keeps"
+        );
+        Ok(())
     }
 
     /// The offline blocks of `d` in `view`; counts its blocks in the wrong zone.

@@ -104,6 +104,9 @@ pub struct Layout {
     /// ZONE_MOVABLE.
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub warnings: Vec<String>,
+    /// The virtio balloon, when the VM has one.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub balloon: Option<super::balloon::BalloonView>,
 }
 
 /// The online blocks of `blocks` outside ZONE_MOVABLE, as `N (Zone)`.
@@ -287,6 +290,7 @@ pub fn build(
         .filter(|(online, zones)| *online && zones == &["Movable"])
         .count() as u64;
     Layout {
+        balloon: None,
         warnings: zone_warnings(&dimms)
             .into_iter()
             .chain(virtio_mem_warnings(&virtio_mem))

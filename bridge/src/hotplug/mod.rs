@@ -6,6 +6,7 @@
 //! - [`layout`]: the hypervisor's DIMMs joined with the guest's blocks and zones.
 //! - [`ctx`]: what an operation works with: its agent and backend calls.
 //! - [`plug`], [`unplug`], [`resize`]: the operations, step by step, with their undo paths.
+//! - [`balloon`]: the virtio balloon, the third way to resize, and the size it keeps.
 //!
 //! One operation runs per VM at a time ([`lock`]): a second caller's operation is refused
 //! as ABORTED rather than queued, since a control plane that sent it has a stale view of
@@ -15,6 +16,7 @@
 //! reported (for the audit trail, see [`report`]) and, with a `request-id`, recorded in the [`Journal`] for the caller's retry —
 //! its intent before it acts, its outcome before the VM is released.
 
+pub mod balloon;
 pub mod ctx;
 pub mod desired;
 pub mod keeper;
@@ -70,6 +72,11 @@ pub enum Operation {
         /// The VM's memory in all, bytes.
         size: u64,
     },
+    /// `memory-balloon`.
+    Balloon {
+        /// The memory the guest may use, bytes.
+        target: u64,
+    },
 }
 
 impl Operation {
@@ -79,6 +86,7 @@ impl Operation {
             Self::Plug(_) => hotplug_method::PLUG,
             Self::Unplug { .. } => hotplug_method::UNPLUG,
             Self::Resize { .. } => hotplug_method::RESIZE,
+            Self::Balloon { .. } => hotplug_method::BALLOON,
         }
     }
 }
@@ -104,6 +112,11 @@ pub enum Effect {
     Dimm {
         /// The DIMM as it was plugged, or as it was before it was unplugged.
         dimm: Dimm,
+    },
+    /// What `memory-balloon` did.
+    Balloon {
+        /// The balloon as it was asked to be and is.
+        balloon: balloon::Ballooned,
     },
     /// What a resize did.
     Resized(Resized),
@@ -132,6 +145,8 @@ pub struct HotplugSettings {
     pub max_set_entries: usize,
     /// What the VMs' memory backends are opened with.
     pub backend: backend::Bounds,
+    /// `[balloon]`: the floor and how long a balloon may stand still.
+    pub balloon: config::BalloonConfig,
 }
 
 impl HotplugSettings {
@@ -154,6 +169,7 @@ impl HotplugSettings {
                 connect: Duration::from_millis(config.timeouts.connect_ms),
                 shared_idle: Duration::from_millis(config.timeouts.shared_idle_ms),
             },
+            balloon: config.balloon.clone(),
         })
     }
 }
@@ -169,6 +185,8 @@ pub struct Hotplug {
     journal: Journal,
     /// The keeper's restores under way.
     pending: Arc<keeper::Pending>,
+    /// The balloon targets the keeper set.
+    balloon_sets: Arc<keeper::BalloonSets>,
 }
 
 /// The refusal for a VM without a memory backend.
@@ -256,6 +274,7 @@ impl Hotplug {
             metrics,
             journal,
             pending: Arc::default(),
+            balloon_sets: Arc::default(),
         }
     }
 
@@ -291,6 +310,7 @@ impl Hotplug {
                 s
             },
             max_set_entries: self.settings.max_set_entries,
+            balloon: self.settings.balloon.clone(),
             deadline: self.until(deadline),
             steps: Vec::new(),
             warnings: Vec::new(),
@@ -311,7 +331,15 @@ impl Hotplug {
         let devices = ctx.dimms().await?;
         let vmem = ctx.virtio_mem().await?;
         let guest = ctx.guest(caps).await?;
-        Ok(layout::build(block_size, boot, &devices, &vmem, &guest))
+        let mut layout = layout::build(block_size, boot, &devices, &vmem, &guest);
+        // A balloon that cannot be read does not cost the rest of the layout.
+        match balloon::view(&ctx).await {
+            Ok(b) => layout.balloon = b,
+            Err(e) => layout
+                .warnings
+                .push(format!("the VM's virtio balloon cannot be read: {e}")),
+        }
+        Ok(layout)
     }
 
     /// Runs `request` on `target` (its caller already authorized). With a request-id,
@@ -495,7 +523,20 @@ async fn execute(ctx: &mut Ctx, op: &Operation) -> Result<Done, BridgeError> {
             .await
             .map(|dimm| Effect::Dimm { dimm }),
         Operation::Resize { size } => resize::resize(ctx, *size).await.map(Effect::Resized),
+        Operation::Balloon { target } => balloon::balloon(ctx, *target)
+            .await
+            .map(|balloon| Effect::Balloon { balloon }),
     };
+    // A kept balloon holds its size of the VM's new memory (see `balloon`).
+    if what.is_ok()
+        && !matches!(op, Operation::Balloon { .. })
+        && let Err(e) = balloon::rebalance(ctx).await
+    {
+        ctx.warnings.push(format!(
+            "the balloon could not be set again after this {}: {e}; the keeper tries again",
+            op.method()
+        ));
+    }
     what.map(|what| Done {
         what,
         steps: std::mem::take(&mut ctx.steps),

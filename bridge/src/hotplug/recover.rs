@@ -41,7 +41,7 @@ use qga_wire::schema::GuestMemoryOnlineType;
 use tokio::time::Instant;
 
 use super::{
-    Done, Effect, Hotplug, Target,
+    Done, Effect, Hotplug, Target, balloon,
     ctx::Ctx,
     layout::{self, BlockState, Dimm, GuestView},
     lock::Held,
@@ -173,6 +173,17 @@ impl Hotplug {
             .iter()
             .any(|(_, e)| e.method == hotplug_method::RESIZE);
         let found = self.converge(&mut ctx, withdraw).await?;
+        // An interrupted memory-balloon recorded the balloon's size before it asked QEMU:
+        // that size is asked for again (the balloon's driver follows on its own).
+        if entries
+            .iter()
+            .any(|(_, e)| e.method == hotplug_method::BALLOON)
+            && let Err(e) = balloon::rebalance(&mut ctx).await
+        {
+            // The other operations' outcomes are recorded all the same; the keeper sets
+            // the balloon again.
+            tracing::warn!(vm, error = %e, "cannot ask for the recorded balloon size again");
+        }
         let mut outcomes = Vec::new();
         for (raw, entry) in entries {
             let stored = outcome(&ctx, &entry, &found);
@@ -227,6 +238,7 @@ impl Hotplug {
                 first_block: range.start,
                 blocks: range.end - range.start,
                 online_type: Some(GuestMemoryOnlineType::OnlineMovable),
+                held_bytes: None,
             };
             ctx.want(desired.clone()).await?;
             kept.push(desired);
@@ -246,6 +258,7 @@ impl Hotplug {
             let here = match d.kind {
                 Kind::Dimm => devices.iter().any(|x| x.id == d.device),
                 Kind::VirtioMem => vmem.iter().any(|x| x.id == d.device),
+                Kind::Balloon => false,
             };
             if !here {
                 continue;
@@ -365,6 +378,12 @@ fn outcome(ctx: &Ctx, entry: &Entry, found: &Found) -> Stored {
                 ),
             }
         }
+        hotplug_method::BALLOON => interrupted(format!(
+            "the bridge stopped during this memory-balloon; the next one asked QEMU again for \
+             the balloon size it had recorded for VM '{}' (the guest's driver moves the balloon \
+             there): memory-layout shows the balloon",
+            ctx.vm
+        )),
         _ if !found.virtio_mem.is_empty() => interrupted(format!(
             "the bridge stopped during this {}; the next one left VM '{}' with {} and \
              onlined that memory: memory-layout shows the VM",

@@ -48,6 +48,18 @@ pub enum Background<'a> {
         /// What failed, if anything.
         error: Option<String>,
     },
+    /// The keeper set the balloon again to hold `held` bytes (QEMU's target `target`),
+    /// after a guest reboot or a new QEMU left it empty (`error`: the request failed).
+    Ballooned {
+        /// The VM.
+        vm: &'a str,
+        /// Bytes the balloon is to hold.
+        held: u64,
+        /// QEMU's target.
+        target: u64,
+        /// What failed, if anything.
+        error: Option<String>,
+    },
     /// Recovery gave an operation a stopped bridge left unfinished its final outcome.
     Recovered {
         /// The VM.

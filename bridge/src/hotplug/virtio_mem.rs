@@ -161,6 +161,7 @@ fn desired(device: &VirtioMemDevice, block_size: u64) -> Option<Desired> {
         first_block: range.start,
         blocks: range.end - range.start,
         online_type: Some(GuestMemoryOnlineType::OnlineMovable),
+        held_bytes: None,
     })
 }
 

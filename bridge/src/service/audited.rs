@@ -129,6 +129,23 @@ impl Witness for Trail {
                 error: error.clone(),
                 ..Audit::bridge("restore", "keeper", outcome_of(error.is_none()))
             },
+            Background::Ballooned {
+                vm,
+                held,
+                target,
+                error,
+            } => Record {
+                vm: Some(vm),
+                method: Some("memory-restore"),
+                arguments: Some(json!({
+                    "device": "balloon",
+                    "kind": "balloon",
+                    "held-bytes": held,
+                    "target": target,
+                })),
+                error: error.clone(),
+                ..Audit::bridge("restore", "keeper", outcome_of(error.is_none()))
+            },
             Background::Recovered {
                 vm,
                 method,

@@ -22,9 +22,9 @@ use std::{
 use qga_wire::{schema::command, sync::lock};
 use tokio::time::{Instant, timeout_at};
 
-use self::snapshot::Snapshot;
+use self::snapshot::{BalloonReading, Snapshot};
 use crate::{
-    backend::MemorySize,
+    backend::{BackendError, BalloonStats, MemoryBackend, MemorySize},
     config::Config,
     error::BridgeError,
     hotplug::{ctx::named, memory::VmMemory},
@@ -48,6 +48,9 @@ pub struct SignalsSettings {
     pub poll_interval: Option<Duration>,
     /// A caller's call without its own deadline ends by then (`[timeouts]` of the command).
     pub timeout: Duration,
+    /// The balloon driver's statistics period set where it is off
+    /// (`balloon.stats_interval_s`).
+    pub balloon_stats_interval: u64,
 }
 
 impl SignalsSettings {
@@ -59,6 +62,7 @@ impl SignalsSettings {
             poll_interval: (s.poll_interval_ms > 0)
                 .then(|| Duration::from_millis(s.poll_interval_ms)),
             timeout: config.timeouts.for_command(command::GET_MEMORY_STATS),
+            balloon_stats_interval: config.balloon.stats_interval_s,
         }
     }
 }
@@ -144,7 +148,7 @@ impl Signals {
         if let Some(s) = t.signals.fresh(max_age) {
             return Ok(s);
         }
-        let snapshot = Arc::new(take(t, until).await?);
+        let snapshot = Arc::new(take(t, self.settings.balloon_stats_interval, until).await?);
         self.keep(t, snapshot.clone());
         Ok(snapshot)
     }
@@ -161,7 +165,13 @@ impl Signals {
         let Ok(_turn) = t.signals.taking.try_lock() else {
             return;
         };
-        match take(t, Instant::now() + POLL_TIMEOUT).await {
+        match take(
+            t,
+            self.settings.balloon_stats_interval,
+            Instant::now() + POLL_TIMEOUT,
+        )
+        .await
+        {
             Ok(snapshot) => self.keep(t, Arc::new(snapshot)),
             Err(e) => tracing::debug!(vm = t.vm, error = %e, "memory signals not polled"),
         }
@@ -189,6 +199,13 @@ impl Signals {
             // Old numbers would read as current: an agent without stats has no gauges.
             None => self.metrics.guest_memory_gone(t.vm, t.session.claim()),
         }
+        let actual = snapshot
+            .balloon
+            .as_ref()
+            .ok()
+            .and_then(|b| b.as_ref())
+            .map(|b| b.actual);
+        self.metrics.balloon_actual(t.vm, t.session.claim(), actual);
         {
             let mut lacking = lock(&t.signals.lacking);
             match &snapshot.agent {
@@ -209,34 +226,74 @@ impl Signals {
 
 /// Takes a snapshot of `t` by `until`: the agent and the hypervisor asked at once. The
 /// agent failing fails it (but for lacking the extension); the hypervisor failing leaves
-/// its part absent, with the reason.
-async fn take(t: &Target<'_>, until: Instant) -> Result<Snapshot, BridgeError> {
+/// its parts absent, with the reason.
+async fn take(t: &Target<'_>, interval: u64, until: Instant) -> Result<Snapshot, BridgeError> {
     let (taken, at) = (Instant::now(), SystemTime::now());
-    let (agent, bridge) = tokio::join!(
+    let (agent, (bridge, balloon)) = tokio::join!(
         agent::stats(&t.session, until),
-        totals(t.vm, &t.memory, until)
+        hypervisor(t.vm, &t.memory, interval, until)
     );
     Ok(Snapshot {
         taken,
         at,
         agent: agent?,
         bridge,
+        balloon,
     })
 }
 
-/// The hypervisor's boot and plugged memory, or why there are none.
-async fn totals(
+/// The hypervisor's boot and plugged memory and its balloon, or why there are none.
+async fn hypervisor(
     vm: &str,
     memory: &Option<Arc<VmMemory>>,
+    interval: u64,
     until: Instant,
-) -> Result<MemorySize, String> {
+) -> (
+    Result<MemorySize, String>,
+    Result<Option<BalloonReading>, String>,
+) {
     let Some(memory) = memory else {
-        return Err(
-            "the VM has no hypervisor backend (no QMP socket or libvirt domain), so \
-                    the bridge cannot tell its memory"
-                .into(),
-        );
+        let why = "the VM has no hypervisor backend (no QMP socket or libvirt domain), so \
+                   the bridge cannot tell its memory";
+        return (Err(why.into()), Err(why.into()));
     };
-    let size = memory.backend().memory(until).await;
-    size.map_err(|e| named(vm, e).to_string())
+    let backend = memory.backend();
+    let size = match backend.memory(until).await {
+        Ok(size) => size,
+        Err(e) => {
+            let why = named(vm, e).to_string();
+            return (Err(why.clone()), Err(why));
+        }
+    };
+    let balloon = balloon(backend.as_ref(), size, interval, until).await;
+    (Ok(size), balloon.map_err(|e| named(vm, e).to_string()))
+}
+
+/// The VM's balloon with its driver's statistics (asked for every `interval` seconds
+/// where they are not yet); `None` without a balloon.
+async fn balloon(
+    backend: &dyn MemoryBackend,
+    size: MemorySize,
+    interval: u64,
+    until: Instant,
+) -> Result<Option<BalloonReading>, BackendError> {
+    let Some(device) = backend.balloon(until).await? else {
+        return Ok(None);
+    };
+    // QEMU's balloon counts boot memory and DIMMs, not virtio-mem.
+    let dimms = backend
+        .dimms(until)
+        .await?
+        .iter()
+        .fold(0u64, |sum, d| sum.saturating_add(d.size));
+    let stats = backend.balloon_stats(interval, until).await?;
+    Ok(Some(BalloonReading {
+        id: device.id,
+        actual: device.actual,
+        held: size
+            .boot
+            .saturating_add(dimms)
+            .saturating_sub(device.actual),
+        stats: stats.filter(BalloonStats::reported),
+    }))
 }

@@ -8,7 +8,10 @@ use qga_wire::schema::GuestMemoryStats;
 use serde::{Serialize, Serializer};
 use tokio::time::Instant;
 
-use crate::{backend::MemorySize, metrics::GuestGauges};
+use crate::{
+    backend::{BalloonStats, MemorySize},
+    metrics::GuestGauges,
+};
 
 /// A VM's memory at one instant. A part the bridge could not get is its reason instead:
 /// an agent without the extension, a VM without a hypervisor backend or one unreachable.
@@ -22,6 +25,21 @@ pub struct Snapshot {
     pub agent: Result<GuestMemoryStats, String>,
     /// The hypervisor's boot and plugged memory, or why there are none.
     pub bridge: Result<MemorySize, String>,
+    /// The VM's balloon (`None`: it has none), or why it could not be read.
+    pub balloon: Result<Option<BalloonReading>, String>,
+}
+
+/// A VM's balloon at one instant.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BalloonReading {
+    /// The device's id.
+    pub id: String,
+    /// QEMU's `actual`, bytes.
+    pub actual: u64,
+    /// What the balloon holds, bytes.
+    pub held: u64,
+    /// The guest driver's statistics, once it reported (`None`: not yet, or never).
+    pub stats: Option<BalloonStats>,
 }
 
 impl Snapshot {
@@ -69,6 +87,27 @@ impl Snapshot {
                     boot_bytes: m.boot,
                     plugged_bytes: m.plugged,
                     total_bytes: m.boot.saturating_add(m.plugged),
+                    usable_bytes: None,
+                }),
+                None,
+            ),
+            Err(why) => (None, Some(why.clone())),
+        };
+        // What the guest may use is known where the balloon is (or there is none).
+        let held = self
+            .balloon
+            .as_ref()
+            .ok()
+            .map(|b| b.as_ref().map_or(0, |b| b.held));
+        let (balloon, balloon_unavailable) = match &self.balloon {
+            Ok(None) => (None, Some("the VM has no virtio balloon".to_string())),
+            Ok(Some(b)) => (
+                Some(BalloonPart {
+                    age_ms,
+                    id: b.id.clone(),
+                    actual_bytes: b.actual,
+                    held_bytes: b.held,
+                    stats: b.stats.clone(),
                 }),
                 None,
             ),
@@ -78,8 +117,13 @@ impl Snapshot {
             taken_at: self.at,
             agent,
             agent_stats_unavailable,
-            bridge,
+            bridge: bridge.map(|b| BridgeTotals {
+                usable_bytes: held.map(|h| b.total_bytes.saturating_sub(h)),
+                ..b
+            }),
             bridge_totals_unavailable,
+            balloon,
+            balloon_unavailable,
         }
     }
 }
@@ -109,6 +153,29 @@ pub struct MemoryStats {
     /// Why there are no totals (no hypervisor backend, or it did not answer).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bridge_totals_unavailable: Option<String>,
+    /// The virtio balloon and its driver's statistics.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonPart>,
+    /// Why there is no balloon part (the VM has none, or no hypervisor backend).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub balloon_unavailable: Option<String>,
+}
+
+/// The balloon as the hypervisor reports it, and its guest driver's statistics.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BalloonPart {
+    /// How old the reading is, milliseconds.
+    pub age_ms: u64,
+    /// The device's id.
+    pub id: String,
+    /// QEMU's `actual` (boot memory and DIMMs less the balloon), bytes.
+    pub actual_bytes: u64,
+    /// What the balloon holds, bytes.
+    pub held_bytes: u64,
+    /// The driver's statistics, once it reported; a value it did not report is absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stats: Option<BalloonStats>,
 }
 
 /// The agent's snapshot (members as the agent names them), and what the bridge derives.
@@ -137,6 +204,10 @@ pub struct BridgeTotals {
     pub plugged_bytes: u64,
     /// Boot plus plugged.
     pub total_bytes: u64,
+    /// What the guest may use: the total less what the balloon holds (absent when the
+    /// balloon could not be read).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usable_bytes: Option<u64>,
 }
 
 fn unix_seconds<S: Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -179,6 +250,7 @@ mod tests {
                 boot: 512,
                 plugged: 256,
             }),
+            balloon: Ok(None),
         }
     }
 
@@ -195,7 +267,8 @@ mod tests {
                                           "total": 0}},
                     "vmstat": {}, "boot-id": "b1"},
                 "bridge": {"age-ms": 7, "boot-bytes": 512, "plugged-bytes": 256,
-                           "total-bytes": 768}})
+                           "total-bytes": 768, "usable-bytes": 768},
+                "balloon-unavailable": "the VM has no virtio balloon"})
         );
         assert_eq!(s.boot_id(), Some("b1"));
         let g = s.gauges().expect("gauges");
@@ -208,12 +281,14 @@ mod tests {
         let mut s = snapshot();
         s.agent = Err("the guest's agent does not offer it".into());
         s.bridge = Err("no backend".into());
+        s.balloon = Err("no backend".into());
         let v = serde_json::to_value(s.view(s.taken)).expect("json");
         assert_eq!(
             v,
             json!({"taken-at": 1764021600.5,
                    "agent-stats-unavailable": "the guest's agent does not offer it",
-                   "bridge-totals-unavailable": "no backend"})
+                   "bridge-totals-unavailable": "no backend",
+                   "balloon-unavailable": "no backend"})
         );
         assert_eq!((s.gauges(), s.boot_id()), (None, None));
         let mut s = snapshot();
@@ -222,5 +297,33 @@ mod tests {
         }
         assert_eq!(s.working_set(), None);
         assert_eq!(s.gauges().and_then(|g| g.working_set), None);
+    }
+
+    #[test]
+    fn a_balloon_shows_what_it_holds_and_the_guest_may_use_less() {
+        let mut s = snapshot();
+        s.balloon = Ok(Some(BalloonReading {
+            id: "balloon0".into(),
+            actual: 384,
+            held: 128,
+            stats: Some(BalloonStats {
+                last_update: Some(1_764_021_600),
+                available_bytes: Some(300),
+                ..BalloonStats::default()
+            }),
+        }));
+        let v = serde_json::to_value(s.view(s.taken + Duration::from_millis(3))).expect("json");
+        assert_eq!(v["bridge"]["usable-bytes"], 640);
+        assert_eq!(
+            v["balloon"],
+            json!({"age-ms": 3, "id": "balloon0", "actual-bytes": 384, "held-bytes": 128,
+                   "stats": {"last-update": 1764021600u64, "available-bytes": 300}})
+        );
+        assert!(v.get("balloon-unavailable").is_none());
+        // A balloon that could not be read: what the guest may use is not known.
+        s.balloon = Err("query-balloon timed out".into());
+        let v = serde_json::to_value(s.view(s.taken)).expect("json");
+        assert!(v["bridge"].get("usable-bytes").is_none(), "{v}");
+        assert_eq!(v["balloon-unavailable"], "query-balloon timed out");
     }
 }

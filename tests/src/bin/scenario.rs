@@ -1,9 +1,9 @@
 //! `qga-e2e-scenario`: the end-to-end scenario against an already running bridge and
 //! guest (the docker compose `e2e` service): refusals, the hot-add/online/offline/unplug
 //! cycle (QMP by the scenario, blocks through the bridge), the bridge's own memory hotplug
-//! (memory-plug, Unplug over the guest's qmp-bridge.sock), an agent restart. Works on a
-//! stack that has been used, and leaves it as it found it. Exits non-zero on the first
-//! failure.
+//! (memory-plug, Unplug over the guest's qmp-bridge.sock), virtio-mem Resize and the
+//! balloon (memory-balloon), an agent restart. Works on a stack that has been used, and
+//! leaves it as it found it. Exits non-zero on the first failure.
 
 use std::{path::PathBuf, time::Duration};
 
@@ -91,6 +91,8 @@ async fn main() -> anyhow::Result<()> {
     eprintln!("e2e: memory-plug and Unplug of a 512 MiB DIMM through the bridge");
     scenario::virtio_mem_cycle(&c, &cli.vm, &g, &mut t).await?;
     eprintln!("e2e: Resize by 1 GiB and back through the guest's virtio-mem device");
+    scenario::balloon_cycle(&c, &cli.vm, &g, &mut t).await?;
+    eprintln!("e2e: memory-balloon 128 MiB down and back through the guest's balloon");
     let start = std::time::Instant::now();
     g.restart_agent()?;
     let failed = scenario::ping_until_ok(&c, &cli.vm, PATIENCE).await?;
@@ -99,7 +101,9 @@ async fn main() -> anyhow::Result<()> {
         start.elapsed(),
     );
     found.put_back_and_check(&c, &cli.vm, &g).await?;
-    eprintln!("e2e: QEMU's memory devices, auto_online_blocks and MemTotal are as found");
+    eprintln!(
+        "e2e: QEMU's memory devices and balloon, auto_online_blocks and MemTotal are as found"
+    );
     println!("e2e scenario passed");
     for (phase, d) in &t.0 {
         println!("  {phase}: {:.2} s", d.as_secs_f64());

@@ -3,8 +3,10 @@
 //! domain (its live XML) stays true. libvirt makes and deletes a DIMM's memory backend
 //! itself, and tells of additions and removals with events. A virtio-mem device is
 //! resized with a live update of its `<requested>`; what the guest plugged, and where the
-//! device lives, are read from QEMU (see [`LibvirtBackend::qemu_virtio_mem`]).
+//! device lives, are read from QEMU (see [`LibvirtBackend::qemu_virtio_mem`]). The
+//! virtio balloon is in [`balloon`].
 
+pub mod balloon;
 pub mod xml;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -16,8 +18,8 @@ use tokio::{sync::broadcast, time::Instant};
 
 use self::xml::{DomainMemory, MAX_XML_BYTES};
 use super::{
-    Added, BackendError, Deleted, DimmDevice, EjectWatch, Ejection, MemoryBackend, MemorySize,
-    NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
+    Added, BackendError, BalloonDevice, BalloonStats, Deleted, DimmDevice, EjectWatch, Ejection,
+    MemoryBackend, MemorySize, NewDimm, NotAdded, Room, Step, Timeouts, VirtioMemDevice,
 };
 
 /// One run of a libvirt domain, through the bridge's libvirt connection.
@@ -38,8 +40,8 @@ impl LibvirtBackend {
         }
     }
 
-    /// The domain's memory now, from its live XML.
-    async fn domain_memory(&self, until: Instant) -> Result<DomainMemory, BackendError> {
+    /// The domain's live XML, refused over [`MAX_XML_BYTES`].
+    async fn live_xml(&self, until: Instant) -> Result<String, BackendError> {
         let xml = self
             .libvirt
             .domain_xml(&self.dom, self.timeouts.command_until(until))
@@ -50,6 +52,12 @@ impl LibvirtBackend {
                 "libvirt's domain XML is over {MAX_XML_BYTES} bytes"
             )));
         }
+        Ok(xml)
+    }
+
+    /// The domain's memory now, from its live XML.
+    async fn domain_memory(&self, until: Instant) -> Result<DomainMemory, BackendError> {
+        let xml = self.live_xml(until).await?;
         xml::parse(&xml).map_err(|reason| BackendError::Unavailable(format!("libvirt: {reason}")))
     }
 
@@ -305,6 +313,26 @@ impl MemoryBackend for LibvirtBackend {
             .update_device(&self.dom, &device, deadline)
             .await
             .map_err(|e| error("update-device", e))
+    }
+
+    async fn balloon(&self, until: Instant) -> Result<Option<BalloonDevice>, BackendError> {
+        self.balloon_device(until).await
+    }
+
+    async fn balloon_actual(&self, until: Instant) -> Result<Option<u64>, BackendError> {
+        self.balloon_actual_only(until).await
+    }
+
+    async fn set_balloon(&self, target: u64, until: Instant) -> Result<(), BackendError> {
+        self.request_balloon(target, until).await
+    }
+
+    async fn balloon_stats(
+        &self,
+        interval: u64,
+        until: Instant,
+    ) -> Result<Option<BalloonStats>, BackendError> {
+        self.guest_stats(interval, until).await
     }
 }
 

@@ -43,11 +43,16 @@ fn scaled(value: &str, unit: Option<&str>) -> Result<u64, String> {
         .ok_or_else(|| format!("{value} {factor} overflows"))
 }
 
-fn size_of(node: roxmltree::Node) -> Result<u64, String> {
+/// Bytes in a libvirt size element (its text in its `unit`).
+pub(super) fn size_of(node: roxmltree::Node) -> Result<u64, String> {
     scaled(node.text().unwrap_or_default(), node.attribute("unit"))
 }
 
-fn child<'a, 'i>(node: roxmltree::Node<'a, 'i>, name: &str) -> Option<roxmltree::Node<'a, 'i>> {
+/// `node`'s first child element named `name`.
+pub(super) fn child<'a, 'i>(
+    node: roxmltree::Node<'a, 'i>,
+    name: &str,
+) -> Option<roxmltree::Node<'a, 'i>> {
     node.children().find(|c| c.has_tag_name(name))
 }
 
