@@ -181,11 +181,12 @@ async fn the_balloon_takes_memory_and_gives_it_back_and_shows_where_it_is() {
     assert_eq!(stats["bridge"]["usable-bytes"], 256 * MIB, "{stats}");
     assert_eq!(r.model.lock().expect("model").interval, 2);
 
-    // And back: all of it.
+    // And back: all of it, for a caller whose deadline is shorter than a hypervisor
+    // command's timeout (5 s): it still gets the wait.
     let back = rpc(
         &c.http,
         "memory-balloon",
-        json!({"vm": "vm", "target": RAM}),
+        json!({"vm": "vm", "target": RAM, "timeout-ms": 3000}),
     )
     .await
     .expect("deflated");

@@ -24,8 +24,7 @@ use crate::{
 fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Command::Completions { shell } = cli.command {
-        clap_complete::generate(shell, &mut Cli::command(), "qgactl", &mut std::io::stdout());
-        return ExitCode::SUCCESS;
+        return completions(shell);
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -35,6 +34,22 @@ fn main() -> ExitCode {
         Err(e) => return fail(exit::LOCAL, &format!("cannot start: {e}")),
     };
     ExitCode::from(runtime.block_on(run(cli)))
+}
+
+/// Writes the completion script for `shell` to stdout in one piece. A reader that stops
+/// early (`| grep -q`, `| head`) is not an error: it had what it wanted.
+fn completions(shell: clap_complete::Shell) -> ExitCode {
+    use std::io::Write as _;
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut Cli::command(), "qgactl", &mut script);
+    match std::io::stdout().lock().write_all(&script) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => ExitCode::SUCCESS,
+        Err(e) => fail(
+            exit::LOCAL,
+            &format!("cannot write the completion script: {e}"),
+        ),
+    }
 }
 
 /// Prints `message` as qgactl's one error line and returns `code`.

@@ -535,3 +535,25 @@ async fn completions_for_three_shells() {
             && help.stdout.contains("qgactl memory plug vm1 512MiB")
     );
 }
+
+#[test]
+fn completions_to_a_reader_that_stops_early_succeed() {
+    // `qgactl completions bash | grep -q qgactl` under `set -o pipefail`: grep's exit
+    // closes the pipe; the script's writer must not fail for it.
+    for _ in 0..5 {
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_qgactl"))
+            .args(["completions", "bash"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("qgactl runs");
+        drop(child.stdout.take());
+        let out = child.wait_with_output().expect("qgactl ends");
+        assert!(
+            out.status.success(),
+            "{:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}

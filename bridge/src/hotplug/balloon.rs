@@ -40,6 +40,10 @@ pub const KEY: &str = "@balloon";
 /// pages; a MiB is whole in both).
 pub const GRAIN: u64 = 1 << 20;
 
+/// The time kept back from a wait for withdrawing what it did not reach: one QMP
+/// command, which takes milliseconds (a caller's short deadline still gets a wait).
+const WITHDRAW_TIME: Duration = Duration::from_secs(1);
+
 /// How often QEMU's `actual` is read while waiting.
 const POLL: Duration = Duration::from_millis(10);
 
@@ -259,11 +263,11 @@ pub async fn balloon(ctx: &mut Ctx, target: u64) -> Result<Ballooned, BridgeErro
 
 /// Waits until QEMU's `actual` is `value`, or comes no closer to it for
 /// `balloon.stall_ms` (a balloon going back and forth does not hold the VM longer), or
-/// the operation's deadline is one hypervisor command away (the withdrawal's); where it
-/// is then.
+/// the operation's deadline is [`WITHDRAW_TIME`] away (the withdrawal's); where it is
+/// then.
 async fn wait(ctx: &Ctx, value: u64) -> Result<u64, BridgeError> {
     let stall = Duration::from_millis(ctx.balloon.stall_ms);
-    let command = Duration::from_millis(ctx.settings.hypervisor_timeout_ms);
+    let command = Duration::from_millis(ctx.settings.hypervisor_timeout_ms).min(WITHDRAW_TIME);
     let end = ctx
         .deadline
         .checked_sub(command)
