@@ -133,20 +133,7 @@ fn record_failure(f: &mut Figures, op: &'static str, round: usize, e: &anyhow::E
 
 /// Records the `steps` of a bridge reply under `op`.
 fn record_steps(f: &mut Figures, op: &'static str, reply: &Value) {
-    let mut sums: BTreeMap<String, f64> = BTreeMap::new();
-    for s in reply["steps"].as_array().into_iter().flatten() {
-        let name = s["name"].as_str().unwrap_or("?").to_string();
-        *sums.entry(name).or_default() += s["duration-ms"].as_f64().unwrap_or_default();
-    }
-    for (name, ms) in sums {
-        f.steps
-            .entry((op, name))
-            .or_default()
-            .push(Duration::from_secs_f64(ms / 1e3));
-    }
-    for w in reply["warnings"].as_array().into_iter().flatten() {
-        eprintln!("bench: balloon: {op}: warning: {w}");
-    }
+    crate::hotplug::sum_steps(&mut f.steps, "balloon", op, reply);
 }
 
 /// A guest with the balloon, free page reporting on or off.

@@ -475,19 +475,30 @@ async fn vmem_bridge_round(
 
 /// Records the `steps` of a bridge reply under `op`.
 fn record_steps(f: &mut Figures, op: &'static str, reply: &Value) {
+    sum_steps(&mut f.steps, "hotplug", op, reply);
+}
+
+/// Adds the steps of a bridge reply to `steps` under `op` (each step name's total per
+/// call), and prints its warnings as the bench `section`'s.
+pub(crate) fn sum_steps(
+    steps: &mut BTreeMap<(&'static str, String), Samples>,
+    section: &str,
+    op: &'static str,
+    reply: &Value,
+) {
     let mut sums: BTreeMap<String, f64> = BTreeMap::new();
     for s in reply["steps"].as_array().into_iter().flatten() {
         let name = s["name"].as_str().unwrap_or("?").to_string();
         *sums.entry(name).or_default() += s["duration-ms"].as_f64().unwrap_or_default();
     }
     for (name, ms) in sums {
-        f.steps
+        steps
             .entry((op, name))
             .or_default()
             .push(Duration::from_secs_f64(ms / 1e3));
     }
     for w in reply["warnings"].as_array().into_iter().flatten() {
-        eprintln!("bench: hotplug: {op}: warning: {w}");
+        eprintln!("bench: {section}: {op}: warning: {w}");
     }
 }
 
