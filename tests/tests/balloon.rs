@@ -47,13 +47,8 @@ fn check(guest: &Guest, cond: bool, what: impl FnOnce() -> String) {
     }
 }
 
-/// The bridge in front of `guest` as VM `vm1`, with the guest's bridge QMP socket, once
-/// the agent answers through it.
-async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
-    let qmp = guest.qmp_bridge_socket();
-    let bridge = BridgeProcess::start_with_qmp(&[("vm1", &guest.qga_socket())], &[("vm1", &qmp)])
-        .await
-        .expect("bridge");
+/// `bridge` and its clients, once the guest's agent answers through it.
+async fn answering(guest: &Guest, bridge: BridgeProcess) -> (BridgeProcess, Clients) {
     let c = bridge.clients().await.expect("clients");
     let answered = scenario::ping_until_ok(&c, "vm1", PATIENCE).await;
     ok(
@@ -62,6 +57,16 @@ async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
         answered.map_err(|e| format!("{e:#}")),
     );
     (bridge, c)
+}
+
+/// The bridge in front of `guest` as VM `vm1`, with the guest's bridge QMP socket, once
+/// the agent answers through it.
+async fn behind_bridge(guest: &Guest) -> (BridgeProcess, Clients) {
+    let qmp = guest.qmp_bridge_socket();
+    let bridge = BridgeProcess::start_with_qmp(&[("vm1", &guest.qga_socket())], &[("vm1", &qmp)])
+        .await
+        .expect("bridge");
+    answering(guest, bridge).await
 }
 
 /// `method` of VM `vm1` with `params` (besides `vm`) through JSON-RPC, which must answer.
@@ -411,14 +416,7 @@ async fn bridge_on(
     let bridge = BridgeProcess::start_with_env(&[("vm1", &guest.qga_socket())], args, env)
         .await
         .expect("bridge");
-    let c = bridge.clients().await.expect("clients");
-    let answered = scenario::ping_until_ok(&c, "vm1", PATIENCE).await;
-    ok(
-        guest,
-        "agent answers through the bridge",
-        answered.map_err(|e| format!("{e:#}")),
-    );
-    (bridge, c)
+    answering(guest, bridge).await
 }
 
 /// `memory-balloon` to `target` on a bridge that dies once it has asked QEMU; a new bridge
