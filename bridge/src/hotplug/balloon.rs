@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use super::{
     ctx::Ctx,
     desired::{Desired, Kind},
+    layout::BalloonView,
 };
 use crate::{
     backend::{BackendError, BalloonDevice, MemoryBackend},
@@ -63,27 +64,6 @@ pub struct Ballooned {
     pub held_bytes: u64,
     /// QEMU's `actual` now (boot memory and DIMMs less the balloon), bytes.
     pub actual_bytes: u64,
-}
-
-/// A VM's balloon in its memory layout.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub struct BalloonView {
-    /// The device as the hypervisor reports it.
-    pub id: String,
-    /// The guest gives balloon pages back when it runs out of memory.
-    pub deflate_on_oom: bool,
-    /// The guest reports freed pages, which the host drops.
-    pub free_page_reporting: bool,
-    /// QEMU's `actual`, bytes.
-    pub actual_bytes: u64,
-    /// What the balloon holds, bytes.
-    pub held_bytes: u64,
-    /// The memory the guest may use, bytes.
-    pub usable_bytes: u64,
-    /// The size the bridge keeps the balloon at, bytes (after a `memory-balloon`).
-    #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub kept_bytes: Option<u64>,
 }
 
 /// The VM's balloon for its layout, if it has one.

@@ -106,7 +106,28 @@ pub struct Layout {
     pub warnings: Vec<String>,
     /// The virtio balloon, when the VM has one.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub balloon: Option<super::balloon::BalloonView>,
+    pub balloon: Option<BalloonView>,
+}
+
+/// A VM's balloon in its memory layout.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BalloonView {
+    /// The device as the hypervisor reports it.
+    pub id: String,
+    /// The guest gives balloon pages back when it runs out of memory.
+    pub deflate_on_oom: bool,
+    /// The guest reports freed pages, which the host drops.
+    pub free_page_reporting: bool,
+    /// QEMU's `actual`, bytes.
+    pub actual_bytes: u64,
+    /// What the balloon holds, bytes.
+    pub held_bytes: u64,
+    /// The memory the guest may use, bytes.
+    pub usable_bytes: u64,
+    /// The size the bridge keeps the balloon at, bytes (after a `memory-balloon`).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub kept_bytes: Option<u64>,
 }
 
 /// The online blocks of `blocks` outside ZONE_MOVABLE, as `N (Zone)`.
